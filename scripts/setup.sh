@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One-time (idempotent) machine and project set-up for procksm, as root on Debian/Ubuntu.
+#   - distro packages: bcc (python3-bpfcc; the PyPI "bcc" is an unrelated project),
+#     kernel headers for bcc, gcc for the C test targets, tmux for TUI tests,
+#     gdb (gcore) and redis for the fidelity tests
+#   - /lib/modules/$(uname -r)/build -> distro headers when the running kernel's are not
+#     packaged (DESIGN.md §4: the 6.1 headers compile tracepoint programs for this kernel)
+#   - tracefs mounted
+#   - .venv from the distro python with --system-site-packages (so it sees bcc), project installed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "must run as root (installs distro packages, mounts tracefs); try: sudo make setup"
+    exit 1
+fi
+
+PKGS="python3 python3-venv python3-bpfcc bpfcc-tools gcc make libc6-dev tmux gdb redis-server redis-tools"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+KVER="$(uname -r)"
+if [ ! -e "/lib/modules/$KVER/build" ]; then
+    if apt-cache policy "linux-headers-$KVER" 2>/dev/null | grep -q Candidate: \
+        && ! apt-cache policy "linux-headers-$KVER" | grep -q 'Candidate: (none)'; then
+        missing="$missing linux-headers-$KVER"
+    else
+        dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed" \
+            || missing="$missing linux-headers-amd64"
+    fi
+fi
+if [ -n "$missing" ]; then
+    log "installing distro packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $missing >/dev/null
+fi
+
+# Kernel headers for bcc: link the distro's headers when the running kernel has none.
+if [ ! -e "/lib/modules/$KVER/build" ]; then
+    hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)"
+    if [ -n "$hdr" ]; then
+        mkdir -p "/lib/modules/$KVER"
+        ln -sfn "$hdr" "/lib/modules/$KVER/build"
+        ln -sfn "$hdr" "/lib/modules/$KVER/source"
+        log "linked kernel headers $hdr -> /lib/modules/$KVER/build (running kernel's are not packaged)"
+    else
+        log "warning: no kernel headers found; eBPF features will fall back to pagemap polling"
+    fi
+fi
+
+# tracefs for tracepoints.
+if [ ! -e /sys/kernel/tracing/events ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || log "warning: could not mount tracefs"
+fi
+
+# The venv: distro python (bcc is built for it) + system site packages.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0)' 2>/dev/null; then
+    log "creating .venv (distro python, --system-site-packages for bcc)"
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.procksm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "installing procksm and test dependencies into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi

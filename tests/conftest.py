@@ -1,0 +1,141 @@
+"""Shared test fixtures.
+
+Tests that need root, ptrace or PFNs in pagemap use ``require_privileges()``: on a user's
+machine they skip with the reason; under ``CI=true`` they *fail*, because CI's machine
+supports everything and a skip there would hide a broken test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS_SRC = ROOT / "tests" / "targets"
+BUILD = ROOT / "build" / "targets"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a user's machine; fail under CI=true (CI supports everything)."""
+    if IN_CI:
+        pytest.fail(f"CI=true and this test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def _pagemap_has_pfns() -> bool:
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            import struct
+
+            buf = bytearray(8)
+            addr = id(buf)  # some present heap page
+            f.seek((addr // 4096) * 8)
+            (entry,) = struct.unpack("<Q", f.read(8))
+            return bool(entry >> 63) and (entry & ((1 << 55) - 1)) != 0
+    except OSError:
+        return False
+
+
+def require_privileges() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (ptrace of any process, PFNs in /proc/PID/pagemap)")
+    if not _pagemap_has_pfns():
+        skip_or_fail("/proc/PID/pagemap does not expose PFNs (needs CAP_SYS_ADMIN)")
+
+
+@pytest.fixture
+def privileged() -> None:
+    require_privileges()
+
+
+def build_c_target(name: str, *extra: str) -> Path:
+    """Compile tests/targets/<name>.c (cached by mtime) and return the binary's path."""
+    src = TARGETS_SRC / f"{name}.c"
+    out = BUILD / name
+    BUILD.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run(
+            ["gcc", "-O2", "-g", "-Wall", "-pthread", "-o", str(tmp), str(src), *extra],
+            check=True,
+        )
+        os.replace(tmp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable
+
+
+class Target:
+    """A started target process that prints ``READY ...`` once set up.
+
+    The READY line carries ``key=value`` pairs (addresses, page counts) that the test
+    asserts against. ``check()`` asks the target to verify its own memory (SIGUSR1) and
+    returns its verdict line.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, **popen: object) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            env=env,
+            **popen,  # type: ignore[arg-type]
+        )
+        self.pid = self.proc.pid
+        self.info: dict[str, str] = {}
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"target {argv[0]} did not start: {line!r}")
+        for tok in line.split()[1:]:
+            k, _, v = tok.partition("=")
+            self.info[k] = v
+
+    def int(self, key: str) -> int:
+        return int(self.info[key], 0)
+
+    def command(self, cmd: str, timeout: float = 30.0) -> str:
+        """Send one command line on stdin, return the target's one-line answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        import select
+
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not r:
+            raise TimeoutError(f"target {self.pid} did not answer {cmd!r}")
+        return self.proc.stdout.readline().strip()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn() -> Iterator[object]:
+    started: list[Target] = []
+
+    def _spawn(argv: list[str], **kw: object) -> Target:
+        t = Target([str(a) for a in argv], **kw)  # type: ignore[arg-type]
+        started.append(t)
+        return t
+
+    yield _spawn
+    for t in started:
+        t.kill()

@@ -1,0 +1,265 @@
+/*
+ * planted: a target with planted memory regions that verifies its own memory.
+ *
+ *   planted [--identical N] [--zero Z] [--unique U] [--intra D] [--volatile V]
+ *           [--seed S] [--threads T] [--blockers]
+ *
+ * Each region is its own private anonymous mapping, every page written (present):
+ *   identical  N pages; page i = xorshift stream of (seed, i): identical across
+ *              processes started with the same seed, distinct within one process
+ *   zero       Z pages written then zeroed (real anon pages full of zeros, like a
+ *              pre-touched JVM heap)
+ *   unique     U pages seeded by the pid: nobody else has them
+ *   intra      D pages, all with the same content (derived from the seed): duplicated
+ *              within the process (and across processes with the same seed)
+ *   volatile   V pages rewritten continuously by a thread (content includes the pid)
+ * --threads T  T extra threads spinning (busy) on their own stack
+ * --blockers   threads blocked in read(pipe), futex (cond wait), nanosleep, poll; each
+ *              checks its syscall's result and reports EINTR or kernel restart codes
+ *
+ * Prints one line: READY pid=.. identical=0x.. identical_pages=N zero=0x.. ...
+ * Then answers commands on stdin, one line each:
+ *   check          -> "OK pages=<n verified>" or "CORRUPT region=<r> page=<i> ..."
+ *   write R I      -> writes one byte into page I of region R (identical|zero|unique|intra)
+ *                     and updates its own expectation; "OK"
+ *   dontneed R I N -> madvise(MADV_DONTNEED) on N pages from page I of region R; the
+ *                     expectation becomes zero pages; prints "OK" or "ERR errno=.."
+ *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
+ *   quit           -> exits 0
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+
+enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, NREG };
+static const char *names[NREG] = {"identical", "zero", "unique", "intra", "volatile"};
+static unsigned char *base[NREG];
+static size_t npages[NREG];
+/* Expected content: regenerated from (kind, seed, page) plus a per-page override byte. */
+static int16_t *override_byte[NREG]; /* -1: none; else byte 0 of the page has this value */
+static unsigned char *zeroed[NREG];  /* page was DONTNEEDed: must read back all zeros */
+static uint64_t seed = 1;
+static volatile int stop_flag;
+static volatile long anomalies;
+
+static uint64_t xs(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    return *s = x;
+}
+
+static void fill(int r, size_t i, unsigned char *dst) {
+    uint64_t *w = (uint64_t *)dst;
+    uint64_t s;
+    switch (r) {
+    case R_ZERO: memset(dst, 0, PAGE); return;
+    case R_IDENT: s = seed * 0x9E3779B97F4A7C15ULL + i + 1; break;
+    case R_UNIQUE: s = ((uint64_t)getpid() << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
+    case R_INTRA: s = seed * 0xD1B54A32D192ED03ULL + 7; break;
+    default: s = getpid() + i; break;
+    }
+    for (size_t k = 0; k < PAGE / 8; k++) w[k] = xs(&s);
+}
+
+static unsigned char *map_region(size_t n) {
+    if (n == 0) return NULL;
+    void *p = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) { perror("mmap"); exit(2); }
+    /* Keep THP away so the planted pages are 4 KiB anon pages, like most of a service's heap. */
+    madvise(p, n * PAGE, MADV_NOHUGEPAGE);
+    return p;
+}
+
+static void *volatile_writer(void *arg) {
+    (void)arg;
+    uint64_t gen = 0;
+    while (!stop_flag) {
+        for (size_t i = 0; i < npages[R_VOLATILE]; i++) {
+            uint64_t *w = (uint64_t *)(base[R_VOLATILE] + i * PAGE);
+            w[0] = getpid();
+            w[1] = gen;
+            w[2 + (gen % 500)] = gen;
+        }
+        gen++;
+        usleep(2000);
+    }
+    return NULL;
+}
+
+static void *spinner(void *arg) {
+    volatile uint64_t x = (uintptr_t)arg;
+    while (!stop_flag) x = x * 6364136223846793005ULL + 1;
+    return NULL;
+}
+
+/* --- blockers: each checks that its blocking call returns exactly what it should --- */
+static int block_pipe[2];
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+
+static void anomaly(const char *what, long rc, int err) {
+    fprintf(stderr, "planted[%d]: blocker %s returned %ld errno=%d\n", getpid(), what, rc, err);
+    __sync_fetch_and_add(&anomalies, 1);
+}
+
+static void *blk_read(void *a) {
+    (void)a;
+    char c;
+    while (!stop_flag) {
+        ssize_t n = read(block_pipe[0], &c, 1);
+        if (n != 1) anomaly("read", n, errno);
+    }
+    return NULL;
+}
+static void *blk_futex(void *a) {
+    (void)a;
+    pthread_mutex_lock(&mu);
+    while (!stop_flag) {
+        int rc = pthread_cond_wait(&cv, &mu);
+        if (rc != 0) anomaly("cond_wait", rc, rc);
+    }
+    pthread_mutex_unlock(&mu);
+    return NULL;
+}
+static void *blk_sleep(void *a) {
+    (void)a;
+    while (!stop_flag) {
+        struct timespec ts = {3600, 0};
+        int rc = nanosleep(&ts, NULL);
+        if (rc != 0 && !stop_flag) anomaly("nanosleep", rc, errno);
+    }
+    return NULL;
+}
+static void *blk_poll(void *a) {
+    (void)a;
+    int p[2];
+    if (pipe(p)) return NULL;
+    while (!stop_flag) {
+        struct pollfd pfd = {p[0], POLLIN, 0};
+        int rc = poll(&pfd, 1, 3600 * 1000);
+        if (rc != 0 && !stop_flag) anomaly("poll", rc, errno);
+    }
+    return NULL;
+}
+
+static int verify_page(int r, size_t i, unsigned char *tmp, char *msg, size_t msglen) {
+    unsigned char *p = base[r] + i * PAGE;
+    if (zeroed[r][i]) memset(tmp, 0, PAGE);
+    else fill(r, i, tmp);
+    if (override_byte[r][i] >= 0) tmp[0] = (unsigned char)override_byte[r][i];
+    if (memcmp(p, tmp, PAGE) != 0) {
+        size_t k = 0;
+        while (p[k] == tmp[k]) k++;
+        snprintf(msg, msglen, "CORRUPT region=%s page=%zu offset=%zu expected=%u got=%u", names[r],
+                 i, k, tmp[k], p[k]);
+        return 0;
+    }
+    return 1;
+}
+
+static int region_by_name(const char *s) {
+    for (int r = 0; r < NREG; r++)
+        if (!strcmp(s, names[r])) return r;
+    return -1;
+}
+
+int main(int argc, char **argv) {
+    int threads = 0, blockers = 0;
+    for (int a = 1; a < argc; a++) {
+        const char *k = argv[a];
+        const char *v = a + 1 < argc ? argv[a + 1] : "0";
+        if (!strcmp(k, "--identical")) npages[R_IDENT] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--zero")) npages[R_ZERO] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--unique")) npages[R_UNIQUE] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--intra")) npages[R_INTRA] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--volatile")) npages[R_VOLATILE] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--seed")) seed = strtoull(v, 0, 0), a++;
+        else if (!strcmp(k, "--threads")) threads = atoi(v), a++;
+        else if (!strcmp(k, "--blockers")) blockers = 1;
+        else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (int r = 0; r < NREG; r++) {
+        base[r] = map_region(npages[r]);
+        override_byte[r] = malloc((npages[r] + 1) * sizeof(int16_t));
+        zeroed[r] = calloc(npages[r] + 1, 1);
+        for (size_t i = 0; i < npages[r]; i++) override_byte[r][i] = -1;
+        for (size_t i = 0; i < npages[r]; i++) {
+            base[r][i * PAGE] = 1; /* fault in a private page even for zero pages */
+            fill(r, i, base[r] + i * PAGE);
+        }
+    }
+    pthread_t th;
+    if (npages[R_VOLATILE]) pthread_create(&th, NULL, volatile_writer, NULL);
+    for (int t = 0; t < threads; t++) pthread_create(&th, NULL, spinner, (void *)(uintptr_t)t);
+    if (blockers) {
+        if (pipe(block_pipe)) return 2;
+        pthread_create(&th, NULL, blk_read, NULL);
+        pthread_create(&th, NULL, blk_futex, NULL);
+        pthread_create(&th, NULL, blk_sleep, NULL);
+        pthread_create(&th, NULL, blk_poll, NULL);
+    }
+    printf("READY pid=%d", getpid());
+    for (int r = 0; r < NREG; r++)
+        printf(" %s=%#lx %s_pages=%zu", names[r], (unsigned long)(uintptr_t)base[r], names[r],
+               npages[r]);
+    printf(" threads=%d blockers=%d\n", threads, blockers);
+
+    char line[256];
+    unsigned char *tmp = malloc(PAGE);
+    while (fgets(line, sizeof line, stdin)) {
+        char cmd[32] = "", reg[32] = "";
+        size_t i = 0, n = 0;
+        int got = sscanf(line, "%31s %31s %zu %zu", cmd, reg, &i, &n);
+        if (got < 1) continue;
+        if (!strcmp(cmd, "check")) {
+            size_t ok = 0;
+            char msg[256] = "";
+            int bad = 0;
+            for (int r = 0; r < NREG && !bad; r++) {
+                if (r == R_VOLATILE) continue;
+                for (size_t p = 0; p < npages[r]; p++) {
+                    if (!verify_page(r, p, tmp, msg, sizeof msg)) { bad = 1; break; }
+                    ok++;
+                }
+            }
+            if (bad) printf("%s\n", msg);
+            else printf("OK pages=%zu\n", ok);
+        } else if (!strcmp(cmd, "write") && got >= 3) {
+            int r = region_by_name(reg);
+            if (r < 0 || i >= npages[r]) { printf("ERR bad region/page\n"); continue; }
+            unsigned char v = (unsigned char)(base[r][i * PAGE] + 1);
+            base[r][i * PAGE] = v;
+            override_byte[r][i] = v;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "dontneed") && got >= 4) {
+            int r = region_by_name(reg);
+            if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
+            if (madvise(base[r] + i * PAGE, n * PAGE, MADV_DONTNEED)) {
+                printf("ERR errno=%d\n", errno);
+                continue;
+            }
+            for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "errors")) {
+            printf("ERRORS %ld\n", anomalies);
+        } else if (!strcmp(cmd, "quit")) {
+            break;
+        } else {
+            printf("ERR unknown command\n");
+        }
+    }
+    stop_flag = 1;
+    return anomalies ? 3 : 0;
+}
