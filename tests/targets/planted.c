@@ -14,6 +14,11 @@
  *              within the process (and across processes with the same seed)
  *   volatile   V pages rewritten continuously by a thread (content includes the pid)
  * --threads T  T extra threads spinning (busy) on their own stack
+ * --sparse N   one more private anonymous mapping of N pages of which only every 4th
+ *              page (0, 4, 8, ...) is written, the rest never touched (not present):
+ *              64-bit word k of touched page i is (i << 32) ^ k ^ 0x5350415253450000.
+ *              READY then also carries sparse=0x.. sparse_pages=N sparse_touched=M.
+ *              Not part of "check" (checking would read, hence map, untouched pages).
  * --blockers   threads blocked in read(pipe), futex (cond wait), nanosleep, poll; each
  *              checks its syscall's result and reports EINTR or kernel restart codes
  *
@@ -52,6 +57,8 @@ static unsigned char *zeroed[NREG];  /* page was DONTNEEDed: must read back all 
 static uint64_t seed = 1;
 static volatile int stop_flag;
 static volatile long anomalies;
+static unsigned char *sparse_base;
+static size_t sparse_pages, sparse_touched;
 
 static uint64_t xs(uint64_t *s) {
     uint64_t x = *s;
@@ -187,6 +194,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--seed")) seed = strtoull(v, 0, 0), a++;
         else if (!strcmp(k, "--threads")) threads = atoi(v), a++;
         else if (!strcmp(k, "--blockers")) blockers = 1;
+        else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -199,6 +207,12 @@ int main(int argc, char **argv) {
             base[r][i * PAGE] = 1; /* fault in a private page even for zero pages */
             fill(r, i, base[r] + i * PAGE);
         }
+    }
+    sparse_base = map_region(sparse_pages);
+    for (size_t i = 0; i < sparse_pages; i += 4) {
+        uint64_t *w = (uint64_t *)(sparse_base + i * PAGE);
+        for (size_t k = 0; k < PAGE / 8; k++) w[k] = ((uint64_t)i << 32) ^ k ^ 0x5350415253450000ULL;
+        sparse_touched++;
     }
     pthread_t th;
     if (npages[R_VOLATILE]) pthread_create(&th, NULL, volatile_writer, NULL);
@@ -214,6 +228,9 @@ int main(int argc, char **argv) {
     for (int r = 0; r < NREG; r++)
         printf(" %s=%#lx %s_pages=%zu", names[r], (unsigned long)(uintptr_t)base[r], names[r],
                npages[r]);
+    if (sparse_pages)
+        printf(" sparse=%#lx sparse_pages=%zu sparse_touched=%zu",
+               (unsigned long)(uintptr_t)sparse_base, sparse_pages, sparse_touched);
     printf(" threads=%d blockers=%d\n", threads, blockers);
 
     char line[256];

@@ -1,0 +1,941 @@
+"""Everything procksm reads from /proc, in one place.
+
+Like psutil's ``_pslinux.py``: pure parsers (``parse_*``) that take the text of a /proc file
+and return typed records, so they are tested on fixture text, and thin readers (``read_*``)
+that open the file and translate OS errors at the boundary:
+
+* ``FileNotFoundError`` / ``ProcessLookupError`` -> :class:`NoSuchProcess` (a zombie or a
+  kernel thread, which have no memory map, get :class:`ZombieProcess` / :class:`Unsupported`)
+* ``PermissionError`` -> :class:`AccessDenied`, with what to do about it.
+
+Binary interfaces (``pagemap``, ``kpagecount``, ``kpageflags``) are read into numpy arrays
+with ``os.preadv``: one entry per page or frame, never a Python object per page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from procksm import PAGE_SIZE
+from procksm.errors import AccessDenied, NoSuchProcess, Unsupported, ZombieProcess
+
+U64Array = npt.NDArray[np.uint64]
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+_PTRACE_HINT = (
+    "run procksm as root (or with CAP_SYS_PTRACE), or as the target's own user with "
+    "kernel.yama.ptrace_scope=0"
+)
+
+
+def _denied(pid: int, path: str) -> AccessDenied:
+    # /proc/PID/{smaps,pagemap,mem} need PTRACE_MODE_READ on the target: same uid and
+    # dumpable, or CAP_SYS_PTRACE; Yama's ptrace_scope can forbid it even for the same uid.
+    return AccessDenied(pid, f"cannot read {path} (pid={pid}): permission denied; {_PTRACE_HINT}")
+
+
+def no_such_process(pid: int) -> NoSuchProcess:
+    """The exception for "the process is not there (any more)", told apart by /proc state.
+
+    A zombie still has /proc/PID/status but no memory; a kernel thread never has any.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = parse_status(f.read().decode("utf-8", "backslashreplace"))
+    except OSError:
+        return NoSuchProcess(pid)
+    if status.state in ("Z", "X"):
+        return ZombieProcess(pid, status.name)
+    return NoSuchProcess(pid)
+
+
+def _open_failed(pid: int, path: str, exc: OSError) -> Exception:
+    if isinstance(exc, PermissionError):
+        return _denied(pid, path)
+    if isinstance(exc, FileNotFoundError | ProcessLookupError):
+        return no_such_process(pid)
+    return exc
+
+
+def _read_proc(pid: int, name: str) -> str:
+    """Read /proc/PID/NAME as text (backslash-escaping any non-UTF-8 bytes in paths)."""
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+    return data.decode("utf-8", "backslashreplace")
+
+
+def _read_memory_map_file(pid: int, name: str) -> str:
+    """smaps/maps/smaps_rollup, with the empty/ESRCH answers of zombies and kthreads explained.
+
+    The kernel answers these files with nothing (smaps, maps) or ESRCH (smaps_rollup) when
+    the task has no mm: a zombie, or a kernel thread.
+    """
+    try:
+        text = _read_proc(pid, name)
+    except NoSuchProcess as exc:
+        if type(exc) is NoSuchProcess:
+            _raise_if_kernel_thread(pid)
+        raise
+    if not text:
+        err = no_such_process(pid)
+        if isinstance(err, ZombieProcess):
+            raise err
+        _raise_if_kernel_thread(pid)
+    return text
+
+
+def _raise_if_kernel_thread(pid: int) -> None:
+    try:
+        status = read_status(pid)
+    except NoSuchProcess:
+        return
+    if status.is_kernel_thread:
+        raise Unsupported(f"pid {pid} ({status.name}) is a kernel thread: it has no user memory")
+
+
+# --------------------------------------------------------------------------------------
+# Memory maps
+# --------------------------------------------------------------------------------------
+
+# Names the kernel gives to mappings it provides; never ours to touch.
+_KERNEL_MAPPINGS = frozenset({"[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]"})
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    """One line of /proc/PID/maps, plus the per-VMA fields of smaps when read from there."""
+
+    start: int
+    end: int
+    perms: str  # "rw-p"
+    offset: int
+    dev: str  # "fe:00"
+    inode: int
+    path: str  # '' for anonymous; "[heap]", "[anon:NAME]", "/usr/lib/libc.so.6", ...
+    vmflags: frozenset[str] = frozenset()  # smaps "VmFlags:"; empty when parsed from maps
+    rss_kb: int = 0
+    anonymous_kb: int = 0
+    locked_kb: int = 0
+    swap_kb: int = 0
+    anon_huge_kb: int = 0
+    protection_key: int = 0  # smaps "ProtectionKey:" (only on CPUs with pkeys)
+    follows_file: str = ""  # for an unnamed anon VMA right after a mapping of a file: its path
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3] == "p"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def is_anonymous(self) -> bool:
+        """No backing file: unnamed, [heap], [stack...], or named with prctl([anon:NAME])."""
+        p = self.path
+        return p == "" or p == "[heap]" or p.startswith(("[stack", "[anon:"))
+
+    @property
+    def name(self) -> str:
+        """A display name: "libc.so.6", "[heap]", "[anon]", "[anon:NAME]", "libc.so.6 (bss)"."""
+        if self.path == "":
+            if self.follows_file:
+                return f"{os.path.basename(self.follows_file)} (bss)"
+            return "[anon]"
+        if self.path.startswith("["):
+            return self.path
+        return os.path.basename(self.path) or self.path
+
+
+def _parse_header(line: str) -> Vma:
+    # "55d154b27000-55d154b29000 r--p 00000000 fe:00 260131      /usr/bin/cat"
+    # The path is everything after the inode (it may contain spaces).
+    fields = line.split(None, 5)
+    lo, _, hi = fields[0].partition("-")
+    return Vma(
+        start=int(lo, 16),
+        end=int(hi, 16),
+        perms=fields[1],
+        offset=int(fields[2], 16),
+        dev=fields[3],
+        inode=int(fields[4]),
+        path=fields[5].rstrip("\n") if len(fields) > 5 else "",
+    )
+
+
+def _with_bss_names(vmas: list[Vma]) -> list[Vma]:
+    # The loader maps the zero-initialised data (.bss) of a binary that does not fit in the
+    # file's last page as anonymous memory right after the file's writable data mapping.
+    out: list[Vma] = []
+    prev: Vma | None = None
+    for v in vmas:
+        if (
+            v.path == ""
+            and prev is not None
+            and prev.end == v.start
+            and prev.path.startswith("/")
+            and prev.perms[1] == "w"
+            and prev.private
+        ):
+            v = _replace(v, follows_file=prev.path)
+        out.append(v)
+        prev = v
+    return out
+
+
+def _replace(v: Vma, **changes: object) -> Vma:
+    return dataclasses.replace(v, **changes)  # type: ignore[arg-type]
+
+
+def parse_maps(text: str) -> list[Vma]:
+    """Parse /proc/PID/maps. ``vmflags`` stay empty (maps does not show them)."""
+    return _with_bss_names([_parse_header(line) for line in text.splitlines() if line])
+
+
+# smaps "Key: N kB" lines that procksm keeps, and the Vma field each goes to.
+_SMAPS_FIELDS = {
+    "Rss:": "rss_kb",
+    "Anonymous:": "anonymous_kb",
+    "Locked:": "locked_kb",
+    "Swap:": "swap_kb",
+    "AnonHugePages:": "anon_huge_kb",
+}
+
+
+def parse_smaps(text: str) -> list[Vma]:
+    """Parse /proc/PID/smaps: one :class:`Vma` per mapping, with VmFlags and sizes."""
+    vmas: list[Vma] = []
+    header: str | None = None
+    values: dict[str, object] = {}
+
+    def flush() -> None:
+        if header is not None:
+            v = _parse_header(header)
+            vmas.append(_replace(v, **values) if values else v)
+
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, _, rest = line.partition(" ")
+        if not key.endswith(":"):
+            # A maps-style header line starts a new VMA (its first token is "start-end").
+            flush()
+            header, values = line, {}
+            continue
+        if key == "VmFlags:":
+            values["vmflags"] = frozenset(rest.split())
+        elif key == "ProtectionKey:":
+            values["protection_key"] = int(rest)
+        else:
+            field_name = _SMAPS_FIELDS.get(key)
+            if field_name is not None:
+                values[field_name] = int(rest.split()[0])
+    flush()
+    return _with_bss_names(vmas)
+
+
+def read_vmas(pid: int) -> list[Vma]:
+    """The target's VMAs from /proc/PID/smaps (walks page tables: slower than maps)."""
+    return parse_smaps(_read_memory_map_file(pid, "smaps"))
+
+
+def read_maps(pid: int) -> list[Vma]:
+    """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
+    return parse_maps(_read_memory_map_file(pid, "maps"))
+
+
+# --------------------------------------------------------------------------------------
+# Eligibility (DESIGN.md §3.2, §3.4): an allowlist
+# --------------------------------------------------------------------------------------
+
+# VmFlags that a mergeable VMA may carry. Every other flag excludes the VMA, including flags
+# this table has never heard of: a new kernel flag may change what replacing pages means.
+ALLOWED_VMFLAGS = frozenset(
+    {
+        "rd",  # readable
+        "wr",  # writable
+        "mr",  # may read
+        "mw",  # may write
+        "me",  # may execute: set on ordinary data mappings (only mount noexec clears it)
+        "ac",  # accountable: every private writable mapping
+        "nr",  # MAP_NORESERVE: accounting only (heaps of JVMs, Go); merge keeps it on the mmap
+        "sd",  # soft-dirty tracking (CRIU): a replaced page is simply dirty
+        "nh",  # MADV_NOHUGEPAGE: 4 KiB pages are what merging produces anyway
+        "sr",  # MADV_SEQUENTIAL / MADV_RANDOM: readahead/reclaim hints only; losing them
+        "rr",  #   on the replaced range changes no data
+    }
+)
+
+# Each excluded flag with the short reason shown in reports. Ordered: when a VMA carries
+# several, the first one here is reported. Source: show_smap_vma_flags() in
+# fs/proc/task_mmu.c and Documentation/filesystems/proc.rst (kernel 6.18).
+EXCLUDED_VMFLAGS: dict[str, str] = {
+    "gd": "stack (gd)",  # VM_GROWSDOWN: a stack; it grows into the page below
+    "ss": "shadow stack (ss)",  # CET/GCS shadow stack: not ordinary memory
+    "sh": "shared mapping",  # VM_SHARED: writes are visible to others; never COW
+    "ms": "shared mapping",  # VM_MAYSHARE: a MAP_SHARED mapping (even if read-only)
+    "lo": "mlocked (lo)",  # the replacement mapping would silently drop the lock
+    "lf": "mlocked on fault (lf)",  # mlock2(MLOCK_ONFAULT): same
+    "io": "I/O mapping (io)",  # device memory
+    "pf": "pure PFN mapping (pf)",  # no struct pages behind it
+    "mm": "mixed map (mm)",  # driver-inserted pages
+    "dw": "deny-write mapping (dw)",  # historic executable mappings
+    "dc": "MADV_DONTFORK (dc)",  # RDMA / DMA buffers: pinned for I/O (§3.4)
+    "de": "do not expand (de)",  # driver / special mapping
+    "wf": "MADV_WIPEONFORK (wf)",  # replacement loses it; MADV_WIPEONFORK then EINVALs (§3.2)
+    "dd": "MADV_DONTDUMP (dd)",  # replacement would drop it (and the page from core dumps)
+    "dp": "droppable (dp)",  # MAP_DROPPABLE (vDSO getrandom state): may vanish any time
+    "ht": "hugetlb (ht)",  # hugetlbfs pages are not 4 KiB anon pages
+    "hg": "MADV_HUGEPAGE (hg)",  # the replacement would lose the THP advice
+    "mg": "registered with the kernel's KSM (mg)",  # MADV_MERGEABLE: the kernel's KSM owns it
+    "um": "userfaultfd missing (um)",  # a uffd handler owns the faults of this range
+    "uw": "userfaultfd write-protect (uw)",
+    "ui": "userfaultfd minor (ui)",
+    "sl": "sealed (sl)",  # mseal(): mmap over it fails with EPERM
+    "sf": "synchronous page faults (sf)",  # MAP_SYNC (DAX)
+    "ar": "arch-specific flag (ar)",  # x86: VM_PAT (PAT-reserved memory)
+    "bt": "arm64 BTI guarded (bt)",
+    "mt": "arm64 MTE tags (mt)",  # tags live beside the data; a copy would lose them
+    "ex": "executable (ex)",  # JIT code: not a data page; left alone until tested
+}
+
+# rd/wr/mr/mw must all be there.
+_REQUIRED_VMFLAGS = (
+    ("rd", "not readable"),
+    ("wr", "not writable"),
+    ("mr", "cannot be made readable (no mr)"),
+    ("mw", "cannot be made writable (no mw)"),
+)
+
+
+def ineligibility(vma: Vma) -> str | None:
+    """None if procksm may merge pages of this VMA; else a short reason for reports."""
+    path = vma.path
+    if path.startswith("[stack"):
+        return "stack"
+    if path in _KERNEL_MAPPINGS:
+        return f"kernel mapping {path}"
+    if vma.shared:
+        return "shared mapping"
+    if not vma.is_anonymous:
+        return "file-backed"
+    if vma.perms[:3] == "---":
+        return "PROT_NONE"
+    if not vma.readable:
+        return "not readable"
+    if not vma.writable:
+        return "not writable"
+    if not vma.vmflags:
+        # An allowlist cannot be checked without VmFlags (maps instead of smaps).
+        return "VmFlags unknown (read smaps)"
+    for flag, reason in EXCLUDED_VMFLAGS.items():
+        if flag in vma.vmflags:
+            return reason
+    for flag, reason in _REQUIRED_VMFLAGS:
+        if flag not in vma.vmflags:
+            return reason
+    unknown = sorted(vma.vmflags - ALLOWED_VMFLAGS)
+    if unknown:
+        return f"unknown VmFlag {unknown[0]}"
+    if vma.protection_key != 0:
+        # A nonzero pkey restricts access per thread; the replacement mmap would reset it to 0.
+        return f"protection key {vma.protection_key}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# pagemap (Documentation/admin-guide/mm/pagemap.rst)
+# --------------------------------------------------------------------------------------
+
+PM_PFN_MASK = np.uint64((1 << 55) - 1)  # bits 0-54: PFN if present (zero without CAP_SYS_ADMIN)
+PM_SOFT_DIRTY = np.uint64(1 << 55)
+PM_EXCLUSIVE = np.uint64(1 << 56)  # page exclusively mapped (mapcount 1)
+PM_UFFD_WP = np.uint64(1 << 57)
+PM_GUARD_REGION = np.uint64(1 << 58)  # MADV_GUARD_INSTALL marker (6.15+): never present
+PM_FILE = np.uint64(1 << 61)  # file page or shared anon (not a private anon page)
+PM_SWAPPED = np.uint64(1 << 62)
+PM_PRESENT = np.uint64(1 << 63)
+
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
+class PagemapFile:
+    """An open /proc/PID/pagemap: ``read(start, end)`` gives one uint64 entry per page.
+
+    Keep one per target and scan: opening costs a permission check each time. After the
+    target exits, reads return nothing; that is reported as :class:`NoSuchProcess`.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.path = f"/proc/{pid}/pagemap"
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _open_failed(pid, self.path, exc) from exc
+
+    def read(self, start: int, end: int, out: U64Array | None = None) -> U64Array:
+        """Entries for the pages of [start, end) (page-aligned). ``out`` is reused if given."""
+        if start % PAGE_SIZE or end % PAGE_SIZE or end < start:
+            raise ValueError(f"unaligned range {start:#x}-{end:#x}")
+        n = (end - start) >> _PAGE_SHIFT
+        if out is None:
+            out = np.empty(n, dtype=np.uint64)
+        elif out.dtype != np.uint64 or len(out) < n:
+            raise ValueError("out must be a uint64 array of at least (end-start)/PAGE_SIZE")
+        entries = out[:n]
+        _pread_exact(self._fd, entries, (start >> _PAGE_SHIFT) * 8, self.pid, self.path)
+        return entries
+
+    def iter_chunks(
+        self, start: int, end: int, chunk_pages: int = 1 << 16
+    ) -> Iterator[tuple[int, U64Array]]:
+        """(addr, entries) over [start, end) in pieces of at most ``chunk_pages`` entries.
+
+        The yielded array is one reused buffer: valid until the next iteration. Bounds
+        memory for huge VMAs (a 64 GiB reservation would be a 128 MiB array at once).
+        """
+        buf = np.empty(min(chunk_pages, max(1, (end - start) >> _PAGE_SHIFT)), dtype=np.uint64)
+        addr = start
+        while addr < end:
+            stop = min(end, addr + len(buf) * PAGE_SIZE)
+            yield addr, self.read(addr, stop, buf)
+            addr = stop
+
+    def present_runs(
+        self, start: int, end: int, chunk_pages: int = 1 << 16
+    ) -> list[tuple[int, int]]:
+        """``present_runs`` over [start, end), read in bounded chunks, runs joined across them."""
+        runs: list[tuple[int, int]] = []
+        for addr, entries in self.iter_chunks(start, end, chunk_pages):
+            for run_addr, npages in present_runs(entries, addr):
+                if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == run_addr:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + npages)
+                else:
+                    runs.append((run_addr, npages))
+        return runs
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> PagemapFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def _pread_exact(fd: int, dest: np.ndarray, offset: int, pid: int, path: str) -> None:
+    """Fill ``dest`` from ``fd`` at ``offset``; a read of nothing means the target is gone."""
+    view = dest.data.cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise _open_failed(pid, path, exc) from exc
+        if got == 0:
+            # pagemap_read() returns 0 once the target's mm is gone (it exited).
+            raise no_such_process(pid)
+        done += got
+
+
+def read_pagemap(pid: int, start: int, end: int, out: U64Array | None = None) -> U64Array:
+    """One-shot :meth:`PagemapFile.read`. Scanners keep a :class:`PagemapFile` open instead.
+
+    No fd is cached across calls on purpose: a cached fd would keep reading the old mm
+    (nothing) after the pid is reused by another process.
+    """
+    with PagemapFile(pid) as pm:
+        return pm.read(start, end, out)
+
+
+def present_runs(
+    entries: U64Array, start: int, mask: npt.NDArray[np.bool_] | None = None
+) -> list[tuple[int, int]]:
+    """(addr, npages) runs of pages that are present in RAM, from pagemap ``entries``.
+
+    Swapped pages are not present (bit 62 without 63): reading them with
+    process_vm_readv would swap them in and grow the target's RSS. ``mask`` narrows the
+    selection further (e.g. leave out zero-page PFNs). Vectorised: the edges of runs are
+    where the 0/1 present signal changes.
+    """
+    if len(entries) == 0:
+        return []
+    present = (entries & PM_PRESENT) != 0
+    if mask is not None:
+        present &= mask
+    signal = np.zeros(len(present) + 2, dtype=np.int8)
+    signal[1:-1] = present
+    edges = np.flatnonzero(np.diff(signal))
+    starts, stops = edges[0::2], edges[1::2]
+    addrs = (starts.astype(np.uint64) << np.uint64(_PAGE_SHIFT)) + np.uint64(start)
+    return list(zip(addrs.tolist(), (stops - starts).tolist(), strict=True))
+
+
+def pfns_of(entries: U64Array) -> U64Array:
+    """The PFN field of pagemap entries (0 where not present or PFNs are hidden)."""
+    pfns: U64Array = np.where((entries & PM_PRESENT) != 0, entries & PM_PFN_MASK, np.uint64(0))
+    return pfns
+
+
+def pagemap_has_pfns() -> bool:
+    """True if pagemap shows PFNs to us (the kernel zeroes them without CAP_SYS_ADMIN)."""
+    probe = np.ones(PAGE_SIZE // 8, dtype=np.uint64)  # written: a present private page
+    addr = probe.ctypes.data & ~(PAGE_SIZE - 1)
+    try:
+        entry = read_pagemap(os.getpid(), addr, addr + PAGE_SIZE)[0]
+    except (OSError, NoSuchProcess, AccessDenied):
+        return False
+    return bool(entry & PM_PRESENT) and bool(entry & PM_PFN_MASK)
+
+
+# --------------------------------------------------------------------------------------
+# /proc/kpagecount, /proc/kpageflags (Documentation/admin-guide/mm/pagemap.rst)
+# --------------------------------------------------------------------------------------
+
+KPF_LOCKED = 0
+KPF_DIRTY = 4
+KPF_LRU = 5
+KPF_MMAP = 11  # mapped into some page table
+KPF_ANON = 12
+KPF_SWAPCACHE = 13
+KPF_COMPOUND_HEAD = 15
+KPF_COMPOUND_TAIL = 16
+KPF_HUGE = 17  # hugetlb
+KPF_NOPAGE = 20  # no struct page at this PFN
+KPF_KSM = 21
+KPF_THP = 22
+KPF_ZERO_PAGE = 24
+
+# Frames further apart than this are read as separate runs; closer ones are read together
+# with the frames between them (cheaper than another syscall). Measured: one pread costs
+# about as much as reading ~64 entries more.
+_KPAGE_MAX_GAP = 64
+_KPAGE_BUF_ENTRIES = 1 << 17  # 1 MiB read buffer
+
+
+class KPageFiles:
+    """Batched lookups in /proc/kpagecount and /proc/kpageflags (root only).
+
+    ``read_counts(pfns)`` / ``read_flags(pfns)`` return one uint64 per input PFN, in input
+    order. PFNs are de-duplicated and sorted, clustered into runs and each run is read with
+    one pread: pages of one process cluster in physical memory, so 1 M lookups take a few
+    hundred syscalls rather than a million.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._buf = np.empty(_KPAGE_BUF_ENTRIES, dtype=np.uint64)
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            path = f"/proc/{name}"
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionError as exc:
+                # pid 0: this is about the machine, not one process.
+                raise AccessDenied(
+                    0, f"cannot read {path}: permission denied; it needs root (CAP_SYS_ADMIN)"
+                ) from exc
+            except FileNotFoundError as exc:
+                raise Unsupported(
+                    f"{path} does not exist (kernel built without CONFIG_PROC_PAGE_MONITOR)"
+                ) from exc
+            self._fds[name] = fd
+        return fd
+
+    def read_counts(self, pfns: npt.ArrayLike) -> U64Array:
+        """How many page tables map each frame (kpagecount)."""
+        return self._lookup("kpagecount", pfns)
+
+    def read_flags(self, pfns: npt.ArrayLike) -> U64Array:
+        """The KPF_* bits of each frame (kpageflags)."""
+        return self._lookup("kpageflags", pfns)
+
+    def _lookup(self, name: str, pfns: npt.ArrayLike) -> U64Array:
+        wanted = np.asarray(pfns, dtype=np.uint64).ravel()
+        if wanted.size == 0:
+            return np.zeros(0, dtype=np.uint64)
+        fd = self._fd(name)
+        uniq, inverse = np.unique(wanted, return_inverse=True)
+        values = np.zeros(len(uniq), dtype=np.uint64)
+        # Split the sorted frames into runs wherever the gap is too wide to read through.
+        breaks = np.flatnonzero(np.diff(uniq) > _KPAGE_MAX_GAP) + 1
+        firsts = np.concatenate(([0], breaks)).tolist()
+        lasts = np.concatenate((breaks, [len(uniq)])).tolist()
+        buf = self._buf
+        cap = len(buf)
+        for a, b in zip(firsts, lasts, strict=True):
+            # Frames uniq[a:b] lie in [lo, hi); read it through the buffer, cap at a time.
+            while a < b:
+                lo = int(uniq[a])
+                hi = min(int(uniq[b - 1]) + 1, lo + cap)
+                k = a + int(np.searchsorted(uniq[a:b], hi))
+                got = _pread_some(fd, buf[: hi - lo], lo * 8) // 8
+                idx = uniq[a:k] - np.uint64(lo)
+                # Frames past the end of memory read short: they stay 0.
+                ok = idx < got
+                values[a:k][ok] = buf[idx[ok]]
+                a = k
+        result: U64Array = values[inverse.ravel()]
+        return result
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> KPageFiles:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _pread_some(fd: int, dest: np.ndarray, offset: int) -> int:
+    """Read as much of ``dest`` as the file has at ``offset``; bytes read."""
+    view = dest.data.cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except InterruptedError:
+            continue
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+# --------------------------------------------------------------------------------------
+# Process status
+# --------------------------------------------------------------------------------------
+
+PF_KTHREAD = 0x00200000  # task flag in /proc/PID/stat field 9
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    """The parts of /proc/PID/status that procksm uses."""
+
+    pid: int
+    name: str
+    state: str  # one letter: R S D T t Z X I
+    tgid: int
+    ppid: int
+    tracer_pid: int
+    uid_real: int
+    uid_effective: int
+    uid_saved: int
+    uid_fs: int
+    gid_real: int
+    gid_effective: int
+    gid_saved: int
+    gid_fs: int
+    threads: int
+    vm_rss_kb: int
+    rss_anon_kb: int
+    rss_file_kb: int
+    rss_shmem_kb: int
+    vm_swap_kb: int
+    vm_lck_kb: int
+    vm_pin_kb: int
+    nspid: tuple[int, ...]  # the pid in each pid namespace, from ours down to the target's
+    seccomp: int  # 0 none, 1 strict, 2 filter
+    is_kernel_thread: bool
+
+    @property
+    def is_zombie(self) -> bool:
+        return self.state in ("Z", "X")
+
+    @property
+    def in_child_pid_namespace(self) -> bool:
+        """The target lives in a pid namespace below ours (a container)."""
+        return len(self.nspid) > 1
+
+
+def parse_status(text: str) -> ProcessStatus:
+    """Parse /proc/PID/status."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+
+    def num(key: str) -> int:
+        value = fields.get(key, "")
+        return int(value.split()[0]) if value else 0
+
+    def ids(key: str) -> list[int]:
+        value = [int(x) for x in fields.get(key, "").split()]
+        return [*value, 0, 0, 0, 0][:4]
+
+    uids, gids = ids("Uid"), ids("Gid")
+    pid = num("Pid")
+    if "Kthread" in fields:  # since 6.0
+        kthread = fields["Kthread"] == "1"
+    else:
+        # Before that: a kernel thread has no mm, so no Vm* lines.
+        kthread = "VmSize" not in fields and fields.get("State", "Z")[:1] not in ("Z", "X")
+    return ProcessStatus(
+        pid=pid,
+        name=fields.get("Name", ""),
+        state=fields.get("State", "?")[:1],
+        tgid=num("Tgid"),
+        ppid=num("PPid"),
+        tracer_pid=num("TracerPid"),
+        uid_real=uids[0],
+        uid_effective=uids[1],
+        uid_saved=uids[2],
+        uid_fs=uids[3],
+        gid_real=gids[0],
+        gid_effective=gids[1],
+        gid_saved=gids[2],
+        gid_fs=gids[3],
+        threads=num("Threads"),
+        vm_rss_kb=num("VmRSS"),
+        rss_anon_kb=num("RssAnon"),
+        rss_file_kb=num("RssFile"),
+        rss_shmem_kb=num("RssShmem"),
+        vm_swap_kb=num("VmSwap"),
+        vm_lck_kb=num("VmLck"),
+        vm_pin_kb=num("VmPin"),
+        nspid=tuple(int(x) for x in fields.get("NSpid", str(pid)).split()),
+        seccomp=num("Seccomp"),
+        is_kernel_thread=kthread,
+    )
+
+
+def parse_stat_flags(text: str) -> int:
+    """Field 9 (``flags``) of /proc/PID/stat. The comm (field 2) may contain ') '."""
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[6])  # rest[0] is field 3 (state)
+
+
+def read_status(pid: int) -> ProcessStatus:
+    text = _read_proc(pid, "status")
+    status = parse_status(text)
+    if "\nKthread:" not in text and not status.is_zombie:
+        # Before 6.0 status has no Kthread line: the authoritative answer is PF_KTHREAD.
+        flags = parse_stat_flags(_read_proc(pid, "stat"))
+        status = dataclasses.replace(status, is_kernel_thread=bool(flags & PF_KTHREAD))
+    return status
+
+
+def list_threads(pid: int) -> list[int]:
+    """Thread ids of the process (the directory listing of /proc/PID/task), sorted."""
+    path = f"/proc/{pid}/task"
+    try:
+        return sorted(int(t) for t in os.listdir(path))
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+
+
+def _parse_kb_lines(text: str) -> dict[str, int]:
+    # "Key:    123 kB" (or "Key: 123" for counts); other lines are skipped.
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep or " " in key:  # also skips smaps_rollup's "start-end ... [rollup]" header
+            continue
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0])
+    return values
+
+
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """smaps_rollup: kB values (Rss, Pss, Pss_Anon, Pss_File, Pss_Shmem, Anonymous, ...)."""
+    return _parse_kb_lines(text)
+
+
+def read_smaps_rollup(pid: int) -> dict[str, int]:
+    return parse_smaps_rollup(_read_memory_map_file(pid, "smaps_rollup"))
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo: kB values, except HugePages_* which are counts of huge pages."""
+    return _parse_kb_lines(text)
+
+
+def read_meminfo() -> dict[str, int]:
+    with open("/proc/meminfo", "rb") as f:
+        return parse_meminfo(f.read().decode())
+
+
+# --------------------------------------------------------------------------------------
+# Asynchronous I/O that may pin pages (DESIGN.md §3.4)
+# --------------------------------------------------------------------------------------
+
+IO_URING_TARGET = "anon_inode:[io_uring]"
+AIO_RING_PATH = "/[aio]"  # maps shows "/[aio] (deleted)" for each io_setup() ring
+
+
+def list_fd_targets(pid: int) -> dict[int, str]:
+    """fd -> readlink of /proc/PID/fd/N (fds closed meanwhile are left out)."""
+    path = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(path)
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+    targets: dict[int, str] = {}
+    for name in fds:
+        try:
+            targets[int(name)] = os.readlink(f"{path}/{name}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        except OSError as exc:
+            raise _open_failed(pid, f"{path}/{name}", exc) from exc
+    return targets
+
+
+def parse_fdinfo(text: str) -> dict[str, str]:
+    """/proc/PID/fdinfo/N as key -> value; indented continuation lines are joined to the key
+    before them with newlines (io_uring's "UserBufs:" is followed by "    0: 0xADDR/LEN")."""
+    info: dict[str, str] = {}
+    last: str | None = None
+    for line in text.splitlines():
+        if line[:1].isspace() and last is not None:
+            info[last] = f"{info[last]}\n{line.strip()}"
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            last = key
+            info[key] = value.strip()
+    return info
+
+
+def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
+    return parse_fdinfo(_read_proc(pid, f"fdinfo/{fd}"))
+
+
+def io_uring_buffers(fdinfo: dict[str, str]) -> list[tuple[int, int]]:
+    """(addr, length) of the buffers registered with an io_uring (pinned by the kernel)."""
+    ranges: list[tuple[int, int]] = []
+    for line in fdinfo.get("UserBufs", "").splitlines()[1:]:
+        # "0: 0x7fec4a9db000/8192"
+        _, _, spec = line.partition(":")
+        addr, _, length = spec.strip().partition("/")
+        if addr and length:
+            ranges.append((int(addr, 16), int(length)))
+    return ranges
+
+
+def uses_async_io(pid: int) -> str | None:
+    """A reason if the process has io_uring instances or AIO rings, else None.
+
+    Both can hold user pages pinned for DMA that user space cannot see (GUP pins); a page
+    replaced under an in-flight read loses the data. Opt-in only.
+    """
+    reasons: list[str] = []
+    uring_fds = [fd for fd, t in sorted(list_fd_targets(pid).items()) if t == IO_URING_TARGET]
+    if uring_fds:
+        bufs = 0
+        for fd in uring_fds:
+            try:
+                bufs += len(io_uring_buffers(read_fdinfo(pid, fd)))
+            except NoSuchProcess:
+                continue  # the fd closed meanwhile (the process itself would raise again)
+        detail = f", {bufs} registered buffers" if bufs else ""
+        fds = ",".join(str(fd) for fd in uring_fds)
+        reasons.append(f"uses io_uring (fd {fds}{detail})")
+    maps = read_maps(pid)
+    aio = sum(1 for v in maps if v.path.startswith(AIO_RING_PATH))
+    if aio:
+        reasons.append(f"has {aio} AIO ring{'s' if aio > 1 else ''} (io_setup)")
+    if not uring_fds and any(v.path == IO_URING_TARGET for v in maps):
+        # Rings mapped while the fd is closed or registered-only (IORING_SETUP_REGISTERED_FD_ONLY).
+        reasons.append("maps io_uring rings")
+    return "; ".join(reasons) or None
+
+
+# --------------------------------------------------------------------------------------
+# KSM and limits
+# --------------------------------------------------------------------------------------
+
+
+def parse_ksm_stat(text: str) -> dict[str, int]:
+    """/proc/PID/ksm_stat: "ksm_rmap_items 0", "ksm_merge_any: no" (yes/no -> 1/0)."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) != 2:
+            continue
+        key, value = parts
+        if value in ("yes", "no"):
+            values[key] = int(value == "yes")
+        elif value.lstrip("-").isdigit():
+            values[key] = int(value)
+    return values
+
+
+def read_ksm_stat(pid: int) -> dict[str, int]:
+    """The kernel KSM's per-process counters; {} on kernels without /proc/PID/ksm_stat."""
+    try:
+        text = _read_proc(pid, "ksm_stat")
+    except NoSuchProcess:
+        if os.path.exists(f"/proc/{pid}"):
+            return {}
+        raise
+    return parse_ksm_stat(text)
+
+
+def max_map_count() -> int:
+    """vm.max_map_count: the most VMAs one process may have (mmap fails with ENOMEM past it)."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        return int(f.read())

@@ -1,0 +1,184 @@
+"""Presentation of a scan: pure functions from a ScanReport to rich renderables or JSON.
+
+Nothing here touches a process; the tests render into a captured Console.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from procksm import PAGE_SIZE
+from procksm.analysis import Counts, ScanReport
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def fmt_pages(p: int) -> str:
+    return f"{p:,} ({fmt_bytes(p * PAGE_SIZE)})"
+
+
+def preview_text(data: bytes) -> str:
+    hexpart = data[:16].hex(" ")
+    asc = "".join(chr(b) if 32 <= b < 127 else "." for b in data[:16])
+    return f"{hexpart}  |{asc}|"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def scan_json(rep: ScanReport, *, elapsed_s: float | None = None) -> dict[str, Any]:
+    """The ``--json`` twin of the scan view (keys documented in the README)."""
+    totals: dict[str, Any] = rep.totals.as_dict()
+    totals.update(
+        distinct_frames=rep.distinct_frames,
+        distinct_contents=rep.distinct_contents,
+        pages_excluded=rep.pages_excluded,
+        pages_zero_mapped=sum(p.pages_zero_mapped for p in rep.processes),
+        page_size=PAGE_SIZE,
+    )
+    out: dict[str, Any] = {
+        "totals": totals,
+        "excluded_by_reason": rep.excluded_by_reason,
+        "processes": [
+            {
+                "pid": p.pid,
+                "name": p.name,
+                "uid": p.uid,
+                **p.counts.as_dict(),
+                "pages_zero_mapped": p.pages_zero_mapped,
+                "pages_excluded": p.pages_excluded,
+                "mappings": [
+                    {
+                        "start": hex(m.start),
+                        "end": hex(m.end),
+                        "name": m.name,
+                        "perms": m.perms,
+                        **m.counts.as_dict(),
+                    }
+                    for m in p.mappings
+                    if m.counts.pages_scanned
+                ],
+                "excluded": [
+                    {
+                        "start": hex(e.start),
+                        "end": hex(e.end),
+                        "name": e.name,
+                        "reason": e.reason,
+                        "rss_pages": e.rss_pages,
+                    }
+                    for e in p.excluded
+                ],
+            }
+            for p in rep.processes
+        ],
+        "top": [
+            {
+                "pages": c.pages,
+                "frames": c.frames,
+                "savings_pages": c.savings_pages,
+                "pids": c.pids,
+                "preview_hex": c.preview.hex(),
+            }
+            for c in rep.top
+        ],
+        "matrix": {
+            "pids": [p.pid for p in rep.processes[: len(rep.matrix)]],
+            "pages": rep.matrix,
+        },
+    }
+    if elapsed_s is not None:
+        out["elapsed_s"] = round(elapsed_s, 4)
+    return out
+
+
+def _counts_row(c: Counts) -> list[str]:
+    return [
+        f"{c.pages_scanned:,}",
+        f"{c.pages_zero:,}",
+        f"{c.pages_dup_within:,}",
+        f"{c.pages_dup_across:,}",
+        f"{c.pages_shared_frame:,}",
+        f"{c.pages_volatile:,}",
+        fmt_bytes(c.ideal_savings_bytes),
+        _pct(c.ideal_savings_pages, c.pages_scanned),
+    ]
+
+
+_COUNT_HEADERS = ["pages", "zero", "dup in", "dup across", "shared frame", "volatile", "saving", "%"]
+
+
+def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int | None = None) -> RenderableType:
+    """The scan result as a rich renderable: summary, per process/mapping, top, matrix."""
+    t = rep.totals
+    summary = Text.assemble(
+        ("Ideal saving ", "bold"),
+        (fmt_bytes(t.ideal_savings_bytes), "bold green"),
+        f" of {fmt_bytes(t.pages_scanned * PAGE_SIZE)} scanned "
+        f"({_pct(t.ideal_savings_pages, t.pages_scanned)}): ",
+        f"{t.pages_scanned:,} pages in {rep.distinct_frames:,} frames, "
+        f"{t.pages_zero:,} zero, {rep.distinct_contents:,} distinct non-zero contents",
+    )
+    parts: list[RenderableType] = [summary]
+
+    procs = Table(box=box.SIMPLE_HEAD, title="Processes", title_justify="left", expand=False)
+    for h in ["pid", "name", "mapping", *_COUNT_HEADERS]:
+        procs.add_column(h, justify="left" if h in ("name", "mapping") else "right")
+    for p in rep.processes:
+        procs.add_row(str(p.pid), p.name, "[b]all[/b]", *_counts_row(p.counts))
+        if show_mappings:
+            for m in sorted(p.mappings, key=lambda m: -m.counts.ideal_savings_pages):
+                if m.counts.pages_scanned == 0:
+                    continue
+                procs.add_row("", "", f"{m.name} {m.start:#x}", *_counts_row(m.counts), style="dim")
+    procs.add_row("", "[b]total[/b]", "", *_counts_row(t), end_section=True)
+    parts.append(procs)
+
+    if rep.excluded_by_reason:
+        ex = Table(box=box.SIMPLE_HEAD, title="Not eligible (resident pages)", title_justify="left")
+        ex.add_column("reason")
+        ex.add_column("pages", justify="right")
+        for reason, pages in rep.excluded_by_reason.items():
+            ex.add_row(reason, fmt_pages(pages))
+        parts.append(ex)
+
+    if rep.top:
+        top = Table(box=box.SIMPLE_HEAD, title="Top duplicated contents", title_justify="left")
+        for h in ("frames", "pages", "saving", "pids", "preview"):
+            top.add_column(h, justify="right" if h in ("frames", "pages", "saving") else "left")
+        for c in rep.top:
+            pids = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
+            top.add_row(
+                f"{c.frames:,}",
+                f"{c.pages:,}",
+                fmt_bytes(c.savings_pages * PAGE_SIZE),
+                pids,
+                preview_text(c.preview),
+            )
+        parts.append(top)
+
+    if len(rep.matrix) > 1:
+        mx = Table(
+            box=box.SIMPLE_HEAD,
+            title="Shared content (pages of row also present in column)",
+            title_justify="left",
+        )
+        mx.add_column("pid")
+        pids = [p.pid for p in rep.processes[: len(rep.matrix)]]
+        for pid in pids:
+            mx.add_column(str(pid), justify="right")
+        for pid, row in zip(pids, rep.matrix, strict=True):
+            mx.add_row(str(pid), *(f"{v:,}" for v in row))
+        parts.append(mx)
+    return Group(*parts)

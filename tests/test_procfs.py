@@ -1,0 +1,689 @@
+"""procksm.procfs: parsers on fixture /proc text, readers against real processes."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from procksm import PAGE_SIZE, procfs
+from procksm.errors import NoSuchProcess, Unsupported, ZombieProcess
+from procksm.procfs import (
+    KPF_ANON,
+    KPF_ZERO_PAGE,
+    PM_EXCLUSIVE,
+    PM_FILE,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SWAPPED,
+    KPageFiles,
+    PagemapFile,
+    Vma,
+)
+from tests.conftest import build_c_target, require_privileges
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# ------------------------------------------------------------------------------------
+# Pure parsers
+# ------------------------------------------------------------------------------------
+
+# The READY line of the planted process whose /proc files are in fixtures/*_planted.txt
+# (planted --zero 4 --unique 3 --threads 1).
+PLANTED_ZERO = 0x7F09A1242000
+PLANTED_UNIQUE = 0x7F09A123F000
+
+
+def test_parse_smaps_of_a_real_process() -> None:
+    vmas = procfs.parse_smaps(fixture("smaps_planted.txt"))
+    assert len(vmas) == 27
+    assert all(a.end <= b.start for a, b in itertools.pairwise(vmas))
+    by_name = {v.name: v for v in vmas}
+    heap = by_name["[heap]"]
+    assert (heap.start, heap.end, heap.perms) == (0x55678D29D000, 0x55678D2BE000, "rw-p")
+    assert heap.vmflags == frozenset({"rd", "wr", "mr", "mw", "me", "ac"})
+    assert procfs.ineligibility(heap) is None
+    # unique (3 pages) and zero (4 pages): adjacent anonymous mmaps the kernel merged.
+    region = next(v for v in vmas if v.start <= PLANTED_ZERO < v.end)
+    assert region.start == PLANTED_UNIQUE and region.npages == 7
+    assert (region.rss_kb, region.anonymous_kb, region.swap_kb, region.locked_kb) == (28, 28, 0, 0)
+    assert region.name == "[anon]" and region.is_anonymous
+    assert procfs.ineligibility(region) is None
+    # libc's .bss: the anonymous mapping right after libc's writable data.
+    assert by_name["libc.so.6 (bss)"].start == 0x7F09A1230000
+    assert procfs.ineligibility(by_name["libc.so.6"]) == "file-backed"
+    assert procfs.ineligibility(by_name["[stack]"]) == "stack"
+    assert procfs.ineligibility(by_name["[vdso]"]) == "kernel mapping [vdso]"
+    assert procfs.ineligibility(by_name["[vvar]"]) == "kernel mapping [vvar]"
+    assert procfs.ineligibility(by_name["[vsyscall]"]) == "kernel mapping [vsyscall]"
+    # The thread stack's guard page.
+    guard = next(v for v in vmas if v.start == 0x7F09A0857000)
+    assert guard.perms == "---p" and procfs.ineligibility(guard) == "PROT_NONE"
+    # smaps and smaps_rollup were read at the same moment: the Rss adds up.
+    rollup = procfs.parse_smaps_rollup(fixture("smaps_rollup_planted.txt"))
+    assert sum(v.rss_kb for v in vmas) == rollup["Rss"]
+    assert sum(v.anonymous_kb for v in vmas) == rollup["Anonymous"]
+
+
+def test_parse_smaps_rollup_skips_its_header() -> None:
+    rollup = procfs.parse_smaps_rollup(fixture("smaps_rollup_planted.txt"))
+    assert rollup["Rss"] == 1500 and rollup["Pss_Anon"] == 144 and rollup["Pss_Shmem"] == 0
+    assert all(" " not in k for k in rollup)
+
+
+def test_parse_maps_handwritten() -> None:
+    vmas = procfs.parse_maps(fixture("maps_handwritten.txt"))
+    assert [v.name for v in vmas] == [
+        "server",
+        "server",
+        "server",
+        "server (bss)",
+        "[heap]",
+        "[anon:arena 1]",
+        "[anon]",
+        "memfd:shared buf (deleted)",
+        "LC_CTYPE",
+        "[anon]",  # after a read-only file mapping: not a .bss
+        "[aio] (deleted)",
+        "[stack]",
+        "[vsyscall]",
+    ]
+    assert vmas[0].path == "/opt/my app/bin/server"
+    assert vmas[2].offset == 0x2000 and vmas[2].inode == 1001 and vmas[2].dev == "fe:00"
+    assert vmas[3].follows_file == "/opt/my app/bin/server"
+    assert vmas[5].is_anonymous and vmas[5].npages == 0x21
+    assert vmas[7].shared and not vmas[7].is_anonymous
+    assert all(v.vmflags == frozenset() for v in vmas)
+    # maps has no VmFlags: an allowlist cannot pass anything.
+    assert procfs.ineligibility(vmas[4]) == "VmFlags unknown (read smaps)"
+    assert procfs.ineligibility(vmas[7]) == "shared mapping"
+
+
+# Every reason, by the [anon:NAME] of its VMA in fixtures/smaps_vmflags.txt.
+EXPECTED_REASONS: dict[str, str | None] = {
+    "[heap]": None,
+    "[anon]": None,
+    "[anon:jemalloc]": None,
+    "[anon:allowed-nr]": None,
+    "[anon:allowed-sd]": None,
+    "[anon:allowed-nh]": None,
+    "[anon:allowed-sr]": None,
+    "[anon:allowed-rr]": None,
+    "[anon:flag-gd]": "stack (gd)",
+    "[anon:flag-ss]": "shadow stack (ss)",
+    "[anon:flag-sh]": "shared mapping",
+    "[anon:flag-ms]": "shared mapping",
+    "[anon:flag-lo]": "mlocked (lo)",
+    "[anon:flag-lf]": "mlocked on fault (lf)",
+    "[anon:flag-io]": "I/O mapping (io)",
+    "[anon:flag-pf]": "pure PFN mapping (pf)",
+    "[anon:flag-mm]": "mixed map (mm)",
+    "[anon:flag-dw]": "deny-write mapping (dw)",
+    "[anon:flag-dc]": "MADV_DONTFORK (dc)",
+    "[anon:flag-de]": "do not expand (de)",
+    "[anon:flag-wf]": "MADV_WIPEONFORK (wf)",
+    "[anon:flag-dd]": "MADV_DONTDUMP (dd)",
+    "[anon:flag-dp]": "droppable (dp)",
+    "[anon:flag-ht]": "hugetlb (ht)",
+    "[anon:flag-hg]": "MADV_HUGEPAGE (hg)",
+    "[anon:flag-mg]": "registered with the kernel's KSM (mg)",
+    "[anon:flag-um]": "userfaultfd missing (um)",
+    "[anon:flag-uw]": "userfaultfd write-protect (uw)",
+    "[anon:flag-ui]": "userfaultfd minor (ui)",
+    "[anon:flag-sl]": "sealed (sl)",
+    "[anon:flag-sf]": "synchronous page faults (sf)",
+    "[anon:flag-ar]": "arch-specific flag (ar)",
+    "[anon:flag-bt]": "arm64 BTI guarded (bt)",
+    "[anon:flag-mt]": "arm64 MTE tags (mt)",
+    "[anon:flag-ex]": "executable (ex)",
+    "[anon:flag-zz]": "unknown VmFlag zz",
+    "[anon:flag-??]": "unknown VmFlag ??",
+    "[anon:pkey]": "protection key 3",
+    "[anon:pkey0]": None,
+    "[anon:missing-mw]": "cannot be made writable (no mw)",
+    "[anon:missing-mr]": "cannot be made readable (no mr)",
+    "[anon:no-vmflags]": "VmFlags unknown (read smaps)",
+    "[anon:readonly]": "not writable",
+    "[anon:writeonly]": "not readable",
+    "[anon:protnone]": "PROT_NONE",
+    "/dev/zero (deleted)": "shared mapping",
+    "/memfd:procksm (deleted)": "file-backed",
+    "/usr/lib/libfoo.so.1": "file-backed",
+    "libfoo.so.1 (bss)": None,
+    "[stack]": "stack",
+    "[stack:1234]": "stack",
+    "[vvar]": "kernel mapping [vvar]",
+    "[vdso]": "kernel mapping [vdso]",
+    "[uprobes]": "kernel mapping [uprobes]",
+    "[vsyscall]": "kernel mapping [vsyscall]",
+}
+
+
+def test_every_vmflag_has_its_reason() -> None:
+    vmas = procfs.parse_smaps(fixture("smaps_vmflags.txt"))
+    got = {(v.path if v.path.startswith("/") else v.name): procfs.ineligibility(v) for v in vmas}
+    assert got == EXPECTED_REASONS
+    # The table covers every mnemonic of show_smap_vma_flags() (fs/proc/task_mmu.c, 6.18).
+    kernel_mnemonics = {
+        *("rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "pf", "lo", "io", "sr", "rr"),
+        *("dc", "de", "lf", "ac", "nr", "ht", "sf", "ar", "wf", "dd", "bt", "sd", "mm", "hg"),
+        *("nh", "mg", "um", "uw", "mt", "ui", "ss", "dp", "sl", "dw"),
+    }
+    assert kernel_mnemonics == set(procfs.ALLOWED_VMFLAGS) | set(procfs.EXCLUDED_VMFLAGS)
+    assert not set(procfs.ALLOWED_VMFLAGS) & set(procfs.EXCLUDED_VMFLAGS)
+
+
+def test_smaps_fields_and_pkey() -> None:
+    vmas = {v.name: v for v in procfs.parse_smaps(fixture("smaps_vmflags.txt"))}
+    assert vmas["[anon:pkey]"].protection_key == 3
+    assert vmas["[anon:flag-lo]"].locked_kb == 16
+    bss = vmas["libfoo.so.1 (bss)"]
+    assert (bss.rss_kb, bss.anonymous_kb, bss.swap_kb) == (4, 4, 4)
+    assert bss.follows_file == "/usr/lib/libfoo.so.1"
+
+
+def test_vma_properties() -> None:
+    v = Vma(0x1000, 0x5000, "rw-p", 0, "00:00", 0, "")
+    assert (v.npages, v.size, v.executable) == (4, 0x4000, False) and v.readable and v.writable
+    assert v.private and not v.shared and v.is_anonymous and v.name == "[anon]"
+    s = Vma(0x1000, 0x2000, "r--s", 0, "00:01", 5, "/dev/shm/x")
+    assert s.shared and not s.private and not s.is_anonymous and s.name == "x"
+    assert Vma(0, 0x1000, "rw-p", 0, "00:00", 0, "[anon:buf]").is_anonymous
+    assert not Vma(0, 0x1000, "rw-s", 0, "00:01", 3, "[anon_shmem:buf]").is_anonymous
+
+
+def test_parse_status_of_a_user_process() -> None:
+    st_ = procfs.parse_status(fixture("status_planted.txt"))
+    assert (st_.pid, st_.name, st_.state, st_.tgid, st_.ppid) == (5584, "planted", "S", 5584, 5582)
+    assert (st_.uid_real, st_.uid_effective, st_.gid_real) == (0, 0, 0)
+    assert st_.threads == 2 and st_.tracer_pid == 0 and st_.seccomp == 0
+    assert st_.vm_rss_kb == st_.rss_anon_kb + st_.rss_file_kb + st_.rss_shmem_kb
+    assert st_.rss_anon_kb == 144
+    assert st_.nspid == (5584,) and not st_.in_child_pid_namespace
+    assert not st_.is_kernel_thread and not st_.is_zombie
+
+
+def test_parse_status_of_kernel_thread_and_zombie() -> None:
+    kt = procfs.parse_status(fixture("status_kthreadd.txt"))
+    assert kt.is_kernel_thread and kt.name == "kthreadd" and kt.vm_rss_kb == 0
+    # Before 6.0 there is no Kthread line: no Vm* lines means no mm.
+    old = "\n".join(x for x in fixture("status_kthreadd.txt").splitlines() if "Kthread" not in x)
+    assert procfs.parse_status(old).is_kernel_thread
+    z = procfs.parse_status(fixture("status_zombie.txt"))
+    assert z.is_zombie and z.state == "Z" and not z.is_kernel_thread
+    zold = "\n".join(x for x in fixture("status_zombie.txt").splitlines() if "Kthread" not in x)
+    assert not procfs.parse_status(zold).is_kernel_thread
+
+
+def test_parse_status_nested_namespace() -> None:
+    text = fixture("status_planted.txt").replace("NSpid:\t5584", "NSpid:\t5584\t12")
+    assert procfs.parse_status(text).nspid == (5584, 12)
+    assert procfs.parse_status(text).in_child_pid_namespace
+
+
+def test_parse_stat_flags() -> None:
+    assert procfs.parse_stat_flags(fixture("stat_kthreadd.txt")) & procfs.PF_KTHREAD
+    # A comm containing ") " must not shift the fields.
+    flags = procfs.parse_stat_flags(fixture("stat_odd_comm.txt"))
+    assert flags == 4194560 and not flags & procfs.PF_KTHREAD
+
+
+def test_parse_meminfo() -> None:
+    info = procfs.parse_meminfo(fixture("meminfo.txt"))
+    assert info["MemTotal"] > info["MemFree"] > 0
+    assert "AnonPages" in info and "Shmem" in info and "HugePages_Total" in info
+    assert len(info) == len(fixture("meminfo.txt").splitlines())
+
+
+def test_parse_ksm_stat() -> None:
+    assert procfs.parse_ksm_stat(fixture("ksm_stat.txt")) == {
+        "ksm_rmap_items": 0,
+        "ksm_zero_pages": 0,
+        "ksm_merging_pages": 0,
+        "ksm_process_profit": 0,
+        "ksm_merge_any": 0,
+        "ksm_mergeable": 0,
+    }
+    assert procfs.parse_ksm_stat("ksm_merge_any: yes\nksm_process_profit -4096\n") == {
+        "ksm_merge_any": 1,
+        "ksm_process_profit": -4096,
+    }
+
+
+def test_parse_io_uring_fdinfo() -> None:
+    info = procfs.parse_fdinfo(fixture("fdinfo_io_uring.txt"))
+    assert info["SqThread"] == "-1" and info["NAPI"] == "disabled"
+    assert procfs.io_uring_buffers(info) == [(0x7FEC4A9DB000, 8192), (0x7FEC4A9E0000, 4096)]
+    assert procfs.io_uring_buffers(procfs.parse_fdinfo("pos:\t0\nflags:\t02\n")) == []
+
+
+def naive_runs(entries: np.ndarray, start: int, mask: np.ndarray | None) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i, e in enumerate(entries.tolist()):
+        if e >> 63 and (mask is None or mask[i]):
+            addr = start + i * PAGE_SIZE
+            if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((addr, 1))
+    return runs
+
+
+PRESENT = int(PM_PRESENT)
+SWAPPED = int(PM_SWAPPED)
+
+
+def test_present_runs_examples() -> None:
+    e = np.array([PRESENT | 5, PRESENT | 6, 0, SWAPPED | 77, PRESENT, 0, PRESENT], np.uint64)
+    assert procfs.present_runs(e, 0x10000) == [(0x10000, 2), (0x14000, 1), (0x16000, 1)]
+    assert procfs.present_runs(np.zeros(0, np.uint64), 0) == []
+    assert procfs.present_runs(np.zeros(9, np.uint64), 0) == []
+    mask = np.array([True, False, True, True, True, True, True])
+    assert procfs.present_runs(e, 0, mask) == [(0, 1), (0x4000, 1), (0x6000, 1)]
+
+
+@given(
+    st.lists(st.sampled_from([0, PRESENT, SWAPPED, PRESENT | 123, SWAPPED | 9]), max_size=300),
+    st.integers(0, 2**30).map(lambda p: p * PAGE_SIZE),
+    st.booleans(),
+)
+def test_present_runs_matches_naive(entries: list[int], start: int, masked: bool) -> None:
+    e = np.array(entries, dtype=np.uint64)
+    mask = (np.arange(len(e)) % 3 != 1) if masked else None
+    assert procfs.present_runs(e, start, mask) == naive_runs(e, start, mask)
+
+
+# ------------------------------------------------------------------------------------
+# Live: a real anonymous mapping in this test process
+# ------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
+MADV_NORMAL, MADV_MERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE = 0, 12, 14, 15
+MADV_DONTFORK, MADV_DONTDUMP, MADV_WIPEONFORK = 10, 16, 18
+
+
+class AnonMapping:
+    """An mmap made with libc so that its address is known and madvise/mlock apply."""
+
+    def __init__(
+        self,
+        npages: int,
+        prot: int = PROT_READ | PROT_WRITE,
+        flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
+    ) -> None:
+        self.size = npages * PAGE_SIZE
+        addr = _libc.mmap(None, self.size, prot, flags, -1, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        self.addr: int = addr
+        # Keep THP away: 4 KiB pages make PFNs and zero-page mappings deterministic.
+        _libc.madvise(self.addr, self.size, MADV_NOHUGEPAGE)
+
+    def madvise(self, advice: int) -> None:
+        assert _libc.madvise(self.addr, self.size, advice) == 0, os.strerror(ctypes.get_errno())
+
+    def write(self, page: int, value: int) -> None:
+        ctypes.memset(self.addr + page * PAGE_SIZE, value, PAGE_SIZE)
+
+    def read(self, page: int) -> bytes:
+        return ctypes.string_at(self.addr + page * PAGE_SIZE, PAGE_SIZE)
+
+    def vma(self) -> Vma:
+        return next(v for v in procfs.read_vmas(os.getpid()) if v.start <= self.addr < v.end)
+
+    def entries(self, pid: int | None = None) -> np.ndarray:
+        return procfs.read_pagemap(pid or os.getpid(), self.addr, self.addr + self.size)
+
+    def close(self) -> None:
+        _libc.munmap(self.addr, self.size)
+
+
+@pytest.fixture
+def anon() -> object:
+    made: list[AnonMapping] = []
+
+    def make(*args: int) -> AnonMapping:
+        m = AnonMapping(*args)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def test_real_vmflags_give_their_reasons(anon: Callable[..., AnonMapping]) -> None:
+    """Each mapping is made for real; the kernel writes the VmFlags the reason rests on."""
+    cases: list[tuple[AnonMapping, str | None]] = []
+    for advice, reason in [
+        (MADV_NORMAL, None),
+        (MADV_DONTFORK, "MADV_DONTFORK (dc)"),
+        (MADV_WIPEONFORK, "MADV_WIPEONFORK (wf)"),
+        (MADV_DONTDUMP, "MADV_DONTDUMP (dd)"),
+        (MADV_HUGEPAGE, "MADV_HUGEPAGE (hg)"),
+        (MADV_MERGEABLE, "registered with the kernel's KSM (mg)"),
+    ]:
+        m = anon(4)
+        m.madvise(advice)
+        cases.append((m, reason))
+    locked = anon(4)
+    assert _libc.mlock(locked.addr, locked.size) == 0
+    cases.append((locked, "mlocked (lo)"))
+    cases.append((anon(4, PROT_READ), "not writable"))
+    cases.append((anon(4, 0), "PROT_NONE"))
+    cases.append((anon(4, PROT_READ | PROT_WRITE | PROT_EXEC), "executable (ex)"))
+    cases.append((anon(4, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS), "shared mapping"))
+    grows = anon(4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN)
+    cases.append((grows, "stack (gd)"))
+    sealed = anon(4)
+    if _libc.syscall(462, ctypes.c_void_p(sealed.addr), ctypes.c_size_t(sealed.size), 0) == 0:
+        cases.append((sealed, "sealed (sl)"))  # mseal(2), 6.10+
+    for m, reason in cases:
+        assert procfs.ineligibility(m.vma()) == reason, m.vma()
+
+
+def test_zero_page_and_private_page_in_pagemap_and_kpageflags(
+    anon: Callable[..., AnonMapping],
+) -> None:
+    require_privileges()
+    m = anon(2)
+    assert m.read(0) == bytes(PAGE_SIZE)  # read fault: maps the shared zero page
+    m.write(1, 0xAB)  # write fault: a private anonymous page
+    e = m.entries()
+    assert all(e & PM_PRESENT)
+    zero_pfn, own_pfn = (int(x) for x in e & PM_PFN_MASK)
+    assert zero_pfn and own_pfn and zero_pfn != own_pfn
+    assert not e[0] & PM_EXCLUSIVE and e[1] & PM_EXCLUSIVE  # the zero page is nobody's
+    assert not e[0] & PM_FILE and not e[1] & PM_FILE
+    with KPageFiles() as kp:
+        flags = kp.read_flags([zero_pfn, own_pfn])
+        counts = kp.read_counts([own_pfn])
+    assert flags[0] >> KPF_ZERO_PAGE & 1 and not flags[0] >> KPF_ANON & 1
+    assert flags[1] >> KPF_ANON & 1 and not flags[1] >> KPF_ZERO_PAGE & 1
+    assert counts[0] == 1
+    assert procfs.pagemap_has_pfns()
+
+
+def test_fork_shares_frames_until_written(anon: Callable[..., AnonMapping]) -> None:
+    require_privileges()
+    m = anon(8)
+    for i in range(8):
+        m.write(i, i + 1)
+    before = m.entries()
+    assert all(before & PM_EXCLUSIVE)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child only waits: it must not touch the mapping
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        mine, theirs = m.entries(), m.entries(child)
+        pfns = mine & PM_PFN_MASK
+        assert (pfns == (theirs & PM_PFN_MASK)).all() and (pfns == (before & PM_PFN_MASK)).all()
+        assert not any(mine & PM_EXCLUSIVE) and not any(theirs & PM_EXCLUSIVE)
+        with KPageFiles() as kp:
+            assert (kp.read_counts(pfns) == 2).all()
+            m.write(3, 0xEE)  # copy-on-write: page 3 gets a frame of its own
+            after = m.entries() & PM_PFN_MASK
+            assert after[3] != pfns[3] and (np.delete(after, 3) == np.delete(pfns, 3)).all()
+            assert kp.read_counts([pfns[3], after[3], pfns[0]]).tolist() == [1, 1, 2]
+    finally:
+        os.write(w, b"x")
+        os.waitpid(child, 0)
+        os.close(r)
+        os.close(w)
+
+
+def test_kpage_batched_lookup_equals_one_by_one(anon: Callable[..., AnonMapping]) -> None:
+    require_privileges()
+    m = anon(64)
+    for i in range(64):
+        m.write(i, 1)
+    own = (m.entries() & PM_PFN_MASK).astype(np.uint64)
+    max_pfn = procfs.read_meminfo()["MemTotal"] // 4
+    rng = np.random.default_rng(1)
+    pfns = np.concatenate(
+        [own, own[::-3], rng.integers(1, max_pfn, 500).astype(np.uint64), [1 << 40]]
+    ).astype(np.uint64)
+    fd = os.open("/proc/kpageflags", os.O_RDONLY)
+    try:
+        naive = []
+        for p in pfns.tolist():
+            raw = os.pread(fd, 8, p * 8)
+            naive.append(int.from_bytes(raw, "little") if raw else 0)
+    finally:
+        os.close(fd)
+    with KPageFiles() as kp:
+        got = kp.read_flags(pfns)
+        counts = kp.read_counts(pfns)
+    # Frames of other processes may change between the two reads; ours and the
+    # out-of-range one may not.
+    n = len(own) + len(own[::-3])
+    assert got[:n].tolist() == naive[:n] and got[-1] == 0 == naive[-1]
+    assert (counts[:n] == 1).all()
+    assert np.mean(got[n:-1] == np.array(naive[n:-1], dtype=np.uint64)) > 0.9
+    assert len(got) == len(pfns) and kp.read_flags([]).size == 0
+
+
+# ------------------------------------------------------------------------------------
+# Live: against the planted target
+# ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planted(spawn):  # type: ignore[no-untyped-def]
+    require_privileges()
+    return spawn([build_c_target("planted"), "--zero", 32, "--unique", 8, "--threads", 2])
+
+
+def test_planted_zero_region_holds_private_zero_filled_pages(planted) -> None:  # type: ignore[no-untyped-def]
+    zero, n = planted.int("zero"), planted.int("zero_pages")
+    with PagemapFile(planted.pid) as pm:
+        e = pm.read(zero, zero + n * PAGE_SIZE)
+    assert all(e & PM_PRESENT) and all(e & PM_EXCLUSIVE)
+    pfns = e & PM_PFN_MASK
+    assert len(np.unique(pfns)) == n  # written-then-zeroed: each its own frame
+    with KPageFiles() as kp:
+        flags = kp.read_flags(pfns)
+        assert (kp.read_counts(pfns) == 1).all()
+    assert ((flags >> np.uint64(KPF_ANON)) & np.uint64(1)).all()
+    assert not ((flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1)).any()
+
+
+def test_read_vmas_status_threads_of_planted(planted) -> None:  # type: ignore[no-untyped-def]
+    vmas = procfs.read_vmas(planted.pid)
+    region = next(v for v in vmas if v.start <= planted.int("zero") < v.end)
+    assert procfs.ineligibility(region) is None and region.rss_kb >= 32 * 4
+    st_ = procfs.read_status(planted.pid)
+    assert (st_.pid, st_.name, st_.threads, st_.state) == (planted.pid, "planted", 3, st_.state)
+    assert not st_.is_kernel_thread and st_.ppid == os.getpid()
+    tids = procfs.list_threads(planted.pid)
+    assert len(tids) == 3 and planted.pid in tids
+    rollup = procfs.read_smaps_rollup(planted.pid)
+    assert rollup["Anonymous"] >= (32 + 8) * 4 and rollup["Rss"] >= rollup["Anonymous"]
+    assert "ksm_merging_pages" in procfs.read_ksm_stat(planted.pid)
+    assert len(procfs.read_maps(planted.pid)) == len(vmas)
+
+
+def test_kernel_thread_has_no_memory_to_scan() -> None:
+    kthreadd = procfs.read_status(2)
+    assert kthreadd.is_kernel_thread
+    with pytest.raises(Unsupported, match="kernel thread"):
+        procfs.read_vmas(2)
+    with pytest.raises(Unsupported, match="kernel thread"):
+        procfs.read_smaps_rollup(2)
+
+
+def test_machine_wide_readers() -> None:
+    assert procfs.max_map_count() >= 65530 or procfs.max_map_count() > 0
+    info = procfs.read_meminfo()
+    assert info["MemTotal"] > 0 and "AnonPages" in info
+
+
+# ------------------------------------------------------------------------------------
+# Asynchronous I/O detection
+# ------------------------------------------------------------------------------------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def test_uses_async_io_sees_io_uring_and_aio(anon: Callable[..., AnonMapping]) -> None:
+    me = os.getpid()
+    assert procfs.uses_async_io(me) is None
+    params = (ctypes.c_char * 120)()
+    ring = _libc.syscall(425, 4, params)  # io_uring_setup
+    if ring < 0:
+        pytest.skip(f"io_uring_setup failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        assert procfs.uses_async_io(me) == f"uses io_uring (fd {ring})"
+        buf = anon(2)
+        iov = _Iovec(buf.addr, buf.size)
+        assert _libc.syscall(427, ring, 0, ctypes.byref(iov), 1) == 0  # REGISTER_BUFFERS
+        assert procfs.io_uring_buffers(procfs.read_fdinfo(me, ring)) == [(buf.addr, buf.size)]
+        assert procfs.uses_async_io(me) == f"uses io_uring (fd {ring}, 1 registered buffers)"
+    finally:
+        os.close(ring)
+    assert procfs.uses_async_io(me) is None
+    ctx = ctypes.c_ulong(0)
+    assert _libc.syscall(206, 8, ctypes.byref(ctx)) == 0  # io_setup
+    try:
+        assert procfs.uses_async_io(me) == "has 1 AIO ring (io_setup)"
+    finally:
+        _libc.syscall(207, ctx)  # io_destroy
+    assert procfs.uses_async_io(me) is None
+
+
+# ------------------------------------------------------------------------------------
+# Error translation
+# ------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+READERS: list[tuple[str, Callable[[int], object]]] = [
+    ("read_vmas", procfs.read_vmas),
+    ("read_maps", procfs.read_maps),
+    ("read_status", procfs.read_status),
+    ("list_threads", procfs.list_threads),
+    ("read_smaps_rollup", procfs.read_smaps_rollup),
+    ("read_ksm_stat", procfs.read_ksm_stat),
+    ("uses_async_io", procfs.uses_async_io),
+    ("PagemapFile", PagemapFile),
+    ("read_pagemap", lambda pid: procfs.read_pagemap(pid, 0x400000, 0x401000)),
+]
+
+
+@pytest.mark.parametrize("reader", [r for _, r in READERS], ids=[n for n, _ in READERS])
+def test_nonexistent_pid_is_no_such_process(reader: Callable[[int], object]) -> None:
+    pid = dead_pid()
+    with pytest.raises(NoSuchProcess, match=f"pid={pid}"):
+        reader(pid)
+
+
+def test_zombie_is_reported_as_zombie() -> None:
+    p = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while procfs.parse_status(Path(f"/proc/{p.pid}/status").read_text()).state != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for reader in (procfs.read_vmas, procfs.read_smaps_rollup):
+            with pytest.raises(ZombieProcess, match="zombie"):
+                reader(p.pid)
+        assert procfs.read_status(p.pid).is_zombie
+    finally:
+        p.wait()
+
+
+def test_pagemap_of_exited_process_is_no_such_process(spawn) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    t = spawn([build_c_target("planted"), "--zero", 4])
+    with PagemapFile(t.pid) as pm:
+        zero = t.int("zero")
+        assert pm.read(zero, zero + PAGE_SIZE)[0] & PM_PRESENT
+        t.kill()  # reaped: the open fd now reads nothing
+        with pytest.raises(NoSuchProcess):
+            pm.read(zero, zero + PAGE_SIZE)
+
+
+NOBODY_PROBE = """
+import json, os, sys
+from procksm import procfs
+pid = int(sys.argv[1])
+os.setgid(65534); os.setuid(65534)
+out = {}
+for name, call in [
+    ("read_vmas", lambda: procfs.read_vmas(pid)),
+    ("PagemapFile", lambda: procfs.PagemapFile(pid)),
+    ("read_smaps_rollup", lambda: procfs.read_smaps_rollup(pid)),
+    ("list_fd_targets", lambda: procfs.list_fd_targets(pid)),
+    ("kpageflags", lambda: procfs.KPageFiles().read_flags([1])),
+]:
+    try:
+        call()
+        out[name] = "no error"
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {e}"
+out["has_pfns"] = procfs.pagemap_has_pfns()
+print(json.dumps(out))
+"""
+
+
+def run_as_nobody(script: str, *args: object) -> dict[str, object]:
+    """Run a Python snippet that drops to uid/gid nobody; its JSON answer."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def test_unreadable_target_is_access_denied(planted) -> None:  # type: ignore[no-untyped-def]
+    out = run_as_nobody(NOBODY_PROBE, planted.pid)
+    for name in ("read_vmas", "PagemapFile", "read_smaps_rollup", "list_fd_targets"):
+        assert str(out[name]).startswith("AccessDenied: cannot read /proc/"), (name, out[name])
+        assert "run procksm as root" in str(out[name])
+    assert str(out["kpageflags"]).startswith("AccessDenied: cannot read /proc/kpageflags")
+    assert out["has_pfns"] is False
