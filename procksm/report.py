@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -103,25 +104,32 @@ def scan_json(rep: ScanReport, *, elapsed_s: float | None = None) -> dict[str, A
     return out
 
 
-def _counts_row(c: Counts) -> list[str]:
-    return [
+def _counts_row(c: Counts, wide: bool) -> list[str]:
+    row = [
         f"{c.pages_scanned:,}",
         f"{c.pages_zero:,}",
         f"{c.pages_dup_within:,}",
         f"{c.pages_dup_across:,}",
-        f"{c.pages_shared_frame:,}",
-        f"{c.pages_volatile:,}",
-        fmt_bytes(c.ideal_savings_bytes),
-        _pct(c.ideal_savings_pages, c.pages_scanned),
     ]
+    if wide:
+        row += [f"{c.pages_shared_frame:,}", f"{c.pages_volatile:,}"]
+    return [*row, fmt_bytes(c.ideal_savings_bytes), _pct(c.ideal_savings_pages, c.pages_scanned)]
 
 
-_COUNT_HEADERS = ["pages", "zero", "dup in", "dup across", "shared frame", "volatile", "saving", "%"]
+def _count_headers(wide: bool) -> list[str]:
+    extra = ["shared frame", "volatile"] if wide else []
+    return ["pages", "zero", "dup in", "across", *extra, "saving", "%"]
 
 
-def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int | None = None) -> RenderableType:
+# Below this width the "shared frame" and "volatile" columns are left out (they are
+# in --json); the table must stay readable on an 80-column terminal.
+WIDE_COLUMNS = 120
+
+
+def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int = 160) -> RenderableType:
     """The scan result as a rich renderable: summary, per process/mapping, top, matrix."""
     t = rep.totals
+    wide = width >= WIDE_COLUMNS
     summary = Text.assemble(
         ("Ideal saving ", "bold"),
         (fmt_bytes(t.ideal_savings_bytes), "bold green"),
@@ -132,17 +140,26 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int | None 
     )
     parts: list[RenderableType] = [summary]
 
-    procs = Table(box=box.SIMPLE_HEAD, title="Processes", title_justify="left", expand=False)
-    for h in ["pid", "name", "mapping", *_COUNT_HEADERS]:
-        procs.add_column(h, justify="left" if h in ("name", "mapping") else "right")
+    procs = Table(
+        box=box.SIMPLE_HEAD, title="Processes", title_justify="left", pad_edge=False,
+        caption=None if wide else "(wider terminal: shared-frame and volatile columns)",
+    )
+    procs.add_column("pid", justify="right", no_wrap=True)
+    procs.add_column(
+        "process / mapping", overflow="ellipsis", no_wrap=True, max_width=40 if wide else 17
+    )
+    for h in _count_headers(wide):
+        procs.add_column(h, justify="right", no_wrap=True)
     for p in rep.processes:
-        procs.add_row(str(p.pid), p.name, "[b]all[/b]", *_counts_row(p.counts))
+        procs.add_row(str(p.pid), f"[b]{escape(p.name)}[/b]", *_counts_row(p.counts, wide))
         if show_mappings:
             for m in sorted(p.mappings, key=lambda m: -m.counts.ideal_savings_pages):
                 if m.counts.pages_scanned == 0:
                     continue
-                procs.add_row("", "", f"{m.name} {m.start:#x}", *_counts_row(m.counts), style="dim")
-    procs.add_row("", "[b]total[/b]", "", *_counts_row(t), end_section=True)
+                procs.add_row(
+                    "", escape(f" {m.name} {m.start:#x}"), *_counts_row(m.counts, wide), style="dim"
+                )
+    procs.add_row("", "[b]total[/b]", *_counts_row(t, wide), end_section=True)
     parts.append(procs)
 
     if rep.excluded_by_reason:
@@ -150,13 +167,16 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int | None 
         ex.add_column("reason")
         ex.add_column("pages", justify="right")
         for reason, pages in rep.excluded_by_reason.items():
-            ex.add_row(reason, fmt_pages(pages))
+            if pages:
+                ex.add_row(escape(reason), fmt_pages(pages))
         parts.append(ex)
 
     if rep.top:
         top = Table(box=box.SIMPLE_HEAD, title="Top duplicated contents", title_justify="left")
-        for h in ("frames", "pages", "saving", "pids", "preview"):
-            top.add_column(h, justify="right" if h in ("frames", "pages", "saving") else "left")
+        for h in ("frames", "pages", "saving"):
+            top.add_column(h, justify="right", no_wrap=True)
+        top.add_column("pids", overflow="ellipsis", no_wrap=True, max_width=24)
+        top.add_column("preview", overflow="ellipsis", no_wrap=True)
         for c in rep.top:
             pids = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
             top.add_row(
@@ -164,7 +184,7 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int | None 
                 f"{c.pages:,}",
                 fmt_bytes(c.savings_pages * PAGE_SIZE),
                 pids,
-                preview_text(c.preview),
+                escape(preview_text(c.preview)),
             )
         parts.append(top)
 

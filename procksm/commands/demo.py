@@ -52,6 +52,10 @@ def demo_workers(
                         "--unique-mib", str(unique_mib), "--volatile-mib", str(volatile_mib),
                     ],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    # numpy madvise(MADV_HUGEPAGE)s arrays >= 4 MiB; procksm never merges
+                    # such ranges (the replacement mapping would drop the THP advice), so
+                    # the workers, like a service that wants merging, turn it off.
+                    env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"},
                 )
             )
         for p in procs:
@@ -116,7 +120,7 @@ class DemoCommand:
                 json.dump(doc, sys.stdout, indent=2)
                 sys.stdout.write("\n")
             else:
-                out.print(scan_view(report, show_mappings=False))
+                out.print(scan_view(report, show_mappings=False, width=out.width))
                 out.print(
                     f"scanned {report.totals.pages_scanned:,} pages in {elapsed:.2f} s; "
                     f"merging would save [b green]{fmt_bytes(report.totals.ideal_savings_bytes)}"

@@ -1,6 +1,6 @@
-"""Read-only analysis: how much memory of these processes is duplicated, where, and what
-merging would save.
+"""Read-only analysis: how much of these processes' memory is duplicated and where.
 
+What merging would save, per process and per mapping.
 Never writes to a target and never stops it. For each process and each mapping: present
 pages, zero pages, pages duplicated within the process and across processes, pages already
 sharing a frame (e.g. after fork), pages excluded from merging and why, and the ideal
@@ -92,7 +92,8 @@ class ScanCommand:
             json.dump(scan_json(report, elapsed_s=elapsed), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            Console().print(scan_view(report, show_mappings=not args.no_mappings))
+            con = Console()
+            con.print(scan_view(report, show_mappings=not args.no_mappings, width=con.width))
             print(f"scanned in {elapsed:.2f} s", file=sys.stderr)
         return 0
 
