@@ -44,7 +44,9 @@ def build_planted() -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--targets", type=int, default=4)
     ap.add_argument("--mib", type=int, default=256, help="identical MiB per target")
     ap.add_argument("--reps", type=int, default=3)
@@ -57,8 +59,18 @@ def main() -> int:
         for _ in range(a.targets):
             procs.append(
                 subprocess.Popen(
-                    [str(exe), "--identical", str(ident), "--zero", str(zero), "--unique", str(unique)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    [
+                        str(exe),
+                        "--identical",
+                        str(ident),
+                        "--zero",
+                        str(zero),
+                        "--unique",
+                        str(unique),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
             )
         infos = []
@@ -84,9 +96,7 @@ def main() -> int:
                             hash_pages(view)
             return time.perf_counter() - t0
 
-        opts = ScanOptions(
-            ranges=[AddressRange(s, e) for rs in ranges.values() for s, e in rs]
-        )
+        opts = ScanOptions(ranges=[AddressRange(s, e) for rs in ranges.values() for s, e in rs])
         pids = list(ranges)
 
         def scan() -> tuple[float, int]:

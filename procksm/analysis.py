@@ -107,9 +107,7 @@ def hash_buckets(n: int, rows_per_bucket: int = 1 << 14) -> tuple[int, int]:
 def _pfn_bucket_rows(pfn: np.ndarray, b: int, nb: int, chunk: int = 1 << 16) -> np.ndarray:
     if nb == 1:
         return np.arange(pfn.size, dtype=np.int64)
-    parts = [
-        np.flatnonzero((pfn[i : i + chunk] % nb) == b) + i for i in range(0, pfn.size, chunk)
-    ]
+    parts = [np.flatnonzero((pfn[i : i + chunk] % nb) == b) + i for i in range(0, pfn.size, chunk)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -310,9 +308,7 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
         acc["pages_scanned"] += np.bincount(mp, minlength=bins)
         acc["pages_zero"] += np.bincount(mp[zero], minlength=bins)
         acc["pages_volatile"] += np.bincount(mp[c == CONTENT_VOLATILE], minlength=bins)
-        acc["pages_shared_frame"] += np.bincount(
-            mp[(f & FLAG_FRAME_SHARED) != 0], minlength=bins
-        )
+        acc["pages_shared_frame"] += np.bincount(mp[(f & FLAG_FRAME_SHARED) != 0], minlength=bins)
         acc["frames"] += np.bincount(mp[ff], minlength=bins)
         # every zero frame is a saving: zero pages need no keeper
         acc["ideal_savings_pages"] += np.bincount(mp[ff & zero], minlength=bins)
@@ -379,7 +375,6 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
         acc["pages_dup_within"] += np.bincount(mp[within], minlength=bins)
         acc["pages_dup_across"] += np.bincount(mp[across], minlength=bins)
         acc["ideal_savings_pages"] += np.bincount(mp[frame_first & saving], minlength=bins)
-
 
     def counts(idx: np.ndarray | slice) -> Counts:
         return Counts(**{k: int(v[idx].sum()) for k, v in acc.items()})

@@ -40,7 +40,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def build(shared_mib: int, zero_mib: int, unique_mib: int, volatile_mib: int, seed: int) -> dict[str, np.ndarray]:
+def build(
+    shared_mib: int, zero_mib: int, unique_mib: int, volatile_mib: int, seed: int
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shared = rng.integers(0, 2**63, size=shared_mib * MiB // 8, dtype=np.int64)
     zeros = np.ones(zero_mib * MiB // 8, dtype=np.int64)  # written: real pages...
@@ -67,7 +69,7 @@ def main() -> int:
         v = data["volatile"]
         i = 0
         while not stop.is_set():
-            v[:: 512] += 1  # one word per page of the hot table, every 20 ms
+            v[::512] += 1  # one word per page of the hot table, every 20 ms
             i += 1
             time.sleep(0.02)
 

@@ -275,7 +275,8 @@ class PageReader:
             la, ra = local_addrs[first:], page_addrs[first:]
             brk = np.flatnonzero((np.diff(ra) != PAGE_SIZE) | (np.diff(la) != PAGE_SIZE)) + 1
             starts = np.concatenate(([0], brk[: IOV_MAX - 1]))
-            ends = np.concatenate((brk[: IOV_MAX - 1], [brk[IOV_MAX - 1] if brk.size >= IOV_MAX else la.size]))
+            last = brk[IOV_MAX - 1] if brk.size >= IOV_MAX else la.size
+            ends = np.concatenate((brk[: IOV_MAX - 1], [last]))
             count = starts.size
             lens = (ends - starts).astype(np.uint64) * np.uint64(PAGE_SIZE)
             self._remote[:count, 0] = ra[starts]

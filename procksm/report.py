@@ -141,7 +141,10 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int = 160) 
     parts: list[RenderableType] = [summary]
 
     procs = Table(
-        box=box.SIMPLE_HEAD, title="Processes", title_justify="left", pad_edge=False,
+        box=box.SIMPLE_HEAD,
+        title="Processes",
+        title_justify="left",
+        pad_edge=False,
         caption=None if wide else "(wider terminal: shared-frame and volatile columns)",
     )
     procs.add_column("pid", justify="right", no_wrap=True)
@@ -178,12 +181,12 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int = 160) 
         top.add_column("pids", overflow="ellipsis", no_wrap=True, max_width=24)
         top.add_column("preview", overflow="ellipsis", no_wrap=True)
         for c in rep.top:
-            pids = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
+            pid_list = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
             top.add_row(
                 f"{c.frames:,}",
                 f"{c.pages:,}",
                 fmt_bytes(c.savings_pages * PAGE_SIZE),
-                pids,
+                pid_list,
                 escape(preview_text(c.preview)),
             )
         parts.append(top)

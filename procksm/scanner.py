@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,6 @@ from procksm.analysis import (
     CONTENT_VOLATILE,
     CONTENT_ZERO,
     FLAG_FRAME_SHARED,
-    FLAG_VOLATILE,
     Exclusion,
     MappingRef,
     PageTable,
@@ -124,10 +124,8 @@ def kernel_zero_pfn() -> int:
             entry = int(pm.read(addr, addr + PAGE_SIZE)[0])
         return int(np.uint64(entry) & procfs.PM_PFN_MASK)
     finally:
-        try:
+        with suppress(BufferError):
             m.close()
-        except BufferError:
-            pass
 
 
 @dataclass(slots=True)
@@ -162,7 +160,9 @@ def collect(
             reason = procfs.ineligibility(vma)
             if reason is not None:
                 exclusions.append(
-                    Exclusion(i, vma.start, vma.end, vma.name, reason, vma.rss_kb * 1024 // PAGE_SIZE)
+                    Exclusion(
+                        i, vma.start, vma.end, vma.name, reason, vma.rss_kb * 1024 // PAGE_SIZE
+                    )
                 )
                 continue
             mi = len(mappings)
@@ -258,19 +258,13 @@ def _present_mask(ent: np.ndarray) -> np.ndarray:
     return ((ent & procfs.PM_PRESENT) != 0) & ((ent & procfs.PM_SWAPPED) == 0)
 
 
-class _translate:
-    """Context manager: OSError from a vanished process → NoSuchProcess."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: object, ev: object, tb: object) -> bool:
-        if isinstance(ev, ProcessLookupError | FileNotFoundError):
-            raise NoSuchProcess(self.pid, f"process exited during the scan (pid={self.pid})")
-        return False
+@contextmanager
+def _translate(pid: int) -> Iterator[None]:
+    """OSError from a process that vanished mid-scan → NoSuchProcess."""
+    try:
+        yield
+    except (ProcessLookupError, FileNotFoundError):
+        raise NoSuchProcess(pid, f"process exited during the scan (pid={pid})") from None
 
 
 def _hash_rows(
@@ -285,9 +279,7 @@ def _hash_rows(
     brk = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([0], brk))
     ends = np.concatenate((brk, [count]))
-    runs = [
-        (base + int(idx[a]) * PAGE_SIZE, int(b - a)) for a, b in zip(starts, ends, strict=True)
-    ]
+    runs = [(base + int(idx[a]) * PAGE_SIZE, int(b - a)) for a, b in zip(starts, ends, strict=True)]
     for addr, view in reader.read_runs(runs):
         npg = len(view) // PAGE_SIZE
         r0 = start + int(np.searchsorted(idx, (addr - base) // PAGE_SIZE))
@@ -371,7 +363,7 @@ def _verify_pairs(
         ok[sel] = read_pages_into(int(pid), addrs[sel], out, sel)
     # Only members are hashed again (volatility); a reference that changed simply
     # compares unequal, and its members then keep their own ids (conservative).
-    rehash = hash_pages(memoryview(out[:m]).cast("B"))
+    rehash = hash_pages(out[:m].reshape(-1).view(np.uint8).data)
     mem_ok = ok[:m] & (rehash == t.hash[members])
     equal = np.zeros(m, bool)
     both = np.flatnonzero(mem_ok & ok[m:])

@@ -24,17 +24,21 @@ def make_scan(rows: list[tuple[int, int, int]], nproc: int = 2) -> ScanInput:
     rows = sorted(rows, key=lambda r: r[0])
     t = PageTable.empty(len(rows))
     mapping_rows = np.zeros(nproc + 1, np.int64)
-    for i, (p, c, pfn) in enumerate(rows):
+    for i, (_p, c, pfn) in enumerate(rows):
         t.content[i] = c
-        t.hash[i] = np.uint64((c * 0x9E3779B97F4A7C15) % (1 << 64)) if c >= 0 else np.uint64(c & 0xFFFF)
+        t.hash[i] = (
+            np.uint64((c * 0x9E3779B97F4A7C15) % (1 << 64)) if c >= 0 else np.uint64(c & 0xFFFF)
+        )
         t.pfn[i] = pfn
         t.off[i] = i
     for p in range(nproc):
         mapping_rows[p + 1] = sum(1 for r in rows if r[0] <= p)
     return ScanInput(
         processes=[ProcessIdentity(100 + p, f"w{p}", 0) for p in range(nproc)],
-        mappings=[MappingRef(p, 0x1000_0000 * (p + 1), 0x1000_0000 * (p + 2), "[anon]", "rw-p")
-                  for p in range(nproc)],
+        mappings=[
+            MappingRef(p, 0x1000_0000 * (p + 1), 0x1000_0000 * (p + 2), "[anon]", "rw-p")
+            for p in range(nproc)
+        ],
         pages=t,
         mapping_rows=mapping_rows,
     )
@@ -42,8 +46,14 @@ def make_scan(rows: list[tuple[int, int, int]], nproc: int = 2) -> ScanInput:
 
 def test_ideal_saving_is_frames_minus_nonzero_contents() -> None:
     rows = [
-        (0, 10, 1), (0, 10, 2), (0, 11, 3), (0, CONTENT_ZERO, 4),  # p0: A A B 0
-        (1, 10, 5), (1, 12, 6), (1, CONTENT_ZERO, 7), (1, CONTENT_VOLATILE, 8),  # p1: A C 0 v
+        (0, 10, 1),
+        (0, 10, 2),
+        (0, 11, 3),
+        (0, CONTENT_ZERO, 4),  # p0: A A B 0
+        (1, 10, 5),
+        (1, 12, 6),
+        (1, CONTENT_ZERO, 7),
+        (1, CONTENT_VOLATILE, 8),  # p1: A C 0 v
     ]
     rep = analyse(make_scan(rows))
     # frames 8; non-zero non-volatile contents A B C = 3; volatile frame saves nothing
@@ -79,7 +89,9 @@ def test_many_buckets_add_up() -> None:
     assert rep.distinct_frames == n
     assert rep.distinct_contents == len(set(contents.tolist()))
     assert rep.totals.ideal_savings_pages == n - len(set(contents.tolist()))
-    assert sum(p.counts.ideal_savings_pages for p in rep.processes) == rep.totals.ideal_savings_pages
+    assert (
+        sum(p.counts.ideal_savings_pages for p in rep.processes) == rep.totals.ideal_savings_pages
+    )
 
 
 def render(rep: object, width: int) -> str:

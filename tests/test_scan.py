@@ -94,7 +94,10 @@ def test_scan_whole_process_rich_view(planted_trio) -> None:  # type: ignore[no-
     """Without restriction: all eligible memory, a table, exclusions with reasons."""
     res = subprocess.run(
         [*PROCKSM, "scan", "--json", str(planted_trio[0].pid), str(planted_trio[1].pid)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -103,7 +106,10 @@ def test_scan_whole_process_rich_view(planted_trio) -> None:  # type: ignore[no-
     assert "stack" in " ".join(doc["excluded_by_reason"])
     res = subprocess.run(
         [*PROCKSM, "scan", str(planted_trio[0].pid), str(planted_trio[1].pid)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
         env={**os.environ, "COLUMNS": "160"},
     )
     assert res.returncode == 0, res.stderr

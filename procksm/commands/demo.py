@@ -47,11 +47,21 @@ def demo_workers(
             procs.append(
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "procksm.demo_worker",
-                        "--shared-mib", str(shared_mib), "--zero-mib", str(zero_mib),
-                        "--unique-mib", str(unique_mib), "--volatile-mib", str(volatile_mib),
+                        sys.executable,
+                        "-m",
+                        "procksm.demo_worker",
+                        "--shared-mib",
+                        str(shared_mib),
+                        "--zero-mib",
+                        str(zero_mib),
+                        "--unique-mib",
+                        str(unique_mib),
+                        "--volatile-mib",
+                        str(volatile_mib),
                     ],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                     # numpy madvise(MADV_HUGEPAGE)s arrays >= 4 MiB; procksm never merges
                     # such ranges (the replacement mapping would drop the THP advice), so
                     # the workers, like a service that wants merging, turn it off.

@@ -15,6 +15,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -79,9 +80,7 @@ class ScanCommand:
         parser.add_argument("pids", nargs="+", metavar="PID", help="process IDs to scan")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument("--top", type=int, default=10, help="top duplicated contents (10)")
-        parser.add_argument(
-            "--no-mappings", action="store_true", help="hide the per-mapping rows"
-        )
+        parser.add_argument("--no-mappings", action="store_true", help="hide the per-mapping rows")
         add_selection_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -104,10 +103,8 @@ def check_readable(pid: int) -> None:
     from procksm.attach import check_attachable
     from procksm.errors import TargetBusy
 
-    try:
+    with contextlib.suppress(TargetBusy):
         check_attachable(pid)
-    except TargetBusy:
-        pass
 
 
 def run_scan(
