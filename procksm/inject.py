@@ -1,0 +1,357 @@
+"""Thin ctypes layer over ptrace(2), wait(2) and process_vm_readv/writev(2), x86_64 only.
+
+Everything here is mechanism; the policy (which threads, in which order, what to do
+with each kind of stop) lives in :mod:`procksm.attach`. The functions raise
+:class:`OSError` with the errno; ``attach`` translates them into procksm errors.
+
+python-ptrace (``ptrace.binding``) has the same calls, but it attaches main threads
+only and has no injection helper; the ten calls needed here are simpler to own than to
+adapt, and owning them keeps the types exact for mypy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass
+
+# ptrace requests (linux/ptrace.h, x86_64).
+PTRACE_CONT = 7
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SETSIGINFO = 0x4203
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+
+PTRACE_O_TRACESYSGOOD = 0x01
+PTRACE_O_TRACECLONE = 0x08
+PTRACE_O_TRACEEXEC = 0x10
+
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_STOP = 128
+
+WALL = 0x40000000  # __WALL: wait for clone children (threads) too
+
+# x86_64 system call numbers this package injects or recognises in a stopped thread.
+SYS_mmap = 9
+SYS_munmap = 11
+SYS_madvise = 28
+SYS_getpid = 39
+SYS_prctl = 157
+SYS_gettid = 186
+SYS_tgkill = 234
+SYS_restart_syscall = 219
+SYS_epoll_wait = 232
+SYS_epoll_pwait = 281
+SYS_epoll_pwait2 = 441
+
+# Kernel-internal restart codes a thread shows in rax when stopped inside a blocking
+# syscall (include/linux/errno.h). They never reach user space when the kernel finishes
+# its signal-return path; DESIGN.md §2.7.
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK})
+
+SIGINFO_SIZE = 128
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+SYSCALL_INSN = b"\x0f\x05"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+_libc.syscall.restype = ctypes.c_long
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
+    ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong,
+]  # fmt: skip
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+
+# fmt: off
+_REG_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
+    "es", "fs", "gs",
+)
+# fmt: on
+
+
+class Registers(ctypes.Structure):
+    """``struct user_regs_struct`` of x86_64 (sys/user.h), as PTRACE_GETREGS fills it."""
+
+    _fields_ = [(name, ctypes.c_ulong) for name in _REG_NAMES]
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+    def copy(self) -> Registers:
+        return Registers.from_buffer_copy(self)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _REG_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Registers) and bytes(self) == bytes(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def signed(value: int) -> int:
+    """A 64-bit register value as a signed integer (rax carries -errno)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned(value: int) -> int:
+    return value & ((1 << 64) - 1)
+
+
+def require_x86_64() -> None:
+    from procksm.errors import Unsupported
+
+    machine = platform.machine()
+    if machine != "x86_64":
+        raise Unsupported(
+            f"procksm injects system calls with x86_64 registers; this machine is {machine}"
+        )
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """ptrace(2); raises OSError(errno) on failure."""
+    ctypes.set_errno(0)
+    result: int = _libc.ptrace(request, tid, addr, data)
+    if result == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise OSError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+    return result
+
+
+def get_regs(tid: int) -> Registers:
+    regs = Registers()
+    ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def set_regs(tid: int, regs: Registers) -> None:
+    ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def get_event_msg(tid: int) -> int:
+    msg = ctypes.c_ulong()
+    ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
+    return msg.value
+
+
+def get_siginfo(tid: int) -> bytes:
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
+    return buf.raw
+
+
+def set_siginfo(tid: int, siginfo: bytes) -> None:
+    buf = ctypes.create_string_buffer(siginfo, SIGINFO_SIZE)
+    ptrace(PTRACE_SETSIGINFO, tid, 0, ctypes.addressof(buf))
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    # os has no tgkill (signal.pthread_kill only reaches threads of this process).
+    if _libc.syscall(SYS_tgkill, tgid, tid, sig) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
+
+
+class StopKind(enum.Enum):
+    EXITED = "exited"  # the thread is gone (exit or fatal signal); nothing to resume
+    SIGNAL = "signal"  # signal-delivery-stop: resuming with `sig` delivers it
+    INTERRUPT = "interrupt"  # PTRACE_EVENT_STOP from PTRACE_INTERRUPT or a new thread
+    GROUP_STOP = "group-stop"  # PTRACE_EVENT_STOP of a SIGSTOP-style group stop
+    CLONE = "clone"  # PTRACE_EVENT_CLONE: the new thread id is in the event message
+    EXEC = "exec"  # PTRACE_EVENT_EXEC: the process now runs another program
+    SYSCALL = "syscall"  # syscall-entry/exit-stop (TRACESYSGOOD: sig = SIGTRAP|0x80)
+    OTHER = "other"  # another PTRACE_EVENT_* we did not ask for
+
+
+@dataclass(frozen=True)
+class Stop:
+    tid: int
+    kind: StopKind
+    sig: int  # the stop's signal (SIGNAL, GROUP_STOP) or 0
+    status: int  # raw wait status, for messages
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}(tid={self.tid}, sig={self.sig}, status={self.status:#x})"
+
+
+def classify(tid: int, status: int) -> Stop:
+    """Turn a wait status of a PTRACE_SEIZEd thread into a Stop (ptrace(2) "Stopped states")."""
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        return Stop(tid, StopKind.EXITED, 0, status)
+    sig = os.WSTOPSIG(status)
+    event = status >> 16
+    if event == PTRACE_EVENT_STOP:
+        if sig in STOP_SIGNALS:
+            return Stop(tid, StopKind.GROUP_STOP, sig, status)
+        return Stop(tid, StopKind.INTERRUPT, 0, status)
+    if event == PTRACE_EVENT_CLONE:
+        return Stop(tid, StopKind.CLONE, 0, status)
+    if event == PTRACE_EVENT_EXEC:
+        return Stop(tid, StopKind.EXEC, 0, status)
+    if event:
+        return Stop(tid, StopKind.OTHER, 0, status)
+    if sig == signal.SIGTRAP | 0x80:
+        return Stop(tid, StopKind.SYSCALL, 0, status)
+    return Stop(tid, StopKind.SIGNAL, sig, status)
+
+
+# Waiting. A ptrace stop is reported through wait(2) only; there is no fd to poll for it
+# (a pidfd reports exit, not stops). A blocking waitpid cannot time out, and the SIGCHLD +
+# sigtimedwait alternative changes the whole tool's signal disposition. So: waitpid
+# WNOHANG, first with sched_yield between polls (measured fastest: when the tool shares
+# the tracee's CPU the yield lets the tracee run to its stop at once; 15-30 us per
+# injected syscall), then sleeps growing to 1 ms so that a slow stop costs no CPU.
+_SPIN_SECONDS = 200e-6
+_MAX_SLEEP = 1e-3
+
+
+def poll_stop(tid: int) -> Stop | None:
+    """One non-blocking wait for `tid`; None if it has nothing to report."""
+    try:
+        reported, status = os.waitpid(tid, WALL | os.WNOHANG)
+    except ChildProcessError:
+        # Not (or no longer) our tracee: it exited and was reaped, or was never attached.
+        return Stop(tid, StopKind.EXITED, 0, 0)
+    if reported == 0:
+        return None
+    return classify(tid, status)
+
+
+class Backoff:
+    """Yield-then-sleep pacing for polling loops; see the comment above."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.sleep = 20e-6
+
+    def pause(self) -> None:
+        if time.monotonic() - self.start < _SPIN_SECONDS:
+            os.sched_yield()
+            return
+        time.sleep(self.sleep)
+        self.sleep = min(self.sleep * 2, _MAX_SLEEP)
+
+
+def wait_stop(tid: int, deadline: float) -> Stop | None:
+    """Wait until `tid` reports a stop or exit; None when `deadline` (monotonic) passes."""
+    backoff = Backoff()
+    while True:
+        stop = poll_stop(tid)
+        if stop is not None:
+            return stop
+        if time.monotonic() >= deadline:
+            return None
+        backoff.pause()
+
+
+# Memory of the target.
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    """process_vm_readv; OSError on failure, short result if the range ends early.
+
+    `pid` may be any live thread id of the target (a leader that exited has no memory).
+    """
+    buf = ctypes.create_string_buffer(size)
+    local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), size)
+    remote = _IOVec(addr, size)
+    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv(pid {pid}, {addr:#x}, {size}): {os.strerror(err)}")
+    return buf.raw[:n]
+
+
+def write_memory(pid: int, addr: int, data: bytes) -> None:
+    """process_vm_writev of all of `data` (the target range must be mapped writable)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+    remote = _IOVec(addr, len(data))
+    n = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_writev(pid {pid}, {addr:#x}): {os.strerror(err)}")
+    if n != len(data):
+        raise OSError(errno.EFAULT, f"process_vm_writev(pid {pid}, {addr:#x}): short write {n}")
+
+
+def find_syscall_instruction(pid: int, tid: int, mem_fd: int) -> int:
+    """Address of a `syscall` instruction (0f 05) already present in the target.
+
+    The vDSO has one (the fallback path of clock_gettime & co.); executing it from its
+    first byte decodes as `syscall` whatever precedes it, and the thread is stopped right
+    after it, so nothing after it runs. Without a vDSO (vdso=0), libc's text has many.
+    `mem_fd` is an open /proc/PID/task/TID/mem: it reads [vdso], where process_vm_readv
+    may not. `tid` must be a live thread (an exited leader has no maps).
+    """
+    candidates: list[tuple[int, int]] = []
+    with open(f"/proc/{pid}/task/{tid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 2 or "x" not in fields[1]:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if line.rstrip().endswith("[vdso]"):
+                candidates.insert(0, (start, end))
+            elif not line.rstrip().endswith(("[vsyscall]", "[uprobes]")):
+                candidates.append((start, end))
+    for start, end in candidates:
+        try:
+            code = os.pread(mem_fd, min(end - start, 4 << 20), start)
+        except OSError:
+            continue
+        offset = code.find(SYSCALL_INSN)
+        if offset >= 0:
+            return start + offset
+    raise OSError(errno.ENOEXEC, f"no syscall instruction found in pid {pid}'s executable maps")
