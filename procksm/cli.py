@@ -23,9 +23,16 @@ class Command(Protocol):
 
 def _commands() -> dict[str, Command]:
     from procksm.commands.demo import DemoCommand
+    from procksm.commands.merge import MergeCommand
     from procksm.commands.scan import ScanCommand
+    from procksm.commands.unmerge import UnmergeCommand
 
-    return {"scan": ScanCommand(), "demo": DemoCommand()}
+    return {
+        "scan": ScanCommand(),
+        "merge": MergeCommand(),
+        "unmerge": UnmergeCommand(),
+        "demo": DemoCommand(),
+    }
 
 
 class _Parser(argparse.ArgumentParser):

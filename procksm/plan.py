@@ -1,0 +1,200 @@
+"""Merge planning: from a verified page table to slots and extents (pure, no syscalls).
+
+* A **slot** is one page of a sealed memfd segment holding a content that at least two
+  frames share. Slots are numbered in the order their content is first met in row order
+  (process, mapping, address), so the slots of a run of duplicates in the first process
+  are contiguous, and the same run in another process maps the same contiguous slots.
+* An **extent** is a run of adjacent pages of one mapping whose slots are consecutive
+  and inside one segment: one ``mmap`` in the target, one VMA (DESIGN.md §3.3).
+* A **zero extent** is a run of adjacent all-zero pages: one ``MADV_DONTNEED``, no memfd,
+  no VMA split (§2.4).
+
+Each extent may split the target's anonymous VMA in up to two more, so the per-target
+VMA budget counts 2 per extent; when a target has more extents than its budget allows,
+the largest are kept and the refused pages are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from procksm import PAGE_SIZE
+from procksm.analysis import CONTENT_ZERO, ScanInput
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    addr: int
+    npages: int
+    slot: int  # first slot; slots slot..slot+npages-1 (one segment)
+    prot_write: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.npages * PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroExtent:
+    addr: int
+    npages: int
+
+
+@dataclass(slots=True)
+class TargetPlan:
+    pid: int
+    extents: list[Extent] = field(default_factory=list)
+    zero_extents: list[ZeroExtent] = field(default_factory=list)
+    pages_refused_budget: int = 0
+    extents_refused_budget: int = 0
+
+    @property
+    def pages(self) -> int:
+        return sum(e.npages for e in self.extents)
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(z.npages for z in self.zero_extents)
+
+
+@dataclass(slots=True)
+class MergePlan:
+    """What to write into the slot store and what to map where."""
+
+    slot_rows: np.ndarray  # int64: for slot s, the row of its reference page
+    targets: list[TargetPlan]
+    segment_pages: int
+
+    @property
+    def nslots(self) -> int:
+        return int(self.slot_rows.size)
+
+
+def vma_budget(max_map_count: int, current_vmas: int, cap: int = 8192) -> int:
+    """New VMAs procksm may cause in one target: far below vm.max_map_count.
+
+    At max_map_count the target's own mmap/mprotect fail with ENOMEM (DESIGN §3.3); an
+    eighth of the limit, minus what the target already uses, and never above ``cap``.
+    """
+    return max(0, min(cap, max_map_count // 8, (max_map_count - current_vmas) // 4))
+
+
+def plan_merge(
+    scan: ScanInput,
+    mergeable: np.ndarray,
+    *,
+    segment_pages: int,
+    budgets: dict[int, int],
+    zero_pages: bool = True,
+) -> MergePlan:
+    """Plan slots and extents for the rows where ``mergeable`` is True.
+
+    Rows with a content id shared by at least two distinct frames become slot users;
+    zero rows become zero extents (when ``zero_pages``). ``budgets`` maps a pid to its
+    VMA budget (see :func:`vma_budget`).
+    """
+    t = scan.pages
+    n = len(t)
+    rows = np.flatnonzero(mergeable[:n] & (t.content >= 0))
+    # contents shared by >= 2 distinct frames
+    c = t.content[rows].astype(np.int64)
+    key = np.unique(np.stack([c, t.pfn[rows].astype(np.int64)], axis=1), axis=0)
+    uc, nframes = np.unique(key[:, 0], return_counts=True)
+    shared = uc[nframes > 1]
+    rows = rows[np.isin(c, shared)]
+    c = t.content[rows].astype(np.int64)
+    # slot numbering: order of first occurrence (rows are ascending)
+    _, first, inv = np.unique(c, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size)
+    slot_of_row = rank[inv]
+    slot_rows = rows[first[order]]
+
+    mapping_of = scan.mapping_of(rows)
+    starts = np.array([m.start for m in scan.mappings] or [0], dtype=np.int64)
+    addr = starts[mapping_of] + t.off[rows].astype(np.int64) * PAGE_SIZE
+    targets = {p.pid: TargetPlan(p.pid) for p in scan.processes}
+    if rows.size:
+        brk = (
+            np.flatnonzero(
+                (np.diff(mapping_of) != 0)
+                | (np.diff(addr) != PAGE_SIZE)
+                | (np.diff(slot_of_row) != 1)
+                | ((slot_of_row[1:] % segment_pages) == 0)
+            )
+            + 1
+        )
+        ext_start = np.concatenate(([0], brk))
+        ext_end = np.concatenate((brk, [rows.size]))
+        for a, b in zip(ext_start.tolist(), ext_end.tolist(), strict=True):
+            pid = scan.processes[scan.mappings[int(mapping_of[a])].proc].pid
+            targets[pid].extents.append(Extent(int(addr[a]), b - a, int(slot_of_row[a])))
+
+    if zero_pages:
+        zrows = np.flatnonzero(mergeable[:n] & (t.content == CONTENT_ZERO))
+        if zrows.size:
+            zm = scan.mapping_of(zrows)
+            za = starts[zm] + t.off[zrows].astype(np.int64) * PAGE_SIZE
+            brk = np.flatnonzero((np.diff(zm) != 0) | (np.diff(za) != PAGE_SIZE)) + 1
+            zs = np.concatenate(([0], brk))
+            ze = np.concatenate((brk, [zrows.size]))
+            for a, b in zip(zs.tolist(), ze.tolist(), strict=True):
+                pid = scan.processes[scan.mappings[int(zm[a])].proc].pid
+                targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
+
+    for tp in targets.values():
+        limit = budgets.get(tp.pid, 0) // 2  # an extent may cost two VMAs
+        if len(tp.extents) > limit:
+            keep = sorted(tp.extents, key=lambda e: -e.npages)[:limit]
+            refused = len(tp.extents) - len(keep)
+            tp.pages_refused_budget = tp.pages - sum(e.npages for e in keep)
+            tp.extents_refused_budget = refused
+            tp.extents = sorted(keep, key=lambda e: e.addr)
+    return MergePlan(
+        slot_rows=slot_rows, targets=list(targets.values()), segment_pages=segment_pages
+    )
+
+
+def split_batches(
+    extents: list[Extent], zero_extents: list[ZeroExtent], batch_pages: int
+) -> list[tuple[list[Extent], list[ZeroExtent]]]:
+    """Cut the work into stop windows of at most ``batch_pages`` pages each.
+
+    Extents longer than a batch are cut; the pieces are adjacent in address and slot,
+    so the kernel merges their VMAs back into one.
+    """
+    out: list[tuple[list[Extent], list[ZeroExtent]]] = []
+    cur_e: list[Extent] = []
+    cur_z: list[ZeroExtent] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal cur_e, cur_z, used
+        if cur_e or cur_z:
+            out.append((cur_e, cur_z))
+        cur_e, cur_z, used = [], [], 0
+
+    for e in extents:
+        off = 0
+        while off < e.npages:
+            take = min(e.npages - off, batch_pages - used)
+            cur_e.append(Extent(e.addr + off * PAGE_SIZE, take, e.slot + off, e.prot_write))
+            off += take
+            used += take
+            if used >= batch_pages:
+                flush()
+    for z in zero_extents:
+        off = 0
+        # zeroing costs no memfd page and one madvise: a cheaper page than a mapping
+        while off < z.npages:
+            take = min(z.npages - off, max(1, (batch_pages - used)))
+            cur_z.append(ZeroExtent(z.addr + off * PAGE_SIZE, take))
+            off += take
+            used += take
+            if used >= batch_pages:
+                flush()
+    flush()
+    return out
