@@ -46,6 +46,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.inject import SYS_madvise, SYS_mmap, SYS_munmap
+from procksm.locks import target_locks
 from procksm.plan import Extent, MergePlan, ZeroExtent, plan_merge, split_batches, vma_budget
 from procksm.reader import PageReader
 from procksm.scanner import ScanOptions, collect
@@ -258,6 +259,10 @@ class MergeEngine:
         self.store.close()
 
     def run(self, progress: ProgressFn | None = None) -> MergeResult:
+        with target_locks(self.pids):
+            return self._run(progress)
+
+    def _run(self, progress: ProgressFn | None) -> MergeResult:
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         say = progress or (lambda _msg: None)
         names, refused = check_targets(self.pids, self.opts)
@@ -644,7 +649,7 @@ def unmerge(pid: int, *, batch_pages: int = 2048) -> UnmergeResult:
     ranges = merged_ranges(pid)
     if not ranges:
         return res
-    with PtraceSession(pid) as sess:
+    with target_locks([pid]), PtraceSession(pid) as sess:
         for v in ranges:
             res.ranges += 1
             addr = v.start

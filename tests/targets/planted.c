@@ -21,6 +21,8 @@
  *              Not part of "check" (checking would read, hence map, untouched pages).
  * --blockers   threads blocked in read(pipe), futex (cond wait), nanosleep, poll; each
  *              checks its syscall's result and reports EINTR or kernel restart codes
+ * --mergeable  madvise(MADV_MERGEABLE) every planted region, so the kernel's KSM scans
+ *              exactly the planted pages (benchmarks/merge_vs_ksm.py); exits 2 if refused
  *
  * Prints one line: READY pid=.. identical=0x.. identical_pages=N zero=0x.. ...
  * Then answers commands on stdin, one line each:
@@ -59,6 +61,10 @@ static volatile int stop_flag;
 static volatile long anomalies;
 static unsigned char *sparse_base;
 static size_t sparse_pages, sparse_touched;
+/* Opt in to the kernel's KSM per region rather than with prctl(PR_SET_MEMORY_MERGE): the
+ * whole-process switch would also register libc, heap and the expectation arrays, and
+ * /sys/kernel/mm/ksm counters would then no longer count only the planted pages. */
+static int mergeable;
 
 static uint64_t xs(uint64_t *s) {
     uint64_t x = *s;
@@ -81,10 +87,19 @@ static void fill(int r, size_t i, unsigned char *dst) {
 
 static unsigned char *map_region(size_t n) {
     if (n == 0) return NULL;
-    void *p = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) { perror("mmap"); exit(2); }
+    /* A PROT_NONE page on each side keeps the region its own VMA: the kernel would
+     * otherwise merge it with a neighbouring anonymous mapping such as a thread's stack
+     * (which procksm refuses to merge, whole VMA). */
+    char *g = mmap(NULL, (n + 2) * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (g == MAP_FAILED) { perror("mmap"); exit(2); }
+    void *p = g + PAGE;
+    if (mprotect(p, n * PAGE, PROT_READ | PROT_WRITE)) { perror("mprotect"); exit(2); }
     /* Keep THP away so the planted pages are 4 KiB anon pages, like most of a service's heap. */
     madvise(p, n * PAGE, MADV_NOHUGEPAGE);
+    if (mergeable && madvise(p, n * PAGE, MADV_MERGEABLE)) {
+        perror("madvise(MADV_MERGEABLE)");
+        exit(2);
+    }
     return p;
 }
 
@@ -195,6 +210,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--threads")) threads = atoi(v), a++;
         else if (!strcmp(k, "--blockers")) blockers = 1;
         else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--mergeable")) mergeable = 1;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
     setvbuf(stdout, NULL, _IOLBF, 0);

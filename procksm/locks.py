@@ -1,0 +1,60 @@
+"""One procksm at a time per target: an flock on /run/procksm/<pid>-<start time>.lock.
+
+Stop windows of two procksm processes could otherwise interleave on one target (each
+window seizes and releases the target), and their merges and unmerges would race. The
+lock file names the process by pid *and* start time, so a reused pid is another target.
+The kernel drops an flock when its holder dies, so a killed procksm never leaves a stale
+lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+
+from procksm.errors import NoSuchProcess, TargetBusy
+
+LOCK_DIR = os.environ.get("PROCKSM_LOCK_DIR", "/run/procksm")
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    return text.rsplit(")", 1)[1].split()[19]
+
+
+@contextlib.contextmanager
+def target_locks(pids: Sequence[int]) -> Iterator[None]:
+    """Hold the lock of every pid (sorted, so two procksm never deadlock) or raise
+    TargetBusy naming the procksm that holds one."""
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    held: list[int] = []
+    try:
+        for pid in sorted(set(pids)):
+            path = os.path.join(LOCK_DIR, f"{pid}-{_start_time(pid)}.lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise TargetBusy(
+                        pid,
+                        f"another procksm (pid {holder}) is working on pid {pid}; wait for "
+                        "it to finish or stop it",
+                    ) from None
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -1,0 +1,175 @@
+"""`procksm merge` / `unmerge` on real targets: the truth is pagemap, /proc/meminfo and
+the targets' own self-checks, not procksm's counters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from procksm import PAGE_SIZE
+from procksm.analysis import analyse
+from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
+from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile, read_smaps_rollup
+from procksm.scanner import AddressRange, ScanOptions, collect
+from tests.conftest import ROOT, build_c_target, require_privileges
+
+PROCKSM = [sys.executable, "-m", "procksm"]
+N, Z, U = 1024, 256, 128  # identical, zero, unique pages per target
+
+
+@pytest.fixture
+def trio(spawn):  # type: ignore[no-untyped-def]
+    require_privileges()
+    exe = build_c_target("planted")
+    return [
+        spawn([exe, "--identical", N, "--zero", Z, "--unique", U, "--seed", 11, "--blockers"])
+        for _ in range(3)
+    ]
+
+
+def region(t, name: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    start = t.int(name)
+    return start, start + t.int(name + "_pages") * PAGE_SIZE
+
+
+def selection(targets) -> ScanOptions:  # type: ignore[no-untyped-def]
+    return ScanOptions(
+        ranges=[
+            AddressRange(*region(t, r)) for t in targets for r in ("identical", "zero", "unique")
+        ]
+    )
+
+
+def pfns(pid: int, start: int, end: int) -> np.ndarray:
+    with PagemapFile(pid) as pm:
+        ent = pm.read(start, end)
+    assert ((ent & PM_PRESENT) != 0).all()
+    return ent & PM_PFN_MASK
+
+
+def meminfo_kb(targets) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(anonymous kB, shared-file kB) mapped by the targets: smaps_rollup walks their page
+    tables, so unlike /proc/meminfo it is exact and deaf to the rest of the machine.
+    Shmem counts the memfd's pages once (Pss_Shmem summed over the sharers)."""
+    anon = shmem = 0
+    for t in targets:
+        r = read_smaps_rollup(t.pid)
+        anon += r["Anonymous"]
+        shmem += r.get("Pss_Shmem", 0)
+    return anon, shmem
+
+
+def test_merge_shares_frames_and_saves_memory(trio) -> None:  # type: ignore[no-untyped-def]
+    opts = selection(trio)
+    ideal = analyse(collect([t.pid for t in trio], opts)).totals.ideal_savings_pages
+    assert ideal == 3 * (N + Z + U) - (N + 3 * U)
+    anon0, shmem0 = meminfo_kb(trio)
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
+    try:
+        res = eng.run()
+    finally:
+        eng.close()
+    anon1, shmem1 = meminfo_kb(trio)
+    doc = res.as_json()
+    assert doc["totals"]["pages_merged"] == 3 * N
+    assert doc["totals"]["pages_zeroed"] == 3 * Z
+    assert doc["totals"]["slots"] == N
+    assert doc["totals"]["saved_pages"] >= 0.99 * ideal
+    # truth 1: every target's identical region maps the same frames, page for page
+    first = pfns(trio[0].pid, *region(trio[0], "identical"))
+    for t in trio[1:]:
+        assert (pfns(t.pid, *region(t, "identical")) == first).all()
+    assert np.unique(first).size == N
+    # truth 2: anonymous memory fell by every merged and zeroed page, shared memory rose
+    # by one copy of the identical region
+    assert anon0 - anon1 == 3 * (N + Z) * PAGE_SIZE // 1024, (anon0, anon1)
+    assert abs((shmem1 - shmem0) - N * PAGE_SIZE // 1024) <= 4, (shmem0, shmem1)
+    saved_kb = (anon0 - anon1) - (shmem1 - shmem0)
+    assert saved_kb >= 0.99 * ideal * PAGE_SIZE // 1024
+    # truth 3: the targets' own checks, and their blocked threads saw nothing
+    for t in trio:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+        assert t.command("errors") == "ERRORS 0"
+    assert res.as_json()["pauses"]["count"] >= 3
+
+
+def test_cow_after_merge_only_changes_the_writer(trio) -> None:  # type: ignore[no-untyped-def]
+    opts = selection(trio)
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts, first_sight=True))
+    try:
+        eng.run()
+    finally:
+        eng.close()
+    a, b, _c = trio
+    before_b = pfns(b.pid, *region(b, "identical"))
+    for i in (0, 5, N - 1):
+        assert a.command(f"write identical {i}") == "OK"
+    after_a = pfns(a.pid, *region(a, "identical"))
+    assert (after_a != before_b).sum() == 3  # exactly the written pages got their own copy
+    assert (pfns(b.pid, *region(b, "identical")) == before_b).all()
+    for t in trio:
+        assert t.command("check").startswith("OK")  # a knows its writes; b, c unchanged
+    # zero pages dropped: a write there gives a fresh private page, the rest stay zero
+    assert a.command("write zero 3") == "OK"
+    assert a.command("check").startswith("OK")
+
+
+def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignore[no-untyped-def]
+    opts = selection(trio)
+    anon0, _ = meminfo_kb(trio)
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts, first_sight=True))
+    try:
+        eng.run()
+    finally:
+        eng.close()
+    trio[0].command("write identical 7")  # a COWed page must keep its new byte
+    res = subprocess.run(
+        [*PROCKSM, "unmerge", "--json", *(str(t.pid) for t in trio)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["totals"]["pages_unmerged"] == 3 * N
+    for t in trio:
+        assert merged_ranges(t.pid) == []
+        maps = Path(f"/proc/{t.pid}/maps").read_text()
+        assert "procksm" not in maps
+        assert t.command("check").startswith("OK")
+        assert t.command("errors") == "ERRORS 0"
+        # every identical page is a private frame again
+        f = pfns(t.pid, *region(t, "identical"))
+        assert np.unique(f).size == N
+    anon1, shmem1 = meminfo_kb(trio)
+    # anonymous memory is back (zero pages stay dropped: they read as zeros), and no
+    # memfd page is mapped any more
+    assert anon0 - anon1 == 3 * Z * PAGE_SIZE // 1024, (anon0, anon1)
+    assert shmem1 == 0
+    # unmerging twice is a no-op
+    assert unmerge(trio[0].pid).pages_unmerged == 0
+
+
+def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
+    args = [*PROCKSM, "merge", "--json", *(str(t.pid) for t in trio)]
+    for t in trio:
+        for r in ("identical", "zero", "unique"):
+            s, e = region(t, r)
+            args += ["--range", f"{s:#x}-{e:#x}"]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    t = doc["totals"]
+    assert t["pages_merged"] == 3 * N and t["pages_zeroed"] == 3 * Z and t["slots"] == N
+    assert t["saved_bytes"] == (3 * N - N + 3 * Z) * PAGE_SIZE
+    assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms"}
+    assert [p["pid"] for p in doc["processes"]] == [x.pid for x in trio]
+    assert isinstance(doc["refused"], list)
+    for x in trio:
+        assert x.command("check").startswith("OK")
