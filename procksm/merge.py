@@ -259,13 +259,17 @@ class MergeEngine:
         self.store.close()
 
     def run(self, progress: ProgressFn | None = None) -> MergeResult:
+        # Diagnose before locking: a procksm that may not trace a target cannot create
+        # its lock file in root's /run/procksm either, and would fail with a raw EACCES
+        # instead of saying who owns the target.
+        check_targets(self.pids, self.opts)
         with target_locks(self.pids):
             return self._run(progress)
 
     def _run(self, progress: ProgressFn | None) -> MergeResult:
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         say = progress or (lambda _msg: None)
-        names, refused = check_targets(self.pids, self.opts)
+        names, refused = check_targets(self.pids, self.opts)  # again, under the locks
         refused_pids = {r.pid for r in refused}
         pids = [p for p in self.pids if p not in refused_pids]
         results = {p: TargetResult(p, names[p]) for p in self.pids}
@@ -394,8 +398,7 @@ class MergeEngine:
             for ext_batch, zero_batch in batches:
                 # Slots are sealed, immutable: read their bytes before stopping the target.
                 slot_bytes = [self._slot_bytes(e) for e in ext_batch]
-                with sess.stopped() as st:
-                    maps = procfs.read_maps(pid)
+                with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
                     stacks = _thread_stack_ranges(st, maps)
                     ext_ok = self._verify_extents(
                         st, reader, maps, ext_batch, slot_bytes, stacks, res, refused
@@ -439,7 +442,7 @@ class MergeEngine:
         self,
         st: StoppedTarget,
         reader: PageReader,
-        maps: list[procfs.Vma],
+        maps: procfs.MapsQuery,
         extents: list[Extent],
         slot_bytes: list[bytes],
         stacks: list[tuple[int, int]],
@@ -548,16 +551,15 @@ def _prot(perms: str) -> int:
     )
 
 
-def _vma_covering(maps: list[procfs.Vma], start: int, end: int) -> procfs.Vma | None:
-    for v in maps:
-        if v.start <= start and end <= v.end:
-            return v
-    return None
+def _vma_covering(maps: procfs.MapsQuery, start: int, end: int) -> procfs.QueriedVma | None:
+    v = maps.vma_at(start)
+    return v if v is not None and end <= v.end else None
 
 
-def _still_anonymous(v: procfs.Vma) -> bool:
-    """Re-checked under stop from /proc/PID/maps (VmFlags were checked at scan time)."""
-    return v.private and v.readable and v.writable and v.is_anonymous and v.name != "[stack]"
+def _still_anonymous(v: procfs.QueriedVma) -> bool:
+    """Re-checked under stop (VmFlags were checked at scan time): still a private,
+    read-write, anonymous mapping."""
+    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.is_anonymous
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -573,16 +575,19 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
-def _thread_stack_ranges(st: StoppedTarget, maps: list[procfs.Vma]) -> list[tuple[int, int]]:
+def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:
     """VMAs that hold a thread's stack pointer: never merged (pthread stacks carry no
-    VmFlag that says so)."""
-    sps = []
+    VmFlag that says so). Conservative: the whole VMA, which may also hold memory the
+    kernel merged into the stack's VMA; that memory is refused ("thread stack")."""
+    out = []
     for tid in st.threads:
         try:
-            sps.append(st.saved_registers(tid).rsp)
+            v = maps.vma_at(st.saved_registers(tid).rsp)
         except ProcksmError:
             continue
-    return [(v.start, v.end) for v in maps if any(v.start <= sp < v.end for sp in sps)]
+        if v is not None:
+            out.append((v.start, v.end))
+    return out
 
 
 def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
@@ -591,7 +596,7 @@ def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
 
 def _verify_zero(
     reader: PageReader,
-    maps: list[procfs.Vma],
+    maps: procfs.MapsQuery,
     zero: list[ZeroExtent],
     stacks: list[tuple[int, int]],
     res: TargetResult,

@@ -116,7 +116,12 @@ class Target:
         r, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not r:
             raise TimeoutError(f"target {self.pid} did not answer {cmd!r}")
-        return self.proc.stdout.readline().strip()
+        line = self.proc.stdout.readline()
+        if not line:
+            rc = self.proc.wait(timeout=5)
+            how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+            raise RuntimeError(f"target {self.pid} died ({how}) before answering {cmd!r}")
+        return line.strip()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -14,7 +14,7 @@ import pytest
 from procksm import PAGE_SIZE
 from procksm.analysis import analyse
 from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
-from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile, read_smaps_rollup
+from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions, collect
 from tests.conftest import ROOT, build_c_target, require_privileges
 
@@ -53,14 +53,26 @@ def pfns(pid: int, start: int, end: int) -> np.ndarray:
 
 
 def meminfo_kb(targets) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """(anonymous kB, shared-file kB) mapped by the targets: smaps_rollup walks their page
-    tables, so unlike /proc/meminfo it is exact and deaf to the rest of the machine.
-    Shmem counts the memfd's pages once (Pss_Shmem summed over the sharers)."""
+    """(anonymous kB in the planted regions, procksm memfd kB counted once) of the targets.
+
+    From /proc/PID/smaps, which walks the page tables: exact, and deaf to the rest of
+    the machine and to the targets' other memory (stdio buffers, procksm's scratch page).
+    The memfd's pages are counted once by summing their Pss over all sharers.
+    """
     anon = shmem = 0
     for t in targets:
-        r = read_smaps_rollup(t.pid)
-        anon += r["Anonymous"]
-        shmem += r.get("Pss_Shmem", 0)
+        ranges = [region(t, r) for r in ("identical", "zero", "unique")]
+        vma: tuple[int, int, str] | None = None
+        for line in Path(f"/proc/{t.pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                a, b = (int(x, 16) for x in head[0].split("-"))
+                vma = (a, b, head[5] if len(head) > 5 else "")
+            elif vma and head[0] == "Anonymous:":
+                if any(s <= vma[0] and vma[1] <= e for s, e in ranges):
+                    anon += int(head[1])
+            elif vma and head[0] == "Pss:" and vma[2].startswith("/memfd:procksm"):
+                shmem += int(head[1])
     return anon, shmem
 
 
