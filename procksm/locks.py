@@ -17,7 +17,16 @@ from collections.abc import Iterator, Sequence
 
 from procksm.errors import NoSuchProcess, TargetBusy
 
-LOCK_DIR = os.environ.get("PROCKSM_LOCK_DIR", "/run/procksm")
+
+def lock_dir() -> str:
+    """/run/procksm for root; a per-user directory otherwise (a user's procksm can only
+    work on that user's processes, and must not be able to block root's)."""
+    if "PROCKSM_LOCK_DIR" in os.environ:
+        return os.environ["PROCKSM_LOCK_DIR"]
+    if os.geteuid() == 0:
+        return "/run/procksm"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/procksm-{os.geteuid()}"
+    return os.path.join(base, "procksm") if base.startswith("/run/user") else base
 
 
 def _start_time(pid: int) -> str:
@@ -33,11 +42,12 @@ def _start_time(pid: int) -> str:
 def target_locks(pids: Sequence[int]) -> Iterator[None]:
     """Hold the lock of every pid (sorted, so two procksm never deadlock) or raise
     TargetBusy naming the procksm that holds one."""
-    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    directory = lock_dir()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     held: list[int] = []
     try:
         for pid in sorted(set(pids)):
-            path = os.path.join(LOCK_DIR, f"{pid}-{_start_time(pid)}.lock")
+            path = os.path.join(directory, f"{pid}-{_start_time(pid)}.lock")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

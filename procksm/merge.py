@@ -640,7 +640,7 @@ def merged_ranges(pid: int) -> list[procfs.Vma]:
     return [v for v in procfs.read_maps(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
 
 
-def unmerge(pid: int, *, batch_pages: int = 2048) -> UnmergeResult:
+def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
     """Make every procksm-merged range of ``pid`` private anonymous memory again, with
     exactly the bytes the process sees now (its own copied-on-write pages included).
 
@@ -651,17 +651,34 @@ def unmerge(pid: int, *, batch_pages: int = 2048) -> UnmergeResult:
     """
     st0 = check_attachable(pid)
     res = UnmergeResult(pid, st0.name)
-    ranges = merged_ranges(pid)
-    if not ranges:
-        return res
-    with target_locks([pid]), PtraceSession(pid) as sess:
+    with target_locks([pid]):
+        # under the lock: a merge in progress elsewhere finishes (or is refused) first
+        ranges = merged_ranges(pid)
+        if not ranges:
+            return res
+        return _unmerge_ranges(pid, ranges, res, batch_pages)
+
+
+def _unmerge_ranges(
+    pid: int, ranges: list[procfs.Vma], res: UnmergeResult, batch_pages: int
+) -> UnmergeResult:
+    with PtraceSession(pid) as sess:
         for v in ranges:
             res.ranges += 1
             addr = v.start
             while addr < v.end:
                 n = min(batch_pages * PAGE_SIZE, v.end - addr)
-                with sess.stopped() as st:
-                    _unmerge_piece(st, addr, n, v.perms)
+                with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
+                    now = maps.vma_at(addr)
+                    if (
+                        now is None
+                        or not now.name.startswith(SEGMENT_NAME_PREFIX)
+                        or now.end < addr + n
+                    ):
+                        # unmapped or remapped since maps was read: not ours to replace
+                        addr += n
+                        continue
+                    _unmerge_piece(st, addr, n, now.perms)
                 res.pages_unmerged += n // PAGE_SIZE
                 addr += n
         res.pauses.extend(sess.pauses)

@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from procksm.attach import check_attachable
 from procksm.commands.scan import parse_pids
 from procksm.merge import pause_stats, unmerge
 
@@ -32,6 +33,9 @@ class UnmergeCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         pids = parse_pids(args.pids)
+        # Every target is diagnosed before any is touched: bad input changes nothing.
+        for pid in pids:
+            check_attachable(pid)
         results = [unmerge(pid) for pid in pids]
         pauses = [p for r in results for p in r.pauses]
         doc: dict[str, Any] = {

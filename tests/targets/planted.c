@@ -2,7 +2,7 @@
  * planted: a target with planted memory regions that verifies its own memory.
  *
  *   planted [--identical N] [--zero Z] [--unique U] [--intra D] [--volatile V]
- *           [--seed S] [--threads T] [--blockers]
+ *           [--seed S] [--threads T] [--blockers] [--alternate A]
  *
  * Each region is its own private anonymous mapping, every page written (present):
  *   identical  N pages; page i = xorshift stream of (seed, i): identical across
@@ -23,6 +23,10 @@
  *              checks its syscall's result and reports EINTR or kernel restart codes
  * --mergeable  madvise(MADV_MERGEABLE) every planted region, so the kernel's KSM scans
  *              exactly the planted pages (benchmarks/merge_vs_ksm.py); exits 2 if refused
+ * --alternate A  A pages, the worst layout for the VMA budget: even pages identical
+ *              across processes with the same seed (distinct within one), odd pages
+ *              unique to the pid, so every duplicate is an isolated page (region
+ *              "alternate", part of "check")
  *
  * Prints one line: READY pid=.. identical=0x.. identical_pages=N zero=0x.. ...
  * Then answers commands on stdin, one line each:
@@ -32,6 +36,8 @@
  *   dontneed R I N -> madvise(MADV_DONTNEED) on N pages from page I of region R; the
  *                     expectation becomes zero pages; prints "OK" or "ERR errno=.."
  *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
+ *   mmap N         -> mmap N fresh anonymous pages, write each, munmap: "OK" or
+ *                     "ERR errno=.." (ENOMEM once the process reaches vm.max_map_count)
  *   quit           -> exits 0
  */
 #define _GNU_SOURCE
@@ -49,8 +55,9 @@
 
 #define PAGE 4096UL
 
-enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, NREG };
-static const char *names[NREG] = {"identical", "zero", "unique", "intra", "volatile"};
+enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, R_ALT, NREG };
+static const char *names[NREG] = {"identical", "zero", "unique", "intra", "volatile",
+                                  "alternate"};
 static unsigned char *base[NREG];
 static size_t npages[NREG];
 /* Expected content: regenerated from (kind, seed, page) plus a per-page override byte. */
@@ -80,6 +87,10 @@ static void fill(int r, size_t i, unsigned char *dst) {
     case R_IDENT: s = seed * 0x9E3779B97F4A7C15ULL + i + 1; break;
     case R_UNIQUE: s = ((uint64_t)getpid() << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
     case R_INTRA: s = seed * 0xD1B54A32D192ED03ULL + 7; break;
+    case R_ALT:
+        s = (i % 2 == 0) ? seed * 0xA0761D6478BD642FULL + i + 0x51
+                         : ((uint64_t)getpid() << 32) ^ (i * 0xE7037ED1A0B428DBULL) ^ 0x5a5aULL;
+        break;
     default: s = getpid() + i; break;
     }
     for (size_t k = 0; k < PAGE / 8; k++) w[k] = xs(&s);
@@ -211,6 +222,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--blockers")) blockers = 1;
         else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--mergeable")) mergeable = 1;
+        else if (!strcmp(k, "--alternate")) npages[R_ALT] = strtoul(v, 0, 0), a++;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -284,6 +296,14 @@ int main(int argc, char **argv) {
                 continue;
             }
             for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "mmap") && got >= 2) {
+            size_t n = strtoul(reg, 0, 0);
+            unsigned char *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (m == MAP_FAILED) { printf("ERR errno=%d\n", errno); continue; }
+            for (size_t p = 0; p < n; p++) m[p * PAGE] = 1;
+            munmap(m, n * PAGE);
             printf("OK\n");
         } else if (!strcmp(cmd, "errors")) {
             printf("ERRORS %ld\n", anomalies);

@@ -1,0 +1,429 @@
+"""`procksm merge` on the targets that make merging hard: other users, busy threads,
+another network namespace, the worst layout for the VMA budget, and bad input.
+
+The truth is pagemap (merged pages share one PFN), the targets' own self-checks and their
+blocked threads' error counters, and /proc/PID/maps (VMAs added, procksm's mappings).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from procksm import PAGE_SIZE, procfs
+from procksm import merge as merge_mod
+from procksm.fdpass import FdSender, netns_identity, same_netns
+from procksm.locks import target_locks
+from procksm.merge import MergeEngine, MergeOptions, MergeResult, merged_ranges, unmerge
+from procksm.plan import vma_budget
+from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
+from procksm.scanner import AddressRange, ScanOptions
+from tests.conftest import ROOT, build_c_target, require_privileges
+
+PROCKSM = [sys.executable, "-m", "procksm"]
+NOBODY = 65534
+# Popen arguments that start a process as nobody (no supplementary groups).
+AS_NOBODY: dict[str, Any] = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+SETPRIV_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+N, Z, U = 256, 32, 16  # identical, zero, unique pages per target
+REGIONS = ("identical", "zero", "unique")
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planted() -> Path:
+    require_privileges()
+    return build_c_target("planted")
+
+
+def planted_argv(exe: Path, *extra: object, seed: int = 5) -> list[object]:
+    return [exe, "--identical", N, "--zero", Z, "--unique", U, "--seed", seed, *extra]
+
+
+def region(t: Any, name: str) -> tuple[int, int]:
+    start = t.int(name)
+    return start, start + t.int(name + "_pages") * PAGE_SIZE
+
+
+def selection(targets: list[Any], regions: tuple[str, ...] = REGIONS) -> ScanOptions:
+    return ScanOptions(ranges=[AddressRange(*region(t, r)) for t in targets for r in regions])
+
+
+def pfns(pid: int, start: int, end: int) -> np.ndarray:
+    with PagemapFile(pid) as pm:
+        ent = pm.read(start, end)
+    assert ((ent & PM_PRESENT) != 0).all()
+    return ent & PM_PFN_MASK
+
+
+def run_engine(pids: list[int], opts: MergeOptions) -> MergeResult:
+    eng = MergeEngine(pids, opts)
+    try:
+        return eng.run()
+    finally:
+        eng.close()
+
+
+def vma_count(pid: int) -> int:
+    return len(Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def assert_identical_region_shared(targets: list[Any]) -> None:
+    """Every target's identical region maps the same N frames, page for page."""
+    first = pfns(targets[0].pid, *region(targets[0], "identical"))
+    assert np.unique(first).size == N
+    for t in targets[1:]:
+        assert (pfns(t.pid, *region(t, "identical")) == first).all()
+    for t in targets:
+        assert merged_ranges(t.pid), f"no procksm mapping in pid {t.pid}"
+
+
+def blocked_stack_pointers(pid: int) -> list[int]:
+    """Stack pointers of the threads blocked in a system call (/proc/.../syscall gives
+    "nr args... sp pc" for those, "running" for the others)."""
+    sps = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+        if len(fields) == 9:
+            sps.append(int(fields[7], 16))
+    return sps
+
+
+@pytest.fixture
+def fd_senders(monkeypatch: pytest.MonkeyPatch) -> list[FdSender]:
+    """The real FdSender, recorded: which hand-overs went through SCM_RIGHTS (the
+    /proc/<procksm>/fd/N open is the other path, for targets allowed to open it)."""
+    made: list[FdSender] = []
+
+    class RecordingFdSender(FdSender):
+        def __init__(self, target_pid: int) -> None:
+            super().__init__(target_pid)
+            made.append(self)
+
+    monkeypatch.setattr(merge_mod, "FdSender", RecordingFdSender)
+    return made
+
+
+# --------------------------------------------------------------------------------------
+# 1. targets of another user
+# --------------------------------------------------------------------------------------
+
+
+def test_non_root_targets_merge_through_scm_rights(spawn, planted, fd_senders) -> None:  # type: ignore[no-untyped-def]
+    pair = [spawn(planted_argv(planted, "--blockers"), **AS_NOBODY) for _ in range(2)]
+    assert [uid_of(t.pid) for t in pair] == [NOBODY, NOBODY]
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    doc = res.as_json()
+    assert all(p.get("error") is None for p in doc["processes"]), doc["processes"]
+    assert doc["totals"]["pages_merged"] == 2 * N
+    assert doc["totals"]["pages_zeroed"] == 2 * Z
+    assert_identical_region_shared(pair)
+    # nobody may not open /proc/<procksm>/fd/N (PTRACE_MODE_READ on a root process): every
+    # target got its fds over SCM_RIGHTS, in our network namespace
+    assert {s.target_pid for s in fd_senders} == {t.pid for t in pair}
+    assert all(s.same_netns for s in fd_senders)
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+        assert t.command("errors") == "ERRORS 0"
+    # and procksm (root) undoes it for a target of another user
+    assert unmerge(pair[0].pid).pages_unmerged == N
+    assert merged_ranges(pair[0].pid) == []
+    assert pair[0].command("check") == f"OK pages={N + Z + U}"
+
+
+def test_root_targets_open_the_memfd_through_proc(spawn, planted, fd_senders) -> None:  # type: ignore[no-untyped-def]
+    """The control for the test above: a root target opens /proc/<procksm>/fd/N itself,
+    so no SCM_RIGHTS hand-over happens."""
+    pair = [spawn(planted_argv(planted)) for _ in range(2)]
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    assert res.pages_merged == 2 * N
+    assert_identical_region_shared(pair)
+    assert fd_senders == []
+
+
+# --------------------------------------------------------------------------------------
+# 2. busy and blocked threads
+# --------------------------------------------------------------------------------------
+
+
+def test_multithreaded_busy_target_merges_whole_process(spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    """7 spinning threads and 4 threads blocked in read/futex/nanosleep/poll, whole
+    process (heap, thread arenas, libc data, pthread stacks that are not in use...)."""
+    pair = [spawn(planted_argv(planted, "--threads", 7, "--blockers")) for _ in range(2)]
+    nthreads = 1 + 7 + 4
+    for t in pair:
+        assert len(os.listdir(f"/proc/{t.pid}/task")) == nthreads
+    res = run_engine([t.pid for t in pair], MergeOptions())
+    doc = res.as_json()
+    assert all(p.get("error") is None for p in doc["processes"]), doc["processes"]
+    assert doc["totals"]["pages_merged"] >= 2 * N
+    assert doc["totals"]["pages_zeroed"] >= 2 * Z
+    assert_identical_region_shared(pair)
+    # the stacks of the blocked threads (and main, blocked reading stdin) stay anonymous
+    for t in pair:
+        merged = merged_ranges(t.pid)
+        sps = blocked_stack_pointers(t.pid)
+        assert len(sps) >= 5, sps
+        assert not any(v.start <= sp < v.end for v in merged for sp in sps)
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+        # no blocked thread saw EINTR or a kernel restart code
+        assert t.command("errors") == "ERRORS 0"
+        # every thread still exists and none was left stopped (state t/T) by procksm
+        tasks = os.listdir(f"/proc/{t.pid}/task")
+        assert len(tasks) == nthreads
+        for tid in tasks:
+            stat = Path(f"/proc/{t.pid}/task/{tid}/stat").read_text()
+            assert stat.rsplit(")", 1)[1].split()[0] not in ("t", "T"), stat
+            tracer = Path(f"/proc/{t.pid}/task/{tid}/status").read_text()
+            assert "TracerPid:\t0\n" in tracer
+        # the spinners still spin: the process keeps using CPU
+        utime0 = int(Path(f"/proc/{t.pid}/stat").read_text().rsplit(")", 1)[1].split()[11])
+        time.sleep(0.1)
+        utime1 = int(Path(f"/proc/{t.pid}/stat").read_text().rsplit(")", 1)[1].split()[11])
+        assert utime1 > utime0
+
+
+# --------------------------------------------------------------------------------------
+# 3. another network namespace
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_nobody", [True, False], ids=["nobody", "root"])
+def test_target_in_another_network_namespace(spawn, planted, fd_senders, as_nobody: bool) -> None:  # type: ignore[no-untyped-def]
+    """`unshare --net` execs the target (same pid) in a fresh netns. A non-root target
+    there can only receive fds over SCM_RIGHTS, from a socket procksm creates after
+    setns() into that namespace; a root one opens /proc/<procksm>/fd/N itself."""
+    user = SETPRIV_NOBODY if as_nobody else []
+    pair = [
+        spawn(["unshare", "--net", *user, *planted_argv(planted, "--blockers")]) for _ in range(2)
+    ]
+    for t in pair:
+        assert t.int("pid") == t.pid  # unshare and setpriv exec: the pid is the target's
+        assert not same_netns(t.pid)
+        assert uid_of(t.pid) == (NOBODY if as_nobody else 0)
+    assert netns_identity(pair[0].pid) != netns_identity(pair[1].pid)
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    doc = res.as_json()
+    assert all(p.get("error") is None for p in doc["processes"]), doc["processes"]
+    assert res.pages_merged == 2 * N and res.pages_zeroed == 2 * Z
+    assert_identical_region_shared(pair)
+    if as_nobody:
+        assert {s.target_pid for s in fd_senders} == {t.pid for t in pair}
+        assert not any(s.same_netns for s in fd_senders)
+        # the sockets lived in the targets' namespaces, not in ours
+        assert {s.netns for s in fd_senders} == {netns_identity(t.pid) for t in pair}
+    else:
+        assert fd_senders == []
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+        assert t.command("errors") == "ERRORS 0"
+
+
+# --------------------------------------------------------------------------------------
+# 4. the VMA budget on the worst layout (every other page a duplicate)
+# --------------------------------------------------------------------------------------
+
+
+def alternate_pair(spawn, exe: Path, pages: int) -> list[Any]:  # type: ignore[no-untyped-def]
+    return [spawn([exe, "--alternate", pages, "--seed", 4]) for _ in range(2)]
+
+
+def shared_even_pages(pair: list[Any]) -> np.ndarray:
+    """Indexes of the alternate-region pages whose frame both targets share."""
+    a, b = (pfns(t.pid, *region(t, "alternate")) for t in pair)
+    return np.flatnonzero(a == b)
+
+
+def test_vma_budget_holds_on_worst_layout(spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    pages, cap = 256, 40  # 128 isolated duplicates per target, room for 20 extents
+    pair = alternate_pair(spawn, planted, pages)
+    before = {t.pid: vma_count(t.pid) for t in pair}
+    assert all(vma_budget(procfs.max_map_count(), n, cap) == cap for n in before.values())
+    res = run_engine(
+        [t.pid for t in pair],
+        MergeOptions(selection=selection(pair, ("alternate",)), vma_budget_cap=cap),
+    )
+    doc = res.as_json()
+    for t, proc in zip(pair, doc["processes"], strict=True):
+        added = vma_count(t.pid) - before[t.pid]
+        assert 0 < added <= cap, added
+        assert proc["extents"] == cap // 2  # each isolated page costs up to 2 VMAs
+        assert proc["pages_merged"] == cap // 2
+        assert proc["pages_refused"] == pages // 2 - cap // 2
+        reasons = [r["reason"] for r in doc["refused"] if r["pid"] == t.pid]
+        assert len(reasons) == 1 and "VMA budget" in reasons[0], doc["refused"]
+        assert f"{pages // 2 - cap // 2} pages" in reasons[0]
+        assert t.command("check") == f"OK pages={pages}"
+        assert t.command("mmap 64") == "OK"
+    # the kept extents are the same pages in both targets (equal sizes: lowest
+    # addresses first), so each merged page really shares a frame
+    shared = shared_even_pages(pair)
+    assert shared.size == cap // 2 and (shared % 2 == 0).all()
+
+
+def test_default_vma_budget_stays_far_below_max_map_count(spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    """More isolated duplicates than the default budget admits (it is at most 8192 VMAs,
+    4096 extents): VMAs added stay under the budget, an eighth of vm.max_map_count at
+    most; stop windows stay short although every extent is one page."""
+    pages = 8400  # 4200 isolated duplicates per target
+    pair = alternate_pair(spawn, planted, pages)
+    before = {t.pid: vma_count(t.pid) for t in pair}
+    max_map = procfs.max_map_count()
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair, ("alternate",))))
+    doc = res.as_json()
+    budgets = {t.pid: vma_budget(max_map, before[t.pid]) for t in pair}
+    for t, proc in zip(pair, doc["processes"], strict=True):
+        budget = budgets[t.pid]
+        assert budget <= max_map // 8
+        added = vma_count(t.pid) - before[t.pid]
+        assert budget // 2 <= added <= budget, (added, budget)
+        assert proc["pages_refused"] == pages // 2 - budget // 2 > 0
+        assert any(r["pid"] == t.pid and "VMA budget" in r["reason"] for r in doc["refused"])
+        assert t.command("check") == f"OK pages={pages}"
+        assert t.command("mmap 256") == "OK"
+        # one page per extent: windows are bounded by injected calls, not only by pages
+        # (bounded by pages alone, 512 one-page extents stopped a target ~130-200 ms)
+        assert proc["pauses"]["count"] >= budget // 32
+        assert proc["pauses"]["p50_ms"] < 20, proc["pauses"]
+    # both keep their lowest-addressed extents: the same pages, sharing frames
+    assert shared_even_pages(pair).size == min(b // 2 for b in budgets.values())
+
+
+# --------------------------------------------------------------------------------------
+# 5. bad input: one line, non-zero exit, nothing changed
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_pair(spawn, planted) -> list[Any]:  # type: ignore[no-untyped-def]
+    return [spawn(planted_argv(planted)) for _ in range(2)]
+
+
+def run_cli(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PROCKSM, *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        **kw,
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert needle in lines[0], lines[0]
+
+
+def assert_untouched(targets: list[Any]) -> None:
+    for t in targets:
+        assert "/memfd:procksm" not in Path(f"/proc/{t.pid}/maps").read_text()
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
+def test_merge_unknown_pid(cli_pair) -> None:  # type: ignore[no-untyped-def]
+    res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid, 999999999)
+    assert_one_line_error(res, 3, "no such process (pid=999999999)")
+    assert_untouched(cli_pair)
+
+
+def test_merge_non_numeric_pid(cli_pair) -> None:  # type: ignore[no-untyped-def]
+    res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid, "abc")
+    assert_one_line_error(res, 2, "bad PID 'abc'")
+    assert_untouched(cli_pair)
+
+
+def test_merge_not_permitted(cli_pair) -> None:  # type: ignore[no-untyped-def]
+    """procksm as nobody against root's processes (and root's lock directory)."""
+    res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid, **AS_NOBODY)
+    assert_one_line_error(res, 4, "not permitted")
+    assert "root" in res.stderr
+    assert_untouched(cli_pair)
+
+
+def test_merge_across_uids_needs_cross_uid(spawn, planted, cli_pair) -> None:  # type: ignore[no-untyped-def]
+    other = spawn(planted_argv(planted), **AS_NOBODY)
+    res = run_cli("merge", cli_pair[0].pid, other.pid)
+    assert_one_line_error(res, 4, "--cross-uid")
+    assert_untouched([cli_pair[0], other])
+
+
+def test_merge_while_another_procksm_works_on_the_target(cli_pair) -> None:  # type: ignore[no-untyped-def]
+    with target_locks([cli_pair[1].pid]):
+        res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid)
+    assert_one_line_error(res, 5, "another procksm")
+    assert f"pid {os.getpid()}" in res.stderr  # names the holder
+    assert_untouched(cli_pair)
+
+
+@pytest.fixture
+def merged_pair(cli_pair) -> Iterator[list[Any]]:  # type: ignore[no-untyped-def]
+    """Two root targets with their identical regions merged (something to unmerge)."""
+    res = run_engine(
+        [t.pid for t in cli_pair], MergeOptions(selection=selection(cli_pair), first_sight=True)
+    )
+    assert res.pages_merged == 2 * N
+    yield cli_pair
+
+
+def assert_still_merged(targets: list[Any], before: dict[int, list[procfs.Vma]]) -> None:
+    for t in targets:
+        assert merged_ranges(t.pid) == before[t.pid]
+        assert t.command("check") == f"OK pages={N + Z + U}"
+    assert_identical_region_shared(targets)
+
+
+def snapshot(targets: list[Any]) -> dict[int, list[procfs.Vma]]:
+    return {t.pid: merged_ranges(t.pid) for t in targets}
+
+
+def test_unmerge_unknown_pid(merged_pair) -> None:  # type: ignore[no-untyped-def]
+    before = snapshot(merged_pair)
+    res = run_cli("unmerge", merged_pair[0].pid, 999999999)
+    assert_one_line_error(res, 3, "no such process (pid=999999999)")
+    assert_still_merged(merged_pair, before)
+
+
+def test_unmerge_non_numeric_pid(merged_pair) -> None:  # type: ignore[no-untyped-def]
+    before = snapshot(merged_pair)
+    res = run_cli("unmerge", merged_pair[0].pid, "abc")
+    assert_one_line_error(res, 2, "bad PID 'abc'")
+    assert_still_merged(merged_pair, before)
+
+
+def test_unmerge_not_permitted(merged_pair) -> None:  # type: ignore[no-untyped-def]
+    before = snapshot(merged_pair)
+    res = run_cli("unmerge", merged_pair[0].pid, **AS_NOBODY)
+    assert_one_line_error(res, 4, "not permitted")
+    assert_still_merged(merged_pair, before)
+
+
+def test_unmerge_while_another_procksm_works_on_the_target(merged_pair) -> None:  # type: ignore[no-untyped-def]
+    before = snapshot(merged_pair)
+    with target_locks([merged_pair[0].pid]):
+        res = run_cli("unmerge", merged_pair[0].pid)
+    assert_one_line_error(res, 5, "another procksm")
+    assert_still_merged(merged_pair, before)
