@@ -24,6 +24,7 @@ memory holding exactly the bytes the process saw.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import time
@@ -57,7 +58,8 @@ MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
 SYS_close = 3
-SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"  # how a merged range shows in /proc/PID/maps
+SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
+_WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory  # how a merged range shows in /proc/PID/maps
 
 ProgressFn = Callable[[str], None]
 
@@ -276,13 +278,16 @@ class MergeEngine:
         scans = 0
         if pids:
             say("scanning")
-            scan = collect(pids, self.opts.selection)
+            # Hash groups are enough here: every page is compared byte for byte with its
+            # slot under stop before it is replaced (a hash collision is then skipped).
+            sel = dataclasses.replace(self.opts.selection, verify=False)
+            scan = collect(pids, sel)
             scans = 1
             if self.opts.first_sight:
                 mergeable = np.ones(len(scan.pages), bool)
             else:
                 say("scanning again (pages must not change between scans)")
-                second = collect(pids, self.opts.selection)
+                second = collect(pids, sel)
                 scans = 2
                 mergeable = stable_rows(scan, second)
                 scan = second
@@ -350,9 +355,16 @@ class MergeEngine:
         )
 
     def _write_slots(self, scan: ScanInput, plan: MergePlan) -> None:
-        """Copy each slot's reference page into the store, segment by segment; seal."""
+        """Copy each slot's reference page into the store, 2 MiB at a time; seal.
+
+        Slot s lives in segment s // segment_pages at page s % segment_pages: chunks are
+        appended in slot order and a segment's size is a multiple of the chunk size.
+        """
         seg = self.opts.segment_pages
+        chunk = _WRITE_CHUNK_PAGES
+        assert seg % chunk == 0
         rows = plan.slot_rows
+        self._slot_ok = np.ones(rows.size, bool)
         if rows.size == 0:
             return
         mp = scan.mapping_of(rows)
@@ -360,20 +372,19 @@ class MergeEngine:
         pid_of_map = np.array([scan.processes[m.proc].pid for m in scan.mappings], np.int64)
         addrs = starts[mp] + scan.pages.off[rows].astype(np.uint64) * np.uint64(PAGE_SIZE)
         pids = pid_of_map[mp]
-        buf = np.empty((min(seg, rows.size), PAGE_SIZE // 8), np.uint64)
-        self._slot_ok = np.ones(rows.size, bool)
-        for s0 in range(0, rows.size, seg):
-            sl = slice(s0, min(rows.size, s0 + seg))
+        readers = {int(p): PageReader(int(p), chunk_bytes=PAGE_SIZE) for p in np.unique(pids)}
+        buf = np.empty((chunk, PAGE_SIZE // 8), np.uint64)
+        for s0 in range(0, rows.size, chunk):
+            sl = slice(s0, min(rows.size, s0 + chunk))
             n = sl.stop - s0
             for pid in np.unique(pids[sl]):
                 sel = np.flatnonzero(pids[sl] == pid)
-                ok = PageReader(int(pid), chunk_bytes=PAGE_SIZE).read_pages_into(
-                    addrs[sl][sel], buf, sel
-                )
+                ok = readers[int(pid)].read_pages_into(addrs[sl][sel], buf, sel)
                 self._slot_ok[s0 + sel[~ok]] = False
             run = self.store.add_run(buf[:n].reshape(-1).view(np.uint8).data)
-            assert run.first_page == 0, "a slot chunk starts its own segment"
-            self.segments.append(self.store.segment(run.segment_id))
+            if s0 % seg == 0:
+                assert run.first_page == 0, "slot s is in segment s // segment_pages"
+                self.segments.append(self.store.segment(run.segment_id))
         self.store.seal_pending()
 
     def _slots_mapped(self) -> int:

@@ -40,9 +40,6 @@ from procksm.reader import PageReader, read_pages_into
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
 PREVIEW_BYTES = 32
-# Pages held in memory at once by the verify pass (16 MiB): bounds procksm's own memory
-# independently of the size of the targets.
-VERIFY_BATCH_PAGES = 4096
 
 ProgressFn = Callable[[int, int], None]  # (pages done, pages total)
 
@@ -94,6 +91,10 @@ class ScanOptions:
 
     ranges: list[AddressRange] = field(default_factory=list)
     mappings: list[str] = field(default_factory=list)
+    # True: content groups are confirmed byte for byte (a second read of every
+    # duplicate candidate). False: groups by hash only -- what the merge engine uses,
+    # since it compares every page with its slot byte for byte under stop anyway.
+    # Hashing alone is always enough for KSM's checksum rule.
     verify: bool = True
 
 
@@ -140,7 +141,10 @@ def collect(
     opts: ScanOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> ScanInput:
-    """Scan ``pids`` read-only and return the verified page table."""
+    """Scan ``pids`` read-only and return the verified page table.
+
+    With ``opts.verify`` False content ids are hash groups (see ScanOptions.verify).
+    """
     opts = opts or ScanOptions()
     zero_pfn = kernel_zero_pfn()
     processes: list[ProcessIdentity] = []
@@ -232,7 +236,7 @@ def collect(
         exclusions=exclusions,
         zero_mapped_pages=zero_mapped,
     )
-    _verify(scan, buf, opts.verify)
+    _verify(scan, buf, exact=opts.verify)
     return scan
 
 
@@ -293,7 +297,7 @@ def _hash_rows(
             table.content[r0 + zc[really]] = CONTENT_ZERO
 
 
-def _verify(scan: ScanInput, buf: _ReadBuffer, verify: bool) -> None:
+def _verify(scan: ScanInput, buf: _ReadBuffer, *, exact: bool = True) -> None:
     """Assign content ids; equality is decided by bytes, never by the hash alone.
 
     1. Bucket by bucket (analysis.hash_buckets), every live row's content id becomes the
@@ -326,7 +330,7 @@ def _verify(scan: ScanInput, buf: _ReadBuffer, verify: bool) -> None:
         sizes = np.diff(np.append(starts, sh.size))
         refs = live[order][starts]  # first row of each hash group
         t.content[live[order]] = np.repeat(refs, sizes).astype(np.int32)
-    if not verify:
+    if not exact:
         return
     pid_of_mapping = np.array(
         [scan.processes[m.proc].pid for m in scan.mappings] or [0], dtype=np.int64

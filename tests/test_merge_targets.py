@@ -97,15 +97,20 @@ def assert_identical_region_shared(targets: list[Any]) -> None:
         assert merged_ranges(t.pid), f"no procksm mapping in pid {t.pid}"
 
 
-def blocked_stack_pointers(pid: int) -> list[int]:
+def blocked_stack_pointers(pid: int, want: int = 5, timeout: float = 5.0) -> list[int]:
     """Stack pointers of the threads blocked in a system call (/proc/.../syscall gives
-    "nr args... sp pc" for those, "running" for the others)."""
-    sps = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
-        if len(fields) == 9:
-            sps.append(int(fields[7], 16))
-    return sps
+    "nr args... sp pc" for those, "running" for the others). Threads just released from
+    a stop window re-enter their system call a moment later: poll until ``want``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sps = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            if len(fields) == 9:
+                sps.append(int(fields[7], 16))
+        if len(sps) >= want or time.monotonic() > deadline:
+            return sps
+        time.sleep(0.02)
 
 
 @pytest.fixture
