@@ -58,8 +58,9 @@ MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
 SYS_close = 3
+# how a merged range shows in /proc/PID/maps
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
-_WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory  # how a merged range shows in /proc/PID/maps
+_WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
 
 ProgressFn = Callable[[str], None]
 

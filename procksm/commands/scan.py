@@ -86,6 +86,7 @@ class ScanCommand:
     def run(self, args: argparse.Namespace) -> int:
         pids = parse_pids(args.pids)
         opts = selection_from_args(args)
+        opts.verify = not args.fast
         report, elapsed = run_scan(pids, opts, top=args.top, progress=not args.json)
         if args.json:
             json.dump(scan_json(report, elapsed_s=elapsed), sys.stdout, indent=2)
