@@ -40,6 +40,7 @@ from procksm.reader import PageReader, read_pages_into
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
 PREVIEW_BYTES = 32
+_PAGEMAP_CHUNK = 1 << 16  # pagemap entries read at once
 
 ProgressFn = Callable[[int, int], None]  # (pages done, pages total)
 
@@ -134,6 +135,7 @@ class _Target:
     index: int
     identity: ProcessIdentity
     selected: list[tuple[int, int, int]]  # (mapping index, start, end)
+    rss_pages: list[int]  # per selected VMA: smaps Rss, an upper bound of present pages
 
 
 def collect(
@@ -157,6 +159,7 @@ def collect(
         ident = ProcessIdentity(pid=pid, name=st.name, uid=st.uid_real)
         processes.append(ident)
         sel: list[tuple[int, int, int]] = []
+        rss: list[int] = []
         for vma in procfs.read_vmas(pid):
             parts = _select(vma, opts)
             if not parts:
@@ -172,28 +175,16 @@ def collect(
             mi = len(mappings)
             mappings.append(MappingRef(i, vma.start, vma.end, vma.name, vma.perms))
             sel.extend((mi, s, e) for s, e in parts)
-        targets.append(_Target(i, ident, sel))
+            rss.append(vma.rss_kb * 1024 // PAGE_SIZE)
+        targets.append(_Target(i, ident, sel, rss))
 
-    # Pass 1 over pagemap: count present pages so the table is allocated once, exactly
-    # (procksm's own memory per scanned page is a goal: no growing-and-copying).
-    total = 0
-    max_pfn = 0
+    # The table is allocated once, from the VMAs' Rss in smaps (an upper bound of their
+    # present pages; the zero page is not counted in Rss): no growing-and-copying, and
+    # no extra pass over pagemap (procksm's memory per page and speed are goals).
+    total = sum(rss for tgt in targets for rss in tgt.rss_pages)
+    cap = total + total // 64 + 64  # pages may become present while we scan
+    table = PageTable.empty(cap, np.uint32)
     zero_mapped: dict[int, int] = {}
-    for tgt in targets:
-        with _translate(tgt.identity.pid), procfs.PagemapFile(tgt.identity.pid) as pm:
-            for _mi, s, e in tgt.selected:
-                ent = pm.read(s, e)
-                present = _present_mask(ent)
-                pfn = ent & procfs.PM_PFN_MASK
-                zm = present & (pfn == zero_pfn)
-                zero_mapped[tgt.index] = zero_mapped.get(tgt.index, 0) + int(zm.sum())
-                total += int(present.sum() - zm.sum())
-                if present.any():
-                    max_pfn = max(max_pfn, int(pfn[present].max()))
-
-    # Slack for pages that become present between the two passes; extra ones are ignored.
-    cap = total + total // 64 + 64
-    table = PageTable.empty(cap, np.uint32 if max_pfn < (1 << 31) else np.uint64)
     mapping_rows = np.zeros(len(mappings) + 1, np.int64)
     n = 0
     buf = _ReadBuffer()
@@ -202,29 +193,37 @@ def collect(
         pid = tgt.identity.pid
         reader = PageReader(pid, buffer=buf.array)
         with _translate(pid), procfs.PagemapFile(pid) as pm:
-            for mi, s, e in tgt.selected:
+            for mi, s0, e0 in tgt.selected:
                 if mi != last_mi:
                     mapping_rows[last_mi + 1 : mi + 1] = n
                     last_mi = mi
-                ent = pm.read(s, e)
-                pfn = ent & procfs.PM_PFN_MASK
-                idx = np.flatnonzero(_present_mask(ent) & (pfn != zero_pfn))
-                k = min(idx.size, cap - n)
-                idx = idx[:k]
-                rows = slice(n, n + k)
-                first_off = (s - mappings[mi].start) // PAGE_SIZE
-                table.off[rows] = idx + first_off
-                table.pfn[rows] = pfn[idx]
-                # Frames mapped more than once (e.g. shared with an unscanned child after
-                # fork): pagemap's "exclusively mapped" bit is clear. Cheaper than a
-                # /proc/kpagecount lookup per frame (measured: 0.1 s per 400 K pages).
-                shared = (ent[idx] & procfs.PM_EXCLUSIVE) == 0
-                table.flags[n : n + k][shared] |= FLAG_FRAME_SHARED
-                del ent, pfn, shared
-                _hash_rows(reader, table, n, k, s, idx)
-                n += k
-                if progress:
-                    progress(n, total)
+                # pagemap in pieces of 64 Ki pages: 512 KiB of entries at a time
+                for s in range(s0, e0, _PAGEMAP_CHUNK * PAGE_SIZE):
+                    e = min(e0, s + _PAGEMAP_CHUNK * PAGE_SIZE)
+                    ent = pm.read(s, e)
+                    pfn = ent & procfs.PM_PFN_MASK
+                    present = _present_mask(ent)
+                    zm = int(np.count_nonzero(present & (pfn == zero_pfn)))
+                    zero_mapped[tgt.index] = zero_mapped.get(tgt.index, 0) + zm
+                    idx = np.flatnonzero(present & (pfn != zero_pfn))
+                    k = min(idx.size, cap - n)
+                    idx = idx[:k]
+                    if k and int(pfn[idx].max()) >= 1 << 32 and table.pfn.dtype != np.uint64:
+                        table.pfn = table.pfn.astype(np.uint64)  # > 16 TiB of RAM: rare
+                    rows = slice(n, n + k)
+                    first_off = (s - mappings[mi].start) // PAGE_SIZE
+                    table.off[rows] = idx + first_off
+                    table.pfn[rows] = pfn[idx]
+                    # Frames mapped more than once (e.g. shared with an unscanned child
+                    # after fork): pagemap's "exclusively mapped" bit is clear. Cheaper
+                    # than /proc/kpagecount per frame (measured: 0.1 s per 400 K pages).
+                    shared = (ent[idx] & procfs.PM_EXCLUSIVE) == 0
+                    table.flags[n : n + k][shared] |= FLAG_FRAME_SHARED
+                    del ent, pfn, shared, present
+                    _hash_rows(reader, table, n, k, s, idx)
+                    n += k
+                    if progress:
+                        progress(n, total)
     mapping_rows[last_mi + 1 :] = n
     table = table.truncate(n)
 

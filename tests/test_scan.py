@@ -214,3 +214,16 @@ def test_scan_zombie_and_self(spawn) -> None:  # type: ignore[no-untyped-def]
     res = subprocess.run([*PROCKSM, "scan", str(z.pid)], capture_output=True, text=True, cwd=ROOT)
     z.wait()
     assert res.returncode == 3 and "zombie" in res.stderr, res.stderr
+
+
+def test_scan_fast_mode_same_counts(planted_trio) -> None:  # type: ignore[no-untyped-def]
+    """--fast groups by hash only: on real data it finds the same duplicates."""
+    args = [*PROCKSM, "scan", "--json", "--fast", *(str(t.pid) for t in planted_trio)]
+    for r in planted_ranges(planted_trio):
+        args += ["--range", r]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    per = N + Z + U + D
+    assert doc["totals"]["ideal_savings_pages"] == 3 * per - (N + 3 * U + 1)
+    assert doc["matrix"]["pages"][0][1] == N + D
