@@ -104,7 +104,7 @@ def hash_buckets(n: int, rows_per_bucket: int = 1 << 14) -> tuple[int, int]:
     return 1 << bits, 64 - bits
 
 
-def _pfn_bucket_rows(pfn: np.ndarray, b: int, nb: int, chunk: int = 1 << 16) -> np.ndarray:
+def pfn_bucket_rows(pfn: np.ndarray, b: int, nb: int, chunk: int = 1 << 16) -> np.ndarray:
     if nb == 1:
         return np.arange(pfn.size, dtype=np.int64)
     parts = [np.flatnonzero((pfn[i : i + chunk] % nb) == b) + i for i in range(0, pfn.size, chunk)]
@@ -283,7 +283,7 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
     bins = max(nmap, 1)
     # Pass A: frames, by PFN bucket (rows of one frame are in one bucket).
     for b in range(nb):
-        rows = _pfn_bucket_rows(t.pfn, b, nb)
+        rows = pfn_bucket_rows(t.pfn, b, nb)
         if rows.size == 0:
             continue
         pf = t.pfn[rows]

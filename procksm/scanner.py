@@ -32,6 +32,7 @@ from procksm.analysis import (
     ScanInput,
     bucket_rows,
     hash_buckets,
+    pfn_bucket_rows,
 )
 from procksm.errors import NoSuchProcess, UsageError
 from procksm.hashing import hash_pages
@@ -384,7 +385,7 @@ def _mark_inconsistent_frames(t: PageTable) -> None:
     """
     nb, _ = hash_buckets(len(t))
     for b in range(nb):
-        rows = np.flatnonzero((t.pfn % nb) == b) if nb > 1 else np.arange(len(t))
+        rows = pfn_bucket_rows(t.pfn, b, nb)
         if rows.size < 2:
             continue
         order = np.lexsort((t.hash[rows], t.pfn[rows]))
