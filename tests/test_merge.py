@@ -112,7 +112,7 @@ def test_merge_shares_frames_and_saves_memory(trio) -> None:  # type: ignore[no-
 
 def test_cow_after_merge_only_changes_the_writer(trio) -> None:  # type: ignore[no-untyped-def]
     opts = selection(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts, first_sight=True))
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
     try:
         eng.run()
     finally:
@@ -134,7 +134,7 @@ def test_cow_after_merge_only_changes_the_writer(trio) -> None:  # type: ignore[
 def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignore[no-untyped-def]
     opts = selection(trio)
     anon0, _ = meminfo_kb(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts, first_sight=True))
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
     try:
         eng.run()
     finally:

@@ -387,9 +387,7 @@ def test_merge_while_another_procksm_works_on_the_target(cli_pair) -> None:  # t
 @pytest.fixture
 def merged_pair(cli_pair) -> Iterator[list[Any]]:  # type: ignore[no-untyped-def]
     """Two root targets with their identical regions merged (something to unmerge)."""
-    res = run_engine(
-        [t.pid for t in cli_pair], MergeOptions(selection=selection(cli_pair), first_sight=True)
-    )
+    res = run_engine([t.pid for t in cli_pair], MergeOptions(selection=selection(cli_pair)))
     assert res.pages_merged == 2 * N
     yield cli_pair
 

@@ -1,7 +1,6 @@
 """Merge identical pages of running processes; they stay merged after procksm exits.
 
-Attaches to each PID, scans its eligible private anonymous memory (twice by default: a
-page must not change between the scans, KSM's volatility rule), writes each duplicated
+Attaches to each PID, scans its eligible private anonymous memory, writes each duplicated
 content once into a sealed memfd, and, with the target's threads stopped for at most about
 a millisecond at a time, re-checks every page byte for byte and maps the shared page over
 it copy-on-write. All-zero pages are dropped (they read back as zeros). Only processes of
@@ -10,7 +9,7 @@ process infer another's memory).
 
 examples:
   procksm merge 1234 1235 1236
-  procksm merge --json --first-sight $(pgrep -d' ' gunicorn)
+  procksm merge --json $(pgrep -d' ' gunicorn)
   procksm unmerge 1234            # undo
 """
 
@@ -35,10 +34,11 @@ class MergeCommand:
         parser.add_argument("pids", nargs="+", metavar="PID", help="process IDs to merge")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument(
-            "--first-sight",
+            "--two-scans",
             action="store_true",
-            help="merge what one scan finds, without waiting for a second, unchanged scan "
-            "(for static data)",
+            help="scan everything twice and merge only pages unchanged between the scans "
+            "(KSM's classic rule; by default the second look at a page is its byte "
+            "comparison right before it is merged)",
         )
         parser.add_argument(
             "--cross-uid", action="store_true", help="also merge processes of different users"
@@ -64,7 +64,7 @@ class MergeCommand:
             raise UsageError(f"--batch-pages {args.batch_pages}: use 1 to 1048576")
         opts = MergeOptions(
             selection=selection_from_args(args),
-            first_sight=args.first_sight,
+            two_scans=args.two_scans,
             cross_uid=args.cross_uid,
             allow_async_io=args.allow_async_io,
             zero_pages=not args.no_zero,
