@@ -17,7 +17,8 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/scan_throughput.py
+	$(PY) benchmarks/merge_vs_ksm.py
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache
