@@ -430,7 +430,10 @@ class MergeEngine:
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
     ) -> None:
         try:
-            with _realtime_priority() if self.opts.realtime else contextlib.nullcontext():
+            rt = self.opts.realtime
+            if rt is None:
+                rt = _cpus_saturated()
+            with _realtime_priority() if rt else contextlib.nullcontext():
                 self._merge_target(tp.pid, tp.extents, tp.zero_extents, res, refused)
         except ProcksmError as e:
             res.error = e.message
@@ -604,6 +607,18 @@ class MergeEngine:
         finally:
             for fd in ro_fds.values():
                 os.close(fd)
+
+
+def _cpus_saturated() -> bool:
+    """More runnable threads than CPUs right now (/proc/stat procs_running)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running"):
+                    return int(line.split()[1]) > (os.cpu_count() or 1)
+    except OSError:
+        pass
+    return False
 
 
 @contextlib.contextmanager

@@ -185,3 +185,24 @@ def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     assert isinstance(doc["refused"], list)
     for x in trio:
         assert x.command("check").startswith("OK")
+
+
+def test_unmerge_all(trio) -> None:  # type: ignore[no-untyped-def]
+    """`unmerge --all` (the kernel KSM's run=2) finds every merged process by itself."""
+    opts = selection(trio)
+    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
+    try:
+        eng.run()
+    finally:
+        eng.close()
+    assert all(merged_ranges(t.pid) for t in trio)
+    res = subprocess.run(
+        [*PROCKSM, "unmerge", "--all", "--json"], capture_output=True, text=True, cwd=ROOT,
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert {p["pid"] for p in doc["processes"]} >= {t.pid for t in trio}
+    for t in trio:
+        assert merged_ranges(t.pid) == []
+        assert t.command("check").startswith("OK")

@@ -56,11 +56,18 @@ class MergeCommand:
             default=256,
             help="pages handled per stop of a target (256 = 1 MiB: stops of about 1 ms)",
         )
-        parser.add_argument(
+        rt = parser.add_mutually_exclusive_group()
+        rt.add_argument(
             "--realtime",
+            dest="realtime",
             action="store_true",
+            default=None,
             help="run procksm SCHED_FIFO while it stops a target: shorter stops on a "
-            "machine saturated by busy threads, slower on an idle one",
+            "machine saturated by busy threads, slower on an idle one (default: only "
+            "when there are more runnable threads than CPUs)",
+        )
+        rt.add_argument(
+            "--no-realtime", dest="realtime", action="store_false", help="never SCHED_FIFO"
         )
         add_selection_args(parser)
 

@@ -3,17 +3,19 @@
 Every range procksm mapped (it shows as /memfd:procksm-seg-N in /proc/PID/maps) is
 replaced, with the target stopped, by anonymous memory holding exactly the bytes the
 process sees now, including pages it already copied on write. Works from any procksm,
-also after the one that merged was killed.
+also after the one that merged was killed. --all does it for every process that has
+procksm mappings (the kernel KSM's run=2).
 
 examples:
   procksm unmerge 1234 1235
-  procksm unmerge --json 1234
+  procksm unmerge --all --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -21,18 +23,45 @@ from rich.console import Console
 
 from procksm.attach import check_attachable
 from procksm.commands.scan import parse_pids
-from procksm.merge import pause_stats, unmerge
+from procksm.errors import UsageError
+from procksm.merge import SEGMENT_NAME_PREFIX, pause_stats, unmerge
+
+
+def processes_with_merged_ranges() -> list[int]:
+    """Every process whose maps show a procksm segment (unreadable ones are skipped)."""
+    pids = []
+    needle = SEGMENT_NAME_PREFIX.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps", "rb") as f:
+                if needle in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return sorted(pids)
 
 
 class UnmergeCommand:
     __doc__ = __doc__
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("pids", nargs="+", metavar="PID", help="process IDs to unmerge")
+        parser.add_argument("pids", nargs="*", metavar="PID", help="process IDs to unmerge")
+        parser.add_argument(
+            "--all", action="store_true", help="every process with procksm-merged memory"
+        )
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def run(self, args: argparse.Namespace) -> int:
-        pids = parse_pids(args.pids)
+        if args.all and args.pids:
+            raise UsageError("give PIDs or --all, not both")
+        if args.all:
+            pids = processes_with_merged_ranges()
+        elif args.pids:
+            pids = parse_pids(args.pids)
+        else:
+            raise UsageError("no PID given: pass process IDs, or --all")
         # Every target is diagnosed before any is touched: bad input changes nothing.
         for pid in pids:
             check_attachable(pid)
