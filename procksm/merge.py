@@ -189,6 +189,15 @@ class MergeResult:
         }
 
 
+def merge(
+    pids: Sequence[int], opts: MergeOptions | None = None, progress: ProgressFn | None = None
+) -> MergeResult:
+    """One-shot merge of ``pids`` (procksm's fds are closed at the end; merged pages stay
+    merged)."""
+    with MergeEngine(pids, opts) as engine:
+        return engine.run(progress)
+
+
 def pause_stats(pauses: Sequence[float]) -> dict[str, float | int]:
     if not pauses:
         return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
@@ -282,6 +291,12 @@ class MergeEngine:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
         # when its last mapping goes; DESIGN §2.3, never a hole punched under a mapping).
         self.store.close()
+
+    def __enter__(self) -> MergeEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, progress: ProgressFn | None = None) -> MergeResult:
         # Diagnose before locking: a procksm that may not trace a target cannot create

@@ -13,7 +13,7 @@ import pytest
 
 from procksm import PAGE_SIZE
 from procksm.analysis import analyse
-from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
+from procksm.merge import MergeOptions, merge, merged_ranges, unmerge
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions, collect
 from tests.conftest import ROOT, build_c_target, require_privileges
@@ -81,11 +81,7 @@ def test_merge_shares_frames_and_saves_memory(trio) -> None:  # type: ignore[no-
     ideal = analyse(collect([t.pid for t in trio], opts)).totals.ideal_savings_pages
     assert ideal == 3 * (N + Z + U) - (N + 3 * U)
     anon0, shmem0 = meminfo_kb(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
-    try:
-        res = eng.run()
-    finally:
-        eng.close()
+    res = merge([t.pid for t in trio], MergeOptions(selection=opts))
     anon1, shmem1 = meminfo_kb(trio)
     doc = res.as_json()
     assert doc["totals"]["pages_merged"] == 3 * N
@@ -112,11 +108,7 @@ def test_merge_shares_frames_and_saves_memory(trio) -> None:  # type: ignore[no-
 
 def test_cow_after_merge_only_changes_the_writer(trio) -> None:  # type: ignore[no-untyped-def]
     opts = selection(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
-    try:
-        eng.run()
-    finally:
-        eng.close()
+    merge([t.pid for t in trio], MergeOptions(selection=opts))
     a, b, _c = trio
     before_b = pfns(b.pid, *region(b, "identical"))
     for i in (0, 5, N - 1):
@@ -134,11 +126,7 @@ def test_cow_after_merge_only_changes_the_writer(trio) -> None:  # type: ignore[
 def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignore[no-untyped-def]
     opts = selection(trio)
     anon0, _ = meminfo_kb(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
-    try:
-        eng.run()
-    finally:
-        eng.close()
+    merge([t.pid for t in trio], MergeOptions(selection=opts))
     trio[0].command("write identical 7")  # a COWed page must keep its new byte
     res = subprocess.run(
         [*PROCKSM, "unmerge", "--json", *(str(t.pid) for t in trio)],
@@ -190,11 +178,7 @@ def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
 def test_unmerge_all(trio) -> None:  # type: ignore[no-untyped-def]
     """`unmerge --all` (the kernel KSM's run=2) finds every merged process by itself."""
     opts = selection(trio)
-    eng = MergeEngine([t.pid for t in trio], MergeOptions(selection=opts))
-    try:
-        eng.run()
-    finally:
-        eng.close()
+    merge([t.pid for t in trio], MergeOptions(selection=opts))
     assert all(merged_ranges(t.pid) for t in trio)
     res = subprocess.run(
         [*PROCKSM, "unmerge", "--all", "--json"], capture_output=True, text=True, cwd=ROOT,

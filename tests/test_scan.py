@@ -71,13 +71,18 @@ def test_scan_counts_planted_regions_exactly(planted_trio) -> None:  # type: ign
         assert tgt.command("check") == f"OK pages={per}"
 
 
-def test_scan_json_cli(planted_trio) -> None:  # type: ignore[no-untyped-def]
-    args = [*PROCKSM, "scan", "--json", *(str(t.pid) for t in planted_trio)]
-    for r in planted_ranges(planted_trio):
+def scan_json_cli(targets, *flags: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def, type-arg]
+    """`procksm scan --json` over the planted regions of ``targets``: (document, stderr)."""
+    args = [*PROCKSM, "scan", "--json", *flags, *(str(t.pid) for t in targets)]
+    for r in planted_ranges(targets):
         args += ["--range", r]
     res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
-    doc = json.loads(res.stdout)
+    return json.loads(res.stdout), res.stderr
+
+
+def test_scan_json_cli(planted_trio) -> None:  # type: ignore[no-untyped-def]
+    doc, stderr = scan_json_cli(planted_trio)
     per = N + Z + U + D
     assert doc["totals"]["pages_scanned"] == 3 * per
     assert doc["totals"]["pages_zero"] == 3 * Z
@@ -87,7 +92,7 @@ def test_scan_json_cli(planted_trio) -> None:  # type: ignore[no-untyped-def]
     assert all(p["name"] == "planted" for p in doc["processes"])
     assert doc["matrix"]["pages"][0][1] == N + D
     assert len(doc["top"][0]["preview_hex"]) == 64
-    assert res.stderr == ""  # no progress bar in --json mode
+    assert stderr == ""  # no progress bar in --json mode
 
 
 def test_scan_whole_process_rich_view(planted_trio) -> None:  # type: ignore[no-untyped-def]
@@ -218,12 +223,7 @@ def test_scan_zombie_and_self(spawn) -> None:  # type: ignore[no-untyped-def]
 
 def test_scan_fast_mode_same_counts(planted_trio) -> None:  # type: ignore[no-untyped-def]
     """--fast groups by hash only: on real data it finds the same duplicates."""
-    args = [*PROCKSM, "scan", "--json", "--fast", *(str(t.pid) for t in planted_trio)]
-    for r in planted_ranges(planted_trio):
-        args += ["--range", r]
-    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stderr
-    doc = json.loads(res.stdout)
+    doc, _ = scan_json_cli(planted_trio, "--fast")
     per = N + Z + U + D
     assert doc["totals"]["ideal_savings_pages"] == 3 * per - (N + 3 * U + 1)
     assert doc["matrix"]["pages"][0][1] == N + D

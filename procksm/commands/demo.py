@@ -30,7 +30,7 @@ from rich.table import Table
 
 from procksm import procfs
 from procksm.errors import ProcksmError, UsageError
-from procksm.merge import MergeEngine, MergeOptions
+from procksm.merge import MergeOptions, merge
 from procksm.report import fmt_bytes, scan_json, scan_view
 from procksm.scanner import ScanOptions
 
@@ -168,13 +168,11 @@ class DemoCommand:
                 )
             if not args.no_merge:
                 before = workers_memory(pids)
-                engine = MergeEngine(pids, MergeOptions())
-                try:
-                    result = engine.run(
-                        progress=None if args.json else lambda m: out.print(f"[dim]{m}[/dim]")
-                    )
-                finally:
-                    engine.close()
+                result = merge(
+                    pids,
+                    MergeOptions(),
+                    progress=None if args.json else lambda m: out.print(f"[dim]{m}[/dim]"),
+                )
                 after = workers_memory(pids)
                 doc["merge"] = result.as_json()
                 doc["memory_kb"] = {"before": before, "after": after}

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from procksm.commands.scan import add_selection_args, parse_pids, selection_from_args
 from procksm.errors import UsageError
-from procksm.merge import MergeEngine, MergeOptions
+from procksm.merge import MergeOptions, merge
 from procksm.report import fmt_bytes
 
 
@@ -85,12 +85,8 @@ class MergeCommand:
             realtime=args.realtime,
         )
         err = Console(stderr=True)
-        engine = MergeEngine(pids, opts)
-        try:
-            show = (lambda m: err.print(f"[dim]{m}[/dim]")) if not args.json else None
-            result = engine.run(progress=show)
-        finally:
-            engine.close()
+        show = (lambda m: err.print(f"[dim]{m}[/dim]")) if not args.json else None
+        result = merge(pids, opts, progress=show)
         doc = result.as_json()
         if args.json:
             json.dump(doc, sys.stdout, indent=2)
