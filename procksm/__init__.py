@@ -2,5 +2,21 @@
 
 from __future__ import annotations
 
+import signal as _signal
+import threading as _threading
+
 __version__ = "0.1.0"
 PAGE_SIZE = 4096
+
+# numpy's BLAS starts helper threads when it is imported. A process-directed signal
+# (kill -TERM) goes to any thread that does not block it, so a BLAS thread would take
+# SIGTERM and end procksm in the middle of a stop window, whose signal deferral
+# (attach._signals_deferred) only covers the calling thread. Import numpy here with
+# those signals blocked: its threads inherit the block and never receive them.
+_DEFERRED = {_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT}
+if _threading.current_thread() is _threading.main_thread():
+    _old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _DEFERRED)
+    try:
+        import numpy as _numpy  # noqa: F401
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, _old_mask)

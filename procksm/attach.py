@@ -104,6 +104,7 @@ from procksm.inject import (
     wait_stop,
     write_memory,
 )
+from procksm.procfs import parse_status_fields, read_status_fields
 
 PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/PID/stat
 CAP_SYS_PTRACE = 19
@@ -120,24 +121,9 @@ SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 _DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 
-# --- /proc parsing (private: procksm/procfs.py will own the shared version) ----------
-
-
-def _read_status(pid: int, tid: int | None = None) -> dict[str, str]:
-    """/proc/PID/status (or /proc/PID/task/TID/status) as {key: value}."""
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
-    with open(path) as f:
-        text = f.read()
-    return parse_status(text)
-
-
-def parse_status(text: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = value.strip()
-    return fields
+# /proc/PID/status parsing lives in procksm.procfs (one place for /proc, like psutil).
+parse_status = parse_status_fields
+_read_status = read_status_fields
 
 
 def _stat_fields(path: str) -> list[str]:

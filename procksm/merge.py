@@ -374,13 +374,19 @@ class MergeEngine:
             # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
             # kernel work of one target's mmap overlaps another's on the other CPU.
             workers = max(1, min(len(plan.targets), self.opts.parallel or os.cpu_count() or 1))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [
-                    pool.submit(self._merge_target_safely, tp, results[tp.pid], refused)
-                    for tp in plan.targets
-                ]
-                for f in futures:
-                    f.result()
+            if workers == 1:
+                # In the calling thread: its stop windows defer SIGINT/SIGTERM, and no
+                # other procksm thread is left to take them mid-window.
+                for tp in plan.targets:
+                    self._merge_target_safely(tp, results[tp.pid], refused)
+            else:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    futures = [
+                        pool.submit(self._merge_target_safely, tp, results[tp.pid], refused)
+                        for tp in plan.targets
+                    ]
+                    for f in futures:
+                        f.result()
         slots_mapped = self._slots_mapped()
         return MergeResult(
             targets=list(results.values()),

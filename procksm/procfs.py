@@ -709,13 +709,27 @@ class ProcessStatus:
         return len(self.nspid) > 1
 
 
-def parse_status(text: str) -> ProcessStatus:
-    """Parse /proc/PID/status."""
+def parse_status_fields(text: str) -> dict[str, str]:
+    """/proc/PID/status as {key: value} (values stripped, units kept)."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key] = value.strip()
+    return fields
+
+
+def read_status_fields(pid: int, tid: int | None = None) -> dict[str, str]:
+    """/proc/PID/status (or a thread's) as {key: value}. OSError passes through: the
+    attach diagnostics tell its kinds apart themselves."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    with open(path) as f:
+        return parse_status_fields(f.read())
+
+
+def parse_status(text: str) -> ProcessStatus:
+    """Parse /proc/PID/status."""
+    fields = parse_status_fields(text)
 
     def num(key: str) -> int:
         value = fields.get(key, "")
