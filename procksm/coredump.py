@@ -29,7 +29,7 @@ import errno
 import os
 
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError
-from procksm.locks import _start_time, lock_dir
+from procksm.locks import lock_dir, start_time
 
 # Bits of /proc/PID/coredump_filter (Documentation/filesystems/proc.rst, "coredump_filter")
 DUMP_ANON_PRIVATE = 1 << 0
@@ -84,7 +84,7 @@ def write_filter(pid: int, value: int) -> None:
 
 
 def state_path(pid: int) -> str:
-    return os.path.join(lock_dir(), f"{STATE_PREFIX}{pid}-{_start_time(pid)}")
+    return os.path.join(lock_dir(), f"{STATE_PREFIX}{pid}-{start_time(pid)}")
 
 
 def keep_merged_in_cores(pid: int) -> bool:
@@ -96,6 +96,7 @@ def keep_merged_in_cores(pid: int) -> bool:
         return False  # already dumped: set by the user, or by an earlier procksm
     path = state_path(pid)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    remove_stale_state(os.path.dirname(path))
     # The state file first: if procksm dies between the two writes, an unmerge finds
     # the file and clears a bit that is not set, which is harmless. The other order
     # could leave bit 2 set with nobody knowing it was procksm's.
@@ -105,6 +106,29 @@ def keep_merged_in_cores(pid: int) -> bool:
     os.replace(tmp, path)
     write_filter(pid, current | DUMP_MAPPED_PRIVATE)
     return True
+
+
+def remove_stale_state(directory: str) -> int:
+    """Remove the state files of processes that have exited (a merged target that dies
+    is never unmerged); returns how many. /run is a tmpfs, so a reboot clears them too."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        pid_text, _, start = name.removeprefix(STATE_PREFIX).partition("-")
+        if not name.startswith(STATE_PREFIX) or not pid_text.isdigit() or not start.isdigit():
+            continue
+        try:
+            alive = start_time(int(pid_text)) == start
+        except NoSuchProcess:
+            alive = False
+        if not alive:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
 
 
 def original_filter(pid: int) -> int | None:
@@ -142,6 +166,7 @@ __all__ = [
     "original_filter",
     "parse_filter",
     "read_filter",
+    "remove_stale_state",
     "restore_after_unmerge",
     "state_path",
     "write_filter",

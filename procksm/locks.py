@@ -29,7 +29,7 @@ def lock_dir() -> str:
     return os.path.join(base, "procksm") if base.startswith("/run/user") else base
 
 
-def _start_time(pid: int) -> str:
+def start_time(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode()
@@ -47,7 +47,7 @@ def target_locks(pids: Sequence[int]) -> Iterator[None]:
     held: list[int] = []
     try:
         for pid in sorted(set(pids)):
-            path = os.path.join(directory, f"{pid}-{_start_time(pid)}.lock")
+            path = os.path.join(directory, f"{pid}-{start_time(pid)}.lock")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from procksm import PAGE_SIZE, procfs
+from procksm import PAGE_SIZE, coredump, procfs
 from procksm.analysis import ScanInput
 from procksm.attach import PtraceSession, StoppedTarget, check_attachable
 from procksm.errors import AccessDenied, ProcksmError, UsageError
@@ -475,6 +475,10 @@ class MergeEngine:
         )
         if not batches:
             return
+        if extents:
+            # Before the first mmap: merged ranges are file-backed private mappings, which
+            # the default coredump_filter leaves out of kernel cores (procksm.coredump).
+            coredump.keep_merged_in_cores(pid)
         seg_pages = self.opts.segment_pages
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
         with PtraceSession(pid) as sess, _gc_paused():
@@ -790,9 +794,12 @@ def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
     with target_locks([pid]):
         # under the lock: a merge in progress elsewhere finishes (or is refused) first
         ranges = merged_ranges(pid)
-        if not ranges:
-            return res
-        return _unmerge_ranges(pid, ranges, res, batch_pages)
+        if ranges:
+            _unmerge_ranges(pid, ranges, res, batch_pages)
+        if not merged_ranges(pid):
+            # procksm's last range is gone: give back the coredump_filter it changed
+            coredump.restore_after_unmerge(pid)
+        return res
 
 
 def _unmerge_ranges(

@@ -38,7 +38,28 @@
  *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
  *   mmap N         -> mmap N fresh anonymous pages, write each, munmap: "OK" or
  *                     "ERR errno=.." (ENOMEM once the process reaches vm.max_map_count)
+ *   crash          -> abort(): SIGABRT, a kernel core dump if RLIMIT_CORE allows one
+ *   expect R I V   -> byte 0 of page I of region R is now V (someone else wrote it:
+ *                     a debugger's process_vm_writev or /proc/PID/mem); "OK"
+ *   fork           -> fork; the child runs "check" on its own memory and exits 0 (OK) or 1;
+ *                     "CHILD exit=<n> <child's verdict>" or "CHILD signal=<n>"
+ *   probe R I      -> fork; the child writes byte 0 of page I of region R and exits 0:
+ *                     "CHILD exit=0" or "CHILD signal=11" when the page is not writable
+ *   exec PATH      -> fork; the child execs PATH (no arguments): "CHILD exit=<n>"
+ *   mremap R move  -> move region R to a fresh address (mremap MAYMOVE|FIXED): "OK addr=0x.."
+ *   mremap R N     -> resize region R to N pages (MREMAP_MAYMOVE); grown pages are expected
+ *                     to read as zeros, as on anonymous memory: "OK addr=0x.." or "ERR errno=.."
+ *   mprotect R I N P -> mprotect N pages from page I of region R to P (none|r|rw): "OK"
+ *   munmap R I N   -> munmap N pages from page I of region R; they leave "check": "OK"
+ *   madvise R I N A -> madvise(A) on N pages from page I of region R, A one of
+ *                     free|wipeonfork|remove|dontneed|cold|pageout; expectations unchanged:
+ *                     "OK" or "ERR errno=.."
+ *   brk N          -> sbrk(+N pages), write and verify them, sbrk(-N pages): "OK" or "ERR .."
  *   quit           -> exits 0
+ *
+ * --attr A       apply attribute A to the identical region after filling it: mlock,
+ *                wipeonfork, dontdump, hugepage, dontfork, pkey (pkey_alloc + pkey_mprotect;
+ *                exits 4 if refused), anonname (PR_SET_VMA_ANON_NAME; exits 4 if refused)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,6 +71,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -63,7 +87,10 @@ static size_t npages[NREG];
 /* Expected content: regenerated from (kind, seed, page) plus a per-page override byte. */
 static int16_t *override_byte[NREG]; /* -1: none; else byte 0 of the page has this value */
 static unsigned char *zeroed[NREG];  /* page was DONTNEEDed: must read back all zeros */
+static unsigned char *unmapped[NREG]; /* page was munmapped: not checked */
 static uint64_t seed = 1;
+/* The pid that seeds unique pages: a forked child checks its parent's content. */
+static pid_t planted_pid;
 static volatile int stop_flag;
 static volatile long anomalies;
 static unsigned char *sparse_base;
@@ -85,11 +112,11 @@ static void fill(int r, size_t i, unsigned char *dst) {
     switch (r) {
     case R_ZERO: memset(dst, 0, PAGE); return;
     case R_IDENT: s = seed * 0x9E3779B97F4A7C15ULL + i + 1; break;
-    case R_UNIQUE: s = ((uint64_t)getpid() << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
+    case R_UNIQUE: s = ((uint64_t)planted_pid << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
     case R_INTRA: s = seed * 0xD1B54A32D192ED03ULL + 7; break;
     case R_ALT:
         s = (i % 2 == 0) ? seed * 0xA0761D6478BD642FULL + i + 0x51
-                         : ((uint64_t)getpid() << 32) ^ (i * 0xE7037ED1A0B428DBULL) ^ 0x5a5aULL;
+                         : ((uint64_t)planted_pid << 32) ^ (i * 0xE7037ED1A0B428DBULL) ^ 0x5a5aULL;
         break;
     default: s = getpid() + i; break;
     }
@@ -188,6 +215,7 @@ static void *blk_poll(void *a) {
 
 static int verify_page(int r, size_t i, unsigned char *tmp, char *msg, size_t msglen) {
     unsigned char *p = base[r] + i * PAGE;
+    if (unmapped[r][i]) return 1;
     if (zeroed[r][i]) memset(tmp, 0, PAGE);
     else fill(r, i, tmp);
     if (override_byte[r][i] >= 0) tmp[0] = (unsigned char)override_byte[r][i];
@@ -207,8 +235,81 @@ static int region_by_name(const char *s) {
     return -1;
 }
 
+/* Verify every checked region; returns the number of pages verified, or -1 with msg set. */
+static long check_all(unsigned char *tmp, char *msg, size_t msglen) {
+    long ok = 0;
+    for (int r = 0; r < NREG; r++) {
+        if (r == R_VOLATILE) continue;
+        for (size_t p = 0; p < npages[r]; p++) {
+            if (!verify_page(r, p, tmp, msg, msglen)) return -1;
+            if (!unmapped[r][p]) ok++;
+        }
+    }
+    return ok;
+}
+
+static void apply_attr(const char *attr, unsigned char *p, size_t n) {
+    int rc = 0;
+    if (!strcmp(attr, "mlock")) rc = mlock(p, n * PAGE);
+    else if (!strcmp(attr, "wipeonfork")) rc = madvise(p, n * PAGE, MADV_WIPEONFORK);
+    else if (!strcmp(attr, "dontdump")) rc = madvise(p, n * PAGE, MADV_DONTDUMP);
+    else if (!strcmp(attr, "hugepage")) rc = madvise(p, n * PAGE, MADV_HUGEPAGE);
+    else if (!strcmp(attr, "dontfork")) rc = madvise(p, n * PAGE, MADV_DONTFORK);
+    else if (!strcmp(attr, "pkey")) {
+        long key = syscall(SYS_pkey_alloc, 0, 0);
+        if (key < 0) { fprintf(stderr, "planted: pkey_alloc: %s\n", strerror(errno)); exit(4); }
+        rc = (int)syscall(SYS_pkey_mprotect, p, n * PAGE, PROT_READ | PROT_WRITE, key);
+    } else if (!strcmp(attr, "anonname")) {
+        rc = prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, p, n * PAGE, "planted");
+        if (rc) { fprintf(stderr, "planted: PR_SET_VMA_ANON_NAME: %s\n", strerror(errno)); exit(4); }
+    } else { fprintf(stderr, "planted: unknown --attr %s\n", attr); exit(2); }
+    if (rc) { fprintf(stderr, "planted: --attr %s: %s\n", attr, strerror(errno)); exit(4); }
+}
+
+static int parse_prot(const char *s) {
+    if (!strcmp(s, "none")) return PROT_NONE;
+    if (!strcmp(s, "r")) return PROT_READ;
+    if (!strcmp(s, "rw")) return PROT_READ | PROT_WRITE;
+    return -1;
+}
+
+static int parse_advice(const char *s) {
+    if (!strcmp(s, "free")) return MADV_FREE;
+    if (!strcmp(s, "wipeonfork")) return MADV_WIPEONFORK;
+    if (!strcmp(s, "remove")) return MADV_REMOVE;
+    if (!strcmp(s, "dontneed")) return MADV_DONTNEED;
+    if (!strcmp(s, "cold")) return MADV_COLD;
+    if (!strcmp(s, "pageout")) return MADV_PAGEOUT;
+    return -1;
+}
+
+/* Wait for a child and print how it ended, with what it wrote into the pipe (if any). */
+static void report_child(pid_t pid, int rfd) {
+    char buf[256] = "";
+    if (rfd >= 0) {
+        ssize_t got = read(rfd, buf, sizeof buf - 1);
+        buf[got > 0 ? got : 0] = 0;
+        close(rfd);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) != pid) { printf("ERR errno=%d\n", errno); return; }
+    if (WIFSIGNALED(status)) printf("CHILD signal=%d\n", WTERMSIG(status));
+    else printf("CHILD exit=%d%s%s\n", WEXITSTATUS(status), buf[0] ? " " : "", buf);
+}
+
+/* Grow the per-page expectation tables of region r to n pages (new pages read as zeros). */
+static void resize_tables(int r, size_t n) {
+    override_byte[r] = realloc(override_byte[r], (n + 1) * sizeof(int16_t));
+    zeroed[r] = realloc(zeroed[r], n + 1);
+    unmapped[r] = realloc(unmapped[r], n + 1);
+    for (size_t p = npages[r]; p < n; p++) override_byte[r][p] = -1, zeroed[r][p] = 1,
+                                           unmapped[r][p] = 0;
+    npages[r] = n;
+}
+
 int main(int argc, char **argv) {
     int threads = 0, blockers = 0;
+    const char *attr = NULL;
     for (int a = 1; a < argc; a++) {
         const char *k = argv[a];
         const char *v = a + 1 < argc ? argv[a + 1] : "0";
@@ -223,19 +324,23 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--mergeable")) mergeable = 1;
         else if (!strcmp(k, "--alternate")) npages[R_ALT] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--attr")) attr = v, a++;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
+    planted_pid = getpid();
     for (int r = 0; r < NREG; r++) {
         base[r] = map_region(npages[r]);
         override_byte[r] = malloc((npages[r] + 1) * sizeof(int16_t));
         zeroed[r] = calloc(npages[r] + 1, 1);
+        unmapped[r] = calloc(npages[r] + 1, 1);
         for (size_t i = 0; i < npages[r]; i++) override_byte[r][i] = -1;
         for (size_t i = 0; i < npages[r]; i++) {
             base[r][i * PAGE] = 1; /* fault in a private page even for zero pages */
             fill(r, i, base[r] + i * PAGE);
         }
     }
+    if (attr && npages[R_IDENT]) apply_attr(attr, base[R_IDENT], npages[R_IDENT]);
     sparse_base = map_region(sparse_pages);
     for (size_t i = 0; i < sparse_pages; i += 4) {
         uint64_t *w = (uint64_t *)(sparse_base + i * PAGE);
@@ -269,18 +374,10 @@ int main(int argc, char **argv) {
         int got = sscanf(line, "%31s %31s %zu %zu", cmd, reg, &i, &n);
         if (got < 1) continue;
         if (!strcmp(cmd, "check")) {
-            size_t ok = 0;
             char msg[256] = "";
-            int bad = 0;
-            for (int r = 0; r < NREG && !bad; r++) {
-                if (r == R_VOLATILE) continue;
-                for (size_t p = 0; p < npages[r]; p++) {
-                    if (!verify_page(r, p, tmp, msg, sizeof msg)) { bad = 1; break; }
-                    ok++;
-                }
-            }
-            if (bad) printf("%s\n", msg);
-            else printf("OK pages=%zu\n", ok);
+            long ok = check_all(tmp, msg, sizeof msg);
+            if (ok < 0) printf("%s\n", msg);
+            else printf("OK pages=%ld\n", ok);
         } else if (!strcmp(cmd, "write") && got >= 3) {
             int r = region_by_name(reg);
             if (r < 0 || i >= npages[r]) { printf("ERR bad region/page\n"); continue; }
@@ -305,8 +402,105 @@ int main(int argc, char **argv) {
             for (size_t p = 0; p < n; p++) m[p * PAGE] = 1;
             munmap(m, n * PAGE);
             printf("OK\n");
+        } else if (!strcmp(cmd, "expect") && got >= 4) {
+            int r = region_by_name(reg);
+            if (r < 0 || i >= npages[r] || n > 255) { printf("ERR bad region/page\n"); continue; }
+            override_byte[r][i] = (int16_t)n;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "fork")) {
+            int pfd[2];
+            if (pipe(pfd)) { printf("ERR errno=%d\n", errno); continue; }
+            fflush(stdout);
+            pid_t c = fork();
+            if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
+            if (c == 0) {
+                char msg[256] = "";
+                long ok = check_all(tmp, msg, sizeof msg);
+                if (ok >= 0) snprintf(msg, sizeof msg, "OK pages=%ld", ok);
+                if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
+                _exit(ok < 0 ? 1 : 0);
+            }
+            close(pfd[1]);
+            report_child(c, pfd[0]);
+        } else if (!strcmp(cmd, "probe") && got >= 3) {
+            int r = region_by_name(reg);
+            if (r < 0 || i >= npages[r]) { printf("ERR bad region/page\n"); continue; }
+            fflush(stdout);
+            pid_t c = fork();
+            if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
+            if (c == 0) {
+                signal(SIGSEGV, SIG_DFL);
+                ((volatile unsigned char *)base[r])[i * PAGE] ^= 0x5a;
+                _exit(0);
+            }
+            report_child(c, -1);
+        } else if (!strcmp(cmd, "exec") && got >= 2) {
+            fflush(stdout);
+            pid_t c = fork();
+            if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
+            if (c == 0) {
+                char *args[] = {reg, NULL};
+                execv(reg, args);
+                _exit(127);
+            }
+            report_child(c, -1);
+        } else if (!strcmp(cmd, "mremap") && got >= 2) {
+            int r = region_by_name(reg);
+            char arg[32] = "";
+            if (r < 0 || sscanf(line, "%*s %*s %31s", arg) != 1) { printf("ERR bad region\n"); continue; }
+            size_t old = npages[r] * PAGE;
+            void *to;
+            if (!strcmp(arg, "move")) {
+                /* a fresh place, reserved first so MREMAP_FIXED replaces only our own mapping */
+                void *dst = mmap(NULL, old, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                if (dst == MAP_FAILED) { printf("ERR errno=%d\n", errno); continue; }
+                to = mremap(base[r], old, old, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+            } else {
+                size_t want = strtoul(arg, 0, 0);
+                to = mremap(base[r], old, want * PAGE, MREMAP_MAYMOVE);
+                if (to != MAP_FAILED) {
+                    if (want > npages[r]) resize_tables(r, want);
+                    else npages[r] = want;
+                }
+            }
+            if (to == MAP_FAILED) { printf("ERR errno=%d\n", errno); continue; }
+            base[r] = to;
+            printf("OK addr=%#lx\n", (unsigned long)(uintptr_t)to);
+        } else if (!strcmp(cmd, "mprotect") && got >= 4) {
+            int r = region_by_name(reg);
+            char ps[16] = "";
+            int prot = sscanf(line, "%*s %*s %*u %*u %15s", ps) == 1 ? parse_prot(ps) : -1;
+            if (r < 0 || i + n > npages[r] || prot < 0) { printf("ERR bad arguments\n"); continue; }
+            if (mprotect(base[r] + i * PAGE, n * PAGE, prot)) { printf("ERR errno=%d\n", errno); continue; }
+            printf("OK\n");
+        } else if (!strcmp(cmd, "munmap") && got >= 4) {
+            int r = region_by_name(reg);
+            if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
+            if (munmap(base[r] + i * PAGE, n * PAGE)) { printf("ERR errno=%d\n", errno); continue; }
+            for (size_t p = i; p < i + n; p++) unmapped[r][p] = 1;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "madvise") && got >= 4) {
+            int r = region_by_name(reg);
+            char as[16] = "";
+            int adv = sscanf(line, "%*s %*s %*u %*u %15s", as) == 1 ? parse_advice(as) : -1;
+            if (r < 0 || i + n > npages[r] || adv < 0) { printf("ERR bad arguments\n"); continue; }
+            if (madvise(base[r] + i * PAGE, n * PAGE, adv)) { printf("ERR errno=%d\n", errno); continue; }
+            printf("OK\n");
+        } else if (!strcmp(cmd, "brk") && got >= 2) {
+            size_t k = strtoul(reg, 0, 0);
+            unsigned char *old = sbrk((intptr_t)(k * PAGE));
+            if (old == (void *)-1) { printf("ERR errno=%d\n", errno); continue; }
+            /* fresh brk memory reads as zeros, then holds what we write */
+            int bad = 0;
+            for (size_t b = 0; b < k * PAGE; b++) bad |= old[b];
+            for (size_t b = 0; b < k * PAGE; b++) old[b] = (unsigned char)(b * 31 + 7);
+            for (size_t b = 0; b < k * PAGE; b++) bad |= old[b] != (unsigned char)(b * 31 + 7);
+            if (sbrk(-(intptr_t)(k * PAGE)) == (void *)-1) { printf("ERR errno=%d\n", errno); continue; }
+            printf(bad ? "ERR content\n" : "OK\n");
         } else if (!strcmp(cmd, "errors")) {
             printf("ERRORS %ld\n", anomalies);
+        } else if (!strcmp(cmd, "crash")) {
+            abort();
         } else if (!strcmp(cmd, "quit")) {
             break;
         } else {
