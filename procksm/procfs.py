@@ -354,6 +354,9 @@ def ineligibility(vma: Vma) -> str | None:
         return "shared mapping"
     if not vma.is_anonymous:
         return "file-backed"
+    if path.startswith("[anon:"):
+        # prctl(PR_SET_VMA_ANON_NAME): the replacement mapping would drop the name.
+        return f"named anonymous mapping {path}"
     if vma.perms[:3] == "---":
         return "PROT_NONE"
     if not vma.readable:
