@@ -8,6 +8,7 @@ turns a :class:`~procksm.errors.ProcksmError` into one line on stderr and its ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Protocol
 
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         cmd.prepare_parser(p)
-        p.set_defaults(_run=cmd.run)
+        # Commands that inject system calls into targets run in a worker process
+        # (procksm.worker): killing procksm must never kill a target.
+        p.set_defaults(_run=cmd.run, _stops_targets=name in ("merge", "unmerge", "demo"))
     return parser
 
 
@@ -72,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "_stops_targets", False) and os.environ.get("PROCKSM_NO_WORKER") != "1":
+        from procksm.worker import run_in_worker
+
+        return run_in_worker(lambda: _run(args))
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args))
     except ProcksmError as e:

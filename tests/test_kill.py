@@ -1,0 +1,79 @@
+"""Killing procksm never kills a target (the start of the reliability suite, issue 8).
+
+`procksm merge` is SIGKILLed at random moments while it merges two targets whose
+threads are blocked in read/futex/nanosleep/poll: every target must stay alive, its
+self-check clean, no thread seeing a restart code or EINTR, none left stopped or traced,
+and a new procksm must be able to unmerge everything.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from procksm.merge import merged_ranges
+from tests.conftest import ROOT, build_c_target, require_privileges
+
+PROCKSM = [sys.executable, "-m", "procksm"]
+ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "12"))
+
+
+def thread_states(pid: int) -> dict[int, tuple[str, str]]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        tracer = next(x for x in status.splitlines() if x.startswith("TracerPid:")).split()[1]
+        out[int(tid)] = (stat.rsplit(")", 1)[1].split()[0], tracer)
+    return out
+
+
+def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    exe = build_c_target("planted")
+    rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2008")))
+    killed_mid_merge = 0
+    for _ in range(ROUNDS):
+        targets = [
+            spawn([exe, "--identical", 32768, "--zero", 4096, "--unique", 256, "--seed", 3,
+                   "--blockers"])
+            for _ in range(2)
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            [*PROCKSM, "merge", "--json", *(str(t.pid) for t in targets)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+        # Kill while stop windows are running: once the first target shows a merged
+        # range, after a random part of the ~0.5 s the merge takes.
+        while proc.poll() is None and not merged_ranges(targets[0].pid):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.kill()
+            if any(merged_ranges(t.pid) for t in targets):
+                killed_mid_merge += 1
+        proc.wait()
+        time.sleep(0.3)  # the worker finishes its stop window and exits
+        for t in targets:
+            assert t.alive(), f"target {t.pid} died"
+            states = thread_states(t.pid)
+            assert all(s not in ("t", "T") and tracer == "0" for s, tracer in states.values()), (
+                states
+            )
+            assert t.command("check").startswith("OK")
+            assert t.command("errors") == "ERRORS 0"
+        res = subprocess.run(
+            [*PROCKSM, "unmerge", *(str(t.pid) for t in targets)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        for t in targets:
+            assert merged_ranges(t.pid) == []
+            assert t.command("check").startswith("OK")
+            t.kill()
+    print(f"\n{ROUNDS} rounds survived, {killed_mid_merge} killed mid-merge")
+    assert killed_mid_merge >= ROUNDS // 2  # the test did hit merges in progress
