@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import os
 import resource
 import time
@@ -96,7 +97,11 @@ class MergeOptions:
     parallel: int = 1
     realtime: bool = True  # SCHED_FIFO while merging a target (see _realtime_priority)
     vma_budget_cap: int = 8192
-    segment_pages: int = (64 << 20) // PAGE_SIZE
+    segment_pages: int = (64 << 20) // PAGE_SIZE  # at most this many slots per memfd
+    # The hole after each piece's slots (plan.split_at_extent_ends): a merged range that
+    # the target grows with mremap reads zeros for up to this much, like anonymous
+    # memory, instead of SIGBUS. A hole costs nothing until read. 2^28 pages = 1 TiB.
+    tail_gap_pages: int = 1 << 28
 
 
 @dataclass(slots=True)
@@ -411,16 +416,12 @@ class MergeEngine:
         )
 
     def _write_slots(self, scan: ScanInput, plan: MergePlan) -> None:
-        """Copy each slot's reference page into the store, 2 MiB at a time; seal.
-
-        Slot s lives in segment s // segment_pages at page s % segment_pages: chunks are
-        appended in slot order and a segment's size is a multiple of the chunk size.
-        """
-        seg = self.opts.segment_pages
+        """Copy each slot's reference page into its piece's memfd, 2 MiB at a time; give
+        each memfd its hole of ``tail_gap_pages`` (see plan.split_at_extent_ends); seal."""
         chunk = _WRITE_CHUNK_PAGES
-        assert seg % chunk == 0
         rows = plan.slot_rows
         self._slot_ok = np.ones(rows.size, bool)
+        self._piece_starts = plan.piece_starts
         if rows.size == 0:
             return
         mp = scan.mapping_of(rows)
@@ -430,22 +431,28 @@ class MergeEngine:
         pids = pid_of_map[mp]
         readers = {int(p): PageReader(int(p), chunk_bytes=PAGE_SIZE) for p in np.unique(pids)}
         buf = np.empty((chunk, PAGE_SIZE // 8), np.uint64)
-        for s0 in range(0, rows.size, chunk):
-            sl = slice(s0, min(rows.size, s0 + chunk))
-            n = sl.stop - s0
-            for pid in np.unique(pids[sl]):
-                sel = np.flatnonzero(pids[sl] == pid)
-                ok = readers[int(pid)].read_pages_into(addrs[sl][sel], buf, sel)
-                self._slot_ok[s0 + sel[~ok]] = False
-            # The reference must still hold what the scan hashed (the "second look"):
-            # a slot whose content changed is never mapped.
-            view = buf[:n].reshape(-1).view(np.uint8).data
-            self._slot_ok[s0 : s0 + n] &= hash_pages(view) == scan.pages.hash[rows[sl]]
-            run = self.store.add_run(view)
-            if s0 % seg == 0:
-                assert run.first_page == 0, "slot s is in segment s // segment_pages"
-                self.segments.append(self.store.segment(run.segment_id))
-        self.store.seal_pending()
+        bounds = [*plan.piece_starts.tolist(), rows.size]
+        for p0, p1 in itertools.pairwise(bounds):
+            for s0 in range(p0, p1, chunk):
+                sl = slice(s0, min(p1, s0 + chunk))
+                n = sl.stop - s0
+                for pid in np.unique(pids[sl]):
+                    sel = np.flatnonzero(pids[sl] == pid)
+                    ok = readers[int(pid)].read_pages_into(addrs[sl][sel], buf, sel)
+                    self._slot_ok[s0 + sel[~ok]] = False
+                # The reference must still hold what the scan hashed (the "second
+                # look"): a slot whose content changed is never mapped.
+                view = buf[:n].reshape(-1).view(np.uint8).data
+                self._slot_ok[s0 : s0 + n] &= hash_pages(view) == scan.pages.hash[rows[sl]]
+                run = self.store.add_run(view, new_segment=s0 == p0)
+                if s0 == p0:
+                    self.segments.append(self.store.segment(run.segment_id))
+        self.store.seal_pending(tail_pages=self.opts.tail_gap_pages)
+
+    def _piece(self, slot: int) -> tuple[Segment, int]:
+        """The memfd holding ``slot`` and the slot's byte offset in it."""
+        i = int(np.searchsorted(self._piece_starts, slot, side="right")) - 1
+        return self.segments[i], (slot - int(self._piece_starts[i])) * PAGE_SIZE
 
     def _merge_target_safely(
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
@@ -479,7 +486,6 @@ class MergeEngine:
             # Before the first mmap: merged ranges are file-backed private mappings, which
             # the default coredump_filter leaves out of kernel cores (procksm.coredump).
             coredump.keep_merged_in_cores(pid)
-        seg_pages = self.opts.segment_pages
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
         with PtraceSession(pid) as sess, _gc_paused():
             # The scratch page (arguments of the hand-over) gets a short window of its
@@ -496,11 +502,11 @@ class MergeEngine:
                     )
                     zero_ok = _verify_zero(reader, maps, zero_batch, stacks, res)
                     if ext_ok:
-                        fds = self._hand_over(st, {e.slot // seg_pages for e, _p in ext_ok})
+                        segs = {seg.id: seg for seg in (self._piece(e.slot)[0] for e, _ in ext_ok)}
+                        fds = self._hand_over(st, list(segs.values()))
                         try:
                             for e, prot in ext_ok:
-                                seg = self.segments[e.slot // seg_pages]
-                                off = (e.slot % seg_pages) * PAGE_SIZE
+                                seg, off = self._piece(e.slot)
                                 got = st.syscall_checked(
                                     SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
                                     MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
@@ -525,9 +531,8 @@ class MergeEngine:
             res.pauses.extend(sess.pauses)
 
     def _slot_bytes(self, e: Extent) -> bytes:
-        seg_pages = self.opts.segment_pages
-        seg = self.segments[e.slot // seg_pages]
-        return os.pread(seg.fd, e.npages * PAGE_SIZE, (e.slot % seg_pages) * PAGE_SIZE)
+        seg, off = self._piece(e.slot)
+        return os.pread(seg.fd, e.npages * PAGE_SIZE, off)
 
     def _verify_extents(
         self,
@@ -575,7 +580,7 @@ class MergeEngine:
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
 
-    def _hand_over(self, st: StoppedTarget, segment_indexes: set[int]) -> dict[int, int]:
+    def _hand_over(self, st: StoppedTarget, segs: list[Segment]) -> dict[int, int]:
         """Give the target a read-only fd of each segment; returns segment id -> its fd.
 
         Root targets in our pid and mount namespaces open /proc/<procksm>/fd/N themselves
@@ -583,7 +588,6 @@ class MergeEngine:
         their network namespace (SCM_RIGHTS; DESIGN §2.6). Every fd is checked to be the
         segment's inode before anything maps it (§3.6).
         """
-        segs = [self.segments[i] for i in sorted(segment_indexes)]
         scratch = st.scratch()
         got: dict[int, int] = {}
         ro_fds = {s.id: s.readonly_fd() for s in segs}

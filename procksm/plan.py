@@ -16,6 +16,7 @@ the largest are kept and the refused pages are counted.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,13 @@ class MergePlan:
     slot_rows: np.ndarray  # int64: for slot s, the row of its reference page
     targets: list[TargetPlan]
     segment_pages: int
+    # Slots are stored in pieces, one memfd each: piece i holds slots
+    # piece_starts[i] .. piece_starts[i+1]-1. Every extent ends at the end of a piece
+    # (see split_at_extent_ends), so the file continues after it only with a hole.
+    piece_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def piece_of(self, slot: int) -> int:
+        return int(np.searchsorted(self.piece_starts, slot, side="right")) - 1
 
     @property
     def nslots(self) -> int:
@@ -146,16 +154,54 @@ def plan_merge(
                 targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
 
     for tp in targets.values():
-        limit = budgets.get(tp.pid, 0) // 2  # an extent may cost two VMAs
-        if len(tp.extents) > limit:
-            keep = sorted(tp.extents, key=lambda e: -e.npages)[:limit]
-            refused = len(tp.extents) - len(keep)
-            tp.pages_refused_budget = tp.pages - sum(e.npages for e in keep)
-            tp.extents_refused_budget = refused
-            tp.extents = sorted(keep, key=lambda e: e.addr)
+        _apply_budget(tp, budgets.get(tp.pid, 0))
+    piece_starts = split_at_extent_ends(list(targets.values()), slot_rows.size, segment_pages)
+    for tp in targets.values():
+        _apply_budget(tp, budgets.get(tp.pid, 0))  # splitting may have added extents
     return MergePlan(
-        slot_rows=slot_rows, targets=list(targets.values()), segment_pages=segment_pages
+        slot_rows=slot_rows,
+        targets=list(targets.values()),
+        segment_pages=segment_pages,
+        piece_starts=piece_starts,
     )
+
+
+def _apply_budget(tp: TargetPlan, budget: int) -> None:
+    limit = budget // 2  # an extent may cost two VMAs
+    if len(tp.extents) > limit:
+        keep = sorted(tp.extents, key=lambda e: -e.npages)[:limit]
+        refused_pages = tp.pages - sum(e.npages for e in keep)
+        tp.pages_refused_budget += refused_pages
+        tp.extents_refused_budget += len(tp.extents) - len(keep)
+        tp.extents = sorted(keep, key=lambda e: e.addr)
+
+
+def split_at_extent_ends(targets: list[TargetPlan], nslots: int, segment_pages: int) -> np.ndarray:
+    """Cut the slots into pieces that end wherever any target's extent ends; split the
+    extents at piece starts. Returns the piece starts.
+
+    Why: ``mremap`` can grow a mapping in place, and a grown file mapping maps the file
+    offsets that follow it. Were another extent's slots there, the grown pages would read
+    another process's merged content (and SIGBUS past the end of the file) instead of
+    zeros (measured). Each piece is its own memfd whose file continues with a large hole
+    (MergeOptions.tail_gap_pages), which reads as zeros, like the anonymous memory that
+    a growing anonymous mapping gets.
+    """
+    ends = {e.slot + e.npages for tp in targets for e in tp.extents}
+    ends.update(range(segment_pages, nslots, segment_pages))
+    starts = np.array(sorted({0, *ends} - {nslots}), dtype=np.int64)
+    starts = starts[starts < max(nslots, 1)]
+    for tp in targets:
+        out: list[Extent] = []
+        for e in tp.extents:
+            lo = int(np.searchsorted(starts, e.slot, side="right"))
+            hi = int(np.searchsorted(starts, e.slot + e.npages, side="left"))
+            cuts = [int(c) for c in starts[lo:hi]]
+            edges = [e.slot, *cuts, e.slot + e.npages]
+            for a, b in itertools.pairwise(edges):
+                out.append(Extent(e.addr + (a - e.slot) * PAGE_SIZE, b - a, a, e.prot_write))
+        tp.extents = out
+    return starts if starts.size else np.zeros(1, np.int64)
 
 
 # Injected system calls per stop window: an extent costs two (mmap, MADV_POPULATE_READ), a

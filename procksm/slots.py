@@ -282,7 +282,9 @@ class SlotStore:
 
     # --- building ------------------------------------------------------------------------
 
-    def add_run(self, pages: bytes | bytearray | memoryview) -> SlotRun:
+    def add_run(
+        self, pages: bytes | bytearray | memoryview, *, new_segment: bool = False
+    ) -> SlotRun:
         """Store ``pages`` (n * PAGE_SIZE bytes) as n adjacent slots of one segment.
 
         The run lands in the segment being built if it fits; otherwise a new segment is
@@ -295,7 +297,7 @@ class SlotStore:
             raise ValueError(f"a run is a positive multiple of {PAGE_SIZE} bytes, not {len(view)}")
         npages = len(view) // PAGE_SIZE
         seg = self._building
-        if seg is None or seg.room() < npages:
+        if new_segment or seg is None or seg.room() < npages:
             seg = self._new_segment(max(self.segment_pages, npages))
             self._building = seg
         return seg._append(view)
@@ -306,9 +308,10 @@ class SlotStore:
         self._segments[seg.id] = seg
         return seg
 
-    def seal_pending(self) -> list[Segment]:
+    def seal_pending(self, tail_pages: int = 0) -> list[Segment]:
         """Seal every segment built since the last call; they become mappable. Empty ones
-        are dropped."""
+        are dropped. ``tail_pages``: a hole appended to each file before sealing (read as
+        zeros, no memory until read)."""
         sealed: list[Segment] = []
         for seg in list(self._segments.values()):
             if seg.sealed or seg.closed:
@@ -316,6 +319,8 @@ class SlotStore:
             if seg.npages == 0:
                 self._forget(seg)
                 continue
+            if tail_pages:
+                os.ftruncate(seg.fd, seg.length + tail_pages * PAGE_SIZE)
             seg.seal()
             sealed.append(seg)
         self._building = None

@@ -181,6 +181,29 @@ def test_mremap_shrink_of_a_merged_range(pair) -> None:  # type: ignore[no-untyp
     assert_all_ok(a, b)
 
 
+def test_mremap_grow_of_a_merged_range_reads_zeros(pair) -> None:  # type: ignore[no-untyped-def]
+    """Growing a merged range (glibc realloc of an mmapped chunk does it) maps the memfd
+    offsets after the extent: procksm ends every extent's memfd with a hole, so the new
+    pages read zeros like a grown anonymous mapping (no SIGBUS, no other slot's data)."""
+    a, b = pair
+    answer = a.command(f"mremap identical {4 * N}")
+    assert answer.startswith("OK addr="), answer
+    assert_all_ok(a, b)  # a expects zeros in the grown pages and checks them
+    assert a.command(f"write identical {3 * N}") == "OK"  # a grown page copies on write
+    assert_all_ok(a, b)
+
+
+def test_known_hazard_mremap_shrink_then_grow_reads_old_content(pair) -> None:  # type: ignore[no-untyped-def]
+    """Open hazard (issue 4), like MADV_DONTNEED: shrinking a merged range and growing it
+    back maps the same memfd offsets again, so the regrown pages show their merged
+    content where anonymous memory would read zeros."""
+    a, b = pair
+    assert a.command(f"mremap identical {N // 2}").startswith("OK addr=")
+    assert a.command(f"mremap identical {N}").startswith("OK addr=")
+    assert a.command("check").startswith("CORRUPT region=identical page=")
+    assert b.command("check").startswith("OK")
+
+
 def test_mprotect_read_only_faults_like_anonymous_memory(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     # the reference: anonymous memory made read-only faults on write

@@ -115,16 +115,20 @@ def test_slots_follow_first_occurrence_and_unique_pages_get_none() -> None:
     mp = plan(scan)
     assert mp.nslots == 2
     assert mp.slot_rows.tolist() == [1, 2]
-    assert extents(mp, 0) == [(1, 2, 0)]
+    # p1's one-slot extents end at slot 1 and 2: p0's run A B is cut at slot 1, so that
+    # no extent is followed by another extent's slots in its memfd (mremap growth)
+    assert extents(mp, 0) == [(1, 1, 0), (2, 1, 1)]
     # in p1, B (slot 1) comes before A (slot 0): the slots go backwards, two extents
     assert extents(mp, 1) == [(100, 1, 1), (101, 1, 0)]
+    assert mp.piece_starts.tolist() == [0, 1]
 
 
 def test_slot_discontinuity_splits_an_extent() -> None:
     # p1 holds A B C but p2 holds A C: in p2 slot 0 is followed by slot 2
     scan = build([[(at(0), [1, 2, 3])], [(at(50), [1, 3])], [(at(90), [2])]])
     mp = plan(scan)
-    assert extents(mp, 0) == [(0, 3, 0)]
+    # the other targets' extents end after slots 0, 1 and 2: p0's run is cut there
+    assert extents(mp, 0) == [(0, 1, 0), (1, 1, 1), (2, 1, 2)]
     assert extents(mp, 1) == [(50, 1, 0), (51, 1, 2)]
     assert extents(mp, 2) == [(90, 1, 1)]
 
@@ -134,7 +138,7 @@ def test_mapping_change_splits_an_extent_even_when_addresses_touch() -> None:
     scan = build([[(at(0), [1, 2]), (at(2), [3, 4])], [(at(100), [1, 2, 3, 4])]])
     mp = plan(scan)
     assert extents(mp, 0) == [(0, 2, 0), (2, 2, 2)]
-    assert extents(mp, 1) == [(100, 4, 0)]
+    assert extents(mp, 1) == [(100, 2, 0), (102, 2, 2)]  # cut where p0's first extent ends
 
 
 def test_address_gap_splits_an_extent() -> None:
@@ -142,7 +146,7 @@ def test_address_gap_splits_an_extent() -> None:
     scan = build([[(at(0), [1, 2, None, 3])], [(at(100), [1, 2, 3])]])
     mp = plan(scan)
     assert extents(mp, 0) == [(0, 2, 0), (3, 1, 2)]
-    assert extents(mp, 1) == [(100, 3, 0)]
+    assert extents(mp, 1) == [(100, 2, 0), (102, 1, 2)]  # cut where p0's extent ends
 
 
 def test_segment_boundary_splits_an_extent() -> None:
