@@ -17,6 +17,7 @@ the largest are kept and the refused pages are counted.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,16 +217,20 @@ def split_batches(
     zero_extents: list[ZeroExtent],
     batch_pages: int,
     max_calls: int = MAX_CALLS_PER_BATCH,
+    piece_of: Callable[[int], int] | None = None,
 ) -> list[tuple[list[Extent], list[ZeroExtent]]]:
     """Cut the work into stop windows of at most ``batch_pages`` pages and ``max_calls``
     injected system calls each.
 
-    Extents longer than a batch are cut; the pieces are adjacent in address and slot,
-    so the kernel merges their VMAs back into one.
+    An extent costs 2 calls (mmap, MADV_POPULATE_READ), a zero run 1 (MADV_DONTNEED),
+    and each memfd a window uses 2 more (open, close): ``piece_of(slot)`` names the
+    memfd of a slot. Extents longer than a batch are cut; the pieces are adjacent in
+    address and slot, so the kernel merges their VMAs back into one.
     """
     out: list[tuple[list[Extent], list[ZeroExtent]]] = []
     cur_e: list[Extent] = []
     cur_z: list[ZeroExtent] = []
+    fds: set[int] = set()
     used = calls = 0
 
     def flush() -> None:
@@ -233,17 +238,23 @@ def split_batches(
         if cur_e or cur_z:
             out.append((cur_e, cur_z))
         cur_e, cur_z, used, calls = [], [], 0, 0
+        fds.clear()
 
     for e in extents:
         off = 0
+        piece = piece_of(e.slot) if piece_of else -1
         while off < e.npages:
-            if calls + 2 > max_calls:
+            cost = 2 + (2 if piece_of and piece not in fds else 0)
+            if calls + cost > max_calls and (cur_e or cur_z):
                 flush()
+                cost = 2 + (2 if piece_of else 0)
+            if piece_of:
+                fds.add(piece)
             take = min(e.npages - off, batch_pages - used)
             cur_e.append(Extent(e.addr + off * PAGE_SIZE, take, e.slot + off, e.prot_write))
             off += take
             used += take
-            calls += 2
+            calls += cost
             if used >= batch_pages:
                 flush()
     for z in zero_extents:

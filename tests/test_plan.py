@@ -372,3 +372,13 @@ def test_split_batches_bounds_injected_calls_on_one_page_extents() -> None:
     assert all(2 * len(be) <= MAX_CALLS_PER_BATCH for be, _ in batches)
     assert len(batches) == -(-1000 // (MAX_CALLS_PER_BATCH // 2))
     assert split_batches([], [], 512) == []
+
+
+def test_split_batches_counts_a_memfd_open_and_close_per_window() -> None:
+    # four one-page extents, each in its own memfd: 2 (mmap, populate) + 2 (open, close)
+    exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(4)]
+    batches = split_batches(exts, [], 256, max_calls=8, piece_of=lambda slot: slot)
+    assert [len(b[0]) for b in batches] == [2, 2]
+    # the same extents in one memfd: its open and close are paid once per window
+    batches = split_batches(exts, [], 256, max_calls=10, piece_of=lambda slot: 0)
+    assert [len(b[0]) for b in batches] == [4]
