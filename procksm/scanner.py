@@ -383,11 +383,17 @@ def _verify_pairs(
 def _mark_inconsistent_frames(t: PageTable) -> None:
     """Rows of one frame whose hashes differ saw the frame change: mark them volatile.
 
-    Done by PFN bucket so the temporaries stay small.
+    Only frames mapped more than once can have several rows (pagemap's "exclusively
+    mapped" bit is clear for them: FLAG_FRAME_SHARED), so only those rows are looked at,
+    by PFN bucket so the temporaries stay small.
     """
-    nb, _ = hash_buckets(len(t))
+    shared = np.flatnonzero((t.flags & FLAG_FRAME_SHARED) != 0)
+    if shared.size < 2:
+        return
+    pfns = t.pfn[shared]
+    nb, _ = hash_buckets(shared.size)
     for b in range(nb):
-        rows = pfn_bucket_rows(t.pfn, b, nb)
+        rows = shared[pfn_bucket_rows(pfns, b, nb)]
         if rows.size < 2:
             continue
         order = np.lexsort((t.hash[rows], t.pfn[rows]))
