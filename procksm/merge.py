@@ -47,7 +47,6 @@ from procksm.fdpass import (
     FdSender,
     build_recv_layout,
     parse_recv_result,
-    proc_open_plan,
     proc_open_possible,
     verify_received_fd,
 )
@@ -59,6 +58,7 @@ from procksm.plan import (
     MergePlan,
     TargetPlan,
     ZeroExtent,
+    apply_budget,
     plan_merge,
     split_batches,
     vma_budget,
@@ -72,6 +72,8 @@ MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
 SYS_close = 3
+SYS_pidfd_open = 434
+SYS_pidfd_getfd = 438
 # how a merged range shows in /proc/PID/maps
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 _WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
@@ -292,11 +294,19 @@ class MergeEngine:
         self.store = SlotStore(segment_pages=self.opts.segment_pages)
         self.segments: list[Segment] = []  # in slot order: slot s is in segments[s // seg]
         self._mapped_slots: set[int] = set()
+        self._ro_fds: dict[int, int] = {}
+        self._new_slots = 0
+        self._adopted = 0
+        self._piece_starts = np.zeros(0, np.int64)
         self._slot_ok = np.zeros(0, bool)
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
         # when its last mapping goes; DESIGN §2.3, never a hole punched under a mapping).
+        for fd in self._ro_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ro_fds.clear()
         self.store.close()
 
     def __enter__(self) -> MergeEngine:
@@ -345,9 +355,14 @@ class MergeEngine:
                     rows = self._rows_of_proc(scan, i)
                     results[p.pid].pages_volatile += int((~mergeable[rows]).sum())
             for e in scan.exclusions:
-                if e.rss_pages:
+                if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
                     pid = scan.processes[e.proc].pid
                     refused.append(Refusal(pid, e.start, e.end, e.reason))
+            # The stable tree across runs: segments an earlier procksm mapped into these
+            # targets. Pages equal to their content map them again (a restarted worker
+            # joins the merge) instead of getting new slots.
+            existing = self._adopt_existing(pids)
+            joins = _match_existing(scan, mergeable, existing) if existing else {}
             budgets = {
                 pid: vma_budget(
                     procfs.max_map_count(), len(procfs.read_maps(pid)), self.opts.vma_budget_cap
@@ -363,6 +378,7 @@ class MergeEngine:
             )
             say(f"writing {plan.nslots:,} slots")
             self._write_slots(scan, plan)
+            self._add_existing(plan, existing, joins, budgets)
             for tp in plan.targets:
                 res = results[tp.pid]
                 if tp.pages_refused_budget:
@@ -398,9 +414,9 @@ class MergeEngine:
         return MergeResult(
             targets=list(results.values()),
             refused=refused,
-            slots=sum(s.npages for s in self.segments),
+            slots=self._new_slots,
             slots_mapped=slots_mapped,
-            segments=len(self.segments),
+            segments=len(self.segments) - self._adopted,
             scans=scans,
             elapsed_s=time.perf_counter() - t0,
             cpu_s=_cpu_seconds() - cpu0,
@@ -423,7 +439,8 @@ class MergeEngine:
         chunk = _WRITE_CHUNK_PAGES
         rows = plan.slot_rows
         self._slot_ok = np.ones(rows.size, bool)
-        self._piece_starts = plan.piece_starts
+        self._piece_starts = plan.piece_starts if rows.size else np.zeros(0, np.int64)
+        self._new_slots = int(rows.size)
         if rows.size == 0:
             return
         mp = scan.mapping_of(rows)
@@ -450,6 +467,67 @@ class MergeEngine:
                 if s0 == p0:
                     self.segments.append(self.store.segment(run.segment_id))
         self.store.seal_pending(tail_pages=self.opts.tail_gap_pages)
+
+    def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
+        """Open (read-only) each procksm segment mapped in the targets, once per inode,
+        and hash its data pages. Needs /proc/PID/map_files (root); skipped otherwise."""
+        out: list[tuple[Segment, np.ndarray]] = []
+        seen: set[int] = set()
+        for pid in pids:
+            for v in merged_ranges(pid):
+                if v.inode in seen:
+                    continue
+                seen.add(v.inode)
+                try:
+                    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}",
+                                 os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
+                except OSError:
+                    continue
+                try:
+                    data = os.lseek(fd, 0, os.SEEK_HOLE)  # slots, then the tail hole
+                    npages = data // PAGE_SIZE
+                    if npages == 0:
+                        raise OSError("empty segment")
+                    seg = self.store.adopt(fd, npages)
+                except (OSError, ProcksmError):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    continue
+                hashes = np.empty(npages, np.uint64)
+                for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
+                    n = min(_WRITE_CHUNK_PAGES, npages - p0)
+                    hashes[p0 : p0 + n] = hash_pages(os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE))
+                out.append((seg, hashes))
+        return out
+
+    def _add_existing(
+        self,
+        plan: MergePlan,
+        existing: list[tuple[Segment, np.ndarray]],
+        joins: dict[int, list[tuple[int, int, int, int]]],
+        budgets: dict[int, int],
+    ) -> None:
+        """Number the adopted segments' slots after the new ones and give each target its
+        extents into them (verified byte for byte under stop like any other)."""
+        base = len(plan.slot_rows)
+        starts = list(self._piece_starts.tolist())
+        bases = []
+        for seg, _h in existing:
+            bases.append(base)
+            starts.append(base)
+            self.segments.append(seg)
+            base += seg.npages
+        self._adopted = len(existing)
+        self._piece_starts = np.array(starts, dtype=np.int64)
+        self._slot_ok = np.concatenate((self._slot_ok, np.ones(base - len(plan.slot_rows), bool)))
+        by_pid = {tp.pid: tp for tp in plan.targets}
+        for pid, runs in joins.items():
+            tp = by_pid.get(pid)
+            if tp is None:
+                continue
+            tp.extents.extend(Extent(a, n, bases[i] + pg) for a, n, i, pg in runs)
+            tp.extents.sort(key=lambda e: e.addr)
+            apply_budget(tp, budgets.get(pid, 0))
 
     def _piece(self, slot: int) -> tuple[Segment, int]:
         """The memfd holding ``slot`` and the slot's byte offset in it."""
@@ -526,7 +604,9 @@ class MergeEngine:
                                 )
                                 res.pages_merged += e.npages
                                 res.extents += 1
-                                self._mapped_slots.update(range(e.slot, e.slot + e.npages))
+                                # only new slots cost memory; adopted ones exist already
+                                end = min(e.slot + e.npages, self._new_slots)
+                                self._mapped_slots.update(range(e.slot, end))
                         finally:
                             for fd in fds.values():
                                 st.syscall(SYS_close, fd)
@@ -586,62 +666,132 @@ class MergeEngine:
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
 
+    def _readonly_fd(self, seg: Segment) -> int:
+        """procksm's one read-only fd (open file description) per segment.
+
+        Every hand-over passes *this* file description (SCM_RIGHTS and pidfd_getfd
+        duplicate it, they do not reopen): the kernel merges adjacent mappings only when
+        they share the struct file, so the stop windows of one long extent end as one
+        VMA instead of one per window (measured: a reopen per window left 4 VMAs for
+        1024 pages).
+        """
+        fd = self._ro_fds.get(seg.id)
+        if fd is None:
+            fd = self._ro_fds[seg.id] = seg.readonly_fd()
+        return fd
+
     def _hand_over(self, st: StoppedTarget, segs: list[Segment]) -> dict[int, int]:
         """Give the target a read-only fd of each segment; returns segment id -> its fd.
 
-        Root targets in our pid and mount namespaces open /proc/<procksm>/fd/N themselves
-        (one syscall); others receive the fds over an abstract AF_UNIX socket created in
-        their network namespace (SCM_RIGHTS; DESIGN §2.6). Every fd is checked to be the
-        segment's inode before anything maps it (§3.6).
+        Targets that may ptrace procksm (root, our pid namespace) take the fds
+        themselves with pidfd_open + pidfd_getfd; others receive them over an abstract
+        AF_UNIX socket created in their network namespace (SCM_RIGHTS; DESIGN §2.6).
+        Either way the target holds procksm's read-only open file description, and every
+        fd is checked to be the segment's inode before anything maps it (§3.6).
         """
+        ro_fds = {s.id: self._readonly_fd(s) for s in segs}
+        if proc_open_possible(st.pid):
+            got = self._take_with_pidfd(st, segs, ro_fds)
+            if got is not None:
+                return got
         scratch = st.scratch()
-        got: dict[int, int] = {}
-        ro_fds = {s.id: s.readonly_fd() for s in segs}
-        try:
-            if proc_open_possible(st.pid):
-                for s in segs:
-                    plan = proc_open_plan(scratch, ro_fds[s.id])
-                    st.write_memory(scratch, plan.blob)
-                    call = plan.openat_call()
-                    fd = st.syscall(call.nr, *call.args)
-                    if fd < 0:
-                        break  # EACCES for non-root targets: use SCM_RIGHTS for all
-                    if not verify_received_fd(st.pid, fd, s):
-                        st.syscall(SYS_close, fd)
-                        raise ProcksmError(f"pid {st.pid}: received fd is not procksm's memfd")
-                    got[s.id] = fd
-                else:
-                    return got
-                for fd in got.values():
+        with FdSender(st.pid) as sender:
+            layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
+            st.write_memory(scratch, layout.blob)
+            c = layout.socket_call()
+            sock = st.syscall_checked(c.nr, *c.args, name="socket")
+            try:
+                c = layout.bind_call(sock)
+                st.syscall_checked(c.nr, *c.args, name="bind")
+                sender.send_fds([ro_fds[s.id] for s in segs])
+                c = layout.recvmsg_call(sock)
+                ret = st.syscall(c.nr, *c.args)
+            finally:
+                c = layout.close_call(sock)
+                st.syscall(c.nr, *c.args)
+            msg = parse_recv_result(layout, st.read_memory(scratch, layout.size), ret)
+            ok = msg.is_from(sender) and len(msg.fds) == len(segs)
+            ok = ok and all(
+                verify_received_fd(st.pid, fd, s) for fd, s in zip(msg.fds, segs, strict=False)
+            )
+            if not ok:
+                for fd in msg.fds:
                     st.syscall(SYS_close, fd)
-                got.clear()
-            with FdSender(st.pid) as sender:
-                layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
-                st.write_memory(scratch, layout.blob)
-                c = layout.socket_call()
-                sock = st.syscall_checked(c.nr, *c.args, name="socket")
-                try:
-                    c = layout.bind_call(sock)
-                    st.syscall_checked(c.nr, *c.args, name="bind")
-                    sender.send_fds([ro_fds[s.id] for s in segs])
-                    c = layout.recvmsg_call(sock)
-                    ret = st.syscall(c.nr, *c.args)
-                finally:
-                    c = layout.close_call(sock)
-                    st.syscall(c.nr, *c.args)
-                msg = parse_recv_result(layout, st.read_memory(scratch, layout.size), ret)
-                ok = msg.is_from(sender) and len(msg.fds) == len(segs)
-                ok = ok and all(
-                    verify_received_fd(st.pid, fd, s) for fd, s in zip(msg.fds, segs, strict=False)
-                )
-                if not ok:
-                    for fd in msg.fds:
-                        st.syscall(SYS_close, fd)
-                    raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
-                return {s.id: fd for s, fd in zip(segs, msg.fds, strict=True)}
+                raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
+            return {s.id: fd for s, fd in zip(segs, msg.fds, strict=True)}
+
+    def _take_with_pidfd(
+        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int]
+    ) -> dict[int, int] | None:
+        """pidfd_open(procksm) + pidfd_getfd per segment + close, in the target. None when
+        the kernel refuses (the target may not ptrace procksm): use SCM_RIGHTS then."""
+        pidfd = st.syscall(SYS_pidfd_open, os.getpid(), 0)
+        if pidfd < 0:
+            return None
+        got: dict[int, int] = {}
+        try:
+            for s in segs:
+                fd = st.syscall(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
+                if fd < 0:
+                    for f in got.values():
+                        st.syscall(SYS_close, f)
+                    return None
+                if not verify_received_fd(st.pid, fd, s):
+                    st.syscall(SYS_close, fd)
+                    for f in got.values():
+                        st.syscall(SYS_close, f)
+                    raise ProcksmError(f"pid {st.pid}: received fd is not procksm's memfd")
+                got[s.id] = fd
+            return got
         finally:
-            for fd in ro_fds.values():
-                os.close(fd)
+            st.syscall(SYS_close, pidfd)
+
+
+def _match_existing(
+    scan: ScanInput, mergeable: np.ndarray, existing: list[tuple[Segment, np.ndarray]]
+) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Runs of scanned pages that equal (by hash; bytes are compared under stop) the
+    tail of an adopted segment: ``{pid: [(addr, npages, segment index, first page)]}``.
+
+    A run must end at its segment's last data page, so that, as for new pieces, nothing
+    but the hole follows it in the file (mremap growth reads zeros). Rows of accepted
+    runs are taken out of ``mergeable`` (they need no new slot).
+    """
+    t = scan.pages
+    seg_idx = np.concatenate([np.full(h.size, i, np.int64) for i, (_s, h) in enumerate(existing)])
+    page = np.concatenate([np.arange(h.size, dtype=np.int64) for _s, h in existing])
+    hashes = np.concatenate([h for _s, h in existing])
+    order = np.argsort(hashes, kind="stable")
+    sh = hashes[order]
+    rows = np.flatnonzero(mergeable[: len(t)] & (t.content >= 0))
+    if rows.size == 0 or sh.size == 0:
+        return {}
+    pos = np.minimum(np.searchsorted(sh, t.hash[rows]), sh.size - 1)
+    hit = sh[pos] == t.hash[rows]
+    rows, pos = rows[hit], pos[hit]
+    if rows.size == 0:
+        return {}
+    r_seg, r_page = seg_idx[order[pos]], page[order[pos]]
+    mp = scan.mapping_of(rows)
+    starts = np.array([m.start for m in scan.mappings], dtype=np.int64)
+    addr = starts[mp] + t.off[rows].astype(np.int64) * PAGE_SIZE
+    brk = np.flatnonzero(
+        (np.diff(mp) != 0) | (np.diff(addr) != PAGE_SIZE) | (np.diff(r_seg) != 0)
+        | (np.diff(r_page) != 1)
+    ) + 1  # fmt: skip
+    out: dict[int, list[tuple[int, int, int, int]]] = {}
+    for a, b in zip(
+        np.concatenate(([0], brk)).tolist(),
+        np.concatenate((brk, [rows.size])).tolist(),
+        strict=True,
+    ):
+        i = int(r_seg[a])
+        if int(r_page[b - 1]) + 1 != existing[i][0].npages:
+            continue  # not the segment's tail: a new slot run is safer
+        pid = scan.processes[scan.mappings[int(mp[a])].proc].pid
+        out.setdefault(pid, []).append((int(addr[a]), b - a, i, int(r_page[a])))
+        mergeable[rows[a:b]] = False
+    return out
 
 
 @contextlib.contextmanager

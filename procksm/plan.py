@@ -155,10 +155,10 @@ def plan_merge(
                 targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
 
     for tp in targets.values():
-        _apply_budget(tp, budgets.get(tp.pid, 0))
+        apply_budget(tp, budgets.get(tp.pid, 0))
     piece_starts = split_at_extent_ends(list(targets.values()), slot_rows.size, segment_pages)
     for tp in targets.values():
-        _apply_budget(tp, budgets.get(tp.pid, 0))  # splitting may have added extents
+        apply_budget(tp, budgets.get(tp.pid, 0))  # splitting may have added extents
     return MergePlan(
         slot_rows=slot_rows,
         targets=list(targets.values()),
@@ -167,7 +167,7 @@ def plan_merge(
     )
 
 
-def _apply_budget(tp: TargetPlan, budget: int) -> None:
+def apply_budget(tp: TargetPlan, budget: int) -> None:
     limit = budget // 2  # an extent may cost two VMAs
     if len(tp.extents) > limit:
         keep = sorted(tp.extents, key=lambda e: -e.npages)[:limit]

@@ -262,6 +262,27 @@ class Segment:
             os.close(self._fd)
             self.closed = True
 
+    @classmethod
+    def adopt(cls, segment_id: int, fd: int, npages: int) -> Segment:
+        """A sealed segment of an earlier procksm, opened read-only from a target's
+        /proc/PID/map_files (its slots are the stable tree of later merges)."""
+        seals = int(fcntl.fcntl(fd, fcntl.F_GET_SEALS))
+        if seals & SEALS != SEALS:
+            os.close(fd)
+            raise ProcksmError("a procksm segment found in a target is not sealed; not used")
+        seg = cls.__new__(cls)
+        seg.id = segment_id
+        seg.name = f"procksm-seg-adopted-{segment_id}"
+        seg.capacity_pages = npages
+        seg._fd = fd
+        seg.identity = FileIdentity.of_fd(fd)
+        seg.npages = npages
+        seg.sealed = True
+        seg.closed = False
+        seg._refs = np.zeros(npages, dtype=np.uint32)
+        seg.mapping_refs = 0
+        return seg
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "sealed" if self.sealed else "building"
         return f"<Segment {self.name} {self.npages} pages {state} refs={self.mapping_refs}>"
@@ -304,6 +325,13 @@ class SlotStore:
 
     def _new_segment(self, capacity_pages: int) -> Segment:
         seg = Segment(self._next_id, capacity_pages)
+        self._next_id += 1
+        self._segments[seg.id] = seg
+        return seg
+
+    def adopt(self, fd: int, npages: int) -> Segment:
+        """Hold an existing sealed segment (see :meth:`Segment.adopt`)."""
+        seg = Segment.adopt(self._next_id, fd, npages)
         self._next_id += 1
         self._segments[seg.id] = seg
         return seg

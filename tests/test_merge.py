@@ -88,6 +88,11 @@ def test_merge_shares_frames_and_saves_memory(trio) -> None:  # type: ignore[no-
     assert doc["totals"]["pages_zeroed"] == 3 * Z
     assert doc["totals"]["slots"] == N
     assert doc["totals"]["saved_pages"] >= 0.99 * ideal
+    # one VMA per region, although it was mapped in N/256 stop windows: every window
+    # maps procksm's same open file description, so the kernel merges the mappings
+    for t in trio:
+        s, e = region(t, "identical")
+        assert [(v.start, v.end) for v in merged_ranges(t.pid)] == [(s, e)]
     # truth 1: every target's identical region maps the same frames, page for page
     first = pfns(trio[0].pid, *region(trio[0], "identical"))
     for t in trio[1:]:
@@ -190,3 +195,24 @@ def test_unmerge_all(trio) -> None:  # type: ignore[no-untyped-def]
     for t in trio:
         assert merged_ranges(t.pid) == []
         assert t.command("check").startswith("OK")
+
+
+def test_a_new_target_joins_an_existing_merge(trio) -> None:  # type: ignore[no-untyped-def]
+    """A restarted worker: its pages map the segments an earlier merge left in the other
+    targets (the stable tree across runs), no new copy of the shared data is written."""
+    a, b, c = trio
+    first = merge([a.pid, b.pid], MergeOptions(selection=selection([a, b])))
+    assert first.pages_merged == 2 * N
+    res = merge([a.pid, b.pid, c.pid], MergeOptions(selection=selection(trio)))
+    doc = res.as_json()
+    assert doc["processes"][2]["pages_merged"] == N  # c, into the existing segment
+    assert doc["totals"]["slots_written"] == 0  # nothing new to store
+    shared = pfns(a.pid, *region(a, "identical"))
+    assert (pfns(c.pid, *region(c, "identical")) == shared).all()
+    inodes = {v.inode for t in trio for v in merged_ranges(t.pid)}
+    assert len(inodes) == 1
+    for t in trio:
+        assert t.command("check").startswith("OK")
+    # growing c's merged range still reads zeros: it ends the adopted segment
+    assert c.command(f"write identical {N - 1}") == "OK"
+    assert (pfns(a.pid, *region(a, "identical")) == shared).all()
