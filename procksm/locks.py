@@ -38,12 +38,40 @@ def start_time(pid: int) -> str:
     return text.rsplit(")", 1)[1].split()[19]
 
 
+def remove_stale_locks(directory: str) -> int:
+    """Delete the lock files of targets that no longer exist (pid gone or reused).
+
+    A lock of a live target is never touched; a procksm that still holds the flock of a
+    deleted file loses nothing (its target is gone). Returns how many were removed.
+    """
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        pid_text, dash, start = stem.partition("-")
+        if ext != "lock" or not dot or not dash or not pid_text.isdigit():
+            continue
+        try:
+            alive = start_time(int(pid_text)) == start
+        except NoSuchProcess:
+            alive = False
+        if not alive:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def target_locks(pids: Sequence[int]) -> Iterator[None]:
     """Hold the lock of every pid (sorted, so two procksm never deadlock) or raise
     TargetBusy naming the procksm that holds one."""
     directory = lock_dir()
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    remove_stale_locks(directory)
     held: list[int] = []
     try:
         for pid in sorted(set(pids)):

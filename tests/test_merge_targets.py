@@ -430,3 +430,17 @@ def test_unmerge_while_another_procksm_works_on_the_target(merged_pair) -> None:
         res = run_cli("unmerge", merged_pair[0].pid)
     assert_one_line_error(res, 5, "another procksm")
     assert_still_merged(merged_pair, before)
+
+
+def test_stale_lock_files_are_removed(tmp_path, monkeypatch, spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    """Lock files of exited targets do not accumulate; a live target's lock stays."""
+    from procksm import locks
+
+    monkeypatch.setenv("PROCKSM_LOCK_DIR", str(tmp_path))
+    t = spawn(planted_argv(planted))
+    (tmp_path / "4194305-123.lock").write_text("1\n")  # a pid above pid_max: gone
+    (tmp_path / f"{t.pid}-1.lock").write_text("1\n")  # pid reused (other start time)
+    with locks.target_locks([t.pid]):
+        live = tmp_path / f"{t.pid}-{locks.start_time(t.pid)}.lock"
+        assert live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
