@@ -8,6 +8,7 @@ and a new procksm must be able to unmerge everything.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -77,3 +78,31 @@ def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  
             t.kill()
     print(f"\n{ROUNDS} rounds survived, {killed_mid_merge} killed mid-merge")
     assert killed_mid_merge >= ROUNDS // 2  # the test did hit merges in progress
+
+
+def test_a_target_exiting_during_the_merge_is_reported_and_the_others_merge(spawn) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    exe = build_c_target("planted")
+    targets = [
+        spawn([exe, "--identical", 32768, "--zero", 4096, "--unique", 256, "--seed", 3])
+        for _ in range(3)
+    ]
+    proc = subprocess.Popen(
+        [*PROCKSM, "merge", "--json", *(str(t.pid) for t in targets)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    # the first target is merged first: kill the last one as soon as that starts
+    while proc.poll() is None and not merged_ranges(targets[0].pid):
+        time.sleep(0.002)
+    targets[2].kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 1), err  # 1: one target failed, said in the JSON
+    doc = json.loads(out)
+    by_pid = {p["pid"]: p for p in doc["processes"]}
+    assert by_pid[targets[0].pid]["pages_merged"] >= 32768
+    assert by_pid[targets[1].pid]["pages_merged"] >= 32768
+    if proc.returncode == 1:
+        assert "error" in by_pid[targets[2].pid]
+    for t in targets[:2]:
+        assert t.command("check").startswith("OK")
+        assert t.command("errors") == "ERRORS 0"
