@@ -3,8 +3,11 @@
 Options evaluated (kernel 6.18):
 
 * ``pidfd_getfd()`` takes an fd *from* another process and needs ptrace-attach rights over
-  it: the target would have to be able to ptrace procksm. Not usable.
-* The target opens ``/proc/<procksm>/fd/N``: one injected syscall, but the kernel checks
+  it: usable by targets that may ptrace procksm (root, same pid namespace); it duplicates
+  procksm's open file description. The merge engine uses it for those targets.
+* The target opens ``/proc/<procksm>/fd/N``: one injected syscall (the merge engine no
+  longer uses it: an open creates a new file description, and mappings of different
+  file descriptions never merge into one VMA), but the kernel checks
   PTRACE_MODE_READ of procksm by the target (EACCES for a uid-65534 target, measured), and
   the path means something else in a target with its own pid or mount namespace.
   :func:`proc_open_plan` builds it for the cases where it applies; fall back on EACCES.

@@ -51,7 +51,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
-from procksm.inject import SYS_madvise, SYS_mmap, SYS_munmap
+from procksm.inject import SYS_madvise, SYS_mmap
 from procksm.locks import target_locks
 from procksm.plan import (
     Extent,
@@ -1042,7 +1042,7 @@ __all__ = [
     "MergeEngine",
     "MergeOptions",
     "MergeResult",
-    "SYS_munmap",
+    "merge",
     "merged_ranges",
     "unmerge",
 ]
