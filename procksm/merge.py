@@ -147,6 +147,9 @@ class MergeResult:
     scans: int
     elapsed_s: float
     cpu_s: float
+    cgroup: procfs.CgroupMemory = field(
+        default_factory=lambda: procfs.CgroupMemory("?", None, None)
+    )
 
     @property
     def pages_merged(self) -> int:
@@ -193,6 +196,13 @@ class MergeResult:
             ],
             "pauses": pause_stats(pauses),
             "refused": [r.as_dict() for r in self.refused],
+            # Where the shared pages are charged (DESIGN §3.7): to procksm's cgroup.
+            "procksm": {
+                "memfd_bytes": self.slots * PAGE_SIZE,
+                "cgroup": self.cgroup.path,
+                "cgroup_memory_bytes": self.cgroup.usage_bytes,
+                "cgroup_memory_limit_bytes": self.cgroup.limit_bytes,
+            },
             "elapsed_s": round(self.elapsed_s, 4),
             "cpu_s": round(self.cpu_s, 4),
         }
@@ -420,6 +430,7 @@ class MergeEngine:
             scans=scans,
             elapsed_s=time.perf_counter() - t0,
             cpu_s=_cpu_seconds() - cpu0,
+            cgroup=procfs.memory_cgroup(),
         )
 
     # --- helpers ----------------------------------------------------------------------

@@ -1050,3 +1050,57 @@ class MapsQuery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------
+# procksm's own memory cgroup (DESIGN §3.7: memfd pages are charged to the writer)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupMemory:
+    path: str  # the cgroup path of the memory controller ("/" for the root)
+    usage_bytes: int | None
+    limit_bytes: int | None  # None: no limit
+
+
+def parse_cgroup_file(text: str) -> dict[str, str]:
+    """/proc/PID/cgroup: {controller: path}; the cgroup v2 line is under ""."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for ctrl in parts[1].split(",") if parts[1] else [""]:
+                out[ctrl] = parts[2]
+    return out
+
+
+def memory_cgroup(pid: int | str = "self") -> CgroupMemory:
+    """The memory cgroup of a process and its charge, cgroup v1 or v2."""
+
+    def read_int(path: str) -> int | None:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            return None
+        if value == "max" or not value.isdigit():
+            return None
+        n = int(value)
+        return None if n >= 1 << 62 else n  # v1 "unlimited" is a huge number
+
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            groups = parse_cgroup_file(f.read())
+    except OSError:
+        return CgroupMemory("?", None, None)
+    if "memory" in groups:  # v1
+        base = "/sys/fs/cgroup/memory" + groups["memory"]
+        return CgroupMemory(
+            groups["memory"],
+            read_int(base + "/memory.usage_in_bytes"),
+            read_int(base + "/memory.limit_in_bytes"),
+        )
+    path = groups.get("", "/")
+    base = "/sys/fs/cgroup" + path
+    return CgroupMemory(path, read_int(base + "/memory.current"), read_int(base + "/memory.max"))

@@ -698,3 +698,12 @@ def test_unreadable_target_is_access_denied(planted) -> None:  # type: ignore[no
         assert "run procksm as root" in str(out[name])
     assert str(out["kpageflags"]).startswith("AccessDenied: cannot read /proc/kpageflags")
     assert out["has_pfns"] is False
+
+
+def test_parse_cgroup_file_v1_and_v2() -> None:
+    v1 = "4:memory:/system.slice/svc\n3:cpu,cpuacct:/x\n0::/\n"
+    assert procfs.parse_cgroup_file(v1)["memory"] == "/system.slice/svc"
+    assert procfs.parse_cgroup_file(v1)["cpuacct"] == "/x"
+    assert procfs.parse_cgroup_file("0::/user.slice/a.scope\n")[""] == "/user.slice/a.scope"
+    own = procfs.memory_cgroup()
+    assert own.path.startswith("/")
