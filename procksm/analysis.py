@@ -22,7 +22,7 @@ attributions add up exactly to the total.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -188,14 +188,7 @@ class Counts:
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "pages_scanned": self.pages_scanned,
-            "pages_zero": self.pages_zero,
-            "pages_dup_within": self.pages_dup_within,
-            "pages_dup_across": self.pages_dup_across,
-            "pages_shared_frame": self.pages_shared_frame,
-            "pages_volatile": self.pages_volatile,
-            "frames": self.frames,
-            "ideal_savings_pages": self.ideal_savings_pages,
+            **{f.name: getattr(self, f.name) for f in fields(self)},
             "ideal_savings_bytes": self.ideal_savings_bytes,
         }
 
@@ -249,16 +242,7 @@ class ScanReport:
     excluded_by_reason: dict[str, int]
 
 
-_COUNTERS = (
-    "pages_scanned",
-    "pages_zero",
-    "pages_dup_within",
-    "pages_dup_across",
-    "pages_shared_frame",
-    "pages_volatile",
-    "frames",
-    "ideal_savings_pages",
-)
+_COUNTERS = tuple(f.name for f in fields(Counts))
 
 
 def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanReport:

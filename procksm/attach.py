@@ -104,7 +104,7 @@ from procksm.inject import (
     wait_stop,
     write_memory,
 )
-from procksm.procfs import parse_status_fields, read_status_fields
+from procksm.procfs import parse_status_fields, read_stat_fields, read_status_fields
 
 PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/PID/stat
 CAP_SYS_PTRACE = 19
@@ -126,16 +126,9 @@ parse_status = parse_status_fields
 _read_status = read_status_fields
 
 
-def _stat_fields(path: str) -> list[str]:
-    """Fields 3.. of a /proc stat file (after the parenthesised comm, which may hold spaces)."""
-    with open(path) as f:
-        text = f.read()
-    return text[text.rindex(")") + 2 :].split()
-
-
 def _thread_state(pid: int, tid: int) -> str | None:
     try:
-        return _stat_fields(f"/proc/{pid}/task/{tid}/stat")[0]
+        return read_stat_fields(pid, tid)[0]
     except (OSError, IndexError):
         return None
 
@@ -322,7 +315,7 @@ def check_attachable(pid: int) -> AttachStatus:
         raise Unsupported(f"pid {pid} is procksm itself; it cannot attach to itself")
     try:
         status = _read_status(pid)
-        stat = _stat_fields(f"/proc/{pid}/stat")
+        stat = read_stat_fields(pid)
         proc_owner = os.stat(f"/proc/{pid}").st_uid
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
@@ -564,7 +557,7 @@ class PtraceSession:
         if self.status is None:
             raise PtraceError("PtraceSession used outside its `with` block")
         try:
-            start_time = int(_stat_fields(f"/proc/{self.pid}/stat")[19])
+            start_time = int(read_stat_fields(self.pid)[19])
         except (OSError, IndexError):
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
         if start_time != self.status.start_time:
@@ -1022,7 +1015,7 @@ class StoppedTarget:
     def _pin_to(self, tid: int) -> None:
         self._pinned = True
         try:
-            cpu = int(_stat_fields(f"/proc/{self.pid}/task/{tid}/stat")[36])
+            cpu = int(read_stat_fields(self.pid, tid)[36])
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
         except (OSError, IndexError, ValueError):

@@ -29,7 +29,8 @@ import errno
 import os
 
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError
-from procksm.locks import lock_dir, start_time
+from procksm.locks import lock_dir, remove_stale_files
+from procksm.procfs import start_time
 
 # Bits of /proc/PID/coredump_filter (Documentation/filesystems/proc.rst, "coredump_filter")
 DUMP_ANON_PRIVATE = 1 << 0
@@ -111,24 +112,7 @@ def keep_merged_in_cores(pid: int) -> bool:
 def remove_stale_state(directory: str) -> int:
     """Remove the state files of processes that have exited (a merged target that dies
     is never unmerged); returns how many. /run is a tmpfs, so a reboot clears them too."""
-    removed = 0
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        pid_text, _, start = name.removeprefix(STATE_PREFIX).partition("-")
-        if not name.startswith(STATE_PREFIX) or not pid_text.isdigit() or not start.isdigit():
-            continue
-        try:
-            alive = start_time(int(pid_text)) == start
-        except NoSuchProcess:
-            alive = False
-        if not alive:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-    return removed
+    return remove_stale_files(directory, STATE_PREFIX, "")
 
 
 def original_filter(pid: int) -> int | None:

@@ -61,9 +61,9 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol, TypeVar
 
+from procksm.closing import Closing
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, Unsupported
 from procksm.slots import FileIdentity
 
@@ -219,7 +219,7 @@ def _abstract_name(kind: str) -> bytes:
     return b"\0procksm-" + kind.encode() + b"-" + secrets.token_hex(16).encode()
 
 
-class FdSender:
+class FdSender(Closing):
     """procksm's end of one hand-over to one target: a datagram socket created in the
     target's netns and bound to an unguessable abstract name (the sender check)."""
 
@@ -269,17 +269,6 @@ class FdSender:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> FdSender:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------

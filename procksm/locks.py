@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from procksm.errors import NoSuchProcess, TargetBusy
+from procksm.procfs import start_time
 
 
 def lock_dir() -> str:
@@ -29,30 +30,22 @@ def lock_dir() -> str:
     return os.path.join(base, "procksm") if base.startswith("/run/user") else base
 
 
-def start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    return text.rsplit(")", 1)[1].split()[19]
-
-
-def remove_stale_locks(directory: str) -> int:
-    """Delete the lock files of targets that no longer exist (pid gone or reused).
-
-    A lock of a live target is never touched; a procksm that still holds the flock of a
-    deleted file loses nothing (its target is gone). Returns how many were removed.
-    """
+def remove_stale_files(directory: str, prefix: str, suffix: str) -> int:
+    """Delete ``{prefix}{pid}-{start time}{suffix}`` files of processes that no longer
+    exist (pid gone or reused); returns how many. A live target's file is never touched;
+    a procksm still holding the flock of a deleted lock file loses nothing (its target
+    is gone)."""
     removed = 0
     try:
         names = os.listdir(directory)
     except OSError:
         return 0
     for name in names:
-        stem, dot, ext = name.partition(".")
-        pid_text, dash, start = stem.partition("-")
-        if ext != "lock" or not dot or not dash or not pid_text.isdigit():
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        stem = name[len(prefix) : len(name) - len(suffix)]
+        pid_text, _, start = stem.partition("-")
+        if not pid_text.isdigit() or not start.isdigit():
             continue
         try:
             alive = start_time(int(pid_text)) == start
@@ -63,6 +56,11 @@ def remove_stale_locks(directory: str) -> int:
                 os.unlink(os.path.join(directory, name))
                 removed += 1
     return removed
+
+
+def remove_stale_locks(directory: str) -> int:
+    """Lock files of targets that no longer exist."""
+    return remove_stale_files(directory, "", ".lock")
 
 
 @contextlib.contextmanager

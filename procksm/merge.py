@@ -42,6 +42,7 @@ import numpy as np
 from procksm import PAGE_SIZE, coredump, procfs
 from procksm.analysis import ScanInput
 from procksm.attach import PtraceSession, StoppedTarget, check_attachable
+from procksm.closing import Closing
 from procksm.errors import AccessDenied, ProcksmError, UsageError
 from procksm.fdpass import (
     FdSender,
@@ -54,6 +55,7 @@ from procksm.hashing import hash_pages
 from procksm.inject import SYS_madvise, SYS_mmap
 from procksm.locks import target_locks
 from procksm.plan import (
+    MAX_CALLS_PER_BATCH,
     Extent,
     MergePlan,
     TargetPlan,
@@ -64,6 +66,7 @@ from procksm.plan import (
     vma_budget,
 )
 from procksm.reader import PageReader
+from procksm.runs import mask_runs, split_runs
 from procksm.scanner import ScanOptions, collect
 from procksm.slots import Segment, SlotStore
 
@@ -95,11 +98,16 @@ class MergeOptions:
     # POPULATE_READ); measured on 4 x 384 MiB: 512 pages p50/p99 1.15/2.7 ms, 256 pages
     # with at most 12 injected calls 0.8/1.1 ms, 12 % more total time.
     batch_pages: int = 256
-    max_calls: int = (
-        12  # injected syscalls per stop window (~25-50 us each; fd open/close included)
-    )
+    max_calls: int = MAX_CALLS_PER_BATCH  # injected syscalls per stop window
+    # Targets merged at once. Measured on 2 CPUs, 4 x 384 MiB: 2 workers were slower than
+    # 1 and doubled the p99 pause (the GIL, and the targets' injected mmaps compete for
+    # the CPUs).
     parallel: int = 1
-    realtime: bool = True  # SCHED_FIFO while merging a target (see _realtime_priority)
+    # SCHED_FIFO while merging a target (see _realtime_priority): it keeps stops short on
+    # a CPU-saturated machine (a target with 7 spinning threads on 2 CPUs: p99 pause
+    # 15.8 -> 4.4 ms) but doubles an injected syscall's cost on an idle one (25 -> 47 us).
+    # None (the CLI's default too): decided per target from the runnable threads.
+    realtime: bool | None = None
     vma_budget_cap: int = 8192
     segment_pages: int = (64 << 20) // PAGE_SIZE  # at most this many slots per memfd
     # The hole after each piece's slots (plan.split_at_extent_ends): a merged range that
@@ -297,7 +305,7 @@ def stable_rows(first: ScanInput, second: ScanInput) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-class MergeEngine:
+class MergeEngine(Closing):
     def __init__(self, pids: Sequence[int], opts: MergeOptions | None = None) -> None:
         self.pids = list(pids)
         self.opts = opts or MergeOptions()
@@ -318,12 +326,6 @@ class MergeEngine:
                 os.close(fd)
         self._ro_fds.clear()
         self.store.close()
-
-    def __enter__(self) -> MergeEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def run(self, progress: ProgressFn | None = None) -> MergeResult:
         # Diagnose before locking: a procksm that may not trace a target cannot create
@@ -673,7 +675,7 @@ class MergeEngine:
                 equal &= ok
             res.pages_volatile += int(e.npages - equal.sum())
             prot = _prot(vma.perms)
-            for i0, n in _runs(equal):
+            for i0, n in mask_runs(equal):
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
 
@@ -786,16 +788,12 @@ def _match_existing(
     mp = scan.mapping_of(rows)
     starts = np.array([m.start for m in scan.mappings], dtype=np.int64)
     addr = starts[mp] + t.off[rows].astype(np.int64) * PAGE_SIZE
-    brk = np.flatnonzero(
+    new_run = (
         (np.diff(mp) != 0) | (np.diff(addr) != PAGE_SIZE) | (np.diff(r_seg) != 0)
         | (np.diff(r_page) != 1)
-    ) + 1  # fmt: skip
+    )  # fmt: skip
     out: dict[int, list[tuple[int, int, int, int]]] = {}
-    for a, b in zip(
-        np.concatenate(([0], brk)).tolist(),
-        np.concatenate((brk, [rows.size])).tolist(),
-        strict=True,
-    ):
+    for a, b in split_runs(new_run, rows.size):
         i = int(r_seg[a])
         if int(r_page[b - 1]) + 1 != existing[i][0].npages:
             continue  # not the segment's tail: a new slot run is safer
@@ -832,15 +830,11 @@ def _not_an_oom_victim() -> Iterator[None]:
 
 
 def _cpus_saturated() -> bool:
-    """More runnable threads than CPUs right now (/proc/stat procs_running)."""
+    """More runnable threads than CPUs right now."""
     try:
-        with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"procs_running"):
-                    return int(line.split()[1]) > (os.cpu_count() or 1)
+        return procfs.procs_running() > (os.cpu_count() or 1)
     except OSError:
-        pass
-    return False
+        return False
 
 
 @contextlib.contextmanager
@@ -899,19 +893,6 @@ def _still_anonymous(v: procfs.QueriedVma) -> bool:
     return v.perms[:2] == "rw" and v.perms[3] == "p" and v.is_anonymous
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, length) of the runs of True in ``mask``."""
-    if mask.all():
-        return [(0, int(mask.size))]
-    idx = np.flatnonzero(mask)
-    if idx.size == 0:
-        return []
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], brk))
-    ends = np.concatenate((brk, [idx.size]))
-    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
-
-
 def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:
     """VMAs that hold a thread's stack pointer: never merged (pthread stacks carry no
     VmFlag that says so). Conservative: the whole VMA, which may also hold memory the
@@ -953,7 +934,7 @@ def _verify_zero(
                 axis=1
             )
         res.pages_volatile += int(z.npages - zero_mask.sum())
-        for i0, k in _runs(zero_mask):
+        for i0, k in mask_runs(zero_mask):
             out.append(ZeroExtent(z.addr + i0 * PAGE_SIZE, k))
     return out
 

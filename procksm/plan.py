@@ -24,6 +24,7 @@ import numpy as np
 
 from procksm import PAGE_SIZE
 from procksm.analysis import CONTENT_ZERO, ScanInput
+from procksm.runs import split_runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,18 +128,13 @@ def plan_merge(
     addr = starts[mapping_of] + t.off[rows].astype(np.int64) * PAGE_SIZE
     targets = {p.pid: TargetPlan(p.pid) for p in scan.processes}
     if rows.size:
-        brk = (
-            np.flatnonzero(
-                (np.diff(mapping_of) != 0)
-                | (np.diff(addr) != PAGE_SIZE)
-                | (np.diff(slot_of_row) != 1)
-                | ((slot_of_row[1:] % segment_pages) == 0)
-            )
-            + 1
+        new_run = (
+            (np.diff(mapping_of) != 0)
+            | (np.diff(addr) != PAGE_SIZE)
+            | (np.diff(slot_of_row) != 1)
+            | ((slot_of_row[1:] % segment_pages) == 0)
         )
-        ext_start = np.concatenate(([0], brk))
-        ext_end = np.concatenate((brk, [rows.size]))
-        for a, b in zip(ext_start.tolist(), ext_end.tolist(), strict=True):
+        for a, b in split_runs(new_run, rows.size):
             pid = scan.processes[scan.mappings[int(mapping_of[a])].proc].pid
             targets[pid].extents.append(Extent(int(addr[a]), b - a, int(slot_of_row[a])))
 
@@ -147,10 +143,8 @@ def plan_merge(
         if zrows.size:
             zm = scan.mapping_of(zrows)
             za = starts[zm] + t.off[zrows].astype(np.int64) * PAGE_SIZE
-            brk = np.flatnonzero((np.diff(zm) != 0) | (np.diff(za) != PAGE_SIZE)) + 1
-            zs = np.concatenate(([0], brk))
-            ze = np.concatenate((brk, [zrows.size]))
-            for a, b in zip(zs.tolist(), ze.tolist(), strict=True):
+            new_run = (np.diff(zm) != 0) | (np.diff(za) != PAGE_SIZE)
+            for a, b in split_runs(new_run, zrows.size):
                 pid = scan.processes[scan.mappings[int(zm[a])].proc].pid
                 targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
 
@@ -205,11 +199,12 @@ def split_at_extent_ends(targets: list[TargetPlan], nslots: int, segment_pages: 
     return starts if starts.size else np.zeros(1, np.int64)
 
 
-# Injected system calls per stop window: an extent costs two (mmap, MADV_POPULATE_READ), a
-# zero run one (MADV_DONTNEED). Measured ~70-150 us per injected call when procksm runs on
-# another CPU: on the worst layout (every other page a duplicate) a window bounded by pages
-# alone held 512 one-page extents and kept the target stopped 130-200 ms.
-MAX_CALLS_PER_BATCH = 32
+# Injected system calls per stop window: an extent costs two (mmap, MADV_POPULATE_READ),
+# a zero run one (MADV_DONTNEED), a memfd two (fd open, close); ~25-150 us each. Bounded
+# by pages alone, a window on the worst layout (every other page a duplicate) held 512
+# one-page extents and stopped the target 130-200 ms; 12 keeps windows near 1 ms
+# (measured with 256-page windows: p99 1.2-1.3 ms; 32 gave 2.4 ms).
+MAX_CALLS_PER_BATCH = 12
 
 
 def split_batches(

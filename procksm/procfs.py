@@ -19,12 +19,12 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE
+from procksm.closing import Closing
 from procksm.errors import AccessDenied, NoSuchProcess, Unsupported, ZombieProcess
 
 U64Array = npt.NDArray[np.uint64]
@@ -397,7 +397,7 @@ PM_PRESENT = np.uint64(1 << 63)
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 
-class PagemapFile:
+class PagemapFile(Closing):
     """An open /proc/PID/pagemap: ``read(start, end)`` gives one uint64 entry per page.
 
     Keep one per target and scan: opening costs a permission check each time. After the
@@ -458,17 +458,6 @@ class PagemapFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> PagemapFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             self.close()
@@ -501,6 +490,12 @@ def read_pagemap(pid: int, start: int, end: int, out: U64Array | None = None) ->
         return pm.read(start, end, out)
 
 
+def present_mask(entries: U64Array) -> npt.NDArray[np.bool_]:
+    """Pages in RAM. A swapped page (bit 62) is never also present (bit 63): reading it
+    with process_vm_readv would swap it in and grow the target's RSS."""
+    return (entries & PM_PRESENT) != 0
+
+
 def present_runs(
     entries: U64Array, start: int, mask: npt.NDArray[np.bool_] | None = None
 ) -> list[tuple[int, int]]:
@@ -513,7 +508,7 @@ def present_runs(
     """
     if len(entries) == 0:
         return []
-    present = (entries & PM_PRESENT) != 0
+    present = present_mask(entries)
     if mask is not None:
         present &= mask
     signal = np.zeros(len(present) + 2, dtype=np.int8)
@@ -566,7 +561,7 @@ _KPAGE_MAX_GAP = 64
 _KPAGE_BUF_ENTRIES = 1 << 17  # 1 MiB read buffer
 
 
-class KPageFiles:
+class KPageFiles(Closing):
     """Batched lookups in /proc/kpagecount and /proc/kpageflags (root only).
 
     ``read_counts(pfns)`` / ``read_flags(pfns)`` return one uint64 per input PFN, in input
@@ -637,17 +632,6 @@ class KPageFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-    def __enter__(self) -> KPageFiles:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _pread_some(fd: int, dest: np.ndarray, offset: int) -> int:
@@ -778,10 +762,41 @@ def parse_status(text: str) -> ProcessStatus:
     )
 
 
+def parse_stat_fields(text: str) -> list[str]:
+    """Fields 3.. of /proc/PID/stat (index 0 is field 3, ``state``). The comm (field 2)
+    may contain spaces and ') ', so the split starts after its last ')'."""
+    return text[text.rindex(")") + 2 :].split()
+
+
+def read_stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    """/proc/PID/stat (or a thread's) as :func:`parse_stat_fields`. OSError passes
+    through, as for :func:`read_status_fields`."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        return parse_stat_fields(f.read())
+
+
 def parse_stat_flags(text: str) -> int:
-    """Field 9 (``flags``) of /proc/PID/stat. The comm (field 2) may contain ') '."""
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[6])  # rest[0] is field 3 (state)
+    """Field 9 (``flags``) of /proc/PID/stat."""
+    return int(parse_stat_fields(text)[6])
+
+
+def start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, it names one
+    process for good, even after the pid is reused."""
+    try:
+        return read_stat_fields(pid)[19]
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+
+
+def procs_running() -> int:
+    """Runnable threads on the machine right now (/proc/stat ``procs_running``)."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"procs_running"):
+                return int(line.split()[1])
+    return 0
 
 
 def read_status(pid: int) -> ProcessStatus:
@@ -983,7 +998,7 @@ class QueriedVma:
         )
 
 
-class MapsQuery:
+class MapsQuery(Closing):
     """Look up the VMA covering an address (in a stopped target, per stop window).
 
     Uses the PROCMAP_QUERY ioctl on /proc/PID/maps (kernel 6.11+): measured ~10 us per
@@ -1044,12 +1059,6 @@ class MapsQuery:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> MapsQuery:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ Never writes to a target and never ptrace-stops it: ``process_vm_readv`` needs o
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,10 @@ from procksm.analysis import (
     hash_buckets,
     pfn_bucket_rows,
 )
-from procksm.errors import NoSuchProcess, UsageError
+from procksm.errors import UsageError
 from procksm.hashing import hash_pages
 from procksm.reader import PageReader, read_pages_into
+from procksm.runs import split_runs
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
@@ -113,8 +115,12 @@ def _select(vma: procfs.Vma, opts: ScanOptions) -> list[tuple[int, int]]:
     return out
 
 
+@functools.cache
 def kernel_zero_pfn() -> int:
-    """PFN of the kernel's shared zero page (what a read of an untouched anon page maps)."""
+    """PFN of the kernel's shared zero page (what a read of an untouched anon page maps).
+
+    Fixed for the life of the kernel: looked up once per procksm process.
+    """
     import mmap
 
     m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -193,7 +199,8 @@ def collect(
     for tgt in targets:
         pid = tgt.identity.pid
         reader = PageReader(pid, buffer=buf.array)
-        with _translate(pid), procfs.PagemapFile(pid) as pm:
+        # procfs and reader turn a target that exits meanwhile into NoSuchProcess
+        with procfs.PagemapFile(pid) as pm:
             for mi, s0, e0 in tgt.selected:
                 if mi != last_mi:
                     mapping_rows[last_mi + 1 : mi + 1] = n
@@ -203,7 +210,7 @@ def collect(
                     e = min(e0, s + _PAGEMAP_CHUNK * PAGE_SIZE)
                     ent = pm.read(s, e)
                     pfn = ent & procfs.PM_PFN_MASK
-                    present = _present_mask(ent)
+                    present = procfs.present_mask(ent)
                     zm = int(np.count_nonzero(present & (pfn == zero_pfn)))
                     zero_mapped[tgt.index] = zero_mapped.get(tgt.index, 0) + zm
                     idx = np.flatnonzero(present & (pfn != zero_pfn))
@@ -259,20 +266,6 @@ class _ReadBuffer:
         return self.array.view(np.uint64).reshape(self.PAGES, PAGE_SIZE // 8)
 
 
-def _present_mask(ent: np.ndarray) -> np.ndarray:
-    # Swapped pages are skipped: reading one would swap it in and grow the target's RSS.
-    return ((ent & procfs.PM_PRESENT) != 0) & ((ent & procfs.PM_SWAPPED) == 0)
-
-
-@contextmanager
-def _translate(pid: int) -> Iterator[None]:
-    """OSError from a process that vanished mid-scan → NoSuchProcess."""
-    try:
-        yield
-    except (ProcessLookupError, FileNotFoundError):
-        raise NoSuchProcess(pid, f"process exited during the scan (pid={pid})") from None
-
-
 def _hash_rows(
     reader: PageReader, table: PageTable, start: int, count: int, base: int, idx: np.ndarray
 ) -> None:
@@ -282,10 +275,9 @@ def _hash_rows(
     # Rows the reader could not read (unmapped under us) stay volatile.
     table.content[start : start + count] = CONTENT_VOLATILE
     # Runs of consecutive pages: big process_vm_readv calls (~6 GB/s vs 1.5 for 4 KiB).
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], brk))
-    ends = np.concatenate((brk, [count]))
-    runs = [(base + int(idx[a]) * PAGE_SIZE, int(b - a)) for a, b in zip(starts, ends, strict=True)]
+    runs = [
+        (base + int(idx[a]) * PAGE_SIZE, b - a) for a, b in split_runs(np.diff(idx) != 1, count)
+    ]
     for addr, view in reader.read_runs(runs):
         npg = len(view) // PAGE_SIZE
         r0 = start + int(np.searchsorted(idx, (addr - base) // PAGE_SIZE))

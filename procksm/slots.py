@@ -36,13 +36,13 @@ import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE
+from procksm.closing import Closing
 from procksm.errors import ProcksmError
 
 # 64 MiB: big enough that a segment's fixed costs (one fd, one seal) vanish, small enough
@@ -288,7 +288,7 @@ class Segment:
         return f"<Segment {self.name} {self.npages} pages {state} refs={self.mapping_refs}>"
 
 
-class SlotStore:
+class SlotStore(Closing):
     """All segments of one procksm engine. Content is looked up by the caller (trees)."""
 
     def __init__(self, segment_pages: int = DEFAULT_SEGMENT_PAGES) -> None:
@@ -473,14 +473,3 @@ class SlotStore:
         """Close every fd (procksm exits). Targets keep their mappings and content."""
         for seg in list(self._segments.values()):
             self._forget(seg)
-
-    def __enter__(self) -> SlotStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
