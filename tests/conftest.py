@@ -7,6 +7,7 @@ supports everything and a skip there would hide a broken test.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -19,6 +20,39 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS_SRC = ROOT / "tests" / "targets"
 BUILD = ROOT / "build" / "targets"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _typed_libc() -> ctypes.CDLL:
+    """libc with the signatures the tests call on their own memory (64-bit pointers)."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mmap.restype = ctypes.c_void_p
+    lib.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.syscall.restype = ctypes.c_long
+    return lib
+
+
+LIBC = _typed_libc()
+
+
+def run_procksm(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m procksm ARGS` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "procksm", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def skip_or_fail(reason: str) -> None:

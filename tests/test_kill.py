@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from procksm.merge import merged_ranges
-from tests.conftest import ROOT, build_c_target, require_privileges
+from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "12"))
@@ -67,10 +67,7 @@ def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  
             )
             assert t.command("check").startswith("OK")
             assert t.command("errors") == "ERRORS 0"
-        res = subprocess.run(
-            [*PROCKSM, "unmerge", *(str(t.pid) for t in targets)],
-            capture_output=True, text=True, cwd=ROOT, timeout=60,
-        )  # fmt: skip
+        res = run_procksm("unmerge", *(t.pid for t in targets), timeout=60)
         assert res.returncode == 0, res.stderr
         for t in targets:
             assert merged_ranges(t.pid) == []

@@ -4,7 +4,6 @@ the targets' own self-checks, not procksm's counters."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from procksm.analysis import analyse
 from procksm.merge import MergeOptions, merge, merged_ranges, unmerge
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions, collect
-from tests.conftest import ROOT, build_c_target, require_privileges
+from tests.conftest import build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 N, Z, U = 1024, 256, 128  # identical, zero, unique pages per target
@@ -133,13 +132,7 @@ def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignor
     anon0, _ = meminfo_kb(trio)
     merge([t.pid for t in trio], MergeOptions(selection=opts))
     trio[0].command("write identical 7")  # a COWed page must keep its new byte
-    res = subprocess.run(
-        [*PROCKSM, "unmerge", "--json", *(str(t.pid) for t in trio)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    res = run_procksm("unmerge", "--json", *(t.pid for t in trio))
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["totals"]["pages_unmerged"] == 3 * N
@@ -162,12 +155,12 @@ def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignor
 
 
 def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
-    args = [*PROCKSM, "merge", "--json", *(str(t.pid) for t in trio)]
+    args = ["merge", "--json", *(str(t.pid) for t in trio)]
     for t in trio:
         for r in ("identical", "zero", "unique"):
             s, e = region(t, r)
             args += ["--range", f"{s:#x}-{e:#x}"]
-    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    res = run_procksm(*args)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     t = doc["totals"]
@@ -191,10 +184,7 @@ def test_unmerge_all(trio) -> None:  # type: ignore[no-untyped-def]
     opts = selection(trio)
     merge([t.pid for t in trio], MergeOptions(selection=opts))
     assert all(merged_ranges(t.pid) for t in trio)
-    res = subprocess.run(
-        [*PROCKSM, "unmerge", "--all", "--json"], capture_output=True, text=True, cwd=ROOT,
-        timeout=120,
-    )  # fmt: skip
+    res = run_procksm("unmerge", "--all", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert {p["pid"] for p in doc["processes"]} >= {t.pid for t in trio}

@@ -32,7 +32,7 @@ from procksm.procfs import (
     PagemapFile,
     Vma,
 )
-from tests.conftest import build_c_target, require_privileges
+from tests.conftest import LIBC, build_c_target, require_privileges
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -324,20 +324,7 @@ def test_present_runs_matches_naive(entries: list[int], start: int, masked: bool
 # Live: a real anonymous mapping in this test process
 # ------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.syscall.restype = ctypes.c_long
+_libc = LIBC
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100

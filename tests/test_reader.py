@@ -19,7 +19,7 @@ from procksm.errors import NoSuchProcess
 from procksm.hashing import hash_page, hash_pages
 from procksm.procfs import PM_PRESENT, PagemapFile
 from procksm.reader import IOV_MAX, PageReader, PartialRead, read_pages_into
-from tests.conftest import build_c_target, require_privileges
+from tests.conftest import LIBC, build_c_target, require_privileges
 
 
 def sparse_page(i: int) -> bytes:
@@ -155,17 +155,7 @@ def test_read_runs_splits_long_runs_into_chunks(spawn) -> None:  # type: ignore[
 # Partial reads: memory unmapped under the reader (in this test process)
 # ------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc = LIBC
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from procksm import PAGE_SIZE
 from procksm.analysis import analyse
 from procksm.scanner import AddressRange, ScanOptions, collect
-from tests.conftest import ROOT, build_c_target, require_privileges
+from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 N, Z, U, D = 256, 64, 32, 16  # identical, zero, unique, intra pages per target
@@ -73,10 +73,10 @@ def test_scan_counts_planted_regions_exactly(planted_trio) -> None:  # type: ign
 
 def scan_json_cli(targets, *flags: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def, type-arg]
     """`procksm scan --json` over the planted regions of ``targets``: (document, stderr)."""
-    args = [*PROCKSM, "scan", "--json", *flags, *(str(t.pid) for t in targets)]
+    args = ["scan", "--json", *flags, *(str(t.pid) for t in targets)]
     for r in planted_ranges(targets):
         args += ["--range", r]
-    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    res = run_procksm(*args)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout), res.stderr
 
@@ -97,13 +97,7 @@ def test_scan_json_cli(planted_trio) -> None:  # type: ignore[no-untyped-def]
 
 def test_scan_whole_process_rich_view(planted_trio) -> None:  # type: ignore[no-untyped-def]
     """Without restriction: all eligible memory, a table, exclusions with reasons."""
-    res = subprocess.run(
-        [*PROCKSM, "scan", "--json", str(planted_trio[0].pid), str(planted_trio[1].pid)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    res = run_procksm("scan", "--json", planted_trio[0].pid, planted_trio[1].pid)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     # at least the planted pages, and the stack is excluded with a reason
@@ -198,7 +192,7 @@ def test_scan_does_not_fault_pages_in(spawn) -> None:  # type: ignore[no-untyped
 )
 def test_bad_input_one_line_error(argv: list[str], code: int, needle: str) -> None:
     require_privileges()
-    res = subprocess.run([*PROCKSM, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    res = run_procksm(*argv, timeout=60)
     assert res.returncode == code, (res.stdout, res.stderr)
     assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
@@ -216,7 +210,7 @@ def test_scan_zombie_and_self(spawn) -> None:  # type: ignore[no-untyped-def]
         if Path(f"/proc/{z.pid}/stat").read_text().split(") ")[1][0] == "Z":
             break
         time.sleep(0.05)
-    res = subprocess.run([*PROCKSM, "scan", str(z.pid)], capture_output=True, text=True, cwd=ROOT)
+    res = run_procksm("scan", str(z.pid))
     z.wait()
     assert res.returncode == 3 and "zombie" in res.stderr, res.stderr
 
