@@ -313,6 +313,7 @@ class MergeEngine(Closing):
         self.segments: list[Segment] = []  # in slot order: slot s is in segments[s // seg]
         self._mapped_slots: set[int] = set()
         self._ro_fds: dict[int, int] = {}
+        self._pidfd_ok: dict[int, bool] = {}  # per target: may it pidfd_getfd from us
         self._new_slots = 0
         self._adopted = 0
         self._piece_starts = np.zeros(0, np.int64)
@@ -703,10 +704,15 @@ class MergeEngine(Closing):
         fd is checked to be the segment's inode before anything maps it (§3.6).
         """
         ro_fds = {s.id: self._readonly_fd(s) for s in segs}
-        if proc_open_possible(st.pid):
+        # Decided once per target, not in every stop window: a target that may not
+        # ptrace procksm would otherwise pay three failed system calls per window.
+        if st.pid not in self._pidfd_ok:
+            self._pidfd_ok[st.pid] = proc_open_possible(st.pid)
+        if self._pidfd_ok[st.pid]:
             got = self._take_with_pidfd(st, segs, ro_fds)
             if got is not None:
                 return got
+            self._pidfd_ok[st.pid] = False
         scratch = st.scratch()
         with FdSender(st.pid) as sender:
             layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
