@@ -74,9 +74,6 @@ class MergePlan:
     # (see split_at_extent_ends), so the file continues after it only with a hole.
     piece_starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
-    def piece_of(self, slot: int) -> int:
-        return int(np.searchsorted(self.piece_starts, slot, side="right")) - 1
-
     @property
     def nslots(self) -> int:
         return int(self.slot_rows.size)
