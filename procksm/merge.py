@@ -895,8 +895,14 @@ def _vma_covering(maps: procfs.MapsQuery, start: int, end: int) -> procfs.Querie
 
 def _still_anonymous(v: procfs.QueriedVma) -> bool:
     """Re-checked under stop (VmFlags were checked at scan time): still a private,
-    read-write, anonymous mapping."""
-    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.is_anonymous
+    read-write, anonymous mapping that is neither a stack nor named (procfs.ineligibility
+    refuses both)."""
+    return (
+        v.perms[:2] == "rw"
+        and v.perms[3] == "p"
+        and v.is_anonymous
+        and not v.name.startswith(("[stack", "[anon:"))
+    )
 
 
 def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:

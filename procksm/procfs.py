@@ -116,6 +116,11 @@ def _raise_if_kernel_thread(pid: int) -> None:
 _KERNEL_MAPPINGS = frozenset({"[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]"})
 
 
+def is_anonymous_path(path: str) -> bool:
+    """The path column of an anonymous mapping in /proc/PID/maps."""
+    return path == "" or path == "[heap]" or path.startswith(("[stack", "[anon:"))
+
+
 @dataclass(frozen=True, slots=True)
 class Vma:
     """One line of /proc/PID/maps, plus the per-VMA fields of smaps when read from there."""
@@ -167,8 +172,7 @@ class Vma:
     @property
     def is_anonymous(self) -> bool:
         """No backing file: unnamed, [heap], [stack...], or named with prctl([anon:NAME])."""
-        p = self.path
-        return p == "" or p == "[heap]" or p.startswith(("[stack", "[anon:"))
+        return is_anonymous_path(self.path)
 
     @property
     def name(self) -> str:
@@ -993,9 +997,7 @@ class QueriedVma:
 
     @property
     def is_anonymous(self) -> bool:
-        return self.inode == 0 and (
-            self.name == "" or self.name == "[heap]" or self.name.startswith("[anon:")
-        )
+        return self.inode == 0 and is_anonymous_path(self.name)
 
 
 class MapsQuery(Closing):
