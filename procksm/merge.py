@@ -92,6 +92,8 @@ class MergeOptions:
     two_scans: bool = False
     cross_uid: bool = False  # allow merging between processes of different uids
     allow_async_io: bool = False  # merge processes that use io_uring / AIO (DESIGN §3.4)
+    # merge processes whose allocator relies on zero-after-MADV_DONTNEED (DESIGN §3.1)
+    allow_zero_after_dontneed: bool = False
     zero_pages: bool = True
     # Pages per stop window. A window costs ~0.45 ms of fixed work (stop and resume,
     # fd hand-over and close) plus ~1.1 us per page (byte comparison, mmap,
@@ -271,6 +273,20 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
             why = procfs.uses_async_io(pid)
             if why:
                 refused.append(Refusal(pid, 0, 0, f"{why}; pass --allow-async-io to merge it"))
+    if not opts.allow_zero_after_dontneed:
+        # DESIGN §3.1, until a guard exists (issue 4): after MADV_DONTNEED a merged page
+        # reads its shared content, not zeros; refuse allocators that rely on zeros.
+        for pid in pids:
+            why = procfs.relies_on_zero_after_dontneed(pid)
+            if why:
+                refused.append(
+                    Refusal(
+                        pid, 0, 0,
+                        f"{why}, which assumes memory reads zeros after MADV_DONTNEED; a "
+                        "merged page would read its old content; pass --allow-dontneed-reuse "
+                        "to merge it anyway",
+                    )
+                )  # fmt: skip
     return names, refused
 
 

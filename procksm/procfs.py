@@ -940,6 +940,35 @@ def uses_async_io(pid: int) -> str | None:
     return "; ".join(reasons) or None
 
 
+# Allocators known to assume that memory reads zeros after madvise(MADV_DONTNEED): on a
+# merged page it reads the shared content instead (DESIGN §3.1). Searched for in the
+# paths of the process's mappings (a shared library) and in its executable (linked in
+# statically, as in redis-server).
+_ZERO_AFTER_DONTNEED_ALLOCATORS = (b"jemalloc",)
+
+
+def relies_on_zero_after_dontneed(pid: int) -> str | None:
+    """A reason if the process uses an allocator that relies on MADV_DONTNEED zeroing
+    memory, else None."""
+    for v in read_maps(pid):
+        for name in _ZERO_AFTER_DONTNEED_ALLOCATORS:
+            if name.decode() in v.path:
+                return f"uses {name.decode()} ({os.path.basename(v.path)})"
+    try:
+        f = open(f"/proc/{pid}/exe", "rb")  # noqa: SIM115 - closed below
+    except OSError:
+        return None  # a kernel-less answer: no executable to look into (zombie, denied)
+    with f:
+        tail = b""
+        while chunk := f.read(1 << 20):
+            data = tail + chunk
+            for name in _ZERO_AFTER_DONTNEED_ALLOCATORS:
+                if name in data:
+                    return f"uses {name.decode()} (linked into its executable)"
+            tail = data[-16:]
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # KSM and limits
 # --------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ blocked threads' error counters, and /proc/PID/maps (VMAs added, procksm's mappi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from procksm.merge import MergeEngine, MergeOptions, MergeResult, merged_ranges,
 from procksm.plan import vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions
-from tests.conftest import ROOT, build_c_target, require_privileges
+from tests.conftest import ROOT, build_c_target, require_privileges, skip_or_fail
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 NOBODY = 65534
@@ -444,3 +446,56 @@ def test_stale_lock_files_are_removed(tmp_path, monkeypatch, spawn, planted) -> 
         live = tmp_path / f"{t.pid}-{locks.start_time(t.pid)}.lock"
         assert live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+# --------------------------------------------------------------------------------------
+# DESIGN §3.1: allocators that rely on zero-after-MADV_DONTNEED are refused (until the
+# issue-4 guard exists)
+# --------------------------------------------------------------------------------------
+
+
+def test_jemalloc_programs_are_refused_unless_allowed(spawn, planted, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # planted with jemalloc "linked in": the marker string anywhere in its executable
+    exe = tmp_path / "planted-jemalloc"
+    exe.write_bytes(planted.read_bytes() + b"\0<jemalloc>: static marker\0")
+    exe.chmod(0o755)
+    pair = [spawn(planted_argv(exe)) for _ in range(2)]
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    assert res.pages_merged == 0
+    reasons = {r.pid: r.reason for r in res.refused if r.start == 0}
+    assert all("jemalloc" in reasons[t.pid] for t in pair), reasons
+    assert all("--allow-dontneed-reuse" in reasons[t.pid] for t in pair)
+    assert all(merged_ranges(t.pid) == [] for t in pair)
+    res = run_engine(
+        [t.pid for t in pair],
+        MergeOptions(selection=selection(pair), allow_zero_after_dontneed=True),
+    )
+    assert res.pages_merged == 2 * N
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
+def test_real_redis_server_is_refused(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """redis-server links jemalloc statically (installed by `make setup`)."""
+    require_privileges()
+    redis = shutil.which("redis-server")
+    if redis is None:
+        skip_or_fail("redis-server is not installed (make setup installs it)")
+    code = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        p = subprocess.Popen([{redis!r}, "--port", "0", "--save", "", "--dir", {str(tmp_path)!r}],
+                             stdout=subprocess.DEVNULL)
+        print(f"READY pid={{p.pid}}", flush=True)
+        sys.stdin.readline()
+        p.kill()
+        """
+    )
+    holder = spawn([sys.executable, "-c", code])
+    pid = holder.int("pid")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not Path(f"/proc/{pid}/maps").read_text():
+        time.sleep(0.05)
+    res = run_engine([pid], MergeOptions())
+    assert res.pages_merged == 0 and res.pages_zeroed == 0
+    assert any(r.pid == pid and "jemalloc" in r.reason for r in res.refused)

@@ -49,6 +49,12 @@ class MergeCommand:
             help="merge processes that use io_uring or AIO (in-flight I/O into a replaced "
             "page would be lost)",
         )
+        parser.add_argument(
+            "--allow-dontneed-reuse",
+            action="store_true",
+            help="merge processes whose allocator (jemalloc) assumes memory reads zeros "
+            "after MADV_DONTNEED; a merged page reads its old content instead (DESIGN §3.1)",
+        )
         parser.add_argument("--no-zero", action="store_true", help="do not drop zero pages")
         parser.add_argument(
             "--batch-pages",
@@ -80,6 +86,7 @@ class MergeCommand:
             two_scans=args.two_scans,
             cross_uid=args.cross_uid,
             allow_async_io=args.allow_async_io,
+            allow_zero_after_dontneed=args.allow_dontneed_reuse,
             zero_pages=not args.no_zero,
             batch_pages=args.batch_pages,
             realtime=args.realtime,
