@@ -71,11 +71,7 @@ def pfns(pid: int, start: int, end: int) -> np.ndarray:
 
 
 def run_engine(pids: list[int], opts: MergeOptions) -> MergeResult:
-    eng = MergeEngine(pids, opts)
-    try:
-        return eng.run()
-    finally:
-        eng.close()
+    return merge_mod.merge(pids, opts)
 
 
 def vma_count(pid: int) -> int:
@@ -499,3 +495,73 @@ def test_real_redis_server_is_refused(spawn, tmp_path) -> None:  # type: ignore[
     res = run_engine([pid], MergeOptions())
     assert res.pages_merged == 0 and res.pages_zeroed == 0
     assert any(r.pid == pid and "jemalloc" in r.reason for r in res.refused)
+
+
+# --------------------------------------------------------------------------------------
+# DESIGN §3.5: a page that changes between the scan and its merge is skipped
+# --------------------------------------------------------------------------------------
+
+
+def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pair = [spawn(planted_argv(planted)) for _ in range(2)]
+    a, b = pair
+    write_slots = MergeEngine._write_slots
+
+    def write_then_change(self, scan, plan):  # type: ignore[no-untyped-def]
+        write_slots(self, scan, plan)  # slots hold the scanned content ...
+        assert a.command("write identical 3") == "OK"  # ... then a changes one page
+
+    monkeypatch.setattr(MergeEngine, "_write_slots", write_then_change)
+    res = run_engine([a.pid, b.pid], MergeOptions(selection=selection(pair)))
+    doc = res.as_json()
+    by_pid = {p["pid"]: p for p in doc["processes"]}
+    assert by_pid[a.pid]["pages_merged"] == N - 1  # compared under stop: page 3 differs
+    assert by_pid[a.pid]["pages_volatile"] == 1
+    assert by_pid[b.pid]["pages_merged"] == N
+    fa, fb = (pfns(t.pid, *region(t, "identical")) for t in pair)
+    assert fa[3] != fb[3] and (np.delete(fa, 3) == np.delete(fb, 3)).all()
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
+# --------------------------------------------------------------------------------------
+# DESIGN §3.4: processes with io_uring (pinned pages the kernel may DMA into) are refused
+# --------------------------------------------------------------------------------------
+
+IO_URING_TARGET = textwrap.dedent(
+    """
+    import ctypes, mmap, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ring = libc.syscall(425, 4, (ctypes.c_char * 120)())  # io_uring_setup
+    if ring < 0:
+        print(f"NOURING errno={ctypes.get_errno()}", flush=True)
+        sys.exit(0)
+    m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(64):
+        m[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    print(f"READY ring={ring} addr={addr:#x}", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_io_uring_users_are_refused_unless_allowed(spawn) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    try:
+        pair = [spawn([sys.executable, "-c", IO_URING_TARGET]) for _ in range(2)]
+    except RuntimeError as e:
+        skip_or_fail(f"io_uring_setup is not available: {e}")
+    sel = ScanOptions(
+        ranges=[AddressRange(t.int("addr"), t.int("addr") + 64 * PAGE_SIZE) for t in pair]
+    )
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=sel))
+    assert res.pages_merged == 0
+    reasons = {r.pid: r.reason for r in res.refused if r.start == 0}
+    assert all(
+        "uses io_uring" in reasons[t.pid] and "--allow-async-io" in reasons[t.pid] for t in pair
+    )
+    assert all(merged_ranges(t.pid) == [] for t in pair)
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=sel, allow_async_io=True))
+    assert res.pages_merged == 2 * 64
