@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PKGS="python3 python3-venv python3-bpfcc bpfcc-tools gcc make libc6-dev tmux gdb redis-server redis-tools"
+PKGS="python3 python3-venv python3-bpfcc bpfcc-tools bpftool gcc make libc6-dev tmux gdb redis-server redis-tools"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -51,6 +51,14 @@ if [ ! -e "/lib/modules/$KVER/build" ]; then
     else
         log "warning: no kernel headers found; eBPF features will fall back to pagemap polling"
     fi
+fi
+# Debian splits headers into -amd64 (generated, config) and -common (include/linux/...):
+# bcc needs `source` to be the -common half (as Debian's own /lib/modules/*/source is),
+# else it fails with "'./include/linux/kconfig.h' file not found".
+src="$(readlink -f "/lib/modules/$KVER/source" 2>/dev/null || true)"
+if [ -n "$src" ] && [ ! -e "$src/include/linux/kconfig.h" ] && [ -d "${src%-amd64}-common" ]; then
+    ln -sfn "${src%-amd64}-common" "/lib/modules/$KVER/source"
+    log "linked kernel header sources ${src%-amd64}-common -> /lib/modules/$KVER/source"
 fi
 
 # tracefs for tracepoints.
