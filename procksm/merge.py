@@ -334,6 +334,9 @@ class MergeEngine(Closing):
         self._adopted = 0
         self._piece_starts = np.zeros(0, np.int64)
         self._slot_ok = np.zeros(0, bool)
+        # (inode, data pages) -> page hashes of adopted segments; a caller may share one
+        # dict between engines (procksm attach: one engine per batch).
+        self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
@@ -383,62 +386,7 @@ class MergeEngine(Closing):
                 for i, p in enumerate(scan.processes):
                     rows = self._rows_of_proc(scan, i)
                     results[p.pid].pages_volatile += int((~mergeable[rows]).sum())
-            for e in scan.exclusions:
-                if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
-                    pid = scan.processes[e.proc].pid
-                    refused.append(Refusal(pid, e.start, e.end, e.reason))
-            # The stable tree across runs: segments an earlier procksm mapped into these
-            # targets. Pages equal to their content map them again (a restarted worker
-            # joins the merge) instead of getting new slots.
-            existing = self._adopt_existing(pids)
-            joins = _match_existing(scan, mergeable, existing) if existing else {}
-            budgets = {
-                pid: vma_budget(
-                    procfs.max_map_count(), len(procfs.read_maps(pid)), self.opts.vma_budget_cap
-                )
-                for pid in pids
-            }
-            plan = plan_merge(
-                scan,
-                mergeable,
-                segment_pages=self.opts.segment_pages,
-                budgets=budgets,
-                zero_pages=self.opts.zero_pages,
-            )
-            say(f"writing {plan.nslots:,} slots")
-            self._write_slots(scan, plan)
-            self._add_existing(plan, existing, joins, budgets)
-            for tp in plan.targets:
-                res = results[tp.pid]
-                if tp.pages_refused_budget:
-                    res.pages_refused += tp.pages_refused_budget
-                    refused.append(
-                        Refusal(
-                            tp.pid,
-                            0,
-                            0,
-                            f"VMA budget: {tp.extents_refused_budget} extents "
-                            f"({tp.pages_refused_budget} pages) not merged",
-                        )
-                    )
-                say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
-            # Targets are merged in parallel, one thread each (ptrace is per tracer
-            # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
-            # kernel work of one target's mmap overlaps another's on the other CPU.
-            workers = max(1, min(len(plan.targets), self.opts.parallel or os.cpu_count() or 1))
-            if workers == 1:
-                # In the calling thread: its stop windows defer SIGINT/SIGTERM, and no
-                # other procksm thread is left to take them mid-window.
-                for tp in plan.targets:
-                    self._merge_target_safely(tp, results[tp.pid], refused)
-            else:
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    futures = [
-                        pool.submit(self._merge_target_safely, tp, results[tp.pid], refused)
-                        for tp in plan.targets
-                    ]
-                    for f in futures:
-                        f.result()
+            self.merge_scanned(scan, mergeable, results, refused, say)
         slots_mapped = self._slots_mapped()
         return MergeResult(
             targets=list(results.values()),
@@ -451,6 +399,78 @@ class MergeEngine(Closing):
             cpu_s=_cpu_seconds() - cpu0,
             cgroup=procfs.memory_cgroup(),
         )
+
+    def merge_scanned(
+        self,
+        scan: ScanInput,
+        mergeable: np.ndarray,
+        results: dict[int, TargetResult],
+        refused: list[Refusal],
+        say: ProgressFn,
+        adopt_from: Sequence[int] | None = None,
+    ) -> None:
+        """Steps 3-5 for pages already scanned (rows where ``mergeable``): plan, write and
+        seal slots, merge every target (each page compared with its slot byte for byte
+        under stop). ``procksm attach`` calls it for each batch its scan loop found
+        ready; ``adopt_from`` names the processes whose procksm segments form the stable
+        tree (default: the scanned ones)."""
+        pids = [p.pid for p in scan.processes]
+        for e in scan.exclusions:
+            if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
+                pid = scan.processes[e.proc].pid
+                refused.append(Refusal(pid, e.start, e.end, e.reason))
+        # The stable tree across runs: segments an earlier procksm mapped into these
+        # targets. Pages equal to their content map them again (a restarted worker
+        # joins the merge) instead of getting new slots.
+        existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
+        joins = _match_existing(scan, mergeable, existing) if existing else {}
+        budgets = {
+            pid: vma_budget(
+                procfs.max_map_count(), len(procfs.read_maps(pid)), self.opts.vma_budget_cap
+            )
+            for pid in pids
+        }
+        plan = plan_merge(
+            scan,
+            mergeable,
+            segment_pages=self.opts.segment_pages,
+            budgets=budgets,
+            zero_pages=self.opts.zero_pages,
+        )
+        say(f"writing {plan.nslots:,} slots")
+        self._write_slots(scan, plan)
+        self._add_existing(plan, existing, joins, budgets)
+        for tp in plan.targets:
+            res = results[tp.pid]
+            if tp.pages_refused_budget:
+                res.pages_refused += tp.pages_refused_budget
+                refused.append(
+                    Refusal(
+                        tp.pid,
+                        0,
+                        0,
+                        f"VMA budget: {tp.extents_refused_budget} extents "
+                        f"({tp.pages_refused_budget} pages) not merged",
+                    )
+                )
+            say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
+        # Targets are merged in parallel, one thread each (ptrace is per tracer
+        # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
+        # kernel work of one target's mmap overlaps another's on the other CPU.
+        workers = max(1, min(len(plan.targets), self.opts.parallel or os.cpu_count() or 1))
+        if workers == 1:
+            # In the calling thread: its stop windows defer SIGINT/SIGTERM, and no
+            # other procksm thread is left to take them mid-window.
+            for tp in plan.targets:
+                self._merge_target_safely(tp, results[tp.pid], refused)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [
+                    pool.submit(self._merge_target_safely, tp, results[tp.pid], refused)
+                    for tp in plan.targets
+                ]
+                for f in futures:
+                    f.result()
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -523,10 +543,17 @@ class MergeEngine(Closing):
                     with contextlib.suppress(OSError):
                         os.close(fd)
                     continue
-                hashes = np.empty(npages, np.uint64)
-                for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
-                    n = min(_WRITE_CHUNK_PAGES, npages - p0)
-                    hashes[p0 : p0 + n] = hash_pages(os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE))
+                # Sealed, so a segment's hashes never change: a daemon that merges batch
+                # after batch hashes each segment once (see segment_hashes).
+                hashes = self.segment_hashes.get((v.inode, npages))
+                if hashes is None:
+                    hashes = np.empty(npages, np.uint64)
+                    for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
+                        n = min(_WRITE_CHUNK_PAGES, npages - p0)
+                        hashes[p0 : p0 + n] = hash_pages(
+                            os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE)
+                        )
+                    self.segment_hashes[(v.inode, npages)] = hashes
                 out.append((seg, hashes))
         return out
 
