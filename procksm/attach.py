@@ -104,6 +104,7 @@ from procksm.inject import (
     wait_stop,
     write_memory,
 )
+from procksm.locks import WindowLock
 from procksm.procfs import parse_status_fields, read_stat_fields, read_status_fields
 
 PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/PID/stat
@@ -494,12 +495,14 @@ class PtraceSession:
         self._mem_fd: int | None = None
         self._syscall_insn = 0
         self._scratch: int | None = None
+        self._window_lock: WindowLock | None = None
 
     # context manager
 
     def __enter__(self) -> PtraceSession:
         self.status = check_attachable(self.pid)
         self._open_address_space(self.pid)
+        self._window_lock = WindowLock(self.pid)
         return self
 
     def __exit__(
@@ -518,6 +521,9 @@ class PtraceSession:
                 if self._mem_fd is not None:
                     os.close(self._mem_fd)
                     self._mem_fd = None
+                if self._window_lock is not None:
+                    self._window_lock.close()
+                    self._window_lock = None
 
     @property
     def scratch_address(self) -> int | None:
@@ -532,7 +538,11 @@ class PtraceSession:
         tracees: dict[int, _Tracee] = {tid: _Tracee(tid) for tid in self._orphans}
         self._orphans.clear()
         saved_affinity = os.sched_getaffinity(0)
+        lock = self._window_lock
         with _signals_deferred():
+            if lock is not None:
+                # one tracer at a time: the madvise guard may be in a window of its own
+                lock.acquire(self.timeout)
             started = time.perf_counter()
             try:
                 self._check_same_process()
@@ -548,6 +558,8 @@ class PtraceSession:
                     self._resume_all(tracees)
                 finally:
                     self.pauses.append(time.perf_counter() - started)
+                    if lock is not None:
+                        lock.release()
                     if os.sched_getaffinity(0) != saved_affinity:
                         os.sched_setaffinity(0, saved_affinity)
 
@@ -957,6 +969,10 @@ class StoppedTarget:
         if -4095 <= result < 0:
             raise InjectedSyscallError(self.pid, name or f"syscall {nr}", -result)
         return result
+
+    def syscall_address(self) -> int:
+        """Where procksm's injected system calls execute (a `syscall` instruction)."""
+        return self._session._syscall_insn
 
     def scratch(self) -> int:
         """Address of a read-write page in the target for syscall arguments.

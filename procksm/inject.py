@@ -43,6 +43,7 @@ PTRACE_EVENT_STOP = 128
 WALL = 0x40000000  # __WALL: wait for clone children (threads) too
 
 # x86_64 system call numbers this package injects or recognises in a stopped thread.
+SYS_close = 3
 SYS_mmap = 9
 SYS_munmap = 11
 SYS_madvise = 28

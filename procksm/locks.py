@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 from procksm.errors import NoSuchProcess, TargetBusy
@@ -60,7 +61,9 @@ def remove_stale_files(directory: str, prefix: str, suffix: str) -> int:
 
 def remove_stale_locks(directory: str) -> int:
     """Lock files of targets that no longer exist."""
-    return remove_stale_files(directory, "", ".lock")
+    return remove_stale_files(directory, "", ".lock") + remove_stale_files(
+        directory, "", ".window"
+    )
 
 
 @contextlib.contextmanager
@@ -94,3 +97,49 @@ def target_locks(pids: Sequence[int]) -> Iterator[None]:
     finally:
         for fd in held:
             os.close(fd)
+
+
+class WindowLock:
+    """Serialises the stop windows of different procksm processes on one target.
+
+    The merge engine and the madvise guard (procksm.guard) both seize a target for
+    short windows; PTRACE_SEIZE of a thread another tracer holds fails with EPERM, so
+    each window takes this flock first (``<pid>-<start>.window`` next to the target
+    locks). Windows last milliseconds, so a waiter polls instead of blocking forever.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._fd: int | None = None
+        directory = lock_dir()
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            path = os.path.join(directory, f"{pid}-{start_time(pid)}.window")
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            # a directory this user may not write: only processes of this user can
+            # hold the target's windows then, and none of them can take this lock either
+            self._fd = None
+
+    def acquire(self, timeout: float) -> None:
+        if self._fd is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TargetBusy(
+                        0, "another procksm kept the target stopped for too long"
+                    ) from None
+                time.sleep(0.0002)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

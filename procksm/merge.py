@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from procksm import PAGE_SIZE, coredump, procfs
+from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.analysis import ScanInput
 from procksm.attach import PtraceSession, StoppedTarget, check_attachable
 from procksm.closing import Closing
@@ -52,7 +52,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
-from procksm.inject import SYS_madvise, SYS_mmap
+from procksm.inject import SYS_close, SYS_madvise, SYS_mmap
 from procksm.locks import target_locks
 from procksm.plan import (
     MAX_CALLS_PER_BATCH,
@@ -74,7 +74,6 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
-SYS_close = 3
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 # how a merged range shows in /proc/PID/maps
@@ -92,7 +91,11 @@ class MergeOptions:
     two_scans: bool = False
     cross_uid: bool = False  # allow merging between processes of different uids
     allow_async_io: bool = False  # merge processes that use io_uring / AIO (DESIGN §3.4)
-    # merge processes whose allocator relies on zero-after-MADV_DONTNEED (DESIGN §3.1)
+    # The madvise guard (procksm.guard, DESIGN §3.1-3.2): installed with the first merge
+    # into a process. Without it (--no-guard), processes whose allocator relies on
+    # zero-after-MADV_DONTNEED are refused unless allow_zero_after_dontneed.
+    guard: bool = True
+    set_no_new_privs: bool = False  # let the guard set no_new_privs in non-root targets
     allow_zero_after_dontneed: bool = False
     zero_pages: bool = True
     # Pages per stop window. A window costs ~0.45 ms of fixed work (stop and resume,
@@ -145,6 +148,7 @@ class TargetResult:
     extents: int = 0
     pauses: list[float] = field(default_factory=list)
     error: str | None = None
+    guard_installed: bool = False  # the madvise guard was installed by this run
 
 
 @dataclass(slots=True)
@@ -199,6 +203,7 @@ class MergeResult:
                     "pages_volatile": t.pages_volatile,
                     "pages_refused": t.pages_refused,
                     "extents": t.extents,
+                    "guard_installed": t.guard_installed,
                     "pauses": pause_stats(t.pauses),
                     **({"error": t.error} if t.error else {}),
                 }
@@ -273,9 +278,14 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
             why = procfs.uses_async_io(pid)
             if why:
                 refused.append(Refusal(pid, 0, 0, f"{why}; pass --allow-async-io to merge it"))
-    if not opts.allow_zero_after_dontneed:
-        # DESIGN §3.1, until a guard exists (issue 4): after MADV_DONTNEED a merged page
-        # reads its shared content, not zeros; refuse allocators that rely on zeros.
+    if opts.guard:
+        for pid in pids:
+            why = guard.why_unguardable(pid, set_no_new_privs=opts.set_no_new_privs)
+            if why:
+                refused.append(Refusal(pid, 0, 0, why))
+    elif not opts.allow_zero_after_dontneed:
+        # DESIGN §3.1 without the guard: after MADV_DONTNEED a merged page reads its
+        # shared content, not zeros; refuse allocators that rely on zeros.
         for pid in pids:
             why = procfs.relies_on_zero_after_dontneed(pid)
             if why:
@@ -337,6 +347,7 @@ class MergeEngine(Closing):
         # (inode, data pages) -> page hashes of adopted segments; a caller may share one
         # dict between engines (procksm attach: one engine per batch).
         self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
+        self._guard_client: guard.GuardClient | None = None
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
@@ -628,11 +639,32 @@ class MergeEngine(Closing):
             # the default coredump_filter leaves out of kernel cores (procksm.coredump).
             coredump.keep_merged_in_cores(pid)
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
+        if self.opts.guard and extents:
+            if self._guard_client is None:
+                self._guard_client = guard.GuardClient()
+            try:
+                # outside any stop window: starting the guard process takes ~0.2 s
+                self._guard_client.connect().close()
+            except guard.GuardError as err:
+                refused.append(Refusal(pid, 0, 0, err.message))
+                res.pages_refused += sum(x.npages for x in extents)
+                return
         with PtraceSession(pid) as sess, _gc_paused():
             # The scratch page (arguments of the hand-over) gets a short window of its
-            # own, so the first merge window is no longer than the others.
+            # own, so the first merge window is no longer than the others; the madvise
+            # guard is installed in it, before anything is merged (procksm.guard).
             with sess.stopped() as st:
                 st.scratch()
+                if self._guard_client is not None and extents:
+                    try:
+                        if guard.ensure_guarded(
+                            st, self._guard_client, set_no_new_privs=self.opts.set_no_new_privs
+                        ):
+                            res.guard_installed = True
+                    except guard.GuardError as err:
+                        refused.append(Refusal(pid, 0, 0, err.message))
+                        res.pages_refused += sum(x.npages for x in extents)
+                        return
             for ext_batch, zero_batch in batches:
                 # Slots are sealed, immutable: read their bytes before stopping the target.
                 slot_bytes = [self._slot_bytes(e) for e in ext_batch]
@@ -1038,27 +1070,47 @@ def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
 def _unmerge_ranges(
     pid: int, ranges: list[procfs.Vma], res: UnmergeResult, batch_pages: int
 ) -> UnmergeResult:
-    with PtraceSession(pid) as sess:
-        for v in ranges:
-            res.ranges += 1
-            addr = v.start
-            while addr < v.end:
-                n = min(batch_pages * PAGE_SIZE, v.end - addr)
-                with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
-                    now = maps.vma_at(addr)
-                    if (
-                        now is None
-                        or not now.name.startswith(SEGMENT_NAME_PREFIX)
-                        or now.end < addr + n
-                    ):
-                        # unmapped or remapped since maps was read: not ours to replace
-                        addr += n
-                        continue
-                    _unmerge_piece(st, addr, n, now.perms)
-                res.pages_unmerged += n // PAGE_SIZE
-                addr += n
-        res.pauses.extend(sess.pauses)
+    res.ranges += len(ranges)
+    res.pages_unmerged += unmerge_pieces(
+        pid, [(v.start, v.end) for v in ranges], batch_pages=batch_pages, pauses=res.pauses
+    )
     return res
+
+
+def unmerge_pieces(
+    pid: int,
+    pieces: Sequence[tuple[int, int]],
+    *,
+    batch_pages: int = 512,
+    pauses: list[float] | None = None,
+) -> int:
+    """Unmerge procksm's pages in each [start, end) of ``pid`` (exact bytes, private
+    anonymous memory again); returns the pages unmerged. Each window re-checks, under
+    stop, which mappings are still procksm's: whatever changed since is left alone."""
+    done = 0
+    with PtraceSession(pid) as sess:
+        for start, end in pieces:
+            with procfs.MapsQuery(pid) as maps:
+                ours = [
+                    (max(v.start, start), min(v.end, end))
+                    for v in maps.vmas_in(start, end)
+                    if v.name.startswith(SEGMENT_NAME_PREFIX)
+                ]
+            for a, b in ours:
+                addr = a
+                while addr < b:
+                    n = min(batch_pages * PAGE_SIZE, b - addr)
+                    with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
+                        now = maps.vma_at(addr)
+                        if now is None or not now.name.startswith(SEGMENT_NAME_PREFIX):
+                            break  # unmapped or remapped meanwhile: not ours to replace
+                        n = min(n, now.end - addr)
+                        _unmerge_piece(st, addr, n, now.perms)
+                    done += n // PAGE_SIZE
+                    addr += n
+        if pauses is not None:
+            pauses.extend(sess.pauses)
+    return done
 
 
 def _unmerge_piece(st: StoppedTarget, addr: int, length: int, perms: str) -> None:
@@ -1092,4 +1144,5 @@ __all__ = [
     "merge",
     "merged_ranges",
     "unmerge",
+    "unmerge_pieces",
 ]

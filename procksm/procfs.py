@@ -1014,6 +1014,8 @@ def max_map_count() -> int:
 _PROCMAP_QUERY = 0xC0686611
 _PROCMAP_QUERY_STRUCT = "=QQQQQQQQQIIIIQQ"
 PROCMAP_VMA_READABLE, PROCMAP_VMA_WRITABLE, PROCMAP_VMA_EXECUTABLE, PROCMAP_VMA_SHARED = 1, 2, 4, 8
+# query_flags: else the first VMA above the address (include/uapi/linux/fs.h)
+PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
 
 
 @dataclass(frozen=True, slots=True)
@@ -1048,7 +1050,8 @@ class MapsQuery(Closing):
         self._fallback: list[Vma] | None = None
         self._name = bytearray(256)
 
-    def vma_at(self, addr: int) -> QueriedVma | None:
+    def vma_at(self, addr: int, *, or_next: bool = False) -> QueriedVma | None:
+        """The VMA covering ``addr``; with ``or_next``, else the first one above it."""
         import ctypes
         import fcntl
         import struct
@@ -1057,7 +1060,9 @@ class MapsQuery(Closing):
             namebuf = (ctypes.c_char * 256).from_buffer(self._name)
             req = bytearray(
                 struct.pack(
-                    _PROCMAP_QUERY_STRUCT, 104, 0, addr, 0, 0, 0, 0, 0, 0, 0, 0,
+                    _PROCMAP_QUERY_STRUCT, 104,
+                    PROCMAP_QUERY_COVERING_OR_NEXT_VMA if or_next else 0,
+                    addr, 0, 0, 0, 0, 0, 0, 0, 0,
                     256, 0, ctypes.addressof(namebuf), 0,
                 )
             )  # fmt: skip
@@ -1068,7 +1073,7 @@ class MapsQuery(Closing):
                     return None
                 if exc.errno in (errno.ENOTTY, errno.EINVAL):
                     self._fallback = read_maps(self.pid)
-                    return self.vma_at(addr)
+                    return self.vma_at(addr, or_next=or_next)
                 raise _open_failed(self.pid, "maps", exc) from exc
             f = struct.unpack(_PROCMAP_QUERY_STRUCT, req)
             start, end, flags, inode, name_size = f[3], f[4], f[5], f[8], f[11]
@@ -1082,9 +1087,19 @@ class MapsQuery(Closing):
             )
             return QueriedVma(start, end, perms, inode, name)
         for v in self._fallback or []:
-            if v.start <= addr < v.end:
+            if v.start <= addr < v.end or (or_next and addr < v.start):
                 return QueriedVma(v.start, v.end, v.perms, v.inode, v.path)
         return None
+
+    def vmas_in(self, start: int, end: int) -> Iterator[QueriedVma]:
+        """The VMAs that intersect [start, end), in address order."""
+        addr = start
+        while addr < end:
+            v = self.vma_at(addr, or_next=True)
+            if v is None or v.start >= end:
+                return
+            yield v
+            addr = v.end
 
     def close(self) -> None:
         if self._fd is not None:

@@ -5,8 +5,9 @@ same sealed memfd pages); then one of them forks, execs, remaps, changes protect
 unmaps, grows its heap, is written by a debugger, or is attacked through the memfd, and
 the targets' own self-checks plus pagemap say whether anything leaked or changed.
 
-Tests named ``test_known_hazard_*`` pin today's behaviour where it still differs from
-anonymous memory (DESIGN §3.1, §3.2): issue 4 will change them, and the change must show.
+Tests named ``test_without_the_guard_*`` merge with the madvise guard off (the naive
+implementation) and pin what goes wrong then (DESIGN §3.1, §3.2): the guard's tests next
+to them show the difference.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def start_pair(spawn, *extra: object) -> list[Target]:  # type: ignore[no-untype
     return [spawn([exe, "--identical", N, "--unique", U, "--seed", SEED, *extra]) for _ in "ab"]
 
 
-def merge(targets: list[Target], *, whole: bool = False) -> MergeResult:
+def merge(targets: list[Target], *, whole: bool = False, guard: bool = True) -> MergeResult:
     """One-shot merge of the targets' identical and unique regions (or of everything)."""
     ranges = [AddressRange(*region(t, r)) for t in targets for r in ("identical", "unique")]
     sel = ScanOptions() if whole else ScanOptions(ranges=ranges)
-    eng = MergeEngine([t.pid for t in targets], MergeOptions(selection=sel))
+    eng = MergeEngine([t.pid for t in targets], MergeOptions(selection=sel, guard=guard))
     try:
         return eng.run()
     finally:
@@ -191,17 +192,6 @@ def test_mremap_grow_of_a_merged_range_reads_zeros(pair) -> None:  # type: ignor
     assert_all_ok(a, b)  # a expects zeros in the grown pages and checks them
     assert a.command(f"write identical {3 * N}") == "OK"  # a grown page copies on write
     assert_all_ok(a, b)
-
-
-def test_known_hazard_mremap_shrink_then_grow_reads_old_content(pair) -> None:  # type: ignore[no-untyped-def]
-    """Open hazard (issue 4), like MADV_DONTNEED: shrinking a merged range and growing it
-    back maps the same memfd offsets again, so the regrown pages show their merged
-    content where anonymous memory would read zeros."""
-    a, b = pair
-    assert a.command(f"mremap identical {N // 2}").startswith("OK addr=")
-    assert a.command(f"mremap identical {N}").startswith("OK addr=")
-    assert a.command("check").startswith("CORRUPT region=identical page=")
-    assert b.command("check").startswith("OK")
 
 
 def test_mprotect_read_only_faults_like_anonymous_memory(pair) -> None:  # type: ignore[no-untyped-def]
@@ -499,41 +489,102 @@ def test_named_anon_region_is_never_merged_or_names_unsupported(spawn) -> None: 
 
 
 # --------------------------------------------------------------------------------------
-# 5. Known open hazards (DESIGN §3.1, §3.2): today's behaviour, pinned
+# 5. The madvise guard (DESIGN §3.1, §3.2; procksm.guard): madvise and mremap on merged
+#    pages behave as on anonymous memory. Each case also runs with the guard off
+#    (MergeOptions(guard=False), the naive implementation) to show what it prevents.
 # --------------------------------------------------------------------------------------
 
 
-def test_known_hazard_madv_free_einval_on_merged_range(pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def naive_pair(spawn):  # type: ignore[no-untyped-def]
+    targets = start_pair(spawn)
+    res = merge(targets, guard=False)
+    assert res.pages_merged == 2 * N
+    return targets
+
+
+def _guarded(pid: int) -> bool:
+    return any(
+        line.split()[1] != "0"
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Seccomp_filters:")
+    )
+
+
+def test_dontneed_on_a_merged_page_reads_zeros(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
-    assert a.command("madvise unique 0 2 free") == "OK"  # anonymous memory: accepted
-    assert a.command("madvise identical 0 2 free") == f"ERR errno={errno.EINVAL}"
+    assert _guarded(a.pid) and _guarded(b.pid)
+    page = 2
+    addr = a.int("identical") + page * PAGE_SIZE
+    assert a.command(f"write identical {page}") == "OK"  # A's own copy of the page
+    assert a.command(f"dontneed identical {page} 3") == "OK"  # COWed + 2 merged pages
+    assert read_mem(a.pid, addr, 3 * PAGE_SIZE) == bytes(3 * PAGE_SIZE)
+    assert_all_ok(a, b)  # a expects zeros there, b its own content
+    # a range spanning anon | merged: every page zero afterwards, the neighbours intact
+    assert a.command(f"dontneed identical {N - 2} 2") == "OK"
+    assert_all_ok(a, b)
+    assert a.command("write identical 1") == "OK"
     assert_all_ok(a, b)
 
 
-def test_known_hazard_madv_wipeonfork_einval_on_merged_range(pair) -> None:  # type: ignore[no-untyped-def]
-    a, b = pair
-    assert a.command("madvise identical 0 2 wipeonfork") == f"ERR errno={errno.EINVAL}"
-    assert a.command("madvise unique 0 2 wipeonfork") == "OK"
-    assert_all_ok(a, b)
-
-
-def test_known_hazard_madv_remove_eacces_on_merged_range(pair) -> None:  # type: ignore[no-untyped-def]
-    """MADV_REMOVE is refused on both, but with a different errno: EINVAL on anonymous
-    memory (no file), EACCES on the merged range (a file, but not a shared mapping)."""
-    a, b = pair
-    assert a.command("madvise unique 0 2 remove") == f"ERR errno={errno.EINVAL}"
-    assert a.command("madvise identical 0 2 remove") == f"ERR errno={errno.EACCES}"
-    assert_all_ok(a, b)
-
-
-def test_known_hazard_dontneed_reads_slot_content(pair) -> None:  # type: ignore[no-untyped-def]
-    a, b = pair
+def test_without_the_guard_dontneed_reads_slot_content(naive_pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = naive_pair
     page = 2
     addr = a.int("identical") + page * PAGE_SIZE
     slot = read_mem(b.pid, b.int("identical") + page * PAGE_SIZE, PAGE_SIZE)
-    assert a.command(f"write identical {page}") == "OK"  # A's own copy of the page
+    assert a.command(f"write identical {page}") == "OK"
     assert a.command(f"dontneed identical {page} 1") == "OK"
     # anonymous memory would now read zeros; the merged range reads the slot again
     assert a.command("check").startswith(f"CORRUPT region=identical page={page} offset=0 ")
     assert read_mem(a.pid, addr, PAGE_SIZE) == slot != bytes(PAGE_SIZE)
     assert b.command("check") == f"OK pages={N + U}"
+
+
+@pytest.mark.parametrize(
+    ("advice", "anon_answer", "naive_answer"),
+    [
+        ("free", "OK", f"ERR errno={errno.EINVAL}"),
+        ("wipeonfork", "OK", f"ERR errno={errno.EINVAL}"),
+        # refused on both, with EINVAL on anonymous memory, EACCES on a private file map
+        ("remove", f"ERR errno={errno.EINVAL}", f"ERR errno={errno.EACCES}"),
+    ],
+)
+def test_madvise_on_merged_pages_answers_like_anonymous_memory(  # type: ignore[no-untyped-def]
+    spawn, advice: str, anon_answer: str, naive_answer: str
+) -> None:
+    guarded, naive = start_pair(spawn), start_pair(spawn)
+    merge(guarded)
+    merge(naive, guard=False)
+    for t, want in ((guarded[0], anon_answer), (naive[0], naive_answer)):
+        assert t.command(f"madvise unique 0 2 {advice}") == anon_answer  # the reference
+        # a merged range, and one spanning unique | merged pages
+        assert t.command(f"madvise identical 0 2 {advice}") == want
+        assert t.command(f"madvise identical {N - 4} 4 {advice}") == want
+    assert_all_ok(*guarded, *naive)
+
+
+def test_mremap_shrink_then_grow_reads_zeros(pair) -> None:  # type: ignore[no-untyped-def]
+    """Shrinking a merged range and growing it back: the regrown pages read zeros, like
+    anonymous memory (without the guard they map the same memfd offsets again)."""
+    a, b = pair
+    assert a.command(f"mremap identical {N // 2}").startswith("OK addr=")
+    assert a.command(f"mremap identical {N}").startswith("OK addr=")
+    assert_all_ok(a, b)
+
+
+def test_without_the_guard_mremap_regrow_reads_old_content(naive_pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = naive_pair
+    assert a.command(f"mremap identical {N // 2}").startswith("OK addr=")
+    assert a.command(f"mremap identical {N}").startswith("OK addr=")
+    assert a.command("check").startswith("CORRUPT region=identical page=")
+    assert b.command("check").startswith("OK")
+
+
+def test_guarded_calls_that_touch_no_merged_page_run_unchanged(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    assert a.command("dontneed unique 0 2") == "OK"
+    assert a.command("madvise unique 2 2 free") == "OK"
+    assert a.command("mmap 64") == "OK"
+    assert_all_ok(a, b)
+    # still merged: nothing outside the calls' ranges was unmerged
+    assert memfd_vmas(a.pid, *region(a, "identical"))

@@ -131,10 +131,39 @@ def fd_senders(monkeypatch: pytest.MonkeyPatch) -> list[FdSender]:
 # --------------------------------------------------------------------------------------
 
 
+def _status(pid: int, key: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(key)
+
+
+def test_non_root_targets_without_no_new_privs_are_refused(spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    """seccomp(2) needs no_new_privs or CAP_SYS_ADMIN: without --set-no-new-privs a
+    non-root target cannot take the madvise guard and is left exactly as it was."""
+    pair = [spawn(planted_argv(planted), **AS_NOBODY) for _ in range(2)]
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    assert res.pages_merged == 0
+    reasons = {r.pid: r.reason for r in res.refused}
+    assert set(reasons) == {t.pid for t in pair}
+    assert all("--set-no-new-privs" in why for why in reasons.values()), reasons
+    for t in pair:
+        assert _status(t.pid, "NoNewPrivs") == "0"
+        assert _status(t.pid, "Seccomp_filters") == "0"
+        assert merged_ranges(t.pid) == []
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
 def test_non_root_targets_merge_through_scm_rights(spawn, planted, fd_senders) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted, "--blockers"), **AS_NOBODY) for _ in range(2)]
     assert [uid_of(t.pid) for t in pair] == [NOBODY, NOBODY]
-    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    res = run_engine(
+        [t.pid for t in pair], MergeOptions(selection=selection(pair), set_no_new_privs=True)
+    )
+    # the guard is in, with the no_new_privs the user allowed
+    for t in pair:
+        assert _status(t.pid, "NoNewPrivs") == "1"
+        assert _status(t.pid, "Seccomp_filters") == "1"
     doc = res.as_json()
     assert all(p.get("error") is None for p in doc["processes"]), doc["processes"]
     assert doc["totals"]["pages_merged"] == 2 * N
@@ -225,7 +254,9 @@ def test_target_in_another_network_namespace(spawn, planted, fd_senders, as_nobo
         assert not same_netns(t.pid)
         assert uid_of(t.pid) == (NOBODY if as_nobody else 0)
     assert netns_identity(pair[0].pid) != netns_identity(pair[1].pid)
-    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    res = run_engine(
+        [t.pid for t in pair], MergeOptions(selection=selection(pair), set_no_new_privs=True)
+    )
     doc = res.as_json()
     assert all(p.get("error") is None for p in doc["processes"]), doc["processes"]
     assert res.pages_merged == 2 * N and res.pages_zeroed == 2 * Z
@@ -456,7 +487,8 @@ def test_jemalloc_programs_are_refused_unless_allowed(spawn, planted, tmp_path) 
     exe.write_bytes(planted.read_bytes() + b"\0<jemalloc>: static marker\0")
     exe.chmod(0o755)
     pair = [spawn(planted_argv(exe)) for _ in range(2)]
-    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    # without the madvise guard (procksm.guard) DONTNEED would read stale data: refused
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair), guard=False))
     assert res.pages_merged == 0
     reasons = {r.pid: r.reason for r in res.refused if r.start == 0}
     assert all("jemalloc" in reasons[t.pid] for t in pair), reasons
@@ -464,15 +496,23 @@ def test_jemalloc_programs_are_refused_unless_allowed(spawn, planted, tmp_path) 
     assert all(merged_ranges(t.pid) == [] for t in pair)
     res = run_engine(
         [t.pid for t in pair],
-        MergeOptions(selection=selection(pair), allow_zero_after_dontneed=True),
+        MergeOptions(selection=selection(pair), guard=False, allow_zero_after_dontneed=True),
     )
     assert res.pages_merged == 2 * N
     for t in pair:
         assert t.command("check") == f"OK pages={N + Z + U}"
+    # with the guard (the default) they merge: DONTNEED reads zeros again
+    more = [spawn(planted_argv(exe)) for _ in range(2)]
+    res = run_engine([t.pid for t in more], MergeOptions(selection=selection(more)))
+    assert res.pages_merged == 2 * N
+    assert more[0].command("dontneed identical 0 4") == "OK"
+    for t in more:
+        assert t.command("check") == f"OK pages={N + Z + U}"
 
 
-def test_real_redis_server_is_refused(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """redis-server links jemalloc statically (installed by `make setup`)."""
+def test_real_redis_server_is_refused_without_the_guard(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """redis-server links jemalloc statically (installed by `make setup`); with the
+    guard it merges (tests/test_real_programs.py)."""
     require_privileges()
     redis = shutil.which("redis-server")
     if redis is None:
@@ -492,7 +532,7 @@ def test_real_redis_server_is_refused(spawn, tmp_path) -> None:  # type: ignore[
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not Path(f"/proc/{pid}/maps").read_text():
         time.sleep(0.05)
-    res = run_engine([pid], MergeOptions())
+    res = run_engine([pid], MergeOptions(guard=False))
     assert res.pages_merged == 0 and res.pages_zeroed == 0
     assert any(r.pid == pid and "jemalloc" in r.reason for r in res.refused)
 

@@ -50,10 +50,25 @@ class MergeCommand:
             "page would be lost)",
         )
         parser.add_argument(
+            "--no-guard",
+            action="store_true",
+            help="do not install the madvise guard (a seccomp filter that makes "
+            "MADV_DONTNEED/FREE/WIPEONFORK and mremap on merged pages behave as on "
+            "anonymous memory; see 'procksm guard --help'); jemalloc processes are then "
+            "refused",
+        )
+        parser.add_argument(
+            "--set-no-new-privs",
+            action="store_true",
+            help="let the guard set no_new_privs in non-root targets (seccomp needs it); "
+            "their later execve of setuid programs then gains no privileges",
+        )
+        parser.add_argument(
             "--allow-dontneed-reuse",
             action="store_true",
-            help="merge processes whose allocator (jemalloc) assumes memory reads zeros "
-            "after MADV_DONTNEED; a merged page reads its old content instead (DESIGN §3.1)",
+            help="with --no-guard: merge processes whose allocator (jemalloc) assumes "
+            "memory reads zeros after MADV_DONTNEED; a merged page reads its old content "
+            "instead (DESIGN §3.1)",
         )
         parser.add_argument("--no-zero", action="store_true", help="do not drop zero pages")
         parser.add_argument(
@@ -86,6 +101,8 @@ class MergeCommand:
             two_scans=args.two_scans,
             cross_uid=args.cross_uid,
             allow_async_io=args.allow_async_io,
+            guard=not args.no_guard,
+            set_no_new_privs=args.set_no_new_privs,
             allow_zero_after_dontneed=args.allow_dontneed_reuse,
             zero_pages=not args.no_zero,
             batch_pages=args.batch_pages,
