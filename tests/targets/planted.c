@@ -33,6 +33,9 @@
  *   check          -> "OK pages=<n verified>" or "CORRUPT region=<r> page=<i> ..."
  *   write R I      -> writes one byte into page I of region R (identical|zero|unique|intra)
  *                     and updates its own expectation; "OK"
+ *   readinto R I N -> read() N pages from page I of region R out of a pipe, one page per
+ *                     call, each its current content with byte 0 incremented: the kernel
+ *                     writes the page (copy_to_user), not the process; "OK" or "ERR .."
  *   dontneed R I N -> madvise(MADV_DONTNEED) on N pages from page I of region R; the
  *                     expectation becomes zero pages; prints "OK" or "ERR errno=.."
  *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
@@ -385,6 +388,23 @@ int main(int argc, char **argv) {
             base[r][i * PAGE] = v;
             override_byte[r][i] = v;
             printf("OK\n");
+        } else if (!strcmp(cmd, "readinto") && got >= 4) {
+            int r = region_by_name(reg);
+            int pfd[2];
+            if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
+            if (pipe(pfd)) { printf("ERR errno=%d\n", errno); continue; }
+            int bad = 0;
+            for (size_t p = i; p < i + n && !bad; p++) {
+                memcpy(tmp, base[r] + p * PAGE, PAGE);
+                tmp[0]++;
+                bad = write(pfd[1], tmp, PAGE) != (ssize_t)PAGE
+                      || read(pfd[0], base[r] + p * PAGE, PAGE) != (ssize_t)PAGE;
+                if (!bad) override_byte[r][p] = tmp[0];
+            }
+            close(pfd[0]);
+            close(pfd[1]);
+            if (bad) printf("ERR errno=%d\n", errno);
+            else printf("OK\n");
         } else if (!strcmp(cmd, "dontneed") && got >= 4) {
             int r = region_by_name(reg);
             if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
