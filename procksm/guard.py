@@ -408,13 +408,9 @@ class GuardClient:
         return reply[2:].strip()
 
     def guarded(self, pid: int) -> bool:
-        """Does the running guard hold a live listener for this process?"""
+        """Does the guard hold a live listener for this process? Starts a guard if
+        none runs (a filter must never exist before its guard)."""
         start = procfs.start_time(pid)
-        try:
-            with self._connect():
-                pass
-        except OSError:
-            return False
         return f"{pid}-{start}" in json.loads(self._request("list") or "[]")
 
     def hand_over(self, pid: int, listener: int, exempt_ip: int) -> None:
@@ -423,20 +419,6 @@ class GuardClient:
 
     def list(self) -> list[str]:
         return list(json.loads(self._request("list") or "[]"))
-
-
-def ensure_guarded(st: StoppedTarget, client: GuardClient, *, set_no_new_privs: bool) -> bool:
-    """Under stop, before the first merge into a target: install the guard unless the
-    running guard already holds one for it. Returns True when a filter was installed.
-    Call ``client.connect()`` before the stop window: starting a guard takes ~0.2 s."""
-    if client.guarded(st.pid):
-        return False
-    listener, ip = install(st, set_no_new_privs=set_no_new_privs)
-    try:
-        client.hand_over(st.pid, listener, ip)
-    finally:
-        os.close(listener)
-    return True
 
 
 # --- the guard process -----------------------------------------------------------------
@@ -485,6 +467,7 @@ class GuardService:
             srv.bind(self.path)
         finally:
             os.umask(old)
+        os.chmod(self.path, 0o600)  # root's (or this user's) procksm only
         srv.listen(16)
         srv.setblocking(False)
         self.sel.register(srv, selectors.EVENT_READ, None)
@@ -707,7 +690,6 @@ __all__ = [
     "GuardError",
     "GuardService",
     "build_filter",
-    "ensure_guarded",
     "guarded_range",
     "install",
     "run_filter",

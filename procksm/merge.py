@@ -632,19 +632,24 @@ class MergeEngine(Closing):
             max_calls=self.opts.max_calls,
             piece_of=lambda slot: self._piece(slot)[0].id,
         )
-        if not batches:
+        # A target merged before whose guard is gone (killed, or another guard's) gets
+        # a new one even when nothing new is merged (procksm.guard: the newest filter's
+        # listener takes the notifications).
+        reguard = self.opts.guard and not extents and bool(merged_ranges(pid))
+        if not batches and not reguard:
             return
         if extents:
             # Before the first mmap: merged ranges are file-backed private mappings, which
             # the default coredump_filter leaves out of kernel cores (procksm.coredump).
             coredump.keep_merged_in_cores(pid)
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
-        if self.opts.guard and extents:
-            if self._guard_client is None:
-                self._guard_client = guard.GuardClient()
+        client: guard.GuardClient | None = None
+        if self.opts.guard and (extents or reguard):
+            client = self._guard_client = self._guard_client or guard.GuardClient()
             try:
                 # outside any stop window: starting the guard process takes ~0.2 s
-                self._guard_client.connect().close()
+                if client.guarded(pid):
+                    client = None
             except guard.GuardError as err:
                 refused.append(Refusal(pid, 0, 0, err.message))
                 res.pages_refused += sum(x.npages for x in extents)
@@ -652,19 +657,31 @@ class MergeEngine(Closing):
         with PtraceSession(pid) as sess, _gc_paused():
             # The scratch page (arguments of the hand-over) gets a short window of its
             # own, so the first merge window is no longer than the others; the madvise
-            # guard is installed in it, before anything is merged (procksm.guard).
+            # guard's filter is installed in it, and its listener handed to the guard
+            # before anything is merged (procksm.guard).
+            listener = None
             with sess.stopped() as st:
                 st.scratch()
-                if self._guard_client is not None and extents:
+                if client is not None:
                     try:
-                        if guard.ensure_guarded(
-                            st, self._guard_client, set_no_new_privs=self.opts.set_no_new_privs
-                        ):
-                            res.guard_installed = True
+                        listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
                     except guard.GuardError as err:
                         refused.append(Refusal(pid, 0, 0, err.message))
                         res.pages_refused += sum(x.npages for x in extents)
                         return
+            if client is not None and listener is not None:
+                try:
+                    client.hand_over(pid, *listener)
+                except (guard.GuardError, OSError) as err:
+                    # the filter is in but has no listener: its calls fail with ENOSYS
+                    # (never stale memory); merge nothing more into this process
+                    msg = getattr(err, "message", None) or str(err)
+                    refused.append(Refusal(pid, 0, 0, f"madvise guard hand-over: {msg}"))
+                    res.pages_refused += sum(x.npages for x in extents)
+                    return
+                finally:
+                    os.close(listener[0])
+                res.guard_installed = True
             for ext_batch, zero_batch in batches:
                 # Slots are sealed, immutable: read their bytes before stopping the target.
                 slot_bytes = [self._slot_bytes(e) for e in ext_batch]
