@@ -26,6 +26,7 @@ def _commands() -> dict[str, Command]:
     from procksm.commands.demo import DemoCommand
     from procksm.commands.merge import MergeCommand
     from procksm.commands.scan import ScanCommand
+    from procksm.commands.top import TopCommand
     from procksm.commands.unmerge import UnmergeCommand
 
     return {
@@ -33,6 +34,7 @@ def _commands() -> dict[str, Command]:
         "merge": MergeCommand(),
         "unmerge": UnmergeCommand(),
         "demo": DemoCommand(),
+        "top": TopCommand(),
     }
 
 
