@@ -1,0 +1,290 @@
+/* procksm cow observer (loaded with bcc by procksm/observe.py).
+ *
+ * COW breaks: a write to a page that procksm merged (a MAP_PRIVATE mapping of a sealed
+ * memfd) faults, and the kernel copies the page. Measured on this kernel (6.18, x86_64):
+ * a user write to a present merged page faults with error_code 0x7 (present|write|user),
+ * a user write to a not-present one (after MADV_DONTNEED) with 0x6, and a kernel write
+ * such as read() into the page faults in `page_fault_kernel` with 0x3. Writes through
+ * get_user_pages (process_vm_writev, /proc/PID/mem, O_DIRECT) COW without any fault
+ * event: user space finds those in pagemap (observe.reconcile).
+ *
+ * The filter is in the kernel: a bit per target tgid (array), then one hash lookup of
+ * (tgid, 2 MiB region) -> 512-bit map of armed pages. A hit clears the page's bit with an
+ * atomic fetch-and, so a page counts once: later writes to the now-private page, and
+ * fork COWs of pages that are not armed, never reach user space.
+ *
+ * Lifecycle: sched fork/exec/exit and the memory syscalls of target tgids.
+ */
+#include <uapi/linux/ptrace.h>
+
+#include "cow.h"
+
+#ifndef PROCKSM_TGID_WORDS
+#define PROCKSM_TGID_WORDS 65536 /* PID_MAX_LIMIT (4 Mi on 64-bit) / 64: any tgid fits */
+#endif
+#ifndef PROCKSM_MAX_REGIONS
+#define PROCKSM_MAX_REGIONS 32768 /* 64 GiB of merged ranges */
+#endif
+#ifndef PROCKSM_RING_PAGES
+#define PROCKSM_RING_PAGES 64
+#endif
+
+#define PF_WRITE 0x2UL
+#define CLONE_THREAD_FLAG 0x00010000UL
+
+/* Bit t of word t/64: tgid t is a target. An array lookup is inlined by the verifier, so
+ * the faults of every other process on the machine cost one load and a branch. */
+BPF_ARRAY(target_bits, u64, PROCKSM_TGID_WORDS);
+/* Armed merged pages. Not preallocated: its size follows the merged ranges. */
+BPF_F_TABLE("hash", struct procksm_region_key, struct procksm_region_bits, merged,
+            PROCKSM_MAX_REGIONS, BPF_F_NO_PREALLOC);
+/* Targets that exec'd: their regions describe an address space that is gone. Set here,
+ * cleared by user space once it dropped the regions. */
+BPF_HASH(stale, u32, u32, 4096);
+/* fork: task_newtask (which sees clone_flags) marks child pids that are processes. */
+BPF_HASH(new_procs, u32, u32, 4096);
+
+struct procksm_sc {
+    u32 kind;
+    u32 pad;
+    u64 addr;
+    u64 len;
+    u64 arg;
+    u64 arg2;
+};
+/* Arguments of a target's memory syscall between sys_enter and sys_exit, by tid. */
+BPF_HASH(inflight, u32, struct procksm_sc, 4096);
+
+BPF_PERCPU_ARRAY(totals, u64, C_NR);
+/* Settings from user space: [CFG_FOLLOW_CHILDREN] = 1 makes a target's forked child a
+ * target at once, so its exec and first syscalls are seen before user space reacts. */
+BPF_ARRAY(config, u32, CFG_NR);
+
+/* bcc rewrites `events.x(...)` calls but refuses them inside macros: hence #ifdef in emit(). */
+#ifdef PROCKSM_PERF_BUFFER
+BPF_PERF_OUTPUT(events);
+#else
+BPF_RINGBUF_OUTPUT(events, PROCKSM_RING_PAGES);
+#endif
+
+static __always_inline void count(u32 idx) {
+    u64 *c = totals.lookup(&idx);
+    if (c)
+        *c += 1;
+}
+
+static __always_inline int is_target(u32 tgid) {
+    u32 w = tgid >> 6;
+    u64 *word = target_bits.lookup(&w);
+    return word && (*word & (1ULL << (tgid & 63)));
+}
+
+static __always_inline void emit(void *ctx, struct procksm_event *e) {
+    e->ts_ns = bpf_ktime_get_ns();
+#ifdef PROCKSM_PERF_BUFFER
+    int rc = events.perf_submit(ctx, e, sizeof(*e));
+#else
+    int rc = events.ringbuf_output(e, sizeof(*e), 0);
+#endif
+    if (rc < 0)
+        count(C_LOST);
+}
+
+static __always_inline int on_fault(void *ctx, unsigned long addr, unsigned long err,
+                                    u32 kind) {
+    if (!(err & PF_WRITE))
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    struct procksm_region_key key = {};
+    key.tgid = tgid;
+    key.region = addr >> PROCKSM_REGION_SHIFT;
+    struct procksm_region_bits *b = merged.lookup(&key);
+    if (!b)
+        return 0;
+    if (stale.lookup(&tgid)) {
+        count(C_STALE);
+        return 0;
+    }
+    u32 page = (addr >> 12) & 511;
+    u64 mask = 1ULL << (page & 63);
+    /* Two threads may fault on the same page at once: the one that clears the bit counts. */
+    u64 old = __sync_fetch_and_and(&b->bits[(page >> 6) & 7], ~mask);
+    if (!(old & mask))
+        return 0;
+    count(kind == EV_COW_USER ? C_COW_USER : C_COW_KERNEL);
+    struct procksm_event e = {};
+    e.kind = kind;
+    e.tgid = tgid;
+    e.tid = (u32)pid_tgid;
+    e.aux = (u32)err;
+    e.addr = addr & ~4095UL;
+    emit(ctx, &e);
+    return 0;
+}
+
+/* Raw tracepoints: TP_PROTO(unsigned long address, struct pt_regs *regs,
+ * unsigned long error_code). No record is built for them, unlike perf tracepoints:
+ * they are on the path of every page fault of the machine. */
+RAW_TRACEPOINT_PROBE(page_fault_user) {
+    return on_fault(ctx, ctx->args[0], ctx->args[2], EV_COW_USER);
+}
+
+RAW_TRACEPOINT_PROBE(page_fault_kernel) {
+    return on_fault(ctx, ctx->args[0], ctx->args[2], EV_COW_KERNEL);
+}
+
+/* --- lifecycle --- */
+
+static __always_inline u32 current_tgid(void) {
+    return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline void lifecycle(void *ctx, u32 kind, u32 tgid, u32 aux) {
+    struct procksm_event e = {};
+    e.kind = kind;
+    e.tgid = tgid;
+    e.tid = (u32)bpf_get_current_pid_tgid();
+    e.aux = aux;
+    count(C_LIFECYCLE);
+    emit(ctx, &e);
+}
+
+TRACEPOINT_PROBE(task, task_newtask) {
+    u32 tgid = current_tgid();
+    if (!is_target(tgid) || (args->clone_flags & CLONE_THREAD_FLAG))
+        return 0;
+    u32 child = args->pid, one = 1;
+    new_procs.update(&child, &one);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 child = args->child_pid;
+    /* only children that task_newtask saw as processes of a target */
+    if (!new_procs.lookup(&child))
+        return 0;
+    new_procs.delete(&child);
+    u32 cfg = CFG_FOLLOW_CHILDREN;
+    u32 *follow = config.lookup(&cfg);
+    if (follow && *follow) {
+        u32 w = child >> 6;
+        u64 *word = target_bits.lookup(&w);
+        if (word)
+            __sync_fetch_and_or(word, 1ULL << (child & 63));
+    }
+    lifecycle(args, EV_FORK, current_tgid(), child);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 tgid = current_tgid();
+    if (!is_target(tgid))
+        return 0;
+    u32 one = 1;
+    stale.update(&tgid, &one);
+    lifecycle(args, EV_EXEC, tgid, args->old_pid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u32 tgid = current_tgid();
+    if (!args->group_dead || !is_target(tgid))
+        return 0;
+    /* the tgid may be reused by an unrelated process: stop filtering for it now */
+    u32 w = tgid >> 6;
+    u64 *word = target_bits.lookup(&w);
+    if (word)
+        __sync_fetch_and_and(word, ~(1ULL << (tgid & 63)));
+    lifecycle(args, EV_EXIT, tgid, 0);
+    return 0;
+}
+
+/* --- memory syscalls: arguments at entry, the event with the result at exit --- */
+
+static __always_inline void sc_enter(u32 kind, u64 addr, u64 len, u64 arg, u64 arg2) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return;
+    u32 tid = (u32)pid_tgid;
+    struct procksm_sc sc = {};
+    sc.kind = kind;
+    sc.addr = addr;
+    sc.len = len;
+    sc.arg = arg;
+    sc.arg2 = arg2;
+    inflight.update(&tid, &sc);
+}
+
+static __always_inline void sc_exit(void *ctx, long ret) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return;
+    u32 tid = (u32)pid_tgid;
+    struct procksm_sc *sc = inflight.lookup(&tid);
+    if (!sc)
+        return;
+    struct procksm_event e = {};
+    e.kind = sc->kind;
+    e.tgid = pid_tgid >> 32;
+    e.tid = tid;
+    e.addr = sc->addr;
+    e.len = sc->len;
+    e.arg = sc->arg;
+    e.arg2 = sc->arg2;
+    e.ret = ret;
+    inflight.delete(&tid);
+    count(C_LIFECYCLE);
+    emit(ctx, &e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
+    sc_enter(EV_MMAP, args->addr, args->len, args->flags, args->prot);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap) {
+    sc_exit(args, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_munmap) {
+    sc_enter(EV_MUNMAP, args->addr, args->len, 0, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_munmap) {
+    sc_exit(args, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
+    sc_enter(EV_MREMAP, args->addr, args->old_len, args->new_len, args->flags);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mremap) {
+    sc_exit(args, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise) {
+    sc_enter(EV_MADVISE, args->start, args->len_in, args->behavior, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise) {
+    sc_exit(args, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_brk) {
+    sc_enter(EV_BRK, args->brk, 0, 0, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_brk) {
+    sc_exit(args, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise) {
+    sc_enter(EV_PROCESS_MADVISE, 0, args->vlen, args->behavior, args->pidfd);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise) {
+    sc_exit(args, args->ret);
+    return 0;
+}

@@ -1,0 +1,63 @@
+/* procksm cow observer: what the BPF side (cow.bpf.c) and procksm/observe.py share.
+ *
+ * observe.py mirrors these numbers (EV_*, C_*, the event layout); a test reads this
+ * file and checks that they agree, so change both together.
+ */
+#ifndef PROCKSM_COW_H
+#define PROCKSM_COW_H
+
+/* One merged-range entry covers a 2 MiB region: 512 pages, one bit each (1 = a merged
+ * page whose first write has not been seen yet). */
+#define PROCKSM_REGION_SHIFT 21
+#define PROCKSM_REGION_WORDS 8
+
+/* Event kinds. */
+#define EV_COW_USER 1        /* write fault from user mode on an armed merged page */
+#define EV_COW_KERNEL 2      /* write fault from kernel mode (copy_to_user, e.g. read()) */
+#define EV_FORK 3            /* aux = child pid (a new process, not a thread) */
+#define EV_EXEC 4            /* aux = old pid (tid of the thread that called execve) */
+#define EV_EXIT 5            /* the whole thread group is gone */
+#define EV_MMAP 6            /* addr, len, arg = flags, arg2 = prot, ret = address */
+#define EV_MUNMAP 7          /* addr, len, ret */
+#define EV_MREMAP 8          /* addr, len = old_len, arg = new_len, arg2 = flags, ret = address */
+#define EV_MADVISE 9         /* addr, len, arg = advice, ret */
+#define EV_BRK 10            /* addr = requested break, ret = new break */
+#define EV_PROCESS_MADVISE 11 /* len = vlen, arg = advice, arg2 = pidfd, ret = bytes */
+
+/* Per-CPU counters (index into the `totals` array). */
+#define C_COW_USER 0
+#define C_COW_KERNEL 1
+#define C_LIFECYCLE 2
+#define C_LOST 3   /* events the ring (or perf) buffer had no room for */
+#define C_STALE 4  /* write faults on regions of a target that exec'd, not yet dropped */
+#define C_NR 5
+
+/* Settings (index into the `config` array). */
+#define CFG_FOLLOW_CHILDREN 0
+#define CFG_NR 1
+
+/* 64 bytes, no padding: observe.EVENT_FORMAT = "<QIIIIQQQQq". */
+struct procksm_event {
+    __u64 ts_ns;
+    __u32 kind;
+    __u32 tgid;
+    __u32 tid;
+    __u32 aux;   /* fault: error_code; fork: child pid; exec: old pid */
+    __u64 addr;
+    __u64 len;
+    __u64 arg;
+    __u64 arg2;
+    __s64 ret;
+};
+
+struct procksm_region_key {
+    __u32 tgid;
+    __u32 pad;
+    __u64 region; /* address >> PROCKSM_REGION_SHIFT */
+};
+
+struct procksm_region_bits {
+    __u64 bits[PROCKSM_REGION_WORDS];
+};
+
+#endif
