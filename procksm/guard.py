@@ -420,6 +420,11 @@ class GuardClient:
     def list(self) -> list[str]:
         return list(json.loads(self._request("list") or "[]"))
 
+    def stats(self) -> dict[str, object]:
+        """The guard's pid, guarded processes, notifications answered and pages it
+        unmerged because a guarded call touched them."""
+        return dict(json.loads(self._request("stats")))
+
 
 # --- the guard process -----------------------------------------------------------------
 
@@ -521,11 +526,21 @@ class GuardService:
 
     def _command(self, line: str, fds: list[int]) -> str:
         words = line.split()
-        if words == ["list"]:
+        if words in (["list"], ["stats"]):
             for fd in fds:
                 os.close(fd)
             self._drop_dead()
-            return "ok " + json.dumps(sorted(t.key for t in self.targets.values()))
+            keys = sorted(t.key for t in self.targets.values())
+            if words == ["list"]:
+                return "ok " + json.dumps(keys)
+            return "ok " + json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "guarded": keys,
+                    "notifications": self.handled,
+                    "pages_unmerged": self.unmerged_pages,
+                }
+            )
         if len(words) == 4 and words[0] == "guard" and len(fds) == 1:
             pid, start, ip = int(words[1]), words[2], int(words[3])
             listener = fds[0]

@@ -52,14 +52,21 @@ class GuardCommand:
             try:
                 s = client._connect()
             except OSError:
-                keys: list[str] = []
+                stats: dict[str, object] = {"pid": None, "guarded": []}
             else:
                 s.close()
-                keys = client.list()
+                stats = client.stats()
             if args.json:
-                json.dump({"guarded": keys}, sys.stdout)
+                json.dump(stats, sys.stdout)
                 sys.stdout.write("\n")
+            elif not stats["guarded"]:
+                print("no guarded processes")
             else:
-                print("\n".join(keys) if keys else "no guarded processes")
+                print(
+                    f"guard pid {stats['pid']}: {stats['notifications']} calls answered, "
+                    f"{stats['pages_unmerged']} pages unmerged before a guarded call"
+                )
+                for key in stats["guarded"]:  # type: ignore[attr-defined]
+                    print(f"  pid {key.split('-')[0]} (started at tick {key.split('-')[1]})")
             return 0
         return guard.serve(args.socket, idle_exit=args.idle_exit)

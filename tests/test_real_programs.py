@@ -1,0 +1,222 @@
+"""Issue 4: real programs, not written here, under `procksm merge`.
+
+* Redis (links jemalloc, which assumes zero-after-MADV_DONTNEED): several instances
+  with the same dataset are merged, then driven with writes, deletes, key expiry,
+  redis-benchmark on another database and MEMORY PURGE (jemalloc purges with
+  MADV_DONTNEED); every instance's DEBUG DIGEST must equal that of an instance that was
+  never merged, and none may crash.
+* Python workers building the same numpy arrays and objects, merged, then computing
+  on; results must equal those of an un-merged worker.
+
+Each test prints what it saved (bytes, % of the scan's ideal) and what was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, require_privileges, run_procksm, skip_or_fail
+
+
+def _ideal(pids: list[int]) -> int:
+    proc = run_procksm("scan", "--json", *pids)
+    assert proc.returncode == 0, proc.stderr
+    return int(json.loads(proc.stdout)["totals"]["ideal_savings_bytes"])
+
+
+def _report(what: str, doc: dict, ideal: int) -> None:  # type: ignore[type-arg]
+    saved = doc["totals"]["saved_bytes"]
+    reasons: dict[str, int] = {}
+    for r in doc["refused"]:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    print(
+        f"\n{what}: saved {saved / 2**20:.1f} MiB = {100 * saved / max(ideal, 1):.1f} % of "
+        f"the ideal {ideal / 2**20:.1f} MiB; pauses p99 {doc['pauses']['p99_ms']} ms; "
+        f"refused: {reasons or 'nothing'}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Redis
+# --------------------------------------------------------------------------------------
+
+
+class Redis:
+    def __init__(self, exe: str, directory: Path, name: str) -> None:
+        self.sock = str(directory / f"{name}.sock")
+        self.proc = subprocess.Popen(
+            [exe, "--port", "0", "--unixsocket", self.sock, "--save", "", "--appendonly",
+             "no", "--dir", str(directory), "--enable-debug-command", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while not Path(self.sock).exists():
+            assert self.proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def cli(self, *args: object, stdin: str | None = None) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-s", self.sock, *(str(a) for a in args)],
+            input=stdin, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _workload(r: Redis, keys: int) -> None:
+    """The same deterministic changes to db 0 in every instance, and random load on
+    db 1 (redis-benchmark), flushed afterwards: jemalloc frees and purges a lot."""
+    cmds = []
+    for i in range(0, keys, 3):
+        cmds.append(f"DEL key:{i}")
+    for i in range(1, keys, 5):
+        cmds.append(f"SET key:{i} {'n' * (100 + i % 900)}")
+    for i in range(2, keys, 7):
+        cmds.append(f"PEXPIRE key:{i} 300")
+    r.cli("--pipe", stdin="\n".join(cmds) + "\n")
+    subprocess.run(
+        ["redis-benchmark", "-s", r.sock, "--dbnum", "1", "-n", "20000", "-r", "5000",
+         "-d", "700", "-t", "set,lpush,lpop,get", "-q"],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    r.cli("MEMORY", "PURGE")
+    time.sleep(0.6)  # the expiries fall due; read them out so they are deleted now
+    for i in range(2, keys, 7):
+        r.cli("EXISTS", f"key:{i}") if i % 70 == 2 else None
+    r.cli("-n", "1", "FLUSHDB")
+    r.cli("MEMORY", "PURGE")
+
+
+def test_redis_instances_merged_keep_their_data_under_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    exe = shutil.which("redis-server")
+    if exe is None or shutil.which("redis-benchmark") is None:
+        skip_or_fail("redis-server/redis-benchmark not installed (make setup installs them)")
+        return
+    keys = 60_000
+    servers = [Redis(exe, tmp_path, name) for name in ("a", "b", "c", "reference")]
+    try:
+        for r in servers:
+            assert r.cli("DEBUG", "POPULATE", keys, "key", 600) == "OK"
+        merged, reference = servers[:3], servers[3]
+        pids = [r.pid for r in merged]
+        ideal = _ideal(pids)
+        proc = run_procksm("merge", "--json", *pids, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        _report("redis x3", doc, ideal)
+        assert doc["totals"]["pages_merged"] > 0
+        assert doc["totals"]["saved_bytes"] >= 0.5 * ideal
+        assert not doc["refused"] or all("jemalloc" not in r["reason"] for r in doc["refused"])
+        guard_before = json.loads(run_procksm("guard", "--list", "--json").stdout)
+        for r in servers:
+            _workload(r, keys)
+        time.sleep(0.5)
+        for r in servers:
+            _workload(r, keys // 2)
+        digests = {r.sock: r.cli("DEBUG", "DIGEST") for r in servers}
+        assert all(r.alive() for r in servers)
+        assert len(set(digests.values())) == 1, digests
+        assert int(reference.cli("DBSIZE")) > 0
+        guard_after = json.loads(run_procksm("guard", "--list", "--json").stdout)
+        # jemalloc's purges went through the guard, and some touched merged pages
+        assert guard_after["notifications"] > guard_before["notifications"]
+        print(
+            f"guard: {guard_after['notifications'] - guard_before['notifications']} calls, "
+            f"{guard_after['pages_unmerged'] - guard_before['pages_unmerged']} pages "
+            "unmerged first"
+        )
+        assert guard_after["pages_unmerged"] > guard_before["pages_unmerged"]
+    finally:
+        for r in servers:
+            r.stop()
+
+
+# --------------------------------------------------------------------------------------
+# Python workers
+# --------------------------------------------------------------------------------------
+
+WORKER = r"""
+import hashlib, sys
+import numpy as np
+
+rng = np.random.default_rng(1234)
+table = rng.standard_normal((2048, 2048))            # 32 MiB, the same in every worker
+ints = np.arange(4_000_000, dtype=np.int64) * 7       # 30 MiB
+objects = {f"k{i}": ("v" * (i % 50), i, float(i)) for i in range(200_000)}
+zeros = np.zeros(8 << 20, dtype=np.uint8)             # 8 MiB of zeros
+zeros[::4096] = 0                                     # touched: present zero pages
+print("READY", flush=True)
+for line in sys.stdin:
+    step = int(line)
+    # compute on everything, write some of it: COW after the merge
+    table[step % 2048, :] += 1.0
+    ints[step::97] += step
+    objects[f"k{step}"] = ("changed", step, 0.0)
+    del objects[f"k{step + 1}"]
+    zeros[step * 4096] = 1
+    h = hashlib.sha256()
+    h.update(table.tobytes()); h.update(ints.tobytes()); h.update(zeros.tobytes())
+    h.update(repr(sorted(objects.items())[::1000]).encode())
+    print(h.hexdigest(), float(table.sum()), flush=True)
+"""
+
+
+def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    try:
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "READY"
+        merged, reference = workers[:3], workers[3]
+        pids = [w.pid for w in merged]
+        ideal = _ideal(pids)
+        proc = run_procksm("merge", "--json", *pids, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        _report("python x3", doc, ideal)
+        # the arrays alone are ~2 x 62 MiB of duplicates across three workers
+        assert doc["totals"]["saved_bytes"] >= 100 << 20
+        assert doc["totals"]["saved_bytes"] >= 0.8 * ideal
+        for step in range(1, 12):
+            answers = []
+            for w in workers:
+                assert w.stdin is not None and w.stdout is not None
+                w.stdin.write(f"{step}\n")
+                w.stdin.flush()
+                answers.append(w.stdout.readline().strip())
+            assert len(set(answers)) == 1, (step, answers)
+        assert all(w.poll() is None for w in workers)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-s", "-q"]))
