@@ -33,6 +33,8 @@
  *   check          -> "OK pages=<n verified>" or "CORRUPT region=<r> page=<i> ..."
  *   write R I      -> writes one byte into page I of region R (identical|zero|unique|intra)
  *                     and updates its own expectation; "OK"
+ *   set R I V      -> byte 0 of page I of region R = V, a store without reading the page
+ *                     first (a write fault on a not-present page stays one); "OK"
  *   readinto R I N -> read() N pages from page I of region R out of a pipe, one page per
  *                     call, each its current content with byte 0 incremented: the kernel
  *                     writes the page (copy_to_user), not the process; "OK" or "ERR .."
@@ -387,6 +389,12 @@ int main(int argc, char **argv) {
             unsigned char v = (unsigned char)(base[r][i * PAGE] + 1);
             base[r][i * PAGE] = v;
             override_byte[r][i] = v;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "set") && got >= 4) {
+            int r = region_by_name(reg);
+            if (r < 0 || i >= npages[r] || n > 255) { printf("ERR bad region/page\n"); continue; }
+            ((volatile unsigned char *)base[r])[i * PAGE] = (unsigned char)n;
+            override_byte[r][i] = (int16_t)n;
             printf("OK\n");
         } else if (!strcmp(cmd, "readinto") && got >= 4) {
             int r = region_by_name(reg);
