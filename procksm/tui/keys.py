@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import termios
 from types import TracebackType
 from typing import Any
@@ -105,8 +106,17 @@ class KeyReader:
     def restore(self) -> None:
         if self._saved is not None and self._active:
             self._active = False
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            # Restoring must work even if the shell already took the terminal back (Ctrl-Z
+            # stops our parent first when we run in procksm's worker process): from a
+            # background process group tcsetattr raises SIGTTOU, which would stop us
+            # before the modes are back. Entering cbreak again keeps the default, so a
+            # view continued in the background stops until it is brought to the front.
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            try:
+                with contextlib.suppress(termios.error):
+                    termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            finally:
+                signal.signal(signal.SIGTTOU, old)
 
     def __enter__(self) -> KeyReader:
         self.enter()

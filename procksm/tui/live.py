@@ -266,6 +266,9 @@ class LiveView:
                 os.write(wake_w, bytes([signum]))
 
         old = {s: signal.signal(s, on_signal) for s in _WAKE_SIGNALS}
+        # Ctrl-C quits the view even when the caller handles SIGINT itself (a daemon
+        # that stops on SIGINT): the caller's handler is back once the view is gone.
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         live = Live(
             console=self.console,
             screen=True,
