@@ -605,3 +605,72 @@ def test_io_uring_users_are_refused_unless_allowed(spawn) -> None:  # type: igno
     assert all(merged_ranges(t.pid) == [] for t in pair)
     res = run_engine([t.pid for t in pair], MergeOptions(selection=sel, allow_async_io=True))
     assert res.pages_merged == 2 * 64
+
+
+# --------------------------------------------------------------------------------------
+# DESIGN §3.7: a merge never pushes a target over its memory limit
+# --------------------------------------------------------------------------------------
+
+
+def _memory_cgroup_root() -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        own = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        return Path("/sys/fs/cgroup") / own.lstrip("/")
+    raise AssertionError("no memory cgroup")
+
+
+def test_merge_never_raises_a_limited_targets_memory_charge(spawn, planted, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two targets in a memory cgroup limited to what they use plus 4 MiB: merging them
+    only lowers the cgroup's charge (its peak never rises), nothing fails or is
+    OOM-killed, and the shared pages are charged to procksm's own cgroup, which the
+    JSON reports."""
+    parent = _memory_cgroup_root()
+    v1 = (parent / "memory.limit_in_bytes").exists()
+    cg = parent / f"procksm-test-{os.getpid()}"
+    cg.mkdir()
+    try:
+        if not v1:
+            (cg / "memory.max").write_text("max")
+
+        def enter() -> None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        pair = [spawn(planted_argv(planted), preexec_fn=enter) for _ in range(2)]
+        usage_file = cg / ("memory.usage_in_bytes" if v1 else "memory.current")
+        usage = int(usage_file.read_text())
+        limit = usage + (4 << 20)
+        if v1:
+            (cg / "memory.limit_in_bytes").write_text(str(limit))
+            (cg / "memory.max_usage_in_bytes").write_text("0")  # reset the peak
+        else:
+            (cg / "memory.max").write_text(str(limit))
+            (cg / "memory.peak").write_text("0") if (cg / "memory.peak").exists() else None
+        res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+        assert res.pages_merged == 2 * N
+        after = int(usage_file.read_text())
+        assert after < usage - N * PAGE_SIZE, (usage, after)  # the targets' charge fell
+        if v1:
+            peak = int((cg / "memory.max_usage_in_bytes").read_text())
+            assert peak <= usage + (256 << 10), (usage, peak)  # page tables at most
+            assert int((cg / "memory.failcnt").read_text()) == 0
+        for t in pair:
+            assert t.command("check") == f"OK pages={N + Z + U}"
+        doc = res.as_json()["procksm"]
+        assert doc["memfd_bytes"] == res.slots * PAGE_SIZE
+        assert doc["cgroup"] == str(parent).removeprefix("/sys/fs/cgroup/memory").removeprefix(
+            "/sys/fs/cgroup"
+        )
+        assert doc["cgroup_memory_bytes"] > 0
+    finally:
+        for t in list(locals().get("pair", [])):
+            t.kill()
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
