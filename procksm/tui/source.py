@@ -89,6 +89,8 @@ class SocketActions:
         reply = request(self.path, line).decode(errors="replace").strip()
         if reply.startswith("error:"):
             raise ProcksmError(reply.removeprefix("error:").strip())
+        if reply == "ok" or reply.startswith("ok "):
+            reply = reply[2:].strip()
         return reply or f"{line}: done"
 
     def pause(self) -> str:
