@@ -527,6 +527,19 @@ def test_dontneed_on_a_merged_page_reads_zeros(pair) -> None:  # type: ignore[no
     assert_all_ok(a, b)
 
 
+def test_the_guard_covers_children_and_threads_created_after_the_merge(pair) -> None:  # type: ignore[no-untyped-def]
+    """The filter is inherited by every later thread (TSYNC, then clone) and child (fork):
+    their DONTNEED on merged pages reads zeros too."""
+    a, b = pair
+    assert a.command("forkdontneed identical 4 3") == f"CHILD exit=0 OK pages={N + U}"
+    assert memfd_vmas(a.pid, *region(a, "identical"))  # the parent's pages are still merged
+    assert a.command("threaddontneed identical 10 2") == "OK"
+    assert read_mem(a.pid, a.int("identical") + 10 * PAGE_SIZE, 2 * PAGE_SIZE) == bytes(
+        2 * PAGE_SIZE
+    )
+    assert_all_ok(a, b)
+
+
 def test_without_the_guard_dontneed_reads_slot_content(naive_pair) -> None:  # type: ignore[no-untyped-def]
     a, b = naive_pair
     page = 2

@@ -46,6 +46,9 @@
  *   crash          -> abort(): SIGABRT, a kernel core dump if RLIMIT_CORE allows one
  *   expect R I V   -> byte 0 of page I of region R is now V (someone else wrote it:
  *                     a debugger's process_vm_writev or /proc/PID/mem); "OK"
+ *   forkdontneed R I N / threaddontneed R I N -> MADV_DONTNEED of those pages from a child
+ *                     forked now (which then checks its memory, like "fork") / from a
+ *                     thread created now (then they are expected zero, like "dontneed")
  *   fork           -> fork; the child runs "check" on its own memory and exits 0 (OK) or 1;
  *                     "CHILD exit=<n> <child's verdict>" or "CHILD signal=<n>"
  *   probe R I      -> fork; the child writes byte 0 of page I of region R and exits 0:
@@ -312,6 +315,14 @@ static void resize_tables(int r, size_t n) {
     npages[r] = n;
 }
 
+struct dontneed_job { unsigned char *addr; size_t len; int err; };
+
+static void *dontneed_thread(void *arg) {
+    struct dontneed_job *job = arg;
+    if (madvise(job->addr, job->len, MADV_DONTNEED)) job->err = errno;
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     int threads = 0, blockers = 0;
     const char *attr = NULL;
@@ -443,6 +454,41 @@ int main(int argc, char **argv) {
             if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
             if (c == 0) {
                 char msg[256] = "";
+                long ok = check_all(tmp, msg, sizeof msg);
+                if (ok >= 0) snprintf(msg, sizeof msg, "OK pages=%ld", ok);
+                if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
+                _exit(ok < 0 ? 1 : 0);
+            }
+            close(pfd[1]);
+            report_child(c, pfd[0]);
+        } else if ((!strcmp(cmd, "forkdontneed") || !strcmp(cmd, "threaddontneed")) && got >= 4) {
+            /* MADV_DONTNEED from a child forked now, or from a thread created now (both
+             * after any merge): the pages must read zeros there; then check everything */
+            int r = region_by_name(reg);
+            if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
+            if (!strcmp(cmd, "threaddontneed")) {
+                struct dontneed_job job = { base[r] + i * PAGE, n * PAGE, 0 };
+                pthread_t th;
+                pthread_create(&th, NULL, dontneed_thread, &job);
+                pthread_join(th, NULL);
+                if (job.err) { printf("ERR errno=%d\n", job.err); continue; }
+                for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+                printf("OK\n");
+                continue;
+            }
+            int pfd[2];
+            if (pipe(pfd)) { printf("ERR errno=%d\n", errno); continue; }
+            fflush(stdout);
+            pid_t c = fork();
+            if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
+            if (c == 0) {
+                char msg[256] = "";
+                if (madvise(base[r] + i * PAGE, n * PAGE, MADV_DONTNEED)) {
+                    snprintf(msg, sizeof msg, "ERR errno=%d", errno);
+                    if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
+                    _exit(2);
+                }
+                for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
                 long ok = check_all(tmp, msg, sizeof msg);
                 if (ok >= 0) snprintf(msg, sizeof msg, "OK pages=%ld", ok);
                 if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
