@@ -23,9 +23,12 @@ class Command(Protocol):
 
 
 def _commands() -> dict[str, Command]:
+    from procksm.commands.attach import AttachCommand
+    from procksm.commands.ctl import CtlCommand
     from procksm.commands.demo import DemoCommand
     from procksm.commands.merge import MergeCommand
     from procksm.commands.scan import ScanCommand
+    from procksm.commands.stats import StatsCommand
     from procksm.commands.top import TopCommand
     from procksm.commands.unmerge import UnmergeCommand
 
@@ -34,6 +37,9 @@ def _commands() -> dict[str, Command]:
         "merge": MergeCommand(),
         "unmerge": UnmergeCommand(),
         "demo": DemoCommand(),
+        "attach": AttachCommand(),
+        "ctl": CtlCommand(),
+        "stats": StatsCommand(),
         "top": TopCommand(),
     }
 
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.prepare_parser(p)
         # Commands that inject system calls into targets run in a worker process
         # (procksm.worker): killing procksm must never kill a target.
-        p.set_defaults(_run=cmd.run, _stops_targets=name in ("merge", "unmerge", "demo"))
+        p.set_defaults(_run=cmd.run, _stops_targets=name in ("merge", "unmerge", "demo", "attach"))
     return parser
 
 

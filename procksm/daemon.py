@@ -1,0 +1,1409 @@
+"""The scanner daemon behind ``procksm attach``: KSM's ksmd, in user space.
+
+A loop scans the *registered* memory of its targets (by default all eligible private
+anonymous memory of each PID) ``pages_to_scan`` pages at a time, sleeping ``sleep_ms``
+between batches, with the kernel's rules (mm/ksm.c, Documentation/admin-guide/mm/ksm.rst):
+
+* **incremental**: a cursor walks target after target, mapping after mapping; one batch is
+  one window of at most ``pages_to_scan`` pages of one target (windows start at the
+  mapping's start, so identical layouts in different processes give identical windows).
+  Only the window is read (pagemap first: absent pages cost nothing). When the cursor has
+  passed every target a **full scan** is counted and the next one starts;
+* **volatility by checksum across scans**: a page takes part only if its hash equals the
+  one it had at the previous full scan (trees.ChecksumTable); a page seen for the first
+  time, or changed since, only has its checksum remembered (``pages_volatile``);
+* **unstable tree**: checksum-stable pages not yet merged, rebuilt every full scan (see
+  :class:`_Unstable`); a page whose hash is already there, or twice in its batch, is a
+  candidate, together with its partners;
+* **stable tree**: the contents procksm has already shared (its sealed memfd segments,
+  hashed once); a page equal to one joins it instead of getting a new copy;
+* **smart scan**: a page that was scanned and not merged ages; from age 3 on it is skipped
+  for 1, 2, 4, then 8 full scans (the kernel's ``smart_scan``; ``pages_skipped``) and
+  skipped pages are not even read;
+* **merging** is the merge engine's verified step (MergeEngine.merge_scanned): slots are
+  written from a reference page that must still hash as scanned, and, with every thread
+  of the target stopped for about a millisecond, each page is compared byte for byte with
+  its slot before the slot is mapped over it; a page that changed is skipped. Zero pages
+  are dropped with MADV_DONTNEED (``pages_zero``). At most ``max_pages_to_merge`` pages
+  per batch.
+
+``run``: 0 stop (merged pages stay merged), 1 run, 2 unmerge everything and stop.
+``cpu_limit``: % of one CPU; the loop then adapts ``pages_to_scan`` to what a batch costs
+(like the kernel's scan-time advisor) and sleeps long enough to stay under the limit.
+
+Counters (:meth:`Daemon.snapshot`) follow the kernel's names and are taken from pagemap,
+not from procksm's own bookkeeping, wherever pagemap can tell: ``pages_shared`` is the
+number of distinct frames of procksm's memfds mapped in the targets, ``pages_sharing``
+the mappings of them beyond the first, ``cow_breaks`` the pages of merged mappings that a
+write has since made private again (pagemap: present, not file-backed).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from procksm import PAGE_SIZE, procfs
+from procksm.analysis import (
+    CONTENT_ZERO,
+    MappingRef,
+    PageTable,
+    ProcessIdentity,
+    ScanInput,
+)
+from procksm.attach import check_attachable
+from procksm.errors import NoSuchProcess, ProcksmError, UsageError
+from procksm.locks import target_locks
+from procksm.merge import (
+    SEGMENT_NAME_PREFIX,
+    MergeEngine,
+    MergeOptions,
+    Refusal,
+    TargetResult,
+    check_targets,
+    merged_ranges,
+    unmerge_pieces,
+)
+from procksm.scanner import AddressRange, ScanOptions, collect
+from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnapshot
+from procksm.trees import REF_PAGE_BITS, ChecksumTable, page_ref, page_refs
+
+LogFn = Callable[[str], None]
+# CPU seconds one batch should cost when cpu_limit adapts pages_to_scan
+_BATCH_CPU_S = 0.05
+
+# --------------------------------------------------------------------------------------
+# Settings: the knobs of /sys/kernel/mm/ksm (and the 2008 API's max_pages_to_merge)
+# --------------------------------------------------------------------------------------
+
+# name -> (lowest, highest) accepted value
+SETTING_LIMITS: dict[str, tuple[float, float]] = {
+    "pages_to_scan": (1, 1 << 24),
+    "sleep_ms": (0, 3_600_000),
+    "max_pages_to_merge": (1, 1 << 24),
+    "run": (0, 2),
+    "cpu_limit": (0, 100),
+}
+
+
+@dataclass(slots=True)
+class Settings:
+    # 16 Ki pages (64 MiB) per batch: a batch then costs ~15-40 ms of CPU, reading
+    # process_vm_readv-sized chunks; the kernel's 100 pages per 20 ms needs minutes for a
+    # GiB (DESIGN §4), which is why ksmd's defaults converge so slowly.
+    pages_to_scan: int = 16384
+    sleep_ms: int = 20
+    max_pages_to_merge: int = 16384
+    run: int = 1
+    # % of one CPU; 0: no cap. The default keeps procksm "modest": a quarter of a core
+    # while it has work, ~0 once converged (smart scan, cheap re-reads).
+    cpu_limit: float = 25.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_settings(assignments: Sequence[str]) -> dict[str, float]:
+    """``["pages_to_scan=100", "run=1"]`` -> validated values; UsageError on anything
+    else (nothing is applied unless everything is valid)."""
+    if not assignments:
+        raise UsageError("set: nothing to set; use NAME=VALUE (" + ", ".join(SETTING_LIMITS) + ")")
+    out: dict[str, float] = {}
+    for a in assignments:
+        name, sep, text = a.partition("=")
+        if not sep:
+            raise UsageError(f"set: {a!r} is not NAME=VALUE")
+        if name not in SETTING_LIMITS:
+            raise UsageError(f"set: unknown setting {name!r} (known: {', '.join(SETTING_LIMITS)})")
+        lo, hi = SETTING_LIMITS[name]
+        try:
+            value = float(text) if name == "cpu_limit" else int(text, 10)
+        except ValueError:
+            raise UsageError(f"set: {name}={text!r} is not a number") from None
+        if not lo <= value <= hi or value != value:  # NaN
+            raise UsageError(f"set: {name}={text} is outside {lo:g}..{hi:g}")
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Registered ranges
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Registration:
+    """What of a target is scanned: the original KSM_REGISTER_MEMORY_REGION.
+
+    ``everything`` (the default) is all eligible memory. Ranges and mapping-name globs
+    (``[heap]``, ``[anon]``) are added with ``register`` and removed with ``unregister``;
+    unregistering something that was only covered by ``everything`` excludes it.
+    """
+
+    everything: bool = True
+    ranges: list[AddressRange] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    excluded_ranges: list[AddressRange] = field(default_factory=list)
+    excluded_names: list[str] = field(default_factory=list)
+
+    def register(self, item: AddressRange | str) -> str:
+        if item == "all":
+            self.everything = True
+            self.excluded_ranges.clear()
+            self.excluded_names.clear()
+            return "all eligible memory"
+        excl: list[Any] = (
+            self.excluded_ranges if isinstance(item, AddressRange) else self.excluded_names
+        )
+        if item in excl:
+            excl.remove(item)
+            return f"{_item_text(item)} no longer excluded"
+        incl: list[Any] = self.ranges if isinstance(item, AddressRange) else self.names
+        if item not in incl:
+            incl.append(item)
+        return _item_text(item)
+
+    def unregister(self, item: AddressRange | str) -> str:
+        incl: list[Any] = self.ranges if isinstance(item, AddressRange) else self.names
+        if item in incl:
+            incl.remove(item)
+            return f"{_item_text(item)} unregistered"
+        excl: list[Any] = (
+            self.excluded_ranges if isinstance(item, AddressRange) else self.excluded_names
+        )
+        if item not in excl:
+            excl.append(item)
+        return f"{_item_text(item)} excluded"
+
+    def select(self, vma: procfs.Vma) -> list[tuple[int, int]]:
+        """The parts of an eligible VMA to scan."""
+        if any(fnmatch.fnmatchcase(vma.name, p) for p in self.excluded_names):
+            return []
+        if self.everything or any(fnmatch.fnmatchcase(vma.name, p) for p in self.names):
+            parts = [(vma.start, vma.end)]
+        else:
+            parts = [
+                (max(r.start, vma.start), min(r.end, vma.end))
+                for r in self.ranges
+                if r.start < vma.end and vma.start < r.end
+            ]
+        for r in self.excluded_ranges:
+            parts = [p for s, e in parts for p in _subtract(s, e, r.start, r.end)]
+        return sorted(parts)
+
+    def describe(self) -> str:
+        inc = ["all"] if self.everything else []
+        inc += [_item_text(r) for r in self.ranges] + list(self.names)
+        exc = [_item_text(r) for r in self.excluded_ranges] + list(self.excluded_names)
+        text = ", ".join(inc) or "nothing"
+        return text + (f" except {', '.join(exc)}" if exc else "")
+
+
+def _item_text(item: AddressRange | str) -> str:
+    return f"{item.start:#x}-{item.end:#x}" if isinstance(item, AddressRange) else item
+
+
+def _subtract(s: int, e: int, xs: int, xe: int) -> list[tuple[int, int]]:
+    out = []
+    if s < min(e, xs):
+        out.append((s, min(e, xs)))
+    if max(s, xe) < e:
+        out.append((max(s, xe), e))
+    return out
+
+
+def parse_region(text: str) -> AddressRange | str:
+    """``START-END`` / ``START+LEN`` -> a range; ``all`` or a mapping-name glob -> str."""
+    if text and text[0].isdigit():
+        return AddressRange.parse(text)
+    if not text or any(c.isspace() for c in text) or len(text) > 256:
+        raise UsageError(f"bad range or mapping name {text!r}")
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# Per-target state
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Part:
+    """A scanned piece of an eligible VMA (the VMA's bounds kept for the engine)."""
+
+    vma_start: int
+    vma_end: int
+    start: int
+    end: int
+    name: str
+    perms: str
+    rss_pages: int
+
+
+@dataclass
+class Target:
+    pid: int
+    index: int  # its number in page refs (never reused while the daemon runs)
+    name: str
+    uid: int
+    mm_id: tuple[str, ...]  # changes on exec: a new address space
+    lock: contextlib.ExitStack
+    reg: Registration = field(default_factory=Registration)
+    parent: int | None = None
+    parts: list[Part] = field(default_factory=list)
+    merged_vmas: list[procfs.Vma] = field(default_factory=list)
+    part_starts: list[int] = field(default_factory=list)
+    zero_runs: list[tuple[int, int]] = field(default_factory=list)  # (addr, pages) dropped
+    pages_refused: int = 0
+    refusals: collections.Counter[str] = field(default_factory=collections.Counter)
+    pauses: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
+    max_pause: float = 0.0
+    pages_merged_total: int = 0
+    # pagemap truth, refreshed with each snapshot
+    sharing_sites: int = 0
+    zero_now: int = 0
+    cow_now: int = 0
+    cow_total: int = 0
+    cow_rate: float = 0.0
+    rss_bytes: int = 0
+    pss_bytes: int = 0
+    shared_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+    def refresh_parts(self) -> None:
+        """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
+        parts: list[Part] = []
+        merged: list[procfs.Vma] = []
+        for vma in procfs.read_vmas(self.pid):
+            if vma.path.startswith(SEGMENT_NAME_PREFIX):
+                merged.append(vma)
+                continue
+            if procfs.ineligibility(vma) is not None:
+                continue
+            for s, e in self.reg.select(vma):
+                parts.append(
+                    Part(
+                        vma.start,
+                        vma.end,
+                        s,
+                        e,
+                        vma.name,
+                        vma.perms,
+                        vma.rss_kb * 1024 // PAGE_SIZE,
+                    )
+                )
+        self.parts = parts
+        self.part_starts = [p.start for p in parts]
+        self.merged_vmas = merged
+
+    def part_at(self, addr: int) -> Part | None:
+        i = bisect.bisect_right(self.part_starts, addr) - 1
+        if i >= 0 and addr < self.parts[i].end:
+            return self.parts[i]
+        return None
+
+
+def mm_identity(pid: int) -> tuple[str, ...]:
+    """Fields of /proc/PID/stat that exec changes (start_code, end_code, start_stack,
+    arg_start, env_start): a pid that execs keeps its pid and start time, not these."""
+    try:
+        f = procfs.read_stat_fields(pid)
+    except OSError:
+        raise NoSuchProcess(pid) from None
+    # index 0 is field 3: start_code 26, end_code 27, start_stack 28, arg_start 48,
+    # env_start 50 (proc(5)); with ASLR an exec changes them all
+    return (f[23], f[24], f[25], f[45], f[47]) if len(f) > 47 else tuple(f[23:26])
+
+
+# --------------------------------------------------------------------------------------
+# Smart scan ages
+# --------------------------------------------------------------------------------------
+
+
+class PageAges:
+    """Per page: scans without a merge (age) and full scans still to skip (2 bytes/page,
+    in chunks of 512 pages that exist only where pages were scanned)."""
+
+    CHUNK = 512
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, np.ndarray] = {}  # ref >> 9 -> uint8[2, 512]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._chunks) * (2 * self.CHUNK + 100)
+
+    def forget_target(self, index: int) -> None:
+        lo, hi = page_ref(index, 0) >> 9, page_ref(index + 1, 0) >> 9
+        for k in [k for k in self._chunks if lo <= k < hi]:
+            del self._chunks[k]
+
+    def take_skips(self, index: int, start: int, end: int) -> np.ndarray:
+        """Pages of [start, end) to skip this scan (and count the skip down)."""
+        first = page_ref(index, start // PAGE_SIZE)
+        n = (end - start) // PAGE_SIZE
+        out = np.zeros(n, bool)
+        pos = 0
+        while pos < n:
+            ref = first + pos
+            c, off = ref >> 9, ref & (self.CHUNK - 1)
+            k = min(self.CHUNK - off, n - pos)
+            arr = self._chunks.get(c)
+            if arr is not None:
+                rem = arr[1, off : off + k]
+                skip = rem > 0
+                rem[skip] -= 1
+                out[pos : pos + k] = skip
+            pos += k
+        return out
+
+    def update(self, refs: np.ndarray, merged: np.ndarray) -> None:
+        """After a scan: merged pages are young again, the others age (and from age 3 get
+        skips: 1, 2, 4, then 8 full scans, as the kernel's smart scan)."""
+        if refs.size == 0:
+            return
+        chunk_ids = refs >> 9
+        for c in np.unique(chunk_ids):
+            sel = chunk_ids == c
+            arr = self._chunks.get(int(c))
+            if arr is None:
+                arr = self._chunks[int(c)] = np.zeros((2, self.CHUNK), np.uint8)
+            off = refs[sel] & (self.CHUNK - 1)
+            m = merged[sel]
+            age = arr[0]
+            age[off[m]] = 0
+            arr[1, off[m]] = 0
+            old = off[~m]
+            age[old] = np.minimum(age[old].astype(np.int16) + 1, 255).astype(np.uint8)
+            a = age[old]
+            skips = np.where(a <= 3, 1, np.where(a <= 5, 2, np.where(a <= 8, 4, 8)))
+            arr[1, old] = np.where(a >= 3, skips, 0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Unstable tree: sorted chunks of (hash, ref, pfn), one chunk per batch
+# --------------------------------------------------------------------------------------
+
+
+class _Unstable:
+    """Checksum-stable, unmerged pages seen during the current full scan.
+
+    One sorted chunk per batch (vectorised searchsorted per chunk; no per-page Python):
+    24 bytes per page. Emptied at the start of every full scan (kernel step 4).
+    """
+
+    def __init__(self) -> None:
+        self.hash: list[np.ndarray] = []
+        self.ref: list[np.ndarray] = []
+        self.pfn: list[np.ndarray] = []
+        self.alive: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return int(sum(int(a.sum()) for a in self.alive))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes * 3 + a.nbytes for h, a in zip(self.hash, self.alive, strict=True))
+
+    def reset(self) -> None:
+        self.hash, self.ref, self.pfn, self.alive = [], [], [], []
+
+    def insert(self, hashes: np.ndarray, refs: np.ndarray, pfns: np.ndarray) -> None:
+        if hashes.size == 0:
+            return
+        o = np.argsort(hashes, kind="stable")
+        self.hash.append(hashes[o])
+        self.ref.append(refs[o])
+        self.pfn.append(pfns[o].astype(np.uint64))
+        self.alive.append(np.ones(hashes.size, bool))
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        hit = np.zeros(hashes.size, bool)
+        for h, a in zip(self.hash, self.alive, strict=True):
+            lo = np.searchsorted(h, hashes, "left")
+            hi = np.searchsorted(h, hashes, "right")
+            more = hi > lo
+            if not more.any():
+                continue
+            # any alive entry in [lo, hi): cumulative counts of alive entries
+            c = np.concatenate(([0], np.cumsum(a)))
+            hit |= (c[hi] - c[lo]) > 0
+        return hit
+
+    def take(self, hashes: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Alive entries with one of ``hashes``: [(chunk, -, positions, refs, pfns)]; they
+        stay alive until :meth:`kill` (a failed merge leaves them for later partners)."""
+        out = []
+        q = np.unique(hashes)
+        for i, (h, a) in enumerate(zip(self.hash, self.alive, strict=True)):
+            lo = np.searchsorted(h, q, "left")
+            hi = np.searchsorted(h, q, "right")
+            n = hi - lo
+            if not n.any():
+                continue
+            pos = np.repeat(lo, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+            pos = pos[a[pos]]
+            if pos.size:
+                out.append((i, 0, pos, self.ref[i][pos], self.pfn[i][pos]))
+        return out
+
+    def kill(self, chunk: int, positions: np.ndarray) -> None:
+        self.alive[chunk][positions] = False
+
+    def forget_target(self, index: int) -> None:
+        lo, hi = page_ref(index, 0), page_ref(index + 1, 0)
+        for r, a in zip(self.ref, self.alive, strict=True):
+            a[(r >= lo) & (r < hi)] = False
+
+
+# --------------------------------------------------------------------------------------
+# The daemon
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DaemonOptions:
+    follow_children: bool = False
+    unmerge_on_exit: bool = False
+    merge: MergeOptions = field(default_factory=MergeOptions)
+    # The longest a target may be stopped (ms): a window over it halves the pages per
+    # window (down to 16) for what follows; windows well under it grow them back.
+    pause_budget_ms: float = 5.0
+    snapshot_interval_s: float = 1.0
+    history: int = 120
+
+
+@dataclass(slots=True)
+class _Round:
+    """Scratch of one batch."""
+
+    target: Target
+    scanned: int = 0
+    skipped: int = 0
+
+
+class Daemon:
+    """The scan loop and everything it knows. Thread-safety: the loop runs in one thread;
+    the control socket calls :meth:`apply_settings` (under ``lock``), :meth:`submit`
+    (queued to the loop) and :meth:`snapshot` (an immutable record)."""
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        settings: Settings | None = None,
+        opts: DaemonOptions | None = None,
+        log: LogFn | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.opts = opts or DaemonOptions()
+        self.log = log or (lambda _m: None)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.targets: dict[int, Target] = {}
+        self._order: list[int] = []
+        self._next_index = 0
+        self._initial = list(pids)
+        self.checksums = ChecksumTable()
+        self.unstable = _Unstable()
+        self.ages = PageAges()
+        self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
+        self._stable_keys: set[tuple[int, int]] = set()
+        self._stable_sorted = np.zeros(0, np.uint64)
+        self._stable_dirty = True
+        self.full_scans = 0
+        self.pages_volatile_scan = 0
+        self.pages_volatile_last = -1
+        self.pages_skipped = 0
+        self.pages_scanned = 0
+        self.zero_dropped_total = 0
+        self.batch_pages = self.opts.merge.batch_pages
+        self.pauses_over_budget = 0
+        self._cursor = (0, 0, 0)  # (position in order, part index, address)
+        self._queue: collections.deque[tuple[Callable[[], str], _Reply]] = collections.deque()
+        self._snapshot: Snapshot | None = None
+        self._history: collections.deque[HistoryPoint] = collections.deque(maxlen=self.opts.history)
+        self._all_pauses: collections.deque[float] = collections.deque(maxlen=8192)
+        self._cost_per_page = 0.0  # CPU seconds per scanned page (EWMA), for cpu_limit
+        self._last_snap = (time.monotonic(), _cpu_seconds(), 0)
+        self._last_truth = 0.0
+        self.exit_events: list[str] = []
+        self.on_publish: Callable[[Snapshot], None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> Daemon:
+        try:
+            for pid in self._initial:
+                self.add_target(pid)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for t in list(self.targets.values()):
+            self._drop(t, "procksm exits")
+
+    def add_target(self, pid: int, parent: int | None = None) -> Target:
+        if pid in self.targets:
+            raise UsageError(f"pid {pid} is already a target")
+        if pid == os.getpid():
+            raise UsageError("procksm does not merge itself")
+        names, refused = check_targets([pid], self.opts.merge)
+        if refused:
+            raise UsageError(f"pid {pid}: {refused[0].reason}")
+        st = check_attachable(pid)
+        others = {t.uid for t in self.targets.values()}
+        if others and not self.opts.merge.cross_uid and others != {st.uid}:
+            raise UsageError(
+                f"pid {pid} runs as uid {st.uid}, the other targets as {sorted(others)}; "
+                "merging across uids lets one infer another's memory (pass --cross-uid)"
+            )
+        lock = contextlib.ExitStack()
+        # TargetBusy (another procksm holds it) propagates: a clear "who" message
+        lock.enter_context(target_locks([pid]))
+        t = Target(pid, self._next_index, names[pid], st.uid, mm_identity(pid), lock, parent=parent)
+        self._next_index += 1
+        self.targets[pid] = t
+        self._order.append(pid)
+        self.log(f"attached to pid {pid} ({t.name})" + (f", child of {parent}" if parent else ""))
+        return t
+
+    def _drop(self, t: Target, why: str) -> None:
+        self.targets.pop(t.pid, None)
+        if t.pid in self._order:
+            pos = self._order.index(t.pid)
+            self._order.remove(t.pid)
+            p, i, a = self._cursor
+            if p > pos:
+                self._cursor = (p - 1, i, a)
+            elif p == pos:
+                self._cursor = (p, 0, 0)
+        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
+        self.unstable.forget_target(t.index)
+        self.ages.forget_target(t.index)
+        t.lock.close()
+        self.exit_events.append(f"{t.pid}: {why}")
+        self.log(f"pid {t.pid} ({t.name}): {why}")
+
+    def _reset_target(self, t: Target, why: str) -> None:
+        """exec: the pid stays, its memory is new. Forget everything known of it."""
+        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
+        self.unstable.forget_target(t.index)
+        self.ages.forget_target(t.index)
+        t.index = self._next_index
+        self._next_index += 1
+        t.zero_runs.clear()
+        t.cow_now = 0
+        t.mm_id = mm_identity(t.pid)
+        with contextlib.suppress(ProcksmError, OSError):
+            t.name = procfs.read_status(t.pid).name
+        self.exit_events.append(f"{t.pid}: {why}")
+        self.log(f"pid {t.pid}: {why}")
+
+    # --- control ----------------------------------------------------------------------
+
+    def apply_settings(self, values: dict[str, float]) -> str:
+        with self.lock:
+            for k, v in values.items():
+                setattr(self.settings, k, int(v) if k != "cpu_limit" else float(v))
+        self.wake.set()
+        s = self.settings
+        return " ".join(f"{k}={getattr(s, k)}" for k in values)
+
+    def submit(self, fn: Callable[[], str], timeout: float = 30.0) -> str:
+        """Run ``fn`` in the scan loop's thread between batches; its result or error."""
+        reply = _Reply()
+        self._queue.append((fn, reply))
+        self.wake.set()
+        if not reply.done.wait(timeout):
+            raise ProcksmError("the daemon did not answer in time (a long batch?)")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    def register(self, pid: int, region: str) -> str:
+        item = parse_region(region)
+
+        def do() -> str:
+            t = self.targets.get(pid)
+            if t is None:
+                t = self.add_target(pid)
+                t.reg = Registration(everything=False)
+                if item == "all":
+                    t.reg.everything = True
+                    return f"pid {pid}: attached, all eligible memory"
+            what = t.reg.register(item)
+            return f"pid {pid}: {what}; scanning {t.reg.describe()}"
+
+        return self.submit(do)
+
+    def unregister(self, pid: int, region: str) -> str:
+        item = parse_region(region)
+
+        def do() -> str:
+            t = self.targets.get(pid)
+            if t is None:
+                raise UsageError(f"pid {pid} is not a target")
+            if item == "all":
+                self._drop(t, "unregistered")
+                return f"pid {pid}: detached (merged pages stay merged)"
+            what = t.reg.unregister(item)
+            return f"pid {pid}: {what}; scanning {t.reg.describe()}"
+
+        return self.submit(do)
+
+    def _run_queue(self) -> None:
+        while self._queue:
+            fn, reply = self._queue.popleft()
+            try:
+                reply.value = fn()
+            except ProcksmError as e:
+                reply.error = e
+            except Exception as e:  # a bug must not kill the daemon; the client hears it
+                reply.error = ProcksmError(f"internal error: {e!r}")
+            reply.done.set()
+
+    def handle(self, line: str) -> str:
+        """One control-socket request (procksm.control); ProcksmError -> ``error: ...``."""
+        words = line.split()
+        cmd, args = words[0], words[1:]
+        if cmd == "set":
+            return f"ok {self.apply_settings(parse_settings(args))}\n"
+        if cmd in ("register", "unregister"):
+            if len(args) != 2 or not args[0].isdigit():
+                raise UsageError(f"{cmd}: use '{cmd} PID START-END|START+LEN|NAME|all'")
+            fn = self.register if cmd == "register" else self.unregister
+            return f"ok {fn(int(args[0]), args[1])}\n"
+        if cmd == "stats":
+            if args == ["--json"]:
+                return json.dumps(self.snapshot().as_json()) + "\n"
+            if args:
+                raise UsageError("stats: the only option is --json")
+            return stats_text(self.snapshot())
+        # the live view's keys (procksm.tui.source): pause, resume, unmerge PID
+        if cmd in ("pause", "resume") and not args:
+            return f"ok {self.apply_settings({'run': 0 if cmd == 'pause' else 1})}\n"
+        if cmd == "unmerge" and len(args) == 1 and args[0].isdigit():
+            return f"ok {self.submit(lambda: self._unmerge_one(int(args[0])), 300)}\n"
+        raise UsageError(
+            f"unknown command {cmd[:40]!r} (commands: set, register, unregister, stats, "
+            "pause, resume, unmerge)"
+        )
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            self._run_queue()
+            with self.lock:
+                s = dataclasses.replace(self.settings)
+            if s.run == 2:
+                self.unmerge_all()
+                with self.lock:
+                    self.settings.run = 0
+                continue
+            slept_for = s.sleep_ms / 1000.0
+            if s.run == 1 and self.targets:
+                cpu0, t0 = _thread_cpu(), time.monotonic()
+                r = self.step(s)
+                cpu = _thread_cpu() - cpu0
+                slept_for = self._sleep_after(s, r, cpu, time.monotonic() - t0)
+            self.maybe_publish()
+            self.wake.wait(slept_for if s.run == 1 and self.targets else 0.2)
+            self.wake.clear()
+        self.maybe_publish(force=True)
+
+    def _sleep_after(self, s: Settings, r: _Round | None, cpu: float, wall: float) -> float:
+        """The kernel's advisor in spirit: with a CPU limit, pages_to_scan follows what a
+        page costs so that a batch plus sleep_ms stays under the limit, and the sleep
+        stretches when a batch cost more than planned."""
+        sleep = s.sleep_ms / 1000.0
+        if r is None or r.scanned + r.skipped == 0 or s.cpu_limit <= 0 or s.cpu_limit >= 100:
+            return sleep
+        per_page = cpu / max(r.scanned, 1)
+        c = self._cost_per_page
+        self._cost_per_page = per_page if c == 0 else 0.7 * c + 0.3 * per_page
+        limit = s.cpu_limit / 100.0
+        # the sleep that keeps cpu / (wall + sleep) <= limit: the cap itself
+        need = cpu / limit - wall
+        if self._cost_per_page > 0:
+            # pages_to_scan follows the cost of a page so that one batch takes about
+            # _BATCH_CPU_S of CPU: big enough to amortise a batch's fixed costs (smaps,
+            # one merge round), small enough that the cap's sleeps stay short
+            target = int(_BATCH_CPU_S / self._cost_per_page)
+            with self.lock:
+                _lo, hi = SETTING_LIMITS["pages_to_scan"]
+                self.settings.pages_to_scan = int(min(hi, max(512, target)))
+        return max(sleep, need)
+
+    def step(self, s: Settings) -> _Round | None:
+        """Scan one batch (one window of one target) and merge what it found ready."""
+        if self._cursor[0] >= len(self._order):
+            self._end_full_scan()
+            if not self._order:
+                return None
+        pos, pi, addr = self._cursor
+        pid = self._order[pos]
+        t = self.targets[pid]
+        try:
+            if pi == 0 and addr == 0:
+                if mm_identity(pid) != t.mm_id:
+                    self._reset_target(t, "exec: a new program, its state starts over")
+                t.refresh_parts()
+            window = self._window(t, pi, addr, s.pages_to_scan)
+            if window is None:
+                self._cursor = (pos + 1, 0, 0)
+                return _Round(t)
+            pi2, start, end = window
+            r = self._scan_and_merge(t, t.parts[pi2], start, end, s)
+            part = t.parts[pi2]
+            self._cursor = (pos, pi2 + 1, 0) if end >= part.end else (pos, pi2, end)
+            return r
+        except NoSuchProcess:
+            self._drop(t, "exited")
+        except ProcksmError as e:
+            # one target's trouble (e.g. it went away between checks) skips its window
+            self.log(f"pid {pid}: {e.message}")
+            if not _alive(pid):
+                self._drop(t, "exited")
+            else:
+                self._cursor = (pos + 1, 0, 0)
+        return None
+
+    def _window(self, t: Target, pi: int, addr: int, pages: int) -> tuple[int, int, int] | None:
+        while pi < len(t.parts):
+            p = t.parts[pi]
+            start = max(addr, p.start)
+            if start < p.end:
+                return pi, start, min(p.end, start + pages * PAGE_SIZE)
+            pi, addr = pi + 1, 0
+        return None
+
+    def _end_full_scan(self) -> None:
+        if self._order:
+            self.full_scans += 1
+        self.pages_volatile_last = self.pages_volatile_scan
+        self.pages_volatile_scan = 0
+        self.unstable.reset()
+        self._cursor = (0, 0, 0)
+        if self.opts.follow_children:
+            self._adopt_children()
+        self._prune_stable()
+
+    def _adopt_children(self) -> None:
+        for pid in list(self._order):
+            for child in _children(pid):
+                if child in self.targets:
+                    continue
+                try:
+                    self.add_target(child, parent=pid)
+                except ProcksmError as e:
+                    self.log(f"child {child} of {pid} not followed: {e.message}")
+
+    def _prune_stable(self) -> None:
+        """Forget the hashes of segments no target maps any more."""
+        live: set[tuple[int, int]] = set()
+        for t in self.targets.values():
+            with contextlib.suppress(ProcksmError, OSError):
+                for v in merged_ranges(t.pid):
+                    live.update(k for k in self.segment_hashes if k[0] == v.inode)
+        for k in [k for k in self.segment_hashes if k not in live]:
+            del self.segment_hashes[k]
+
+    def _refresh_stable(self) -> None:
+        """Hash the segments merged since the last look (the engine's adoption step,
+        with the shared cache: a segment is hashed once in its life)."""
+        self._stable_dirty = False
+        with MergeEngine([], self.opts.merge) as engine:
+            engine.segment_hashes = self.segment_hashes
+            with contextlib.suppress(ProcksmError):
+                engine._adopt_existing(list(self._order))
+
+    def _stable_hashes(self) -> np.ndarray:
+        keys = set(self.segment_hashes)
+        if keys != self._stable_keys:
+            self._stable_keys = keys
+            parts = list(self.segment_hashes.values())
+            self._stable_sorted = (
+                np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+            )
+        return self._stable_sorted
+
+    def _scan_and_merge(self, t: Target, part: Part, start: int, end: int, s: Settings) -> _Round:
+        r = _Round(t)
+        # smart scan: pages still to be skipped are not even read
+        skip = self.ages.take_skips(t.index, start, end)
+        r.skipped = int(skip.sum())
+        self.pages_skipped += r.skipped
+        ranges = [
+            AddressRange(start + a * PAGE_SIZE, start + b * PAGE_SIZE) for a, b in _runs(~skip)
+        ]
+        if not ranges:
+            return r
+        scan = collect([t.pid], ScanOptions(ranges=ranges, verify=False))
+        tab = scan.pages
+        n = len(tab)
+        r.scanned = n
+        self.pages_scanned += n
+        if n == 0:
+            return r
+        mp = scan.mapping_of(np.arange(n))
+        starts = np.array([m.start for m in scan.mappings], np.int64)
+        addr = starts[mp] + tab.off.astype(np.int64) * PAGE_SIZE
+        refs = page_refs(t.index, addr // PAGE_SIZE)
+        readable = tab.content != -2  # CONTENT_VOLATILE: vanished while read
+        stable = np.zeros(n, bool)
+        stable[readable] = self.checksums.update(refs[readable], tab.hash[readable])
+        self.pages_volatile_scan += int((readable & ~stable).sum())
+        zero = stable & (tab.content == CONTENT_ZERO)
+        cand = stable & ~zero
+        # stable tree (procksm's segments) and unstable tree (this full scan), by hash;
+        # bytes are compared under stop before anything is mapped
+        h = tab.hash
+        if self._stable_dirty:
+            self._refresh_stable()
+        in_stable = np.isin(h, self._stable_hashes()) & cand
+        in_unstable = self.unstable.contains(h) & cand
+        dup_in_batch = np.zeros(n, bool)
+        ch = h[cand]
+        if ch.size:
+            _u, inv, cnt = np.unique(ch, return_inverse=True, return_counts=True)
+            dup_in_batch[np.flatnonzero(cand)] = cnt[inv] > 1
+        ready = in_stable | in_unstable | dup_in_batch
+        # max_pages_to_merge: the rest waits (in the unstable tree) for a later batch
+        ready_rows = np.flatnonzero(ready | zero)
+        if ready_rows.size > s.max_pages_to_merge:
+            cut = np.zeros(n, bool)
+            cut[ready_rows[s.max_pages_to_merge :]] = True
+            ready &= ~cut
+            zero &= ~cut
+        merged = np.zeros(n, bool)
+        if ready.any() or zero.any():
+            merged = self._merge(t, part, scan, addr, refs, ready, zero)
+        # not merged and checksum-stable: into the unstable tree for later partners
+        rest = cand & ~merged
+        self.unstable.insert(h[rest], refs[rest], tab.pfn[rest])
+        self.ages.update(refs[readable], merged[readable])
+        return r
+
+    def _merge(
+        self,
+        t: Target,
+        part: Part,
+        scan: ScanInput,
+        addr: np.ndarray,
+        refs: np.ndarray,
+        ready: np.ndarray,
+        zero: np.ndarray,
+    ) -> np.ndarray:
+        """Merge the batch's ready pages with their unstable partners through the merge
+        engine; returns which batch rows are now merged (pagemap says so)."""
+        tab = scan.pages
+        hashes = tab.hash[ready]
+        partners = self.unstable.take(hashes)
+        # rows: (target index, address, hash, pfn, zero?)
+        p_refs = [p[3] for p in partners]
+        p_pfn = [p[4] for p in partners]
+        rows_ref = np.concatenate([refs[ready | zero], *p_refs]) if p_refs else refs[ready | zero]
+        rows_pfn = (
+            np.concatenate([tab.pfn[ready | zero].astype(np.uint64), *p_pfn])
+            if p_pfn
+            else tab.pfn[ready | zero].astype(np.uint64)
+        )
+        sel = ready | zero
+        p_hash = [self.unstable.hash[c][pos] for c, _, pos, _, _ in partners]
+        rows_hash = np.concatenate([tab.hash[sel], *p_hash]) if p_hash else tab.hash[sel]
+        rows_zero = np.concatenate([zero[sel], np.zeros(sum(p.size for p in p_refs), bool)])
+        synth = self._synthetic_scan(rows_ref, rows_hash, rows_pfn, rows_zero)
+        if synth is None:
+            return np.zeros(len(tab), bool)
+        pids = [p.pid for p in synth.processes]
+        self._stable_dirty = True
+        results = {p: TargetResult(p, self.targets[p].name) for p in pids}
+        refused: list[Refusal] = []
+        mopts = dataclasses.replace(self.opts.merge, batch_pages=self.batch_pages)
+        with MergeEngine(pids, mopts) as engine:
+            engine.segment_hashes = self.segment_hashes
+            engine.merge_scanned(
+                synth,
+                np.ones(len(synth.pages), bool),
+                results,
+                refused,
+                lambda _m: None,
+                adopt_from=list(self._order),
+            )
+        for pid, res in results.items():
+            tt = self.targets.get(pid)
+            if tt is None:
+                continue
+            tt.pauses.extend(res.pauses)
+            self._all_pauses.extend(res.pauses)
+            if res.pauses:
+                tt.max_pause = max(tt.max_pause, max(res.pauses))
+            tt.pages_merged_total += res.pages_merged
+            tt.pages_refused += res.pages_refused
+            self.zero_dropped_total += res.pages_zeroed
+            if res.error:
+                self.log(f"pid {pid}: {res.error}")
+                tt.refusals[res.error] += 1
+            self._enforce_pause_budget(res.pauses)
+        for rf in refused:
+            tt = self.targets.get(rf.pid)
+            if tt is not None:
+                tt.refusals[rf.reason] += 1
+        # which rows are merged now: pagemap (file page or dropped zero page)
+        now = self._merged_now(rows_ref)
+        n_batch = int(sel.sum())
+        batch_merged = np.zeros(len(tab), bool)
+        batch_merged[np.flatnonzero(sel)] = now[:n_batch]
+        # zero rows dropped: remember them for the pages_zero truth
+        z_rows = np.flatnonzero(zero)
+        zmerged = batch_merged[z_rows]
+        for a, b in _runs(zmerged):
+            t.zero_runs.append((int(addr[z_rows[a]]), b - a))
+        # partners that merged leave the unstable tree; the others stay for later
+        off = n_batch
+        for c, _, pos, pr, _ in partners:
+            k = pr.size
+            self.unstable.kill(c, pos[now[off : off + k]])
+            off += k
+        return batch_merged
+
+    def _enforce_pause_budget(self, pauses: Sequence[float]) -> None:
+        """Stops longer than the budget in more than 1 % of a round's windows halve the
+        pages per window (down to 16); rounds well within it double them back. Single
+        outliers (the scheduler, a page fault in procksm) do not shrink the windows:
+        that would multiply the windows, hence the total stop time."""
+        if not pauses:
+            return
+        budget = self.opts.pause_budget_ms / 1000.0
+        over = sum(1 for p in pauses if p > budget)
+        self.pauses_over_budget += over
+        if over > max(1, len(pauses) // 100):
+            self.batch_pages = max(16, self.batch_pages // 2)
+            self.log(
+                f"stops over the {self.opts.pause_budget_ms:g} ms budget: "
+                f"{self.batch_pages} pages per stop from now on"
+            )
+        elif max(pauses) < budget / 2 and self.batch_pages < self.opts.merge.batch_pages:
+            self.batch_pages = min(self.opts.merge.batch_pages, self.batch_pages * 2)
+
+    def _synthetic_scan(
+        self, refs: np.ndarray, hashes: np.ndarray, pfns: np.ndarray, zero: np.ndarray
+    ) -> ScanInput | None:
+        """A ScanInput over the given pages (grouped by process and VMA, address order;
+        content ids = hash groups), what the merge engine plans from. Pages no longer in
+        a scanned part (unmapped, unregistered) and repeated refs are left out; the rows
+        kept are ``self._kept`` (positions in the input)."""
+        self._kept = np.zeros(0, np.int64)
+        self._n_input = refs.size
+        # unique refs, first occurrence (the batch's own rows come first in the input)
+        _, first_pos = np.unique(refs, return_index=True)
+        processes: list[ProcessIdentity] = []
+        mappings: list[MappingRef] = []
+        bounds: list[int] = [0]
+        kept: list[np.ndarray] = []
+        n = 0
+        for t in sorted(self.targets.values(), key=lambda t: t.index):
+            lo, hi = page_ref(t.index, 0), page_ref(t.index + 1, 0)
+            pos = first_pos[(refs[first_pos] >= lo) & (refs[first_pos] < hi)]
+            if pos.size == 0 or not t.parts:
+                continue
+            pos = pos[np.argsort(refs[pos], kind="stable")]
+            addr = (refs[pos] - lo) * PAGE_SIZE
+            starts = np.array([p.start for p in t.parts], np.int64)
+            ends = np.array([p.end for p in t.parts], np.int64)
+            pi = np.searchsorted(starts, addr, side="right") - 1
+            ok = (pi >= 0) & (addr < ends[np.maximum(pi, 0)])
+            pos, addr, pi = pos[ok], addr[ok], pi[ok]
+            if pos.size == 0:
+                continue
+            processes.append(ProcessIdentity(t.pid, t.name, t.uid))
+            vstart = np.array([p.vma_start for p in t.parts], np.int64)[pi]
+            cut = np.flatnonzero(np.diff(vstart) != 0) + 1
+            for a0, b0 in zip([0, *cut.tolist()], [*cut.tolist(), pos.size], strict=True):
+                p = t.parts[int(pi[a0])]
+                mappings.append(
+                    MappingRef(len(processes) - 1, p.vma_start, p.vma_end, p.name, p.perms)
+                )
+                bounds.append(n + b0)
+            kept.append(pos)
+            n += pos.size
+        if n == 0:
+            return None
+        k = np.concatenate(kept)
+        self._kept = k
+        tab = PageTable.empty(k.size, np.uint64)
+        tab.hash[:] = hashes[k]
+        tab.pfn[:] = pfns[k]
+        mrows = np.array(bounds, np.int64)
+        mi = np.searchsorted(mrows, np.arange(k.size), side="right") - 1
+        vstart_m = np.array([m.start for m in mappings], np.int64)
+        page = refs[k] & ((1 << REF_PAGE_BITS) - 1)
+        tab.off[:] = (page - vstart_m[mi] // PAGE_SIZE).astype(np.uint32)
+        # content id: the first row with the same hash (the engine compares bytes)
+        _, first, inv = np.unique(hashes[k], return_index=True, return_inverse=True)
+        tab.content[:] = first[inv].astype(np.int32)
+        tab.content[zero[k]] = CONTENT_ZERO
+        return ScanInput(processes=processes, mappings=mappings, pages=tab, mapping_rows=mrows)
+
+    def _merged_now(self, refs: np.ndarray) -> np.ndarray:
+        """Per input row of the last synthetic scan: is the page now a procksm mapping
+        (pagemap: present and file-backed) or a dropped zero page (not present, or the
+        zero PFN)? Rows left out of the scan are False."""
+        out = np.zeros(self._n_input, bool)
+        k = self._kept
+        for t in list(self.targets.values()):
+            lo, hi = page_ref(t.index, 0), page_ref(t.index + 1, 0)
+            sel = k[(refs[k] >= lo) & (refs[k] < hi)]
+            if sel.size == 0:
+                continue
+            try:
+                ent = _pagemap_at(t.pid, (refs[sel] - lo) * PAGE_SIZE)
+            except ProcksmError:
+                continue
+            present = (ent & procfs.PM_PRESENT) != 0
+            filep = (ent & procfs.PM_FILE) != 0
+            zpfn = (ent & procfs.PM_PFN_MASK) == _zero_pfn()
+            out[sel] = (present & filep) | ~present | zpfn
+        return out
+
+    def _unmerge_one(self, pid: int) -> str:
+        """Unmerge one target and stop scanning it (``register PID all`` resumes)."""
+        t = self.targets.get(pid)
+        if t is None:
+            raise UsageError(f"pid {pid} is not a target")
+        n = self._unmerge_target(t)
+        t.reg = Registration(everything=False)
+        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
+        self.unstable.forget_target(t.index)
+        self.ages.forget_target(t.index)
+        t.zero_runs.clear()
+        return f"pid {pid}: unmerged {n} pages; not scanned until 'register {pid} all'"
+
+    def _unmerge_target(self, t: Target) -> int:
+        from procksm import coredump
+
+        pauses: list[float] = []
+        ranges = merged_ranges(t.pid)
+        n = unmerge_pieces(t.pid, [(v.start, v.end) for v in ranges], pauses=pauses)
+        self._all_pauses.extend(pauses)
+        if not merged_ranges(t.pid):
+            coredump.restore_after_unmerge(t.pid)
+        return n
+
+    # --- run=2 and exit -------------------------------------------------------------------
+
+    def unmerge_all(self) -> int:
+        """Make every merged page of every target private again (run=2 / exit)."""
+        total = 0
+        for t in list(self.targets.values()):
+            try:
+                total += self._unmerge_target(t)
+            except NoSuchProcess:
+                self._drop(t, "exited")
+            except ProcksmError as e:
+                self.log(f"pid {t.pid}: unmerge failed: {e.message}")
+        # everything starts over, as after the kernel's run=2
+        self.checksums = ChecksumTable()
+        self.unstable.reset()
+        self.ages = PageAges()
+        self.segment_hashes.clear()
+        for t in self.targets.values():
+            t.zero_runs.clear()
+        self._cursor = (0, 0, 0)
+        self.log(f"unmerged {total} pages")
+        return total
+
+    # --- counters -------------------------------------------------------------------------
+
+    def maybe_publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_snap[0] < self.opts.snapshot_interval_s:
+            return
+        self._snapshot = snap = self._build_snapshot(now)
+        if self.on_publish is not None:
+            self.on_publish(snap)
+
+    def snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is None:
+            snap = self._snapshot = self._build_snapshot(time.monotonic())
+        return snap
+
+    def _truth(self, dt: float) -> None:
+        """pagemap over procksm's mappings and dropped zero runs of every target."""
+        for t in list(self.targets.values()):
+            try:
+                vmas = [
+                    v for v in procfs.read_maps(t.pid) if v.path.startswith(SEGMENT_NAME_PREFIX)
+                ]
+                sites = cow = 0
+                pfn_list = []
+                with procfs.PagemapFile(t.pid) as pm:
+                    for v in vmas:
+                        ent = pm.read(v.start, v.end)
+                        present = (ent & procfs.PM_PRESENT) != 0
+                        filep = (ent & procfs.PM_FILE) != 0
+                        sites += int((present & filep).sum())
+                        cow += int((present & ~filep).sum())
+                        pfn_list.append(ent[present & filep] & procfs.PM_PFN_MASK)
+                    zero_now = 0
+                    anon = [v for v in procfs.read_maps(t.pid) if procfs.is_anonymous_path(v.path)]
+                    for a, k in t.zero_runs:
+                        if not any(v.start <= a and a + k * PAGE_SIZE <= v.end for v in anon):
+                            continue
+                        ent = pm.read(a, a + k * PAGE_SIZE)
+                        present = (ent & procfs.PM_PRESENT) != 0
+                        zpfn = (ent & procfs.PM_PFN_MASK) == _zero_pfn()
+                        zero_now += int((~present | zpfn).sum())
+                rollup = procfs.read_smaps_rollup(t.pid)
+            except (ProcksmError, OSError):
+                continue
+            t.sharing_sites = sites
+            t.shared_pfns = np.concatenate(pfn_list) if pfn_list else np.zeros(0, np.uint64)
+            if cow > t.cow_now:
+                t.cow_total += cow - t.cow_now
+                t.cow_rate = (cow - t.cow_now) / dt if dt > 0 else 0.0
+            else:
+                t.cow_rate = 0.0
+            t.cow_now = cow
+            t.zero_now = zero_now
+            t.rss_bytes = rollup.get("Rss", 0) * 1024
+            t.pss_bytes = rollup.get("Pss", 0) * 1024
+
+    def _build_snapshot(self, now: float) -> Snapshot:
+        t_prev, cpu_prev, scanned_prev = self._last_snap
+        cpu = _cpu_seconds()
+        dt = max(now - t_prev, 1e-6)
+        self._truth(dt)
+        self._last_snap = (now, cpu, self.pages_scanned)
+        targets = [t for t in self.targets.values()]
+        pfns = [t.shared_pfns for t in targets]
+        allp = np.concatenate(pfns) if pfns else np.zeros(0, np.uint64)
+        pages_shared = int(np.unique(allp).size)
+        sites = int(allp.size)
+        pages_sharing = sites - pages_shared
+        pages_zero = sum(t.zero_now for t in targets)
+        cow = sum(t.cow_total for t in targets)
+        meta = (
+            self.checksums.nbytes
+            + self.unstable.nbytes
+            + self.ages.nbytes
+            + sum(h.nbytes for h in self.segment_hashes.values())
+        )
+        pauses = np.array(self._all_pauses) * 1000 if self._all_pauses else np.zeros(0)
+        with self.lock:
+            s = dataclasses.replace(self.settings)
+        snaps = tuple(
+            TargetSnapshot(
+                pid=t.pid,
+                name=t.name,
+                rss_bytes=t.rss_bytes,
+                pss_bytes=t.pss_bytes,
+                pages_merged=t.sharing_sites,
+                pages_zero=t.zero_now,
+                cow_breaks=t.cow_total,
+                cow_breaks_per_s=round(t.cow_rate, 3),
+                pages_refused=t.pages_refused,
+                top_refusal=t.refusals.most_common(1)[0][0] if t.refusals else None,
+                last_pause_ms=round(t.pauses[-1] * 1000, 3) if t.pauses else 0.0,
+                max_pause_ms=round(t.max_pause * 1000, 3),
+                mappings=tuple(
+                    [
+                        MappingSnapshot(
+                            p.name,
+                            p.start,
+                            p.end,
+                            p.rss_pages,
+                            0,
+                            _zero_in(t.zero_runs, p.start, p.end),
+                        )
+                        for p in t.parts
+                    ]
+                    + [
+                        MappingSnapshot("[procksm]", v.start, v.end, v.npages, v.npages)
+                        for v in t.merged_vmas
+                    ]
+                ),
+            )
+            for t in targets
+        )
+        saved = (pages_sharing + pages_zero) * PAGE_SIZE
+        cow_rate = sum(t.cow_rate for t in targets)
+        self._history.append(HistoryPoint(time.time(), saved, round(cow_rate, 3)))
+        return Snapshot(
+            time=time.time(),
+            run=s.run,
+            observer="pagemap",
+            pages_shared=pages_shared,
+            pages_sharing=pages_sharing,
+            pages_unshared=len(self.unstable),
+            pages_volatile=self.pages_volatile_last
+            if self.pages_volatile_last >= 0
+            else self.pages_volatile_scan,
+            pages_skipped=self.pages_skipped,
+            pages_zero=pages_zero,
+            full_scans=self.full_scans,
+            cow_breaks=cow,
+            general_profit_bytes=saved - meta,
+            scan_rate_pages_s=round((self.pages_scanned - scanned_prev) / dt, 1),
+            cpu_percent=round(100.0 * (cpu - cpu_prev) / dt, 2),
+            rss_bytes=_own_rss(),
+            pause_p50_ms=round(float(np.percentile(pauses, 50)), 3) if pauses.size else 0.0,
+            pause_p99_ms=round(float(np.percentile(pauses, 99)), 3) if pauses.size else 0.0,
+            pause_max_ms=round(float(pauses.max()), 3) if pauses.size else 0.0,
+            sleep_ms=s.sleep_ms,
+            pages_to_scan=s.pages_to_scan,
+            targets=snaps,
+            history=tuple(self._history),
+        )
+
+
+class _Reply:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value = ""
+        self.error: ProcksmError | None = None
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def stats_text(snap: Snapshot) -> str:
+    """``name value`` lines, the kernel's counter names first (like /sys/kernel/mm/ksm)."""
+    doc = snap.as_json()
+    keys = [
+        "run",
+        "pages_to_scan",
+        "sleep_ms",
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "pages_skipped",
+        "pages_zero",
+        "full_scans",
+        "cow_breaks",
+        "general_profit_bytes",
+        "saved_bytes",
+        "scan_rate_pages_s",
+        "cpu_percent",
+        "rss_bytes",
+        "pause_p50_ms",
+        "pause_p99_ms",
+        "pause_max_ms",
+    ]
+    lines = [f"{k} {doc[k]}" for k in keys]
+    for t in snap.targets:
+        lines.append(
+            f"pid {t.pid} {t.name} pages_merged={t.pages_merged} pages_zero={t.pages_zero} "
+            f"cow_breaks={t.cow_breaks} pages_refused={t.pages_refused} "
+            f"max_pause_ms={t.max_pause_ms}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
+    """[a, b) runs of True."""
+    if mask.size == 0:
+        return
+    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    yield from zip(starts.tolist(), ends.tolist(), strict=True)
+
+
+def _zero_in(runs: list[tuple[int, int]], start: int, end: int) -> int:
+    return sum(max(0, min(end, a + k * PAGE_SIZE) - max(start, a)) // PAGE_SIZE for a, k in runs)
+
+
+def _pagemap_at(pid: int, addrs: np.ndarray) -> np.ndarray:
+    """pagemap entries of the pages at ``addrs`` (sorted or not), read in runs."""
+    order = np.argsort(addrs)
+    a = addrs[order]
+    out = np.zeros(a.size, np.uint64)
+    with procfs.PagemapFile(pid) as pm:
+        i = 0
+        while i < a.size:
+            j = i
+            # one read per cluster of pages at most 8 MiB apart
+            while j + 1 < a.size and a[j + 1] - a[i] < (8 << 20):
+                j += 1
+            ent = pm.read(int(a[i]), int(a[j]) + PAGE_SIZE)
+            out[i : j + 1] = ent[(a[i : j + 1] - a[i]) // PAGE_SIZE]
+            i = j + 1
+    res = np.empty_like(out)
+    res[order] = out
+    return res
+
+
+def _zero_pfn() -> int:
+    from procksm.scanner import kernel_zero_pfn
+
+    return kernel_zero_pfn()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(int(x) for x in f.read().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not procfs.read_status(pid).is_zombie
+    except ProcksmError:
+        return False
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _thread_cpu() -> float:
+    return time.thread_time()
+
+
+def _own_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except OSError:
+        return 0
+
+
+__all__ = [
+    "SETTING_LIMITS",
+    "Daemon",
+    "DaemonOptions",
+    "Registration",
+    "Settings",
+    "parse_region",
+    "parse_settings",
+]
