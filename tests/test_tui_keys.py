@@ -247,3 +247,77 @@ def test_no_daemon_is_one_actionable_line(tmp_path: Path) -> None:
     with pytest.raises(ProcksmError, match="no procksm daemon"):
         request(str(stale), "stats --json")
     assert os.path.exists(stale)
+
+
+# -- the view next to a daemon in one process ----------------------------------------------
+
+
+class FakeDaemon:
+    """run_forever/snapshot/handle/stopping/wake/log, like procksm.daemon.Daemon."""
+
+    def __init__(self, stop_after: int | None = None, fail: bool = False) -> None:
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.logged: list[str] = []
+        self.log = self.logged.append
+        self.step = 0
+        self.stop_after = stop_after
+        self.fail = fail
+        self.thread: threading.Thread | None = None
+        self.handled: list[str] = []
+
+    def run_forever(self) -> None:
+        self.thread = threading.current_thread()
+        while not self.stopping.is_set():
+            self.step += 1
+            self.log(f"batch {self.step}")
+            if self.fail and self.step == 3:
+                raise ProcksmError("scan loop broke")
+            if self.stop_after is not None and self.step >= self.stop_after:
+                self.stopping.set()
+            self.wake.wait(0.02)
+
+    def snapshot(self) -> Snapshot:
+        return demo_like_snapshot(self.step)
+
+    def handle(self, line: str) -> str:
+        self.handled.append(line)
+        return f"ok {line} done\n"
+
+
+def test_run_with_daemon_plain_until_the_daemon_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    from procksm.tui.inprocess import run_with_daemon
+
+    d = FakeDaemon(stop_after=20)
+    assert run_with_daemon(d, interval=0.05) == 0
+    assert d.thread is not None and not d.thread.is_alive()
+    assert d.thread is not threading.main_thread()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TIME") and len(out) >= 2
+    assert d.logged[:2] == ["batch 1", "batch 2"]  # not a terminal: the log is untouched
+
+
+def test_run_with_daemon_reraises_the_loop_failure() -> None:
+    from procksm.tui.inprocess import run_with_daemon
+
+    d = FakeDaemon(fail=True)
+    with pytest.raises(ProcksmError, match="scan loop broke"):
+        run_with_daemon(d, interval=0.05)
+
+
+def test_handler_actions_strip_ok() -> None:
+    from procksm.tui.inprocess import HandlerActions
+
+    d = FakeDaemon()
+    acts = HandlerActions(d)
+    assert acts.pause() == "pause done"
+    assert acts.unmerge(12) == "unmerge 12 done"
+    assert d.handled == ["pause", "unmerge 12"]
+
+
+def test_notes_show_the_latest_log_line(view: tuple[live.LiveView, Recorder]) -> None:
+    v, _ = view
+    notes = [["attached to pid 1", "target 2 exited"], []]
+    v.notes = lambda: notes.pop(0)
+    v.poll()
+    assert v.state.message == "target 2 exited" and not v.state.error

@@ -109,9 +109,10 @@ def run_plain(
     count: int | None = None,
     json_lines: bool = False,
     out: TextIO | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> int:
-    """Print one line (or one JSON document) per interval until ``count``, Ctrl-C or
-    SIGTERM."""
+    """Print one line (or one JSON document) per interval until ``count``, Ctrl-C,
+    SIGTERM or ``until()``."""
     out = out or sys.stdout
     n = 0
     try:
@@ -129,7 +130,12 @@ def run_plain(
                 if count is not None and n >= count:
                     return 0
                 next_t += interval
-                time.sleep(max(0.0, next_t - time.monotonic()))
+                while (left := next_t - time.monotonic()) > 0:
+                    if until is not None and until():
+                        return 0
+                    time.sleep(min(left, 0.1))
+                if until is not None and until():
+                    return 0
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Terminated:
@@ -152,8 +158,15 @@ class LiveView:
         interval: float = 1.0,
         console: Console | None = None,
         fd: int | None = None,
+        until: Callable[[], bool] | None = None,
+        notes: Callable[[], list[str]] | None = None,
     ) -> None:
+        """``until()``: quit when it returns True (the daemon behind the view stopped);
+        ``notes()``: new log lines of whatever runs alongside, the latest one is shown in
+        the footer (they cannot be printed while the view owns the screen)."""
         self.source = source
+        self.until = until
+        self.notes = notes
         self.actions = actions
         self.interval = interval
         self.console = console or Console()
@@ -179,6 +192,9 @@ class LiveView:
             self.state = dataclasses.replace(self.state, message="", error=False)
         self._source_error = ""
         self.snap = snap
+        news = self.notes() if self.notes is not None else []
+        if news and self.state.confirm_unmerge is None:
+            self.state = dataclasses.replace(self.state, message=news[-1], error=False)
         sel = render.selected_target(snap, self.state)
         if sel is not None and sel.pid != self.state.selected:
             self.state = dataclasses.replace(self.state, selected=sel.pid)
@@ -298,7 +314,7 @@ class LiveView:
     def _loop(self, keys: KeyReader, live: Live, wake_r: int) -> None:
         next_poll = 0.0
         dirty = True
-        while True:
+        while self.until is None or not self.until():
             now = time.monotonic()
             if self.poll_now or now >= next_poll:
                 self.poll()
@@ -308,7 +324,10 @@ class LiveView:
                 self.fit_terminal()
                 live.update(self.renderable(), refresh=True)
                 dirty = False
-            for key in keys.read(next_poll - time.monotonic(), wake_r):
+            wait = next_poll - time.monotonic()
+            if self.until is not None:
+                wait = min(wait, 0.25)
+            for key in keys.read(wait, wake_r):
                 if self.on_key(key):
                     return
                 dirty = True
@@ -339,8 +358,8 @@ class LiveView:
 
 
 def is_interactive(console: Console, fd: int | None = None) -> bool:
-    fd = sys.stdin.fileno() if fd is None else fd
     try:
+        fd = sys.stdin.fileno() if fd is None else fd
         return console.is_terminal and os.isatty(fd)
     except (OSError, ValueError):
         return False
@@ -354,12 +373,22 @@ def run(
     count: int | None = None,
     json_lines: bool = False,
     console: Console | None = None,
+    until: Callable[[], bool] | None = None,
+    notes: Callable[[], list[str]] | None = None,
 ) -> int:
     """The live view on a terminal; plain lines (or JSON lines) otherwise."""
     console = console or Console()
     if json_lines or count is not None or not is_interactive(console):
-        return run_plain(source, interval=interval, count=count, json_lines=json_lines)
-    return LiveView(source, actions or ReadOnlyActions(), interval=interval, console=console).run()
+        return run_plain(source, interval=interval, count=count, json_lines=json_lines, until=until)
+    view = LiveView(
+        source,
+        actions or ReadOnlyActions(),
+        interval=interval,
+        console=console,
+        until=until,
+        notes=notes,
+    )
+    return view.run()
 
 
 __all__ = ["Actions", "LiveView", "ReadOnlyActions", "Terminated", "run", "run_plain"]
