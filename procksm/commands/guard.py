@@ -6,7 +6,7 @@ With its first merge into a process, procksm installs a seccomp filter in it tha
 sends madvise(MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_WIPEONFORK,
 MADV_DONTNEED_LOCKED) and mremap to this guard. A call that touches merged pages gets
 them unmerged first (exact bytes), then runs as on anonymous memory: DONTNEED reads
-zeros afterwards, FREE and WIPEONFORK succeed. Other calls continue at once (~0.1 ms).
+zeros afterwards, FREE and WIPEONFORK succeed. Other calls continue at once (~40 us).
 
 If the guard is killed, guarded processes' calls of that kind fail with ENOSYS until
 procksm merges them again (memory is never read stale). The guard exits by itself
