@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, skip_or_fail
+from tests.conftest import ROOT, Target, build_c_target, require_privileges, skip_or_fail
 
 SCRIPT = ROOT / "tests" / "tui_scripted.py"
 
@@ -280,3 +280,87 @@ def test_not_a_terminal_prints_one_line_per_interval(tmp_path: Path) -> None:
     saved = [saved_mib("saved " + line.split()[1].replace("MiB", " MiB")) for line in lines[1:]]
     assert saved == sorted(saved) and saved[-1] > saved[0], lines
     assert "\x1b" not in "".join(lines) + out  # no escape codes in a pipe
+
+
+# -- procksm top against a real daemon with real targets ---------------------------------
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, spawn: Callable[..., Target]) -> Iterator[tuple[str, list[Target]]]:
+    """Three planted targets with 16 MiB of identical pages each, kept merged by a real
+    ``procksm attach`` (slow enough that the savings grow over several refreshes)."""
+    require_privileges()
+    exe = build_c_target("planted")
+    targets = [
+        spawn([exe, "--identical", "4096", "--zero", "1024", "--unique", "256", "--seed", "9"])
+        for _ in range(3)
+    ]
+    sock = str(tmp_path / "control.sock")
+    log = open(tmp_path / "attach.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procksm", "attach", "--control", sock, "--no-bpf",
+         "--pages-to-scan", "512", "--sleep-ms", "100", *(str(t.pid) for t in targets)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert proc.poll() is None, (tmp_path / "attach.log").read_text()
+            assert time.monotonic() < deadline, "the daemon did not create its socket"
+            time.sleep(0.1)
+        yield sock, targets
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for t in targets:
+            assert t.command("check").startswith("OK"), t.pid
+
+
+def test_top_against_a_real_daemon(tmux: Tmux, daemon: tuple[str, list[Target]]) -> None:
+    sock, targets = daemon
+    stty = tmux.tmp / "stty.txt"
+    tmux.type(
+        f"{sys.executable} -m procksm top --control {sock} --interval 0.5; "
+        f'echo "rc=$?"; stty -a > {stty}'
+    )
+    tmux.wait_for(lambda s: "procksm" in s and "pid" in s, what="procksm top")
+    for t in targets:
+        tmux.wait_for(lambda s, t=t: str(t.pid) in s, what=f"target {t.pid}")
+    # savings grow: some first, then more (the daemon merges batch by batch)
+    first = tmux.wait_for(lambda s: saved_mib(s) > 0, what="first savings", timeout=60)
+    tmux.wait_for(lambda s: saved_mib(s) > saved_mib(first), what="savings to grow", timeout=60)
+    tmux.wait_for(lambda s: saved_mib(s) >= 32, what="most pages merged", timeout=90)
+
+    tmux.keys("Space")  # pause: the daemon's run state goes to 0
+    tmux.wait_for(lambda s: "stopped" in s, what="the daemon paused")
+    tmux.keys("Space")
+    tmux.wait_for(lambda s: "running" in s, what="the daemon running again")
+
+    tmux.keys("p", "Home", "u")  # unmerge the lowest pid
+    victim = min(t.pid for t in targets)
+    tmux.wait_for(lambda s: f"Unmerge pid {victim}" in s, what="the confirmation")
+    tmux.keys("y")
+
+    def victim_merged(s: str) -> str:
+        row = next(line for line in s.splitlines() if line.lstrip().startswith(str(victim)))
+        # pid ▸ name RSS PSS merged ...: each size is "number unit"
+        return " ".join(row.split()[7:9])
+
+    tmux.wait_for(lambda s: f"pid {victim}: unmerged" in s, what="the daemon's answer")
+    tmux.wait_for(lambda s: victim_merged(s) == "0 B", what="the victim's merged pages gone")
+    assert targets[0].command("check").startswith("OK")
+    tmux.keys("q")
+    s = tmux.wait_for(lambda s: bool(re.search(r"rc=\d", s)), what="top to exit")
+    assert re.findall(r"rc=(\d+)", s)[-1] == "0"
+    assert tmux.fmt("#{alternate_on}") == "0" and tmux.fmt("#{cursor_flag}") == "1"
+    deadline = time.monotonic() + 10
+    while not (stty.exists() and stty.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    modes = set(stty.read_text().split())
+    assert {"icanon", "echo"} <= modes

@@ -37,13 +37,14 @@ class TopCommand:
     __doc__ = __doc__
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
-        from procksm.tui.source import DEFAULT_CONTROL
+        from procksm.control import default_control_path
 
         parser.add_argument(
             "--control",
             metavar="SOCKET",
-            default=DEFAULT_CONTROL,
-            help=f"the daemon's control socket ({DEFAULT_CONTROL})",
+            default=None,
+            help=f"the daemon's control socket (default {default_control_path()}, "
+            "or $PROCKSM_CONTROL)",
         )
         parser.add_argument(
             "--interval", type=float, default=1.0, metavar="S", help="refresh every S seconds (1)"
@@ -61,7 +62,10 @@ class TopCommand:
             raise UsageError(f"--interval {args.interval}: use 0.05 to 3600 seconds")
         if args.count is not None and args.count < 1:
             raise UsageError(f"--count {args.count}: use 1 or more")
-        ask = socket_source(args.control)
+        from procksm.control import default_control_path
+
+        control = args.control or default_control_path()
+        ask = socket_source(control)
         first = [ask()]  # no daemon: one line on stderr now, not an empty screen
 
         def source() -> Snapshot:
@@ -69,7 +73,7 @@ class TopCommand:
 
         return live.run(
             source,
-            SocketActions(args.control),
+            SocketActions(control),
             interval=args.interval,
             count=args.count,
             json_lines=args.json,

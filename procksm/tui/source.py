@@ -1,12 +1,12 @@
 """Where the live view's snapshots come from: the daemon's control socket.
 
-The one place that knows the control protocol on the view's side. Until the daemon's
-socket exists, this is written against the assumed protocol: connect to the unix
-socket, send one command line, read one reply until EOF.
+The one place that knows the control protocol on the view's side (the daemon's side is
+procksm.control + Daemon.handle): connect to the unix socket, send one request line, read
+the whole reply until EOF.
 
 * ``stats --json\\n`` -> one JSON document, :meth:`Snapshot.as_json`;
-* ``pause\\n`` / ``resume\\n`` / ``unmerge PID\\n`` -> one line of text for the footer
-  (a reply starting with ``error:`` is an error).
+* ``pause\\n`` / ``resume\\n`` / ``unmerge PID\\n`` -> ``ok ...`` (shown in the footer
+  without the ``ok``) or ``error: ...``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Callable
 from procksm.errors import EXIT_PERMISSION, ProcksmError
 from procksm.snapshot import Snapshot
 
+# The daemon's side is procksm.control (ControlServer, Daemon.handle); its default path
+# is procksm.control.default_control_path() ($PROCKSM_CONTROL or this).
 DEFAULT_CONTROL = "/run/procksm/control.sock"
 TIMEOUT_S = 5.0
 MAX_REPLY = 64 << 20  # a snapshot with every mapping of many targets stays far below
@@ -67,6 +69,8 @@ def socket_source(path: str = DEFAULT_CONTROL) -> Callable[[], Snapshot]:
 
     def source() -> Snapshot:
         data = request(path, "stats --json")
+        if data.startswith(b"error:"):
+            raise ProcksmError(data[6:].decode(errors="replace").strip())
         try:
             return Snapshot.from_json(json.loads(data))
         except (ValueError, TypeError, KeyError) as e:
