@@ -215,9 +215,9 @@ def test_scan_zombie_and_self(spawn) -> None:  # type: ignore[no-untyped-def]
     assert res.returncode == 3 and "zombie" in res.stderr, res.stderr
 
 
-def test_scan_fast_mode_same_counts(planted_trio) -> None:  # type: ignore[no-untyped-def]
-    """--fast groups by hash only: on real data it finds the same duplicates."""
-    doc, _ = scan_json_cli(planted_trio, "--fast")
+def test_scan_exact_mode_same_counts(planted_trio) -> None:  # type: ignore[no-untyped-def]
+    """--exact compares bytes: on real data it finds the same duplicates as hashing."""
+    doc, _ = scan_json_cli(planted_trio, "--exact")
     per = N + Z + U + D
     assert doc["totals"]["ideal_savings_pages"] == 3 * per - (N + 3 * U + 1)
     assert doc["matrix"]["pages"][0][1] == N + D

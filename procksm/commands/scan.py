@@ -82,19 +82,20 @@ class ScanCommand:
         parser.add_argument("--top", type=int, default=10, help="top duplicated contents (10)")
         parser.add_argument("--no-mappings", action="store_true", help="hide the per-mapping rows")
         parser.add_argument(
-            "--fast",
+            "--exact",
             action="store_true",
-            help="group pages by their 64-bit hash only, without reading duplicate "
-            "candidates again to compare them byte for byte (about 2x faster; a false "
-            "duplicate needs a hash collision, ~N^2/2^65 for N pages; volatile pages are "
-            "then not detected)",
+            help="read every duplicate candidate again and compare it byte for byte with "
+            "its group's first page, and count pages that changed during the scan as "
+            "volatile (about 2x slower). By default pages are grouped by their 64-bit "
+            "hash: a false duplicate needs a hash collision, ~N^2/2^65 for N pages (a "
+            "report only; merges always compare bytes under stop)",
         )
         add_selection_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         pids = parse_pids(args.pids)
         opts = selection_from_args(args)
-        opts.verify = not args.fast
+        opts.verify = args.exact
         report, elapsed = run_scan(pids, opts, top=args.top, progress=not args.json)
         if args.json:
             json.dump(scan_json(report, elapsed_s=elapsed), sys.stdout, indent=2)
