@@ -286,15 +286,21 @@ def test_not_a_terminal_prints_one_line_per_interval(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, spawn: Callable[..., Target]) -> Iterator[tuple[str, list[Target]]]:
-    """Three planted targets with 16 MiB of identical pages each, kept merged by a real
-    ``procksm attach`` (slow enough that the savings grow over several refreshes)."""
+def planted(spawn: Callable[..., Target]) -> list[Target]:
+    """Three planted targets with 16 MiB of identical pages and 4 MiB of zeros each."""
     require_privileges()
     exe = build_c_target("planted")
-    targets = [
+    return [
         spawn([exe, "--identical", "4096", "--zero", "1024", "--unique", "256", "--seed", "9"])
         for _ in range(3)
     ]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, planted: list[Target]) -> Iterator[tuple[str, list[Target]]]:
+    """The planted targets kept merged by a real ``procksm attach`` (slow enough that the
+    savings grow over several refreshes)."""
+    targets = planted
     sock = str(tmp_path / "control.sock")
     log = open(tmp_path / "attach.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -364,3 +370,36 @@ def test_top_against_a_real_daemon(tmux: Tmux, daemon: tuple[str, list[Target]])
         time.sleep(0.05)
     modes = set(stty.read_text().split())
     assert {"icanon", "echo"} <= modes
+
+
+def test_attach_live_shows_the_view_and_detaches_on_q(tmux: Tmux, planted: list[Target]) -> None:
+    stty = tmux.tmp / "stty.txt"
+    sock = tmux.tmp / "control.sock"
+    pids = " ".join(str(t.pid) for t in planted)
+    tmux.type(
+        f"{sys.executable} -m procksm attach --live --no-bpf --control {sock} "
+        f'--pages-to-scan 512 --sleep-ms 100 {pids}; echo "rc=$?"; stty -a > {stty}'
+    )
+    first = tmux.wait_for(lambda s: "procksm" in s and "q quit" in s, what="the live view")
+    assert all(str(t.pid) in first for t in planted)
+    tmux.wait_for(lambda s: saved_mib(s) > 0, what="first savings", timeout=60)
+    s = tmux.wait_for(lambda s: saved_mib(s) >= 32, what="most pages merged", timeout=90)
+    # the control socket serves procksm top meanwhile: the same daemon
+    r = subprocess.run(
+        [sys.executable, "-m", "procksm", "top", "--control", str(sock), "--count", "1"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "running" in r.stdout
+    tmux.keys("q")
+    s = tmux.wait_for(lambda s: bool(re.search(r"rc=\d", s)), what="attach to exit", timeout=60)
+    assert re.findall(r"rc=(\d+)", s)[-1] == "0"
+    assert "detached:" in s  # the daemon's log, printed once the view is gone
+    assert tmux.fmt("#{alternate_on}") == "0" and tmux.fmt("#{cursor_flag}") == "1"
+    deadline = time.monotonic() + 10
+    while not (stty.exists() and stty.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert {"icanon", "echo"} <= set(stty.read_text().split())
+    for t in planted:
+        assert t.command("check").startswith("OK")

@@ -16,6 +16,7 @@ examples:
   procksm attach $(pgrep -d' ' gunicorn)
   procksm attach --follow-children --cpu-limit 10 1234
   procksm attach --metrics-port 9477 1234 1235
+  procksm attach --live $(pgrep -d' ' gunicorn)
   procksm ctl set pages_to_scan=4096 sleep_ms=50
   procksm stats --json
 """
@@ -107,6 +108,11 @@ class AttachCommand:
         )
         parser.add_argument("--no-zero", action="store_true", help="do not drop zero pages")
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+        parser.add_argument(
+            "--live",
+            action="store_true",
+            help="show the live view (as procksm top) while scanning; q quits and detaches",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         if args.ebpf:
@@ -174,7 +180,12 @@ class AttachCommand:
                 + (", --unmerge-on-exit" if args.unmerge_on_exit else "")
                 + ")"
             )
-            daemon.run_forever()
+            if args.live:
+                from procksm.tui.inprocess import run_with_daemon
+
+                run_with_daemon(daemon)  # q, Ctrl-C, SIGTERM: stop as without --live
+            else:
+                daemon.run_forever()
             if args.unmerge_on_exit:
                 n = daemon.unmerge_all()
                 log(f"unmerged {n} pages")
