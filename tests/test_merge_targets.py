@@ -379,8 +379,8 @@ def assert_untouched(targets: list[Any]) -> None:
 
 
 def test_merge_unknown_pid(cli_pair) -> None:  # type: ignore[no-untyped-def]
-    res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid, 999999999)
-    assert_one_line_error(res, 3, "no such process (pid=999999999)")
+    res = run_cli("merge", cli_pair[0].pid, cli_pair[1].pid, 4194303)
+    assert_one_line_error(res, 3, "no such process (pid=4194303)")
     assert_untouched(cli_pair)
 
 
@@ -434,8 +434,8 @@ def snapshot(targets: list[Any]) -> dict[int, list[procfs.Vma]]:
 
 def test_unmerge_unknown_pid(merged_pair) -> None:  # type: ignore[no-untyped-def]
     before = snapshot(merged_pair)
-    res = run_cli("unmerge", merged_pair[0].pid, 999999999)
-    assert_one_line_error(res, 3, "no such process (pid=999999999)")
+    res = run_cli("unmerge", merged_pair[0].pid, 4194303)
+    assert_one_line_error(res, 3, "no such process (pid=4194303)")
     assert_still_merged(merged_pair, before)
 
 

@@ -182,7 +182,7 @@ def test_scan_does_not_fault_pages_in(spawn) -> None:  # type: ignore[no-untyped
 @pytest.mark.parametrize(
     ("argv", "code", "needle"),
     [
-        (["scan", "999999999"], 3, "no such process"),
+        (["scan", "4194303"], 3, "no such process"),
         (["scan", "abc"], 2, "bad PID 'abc'"),
         (["scan", "-5"], 2, ""),
         (["scan", "1", "--range", "zz"], 2, "bad address range"),

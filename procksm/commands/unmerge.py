@@ -4,7 +4,8 @@ Every range procksm mapped (it shows as /memfd:procksm-seg-N in /proc/PID/maps) 
 replaced, with the target stopped, by anonymous memory holding exactly the bytes the
 process sees now, including pages it already copied on write. Works from any procksm,
 also after the one that merged was killed. --all does it for every process that has
-procksm mappings (the kernel KSM's run=2).
+procksm mappings (the kernel KSM's run=2); processes another procksm holds (a running
+`procksm attach`) are skipped and listed, and the exit code is then 5.
 
 examples:
   procksm unmerge 1234 1235
@@ -23,7 +24,7 @@ from rich.console import Console
 
 from procksm.attach import check_attachable
 from procksm.commands.scan import parse_pids
-from procksm.errors import UsageError
+from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
 from procksm.merge import SEGMENT_NAME_PREFIX, pause_stats, unmerge
 
 
@@ -63,9 +64,21 @@ class UnmergeCommand:
         else:
             raise UsageError("no PID given: pass process IDs, or --all")
         # Every target is diagnosed before any is touched: bad input changes nothing.
+        # With --all, processes that went away or that another procksm (a daemon, say)
+        # holds are skipped and reported instead: the rest is still undone.
+        skipped: list[dict[str, Any]] = []
+        results = []
+        if not args.all:
+            for pid in pids:
+                check_attachable(pid)
         for pid in pids:
-            check_attachable(pid)
-        results = [unmerge(pid) for pid in pids]
+            try:
+                results.append(unmerge(pid))
+            except (NoSuchProcess, TargetBusy) as e:
+                if not args.all:
+                    raise
+                skipped.append({"pid": pid, "reason": e.message})
+                print(f"procksm: skipped pid {pid}: {e.message}", file=sys.stderr)
         pauses = [p for r in results for p in r.pauses]
         doc: dict[str, Any] = {
             "totals": {
@@ -82,6 +95,7 @@ class UnmergeCommand:
                 for r in results
             ],
             "pauses": pause_stats(pauses),
+            "skipped": skipped,
         }
         if args.json:
             json.dump(doc, sys.stdout, indent=2)
@@ -89,6 +103,6 @@ class UnmergeCommand:
         else:
             Console().print(
                 f"unmerged {doc['totals']['pages_unmerged']:,} pages in "
-                f"{doc['totals']['ranges']} ranges of {len(pids)} processes"
+                f"{doc['totals']['ranges']} ranges of {len(results)} processes"
             )
-        return 0
+        return EXIT_BUSY if skipped else 0
