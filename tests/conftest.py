@@ -178,3 +178,17 @@ def spawn() -> Iterator[object]:
     yield _spawn
     for t in started:
         t.kill()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="longer variants of the reliability suite (10x the rounds; PROCKSM_LONG=1)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read at import time by the test modules, which are imported after this hook.
+    if config.getoption("--long", default=False):
+        os.environ["PROCKSM_LONG"] = "1"

@@ -20,7 +20,10 @@ from procksm.merge import merged_ranges
 from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
-ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "25")) * (10 if os.environ.get("PROCKSM_LONG") == "1" else 1)
+# 25 rounds here and 25 during unmerge (tests/test_reliability.py): >= 50 in CI; --long x10
+ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "25")) * (
+    10 if os.environ.get("PROCKSM_LONG") == "1" else 1
+)
 
 
 def thread_states(pid: int) -> dict[int, tuple[str, str]]:
