@@ -132,12 +132,20 @@ def run_scan(
     t0 = time.perf_counter()
     err = Console(stderr=True)
     if progress and err.is_terminal:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(
             TextColumn("scanning"),
             BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,} pages"),
+            # the total is None until the first callback: "{task.total:,}" would raise
+            MofNCompleteColumn(),
+            TextColumn("pages"),
             TimeElapsedColumn(),
             console=err,
             transient=True,
