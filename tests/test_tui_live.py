@@ -354,8 +354,8 @@ def test_top_against_a_real_daemon(tmux: Tmux, daemon: tuple[str, list[Target]])
 
     def victim_merged(s: str) -> str:
         row = next(line for line in s.splitlines() if line.lstrip().startswith(str(victim)))
-        # pid ▸ name RSS PSS merged ...: each size is "number unit"
-        return " ".join(row.split()[7:9])
+        # sizes in order: RSS, PSS, merged, zero
+        return re.findall(r"[\d.]+ (?:B|KiB|MiB|GiB)", row)[2]
 
     tmux.wait_for(lambda s: f"pid {victim}: unmerged" in s, what="the daemon's answer")
     tmux.wait_for(lambda s: victim_merged(s) == "0 B", what="the victim's merged pages gone")
@@ -403,3 +403,28 @@ def test_attach_live_shows_the_view_and_detaches_on_q(tmux: Tmux, planted: list[
     assert {"icanon", "echo"} <= set(stty.read_text().split())
     for t in planted:
         assert t.command("check").startswith("OK")
+
+
+def test_demo_ends_in_the_live_view_on_a_terminal(tmux: Tmux) -> None:
+    require_privileges()
+    stty = tmux.tmp / "stty.txt"
+    tmux.type(
+        f"{sys.executable} -m procksm demo --workers 2 --shared-mib 16 --zero-mib 4 "
+        f'--unique-mib 4 --volatile-mib 1; echo "rc=$?"; stty -a > {stty}'
+    )
+    s = tmux.wait_for(
+        lambda s: tmux.fmt("#{alternate_on}") == "1" and "q quit" in s and "saved" in s,
+        what="the demo's live view",
+        timeout=120,
+    )
+    assert saved_mib(s) > 0
+    tmux.keys("q")
+    s = tmux.wait_for(lambda s: bool(re.search(r"rc=\d", s)), what="the demo to end", timeout=60)
+    assert re.findall(r"rc=(\d+)", s)[-1] == "0"
+    assert "self-checks: OK, OK" in s
+    assert tmux.fmt("#{alternate_on}") == "0" and tmux.fmt("#{cursor_flag}") == "1"
+    deadline = time.monotonic() + 10
+    while not (stty.exists() and stty.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert {"icanon", "echo"} <= set(stty.read_text().split())

@@ -4,8 +4,10 @@ The workers (python -m procksm.demo_worker) each hold the same "model" data, a
 pre-touched zero buffer, their own unique data and a hot, constantly rewritten table -
 the mix of a fleet of Python/model-serving workers. The demo scans them, prints the
 analysis, merges them, and shows their memory before and after (from the kernel's
-smaps_rollup, not procksm's counters) and the workers' own integrity checks. The workers
-are stopped on every exit path (and die with the demo if it is killed).
+smaps_rollup, not procksm's counters) and the workers' own integrity checks. On a
+terminal it then keeps them merged with the daemon of 'procksm attach' and shows the live
+view until q (--no-live skips it). The workers are stopped on every exit path (and die
+with the demo if it is killed).
 
 examples:
   procksm demo
@@ -135,6 +137,9 @@ class DemoCommand:
         parser.add_argument(
             "--no-merge", action="store_true", help="only scan (read-only), do not merge"
         )
+        parser.add_argument(
+            "--no-live", action="store_true", help="do not end in the live view on a terminal"
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from procksm.commands.scan import run_scan
@@ -185,6 +190,13 @@ class DemoCommand:
                         f"{result.elapsed_s:.2f} s; workers paused {p['count']} times, "
                         f"p50 {p['p50_ms']} ms, max {p['max_ms']} ms"
                     )
+            if not (args.json or args.no_merge or args.no_live) and sys.stdout.isatty():
+                from procksm.daemon import Daemon, DaemonOptions
+                from procksm.tui.inprocess import run_with_daemon
+
+                out.print("[b]live view[/b]: the daemon keeps the workers merged; q quits")
+                with Daemon(pids, opts=DaemonOptions(merge=MergeOptions())) as daemon:
+                    run_with_daemon(daemon)
             checks = [worker_check(p) for p in procs]
             doc["workers_self_check"] = checks
             if args.json:
