@@ -332,17 +332,22 @@ def mm_identity(pid: int) -> tuple[str, ...]:
 
 
 class PageAges:
-    """Per page: scans without a merge (age) and full scans still to skip (2 bytes/page,
-    in chunks of 512 pages that exist only where pages were scanned)."""
+    """Per page: scans without a merge (age), full scans still to skip, and whether its
+    checksum changed at its latest scan (3 bytes/page, in chunks of 512 pages that exist
+    only where pages were scanned)."""
 
     CHUNK = 512
 
     def __init__(self) -> None:
-        self._chunks: dict[int, np.ndarray] = {}  # ref >> 9 -> uint8[2, 512]
+        self._chunks: dict[int, np.ndarray] = {}  # ref >> 9 -> uint8[3, 512]
 
     @property
     def nbytes(self) -> int:
-        return len(self._chunks) * (2 * self.CHUNK + 100)
+        return len(self._chunks) * (3 * self.CHUNK + 100)
+
+    def volatile(self) -> int:
+        """Pages whose checksum changed at their latest scan (skipped ones keep theirs)."""
+        return int(sum(int(a[2].sum()) for a in self._chunks.values()))
 
     def forget_target(self, index: int) -> None:
         lo, hi = page_ref(index, 0) >> 9, page_ref(index + 1, 0) >> 9
@@ -368,7 +373,7 @@ class PageAges:
             pos += k
         return out
 
-    def update(self, refs: np.ndarray, merged: np.ndarray) -> None:
+    def update(self, refs: np.ndarray, merged: np.ndarray, volatile: np.ndarray) -> None:
         """After a scan: merged pages are young again, the others age (and from age 3 get
         skips: 1, 2, 4, then 8 full scans, as the kernel's smart scan)."""
         if refs.size == 0:
@@ -378,9 +383,10 @@ class PageAges:
             sel = chunk_ids == c
             arr = self._chunks.get(int(c))
             if arr is None:
-                arr = self._chunks[int(c)] = np.zeros((2, self.CHUNK), np.uint8)
+                arr = self._chunks[int(c)] = np.zeros((3, self.CHUNK), np.uint8)
             off = refs[sel] & (self.CHUNK - 1)
             m = merged[sel]
+            arr[2, off] = volatile[sel]
             age = arr[0]
             age[off[m]] = 0
             arr[1, off[m]] = 0
@@ -523,8 +529,6 @@ class Daemon:
         self._stable_sorted = np.zeros(0, np.uint64)
         self._stable_dirty = True
         self.full_scans = 0
-        self.pages_volatile_scan = 0
-        self.pages_volatile_last = -1
         self.pages_skipped = 0
         self.pages_scanned = 0
         self.zero_dropped_total = 0
@@ -798,8 +802,6 @@ class Daemon:
     def _end_full_scan(self) -> None:
         if self._order:
             self.full_scans += 1
-        self.pages_volatile_last = self.pages_volatile_scan
-        self.pages_volatile_scan = 0
         self.unstable.reset()
         self._cursor = (0, 0, 0)
         if self.opts.follow_children:
@@ -870,7 +872,6 @@ class Daemon:
         readable = tab.content != -2  # CONTENT_VOLATILE: vanished while read
         stable = np.zeros(n, bool)
         stable[readable] = self.checksums.update(refs[readable], tab.hash[readable])
-        self.pages_volatile_scan += int((readable & ~stable).sum())
         zero = stable & (tab.content == CONTENT_ZERO)
         cand = stable & ~zero
         # stable tree (procksm's segments) and unstable tree (this full scan), by hash;
@@ -899,7 +900,7 @@ class Daemon:
         # not merged and checksum-stable: into the unstable tree for later partners
         rest = cand & ~merged
         self.unstable.insert(h[rest], refs[rest], tab.pfn[rest])
-        self.ages.update(refs[readable], merged[readable])
+        self.ages.update(refs[readable], merged[readable], ~stable[readable])
         return r
 
     def _merge(
@@ -1175,6 +1176,8 @@ class Daemon:
                         zero_now += int((~present | zpfn).sum())
                 rollup = procfs.read_smaps_rollup(t.pid)
             except (ProcksmError, OSError):
+                if not _alive(t.pid):
+                    self._drop(t, "exited")  # also noticed while paused (run=0)
                 continue
             t.sharing_sites = sites
             t.shared_pfns = np.concatenate(pfn_list) if pfn_list else np.zeros(0, np.uint64)
@@ -1255,9 +1258,7 @@ class Daemon:
             pages_shared=pages_shared,
             pages_sharing=pages_sharing,
             pages_unshared=len(self.unstable),
-            pages_volatile=self.pages_volatile_last
-            if self.pages_volatile_last >= 0
-            else self.pages_volatile_scan,
+            pages_volatile=self.ages.volatile(),
             pages_skipped=self.pages_skipped,
             pages_zero=pages_zero,
             full_scans=self.full_scans,

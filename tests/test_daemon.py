@@ -1,0 +1,405 @@
+"""`procksm attach`: the scan loop, its controls, counters against pagemap truth, target
+lifecycle (exit, exec, fork, threads, munmap/mremap), signals and the one-daemon rule.
+
+Targets are real processes (tests/targets/planted.c and lifecycle.c) that verify their
+own memory; the daemon runs as `python -m procksm attach` with a private control socket.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, build_c_target, require_privileges
+from tests.daemon_helpers import (
+    DaemonProc,
+    Truth,
+    merged_vmas,
+    targets_by_pid,
+    traced_by,
+    wait_for,
+    zero_or_absent,
+)
+
+PAGE = 4096
+# fast settings for small targets: no CPU cap, short sleeps
+FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
+
+
+@pytest.fixture
+def lifecycle() -> Path:
+    require_privileges()
+    return build_c_target("lifecycle")
+
+
+@pytest.fixture
+def planted() -> Path:
+    require_privileges()
+    return build_c_target("planted")
+
+
+@pytest.fixture
+def daemons() -> Any:
+    started: list[DaemonProc] = []
+
+    def start(sock: Path, pids: list[int], *args: object, wait: bool = True) -> DaemonProc:
+        d = DaemonProc(sock, pids, *args, wait=wait)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout=10)
+
+
+def lc(spawn: Any, exe: Path, pages: int = 256, zero: int = 32, seed: int = 3) -> Any:
+    return spawn([exe, "--pages", pages, "--zero", zero, "--seed", seed])
+
+
+def merged_sites(pid: int, start: int, npages: int) -> int:
+    """Pages of [start, start+npages) that map a procksm memfd page (present, file)."""
+    from tests.daemon_helpers import FILE, PRESENT, pagemap
+
+    e = pagemap(pid, start, start + npages * PAGE)
+    return int((((e & PRESENT) != 0) & ((e & FILE) != 0)).sum())
+
+
+def region_merged(t: Any, key: str = "region", pages_key: str = "pages") -> int:
+    return merged_sites(t.pid, t.int(key), t.int(pages_key))
+
+
+# --------------------------------------------------------------------------------------
+# counters
+# --------------------------------------------------------------------------------------
+
+
+def test_counters_agree_with_pagemap(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    argv = [planted, "--identical", 256, "--zero", 32, "--unique", 16, "--volatile", 4,
+            "--seed", 11]  # fmt: skip
+    a, b = spawn(argv), spawn(argv)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    ident = {t.pid: (t.int("identical"), t.int("identical_pages")) for t in (a, b)}
+    wait_for(lambda: all(merged_sites(p, *ident[p]) == 256 for p in ident), 30, "identical merged")
+    wait_for(lambda: d.stats()["full_scans"] >= 4, 30, "four full scans")
+    s = d.pause()
+    truth = Truth([a.pid, b.pid])
+    assert s["run"] == 0
+    assert s["pages_shared"] == truth.pages_shared
+    assert s["pages_sharing"] == truth.pages_sharing
+    assert s["pages_sharing"] >= 256  # the planted identical pages, at least
+    per = targets_by_pid(s)
+    for t in (a, b):
+        assert per[t.pid]["pages_merged"] == truth.sites[t.pid]
+        assert per[t.pid]["cow_breaks"] == truth.cow[t.pid] == 0
+        z0 = t.int("zero")
+        zero_now = zero_or_absent(t.pid, z0, z0 + 32 * PAGE)
+        assert zero_now == 32
+        assert per[t.pid]["pages_zero"] >= 32
+    # pages_zero: zero pages procksm dropped that are still unused (pagemap: not present
+    # or the zero page); planted's own zero region is all of them here
+    assert s["pages_zero"] == sum(per[p]["pages_zero"] for p in per)
+    assert s["pages_volatile"] >= 2 * 4  # the volatile pages change under every scan
+    assert s["pages_skipped"] > 0  # smart scan: unique pages stopped being read
+    assert s["full_scans"] >= 4
+    assert s["general_profit_bytes"] < s["saved_bytes"]  # minus procksm's metadata
+    assert s["saved_bytes"] == (s["pages_sharing"] + s["pages_zero"]) * PAGE
+    assert s["rss_bytes"] > 0 and s["pause_max_ms"] > 0 and s["pause_p50_ms"] > 0
+    # a write breaks one merged page: cow_breaks and pages_sharing follow pagemap
+    assert a.command("write identical 7") == "OK"
+    s2 = d.fresh_stats()
+    truth2 = Truth([a.pid, b.pid])
+    # (planted's write also updates its expectation table, whose page may be merged too)
+    assert truth2.cow[a.pid] >= 1 and truth2.cow[b.pid] == 0
+    assert s2["cow_breaks"] == targets_by_pid(s2)[a.pid]["cow_breaks"] == truth2.cow[a.pid]
+    assert s2["pages_sharing"] == truth2.pages_sharing
+    assert truth2.pages_sharing == truth.pages_sharing - truth2.cow[a.pid]
+    assert s2["pages_shared"] == truth2.pages_shared
+    # unique pages wait in the unstable tree when they are scanned: run a full scan
+    d.ctl("set run=1")
+    wait_for(lambda: d.stats()["full_scans"] > s2["full_scans"] + 1, 30, "more scans")
+    for t in (a, b):
+        assert t.command("check").startswith("OK"), t.command("check")
+
+
+def test_stats_text_and_json_commands(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    wait_for(lambda: region_merged(a) == 256, 30, "merge")
+    from procksm.snapshot import Snapshot
+
+    out = subprocess.run([sys.executable, "-m", "procksm", "stats", "--json", "--control", d.sock],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    import json
+
+    snap = Snapshot.from_json(json.loads(out.stdout))
+    assert {t.pid for t in snap.targets} == {a.pid, b.pid}
+    assert snap.observer in ("pagemap", "bpf")
+    txt = subprocess.run([sys.executable, "-m", "procksm", "stats", "--control", d.sock],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert txt.returncode == 0 and "pages_sharing" in txt.stdout
+    # the raw protocol: the JSON document, then EOF (what the live view reads)
+    raw = d.request("stats --json")
+    assert raw.count("\n") == 1 and json.loads(raw)["pages_to_scan"] > 0
+    assert "pages_shared " in d.request("stats")
+
+
+# --------------------------------------------------------------------------------------
+# controls
+# --------------------------------------------------------------------------------------
+
+
+def test_set_controls_and_run_modes(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    out = d.ctl("set pages_to_scan=64 sleep_ms=7 max_pages_to_merge=1000 cpu_limit=0")
+    assert "pages_to_scan=64" in out and "sleep_ms=7" in out
+    s = d.fresh_stats()
+    assert s["pages_to_scan"] == 64 and s["sleep_ms"] == 7
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge")
+    # run=0: no more full scans, merged pages stay merged
+    s0 = d.pause()
+    time.sleep(0.5)
+    assert d.fresh_stats()["full_scans"] == s0["full_scans"]
+    assert region_merged(a) == 256
+    # run=2: everything unmerged (exact bytes), then stopped
+    d.ctl("set run=2")
+    wait_for(lambda: not merged_vmas(a.pid) and not merged_vmas(b.pid), 30, "unmerge")
+    s2 = wait_for(lambda: (s := d.stats())["run"] == 0 and s, 10, "run back to 0")
+    assert s2["run"] == 0
+    for t in (a, b):
+        assert t.command("check") == "OK pages=256"
+    # run=1: merged again
+    d.ctl("set run=1")
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge again")
+    for t in (a, b):
+        assert t.command("check") == "OK pages=256"
+
+
+def test_max_pages_to_merge_bounds_each_batch(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle, zero=0), lc(spawn, lifecycle, zero=0)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST, "--max-pages-to-merge", 8,
+                "--pages-to-scan", 100000)  # fmt: skip
+    wait_for(lambda: d.stats()["pages_sharing"] > 0, 30, "first merges")
+    s = d.pause()
+    # one batch per target per full scan; each merges at most 8 pages (and as many
+    # partners), so sharing grows by at most 8 per batch
+    batches = 2 * s["full_scans"] + 2
+    assert 0 < s["pages_sharing"] <= 8 * batches
+    assert s["pages_sharing"] < 256
+
+
+def test_cpu_limit_adapts_pages_to_scan(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    argv = [planted, "--identical", 8192, "--unique", 4096, "--seed", 5]
+    a, b = spawn(argv), spawn(argv)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 10, "--pages-to-scan",
+                50000, "-q")  # fmt: skip
+    wait_for(lambda: d.stats()["pages_to_scan"] != 50000, 30, "pages_to_scan adapted")
+
+    def cpu() -> float:
+        f = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / 100.0  # utime + stime, clock ticks
+
+    c0, t0 = cpu(), time.monotonic()
+    time.sleep(4)
+    share = (cpu() - c0) / (time.monotonic() - t0)
+    # the cap is the loop's; snapshots and the control socket add a little
+    assert share < 0.25, f"{share:.0%} of a CPU with --cpu-limit 10"
+    assert d.stats()["cpu_percent"] < 30
+
+
+def test_register_and_unregister_ranges(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid], *FAST)
+    # a new process, registered with its region only: attached, region merged, its zero
+    # region (not registered) untouched
+    r0, z0 = b.int("region"), b.int("zero")
+    out = d.ctl(f"register {b.pid} {r0:#x}-{r0 + 256 * PAGE:#x}")
+    assert f"pid {b.pid}" in out
+    wait_for(lambda: region_merged(b) == 256 and region_merged(a) == 256, 30, "merge")
+    assert zero_or_absent(b.pid, z0, z0 + 32 * PAGE) == 0  # still real zero-filled pages
+    d.ctl(f"register {b.pid} {z0:#x}+{32 * PAGE}")
+    wait_for(lambda: zero_or_absent(b.pid, z0, z0 + 32 * PAGE) == 32, 30, "zero pages dropped")
+    # unregistering a name that 'all' covered excludes it; 'all' detaches the process
+    assert "excluded" in d.ctl(f"unregister {a.pid} [heap]")
+    assert "detached" in d.ctl(f"unregister {b.pid} all")
+    s = d.fresh_stats()
+    assert [t["pid"] for t in s["targets"]] == [a.pid]
+    assert region_merged(b) == 256  # merged pages stay merged
+    assert d.request(f"unregister {b.pid} all").startswith("error: pid")
+    for t in (a, b):
+        assert t.command("check") == "OK pages=256"
+
+
+def test_pause_budget_measured_and_enforced(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle, pages=2048), lc(spawn, lifecycle, pages=2048)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5,
+                "--pause-budget-ms", 0.001)  # fmt: skip
+    wait_for(lambda: region_merged(a, "region", "pages") == 2048, 60, "merge")
+    s = d.fresh_stats()
+    assert s["pause_p50_ms"] > 0 and s["pause_max_ms"] >= s["pause_p99_ms"] >= s["pause_p50_ms"]
+    per = targets_by_pid(s)
+    assert per[a.pid]["max_pause_ms"] > 0 and per[a.pid]["last_pause_ms"] > 0
+    # every stop is over a 1 us budget: the stops shrink to the minimum of 16 pages
+    assert "16 pages per stop" in d.stderr()
+    assert a.command("check") == "OK pages=2048"
+
+
+# --------------------------------------------------------------------------------------
+# lifecycle
+# --------------------------------------------------------------------------------------
+
+
+def test_target_exit_and_exec(lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path) -> None:
+    a, b, c = lc(spawn, lifecycle), lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid, c.pid], *FAST, "-q")
+    wait_for(lambda: all(region_merged(t) == 256 for t in (a, b, c)), 30, "merge")
+    # exit: the daemon forgets the target and goes on
+    c.kill()
+    wait_for(lambda: c.pid not in targets_by_pid(d.stats()), 30, "exited target dropped")
+    # exec: same pid, a new address space; state starts over and the new image merges
+    a.proc.stdin.write("exec\n")
+    a.proc.stdin.flush()
+    line = a.proc.stdout.readline()
+    assert line.startswith("READY"), line
+    a.info = dict(tok.split("=", 1) for tok in line.split()[1:])
+    wait_for(lambda: region_merged(a) == 256, 30, "the new image merged")
+    assert a.pid in targets_by_pid(d.stats())
+    for t in (a, b):
+        assert t.command("check") == "OK pages=256"
+    assert d.proc.poll() is None
+
+
+def test_fork_followed_and_threads(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST, "--follow-children")
+    wait_for(lambda: region_merged(a) == 256, 30, "merge")
+    # threads created after the attach: every stop window seizes them too; the daemon
+    # keeps working: unmerge everything and merge again
+    for _ in range(3):
+        assert a.command("thread").startswith("OK threads=")
+    d.ctl("set run=2")
+    wait_for(lambda: not merged_vmas(a.pid), 30, "unmerged")
+    d.ctl("set run=1")
+    wait_for(lambda: region_merged(a) == 256, 60, "merged again")
+    # a child inherits the merged mappings and is followed
+    child = int(a.command("fork").split("=")[1])
+    wait_for(lambda: child in targets_by_pid(d.stats()), 30, "child followed")
+    # fork copies no page table entries of file mappings: the child maps the same
+    # procksm VMAs and faults the shared pages in when it touches them
+    r = a.int("region")
+    assert sum(min(e, r + 256 * PAGE) - max(s, r) for s, e in merged_vmas(child)
+               if s < r + 256 * PAGE and r < e) == 256 * PAGE  # fmt: skip
+    s = d.pause()
+    truth = Truth([a.pid, b.pid, child])
+    assert s["pages_sharing"] == truth.pages_sharing
+    assert targets_by_pid(s)[child]["pages_merged"] == truth.sites[child]
+    import os
+
+    os.kill(child, signal.SIGTERM)
+    assert a.command("reap") == "CHILD exit=0"  # the child's own check of its memory
+    wait_for(lambda: child not in targets_by_pid(d.stats()), 30, "child dropped after exit")
+    assert a.command("check") == "OK pages=256"
+
+
+def test_munmap_and_mremap_of_scanned_ranges(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    # mremap before anything is merged: the region moves, the daemon finds it there
+    wait_for(lambda: d.stats()["full_scans"] >= 1, 30, "a first full scan")
+    out = a.command("move")
+    assert out.startswith("OK addr=")
+    a.info["region"] = out.split("=")[1]
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merged at new place")
+    # munmap of merged pages: the counters follow pagemap
+    assert b.command("munmap 10 20") == "OK"
+    s = d.pause()
+    truth = Truth([a.pid, b.pid])
+    assert targets_by_pid(s)[b.pid]["pages_merged"] == truth.sites[b.pid]
+    assert s["pages_sharing"] == truth.pages_sharing
+    assert b.command("check") == "OK pages=236"
+    assert a.command("check") == "OK pages=256"
+
+
+# --------------------------------------------------------------------------------------
+# signals and the one-daemon rule
+# --------------------------------------------------------------------------------------
+
+
+def test_sigterm_detaches_and_leaves_pages_merged(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge")
+    assert d.stop(signal.SIGTERM) == 0
+    assert not Path(d.sock).exists()
+    for t in (a, b):
+        assert region_merged(t) == 256
+        assert traced_by(t.pid) == 0
+        assert t.command("check") == "OK pages=256"
+    assert "detached" in d.stderr() or d.stderr() == ""
+
+
+def test_sigint_with_unmerge_on_exit(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5,
+                "--unmerge-on-exit")  # fmt: skip
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge")
+    assert d.stop(signal.SIGINT) == 0
+    for t in (a, b):
+        assert not merged_vmas(t.pid)
+        assert traced_by(t.pid) == 0
+        assert t.command("check") == "OK pages=256"
+    assert re.search(r"unmerged \d+ pages", d.stderr())
+
+
+def test_second_daemon_on_same_pid_refused(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    a = lc(spawn, lifecycle)
+    d = daemons(tmp_path / "one.sock", [a.pid], *FAST)
+    two = subprocess.run(
+        [sys.executable, "-m", "procksm", "attach", str(a.pid), "--control",
+         str(tmp_path / "two.sock")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert two.returncode == 5, two.stderr
+    assert f"another procksm (pid {d.proc.pid}" in two.stderr or "another procksm" in two.stderr
+    assert f"pid {a.pid}" in two.stderr
+    assert not (tmp_path / "two.sock").exists()
+    # a second daemon on the same socket (other targets) is refused too
+    b = lc(spawn, lifecycle)
+    three = subprocess.run(
+        [sys.executable, "-m", "procksm", "attach", str(b.pid), "--control", d.sock],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert three.returncode == 1 and "another procksm daemon listens" in three.stderr
+    assert d.stats()["targets"][0]["pid"] == a.pid  # the first one is unaffected
