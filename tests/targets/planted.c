@@ -2,7 +2,7 @@
  * planted: a target with planted memory regions that verifies its own memory.
  *
  *   planted [--identical N] [--zero Z] [--unique U] [--intra D] [--volatile V]
- *           [--seed S] [--threads T] [--blockers] [--alternate A]
+ *           [--seed S] [--threads T] [--blockers] [--alternate A] [--churn C]
  *
  * Each region is its own private anonymous mapping, every page written (present):
  *   identical  N pages; page i = xorshift stream of (seed, i): identical across
@@ -13,6 +13,12 @@
  *   intra      D pages, all with the same content (derived from the seed): duplicated
  *              within the process (and across processes with the same seed)
  *   volatile   V pages rewritten continuously by a thread (content includes the pid)
+ *   churn      C pages identical across processes started with the same seed (like
+ *              "identical"), stored to continuously by a thread: every ~10 ms word 0
+ *              of each page is written with the current CLOCK_REALTIME second, so the
+ *              content stays identical across processes (it changes once a second, at
+ *              the same time in all) while every merged copy is written again within
+ *              ~10 ms (benchmarks/suite.py W3). Not part of "check"
  * --threads T  T extra threads spinning (busy) on their own stack
  * --sparse N   one more private anonymous mapping of N pages of which only every 4th
  *              page (0, 4, 8, ...) is written, the rest never touched (not present):
@@ -87,9 +93,9 @@
 
 #define PAGE 4096UL
 
-enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, R_ALT, NREG };
+enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, R_ALT, R_CHURN, NREG };
 static const char *names[NREG] = {"identical", "zero", "unique", "intra", "volatile",
-                                  "alternate"};
+                                  "alternate", "churn"};
 static unsigned char *base[NREG];
 static size_t npages[NREG];
 /* Expected content: regenerated from (kind, seed, page) plus a per-page override byte. */
@@ -122,6 +128,7 @@ static void fill(int r, size_t i, unsigned char *dst) {
     case R_IDENT: s = seed * 0x9E3779B97F4A7C15ULL + i + 1; break;
     case R_UNIQUE: s = ((uint64_t)planted_pid << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
     case R_INTRA: s = seed * 0xD1B54A32D192ED03ULL + 7; break;
+    case R_CHURN: s = seed * 0xC2B2AE3D27D4EB4FULL + i + 0x77; break;
     case R_ALT:
         s = (i % 2 == 0) ? seed * 0xA0761D6478BD642FULL + i + 0x51
                          : ((uint64_t)planted_pid << 32) ^ (i * 0xE7037ED1A0B428DBULL) ^ 0x5a5aULL;
@@ -161,6 +168,17 @@ static void *volatile_writer(void *arg) {
         }
         gen++;
         usleep(2000);
+    }
+    return NULL;
+}
+
+static void *churn_writer(void *arg) {
+    (void)arg;
+    while (!stop_flag) {
+        uint64_t epoch = (uint64_t)time(NULL);
+        for (size_t i = 0; i < npages[R_CHURN]; i++)
+            ((volatile uint64_t *)(base[R_CHURN] + i * PAGE))[0] = epoch;
+        usleep(10000);
     }
     return NULL;
 }
@@ -247,7 +265,7 @@ static int region_by_name(const char *s) {
 static long check_all(unsigned char *tmp, char *msg, size_t msglen) {
     long ok = 0;
     for (int r = 0; r < NREG; r++) {
-        if (r == R_VOLATILE) continue;
+        if (r == R_VOLATILE || r == R_CHURN) continue;
         for (size_t p = 0; p < npages[r]; p++) {
             if (!verify_page(r, p, tmp, msg, msglen)) return -1;
             if (!unmapped[r][p]) ok++;
@@ -340,6 +358,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--mergeable")) mergeable = 1;
         else if (!strcmp(k, "--alternate")) npages[R_ALT] = strtoul(v, 0, 0), a++;
+        else if (!strcmp(k, "--churn")) npages[R_CHURN] = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--attr")) attr = v, a++;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
@@ -365,6 +384,7 @@ int main(int argc, char **argv) {
     }
     pthread_t th;
     if (npages[R_VOLATILE]) pthread_create(&th, NULL, volatile_writer, NULL);
+    if (npages[R_CHURN]) pthread_create(&th, NULL, churn_writer, NULL);
     for (int t = 0; t < threads; t++) pthread_create(&th, NULL, spinner, (void *)(uintptr_t)t);
     if (blockers) {
         if (pipe(block_pipe)) return 2;
