@@ -160,14 +160,17 @@ def start_targets(exe: Path, w: Workload, busy: int, threads: int, mergeable: bo
     cmd += ["--unique", str(w.unique), "--seed", str(w.seed)]
     if mergeable:
         cmd.append("--mergeable")
+    return spawn_planted(
+        [[*cmd, "--threads", str(threads if i < busy else 0)] for i in range(w.targets)]
+    )
+
+
+def spawn_planted(cmds: Sequence[Sequence[str]]) -> list[Target]:
+    """One planted process per command line, started together; each READY line's regions
+    (every ``NAME=addr NAME_pages=n`` pair with n > 0) become the Target's regions."""
     procs = [
-        subprocess.Popen(
-            [*cmd, "--threads", str(threads if i < busy else 0)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(w.targets)
+        subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for cmd in cmds
     ]
     targets = []
     try:
@@ -177,7 +180,11 @@ def start_targets(exe: Path, w: Workload, busy: int, threads: int, mergeable: bo
             if not line.startswith("READY"):
                 raise RuntimeError(f"planted (pid {p.pid}) did not start: {line!r}")
             info = dict(kv.split("=", 1) for kv in line.split()[1:])
-            regions = {r: (int(info[r], 16), int(info[f"{r}_pages"])) for r in REGIONS}
+            regions = {
+                r: (int(info[r], 16), int(info[f"{r}_pages"]))
+                for r in info
+                if f"{r}_pages" in info and r != "sparse"
+            }
             nthreads = 1 + int(info.get("threads", "0"))
             targets.append(Target(p, {r: v for r, v in regions.items() if v[1]}, nthreads))
     except BaseException:
@@ -275,7 +282,7 @@ def census(targets: Sequence[Target]) -> Json:
                 for r, (start, n) in t.regions.items():
                     entries = pm.read(start, start + n * PAGE_SIZE)
                     file_ptes += int(np.count_nonzero(entries & PM_FILE))
-                    region_pfns[r].append(pfns_of(entries))
+                    region_pfns.setdefault(r, []).append(pfns_of(entries))
         planted = 0
         for r, chunks in region_pfns.items():
             if not chunks:
@@ -329,9 +336,9 @@ class ChildTracker:
 
 
 def run_procksm(
-    procksm: Sequence[str], targets: Sequence[Target], w: Workload, poll_s: float
+    procksm: Sequence[str], targets: Sequence[Target], ideal: int, poll_s: float
 ) -> Json:
-    ideal = w.ideal_pages
+    """``procksm merge PID... --json`` to completion; ``ideal``: pages an ideal merge saves."""
     start_census = census(targets)
     before = meminfo()
     anon_before = sum(rss_anon_pages(t.pid) for t in targets)
@@ -429,17 +436,18 @@ def busy_pauses(doc: Json, targets: Sequence[Target]) -> Json:
 def run_ksm(
     ctl: ksmlib.KsmControl,
     targets: Sequence[Target],
-    w: Workload,
+    ideal: int,
+    has_zero_pages: bool,
     pages_to_scan: int,
     sleep_ms: int,
     use_zero_pages: int,
     timeout_s: float,
     poll_s: float,
 ) -> Json:
-    ideal = w.ideal_pages
+    """ksmd at the given speed until ``ideal`` pages are saved (KSM counters) or timeout."""
     # Without use_zero_pages the zero pages merge into one KSM page, which stays: one page
     # short of the ideal, whose zero pages cost no frame at all.
-    reachable = ideal - (1 if w.zero and not use_zero_pages else 0)
+    reachable = ideal - (1 if has_zero_pages and not use_zero_pages else 0)
     start_census = census(targets)
     ctl.configure(pages_to_scan, sleep_ms, use_zero_pages)
     ctl.wait_idle()
@@ -820,14 +828,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     targets = start_targets(exe, w, busy, a.busy_threads, mergeable=kind == "ksmd")
                     try:
                         if v == "procksm" or v == "procksm_busy":
-                            r = run_procksm(procksm_cmd, targets, w, a.poll)
+                            r = run_procksm(procksm_cmd, targets, w.ideal_pages, a.poll)
                         else:
                             assert ctl is not None
                             fast = v == "ksmd_max"
                             r = run_ksm(
                                 ctl,
                                 targets,
-                                w,
+                                w.ideal_pages,
+                                w.zero > 0,
                                 pages_to_scan=100000 if fast else 100,
                                 sleep_ms=0 if fast else 20,
                                 use_zero_pages=a.use_zero_pages,
