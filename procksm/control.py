@@ -125,6 +125,7 @@ class ControlServer:
         except UsageError as e:
             self.errors += 1
             conn.sendall(f"error: {e.message}\n".encode())
+            _drain(conn)
             return
         try:
             answer = self.handler(line)
@@ -165,6 +166,21 @@ def _read_line(conn: socket.socket) -> str:
     if any(ord(c) < 32 and c != "\t" for c in text):
         raise UsageError("request contains control characters")
     return text
+
+
+def _drain(conn: socket.socket, limit: int = 1 << 20) -> None:
+    """Read what a client still sends (up to ``limit``, 1 s) before closing: closing with
+    unread data makes the kernel reset the connection, and the client would lose the
+    error line."""
+    conn.settimeout(1.0)
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        got = 0
+        while got < limit:
+            b = conn.recv(65536)
+            if not b:
+                break
+            got += len(b)
 
 
 def _answers(path: str) -> bool:
