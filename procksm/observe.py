@@ -5,11 +5,14 @@ write to it copies the page ("breaks" the merge). Two sources find those breaks:
 
 * **eBPF** (``mode == "bpf"``): ``procksm/bpf/cow.bpf.c``, loaded with bcc, attaches to
   the raw tracepoints ``page_fault_user`` / ``page_fault_kernel`` and keeps, per target,
-  a map (tgid, 2 MiB region) -> 512-bit bitmap of armed pages. The first write fault on
-  an armed page clears its bit in the kernel and sends one event, so each page counts
-  once and fork COWs of pages that were never merged are filtered out in the kernel.
-  It also reports fork/exec/exit and the target's mmap, munmap, mremap, madvise, brk and
-  process_madvise calls.
+  a map (tgid, 2 MiB region) -> 512-bit bitmap of armed pages, behind a Bloom filter of
+  the 64 KiB chunks that hold armed pages and a bit per target tgid. The first write
+  fault on an armed page clears its bit in the kernel and sends one event, so each page
+  counts once and fork COWs of pages that were never merged are filtered out in the
+  kernel. It also reports fork/exec/exit and the target's mmap, munmap, mremap, madvise,
+  brk and process_madvise calls. COW breaks, fork, exec and exit wake ``poll`` at once;
+  the memory calls (which can come by the thousand) only every 32nd per CPU, so they
+  may wait for ``poll``'s timeout: that timeout bounds their latency.
 * **pagemap** (always, and alone when BPF is unavailable or ``use_bpf=False``): a page
   of a merged VMA that still maps the memfd is a file page (pagemap bit 61); one that
   was copied is anonymous (present or swapped, bit 61 clear). ``reconcile(pid)`` reads
@@ -27,6 +30,8 @@ API (use from one thread)::
         obs.counters(pid)                       # CowCounters: cow_breaks, per range
         obs.reconcile(pid)                      # breaks found in pagemap only -> int
         obs.remove_target(pid)
+        obs.kernel_totals()                     # the BPF side's per-CPU counters
+        obs.detach_probes(); obs.attach_probes()  # pause (no cost) / resume + reconcile
 
 ``set_ranges`` replaces the pid's watched ranges (page-aligned [start, end), normally
 the merged ranges after a merge) and checks them in pagemap at once. ``poll`` returns
@@ -45,6 +50,14 @@ one-line warning names the cause and the fix, and the same counters come from pa
 polling. :func:`bpf_source` is the program as loaded (``python -m procksm.observe
 --ebpf`` prints it, like bcc tools' hidden ``--ebpf``); the daemon's ``--ebpf`` /
 ``--no-bpf`` flags map to it and to ``use_bpf=False``.
+
+Measured cost (benchmarks/bpf_overhead.py, 2-vCPU VM with retpolines, a fault ~1.5 us):
+~70 ns per fault in any process while the probes are attached, most of it the
+tracepoint's own dispatch to BPF; ~90 ns in a target that also maps and unmaps often.
+Known limits: a write fault the kernel answers with SIGSEGV (a merged range made
+read-only) is counted, then re-armed by the next reconcile but not subtracted; events
+of a target whose tgid is reused within milliseconds of its exit could be attributed to
+the old target until the exit event is read.
 """
 
 from __future__ import annotations
@@ -78,6 +91,9 @@ PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 REGION_SHIFT = 21
 REGION_PAGES = 1 << (REGION_SHIFT - PAGE_SHIFT)  # 512: one bit each
 REGION_WORDS = 8
+BLOOM_SHIFT = 16  # 64 KiB chunks
+BLOOM_BITS = 21
+BLOOM_MULT = 0x9E3779B97F4A7C15
 EV_COW_USER = 1
 EV_COW_KERNEL = 2
 EV_FORK = 3
@@ -94,10 +110,11 @@ C_COW_KERNEL = 1
 C_LIFECYCLE = 2
 C_LOST = 3
 C_STALE = 4
-C_NR = 5
+C_QUIET = 5
+C_NR = 6
 CFG_FOLLOW_CHILDREN = 0
 CFG_NR = 1
-KERNEL_COUNTER_NAMES = ("cow_user", "cow_kernel", "lifecycle", "lost", "stale")
+KERNEL_COUNTER_NAMES = ("cow_user", "cow_kernel", "lifecycle", "lost", "stale", "syscall_events")
 EVENT_FORMAT = "<QIIIIQQQQq"  # struct procksm_event
 EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
 
@@ -137,6 +154,8 @@ class CowBreak:
 
     ``kernel``: the kernel wrote it (read() into the page); ``reconciled``: no fault
     showed it, pagemap did (a write through get_user_pages, or a dropped event).
+    ``error_code``: the x86 page-fault error code (0x7 user write to a present page, 0x6
+    to a not-present one, 0x3 / 0x2 the same from the kernel); 0 when reconciled.
     """
 
     pid: int
@@ -144,6 +163,7 @@ class CowBreak:
     kernel: bool = False
     reconciled: bool = False
     tid: int = 0
+    error_code: int = 0
     ts_ns: int = 0
 
 
@@ -186,7 +206,8 @@ def parse_event(data: bytes) -> Event:
     """One ``struct procksm_event`` from the ring buffer as a typed record."""
     ts, kind, tgid, tid, aux, addr, length, arg, arg2, ret = struct.unpack_from(EVENT_FORMAT, data)
     if kind in (EV_COW_USER, EV_COW_KERNEL):
-        return CowBreak(tgid, addr, kernel=kind == EV_COW_KERNEL, tid=tid, ts_ns=ts)
+        kernel = kind == EV_COW_KERNEL
+        return CowBreak(tgid, addr, kernel=kernel, tid=tid, error_code=aux, ts_ns=ts)
     name = _KIND_NAMES.get(kind)
     if name is None:
         raise ValueError(f"unknown procksm event kind {kind}")
@@ -252,6 +273,16 @@ def page_bitmaps(pages: npt.ArrayLike) -> dict[int, bytes]:
     grid[inv, (p & np.uint64(REGION_PAGES - 1)).astype(np.intp)] = True
     packed = np.packbits(grid, axis=1, bitorder="little")
     return {int(r): packed[i].tobytes() for i, r in enumerate(uniq)}
+
+
+def bloom_index(chunk: int) -> int:
+    """The fault filter's bit for a 64 KiB chunk (address >> 16), as cow.bpf.c has it."""
+    return ((chunk * BLOOM_MULT) & 0xFFFF_FFFF_FFFF_FFFF) >> (64 - BLOOM_BITS)
+
+
+def armed_chunks(pages: U64Array) -> set[int]:
+    """The 64 KiB chunks holding the given page numbers."""
+    return {int(c) for c in np.unique(pages >> np.uint64(BLOOM_SHIFT - PAGE_SHIFT))}
 
 
 def bitmap_pages(region: int, bits: bytes) -> list[int]:
@@ -605,6 +636,7 @@ class _Target:
     ledger: CowLedger
     pagemap: procfs.PagemapFile | None
     written: dict[int, bytes] = field(default_factory=dict)  # BPF map as last written
+    chunks: set[int] = field(default_factory=set)  # chunks whose Bloom bit this one holds
     dirty: bool = True
 
 
@@ -635,6 +667,7 @@ class CowObserver(Closing):
         self._perf_buffer = False
         self._last_reconcile = time.monotonic()
         self._lost_seen = 0
+        self._bloom_users: collections.Counter[int] = collections.Counter()
         self.mode: Literal["bpf", "pagemap"] = "pagemap"
         self.fallback_reason: str | None = None
         if use_bpf is False:
@@ -649,8 +682,15 @@ class CowObserver(Closing):
             if reason is not None and use_bpf:
                 raise Unsupported(f"eBPF observation unavailable: {reason}")
             self.fallback_reason = reason
+        self._probes: list[tuple[str, bytes, bytes]] = []  # (kind, tracepoint, function)
         if self._bpf is not None:
             self.mode = "bpf"
+            self._probes = [
+                ("raw", tp, b"raw_tracepoint__" + tp) for tp in self._bpf.raw_tracepoint_fds
+            ] + [
+                ("tp", tp, b"tracepoint__" + tp.replace(b":", b"__"))
+                for tp in self._bpf.tracepoint_fds
+            ]
             # bcc registers cleanup at exit, which also keeps the object alive: close()
             # does it and unregisters it.
             if follow_children:
@@ -722,6 +762,8 @@ class CowObserver(Closing):
             self._bpf.perf_buffer_poll(timeout_ms)
         else:
             self._bpf.ring_buffer_poll(timeout_ms)
+            # memory-syscall events do not always wake us (cow.bpf.c, emit): read them
+            self._bpf.ring_buffer_consume()
         self._apply_raw()
         lost = self._kernel_counter(C_LOST)
         due = time.monotonic() - self._last_reconcile >= self.reconcile_interval_s
@@ -768,6 +810,37 @@ class CowObserver(Closing):
         self._out.extend(CowBreak(pid, a, reconciled=True) for a in found)
         self._sync(pid, t)
         return len(found)
+
+    @property
+    def probes_attached(self) -> bool:
+        return self._bpf is not None and bool(
+            self._bpf.raw_tracepoint_fds or self._bpf.tracepoint_fds
+        )
+
+    def detach_probes(self) -> None:
+        """Take every probe off its tracepoint (no cost to any fault or syscall) and keep
+        the maps. Breaks written meanwhile are found by the reconcile that
+        :meth:`attach_probes` runs; lifecycle events of the pause are not reported."""
+        if self._bpf is None:
+            return
+        self._drain()
+        for kind, tp, _fn in self._probes:
+            with contextlib.suppress(Exception):  # not attached
+                if kind == "raw":
+                    self._bpf.detach_raw_tracepoint(tp)
+                else:
+                    self._bpf.detach_tracepoint(tp)
+
+    def attach_probes(self) -> None:
+        """Undo :meth:`detach_probes`, then reconcile every target."""
+        if self._bpf is None or self.probes_attached:
+            return
+        for kind, tp, fn in self._probes:
+            if kind == "raw":
+                self._bpf.attach_raw_tracepoint(tp=tp, fn_name=fn)
+            else:
+                self._bpf.attach_tracepoint(tp=tp, fn_name=fn)
+        self._reconcile_all()
 
     def close(self) -> None:
         if self._bpf is not None:
@@ -831,7 +904,17 @@ class CowObserver(Closing):
             return False
         led = t.ledger
         if isinstance(ev, CowBreak):
-            return led.record_fault(ev.addr, ev.kernel)
+            if not led.record_fault(ev.addr, ev.kernel):
+                return False
+            # The kernel cleared the page's bit itself: mirror it in what `written` says
+            # the map holds, so that re-arming the page later is seen as a change.
+            region = ev.addr >> REGION_SHIFT
+            if region in t.written:
+                bits = bytearray(t.written[region])
+                page = (ev.addr >> PAGE_SHIFT) & (REGION_PAGES - 1)
+                bits[page >> 3] &= ~(1 << (page & 7)) & 0xFF
+                t.written[region] = bytes(bits)
+            return True
         kind, ret = ev.kind, ev.ret
         if kind == "exit":
             self._exited(ev.pid, t)
@@ -901,17 +984,44 @@ class CowObserver(Closing):
         t.dirty = False
         if self._bpf is None:
             return
-        want = page_bitmaps(t.ledger.armed_pages())
+        armed = t.ledger.armed_pages()
+        want = page_bitmaps(armed)
+        chunks = armed_chunks(armed)
         tab = self._bpf[b"merged"]
+        dropped = t.written.keys() - want.keys()
+        # the filter bits before the pages they let through are armed, and cleared after
+        self._bloom_update(chunks - t.chunks, +1)
         for region, bits in want.items():
             if t.written.get(region) != bits:
                 leaf = tab.Leaf()
                 ctypes.memmove(ctypes.addressof(leaf), bits, len(bits))
                 tab[tab.Key(pid, 0, region)] = leaf
-        for region in t.written.keys() - want.keys():
+        for region in dropped:
             with contextlib.suppress(KeyError):
                 del tab[tab.Key(pid, 0, region)]
-        t.written = want
+        self._bloom_update(t.chunks - chunks, -1)
+        t.written, t.chunks = want, chunks
+
+    def _bloom_update(self, chunks: Iterable[int], delta: int) -> None:
+        """Count the (target, chunk) pairs behind each filter bit; set a bit when its
+        first pair comes, clear it when its last one went."""
+        words: dict[int, tuple[int, int]] = {}  # word -> (bits to set, bits to clear)
+        for chunk in chunks:
+            h = bloom_index(chunk)
+            self._bloom_users[h] += delta
+            n = self._bloom_users[h]
+            if (delta > 0 and n == 1) or (delta < 0 and n == 0):
+                on, off = words.get(h >> 6, (0, 0))
+                bit = 1 << (h & 63)
+                words[h >> 6] = (on | bit, off) if delta > 0 else (on, off | bit)
+            if n == 0:
+                del self._bloom_users[h]
+        if not words:
+            return
+        tab = self._bpf[b"chunk_bloom"]
+        for w, (on, off) in words.items():
+            key = tab.Key(w)
+            tab[key] = tab.Leaf((int(tab[key].value) | on) & ~off)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

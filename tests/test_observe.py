@@ -59,6 +59,9 @@ def test_header_and_python_agree() -> None:
     for name, value in defines.items():
         assert getattr(observe, name) == int(value), name
     assert f"#define PROCKSM_REGION_SHIFT {observe.REGION_SHIFT}" in header
+    assert f"#define PROCKSM_BLOOM_BITS {observe.BLOOM_BITS}" in header
+    assert f"#define PROCKSM_BLOOM_SHIFT {observe.BLOOM_SHIFT}" in header
+    assert f"#define PROCKSM_BLOOM_MULT {observe.BLOOM_MULT:#X}ULL".replace("0X", "0x") in header
     assert observe.EVENT_SIZE == 64
     fields = re.search(r"struct procksm_event \{(.*?)\};", header, re.S)
     assert fields is not None
@@ -187,7 +190,7 @@ def test_parse_event() -> None:
         return struct.pack(observe.EVENT_FORMAT, 99, kind, 7, 8, aux, addr, length, arg, arg2, ret)
 
     assert parse_event(raw(observe.EV_COW_KERNEL, 3, 0x1000)) == CowBreak(
-        7, 0x1000, kernel=True, tid=8, ts_ns=99
+        7, 0x1000, kernel=True, tid=8, error_code=3, ts_ns=99
     )
     fork = parse_event(raw(observe.EV_FORK, 1234))
     assert isinstance(fork, Lifecycle) and (fork.kind, fork.child_pid) == ("fork", 1234)
@@ -327,6 +330,7 @@ def test_user_writes_count_exactly_k(pair: Any, bpf_observer: CowObserver) -> No
     got = breaks(events, a.pid)
     assert sorted(e.addr for e in got) == sorted(start + i * P for i in USER)
     assert not any(e.kernel or e.reconciled for e in got)
+    assert {e.error_code for e in got} == {0x7}  # present | write | user
     events += obs.poll(0.3)  # nothing more arrives
     assert len(breaks(events, a.pid)) == len(USER) and not breaks(events, b.pid)
     c = obs.counters(a.pid)
@@ -357,6 +361,7 @@ def test_read_into_merged_pages_counts_as_kernel_writes(
     got = breaks(events, a.pid)
     assert sorted(e.addr for e in got) == [start + i * P for i in KERNEL]
     assert all(e.kernel for e in got)
+    assert {e.error_code for e in got} == {0x3}  # present | write, from the kernel
     c = obs.counters(a.pid)
     assert (c.cow_breaks, c.user, c.kernel) == (len(KERNEL), 0, len(KERNEL))
     assert obs.reconcile(a.pid) == 0
@@ -386,6 +391,38 @@ def test_gup_writes_are_found_by_reconcile(pair: Any, bpf_observer: CowObserver)
     assert a.command("check").startswith("OK")
 
 
+def test_dontneed_rearms_and_a_write_to_a_dropped_page_counts(spawn: Any) -> None:
+    """Without procksm's madvise guard, MADV_DONTNEED on a merged range drops the PTEs:
+    a copied page reads the memfd content again (so its next write is a new break), and
+    a write to a dropped page COWs from the memfd with a not-present fault (0x6)."""
+    require_bpf()
+    exe = build_c_target("planted")
+    ts = [spawn([exe, "--identical", N, "--seed", 29]) for _ in range(2)]
+    opts = ScanOptions(ranges=[AddressRange(*region(t, "identical")) for t in ts])
+    merge([t.pid for t in ts], MergeOptions(selection=opts, guard=False))
+    a = ts[0]
+    start, _ = region(a, "identical")
+    orig = byte0(a.pid, start + 8 * P)
+    with CowObserver(use_bpf=True, reconcile_interval_s=3600) as obs:
+        obs.set_ranges(a.pid, watched(a))
+        write_pages(a, [8])
+        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), 2.0)
+        assert [(e.addr, e.error_code) for e in breaks(ev, a.pid)] == [(start + 8 * P, 0x7)]
+        for i in (7, 8):  # 7 never written, 8 a private copy
+            assert a.command(f"madvise identical {i} 1 dontneed") == "OK"
+        assert a.command(f"expect identical 8 {orig}") == "OK"  # the memfd's content
+        assert obs.counters(a.pid).broken_pages == 0  # re-armed by the madvise event
+        for i in (7, 8):  # a store without a read first: the page is not present
+            assert a.command(f"set identical {i} 77") == "OK"
+        ev, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= 2, 2.0)
+        got = sorted((e.addr, e.error_code) for e in breaks(ev, a.pid))
+        assert got == [(start + 7 * P, 0x6), (start + 8 * P, 0x6)]  # not present | write | user
+        assert obs.reconcile(a.pid) == 0
+        c = obs.counters(a.pid)
+        assert (c.cow_breaks, c.broken_pages, c.ranges[0].cow_breaks) == (3, 2, 3)
+        assert a.command("check").startswith("OK")
+
+
 def test_reconcile_within_its_period(pair: Any) -> None:
     """poll() reconciles by itself every reconcile_interval_s."""
     require_bpf()
@@ -395,6 +432,28 @@ def test_reconcile_within_its_period(pair: Any) -> None:
         gup_writes(a, GUP)
         events, took = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(GUP), 2.0)
         assert len(breaks(events, a.pid)) == len(GUP) and took < 1.5
+
+
+def test_detached_probes_cost_nothing_and_miss_nothing(pair: Any) -> None:
+    """detach_probes: no fault event at all; attach_probes reconciles what was written."""
+    require_bpf()
+    a, _ = pair
+    with CowObserver(use_bpf=True, reconcile_interval_s=3600) as obs:
+        obs.set_ranges(a.pid, watched(a))
+        obs.detach_probes()
+        assert not obs.probes_attached
+        progs, _ = own_bpf_ids()
+        write_pages(a, USER)
+        assert not obs.poll(0.3)
+        assert obs.kernel_totals()["cow_user"] == 0  # the programs did not run
+        obs.attach_probes()
+        assert obs.probes_attached and own_bpf_ids()[0] >= progs
+        got = breaks(obs.poll(0), a.pid)
+        assert len(got) == len(USER) and all(e.reconciled for e in got)
+        write_pages(a, [1])  # and faults count again
+        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), 2.0)
+        assert [e.reconciled for e in breaks(ev, a.pid)] == [False]
+        assert obs.counters(a.pid).cow_breaks == len(USER) + 1
 
 
 def lifecycle(events: list[Event], kind: str, pid: int) -> list[Lifecycle]:

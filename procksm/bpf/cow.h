@@ -11,6 +11,15 @@
 #define PROCKSM_REGION_SHIFT 21
 #define PROCKSM_REGION_WORDS 8
 
+/* A one-hash Bloom filter over the 64 KiB chunks (of all targets) that hold armed
+ * pages: bit (((address >> SHIFT) * MULT) mod 2^64) >> (64 - BITS). Checked first, from
+ * the fault address alone: a fault anywhere else costs no helper call and no hash
+ * lookup. Chunks, not regions: a target's own fresh memory often lies in the same 2 MiB
+ * region as its merged pages (mmap places new mappings next to old ones). */
+#define PROCKSM_BLOOM_SHIFT 16
+#define PROCKSM_BLOOM_BITS 21
+#define PROCKSM_BLOOM_MULT 0x9E3779B97F4A7C15ULL
+
 /* Event kinds. */
 #define EV_COW_USER 1        /* write fault from user mode on an armed merged page */
 #define EV_COW_KERNEL 2      /* write fault from kernel mode (copy_to_user, e.g. read()) */
@@ -30,7 +39,8 @@
 #define C_LIFECYCLE 2
 #define C_LOST 3   /* events the ring (or perf) buffer had no room for */
 #define C_STALE 4  /* write faults on regions of a target that exec'd, not yet dropped */
-#define C_NR 5
+#define C_QUIET 5  /* memory-syscall events sent (their wakeups are batched) */
+#define C_NR 6
 
 /* Settings (index into the `config` array). */
 #define CFG_FOLLOW_CHILDREN 0

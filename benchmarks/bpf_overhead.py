@@ -1,0 +1,196 @@
+"""What procksm's eBPF observer adds to every page fault, in a target and elsewhere.
+
+    .venv/bin/python benchmarks/bpf_overhead.py [--reps 11] [--iters 2000] [--pages 64]
+
+Two copies of benchmarks/fault_loop.c run the same page-fault-heavy loop (mmap P fresh
+pages, write one byte in each, munmap; I times). One is a target of the observer: its
+own duplicate pages are merged by procksm.merge and watched with set_ranges (the fresh
+pages land next to them, in the same 2 MiB region), and its mmap/munmap calls become
+lifecycle events that a polling thread consumes, as the daemon would. The other is not
+a target: the cost every other process on the machine pays. One CowObserver is loaded
+for the whole run and a thread polls it throughout; per repetition, both loops run with
+its probes detached and attached (detach_probes / attach_probes), the order
+alternating. Prints the median time per fault and the median of the paired differences
+in % (goal: <= 3 % for both), on the loop's own CPU time (judged) and on the wall clock
+(shown: on a shared machine it mostly measures the other processes).
+Writes benchmarks/results/bpf_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from procksm import PAGE_SIZE  # noqa: E402
+from procksm.merge import MergeOptions, merge, merged_ranges  # noqa: E402
+from procksm.observe import CowObserver  # noqa: E402
+from procksm.scanner import AddressRange, ScanOptions  # noqa: E402
+
+GOAL_PCT = 3.0
+
+
+def build_loop() -> Path:
+    src = ROOT / "benchmarks" / "fault_loop.c"
+    out = ROOT / "build" / "bench" / "fault_loop"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
+    return out
+
+
+class Loop:
+    def __init__(self, exe: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(exe), "--dup", "64"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        info = dict(kv.split("=") for kv in self.proc.stdout.readline().split()[1:])
+        self.dup = int(info["dup"], 16)
+        self.dup_pages = int(info["dup_pages"])
+        self.pid = self.proc.pid
+
+    def run(self, iters: int, pages: int) -> dict[str, float]:
+        """Nanoseconds per fault of one run: on the CPU (the loop's own CPU time) and wall."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"run {iters} {pages}\n")
+        self.proc.stdin.flush()
+        _, wall, _, cpu, _, faults = self.proc.stdout.readline().split()
+        return {"cpu": int(cpu) / int(faults), "wall": int(wall) / int(faults)}
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Consumer(threading.Thread):
+    """Polls the observer like the daemon would, in both phases, so that only the
+    probes differ between them."""
+
+    def __init__(self, obs: CowObserver, lock: threading.Lock) -> None:
+        super().__init__(daemon=True)
+        self.obs = obs
+        self.lock = lock
+        self.stop = threading.Event()
+        self.events = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                self.events += len(self.obs.poll(0.05))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--reps", type=int, default=11)
+    ap.add_argument("--iters", type=int, default=2000, help="mmap/touch/munmap rounds per run")
+    ap.add_argument("--pages", type=int, default=64, help="pages per round")
+    ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/bpf_overhead.json")
+    a = ap.parse_args()
+    if a.reps < 3:
+        ap.error("--reps must be >= 3 (the result is a median)")
+    exe = build_loop()
+    target, other = Loop(exe), Loop(exe)
+    loops = {"target": target, "non_target": other}
+    try:
+        dup = AddressRange(target.dup, target.dup + target.dup_pages * PAGE_SIZE)
+        res = merge([target.pid], MergeOptions(selection=ScanOptions(ranges=[dup])))
+        assert res.pages_merged == target.dup_pages, res.as_json()
+        # One observer for the whole run, its probes attached or detached per phase: the
+        # phases differ in the probes only (not in a BPF compile just before, nor in a
+        # polling thread).
+        obs = CowObserver(use_bpf=True, reconcile_interval_s=3600)
+        obs.set_ranges(target.pid, [(v.start, v.end) for v in merged_ranges(target.pid)])
+        lock = threading.Lock()
+        consumer = Consumer(obs, lock)
+        consumer.start()
+        for loop in loops.values():  # warm up (page tables, allocator, CPU frequency)
+            loop.run(a.iters // 4, a.pages)
+        runs: list[dict[str, object]] = []
+        try:
+            for rep in range(a.reps):
+                order = (False, True) if rep % 2 == 0 else (True, False)
+                row: dict[str, object] = {"rep": rep}
+                for probes in order:
+                    with lock:
+                        if probes:
+                            obs.attach_probes()
+                        else:
+                            obs.detach_probes()
+                    row["on" if probes else "off"] = {
+                        name: loop.run(a.iters, a.pages) for name, loop in loops.items()
+                    }
+                runs.append(row)
+                on, off = row["on"], row["off"]
+                assert isinstance(on, dict) and isinstance(off, dict)
+                cols = [
+                    f"{k} {off[k]['cpu']:.0f} -> {on[k]['cpu']:.0f} ns/fault "
+                    f"({(on[k]['cpu'] / off[k]['cpu'] - 1) * 100:+.1f} %)"
+                    for k in loops
+                ]
+                print(f"rep {rep} (CPU time): " + "  ".join(cols), flush=True)
+        finally:
+            consumer.stop.set()
+            consumer.join()
+            with lock:
+                obs.attach_probes()
+                observer = {"events": consumer.events, **obs.kernel_totals()}
+                obs.close()
+        summary: dict[str, object] = {}
+        print(f"\n{'':22} {'off ns/fault':>13} {'on ns/fault':>12} {'added':>8}  goal")
+        ok = True
+        for k in loops:
+            summary[k] = {}
+            for clock in ("cpu", "wall"):
+                offs = [r["off"][k][clock] for r in runs]  # type: ignore[index]
+                ons = [r["on"][k][clock] for r in runs]  # type: ignore[index]
+                pct = statistics.median((n / f - 1) * 100 for n, f in zip(ons, offs, strict=True))
+                # the goal is judged on the loop's own CPU time: wall time on this shared
+                # machine mostly measures what other processes took
+                met = pct <= GOAL_PCT
+                if clock == "cpu":
+                    ok &= met
+                summary[k][clock] = {  # type: ignore[index]
+                    "off_ns_per_fault": round(statistics.median(offs), 1),
+                    "on_ns_per_fault": round(statistics.median(ons), 1),
+                    "added_pct_median": round(pct, 2),
+                    "met": met,
+                }
+                verdict = ("met" if met else "MISSED") if clock == "cpu" else "(not judged)"
+                print(
+                    f"{k + ' ' + clock:22} {statistics.median(offs):13.0f} "
+                    f"{statistics.median(ons):12.0f} {pct:+7.2f} %  <= {GOAL_PCT:g} % {verdict}"
+                )
+        doc = {
+            "machine": f"{platform.machine()} {platform.release()}, {os.cpu_count()} CPUs",
+            "iters": a.iters,
+            "pages_per_iter": a.pages,
+            "faults_per_run": a.iters * a.pages,
+            "reps": a.reps,
+            "goal_added_pct": GOAL_PCT,
+            "observer": observer,
+            "summary": summary,
+            "runs": runs,
+        }
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        a.output.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {a.output}")
+        return 0 if ok else 1
+    finally:
+        target.close()
+        other.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
