@@ -16,9 +16,11 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q tests
 
+# procksm against the kernel's KSM: all workloads, scaling, goals (~30-40 min, as root);
+# benchmarks/suite.py --quick for a 2-minute run. The older single-purpose scripts
+# (scan_throughput.py, merge_vs_ksm.py, guard_overhead.py, ...) still run on their own.
 bench: setup
-	$(PY) benchmarks/scan_throughput.py
-	$(PY) benchmarks/merge_vs_ksm.py
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache
