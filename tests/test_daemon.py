@@ -261,8 +261,8 @@ def test_pause_budget_measured_and_enforced(
     assert s["pause_p50_ms"] > 0 and s["pause_max_ms"] >= s["pause_p99_ms"] >= s["pause_p50_ms"]
     per = targets_by_pid(s)
     assert per[a.pid]["max_pause_ms"] > 0 and per[a.pid]["last_pause_ms"] > 0
-    # every stop is over a 1 us budget: the stops shrink to the minimum of 16 pages
-    assert "16 pages per stop" in d.stderr()
+    # every stop is over a 1 us budget: the stops shrink to the minimum of 32 pages
+    assert "32 pages per stop" in d.stderr()
     assert a.command("check") == "OK pages=2048"
 
 
