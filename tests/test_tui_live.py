@@ -339,7 +339,8 @@ def test_top_against_a_real_daemon(tmux: Tmux, daemon: tuple[str, list[Target]])
         tmux.wait_for(lambda s, t=t: str(t.pid) in s, what=f"target {t.pid}")
     # savings grow: some first, then more (the daemon merges batch by batch)
     first = tmux.wait_for(lambda s: saved_mib(s) > 0, what="first savings", timeout=60)
-    tmux.wait_for(lambda s: saved_mib(s) > saved_mib(first), what="savings to grow", timeout=60)
+    if saved_mib(first) < 32:  # the daemon may have converged before the first frame
+        tmux.wait_for(lambda s: saved_mib(s) > saved_mib(first), what="savings to grow", timeout=60)
     tmux.wait_for(lambda s: saved_mib(s) >= 32, what="most pages merged", timeout=90)
 
     tmux.keys("Space")  # pause: the daemon's run state goes to 0
