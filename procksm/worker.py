@@ -62,15 +62,22 @@ def run_in_worker(body: Callable[[], int]) -> int:
             os.kill(child, signum)
 
     old = {s: signal.signal(s, forward) for s in _FORWARDED}
+    # Ctrl-Z stops the whole job; the outer process stops only once the worker has
+    # (the live view first restores the terminal), so the shell's prompt never comes
+    # back over a screen the worker still owns. `fg` continues both (SIGCONT to the job).
+    old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, signal.SIG_IGN)
     try:
         while True:
             try:
-                _, status = os.waitpid(child, 0)
-                break
+                _, status = os.waitpid(child, os.WUNTRACED)
             except ChildProcessError:
                 return 1
             except InterruptedError:
                 continue
+            if os.WIFSTOPPED(status):
+                os.kill(os.getpid(), signal.SIGSTOP)
+                continue
+            break
     finally:
         for s, h in old.items():
             signal.signal(s, h)
