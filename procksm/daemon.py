@@ -77,6 +77,7 @@ from procksm.merge import (
     merged_ranges,
     unmerge_pieces,
 )
+from procksm.observe import CowObserver
 from procksm.reader import PageReader
 from procksm.scanner import AddressRange, _hash_rows
 from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnapshot
@@ -513,6 +514,9 @@ class DaemonOptions:
     # workload (4 x 384 MiB, 2 CPUs shared with other jobs): 1024 pages p99 8.4 ms,
     # 512 pages p99 5.4 ms and 6 % more CPU. The pause budget shrinks it if needed.
     stop_pages: int = 512
+    # Copy-on-write breaks and lifecycle events (procksm.observe): None = eBPF when it
+    # works, else pagemap polling; False = pagemap polling (--no-bpf).
+    use_bpf: bool | None = None
     snapshot_interval_s: float = 1.0
     history: int = 120
 
@@ -573,6 +577,8 @@ class Daemon:
         self._last_truth = 0.0
         self.exit_events: list[str] = []
         self.on_publish: Callable[[Snapshot], None] | None = None
+        self.observer: CowObserver | None = None
+        self._last_poll = 0.0
         # one read buffer for every window (1 MiB: process_vm_readv's plateau, DESIGN §2.1)
         self._read_buffer = np.empty(1 << 20, np.uint8)
 
@@ -580,6 +586,7 @@ class Daemon:
 
     def __enter__(self) -> Daemon:
         try:
+            self._start_observer()
             for pid in self._initial:
                 self.add_target(pid)
         except BaseException:
@@ -593,6 +600,25 @@ class Daemon:
     def close(self) -> None:
         for t in list(self.targets.values()):
             self._drop(t, "procksm exits")
+        if self.observer is not None:
+            self.observer.close()
+            self.observer = None
+
+    def _start_observer(self) -> None:
+        """The COW observer (eBPF or pagemap). Without one (it failed to start) the
+        snapshot counts COW breaks from its own pagemap pass."""
+        from procksm.observe import CowObserver
+
+        try:
+            self.observer = CowObserver(
+                self.opts.use_bpf,
+                follow_children=self.opts.follow_children,
+                warn=lambda m: self.log(f"warning: {m}"),
+            )
+        except ProcksmError as e:
+            if self.opts.use_bpf:
+                raise
+            self.log(f"warning: no copy-on-write observer: {e.message}")
 
     def add_target(self, pid: int, parent: int | None = None) -> Target:
         if pid in self.targets:
@@ -616,6 +642,10 @@ class Daemon:
         self._next_index += 1
         self.targets[pid] = t
         self._order.append(pid)
+        if self.full_scans:
+            # New memory may pair with pages that smart scan skips for having stayed
+            # unique so far: every page gets looked at again (one more full read).
+            self.ages = PageAges()
         self.log(f"attached to pid {pid} ({t.name})" + (f", child of {parent}" if parent else ""))
         return t
 
@@ -633,6 +663,9 @@ class Daemon:
         self.unstable.forget_target(t.index)
         self.ages.forget_target(t.index)
         t.lock.close()
+        if self.observer is not None:
+            with contextlib.suppress(ProcksmError, OSError, KeyError):
+                self.observer.remove_target(t.pid)
         self.exit_events.append(f"{t.pid}: {why}")
         self.log(f"pid {t.pid} ({t.name}): {why}")
 
@@ -646,6 +679,7 @@ class Daemon:
         t.zero_runs.clear()
         t.cow_now = 0
         t.mm_id = mm_identity(t.pid)
+        self.ages = PageAges()  # a new program's pages may pair with old unique ones
         with contextlib.suppress(ProcksmError, OSError):
             t.name = procfs.read_status(t.pid).name
         self.exit_events.append(f"{t.pid}: {why}")
@@ -759,10 +793,53 @@ class Daemon:
                 r = self.batch(s)
                 cpu = _thread_cpu() - cpu0
                 slept_for = self._sleep_after(s, r, cpu, time.monotonic() - t0)
+            self._observe()
             self.maybe_publish()
             self.wake.wait(slept_for if s.run == 1 and self.targets else 0.2)
             self.wake.clear()
         self.maybe_publish(force=True)
+
+    def _watch(self, pid: int) -> None:
+        """Tell the observer which ranges of ``pid`` are merged now."""
+        assert self.observer is not None
+        with contextlib.suppress(ProcksmError, OSError):
+            self.observer.set_ranges(pid, [(v.start, v.end) for v in merged_ranges(pid)])
+
+    def _observe(self) -> None:
+        """Lifecycle events from the observer (every 0.2 s): an exit drops the target at
+        once, an exec starts its state over, a fork adds the child (--follow-children),
+        munmap/mremap/brk re-read the target's mappings at its next window."""
+        obs = self.observer
+        now = time.monotonic()
+        if obs is None or now - self._last_poll < 0.2:
+            return
+        self._last_poll = now
+        try:
+            events = obs.poll(0)
+        except (ProcksmError, OSError) as e:
+            self.log(f"observer: {e}")
+            return
+        from procksm.observe import Lifecycle
+
+        for ev in events:
+            if not isinstance(ev, Lifecycle):
+                continue  # COW breaks: the observer counts them
+            t = self.targets.get(ev.pid)
+            if ev.kind == "exit" and t is not None and not _alive(ev.pid):
+                self._drop(t, "exited")
+            elif ev.kind == "exec" and t is not None:
+                self._reset_target(t, "exec: a new program, its state starts over")
+                t.refresh_parts()
+            elif ev.kind == "fork" and self.opts.follow_children and ev.child_pid:
+                if ev.child_pid not in self.targets and t is not None:
+                    try:
+                        self.add_target(ev.child_pid, parent=ev.pid)
+                        self._watch(ev.child_pid)
+                    except ProcksmError as e:
+                        self.log(f"child {ev.child_pid} of {ev.pid} not followed: {e.message}")
+            elif ev.kind in ("munmap", "mremap", "brk", "mmap") and t is not None:
+                with contextlib.suppress(ProcksmError, OSError):
+                    t.refresh_parts()
 
     def _sleep_after(self, s: Settings, r: _Round | None, cpu: float, wall: float) -> float:
         """The kernel's advisor in spirit: with a CPU limit, pages_to_scan follows what a
@@ -1049,6 +1126,9 @@ class Daemon:
             tt = self.targets.get(rf.pid)
             if tt is not None:
                 tt.refusals[rf.reason] += 1
+        if self.observer is not None:
+            for pid in pids:
+                self._watch(pid)
         # which rows are merged now: pagemap (file page or dropped zero page)
         now = self._merged_now(rows_ref)
         n_batch = int(sel.sum())
@@ -1269,6 +1349,9 @@ class Daemon:
             else:
                 t.cow_rate = 0.0
             t.cow_now = cow
+            if self.observer is not None:
+                with contextlib.suppress(KeyError, ProcksmError, OSError):
+                    t.cow_total = self.observer.counters(t.pid).cow_breaks
             t.zero_now = zero_now
             t.rss_bytes = rollup.get("Rss", 0) * 1024
             t.pss_bytes = rollup.get("Pss", 0) * 1024
@@ -1336,7 +1419,7 @@ class Daemon:
         return Snapshot(
             time=time.time(),
             run=s.run,
-            observer="pagemap",
+            observer=self.observer.mode if self.observer is not None else "pagemap",
             pages_shared=pages_shared,
             pages_sharing=pages_sharing,
             pages_unshared=len(self.unstable),

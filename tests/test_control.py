@@ -21,7 +21,7 @@ from tests.conftest import ROOT, build_c_target, require_privileges
 from tests.daemon_helpers import DaemonProc, wait_for
 
 NOBODY = 65534
-FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
+FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 
 
 def raw(path: str, data: bytes) -> str:

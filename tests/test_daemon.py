@@ -30,7 +30,7 @@ from tests.daemon_helpers import (
 
 PAGE = 4096
 # fast settings for small targets: no CPU cap, short sleeps
-FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
+FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 
 
 @pytest.fixture
@@ -209,8 +209,8 @@ def test_cpu_limit_adapts_pages_to_scan(
 ) -> None:
     argv = [planted, "--identical", 8192, "--unique", 4096, "--seed", 5]
     a, b = spawn(argv), spawn(argv)
-    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 10, "--pages-to-scan",
-                50000, "-q")  # fmt: skip
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 10, "--no-bpf",
+                "--pages-to-scan", 50000, "-q")  # fmt: skip
     wait_for(lambda: d.stats()["pages_to_scan"] != 50000, 30, "pages_to_scan adapted")
 
     def cpu() -> float:
@@ -254,7 +254,7 @@ def test_pause_budget_measured_and_enforced(
     lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
 ) -> None:
     a, b = lc(spawn, lifecycle, pages=2048), lc(spawn, lifecycle, pages=2048)
-    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5,
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5, "--no-bpf",
                 "--pause-budget-ms", 0.001)  # fmt: skip
     wait_for(lambda: region_merged(a, "region", "pages") == 2048, 60, "merge")
     s = d.fresh_stats()
@@ -370,7 +370,7 @@ def test_sigint_with_unmerge_on_exit(
     lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
 ) -> None:
     a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
-    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5,
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5, "--no-bpf",
                 "--unmerge-on-exit")  # fmt: skip
     wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge")
     assert d.stop(signal.SIGINT) == 0
@@ -403,3 +403,23 @@ def test_second_daemon_on_same_pid_refused(
     )  # fmt: skip
     assert three.returncode == 1 and "another procksm daemon listens" in three.stderr
     assert d.stats()["targets"][0]["pid"] == a.pid  # the first one is unaffected
+
+
+def test_cow_breaks_from_the_observer(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """Without --no-bpf the daemon watches merged pages with procksm.observe (eBPF when it
+    loads): a write to a merged page is one COW break, as pagemap shows."""
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "--sleep-ms", 5, "-q")
+    wait_for(lambda: region_merged(a) == 256 and region_merged(b) == 256, 30, "merge")
+    d.pause()
+    before = Truth([a.pid, b.pid]).cow[a.pid]
+    assert a.command("write 5") == "OK" and a.command("write 6") == "OK"
+    truth = Truth([a.pid, b.pid])
+    # (lifecycle's expectation table may be merged too: its page breaks with the write)
+    assert truth.cow[a.pid] >= before + 2
+    s = wait_for(lambda: (s := d.stats())["cow_breaks"] >= truth.cow[a.pid] and s, 15, "COW")
+    assert s["observer"] in ("bpf", "pagemap")
+    assert targets_by_pid(s)[a.pid]["cow_breaks"] == truth.cow[a.pid]
+    assert s["cow_breaks"] == truth.cow[a.pid] + truth.cow[b.pid]

@@ -139,6 +139,7 @@ class AttachCommand:
                 zero_pages=not args.no_zero,
             ),
             pause_budget_ms=args.pause_budget_ms,
+            use_bpf=False if args.no_bpf else None,
         )
         quiet = args.quiet
 
