@@ -140,12 +140,13 @@ class Sizes:
     scaling_targets_gib: float
     scaling_gib: tuple[float, ...]
     scaling_gib_targets: int
+    scaling_daemon_bound_s: float
 
 
 FULL = Sizes(
     reps=3,
     w1=(4, 64 * MIB, 16 * MIB, 16 * MIB),
-    w2=(4, 64 * MIB),
+    w2=(4, 32 * MIB),
     w3=(4, 32 * MIB),
     w4=(4, 56 * MIB, 4 * MIB, 4 * MIB),
     numpy=(4, 64),
@@ -157,6 +158,7 @@ FULL = Sizes(
     scaling_targets_gib=1.0,
     scaling_gib=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     scaling_gib_targets=4,
+    scaling_daemon_bound_s=180.0,
 )
 
 QUICK = Sizes(
@@ -174,6 +176,7 @@ QUICK = Sizes(
     scaling_targets_gib=1 / 32,
     scaling_gib=(1 / 32, 1 / 16),
     scaling_gib_targets=2,
+    scaling_daemon_bound_s=20.0,
 )
 
 REAL_IDEAL = (
@@ -508,16 +511,101 @@ def _prepare(w: Workload, targets: Sequence[mvk.Target]) -> Json:
     return r
 
 
+def saved_truth(w: Workload, before: Json, after: Json) -> int:
+    """Pages saved by pagemap: planted pages - distinct frames (W3: the stable regions
+    only); real programs: frames freed (their VMAs also hold non-present pages)."""
+    if w.real:
+        return int(before["distinct_frames"] - after["distinct_frames"])
+    if w.stable_regions:
+        return region_saved(after, w.stable_regions)
+    return int(after["saved_pages"])
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (procksm attach forks a worker that does the work)."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        p = out[i]
+        i += 1
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with suppress(OSError):
+                    kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+                    out += [int(c) for c in kids]
+    return out
+
+
+def tree_cpu(pids: Sequence[int]) -> float:
+    """utime+stime of the live processes (each /proc/PID/stat covers all its threads)."""
+    total = 0.0
+    for p in pids:
+        with suppress(OSError):
+            total += ksmlib.read_thread_cpu(p).stat_s
+    return total
+
+
+def exited(pid: int) -> bool:
+    """Gone or a zombie; unlike Popen.poll this does not reap it (wait4 then gives rusage)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def stop_daemon(child: subprocess.Popen[bytes], pids: Sequence[int], r: Json) -> tuple[int, Any]:
+    """After SIGTERM: wait for the daemon; past 20 s, SIGKILL the supervisor only (its
+    documented safe path: the worker finishes its stop window and exits); then wait until
+    the worker is gone too, so that nothing changes the targets while they are counted.
+    Returns the exit code and the rusage of wait4."""
+    t0 = time.monotonic()
+    while not exited(child.pid) and time.monotonic() - t0 < 20.0:
+        time.sleep(0.05)
+    if not exited(child.pid):
+        r["killed_after_s"] = time.monotonic() - t0
+        with suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    r["stop_s"] = time.monotonic() - t0
+    deadline = time.monotonic() + 120
+    while any(not exited(p) for p in pids[1:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return child.returncode, usage
+
+
+def shared_memfd_pages(targets: Sequence[mvk.Target], tool_pids: Sequence[int]) -> int:
+    """Pages of procksm's memfd segments: those mapped in the targets (maps, map_files)
+    and those the tool holds open, each inode once. The daemon does not keep its
+    segments open as `procksm merge` does, so its own fds alone would miss them."""
+    blocks: dict[int, int] = {}
+    for t in targets:
+        with suppress(OSError), open(f"/proc/{t.pid}/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or not parts[5].startswith("/memfd:procksm-seg"):
+                    continue
+                ino = int(parts[4])
+                if ino not in blocks:
+                    with suppress(OSError):
+                        st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
+                        blocks[ino] = st.st_blocks
+    for tool_pid in tool_pids:
+        with suppress(OSError):
+            for fd in os.listdir(f"/proc/{tool_pid}/fd"):
+                path = f"/proc/{tool_pid}/fd/{fd}"
+                with suppress(OSError):
+                    if os.readlink(path).startswith("/memfd:"):
+                        st = os.stat(path)
+                        blocks.setdefault(st.st_ino, st.st_blocks)
+    return sum(blocks.values()) * 512 // PAGE_SIZE
+
+
 def _finish(w: Workload, r: Json) -> Json:
     """Pagemap decides the saving reached, for every tool."""
     after = r.get("census_after")
     if after is not None:
-        if w.real:  # frames freed: the VMAs of real programs have non-present pages
-            saved = r["census_before"]["distinct_frames"] - after["distinct_frames"]
-        elif w.stable_regions:
-            saved = region_saved(after, w.stable_regions)
-        else:
-            saved = after["saved_pages"]
+        saved = saved_truth(w, r["census_before"], after)
         r["saved_pages_truth"] = saved
         r["fraction_pagemap"] = saved / w.ideal_pages if w.ideal_pages else None
     gib = r.get("targets_rss_anon_pages", 0) / GIB
@@ -578,14 +666,36 @@ def _ksm_stat(pid: int) -> dict[str, str]:
     return {}
 
 
+def daemon_stats(procksm: Sequence[str], sock: str, child: subprocess.Popen[bytes]) -> Json:
+    """`procksm stats --json`, retried for a few seconds (the control socket may not be
+    listening yet right after start); {} if the daemon never answered."""
+    deadline = time.monotonic() + 10
+    while not exited(child.pid):
+        out = subprocess.run(
+            [*procksm, "stats", "--json", "--control", sock],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode == 0:
+            doc: Json = json.loads(out.stdout)
+            return doc
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    return {}
+
+
 def run_daemon(
     w: Workload,
     targets: Sequence[mvk.Target],
     procksm: Sequence[str],
     a: Any,
     extra: Sequence[str] = (),
+    bound_s: float | None = None,
 ) -> Json:
     """`procksm attach` until the ideal (RssAnon drop - its memfd pages) or the bound."""
+    bound = a.sizes.bounded_s if bound_s is None else bound_s
     r = _prepare(w, targets)
     ideal = w.ideal_pages
     start_census = mvk.census(targets)
@@ -593,8 +703,11 @@ def run_daemon(
     anon_before = sum(mvk.rss_anon_pages(t.pid) for t in targets)
     sock = f"/run/procksm/bench-{os.getpid()}.sock"
     cmd = [*procksm, "attach", *(str(t.pid) for t in targets), "--control", sock, "-q", *extra]
-    samples: list[list[float]] = []  # [t, saved pages, daemon CPU s, daemon RssAnon MiB]
+    # [t, saved pages, CPU s, RSS MiB] of the daemon's process tree (it forks a worker)
+    samples: list[list[float]] = []
     t95 = t100 = cpu100 = None
+    peak_rss = 0.0
+    pids: list[int] = []
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -603,42 +716,39 @@ def run_daemon(
         try:
             while True:
                 now = time.perf_counter() - t0
-                if child.poll() is not None:
+                if exited(child.pid):
                     break
+                pids = process_tree(child.pid)
                 anon = sum(mvk.rss_anon_pages(t.pid) for t in targets)
-                saved = anon_before - anon - mvk.memfd_pages(child.pid)
-                cpu = ksmlib.read_thread_cpu(child.pid).stat_s
-                samples.append([now, saved, cpu, proc_status(child.pid, "RssAnon") / 2**20])
+                saved = anon_before - anon - shared_memfd_pages(targets, pids)
+                cpu = tree_cpu(pids)
+                rss = sum(proc_status(p, "VmRSS") for p in pids) / 2**20
+                peak_rss = max(peak_rss, rss)
+                samples.append([now, saved, cpu, rss])
                 if t95 is None and saved >= 0.95 * ideal:
                     t95 = now
-                if saved >= ideal:
+                # 100 %: when pagemap confirms what the counters above suggest
+                if saved >= ideal and saved_truth(w, start_census, mvk.census(targets)) >= ideal:
                     t100, cpu100 = now, cpu
                     break
-                if now >= a.sizes.bounded_s:
+                if now >= bound:
                     break
                 time.sleep(a.poll)
-            if child.poll() is None:
-                out = subprocess.run(
-                    [*procksm, "stats", "--json", "--control", sock],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
-                if out.returncode == 0:
-                    stats = json.loads(out.stdout)
+            if not exited(child.pid):
+                stats = daemon_stats(procksm, sock, child)
                 if w.volatile_region:
                     thrash_window(w, targets, a.sizes.thrash_window_s, r)
-                r["vm_hwm_mib"] = proc_status(child.pid, "VmHWM") / 2**20
-                cpu_end = ksmlib.read_thread_cpu(child.pid).stat_s
+                pids = process_tree(child.pid)
+                r["vm_hwm_mib"] = {p: proc_status(p, "VmHWM") / 2**20 for p in pids}
+                cpu_end = tree_cpu(pids)
                 child.send_signal(signal.SIGTERM)
             else:
                 cpu_end = samples[-1][2] if samples else 0.0
-            _, status, usage = os.wait4(child.pid, 0)
-            child.returncode = os.waitstatus_to_exitcode(status)
+            exit_code, usage = stop_daemon(child, pids, r)
         finally:
-            if child.returncode is None:
+            if child.returncode is None:  # an exception: do not leave it running
                 with suppress(ProcessLookupError):
-                    child.kill()
+                    os.kill(child.pid, signal.SIGKILL)
                 child.wait()
             mvk.ChildTracker.pid = None
         err.seek(0)
@@ -649,15 +759,15 @@ def run_daemon(
     r.update(
         {
             "cmd": " ".join(cmd),
-            "exit_code": os.waitstatus_to_exitcode(status),
+            "exit_code": exit_code,
             "t95_s": t95,
-            "t100_s": t100 if end_census["saved_pages"] >= ideal or w.real else None,
-            "t100_counter_s": t100,
+            "t100_s": t100,
             "cpu_s": cpu100 if cpu100 is not None else (samples[-1][2] if samples else None),
             "cpu_s_total": usage.ru_utime + usage.ru_stime,
             "cpu_s_until_stopped": cpu_end,
             "wall_s": wall,
-            "max_rss_mib": r.get("vm_hwm_mib") or usage.ru_maxrss / 1024,
+            # peak of the summed VmRSS of the daemon and its worker, sampled every --poll s
+            "max_rss_mib": peak_rss,
             "saved_pages_pagemap": end_census["saved_pages"],
             "saved_pages_meminfo": mvk.meminfo_saving(before, after),
             "fraction": end_census["saved_pages"] / ideal if ideal else None,
@@ -673,6 +783,7 @@ def run_daemon(
             "memory_check": mvk.verify_targets(targets),
         }
     )
+    r["stderr_head"] = stderr[:1000]
     if not stats:
         r["error"] = (stderr.strip() or "procksm stats gave no answer")[-2000:]
     return _finish(w, r)
@@ -767,33 +878,50 @@ def scaling_points(s: Sizes) -> list[tuple[str, int, int]]:
     return pts
 
 
-def run_scaling(exe: Path, ctl: ksmlib.KsmControl | None, procksm: Sequence[str], a: Any) -> Json:
+def run_scaling(exe: Path, ctl: ksmlib.KsmControl, procksm: Sequence[str], a: Any) -> Json:
+    """merge and ksmd max at every point; the daemon (no CPU cap) on the size series, for
+    its memory per page (it keeps per-page state between scans, merge does not)."""
     rows = []
     for series, n, per in scaling_points(a.sizes):
         i, z = per * 4 // 6, per // 6
         u = per - i - z
         w = mvk.Workload(n, i, z, u, 7)
+        sw = planted_workload(
+            exe,
+            "scaling",
+            "",
+            n,
+            ["--identical", str(i), "--zero", str(z), "--unique", str(u)],
+            w.ideal_pages,
+            z > 0,
+        )
         row: Json = {"series": series, "targets": n, "pages": w.planted_pages}
         row["gib"] = w.planted_pages / GIB
         row["ideal_pages"] = w.ideal_pages
-        for tool in ("merge", "ksmd_max") if ctl else ("merge",):
+        tools = ["merge", "ksmd_max"] + (["daemon"] if series == "size" else [])
+        for tool in tools:
             runs = []
             for _ in range(a.scaling_reps):
-                targets = mvk.start_targets(exe, w, 0, 0, mergeable=tool != "merge")
+                targets: list[mvk.Target] = []
                 try:
+                    targets = sw.start(tool == "ksmd_max")
                     if tool == "merge":
                         r = mvk.run_procksm(procksm, targets, w.ideal_pages, a.poll)
+                    elif tool == "daemon":
+                        bound = a.sizes.scaling_daemon_bound_s
+                        r = run_daemon(sw, targets, procksm, a, ["--cpu-limit", "0"], bound)
                     else:
-                        assert ctl is not None
                         r = mvk.run_ksm(
                             ctl, targets, w.ideal_pages, z > 0, 100000, 0, 1, 300.0, a.poll
                         )
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    r = {"error": f"{type(exc).__name__}: {exc}"}
                 finally:
                     mvk.stop_targets(targets)
-                    if tool != "merge" and ctl is not None:
+                    if tool == "ksmd_max":
                         ctl.unmerge_all()
                         ctl.wait_idle()
-                for k in ("census_before", "census_after", "samples", "totals"):
+                for k in ("census_before", "census_after", "samples", "totals", "stats"):
                     r.pop(k, None)
                 runs.append(r)
             ok = [r for r in runs if "error" not in r]
@@ -801,7 +929,7 @@ def run_scaling(exe: Path, ctl: ksmlib.KsmControl | None, procksm: Sequence[str]
             for k in ("t100_s", "t95_s", "cpu_s", "fraction", "max_rss_mib", "wall_s"):
                 vals = [r[k] for r in ok if r.get(k) is not None]
                 med[k] = statistics.median(vals) if vals else None
-            t = med["t100_s"] if med["t100_s"] is not None else med.get("wall_s")
+            t = med["t100_s"]
             med["s_per_gib"] = None if t is None else t / row["gib"]
             med["cpu_s_per_gib"] = None if med["cpu_s"] is None else med["cpu_s"] / row["gib"]
             if med.get("max_rss_mib") is not None:
@@ -810,26 +938,37 @@ def run_scaling(exe: Path, ctl: ksmlib.KsmControl | None, procksm: Sequence[str]
             row[f"{tool}_runs"] = runs
         print(_scaling_line(row), flush=True)
         rows.append(row)
+    out: Json = {"rows": rows}
     # procksm's memory per page: the slope of its peak RSS over the size series (what
     # grows with the pages, without the interpreter's fixed ~40-70 MiB)
-    size_rows = [r for r in rows if r["series"] == "size" and r["merge"].get("max_rss_mib")]
-    slope = None
-    if len(size_rows) >= 2:
-        lo, hi = size_rows[0], size_rows[-1]
-        dp = hi["pages"] - lo["pages"]
-        if dp > 0:
-            slope = (hi["merge"]["max_rss_mib"] - lo["merge"]["max_rss_mib"]) * 2**20 / dp
-    return {"rows": rows, "merge_rss_bytes_per_page_slope": slope}
+    for tool in ("merge", "daemon"):
+        size_rows = [
+            r for r in rows if r["series"] == "size" and r.get(tool, {}).get("max_rss_mib")
+        ]
+        slope = None
+        if len(size_rows) >= 2:
+            lo, hi = size_rows[0], size_rows[-1]
+            dp = hi["pages"] - lo["pages"]
+            if dp > 0:
+                slope = (hi[tool]["max_rss_mib"] - lo[tool]["max_rss_mib"]) * 2**20 / dp
+        out[f"{tool}_rss_bytes_per_page_slope"] = slope
+    return out
 
 
 def _scaling_line(row: Json) -> str:
-    m, k = row.get("merge", {}), row.get("ksmd_max", {})
-    return (
+    m, k, d = row.get("merge", {}), row.get("ksmd_max", {}), row.get("daemon")
+    line = (
         f"scaling {row['series']:7} {row['targets']:3} targets {row['gib']:6.2f} GiB: merge "
         f"{fmt(m.get('s_per_gib'))} s/GiB {fmt(m.get('cpu_s_per_gib'))} CPU s/GiB "
         f"RSS {fmt(m.get('max_rss_mib'), '.0f')} MiB | ksmd {fmt(k.get('s_per_gib'))} s/GiB "
         f"{fmt(k.get('cpu_s_per_gib'))} CPU s/GiB"
     )
+    if d is not None:
+        line += (
+            f" | daemon {fmt(d.get('s_per_gib'))} s/GiB {fmt(d.get('cpu_s_per_gib'))} CPU s/GiB"
+            f" VmHWM {fmt(d.get('max_rss_mib'), '.0f')} MiB"
+        )
+    return line
 
 
 # --------------------------------------------------------------------------------------
@@ -916,13 +1055,15 @@ def goals_of(res: Json, a: Any) -> Json:
         f"{fmt(worst, '.2f')} ms ({where})",
         None if worst is None else worst <= GOAL_P99_MS,
     )
-    slope = res.get("scaling", {}).get("merge_rss_bytes_per_page_slope")
+    sc = res.get("scaling", {})
+    slopes = [sc.get(f"{t}_rss_bytes_per_page_slope") for t in ("merge", "daemon")]
     put(
         "memory_per_page",
-        "procksm memory <= 32 bytes per scanned page (slope of merge's peak RSS over 0.25->8 GiB)",
-        slope,
-        f"{fmt(slope, '.1f')} B/page",
-        None if slope is None else slope <= GOAL_BYTES_PER_PAGE,
+        "procksm memory <= 32 bytes per scanned page (slope of peak RSS over the size series; "
+        "merge / daemon)",
+        slopes,
+        " / ".join(f"{fmt(x, '.1f')}" for x in slopes) + " B/page",
+        None if None in slopes else all(x <= GOAL_BYTES_PER_PAGE for x in slopes if x is not None),
     )
     return g
 
@@ -1249,8 +1390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "scaling" in res:
         sc = res["scaling"]
         print(
-            f"merge peak RSS slope over the size series: "
-            f"{fmt(sc['merge_rss_bytes_per_page_slope'], '.1f')} bytes per page"
+            f"peak RSS slope over the size series: merge "
+            f"{fmt(sc['merge_rss_bytes_per_page_slope'], '.1f')}, daemon "
+            f"{fmt(sc['daemon_rss_bytes_per_page_slope'], '.1f')} bytes per page"
         )
     res["goals"] = goals_of(res, a)
     print("\ngoals:")
