@@ -84,8 +84,25 @@ from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnap
 from procksm.trees import REF_PAGE_BITS, ChecksumTable, page_ref, page_refs
 
 LogFn = Callable[[str], None]
+# Windows are whole granules from their mapping's start, and the merge engine cuts its
+# memfds at granules (segment_pages): a page can join a content merged by an earlier
+# batch only in a run that ends at the end of that content's memfd (the engine's rule
+# against mremap growth reading another's content), and with both on one grid a later
+# batch's run always does, whatever pages_to_scan is at the time (measured: without it,
+# a CPU cap that changed pages_to_scan left 14 % of the standard workload's saving
+# unreached after 90 full scans). 2048 pages = 8 MiB: 32 memfds per GiB merged.
+GRANULE_PAGES = 2048
 # CPU seconds one batch should cost when cpu_limit adapts pages_to_scan
-_BATCH_CPU_S = 0.05
+_BATCH_CPU_S = 0.1
+# ... within these bounds: small batches multiply the merge rounds, whose fixed costs
+# grow with the segments merged so far (measured: a cap that shrank batches to 1,500
+# pages took 29 CPU s where 16 Ki pages took 3)
+_ADVISOR_PAGES = (16384, 1 << 17)
+# merged ranges of one target beyond which the observer does not watch it (see _watch)
+_OBSERVER_MAX_RANGES = 256
+# runs of adjacent pages merged per batch at most (each costs an injected mmap or madvise
+# per target, ~50-150 us)
+_MAX_RUNS_PER_BATCH = 512
 # the longest one batch may run before the loop sleeps and answers the control socket
 _BATCH_MAX_S = 0.25
 
@@ -284,9 +301,11 @@ class Target:
     rss_bytes: int = 0
     pss_bytes: int = 0
     shared_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    parts_stale: bool = False  # the observer saw munmap/mremap/brk since refresh_parts
 
     def refresh_parts(self) -> None:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
+        self.parts_stale = False
         parts: list[Part] = []
         merged: list[procfs.Vma] = []
         for vma in procfs.read_vmas(self.pid):
@@ -574,10 +593,12 @@ class Daemon:
         self._all_pauses: collections.deque[float] = collections.deque(maxlen=8192)
         self._cost_per_page = 0.0  # CPU seconds per scanned page (EWMA), for cpu_limit
         self._last_snap = (time.monotonic(), _cpu_seconds(), 0)
-        self._last_truth = 0.0
+        self._snapshot_cost = 0.0  # CPU seconds the last snapshot took
         self.exit_events: list[str] = []
         self.on_publish: Callable[[Snapshot], None] | None = None
         self.observer: CowObserver | None = None
+        self._unwatched: set[int] = set()  # targets whose merged ranges changed
+        self._observed: set[int] = set()  # targets the observer counts COW breaks of
         self._last_poll = 0.0
         # one read buffer for every window (1 MiB: process_vm_readv's plateau, DESIGN §2.1)
         self._read_buffer = np.empty(1 << 20, np.uint8)
@@ -612,6 +633,9 @@ class Daemon:
         try:
             self.observer = CowObserver(
                 self.opts.use_bpf,
+                # eBPF sees the breaks as they happen; the pagemap reconcile (writes by
+                # get_user_pages, lost events) costs a pass over every merged range
+                reconcile_interval_s=5.0,
                 follow_children=self.opts.follow_children,
                 warn=lambda m: self.log(f"warning: {m}"),
             )
@@ -663,7 +687,8 @@ class Daemon:
         self.unstable.forget_target(t.index)
         self.ages.forget_target(t.index)
         t.lock.close()
-        if self.observer is not None:
+        if self.observer is not None and t.pid in self._observed:
+            self._observed.discard(t.pid)
             with contextlib.suppress(ProcksmError, OSError, KeyError):
                 self.observer.remove_target(t.pid)
         self.exit_events.append(f"{t.pid}: {why}")
@@ -788,22 +813,45 @@ class Daemon:
                     self.settings.run = 0
                 continue
             slept_for = s.sleep_ms / 1000.0
-            if s.run == 1 and self.targets:
-                cpu0, t0 = _thread_cpu(), time.monotonic()
-                r = self.batch(s)
-                cpu = _thread_cpu() - cpu0
-                slept_for = self._sleep_after(s, r, cpu, time.monotonic() - t0)
+            cpu0, t0 = _thread_cpu(), time.monotonic()
+            r = self.batch(s) if s.run == 1 and self.targets else None
+            # the observer and the counters are procksm's CPU too: the cap counts them
             self._observe()
             self.maybe_publish()
-            self.wake.wait(slept_for if s.run == 1 and self.targets else 0.2)
-            self.wake.clear()
+            if r is not None:
+                slept_for = self._sleep_after(s, r, _thread_cpu() - cpu0, time.monotonic() - t0)
+            self._sleep(slept_for if s.run == 1 and self.targets else 0.2)
         self.maybe_publish(force=True)
 
+    def _sleep(self, seconds: float) -> None:
+        """Sleep between batches; counters stay fresh during long sleeps (a CPU cap can
+        ask for seconds), and a control request or a signal ends the sleep."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self.wake.wait(min(left, self.opts.snapshot_interval_s)):
+                self.wake.clear()
+                return
+            self._observe()
+            self.maybe_publish()
+
     def _watch(self, pid: int) -> None:
-        """Tell the observer which ranges of ``pid`` are merged now."""
+        """Tell the observer which ranges of ``pid`` are merged now. A target with more
+        than _OBSERVER_MAX_RANGES merged ranges (scattered duplicates) is left to the
+        snapshot's own pagemap pass: the observer's reconcile costs O(ranges^2) (a
+        bisect over a list rebuilt per chunk; measured: 3 targets x 8 Ki one-page ranges
+        kept a CPU busy) and runs every second."""
         assert self.observer is not None
-        with contextlib.suppress(ProcksmError, OSError):
-            self.observer.set_ranges(pid, [(v.start, v.end) for v in merged_ranges(pid)])
+        with contextlib.suppress(ProcksmError, OSError, KeyError):
+            ranges = [(v.start, v.end) for v in merged_ranges(pid)]
+            if len(ranges) <= _OBSERVER_MAX_RANGES:
+                self.observer.set_ranges(pid, ranges)
+                self._observed.add(pid)
+            elif pid in self._observed:
+                self.observer.remove_target(pid)
+                self._observed.discard(pid)
 
     def _observe(self) -> None:
         """Lifecycle events from the observer (every 0.2 s): an exit drops the target at
@@ -814,6 +862,10 @@ class Daemon:
         if obs is None or now - self._last_poll < 0.2:
             return
         self._last_poll = now
+        for pid in list(self._unwatched):
+            if pid in self.targets:
+                self._watch(pid)
+        self._unwatched.clear()
         try:
             events = obs.poll(0)
         except (ProcksmError, OSError) as e:
@@ -834,12 +886,13 @@ class Daemon:
                 if ev.child_pid not in self.targets and t is not None:
                     try:
                         self.add_target(ev.child_pid, parent=ev.pid)
-                        self._watch(ev.child_pid)
+                        self._unwatched.add(ev.child_pid)
                     except ProcksmError as e:
                         self.log(f"child {ev.child_pid} of {ev.pid} not followed: {e.message}")
-            elif ev.kind in ("munmap", "mremap", "brk", "mmap") and t is not None:
-                with contextlib.suppress(ProcksmError, OSError):
-                    t.refresh_parts()
+            elif ev.kind in ("munmap", "mremap", "brk") and t is not None:
+                # re-read at the target's next window, once however many calls (the
+                # merge's own injected mmaps show up here too, hence not "mmap")
+                t.parts_stale = True
 
     def _sleep_after(self, s: Settings, r: _Round | None, cpu: float, wall: float) -> float:
         """The kernel's advisor in spirit: with a CPU limit, pages_to_scan follows what a
@@ -859,9 +912,9 @@ class Daemon:
             # _BATCH_CPU_S of CPU: big enough to amortise a batch's fixed costs (smaps,
             # one merge round), small enough that the cap's sleeps stay short
             target = int(_BATCH_CPU_S / self._cost_per_page)
+            lo, hi = _ADVISOR_PAGES
             with self.lock:
-                _lo, hi = SETTING_LIMITS["pages_to_scan"]
-                self.settings.pages_to_scan = int(min(hi, max(512, target)))
+                self.settings.pages_to_scan = int(min(hi, max(lo, target)))
         return max(sleep, need)
 
     def batch(self, s: Settings) -> _Round:
@@ -900,6 +953,15 @@ class Daemon:
                 if mm_identity(pid) != t.mm_id:
                     self._reset_target(t, "exec: a new program, its state starts over")
                 t.refresh_parts()
+            elif t.parts_stale:
+                # resume at the same address in the re-read parts
+                resume = addr or (t.parts[pi].start if pi < len(t.parts) else None)
+                t.refresh_parts()
+                if resume is None:
+                    pi = len(t.parts)
+                else:
+                    pi = next((i for i, p in enumerate(t.parts) if resume < p.end), len(t.parts))
+                    addr = resume
             window = self._window(t, pi, addr, s.pages_to_scan)
             if window is None:
                 self._cursor = (pos + 1, 0, 0)
@@ -926,7 +988,9 @@ class Daemon:
             p = t.parts[pi]
             start = max(addr, p.start)
             if start < p.end:
-                return pi, start, min(p.end, start + pages * PAGE_SIZE)
+                # whole granules from the mapping's start (see GRANULE_PAGES)
+                granules = max(1, -(-pages // GRANULE_PAGES))
+                return pi, start, min(p.end, start + granules * GRANULE_PAGES * PAGE_SIZE)
             pi, addr = pi + 1, 0
         return None
 
@@ -1017,16 +1081,25 @@ class Daemon:
             _u, inv, cnt = np.unique(ch, return_inverse=True, return_counts=True)
             dup_in_batch[np.flatnonzero(cand)] = cnt[inv] > 1
         ready = in_stable | in_unstable | dup_in_batch
-        # max_pages_to_merge: the rest waits (in the unstable tree) for a later batch
+        # max_pages_to_merge, and at most _MAX_RUNS_PER_BATCH runs of adjacent pages: a
+        # run is one mmap (or madvise) in each target, so scattered duplicates (every
+        # other page) would otherwise make one batch a minute of merging, with the CPU
+        # cap and the counters waiting for its end (measured). The rest waits, in the
+        # unstable tree, for a later batch or the next full scan.
         ready_rows = np.flatnonzero(ready | zero)
-        if ready_rows.size > s.max_pages_to_merge:
+        keep = ready_rows.size
+        if ready_rows.size:
+            run_id = np.cumsum(np.r_[0, np.diff(addr[ready_rows]) != PAGE_SIZE])
+            keep = int(np.searchsorted(run_id, _MAX_RUNS_PER_BATCH))
+        keep = min(keep, s.max_pages_to_merge)
+        if ready_rows.size > keep:
             cut = np.zeros(n, bool)
-            cut[ready_rows[s.max_pages_to_merge :]] = True
+            cut[ready_rows[keep:]] = True
             ready &= ~cut
             zero &= ~cut
         merged = np.zeros(n, bool)
         if ready.any() or zero.any():
-            merged = self._merge(t, tab, addr, refs, ready, zero)
+            merged = self._merge(t, tab, addr, refs, ready, zero, joins=bool(in_stable.any()))
         # not merged and checksum-stable: into the unstable tree for later partners
         rest = cand & ~merged
         self.unstable.insert(h[rest], refs[rest], tab.pfn[rest])
@@ -1071,6 +1144,7 @@ class Daemon:
         refs: np.ndarray,
         ready: np.ndarray,
         zero: np.ndarray,
+        joins: bool = True,
     ) -> np.ndarray:
         """Merge the batch's ready pages with their unstable partners through the merge
         engine; returns which batch rows are now merged (pagemap says so)."""
@@ -1096,7 +1170,9 @@ class Daemon:
         self._stable_dirty = True
         results = {p: TargetResult(p, self.targets[p].name) for p in pids}
         refused: list[Refusal] = []
-        mopts = dataclasses.replace(self.opts.merge, batch_pages=self.batch_pages)
+        mopts = dataclasses.replace(
+            self.opts.merge, batch_pages=self.batch_pages, segment_pages=GRANULE_PAGES
+        )
         with MergeEngine(pids, mopts) as engine:
             engine.segment_hashes = self.segment_hashes
             engine.merge_scanned(
@@ -1105,7 +1181,8 @@ class Daemon:
                 results,
                 refused,
                 lambda _m: None,
-                adopt_from=list(self._order),
+                # the stable tree is only needed when a page may join it
+                adopt_from=list(self._order) if joins else [],
             )
         for pid, res in results.items():
             tt = self.targets.get(pid)
@@ -1126,9 +1203,8 @@ class Daemon:
             tt = self.targets.get(rf.pid)
             if tt is not None:
                 tt.refusals[rf.reason] += 1
-        if self.observer is not None:
-            for pid in pids:
-                self._watch(pid)
+        # the observer learns the new merged ranges at its next poll (_observe)
+        self._unwatched.update(pids)
         # which rows are merged now: pagemap (file page or dropped zero page)
         now = self._merged_now(rows_ref)
         n_batch = int(sel.sum())
@@ -1139,6 +1215,8 @@ class Daemon:
         zmerged = batch_merged[z_rows]
         for a, b in _runs(zmerged):
             t.zero_runs.append((int(addr[z_rows[a]]), b - a))
+        if len(t.zero_runs) > 64:
+            t.zero_runs = _coalesce(t.zero_runs)
         # partners that merged leave the unstable tree; the others stay for later
         off = n_batch
         for c, _, pos, pr, _ in partners:
@@ -1298,9 +1376,14 @@ class Daemon:
 
     def maybe_publish(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_snap[0] < self.opts.snapshot_interval_s:
+        # every snapshot_interval_s, or less often when a snapshot is expensive (its
+        # pagemap and smaps_rollup passes grow with the targets): at most ~4 % of a CPU
+        interval = max(self.opts.snapshot_interval_s, 25 * self._snapshot_cost)
+        if not force and now - self._last_snap[0] < interval:
             return
+        c0 = _thread_cpu()
         self._snapshot = snap = self._build_snapshot(now)
+        self._snapshot_cost = _thread_cpu() - c0
         if self.on_publish is not None:
             self.on_publish(snap)
 
@@ -1314,25 +1397,31 @@ class Daemon:
         """pagemap over procksm's mappings and dropped zero runs of every target."""
         for t in list(self.targets.values()):
             try:
-                vmas = [
-                    v for v in procfs.read_maps(t.pid) if v.path.startswith(SEGMENT_NAME_PREFIX)
-                ]
+                maps = procfs.read_maps(t.pid)
+                vmas = [v for v in maps if v.path.startswith(SEGMENT_NAME_PREFIX)]
                 sites = cow = 0
                 pfn_list = []
                 with procfs.PagemapFile(t.pid) as pm:
-                    for v in vmas:
-                        ent = pm.read(v.start, v.end)
+                    # one pagemap read per cluster of merged VMAs (a scattered layout has
+                    # thousands of one-page VMAs: a read and numpy calls each cost 100 %
+                    # of a CPU, measured), then a mask of the pages inside them
+                    for ent in _read_spans(pm, [(v.start, v.end) for v in vmas]):
                         present = (ent & procfs.PM_PRESENT) != 0
                         filep = (ent & procfs.PM_FILE) != 0
                         sites += int((present & filep).sum())
                         cow += int((present & ~filep).sum())
                         pfn_list.append(ent[present & filep] & procfs.PM_PFN_MASK)
                     zero_now = 0
-                    anon = [v for v in procfs.read_maps(t.pid) if procfs.is_anonymous_path(v.path)]
-                    for a, k in t.zero_runs:
-                        if not any(v.start <= a and a + k * PAGE_SIZE <= v.end for v in anon):
-                            continue
-                        ent = pm.read(a, a + k * PAGE_SIZE)
+                    # dropped zero runs still in anonymous memory (not unmapped, not
+                    # merged over since): absent or on the zero page is still saved
+                    anon = [(v.start, v.end) for v in maps if procfs.is_anonymous_path(v.path)]
+                    starts = [a for a, _ in anon]
+                    runs = []
+                    for a, k in _coalesce(t.zero_runs):
+                        i = bisect.bisect_right(starts, a) - 1
+                        if i >= 0 and a + k * PAGE_SIZE <= anon[i][1]:
+                            runs.append((a, a + k * PAGE_SIZE))
+                    for ent in _read_spans(pm, runs):
                         present = (ent & procfs.PM_PRESENT) != 0
                         zpfn = (ent & procfs.PM_PFN_MASK) == _zero_pfn()
                         zero_now += int((~present | zpfn).sum())
@@ -1349,7 +1438,7 @@ class Daemon:
             else:
                 t.cow_rate = 0.0
             t.cow_now = cow
-            if self.observer is not None:
+            if self.observer is not None and t.pid in self._observed:
                 with contextlib.suppress(KeyError, ProcksmError, OSError):
                     t.cow_total = self.observer.counters(t.pid).cow_breaks
             t.zero_now = zero_now
@@ -1496,6 +1585,39 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
     yield from zip(starts.tolist(), ends.tolist(), strict=True)
+
+
+def _read_spans(pm: procfs.PagemapFile, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """pagemap entries of the pages in ``ranges`` (sorted, disjoint), read in clusters of
+    ranges less than 1 MiB apart: one read per cluster, entries outside the ranges
+    dropped with a vectorised mask."""
+    i = 0
+    while i < len(ranges):
+        j = i
+        while j + 1 < len(ranges) and ranges[j + 1][0] - ranges[j][1] < (1 << 20):
+            j += 1
+        lo, hi = ranges[i][0], ranges[j][1]
+        ent = pm.read(lo, hi)
+        if j > i:
+            edges = np.array(ranges[i : j + 1], np.int64).reshape(-1) - lo
+            d = np.zeros(ent.size + 1, np.int8)
+            np.add.at(d, edges[0::2] // PAGE_SIZE, 1)
+            np.add.at(d, edges[1::2] // PAGE_SIZE, -1)
+            ent = ent[np.cumsum(d[:-1]) > 0]
+        yield ent
+        i = j + 1
+
+
+def _coalesce(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(addr, pages) runs sorted, adjacent and overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, k in sorted(runs):
+        if out and a <= out[-1][0] + out[-1][1] * PAGE_SIZE:
+            b = max(out[-1][0] + out[-1][1] * PAGE_SIZE, a + k * PAGE_SIZE)
+            out[-1] = (out[-1][0], (b - out[-1][0]) // PAGE_SIZE)
+        else:
+            out.append((a, k))
+    return out
 
 
 def _zero_in(runs: list[tuple[int, int]], start: int, end: int) -> int:
