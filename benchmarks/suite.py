@@ -1150,6 +1150,61 @@ def print_table(res: Json, a: Any) -> list[str]:
     return lines
 
 
+def markdown(res: Json) -> str:
+    """The README's tables from a results file (suite.py --markdown FILE)."""
+    a = argparse.Namespace(sizes=Sizes(**res["sizes"]))
+    out = [
+        "| workload | number | merge | ksmd max | ksmd max / merge | daemon | ksmd defaults "
+        "| ksmd defaults / daemon |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for wname, wd in res["workloads"].items():
+        md = wd.get("medians", {})
+        m, k, d, kd = (md.get(v, {}) for v in ("merge", "ksmd_max", "daemon", "ksmd_defaults"))
+        rows = [(label, key, spec, kind) for label, key, spec, kind in ROWS]
+        if wname == "W3":
+            rows += [(label, key, spec, "") for label, key, spec in W3_ROWS]
+        for label, key, spec, kind in rows:
+            if key in ("p50_ms", "max_ms", "rss_mib_per_gib") and wname not in ("W1", "W2"):
+                continue
+            r1 = _pair_ratio(kind, k, m, key, a.sizes.max_timeout_s, None)
+            r2 = _pair_ratio(kind, kd, d, key, a.sizes.bounded_s, a.sizes.bounded_s)
+            cells = [_cell(x, key, spec) for x in (m, k)] + [r1]
+            cells += [_cell(x, key, spec) for x in (d, kd)] + [r2]
+            out.append(f"| {wname} | {label} | " + " | ".join(c or "" for c in cells) + " |")
+        eq = md.get("daemon_eqcpu")
+        if eq:
+            out.append(
+                f"| {wname} | daemon at ksmd defaults' CPU share "
+                f"({fmt(kd.get('cpu_share_pct'), '.1f')} %) | | | | "
+                f"t95 {fmt(eq.get('t95_s'))} s, saving {_cell(eq, 'fraction', '%')} %, "
+                f"CPU {fmt(eq.get('cpu_s'))} s | | |"
+            )
+    sc = res.get("scaling")
+    if sc:
+        out += [
+            "",
+            "| series | targets | GiB | merge s/GiB | merge CPU s/GiB | merge peak RSS MiB "
+            "| ksmd max s/GiB | ksmd CPU s/GiB | daemon s/GiB | daemon CPU s/GiB "
+            "| daemon peak RSS MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in sc["rows"]:
+            mm, kk, dd = row.get("merge", {}), row.get("ksmd_max", {}), row.get("daemon", {})
+            out.append(
+                f"| {row['series']} | {row['targets']} | {row['gib']:.2f} | "
+                f"{fmt(mm.get('s_per_gib'))} | {fmt(mm.get('cpu_s_per_gib'))} | "
+                f"{fmt(mm.get('max_rss_mib'), '.0f')} | {fmt(kk.get('s_per_gib'))} | "
+                f"{fmt(kk.get('cpu_s_per_gib'))} | {fmt(dd.get('s_per_gib'))} | "
+                f"{fmt(dd.get('cpu_s_per_gib'))} | {fmt(dd.get('max_rss_mib'), '.0f')} |"
+            )
+    out += ["", "| goal | value | verdict |", "| --- | --- | --- |"]
+    for g in res.get("goals", {}).values():
+        met = "n/a" if g["met"] is None else ("met" if g["met"] else "**MISSED**")
+        out.append(f"| {g['goal']} | {g['shown']} | {met} |")
+    return "\n".join(out) + "\n"
+
+
 def write_svg(res: Json, path: Path) -> None:
     """Saving over time on W1 (first repetition): procksm vs ksmd, log time axis."""
     w1 = res["workloads"].get("W1")
@@ -1248,6 +1303,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scaling-targets", type=int, nargs="+", help="override the target series")
     ap.add_argument("--procksm", default=str(ROOT / ".venv" / "bin" / "procksm"))
     ap.add_argument("--output", type=Path)
+    ap.add_argument(
+        "--markdown", type=Path, metavar="JSON", help="print the README tables of a results file"
+    )
     a = ap.parse_args(argv)
     sizes = QUICK if a.quick else FULL
     if a.reps:
@@ -1284,6 +1342,9 @@ def order_for(rep: int, wname: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(a.markdown.read_text())), end="")
+        return 0
     if os.geteuid() != 0:
         print("suite: needs root (ptrace, pagemap PFNs, KSM sysfs)", file=sys.stderr)
         return 1
