@@ -1205,6 +1205,15 @@ def markdown(res: Json) -> str:
     return "\n".join(out) + "\n"
 
 
+LABELS = {
+    "merge": "procksm merge",
+    "daemon": "procksm attach",
+    "daemon_eqcpu": "attach, ksmd's CPU",
+    "ksmd_max": "ksmd max speed",
+    "ksmd_defaults": "ksmd defaults",
+}
+
+
 def write_svg(res: Json, path: Path) -> None:
     """Saving over time on W1 (first repetition): procksm vs ksmd, log time axis."""
     w1 = res["workloads"].get("W1")
@@ -1222,7 +1231,7 @@ def write_svg(res: Json, path: Path) -> None:
     series = {v: rep[v]["samples"] for v in colours if v in rep and rep[v].get("samples")}
     if not series:
         return
-    W, H, L, R, T, B = 760, 420, 70, 170, 40, 50
+    W, H, L, R, T, B = 780, 450, 70, 170, 66, 50
     tmax = max(s[-1][0] for s in series.values())
     tmin = 0.05
     lo, hi = math.log10(tmin), math.log10(max(tmax, 1.0) * 1.1)
@@ -1237,8 +1246,11 @@ def write_svg(res: Json, path: Path) -> None:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
         'font-family="sans-serif" font-size="12">',
         f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{L}" y="22" font-size="14">{_esc(w1["description"])}: saving over time '
-        "(% of ideal)</text>",
+        f'<text x="{L}" y="20" font-size="14">Saving over time, % of the ideal: W1, '
+        "repetition 1</text>",
+        f'<text x="{L}" y="37" font-size="11" fill="#555">{_esc(w1["description"])}</text>',
+        f'<text x="{L}" y="52" font-size="11" fill="#555">{_esc(res["machine"])}, '
+        f"{_esc(res.get('started', ''))}</text>",
     ]
     for f in (0, 0.25, 0.5, 0.75, 0.95, 1.0):
         out.append(
@@ -1264,12 +1276,8 @@ def write_svg(res: Json, path: Path) -> None:
         out.append(
             f'<line x1="{W - R + 10}" x2="{W - R + 30}" y1="{ly}" y2="{ly}" '
             f'stroke="{colours[v]}" stroke-width="3"/>'
-            f'<text x="{W - R + 35}" y="{ly + 4}">{v}</text>'
+            f'<text x="{W - R + 35}" y="{ly + 4}">{LABELS[v]}</text>'
         )
-    out.append(
-        f'<text x="{W - R + 10}" y="{H - B}" font-size="10" fill="#666">'
-        f"{_esc(res['machine'][:40])}</text>"
-    )
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
 
@@ -1306,6 +1314,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--markdown", type=Path, metavar="JSON", help="print the README tables of a results file"
     )
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="redraw a results file's SVG")
     a = ap.parse_args(argv)
     sizes = QUICK if a.quick else FULL
     if a.reps:
@@ -1329,6 +1338,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
+def svg_path(output: Path) -> Path:
+    """results/suite.json -> results/saving_over_time.svg; X.json -> X.svg."""
+    return output.with_name(
+        "saving_over_time.svg" if output.name == "suite.json" else output.stem + ".svg"
+    )
+
+
 def _replace(s: Sizes, **kw: Any) -> Sizes:
     return Sizes(**{**asdict(s), **kw})
 
@@ -1344,6 +1360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     if a.markdown:
         print(markdown(json.loads(a.markdown.read_text())), end="")
+        return 0
+    if a.replot:
+        svg = svg_path(a.replot)
+        write_svg(json.loads(a.replot.read_text()), svg)
+        print(f"wrote {svg}")
         return 0
     if os.geteuid() != 0:
         print("suite: needs root (ptrace, pagemap PFNs, KSM sysfs)", file=sys.stderr)
@@ -1462,9 +1483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {name:16} {met:7} {g['shown']:44} {g['goal']}")
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    svg = a.output.with_name(
-        "saving_over_time.svg" if a.output.name == "suite.json" else a.output.stem + ".svg"
-    )
+    svg = svg_path(a.output)
     write_svg(res, svg)
     print(f"\nwrote {a.output} and {svg} ({res['elapsed_s'] / 60:.1f} min)")
     return 0
