@@ -190,3 +190,21 @@ def test_metrics_endpoint_and_textfile(tmp_path: Path, spawn: Any) -> None:
         assert d.stop() == 0
     text = textfile.read_text()  # written at exit for node_exporter
     assert "procksm_pages_shared " in text and "procksm_full_scans_total " in text
+
+
+def test_live_view_commands(daemon: Any) -> None:
+    """pause, resume and unmerge PID: what procksm top sends (procksm.tui.source)."""
+    from tests.daemon_helpers import merged_vmas
+
+    a, b = daemon.targets
+    wait_for(lambda: merged_vmas(a.pid) and merged_vmas(b.pid), 30, "merge")
+    assert daemon.request("pause").startswith("ok run=0")
+    assert daemon.fresh_stats()["run"] == 0
+    assert daemon.request("resume").startswith("ok run=1")
+    answer = daemon.request(f"unmerge {a.pid}")
+    assert answer.startswith(f"ok pid {a.pid}: unmerged"), answer
+    assert not merged_vmas(a.pid)
+    assert a.command("check") == "OK pages=128"
+    assert daemon.request("unmerge 1").startswith("error: pid 1 is not a target")
+    assert daemon.request("pause now").startswith("error: unknown command")
+    healthy(daemon)
