@@ -610,6 +610,8 @@ class Daemon:
             self._start_observer()
             for pid in self._initial:
                 self.add_target(pid)
+            # a first snapshot before the control socket opens: views never build one
+            self.maybe_publish(force=True)
         except BaseException:
             self.close()
             raise
@@ -1015,12 +1017,11 @@ class Daemon:
 
     def _prune_stable(self) -> None:
         """Forget the hashes of segments no target maps any more."""
-        live: set[tuple[int, int]] = set()
+        inodes: set[int] = set()
         for t in self.targets.values():
             with contextlib.suppress(ProcksmError, OSError):
-                for v in merged_ranges(t.pid):
-                    live.update(k for k in self.segment_hashes if k[0] == v.inode)
-        for k in [k for k in self.segment_hashes if k not in live]:
+                inodes.update(v.inode for v in merged_ranges(t.pid))
+        for k in [k for k in self.segment_hashes if k[0] not in inodes]:
             del self.segment_hashes[k]
 
     def _refresh_stable(self) -> None:
