@@ -109,6 +109,7 @@ def run_daemon(
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         samples: list[list[float]] = []
         t95 = t100 = cpu95 = cpu100 = None
+        t_ready = cpu_ready = None  # start-up done: Python, numpy, the eBPF observer
         try:
             while True:
                 time.sleep(poll_s)
@@ -118,6 +119,8 @@ def run_daemon(
                         f"the daemon exited: {proc.stderr.read() if proc.stderr else ''}"
                     )
                 cpu = ksmlib.read_thread_cpu(proc.pid).stat_s
+                if t_ready is None and os.path.exists(sock):
+                    t_ready, cpu_ready = now, cpu
                 saved = quick_saving(targets, w)
                 samples.append([now, saved, cpu])
                 if t95 is None and saved >= 0.95 * ideal:
@@ -149,6 +152,8 @@ def run_daemon(
         "cpu_s": cpu_s,
         "cpu_s_t95": cpu95,
         "cpu_share": cpu_s / t_end if t_end else None,
+        "ready_s": t_ready,
+        "cpu_s_startup": cpu_ready,
         "saved_pages_pagemap": end["saved_pages"],
         "fraction": end["saved_pages"] / ideal,
         "stats": {
