@@ -151,7 +151,12 @@ def run_daemon(
         "t100_s": t100,
         "cpu_s": cpu_s,
         "cpu_s_t95": cpu95,
-        "cpu_share": cpu_s / t_end if t_end else None,
+        # the share of a CPU while scanning (after start-up): what ksmd gets in "equal"
+        "cpu_share": (
+            (cpu_s - cpu_ready) / (t_end - t_ready)
+            if t_ready is not None and cpu_ready is not None and t_end > t_ready
+            else (cpu_s / t_end if t_end else None)
+        ),
         "ready_s": t_ready,
         "cpu_s_startup": cpu_ready,
         "saved_pages_pagemap": end["saved_pages"],
@@ -204,6 +209,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ksm-defaults-timeout", type=float, default=240.0)
     ap.add_argument("--no-ksm-defaults", action="store_true", help="skip ksmd at defaults")
     ap.add_argument(
+        "--only-daemon", action="store_true", help="only the daemon (KSM is not touched)"
+    )
+    ap.add_argument(
         "--daemon-arg",
         action="append",
         default=[],
@@ -226,14 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     w = mvk.Workload(a.targets, a.identical, a.zero, a.unique, a.seed)
     exe = mvk.build_planted()
-    ctl = ksmlib.KsmControl()
+    ctl = ksmlib.KsmControl() if not a.only_daemon else None
     reps: list[Json] = []
     targets: list[mvk.Target] = []
+    touched_ksm = False
     with mvk.interrupts_raise():
         try:
-            ctl.check_unused()
-            ctl.stop()
-            ctl.wait_idle()
+            if ctl is not None:
+                ctl.check_unused()  # refuses while others use KSM: then nothing is touched
+                touched_ksm = True
+                ctl.stop()
+                ctl.wait_idle()
             for rep in range(a.reps):
                 res: Json = {}
 
@@ -246,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     finally:
                         mvk.stop_targets(targets)
                         targets = []
-                        if mergeable:
+                        if mergeable and ctl is not None:
                             ctl.unmerge_all()
                             ctl.wait_idle()
                     print(
@@ -268,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ctl, ts, w.ideal_pages, w.zero > 0, pages, sleep_ms, 1, timeout, a.poll
                     )
 
+                if ctl is None:
+                    reps.append(res)
+                    continue
                 res["ksmd_max"] = one("ksmd max", True, ksm(100000, 0, a.ksm_timeout))
                 km = res["ksmd_max"]
                 cost = km["cpu_s"] / max(1, km["counters"]["pages_scanned"])
@@ -288,11 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             mvk.stop_targets(targets)
-            try:
-                with contextlib.suppress(ksmlib.KsmError):
-                    ctl.unmerge_all()
-            finally:
-                ctl.restore()
+            if ctl is not None and touched_ksm:
+                try:
+                    with contextlib.suppress(ksmlib.KsmError):
+                        ctl.unmerge_all()
+                finally:
+                    ctl.restore()
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -309,7 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "t100_s": t,
                 "t95_s": med(v, "t95_s"),
                 "cpu_s": c,
-                "cpu_share": (c / t) if (c is not None and t) else med(v, "cpu_share"),
+                "cpu_share": med(v, "cpu_share")
+                if v == "daemon"
+                else ((c / t) if (c and t) else None),
                 "fraction": med(v, "fraction"),
                 "converged": all(
                     r[v].get("converged", r[v].get("t100_s") is not None) for r in reps if v in r
@@ -362,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "ideal_saved_pages": w.ideal_pages,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "ksm_settings_found": ctl.found,
+        "ksm_settings_found": ctl.found if ctl is not None else None,
         "summary": summary,
         "ratios": ratios,
         "goal_speedup_at_equal_cpu": GOAL_SPEEDUP_EQUAL_CPU,
