@@ -1348,6 +1348,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
+def git_state() -> Json:
+    """The commit measured, and the files that differed from it (a shared checkout)."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--short").splitlines()}
+
+
 def svg_path(output: Path) -> Path:
     """results/suite.json -> results/saving_over_time.svg; X.json -> X.svg."""
     return output.with_name(
@@ -1393,6 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": a.quick,
         "sizes": asdict(a.sizes),
         "ksm_settings_found": ctl.found,
+        "git": git_state(),
         "workloads": {},
     }
     targets: list[mvk.Target] = []
@@ -1444,6 +1455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 ctl.unmerge_all()
                                 ctl.wait_idle()
                         r["ideal_pages"] = w.ideal_pages
+                        r["loadavg_after"] = os.getloadavg()  # the machine is shared
                         if ideal_info is not None:
                             r["content_census"] = ideal_info
                         results[v] = r
