@@ -1408,9 +1408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     targets: list[mvk.Target] = []
     t_start = time.perf_counter()
+    touched_ksm = False
     with mvk.interrupts_raise():
         try:
-            ctl.check_unused()
+            ctl.check_unused()  # before anything is written: run=2 would unmerge others' pages
+            touched_ksm = True
             ctl.stop()
             ctl.wait_idle()
             for wname in WORKLOADS:
@@ -1482,7 +1484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     os.kill(mvk.ChildTracker.pid, signal.SIGKILL)
             mvk.stop_targets(targets)
             try:
-                ctl.unmerge_all()
+                if touched_ksm:
+                    ctl.unmerge_all()
             finally:
                 ctl.restore()
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -1530,6 +1533,9 @@ def _one_line(wname: str, rep: int, v: str, r: Json, took: float) -> str:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
+    except ksmlib.KsmError as exc:
+        print(f"suite: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("suite: interrupted; targets killed, KSM settings restored", file=sys.stderr)
         raise SystemExit(130) from None
