@@ -26,6 +26,7 @@ def _commands() -> dict[str, Command]:
     from procksm.commands.attach import AttachCommand
     from procksm.commands.ctl import CtlCommand
     from procksm.commands.demo import DemoCommand
+    from procksm.commands.guard import GuardCommand
     from procksm.commands.merge import MergeCommand
     from procksm.commands.scan import ScanCommand
     from procksm.commands.stats import StatsCommand
@@ -41,6 +42,7 @@ def _commands() -> dict[str, Command]:
         "ctl": CtlCommand(),
         "stats": StatsCommand(),
         "top": TopCommand(),
+        "guard": GuardCommand(),
     }
 
 
