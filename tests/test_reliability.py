@@ -103,6 +103,43 @@ def test_sigkill_of_procksm_during_unmerge_leaves_targets_intact(spawn) -> None:
     assert killed_mid >= rounds // 3
 
 
+def test_sigkill_of_the_daemon_leaves_targets_intact(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`procksm attach` SIGKILLed at random moments of its scan loop: the forked worker
+    ends between two stop windows (PDEATHSIG), targets run on merged or not, and a new
+    daemon attaches to the same processes and keeps them merged."""
+    require_privileges()
+    from tests.daemon_helpers import DaemonProc, wait_for
+
+    exe = build_c_target("planted")
+    rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2025")))
+    rounds = 10 * LONG
+    merged_when_killed = 0
+    verified = 0
+    for k in range(rounds):
+        targets = [
+            spawn([exe, "--identical", 8192, "--zero", 1024, "--unique", 128, "--seed", 6,
+                   "--blockers"])
+            for _ in range(2)
+        ]  # fmt: skip
+        d = DaemonProc(tmp_path / f"d{k}.sock", [t.pid for t in targets], "--no-bpf")
+        time.sleep(rng.uniform(0.0, 1.5))
+        merged_when_killed += bool(merged_ranges(targets[0].pid))
+        d.stop(signal.SIGKILL)
+        time.sleep(0.3)  # the worker finishes its window and exits
+        for t in targets:
+            verified += assert_intact(t)
+        # the daemon's lock went with it: a new one attaches at once and converges
+        d2 = DaemonProc(tmp_path / f"e{k}.sock", [t.pid for t in targets], "--no-bpf")
+        wait_for(lambda d2=d2: d2.stats()["pages_sharing"] >= 8192, 60, "merged by a new daemon")
+        assert d2.stop() == 0
+        for t in targets:
+            verified += assert_intact(t)
+            t.kill()
+    print(f"\ndaemon kill: {rounds} rounds survived ({merged_when_killed} with pages merged "
+          f"when killed), {verified:,} page verifications")  # fmt: skip
+    assert merged_when_killed >= 1
+
+
 # --------------------------------------------------------------------------------------
 # integrity fuzz
 # --------------------------------------------------------------------------------------
@@ -372,3 +409,82 @@ def test_a_procksm_of_another_user_cannot_touch_roots_targets(spawn) -> None:  #
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert merged_ranges(t.pid) == [] and seccomp_filters(t.pid) == 0
     assert t.command("check").startswith("OK")
+
+
+# --------------------------------------------------------------------------------------
+# load: many targets under the daemon for a long time (the full run is behind --long)
+# --------------------------------------------------------------------------------------
+
+
+def _tree_rss_kb(pid: int) -> int:
+    pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _worker(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else pid
+
+
+def _fds(pid: int) -> tuple[int, int]:
+    """(open fds, of which BPF maps and programs) of a process."""
+    n = bpf = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        n += 1
+        try:
+            bpf += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(("anon_inode:bpf", "bpf"))
+        except OSError:
+            continue
+    return n, bpf
+
+
+def test_load_many_targets_under_the_daemon(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """CI: 16 targets / 1 GiB for 60 s; --long: 64 targets / 8 GiB for 10 minutes.
+    After warm-up procksm's RSS, fds and BPF objects do not grow; at the end the
+    counters equal pagemap's truth and every target's self-check is clean."""
+    require_privileges()
+    from tests.daemon_helpers import DaemonProc, Truth
+
+    exe = build_c_target("planted")
+    n, mib, duration = (64, 128, 600.0) if LONG > 1 else (16, 64, 60.0)
+    ident = mib * 256 * 3 // 4
+    targets = [
+        spawn([exe, "--identical", ident, "--zero", ident // 6, "--unique", ident // 6,
+               "--volatile", 16, "--seed", 11])
+        for _ in range(n)
+    ]  # fmt: skip
+    d = DaemonProc(tmp_path / "load.sock", [t.pid for t in targets])
+    try:
+        samples: list[tuple[float, int, int, int]] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < duration:
+            worker = _worker(d.proc.pid)
+            nfd, nbpf = _fds(worker)
+            samples.append((time.monotonic() - t0, _tree_rss_kb(d.proc.pid), nfd, nbpf))
+            time.sleep(duration / 30)
+        s = d.pause()
+        assert s["pages_sharing"] >= (n - 1) * ident * 0.95, s["pages_sharing"]
+        truth = Truth([t.pid for t in targets])
+        assert s["pages_sharing"] == truth.pages_sharing
+        assert s["pages_shared"] == truth.pages_shared
+        warm = [x for x in samples if x[0] >= duration / 3]
+        rss = [x[1] for x in warm]
+        fds = {x[2] for x in warm}
+        bpf = {x[3] for x in warm}
+        # RSS: at most 5 % + 8 MiB above its value at the end of warm-up
+        assert max(rss) <= rss[0] * 1.05 + 8192, rss
+        assert max(fds) - min(fds) <= 2, fds
+        assert len(bpf) == 1, bpf
+        print(f"\nload: {n} targets x {mib} MiB for {duration:.0f} s: pages_sharing "
+              f"{s['pages_sharing']:,} = pagemap, {s['full_scans']} full scans, RSS "
+              f"{rss[0] / 1024:.0f}->{max(rss) / 1024:.0f} MiB, fds {sorted(fds)}, "
+              f"BPF fds {sorted(bpf)}")  # fmt: skip
+    finally:
+        assert d.stop() == 0
+    for t in targets:
+        assert t.command("check").startswith("OK")
