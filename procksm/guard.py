@@ -297,9 +297,10 @@ def why_unguardable(pid: int, *, set_no_new_privs: bool = False) -> str | None:
     return None
 
 
-def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, int]:
+def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, int] | None:
     """Install the guard's filter in the stopped target; returns (listener fd in
-    procksm, exempt instruction pointer or 0). All threads get it (TSYNC)."""
+    procksm, exempt instruction pointer or 0), or None when the process is guarded
+    already through a filter it inherited. All threads get it (TSYNC)."""
     from procksm.inject import SYS_close, SYS_prctl
 
     # Only the vDSO's instruction is exempt: it runs no madvise or mremap of the
@@ -319,6 +320,11 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
         | SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     )  # fmt: skip
     fd = st.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, scratch)
+    if fd == -errno.EBUSY and has_guard_filter(st.pid):
+        # The kernel allows one listener per filter chain: this process inherited the
+        # guard's filter (a child forked after its parent was guarded), whose listener
+        # the guard holds and which already sends this process's calls to it.
+        return None
     if fd < 0:
         raise GuardError(
             f"pid {st.pid}: seccomp() in the target failed: {os.strerror(-fd)}; "
@@ -329,6 +335,42 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     finally:
         st.syscall(SYS_close, fd)
     return listener, exempt_ip or 0
+
+
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+
+
+def filter_signature(prog: bytes) -> bytes:
+    """``prog`` with the exempt instruction pointer's two constants blanked: the same
+    for every guard filter whatever the process's vDSO address."""
+    insns = [prog[i : i + 8] for i in range(0, len(prog), 8)]
+    if len(insns) > 5 and insns[2][:4] == struct.pack("=HBB", _LD_W_ABS, 0, 0) and (
+        struct.unpack_from("=I", insns[2], 4)[0] == 8
+    ):
+        for i in (3, 5):
+            insns[i] = insns[i][:4] + b"\0\0\0\0"
+    return b"".join(insns)
+
+
+def has_guard_filter(tid: int) -> bool:
+    """Does the (ptrace-stopped, by us) task carry a guard filter? PTRACE_SECCOMP_GET_FILTER
+    dumps each classic BPF filter of its chain (root only)."""
+    from procksm.inject import ptrace
+
+    ours = {filter_signature(build_filter(None)), filter_signature(build_filter(1 << 40))}
+    for index in range(64):
+        try:
+            n = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0)
+        except OSError:
+            return False  # ENOENT: past the last filter; EACCES/EINVAL: cannot tell
+        buf = ctypes.create_string_buffer(8 * n)
+        try:
+            ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buf))
+        except OSError:
+            return False
+        if filter_signature(buf.raw) in ours:
+            return True
+    return False
 
 
 def _in_vdso(pid: int, addr: int) -> bool:

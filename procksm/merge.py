@@ -669,6 +669,7 @@ class MergeEngine(Closing):
                         refused.append(Refusal(pid, 0, 0, err.message))
                         res.pages_refused += sum(x.npages for x in extents)
                         return
+            # None: guarded already, through a filter inherited from a guarded parent
             if client is not None and listener is not None:
                 try:
                     client.hand_over(pid, *listener)

@@ -258,3 +258,54 @@ def test_guard_socket_rejects_bad_requests(spawn, guard_dir) -> None:  # type: i
     # the guard is unaffected: still guarding, still answering
     assert a.command("dontneed identical 1 1") == "OK"
     assert a.command("check").startswith("OK")
+
+
+FORKER = r"""
+import mmap, os, sys
+PRIV = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+data = mmap.mmap(-1, 8 << 20, flags=PRIV)
+for i in range(0, 8 << 20, 4096):
+    data[i:i + 8] = (i // 4096 + 1).to_bytes(8, "little")
+print("READY pid=%d" % os.getpid(), flush=True)
+sys.stdin.readline()                      # "fork"
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    more = mmap.mmap(-1, 4 << 20, flags=PRIV)   # new memory after the fork, to merge
+    for i in range(0, 4 << 20, 4096):
+        more[i:i + 8] = (i // 4096 + 7).to_bytes(8, "little")
+    os.write(w, b"x")
+    os.read(r, 1) if False else sys.stdin.readline()
+    os._exit(0)
+os.read(r, 1)
+print("CHILD pid=%d" % child, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_child_of_a_guarded_process_is_guarded_by_the_inherited_filter(  # type: ignore[no-untyped-def]
+    spawn, guard_dir
+) -> None:
+    """The kernel allows one listener per filter chain (seccomp() fails with EBUSY): a
+    child forked after its parent was guarded carries the guard's filter already, and
+    procksm recognises it (PTRACE_SECCOMP_GET_FILTER) instead of refusing the child."""
+    require_privileges()
+    parent = spawn([sys.executable, "-c", FORKER])
+    twin = spawn([sys.executable, "-c", FORKER])
+    with MergeEngine([parent.pid, twin.pid], MergeOptions()) as eng:
+        res = eng.run()
+    assert all(t.guard_installed for t in res.targets), res.as_json()
+    answer = parent.command("fork")
+    child = int(answer.split("=")[1])
+    assert status(child, "Seccomp_filters") == "1"
+    # the child's new memory duplicates the twin's? no: merge it with the child's own
+    # copy in the twin after the twin forks too
+    answer = twin.command("fork")
+    twin_child = int(answer.split("=")[1])
+    with MergeEngine([child, twin_child], MergeOptions()) as eng:
+        res = eng.run()
+    doc = res.as_json()
+    assert not [r for r in doc["refused"] if "seccomp" in r["reason"]], doc["refused"]
+    assert all(t.error is None for t in res.targets), doc
+    assert res.pages_merged >= 2 * 1024  # the 4 MiB each child wrote after its fork
+    assert status(child, "Seccomp_filters") == "1"  # nothing stacked
