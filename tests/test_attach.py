@@ -481,9 +481,12 @@ with PtraceSession(int(sys.argv[1])) as session:
 
 
 def _session_child(pid: int, body_seconds: float) -> subprocess.Popen[str]:
+    # SIGINT back to its default first: a shell starts background jobs (`make test &`)
+    # with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD_SESSION, str(pid), str(body_seconds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "STOPPED"
