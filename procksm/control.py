@@ -67,13 +67,7 @@ class ControlServer:
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise ProcksmError(f"{self.path} exists and is not a socket; not replacing it")
             os.unlink(self.path)  # a dead daemon's socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # 0600 from the start (umask), not chmod after bind: no window where others connect
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
+        sock = bind_owner_only(self.path)
         sock.listen(16)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="procksm-control", daemon=True)
@@ -136,6 +130,21 @@ class ControlServer:
             self.errors += 1
             answer = f"error: internal error: {e!r}\n"
         conn.sendall(answer.encode())
+
+
+def bind_owner_only(path: str) -> socket.socket:
+    """A unix stream socket bound at ``path`` with mode 0600 from the start (umask, not
+    chmod after bind: no window in which others could connect)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock
 
 
 def peer_uid(conn: socket.socket) -> int:

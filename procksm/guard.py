@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from procksm import PAGE_SIZE, procfs
+from procksm.control import bind_owner_only, peer_uid
 from procksm.errors import NoSuchProcess, ProcksmError
 from procksm.locks import lock_dir
 
@@ -509,13 +510,7 @@ class GuardService:
             return 0  # another guard serves this socket
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            srv.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)  # root's (or this user's) procksm only
+        srv = bind_owner_only(self.path)  # root's (or this user's) procksm only
         srv.listen(16)
         srv.setblocking(False)
         self.sel.register(srv, selectors.EVENT_READ, None)
@@ -549,8 +544,7 @@ class GuardService:
         self._last_activity = time.monotonic()
         with conn:
             conn.settimeout(5)
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
+            uid = peer_uid(conn)
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
             except OSError:

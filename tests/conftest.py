@@ -192,3 +192,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # Read at import time by the test modules, which are imported after this hook.
     if config.getoption("--long", default=False):
         os.environ["PROCKSM_LONG"] = "1"
+
+
+def thread_states(pid: int) -> dict[int, tuple[str, str]]:
+    """{tid: (state letter, TracerPid)} of a process's threads (exited ones skipped)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        tracer = next(x for x in status.splitlines() if x.startswith("TracerPid:")).split()[1]
+        out[int(tid)] = (stat.rsplit(")", 1)[1].split()[0], tracer)
+    return out

@@ -14,26 +14,15 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from procksm.merge import merged_ranges
-from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm
+from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm, thread_states
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 # 25 rounds here and 25 during unmerge (tests/test_reliability.py): >= 50 in CI; --long x10
 ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "25")) * (
     10 if os.environ.get("PROCKSM_LONG") == "1" else 1
 )
-
-
-def thread_states(pid: int) -> dict[int, tuple[str, str]]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        tracer = next(x for x in status.splitlines() if x.startswith("TracerPid:")).split()[1]
-        out[int(tid)] = (stat.rsplit(")", 1)[1].split()[0], tracer)
-    return out
 
 
 def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  # type: ignore[no-untyped-def]

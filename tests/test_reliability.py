@@ -20,23 +20,17 @@ from pathlib import Path
 import pytest
 
 from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
-from tests.conftest import ROOT, Target, build_c_target, require_privileges, run_procksm
+from tests.conftest import (
+    ROOT,
+    Target,
+    build_c_target,
+    require_privileges,
+    run_procksm,
+    thread_states,
+)
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 LONG = 10 if os.environ.get("PROCKSM_LONG") == "1" else 1
-
-
-def thread_states(pid: int) -> dict[int, tuple[str, str]]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except OSError:
-            continue
-        tracer = next(x for x in status.splitlines() if x.startswith("TracerPid:")).split()[1]
-        out[int(tid)] = (stat.rsplit(")", 1)[1].split()[0], tracer)
-    return out
 
 
 def assert_intact(t: Target) -> int:
