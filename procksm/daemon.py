@@ -105,6 +105,13 @@ _OBSERVER_MAX_RANGES = 256
 _MAX_RUNS_PER_BATCH = 512
 # the longest one batch may run before the loop sleeps and answers the control socket
 _BATCH_MAX_S = 0.25
+# Idle back-off: after two full scans in a row that merged nothing (KSM needs two looks
+# at a page), the pause between batches doubles from 50 ms up to 1 s, and anything that
+# may bring new duplicates (an observer event, a control request, a new target) resets
+# it. Measured on two converged 32 MiB targets: the worker used 16.7 % of a CPU at the
+# default 25 % cap without it (1,198 full scans in 30 s of nothing to do).
+_IDLE_FIRST_SLEEP_S = 0.05
+_IDLE_MAX_SLEEP_S = 1.0
 
 # --------------------------------------------------------------------------------------
 # Settings: the knobs of /sys/kernel/mm/ksm (and the 2008 API's max_pages_to_merge)
@@ -600,6 +607,8 @@ class Daemon:
         self._unwatched: set[int] = set()  # targets whose merged ranges changed
         self._observed: set[int] = set()  # targets the observer counts COW breaks of
         self._last_poll = 0.0
+        self._idle_scans = 0  # full scans in a row that merged nothing
+        self._merged_this_scan = 0
         # one read buffer for every window (1 MiB: process_vm_readv's plateau, DESIGN §2.1)
         self._read_buffer = np.empty(1 << 20, np.uint8)
 
@@ -647,6 +656,7 @@ class Daemon:
             self.log(f"warning: no copy-on-write observer: {e.message}")
 
     def add_target(self, pid: int, parent: int | None = None) -> Target:
+        self._idle_scans = 0
         if pid in self.targets:
             raise UsageError(f"pid {pid} is already a target")
         if pid == os.getpid():
@@ -715,6 +725,7 @@ class Daemon:
     # --- control ----------------------------------------------------------------------
 
     def apply_settings(self, values: dict[str, float]) -> str:
+        self._idle_scans = 0
         with self.lock:
             for k, v in values.items():
                 setattr(self.settings, k, int(v) if k != "cpu_limit" else float(v))
@@ -725,6 +736,7 @@ class Daemon:
     def submit(self, fn: Callable[[], str], timeout: float = 30.0) -> str:
         """Run ``fn`` in the scan loop's thread between batches; its result or error."""
         reply = _Reply()
+        self._idle_scans = 0  # registered ranges, unmerges: there may be work again
         self._queue.append((fn, reply))
         self.wake.set()
         if not reply.done.wait(timeout):
@@ -822,6 +834,7 @@ class Daemon:
             self.maybe_publish()
             if r is not None:
                 slept_for = self._sleep_after(s, r, _thread_cpu() - cpu0, time.monotonic() - t0)
+                slept_for = max(slept_for, idle_sleep(self._idle_scans))
             self._sleep(slept_for if s.run == 1 and self.targets else 0.2)
         self.maybe_publish(force=True)
 
@@ -875,6 +888,8 @@ class Daemon:
             return
         from procksm.observe import Lifecycle
 
+        if events:
+            self._idle_scans = 0  # a write, a new mapping, a fork...: look again soon
         for ev in events:
             if not isinstance(ev, Lifecycle):
                 continue  # COW breaks: the observer counts them
@@ -999,6 +1014,8 @@ class Daemon:
     def _end_full_scan(self) -> None:
         if self._order:
             self.full_scans += 1
+        self._idle_scans = 0 if self._merged_this_scan else self._idle_scans + 1
+        self._merged_this_scan = 0
         self.unstable.reset()
         self._cursor = (0, 0, 0)
         if self.opts.follow_children:
@@ -1194,6 +1211,7 @@ class Daemon:
             if res.pauses:
                 tt.max_pause = max(tt.max_pause, max(res.pauses))
             tt.pages_merged_total += res.pages_merged
+            self._merged_this_scan += res.pages_merged + res.pages_zeroed
             tt.pages_refused += res.pages_refused
             self.zero_dropped_total += res.pages_zeroed
             if res.error:
@@ -1668,6 +1686,14 @@ def _alive(pid: int) -> bool:
         return not procfs.read_status(pid).is_zombie
     except ProcksmError:
         return False
+
+
+def idle_sleep(idle_scans: int) -> float:
+    """The least pause between batches after ``idle_scans`` full scans in a row that
+    merged nothing: none for the first two, then 50 ms doubling up to 1 s."""
+    if idle_scans < 2:
+        return 0.0
+    return min(_IDLE_MAX_SLEEP_S, _IDLE_FIRST_SLEEP_S * 2.0 ** min(idle_scans - 2, 16))
 
 
 def _cpu_seconds() -> float:

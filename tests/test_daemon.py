@@ -213,16 +213,48 @@ def test_cpu_limit_adapts_pages_to_scan(
                 "--pages-to-scan", 50000, "-q")  # fmt: skip
     wait_for(lambda: d.stats()["pages_to_scan"] != 50000, 30, "pages_to_scan adapted")
 
-    def cpu() -> float:
-        f = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / 100.0  # utime + stime, clock ticks
-
-    c0, t0 = cpu(), time.monotonic()
+    c0, t0 = tree_cpu(d.proc.pid), time.monotonic()
     time.sleep(4)
-    share = (cpu() - c0) / (time.monotonic() - t0)
+    share = (tree_cpu(d.proc.pid) - c0) / (time.monotonic() - t0)
     # the cap is the loop's; snapshots and the control socket add a little
     assert share < 0.25, f"{share:.0%} of a CPU with --cpu-limit 10"
     assert d.stats()["cpu_percent"] < 30
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `procksm attach` and its forked worker (which does the work)."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    total = 0
+    for p in pids:
+        f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(f[11]) + int(f[12])  # utime + stime, clock ticks
+    return total / 100.0
+
+
+def test_idle_backoff_once_converged(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """Converged targets cost next to nothing (the pause between batches grows to 1 s
+    after two full scans that merged nothing); a write to a target wakes it up."""
+    from procksm.daemon import idle_sleep
+
+    assert [idle_sleep(n) for n in range(8)] == [0, 0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+    argv = [planted, "--identical", 2048, "--seed", 5]
+    a, b = spawn(argv), spawn(argv)
+    d = daemons(tmp_path / "i.sock", [a.pid, b.pid], "--no-bpf", "-q")
+    wait_for(lambda: d.stats()["pages_sharing"] >= 2048, 60, "converged")
+    time.sleep(4)  # a few idle full scans
+    c0, t0 = tree_cpu(d.proc.pid), time.monotonic()
+    time.sleep(4)
+    share = (tree_cpu(d.proc.pid) - c0) / (time.monotonic() - t0)
+    assert share < 0.05, f"{share:.0%} of a CPU for converged targets"
+    # a COW break (seen by the pagemap observer) brings full scans back at once
+    scans = d.stats()["full_scans"]
+    assert a.command("write identical 7") == "OK"
+    time.sleep(3)
+    # idle, 3 s are at most 3-4 full scans (one batch each, 1 s apart)
+    assert d.fresh_stats()["full_scans"] - scans >= 6, "no wake-up after the write"
+    assert a.command("check").startswith("OK") and b.command("check").startswith("OK")
 
 
 def test_register_and_unregister_ranges(
