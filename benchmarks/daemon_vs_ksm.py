@@ -370,13 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     doc = {
         "machine": mvk.machine_line(),
-        "workload": {
-            "targets": w.targets,
-            "identical_pages": w.identical,
-            "zero_pages": w.zero,
-            "unique_pages": w.unique,
-            "seed": w.seed,
-        },
+        "workload": w.as_json(),
         "ideal_saved_pages": w.ideal_pages,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "ksm_settings_found": ctl.found if ctl is not None else None,

@@ -136,6 +136,16 @@ class Workload:
     def ideal_pages(self) -> int:
         return self.planted_pages - self.distinct_contents
 
+    def as_json(self) -> dict[str, int]:
+        """The workload as the results files record it."""
+        return {
+            "targets": self.targets,
+            "identical_pages": self.identical,
+            "zero_pages": self.zero,
+            "unique_pages": self.unique,
+            "seed": self.seed,
+        }
+
 
 @dataclass
 class Target:
@@ -881,14 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(machine, w, meds, goals, a)
     doc = {
         "machine": machine,
-        "workload": {
-            "targets": w.targets,
-            "identical_pages": w.identical,
-            "zero_pages": w.zero,
-            "unique_pages": w.unique,
-            "seed": w.seed,
-            "planted_pages": w.planted_pages,
-        },
+        "workload": {**w.as_json(), "planted_pages": w.planted_pages},
         "ideal_saved_pages": w.ideal_pages,
         "ideal_formula": "targets*(identical+zero+unique) - (identical + targets*unique)",
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

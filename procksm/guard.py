@@ -52,6 +52,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -59,7 +60,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -404,6 +404,14 @@ class GuardClient:
             raise
         return s
 
+    def running(self) -> bool:
+        """Does a guard answer on the socket (without starting one)?"""
+        try:
+            self._connect().close()
+        except OSError:
+            return False
+        return True
+
     def connect(self) -> socket.socket:
         """A connection to the guard; starts one if none runs."""
         with contextlib.suppress(OSError):
@@ -434,17 +442,20 @@ class GuardClient:
                 time.sleep(0.02)
 
     def _request(self, line: str, fds: list[int] | None = None) -> str:
-        with self.connect() as s:
-            if fds:
-                socket.send_fds(s, [line.encode() + b"\n"], fds)
-            else:
-                s.sendall(line.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+        try:
+            with self.connect() as s:
+                if fds:
+                    socket.send_fds(s, [line.encode() + b"\n"], fds)
+                else:
+                    s.sendall(line.encode() + b"\n")
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except OSError as e:  # at the boundary: the guard died or hung up mid-request
+            raise GuardError(f"madvise guard: {e.strerror or e}") from None
         reply = buf.decode(errors="replace").strip()
         if not reply.startswith("ok"):
             raise GuardError(f"madvise guard: {reply or 'no answer'}")
@@ -701,12 +712,10 @@ class GuardService:
         return None
 
 
-_POLLHUP = 0x10
+_POLLHUP = select.POLLHUP
 
 
 def select_poll(fd: int) -> int:
-    import select
-
     p = select.poll()
     p.register(fd, select.POLLIN | select.POLLHUP)
     for _fd, ev in p.poll(0):
@@ -743,8 +752,7 @@ def _log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} procksm-guard: {msg}", flush=True)
 
 
-@contextlib.contextmanager
-def _signals_for_service() -> Iterator[None]:
+def _signals_for_service() -> None:
     # Detached: terminal signals are not for the guard; SIGTERM ends it (documented:
     # guarded calls then fail with ENOSYS).
     # procksm may have started us from a stop window, where it blocks signals
@@ -757,12 +765,11 @@ def _signals_for_service() -> Iterator[None]:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    yield
 
 
 def serve(path: str | None = None, *, idle_exit: float = 10.0) -> int:
-    with _signals_for_service():
-        return GuardService(path or socket_path(), idle_exit=idle_exit).serve()
+    _signals_for_service()
+    return GuardService(path or socket_path(), idle_exit=idle_exit).serve()
 
 
 __all__ = [

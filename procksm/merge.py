@@ -643,6 +643,10 @@ class MergeEngine(Closing):
             # the default coredump_filter leaves out of kernel cores (procksm.coredump).
             coredump.keep_merged_in_cores(pid)
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
+        def refuse(reason: str) -> None:
+            refused.append(Refusal(pid, 0, 0, reason))
+            res.pages_refused += sum(x.npages for x in extents)
+
         client: guard.GuardClient | None = None
         if self.opts.guard and (extents or reguard):
             client = self._guard_client = self._guard_client or guard.GuardClient()
@@ -651,9 +655,7 @@ class MergeEngine(Closing):
                 if client.guarded(pid):
                     client = None
             except guard.GuardError as err:
-                refused.append(Refusal(pid, 0, 0, err.message))
-                res.pages_refused += sum(x.npages for x in extents)
-                return
+                return refuse(err.message)
         with PtraceSession(pid) as sess, _gc_paused():
             # The scratch page (arguments of the hand-over) gets a short window of its
             # own, so the first merge window is no longer than the others; the madvise
@@ -666,20 +668,15 @@ class MergeEngine(Closing):
                     try:
                         listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
                     except guard.GuardError as err:
-                        refused.append(Refusal(pid, 0, 0, err.message))
-                        res.pages_refused += sum(x.npages for x in extents)
-                        return
+                        return refuse(err.message)
             # None: guarded already, through a filter inherited from a guarded parent
             if client is not None and listener is not None:
                 try:
                     client.hand_over(pid, *listener)
-                except (guard.GuardError, OSError) as err:
+                except guard.GuardError as err:
                     # the filter is in but has no listener: its calls fail with ENOSYS
                     # (never stale memory); merge nothing more into this process
-                    msg = getattr(err, "message", None) or str(err)
-                    refused.append(Refusal(pid, 0, 0, f"madvise guard hand-over: {msg}"))
-                    res.pages_refused += sum(x.npages for x in extents)
-                    return
+                    return refuse(f"madvise guard hand-over: {err.message}")
                 finally:
                     os.close(listener[0])
                 res.guard_installed = True

@@ -49,13 +49,9 @@ class GuardCommand:
             raise UsageError(f"--idle-exit {args.idle_exit}: use a number of seconds >= 0")
         if args.list:
             client = guard.GuardClient(args.socket)
-            try:
-                s = client._connect()
-            except OSError:
-                stats: dict[str, object] = {"pid": None, "guarded": []}
-            else:
-                s.close()
-                stats = client.stats()
+            stats: dict[str, object] = (
+                client.stats() if client.running() else {"pid": None, "guarded": []}
+            )
             if args.json:
                 json.dump(stats, sys.stdout)
                 sys.stdout.write("\n")

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from procksm.snapshot import Snapshot
 from procksm.tui import live
+from procksm.tui.source import ControlActions
 
 
 class DaemonLike(Protocol):
@@ -36,27 +37,15 @@ class DaemonLike(Protocol):
     def run_forever(self) -> None: ...
 
 
-class HandlerActions:
+class HandlerActions(ControlActions):
     """The view's actions as control requests handled in-process (errors raise
     ProcksmError, as ``handle`` does for the control socket)."""
 
     def __init__(self, daemon: DaemonLike) -> None:
         self.daemon = daemon
 
-    def _ask(self, line: str) -> str:
-        reply = self.daemon.handle(line).strip()
-        if reply == "ok" or reply.startswith("ok "):
-            reply = reply[2:].strip()
-        return reply or f"{line}: done"
-
-    def pause(self) -> str:
-        return self._ask("pause")
-
-    def resume(self) -> str:
-        return self._ask("resume")
-
-    def unmerge(self, pid: int) -> str:
-        return self._ask(f"unmerge {pid}")
+    def _send(self, line: str) -> str:
+        return self.daemon.handle(line)
 
 
 def run_with_daemon(daemon: DaemonLike, *, interval: float = 1.0) -> int:

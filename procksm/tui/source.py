@@ -83,16 +83,15 @@ def socket_source(path: str = DEFAULT_CONTROL) -> Callable[[], Snapshot]:
     return source
 
 
-class SocketActions:
-    """Pause/resume/unmerge by asking the daemon (the view never touches a process)."""
+class ControlActions:
+    """Pause/resume/unmerge as control requests (the view never touches a process);
+    subclasses say how a request line reaches the daemon."""
 
-    def __init__(self, path: str = DEFAULT_CONTROL) -> None:
-        self.path = path
+    def _send(self, line: str) -> str:
+        raise NotImplementedError
 
     def _ask(self, line: str) -> str:
-        reply = request(self.path, line).decode(errors="replace").strip()
-        if reply.startswith("error:"):
-            raise ProcksmError(reply.removeprefix("error:").strip())
+        reply = self._send(line).strip()
         if reply == "ok" or reply.startswith("ok "):
             reply = reply[2:].strip()
         return reply or f"{line}: done"
@@ -107,4 +106,17 @@ class SocketActions:
         return self._ask(f"unmerge {pid}")
 
 
-__all__ = ["DEFAULT_CONTROL", "SocketActions", "request", "socket_source"]
+class SocketActions(ControlActions):
+    """The actions over the daemon's control socket."""
+
+    def __init__(self, path: str = DEFAULT_CONTROL) -> None:
+        self.path = path
+
+    def _send(self, line: str) -> str:
+        reply = request(self.path, line).decode(errors="replace").strip()
+        if reply.startswith("error:"):
+            raise ProcksmError(reply.removeprefix("error:").strip())
+        return reply
+
+
+__all__ = ["DEFAULT_CONTROL", "ControlActions", "SocketActions", "request", "socket_source"]

@@ -333,6 +333,11 @@ static void resize_tables(int r, size_t n) {
     npages[r] = n;
 }
 
+/* pages [i, i+n) of region r were dropped: they read zeros now */
+static void mark_zeroed(int r, size_t i, size_t n) {
+    for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+}
+
 struct dontneed_job { unsigned char *addr; size_t len; int err; };
 
 static void *dontneed_thread(void *arg) {
@@ -451,7 +456,7 @@ int main(int argc, char **argv) {
                 printf("ERR errno=%d\n", errno);
                 continue;
             }
-            for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+            mark_zeroed(r, i, n);
             printf("OK\n");
         } else if (!strcmp(cmd, "mmap") && got >= 2) {
             size_t n = strtoul(reg, 0, 0);
@@ -466,35 +471,25 @@ int main(int argc, char **argv) {
             if (r < 0 || i >= npages[r] || n > 255) { printf("ERR bad region/page\n"); continue; }
             override_byte[r][i] = (int16_t)n;
             printf("OK\n");
-        } else if (!strcmp(cmd, "fork")) {
-            int pfd[2];
-            if (pipe(pfd)) { printf("ERR errno=%d\n", errno); continue; }
-            fflush(stdout);
-            pid_t c = fork();
-            if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
-            if (c == 0) {
-                char msg[256] = "";
-                long ok = check_all(tmp, msg, sizeof msg);
-                if (ok >= 0) snprintf(msg, sizeof msg, "OK pages=%ld", ok);
-                if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
-                _exit(ok < 0 ? 1 : 0);
-            }
-            close(pfd[1]);
-            report_child(c, pfd[0]);
-        } else if ((!strcmp(cmd, "forkdontneed") || !strcmp(cmd, "threaddontneed")) && got >= 4) {
-            /* MADV_DONTNEED from a child forked now, or from a thread created now (both
-             * after any merge): the pages must read zeros there; then check everything */
+        } else if (!strcmp(cmd, "threaddontneed") && got >= 4) {
+            /* MADV_DONTNEED from a thread created now (after any merge): the pages are
+             * expected zero afterwards, like "dontneed" */
             int r = region_by_name(reg);
             if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
-            if (!strcmp(cmd, "threaddontneed")) {
-                struct dontneed_job job = { base[r] + i * PAGE, n * PAGE, 0 };
-                pthread_t th;
-                pthread_create(&th, NULL, dontneed_thread, &job);
-                pthread_join(th, NULL);
-                if (job.err) { printf("ERR errno=%d\n", job.err); continue; }
-                for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
-                printf("OK\n");
-                continue;
+            struct dontneed_job job = { base[r] + i * PAGE, n * PAGE, 0 };
+            pthread_t th;
+            pthread_create(&th, NULL, dontneed_thread, &job);
+            pthread_join(th, NULL);
+            if (job.err) { printf("ERR errno=%d\n", job.err); continue; }
+            mark_zeroed(r, i, n);
+            printf("OK\n");
+        } else if (!strcmp(cmd, "fork") || (!strcmp(cmd, "forkdontneed") && got >= 4)) {
+            /* forkdontneed: the child forked now (after any merge) first drops those
+             * pages with MADV_DONTNEED, which must read zeros there, then checks */
+            int r = -1;
+            if (strcmp(cmd, "fork")) {
+                r = region_by_name(reg);
+                if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
             }
             int pfd[2];
             if (pipe(pfd)) { printf("ERR errno=%d\n", errno); continue; }
@@ -503,12 +498,12 @@ int main(int argc, char **argv) {
             if (c < 0) { printf("ERR errno=%d\n", errno); continue; }
             if (c == 0) {
                 char msg[256] = "";
-                if (madvise(base[r] + i * PAGE, n * PAGE, MADV_DONTNEED)) {
+                if (r >= 0 && madvise(base[r] + i * PAGE, n * PAGE, MADV_DONTNEED)) {
                     snprintf(msg, sizeof msg, "ERR errno=%d", errno);
                     if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
                     _exit(2);
                 }
-                for (size_t p = i; p < i + n; p++) zeroed[r][p] = 1, override_byte[r][p] = -1;
+                if (r >= 0) mark_zeroed(r, i, n);
                 long ok = check_all(tmp, msg, sizeof msg);
                 if (ok >= 0) snprintf(msg, sizeof msg, "OK pages=%ld", ok);
                 if (write(pfd[1], msg, strlen(msg)) < 0) _exit(3);
