@@ -65,6 +65,7 @@ from procksm.analysis import (
     ScanInput,
 )
 from procksm.attach import check_attachable
+from procksm.backoff import RemergeBackoff
 from procksm.errors import NoSuchProcess, ProcksmError, UsageError
 from procksm.locks import target_locks
 from procksm.merge import (
@@ -90,7 +91,10 @@ LogFn = Callable[[str], None]
 # against mremap growth reading another's content), and with both on one grid a later
 # batch's run always does, whatever pages_to_scan is at the time (measured: without it,
 # a CPU cap that changed pages_to_scan left 14 % of the standard workload's saving
-# unreached after 90 full scans). 2048 pages = 8 MiB: 32 memfds per GiB merged.
+# unreached after 90 full scans). 2048 pages = 8 MiB: 32 memfds per GiB merged. With the
+# madvise guard (the default) the engine lets a run join anywhere in a memfd (the guard
+# unmerges before an mremap grow); the grid still gives identical layouts identical
+# windows, hence runs that line up across processes.
 GRANULE_PAGES = 2048
 # CPU seconds one batch should cost when cpu_limit adapts pages_to_scan
 _BATCH_CPU_S = 0.1
@@ -278,6 +282,9 @@ class Part:
     name: str
     perms: str
     rss_pages: int
+    # one of procksm's own segment mappings: only the pages a write copied there (now
+    # anonymous) are read, and merged again like any other page (never as zero pages)
+    merged: bool = False
 
 
 @dataclass
@@ -316,10 +323,10 @@ class Target:
         parts: list[Part] = []
         merged: list[procfs.Vma] = []
         for vma in procfs.read_vmas(self.pid):
-            if vma.path.startswith(SEGMENT_NAME_PREFIX):
+            ours = vma.path.startswith(SEGMENT_NAME_PREFIX)
+            if ours:
                 merged.append(vma)
-                continue
-            if procfs.ineligibility(vma) is not None:
+            if procfs.ineligibility(vma, ours=ours) is not None:
                 continue
             for s, e in self.reg.select(vma):
                 parts.append(
@@ -331,6 +338,7 @@ class Target:
                         vma.name,
                         vma.perms,
                         vma.rss_kb * 1024 // PAGE_SIZE,
+                        merged=ours,
                     )
                 )
         self.parts = parts
@@ -543,6 +551,10 @@ class DaemonOptions:
     # Copy-on-write breaks and lifecycle events (procksm.observe): None = eBPF when it
     # works, else pagemap polling; False = pagemap polling (--no-bpf).
     use_bpf: bool | None = None
+    # Volatility learned from observation (procksm.backoff): a range that a write broke
+    # less than remerge_soon_s after its merge is held back for 2**level full scans.
+    remerge_backoff: bool = True
+    remerge_soon_s: float = 30.0
     snapshot_interval_s: float = 1.0
     history: int = 120
 
@@ -583,6 +595,8 @@ class Daemon:
         self.checksums = ChecksumTable()
         self.unstable = _Unstable()
         self.ages = PageAges()
+        self.backoff = RemergeBackoff(self.opts.remerge_soon_s)
+        self.pages_remerged = 0  # copied pages of segment mappings merged again
         self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
         self._stable_keys: set[tuple[int, int]] = set()
         self._stable_sorted = np.zeros(0, np.uint64)
@@ -695,9 +709,7 @@ class Daemon:
                 self._cursor = (p - 1, i, a)
             elif p == pos:
                 self._cursor = (p, 0, 0)
-        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
-        self.unstable.forget_target(t.index)
-        self.ages.forget_target(t.index)
+        self._forget(t)
         t.lock.close()
         if self.observer is not None and t.pid in self._observed:
             self._observed.discard(t.pid)
@@ -706,11 +718,17 @@ class Daemon:
         self.exit_events.append(f"{t.pid}: {why}")
         self.log(f"pid {t.pid} ({t.name}): {why}")
 
-    def _reset_target(self, t: Target, why: str) -> None:
-        """exec: the pid stays, its memory is new. Forget everything known of it."""
-        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
+    def _forget(self, t: Target) -> None:
+        """Forget what the scan learned of ``t``'s pages (checksums, trees, ages)."""
+        lo, hi = page_ref(t.index, 0), page_ref(t.index + 1, 0)
+        self.checksums.forget(lo, hi)
         self.unstable.forget_target(t.index)
         self.ages.forget_target(t.index)
+        self.backoff.forget(lo, hi)
+
+    def _reset_target(self, t: Target, why: str) -> None:
+        """exec: the pid stays, its memory is new. Forget everything known of it."""
+        self._forget(t)
         t.index = self._next_index
         self._next_index += 1
         t.zero_runs.clear()
@@ -891,9 +909,14 @@ class Daemon:
         if events:
             self._idle_scans = 0  # a write, a new mapping, a fork...: look again soon
         for ev in events:
-            if not isinstance(ev, Lifecycle):
-                continue  # COW breaks: the observer counts them
             t = self.targets.get(ev.pid)
+            if not isinstance(ev, Lifecycle):
+                # a COW break (the observer counts them): volatility learned from it
+                if t is not None and self.opts.remerge_backoff:
+                    self.backoff.broke(
+                        page_ref(t.index, ev.addr // PAGE_SIZE), now, self.full_scans
+                    )
+                continue
             if ev.kind == "exit" and t is not None and not _alive(ev.pid):
                 self._drop(t, "exited")
             elif ev.kind == "exec" and t is not None:
@@ -1071,7 +1094,7 @@ class Daemon:
         ]
         if not ranges:
             return r
-        tab, addr = self._read_window(t.pid, ranges)
+        tab, addr = self._read_window(t.pid, ranges, copied_only=part.merged)
         n = len(tab)
         r.scanned = n
         self.pages_scanned += n
@@ -1081,8 +1104,16 @@ class Daemon:
         readable = tab.content != -2  # CONTENT_VOLATILE: vanished while read
         stable = np.zeros(n, bool)
         stable[readable] = self.checksums.update(refs[readable], tab.hash[readable])
-        zero = stable & (tab.content == CONTENT_ZERO)
-        cand = stable & ~zero
+        zero_content = stable & (tab.content == CONTENT_ZERO)
+        # In a segment mapping MADV_DONTNEED brings back the segment's bytes, not zeros:
+        # a copied page that is all zeros there stays as it is (merge._verify_zero
+        # refuses it as well)
+        zero = np.zeros(n, bool) if part.merged else zero_content
+        cand = stable & ~zero_content
+        if part.merged and self.opts.remerge_backoff:
+            # ranges that broke soon after their last merge wait (procksm.backoff); they
+            # stay out of the unstable tree too, or a partner would merge them
+            cand &= ~self.backoff.held(refs, self.full_scans)
         # stable tree (procksm's segments) and unstable tree (this full scan), by hash;
         # bytes are compared under stop before anything is mapped
         h = tab.hash
@@ -1124,9 +1155,12 @@ class Daemon:
         self.ages.update(refs[readable], merged[readable], ~stable[readable])
         return r
 
-    def _read_window(self, pid: int, ranges: list[AddressRange]) -> tuple[PageTable, np.ndarray]:
+    def _read_window(
+        self, pid: int, ranges: list[AddressRange], copied_only: bool = False
+    ) -> tuple[PageTable, np.ndarray]:
         """Hash the present pages of ``ranges`` (pagemap first: absent pages and the zero
-        page are never read, nothing is faulted in). The VMAs' eligibility was checked
+        page are never read, nothing is faulted in); ``copied_only``: only anonymous
+        pages (in a segment mapping: the pages a write copied). The VMAs' eligibility was checked
         when the target's pass began (smaps, once per full scan); a range unmapped since
         reads short and its pages come out unreadable (CONTENT_VOLATILE), and the merge
         re-checks every VMA under stop anyway."""
@@ -1137,7 +1171,10 @@ class Daemon:
             for r in ranges:
                 ent = pm.read(r.start, r.end)
                 pfn = ent & procfs.PM_PFN_MASK
-                idx = np.flatnonzero(procfs.present_mask(ent) & (pfn != zero_pfn))
+                want = procfs.present_mask(ent) & (pfn != zero_pfn)
+                if copied_only:
+                    want &= (ent & procfs.PM_FILE) == 0
+                idx = np.flatnonzero(want)
                 if idx.size:
                     chunks.append((r.start, idx, pfn[idx], ent))
                     total += idx.size
@@ -1226,6 +1263,11 @@ class Daemon:
         self._unwatched.update(pids)
         # which rows are merged now: pagemap (file page or dropped zero page)
         now = self._merged_now(rows_ref)
+        merged_refs = rows_ref[now]
+        if self.opts.remerge_backoff:
+            self.backoff.merged(merged_refs, time.monotonic())
+        # t.parts are as scanned: a merged row in a segment part was a copied page
+        self.pages_remerged += int(self._in_segment_parts(merged_refs).sum())
         n_batch = int(sel.sum())
         batch_merged = np.zeros(len(tab), bool)
         batch_merged[np.flatnonzero(sel)] = now[:n_batch]
@@ -1243,6 +1285,22 @@ class Daemon:
             self.unstable.kill(c, pos[now[off : off + k]])
             off += k
         return batch_merged
+
+    def _in_segment_parts(self, refs: np.ndarray) -> np.ndarray:
+        """Which of ``refs`` lie in a scanned part that is a procksm segment mapping."""
+        out = np.zeros(refs.size, bool)
+        for t in self.targets.values():
+            lo, hi = page_ref(t.index, 0), page_ref(t.index + 1, 0)
+            sel = np.flatnonzero((refs >= lo) & (refs < hi))
+            if sel.size == 0 or not any(p.merged for p in t.parts):
+                continue
+            addr = ((refs[sel] - lo) * PAGE_SIZE).astype(np.int64)
+            starts = np.array([p.start for p in t.parts], np.int64)
+            ends = np.array([p.end for p in t.parts], np.int64)
+            ours = np.array([p.merged for p in t.parts], bool)
+            i = np.maximum(np.searchsorted(starts, addr, side="right") - 1, 0)
+            out[sel] = (addr >= starts[i]) & (addr < ends[i]) & ours[i]
+        return out
 
     def _enforce_pause_budget(self, pauses: Sequence[float]) -> None:
         """A round whose median stop is over the budget halves the pages per stop (down
@@ -1351,9 +1409,7 @@ class Daemon:
             raise UsageError(f"pid {pid} is not a target")
         n = self._unmerge_target(t)
         t.reg = Registration(everything=False)
-        self.checksums.forget(page_ref(t.index, 0), page_ref(t.index + 1, 0))
-        self.unstable.forget_target(t.index)
-        self.ages.forget_target(t.index)
+        self._forget(t)
         t.zero_runs.clear()
         return f"pid {pid}: unmerged {n} pages; not scanned until 'register {pid} all'"
 
@@ -1384,6 +1440,7 @@ class Daemon:
         self.checksums = ChecksumTable()
         self.unstable.reset()
         self.ages = PageAges()
+        self.backoff.clear()
         self.segment_hashes.clear()
         for t in self.targets.values():
             t.zero_runs.clear()
@@ -1482,6 +1539,7 @@ class Daemon:
             self.checksums.nbytes
             + self.unstable.nbytes
             + self.ages.nbytes
+            + self.backoff.nbytes
             + sum(h.nbytes for h in self.segment_hashes.values())
         )
         pauses = np.array(self._all_pauses) * 1000 if self._all_pauses else np.zeros(0)
@@ -1512,6 +1570,7 @@ class Daemon:
                             _zero_in(t.zero_runs, p.start, p.end),
                         )
                         for p in t.parts
+                        if not p.merged
                     ]
                     + [
                         MappingSnapshot("[procksm]", v.start, v.end, v.npages, v.npages)
@@ -1536,6 +1595,8 @@ class Daemon:
             pages_zero=pages_zero,
             full_scans=self.full_scans,
             cow_breaks=cow,
+            pages_remerged=self.pages_remerged,
+            ranges_held=self.backoff.ranges_held(),
             general_profit_bytes=saved - meta,
             scan_rate_pages_s=round((self.pages_scanned - scanned_prev) / dt, 1),
             cpu_percent=round(100.0 * (cpu - cpu_prev) / dt, 2),
@@ -1577,6 +1638,8 @@ def stats_text(snap: Snapshot) -> str:
         "pages_zero",
         "full_scans",
         "cow_breaks",
+        "pages_remerged",
+        "ranges_held",
         "general_profit_bytes",
         "saved_bytes",
         "scan_rate_pages_s",

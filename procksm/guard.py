@@ -345,8 +345,10 @@ def filter_signature(prog: bytes) -> bytes:
     """``prog`` with the exempt instruction pointer's two constants blanked: the same
     for every guard filter whatever the process's vDSO address."""
     insns = [prog[i : i + 8] for i in range(0, len(prog), 8)]
-    if len(insns) > 5 and insns[2][:4] == struct.pack("=HBB", _LD_W_ABS, 0, 0) and (
-        struct.unpack_from("=I", insns[2], 4)[0] == 8
+    if (
+        len(insns) > 5
+        and insns[2][:4] == struct.pack("=HBB", _LD_W_ABS, 0, 0)
+        and (struct.unpack_from("=I", insns[2], 4)[0] == 8)
     ):
         for i in (3, 5):
             insns[i] = insns[i][:4] + b"\0\0\0\0"
@@ -684,7 +686,6 @@ class GuardService:
             return True
         self.unmerged_pages += unmerge_pieces(tgid, pieces)
         return True
-
 
     def _vmas(self, tid: int, start: int, end: int) -> list[procfs.QueriedVma] | None:
         """The VMAs of [start, end) in tid's process, through a /proc/TID/maps kept open

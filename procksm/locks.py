@@ -61,9 +61,7 @@ def remove_stale_files(directory: str, prefix: str, suffix: str) -> int:
 
 def remove_stale_locks(directory: str) -> int:
     """Lock files of targets that no longer exist."""
-    return remove_stale_files(directory, "", ".lock") + remove_stale_files(
-        directory, "", ".window"
-    )
+    return remove_stale_files(directory, "", ".lock") + remove_stale_files(directory, "", ".window")
 
 
 @contextlib.contextmanager

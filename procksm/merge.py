@@ -434,7 +434,10 @@ class MergeEngine(Closing):
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
         existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
-        joins = _match_existing(scan, mergeable, existing) if existing else {}
+        # With the guard a merged range never grows (procksm.guard unmerges it before an
+        # mremap grow), so neither new pieces nor joins need a hole right after them.
+        tail_only = not self.opts.guard
+        joins = _match_existing(scan, mergeable, existing, tail_only) if existing else {}
         budgets = {
             pid: vma_budget(
                 procfs.max_map_count(), len(procfs.read_maps(pid)), self.opts.vma_budget_cap
@@ -447,6 +450,7 @@ class MergeEngine(Closing):
             segment_pages=self.opts.segment_pages,
             budgets=budgets,
             zero_pages=self.opts.zero_pages,
+            cut_at_extent_ends=tail_only,
         )
         say(f"writing {plan.nslots:,} slots")
         self._write_slots(scan, plan)
@@ -643,6 +647,7 @@ class MergeEngine(Closing):
             # the default coredump_filter leaves out of kernel cores (procksm.coredump).
             coredump.keep_merged_in_cores(pid)
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
+
         def refuse(reason: str) -> None:
             refused.append(Refusal(pid, 0, 0, reason))
             res.pages_refused += sum(x.npages for x in extents)
@@ -744,7 +749,7 @@ class MergeEngine(Closing):
                 res.pages_refused += e.npages
                 continue
             vma = _vma_covering(maps, e.addr, e.end)
-            if vma is None or not _still_anonymous(vma):
+            if vma is None or not _still_mergeable(vma):
                 # unmapped, remapped or changed since the scan: never map over it
                 res.pages_volatile += e.npages
                 continue
@@ -857,13 +862,17 @@ class MergeEngine(Closing):
 
 
 def _match_existing(
-    scan: ScanInput, mergeable: np.ndarray, existing: list[tuple[Segment, np.ndarray]]
+    scan: ScanInput,
+    mergeable: np.ndarray,
+    existing: list[tuple[Segment, np.ndarray]],
+    tail_only: bool = True,
 ) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Runs of scanned pages that equal (by hash; bytes are compared under stop) the
-    tail of an adopted segment: ``{pid: [(addr, npages, segment index, first page)]}``.
+    """Runs of scanned pages that equal (by hash; bytes are compared under stop) pages
+    of an adopted segment: ``{pid: [(addr, npages, segment index, first page)]}``.
 
-    A run must end at its segment's last data page, so that, as for new pieces, nothing
-    but the hole follows it in the file (mremap growth reads zeros). Rows of accepted
+    With ``tail_only`` (no madvise guard) a run must end at its segment's last data
+    page, so that, as for new pieces, nothing but the hole follows it in the file
+    (mremap growth reads zeros). Rows of accepted
     runs are taken out of ``mergeable`` (they need no new slot).
     """
     t = scan.pages
@@ -891,7 +900,7 @@ def _match_existing(
     out: dict[int, list[tuple[int, int, int, int]]] = {}
     for a, b in split_runs(new_run, rows.size):
         i = int(r_seg[a])
-        if int(r_page[b - 1]) + 1 != existing[i][0].npages:
+        if tail_only and int(r_page[b - 1]) + 1 != existing[i][0].npages:
             continue  # not the segment's tail: a new slot run is safer
         pid = scan.processes[scan.mappings[int(mp[a])].proc].pid
         out.setdefault(pid, []).append((int(addr[a]), b - a, i, int(r_page[a])))
@@ -993,6 +1002,16 @@ def _still_anonymous(v: procfs.QueriedVma) -> bool:
         and v.is_anonymous
         and not v.name.startswith(("[stack", "[anon:"))
     )
+
+
+def _still_mergeable(v: procfs.QueriedVma) -> bool:
+    """Where a slot may be mapped over pages equal to it: private anonymous memory as
+    above, or one of procksm's own segment mappings, read-write and private (pages a
+    write copied there are merged again by the daemon). Never for zero pages: there
+    MADV_DONTNEED would bring back the segment's bytes, not zeros (_verify_zero)."""
+    if _still_anonymous(v):
+        return True
+    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.name.startswith(SEGMENT_NAME_PREFIX)
 
 
 def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:

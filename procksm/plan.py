@@ -95,8 +95,12 @@ def plan_merge(
     segment_pages: int,
     budgets: dict[int, int],
     zero_pages: bool = True,
+    cut_at_extent_ends: bool = True,
 ) -> MergePlan:
     """Plan slots and extents for the rows where ``mergeable`` is True.
+
+    ``cut_at_extent_ends``: end a memfd wherever an extent ends (split_at_extent_ends);
+    not needed where the madvise guard unmerges a merged range before mremap grows it.
 
     Rows with a content id shared by at least two distinct frames become slot users;
     zero rows become zero extents (when ``zero_pages``). ``budgets`` maps a pid to its
@@ -147,7 +151,9 @@ def plan_merge(
 
     for tp in targets.values():
         apply_budget(tp, budgets.get(tp.pid, 0))
-    piece_starts = split_at_extent_ends(list(targets.values()), slot_rows.size, segment_pages)
+    piece_starts = split_at_extent_ends(
+        list(targets.values()), slot_rows.size, segment_pages, at_extent_ends=cut_at_extent_ends
+    )
     for tp in targets.values():
         apply_budget(tp, budgets.get(tp.pid, 0))  # splitting may have added extents
     return MergePlan(
@@ -168,9 +174,12 @@ def apply_budget(tp: TargetPlan, budget: int) -> None:
         tp.extents = sorted(keep, key=lambda e: e.addr)
 
 
-def split_at_extent_ends(targets: list[TargetPlan], nslots: int, segment_pages: int) -> np.ndarray:
-    """Cut the slots into pieces that end wherever any target's extent ends; split the
-    extents at piece starts. Returns the piece starts.
+def split_at_extent_ends(
+    targets: list[TargetPlan], nslots: int, segment_pages: int, *, at_extent_ends: bool = True
+) -> np.ndarray:
+    """Cut the slots into pieces that end wherever any target's extent ends (with
+    ``at_extent_ends``; always every ``segment_pages``); split the extents at piece
+    starts. Returns the piece starts.
 
     Why: ``mremap`` can grow a mapping in place, and a grown file mapping maps the file
     offsets that follow it. Were another extent's slots there, the grown pages would read
@@ -178,8 +187,14 @@ def split_at_extent_ends(targets: list[TargetPlan], nslots: int, segment_pages: 
     zeros (measured). Each piece is its own memfd whose file continues with a large hole
     (MergeOptions.tail_gap_pages), which reads as zeros, like the anonymous memory that
     a growing anonymous mapping gets.
+
+    Where the madvise guard watches the targets (procksm.guard), an mremap that would
+    grow a merged range is stopped and the range unmerged before the call runs, so no
+    mapping ever grows over the slots that follow it: a memfd then holds many extents,
+    and a stop window hands over one fd instead of one per extent (the scattered
+    layout's every-other-page extents each had a memfd of their own).
     """
-    ends = {e.slot + e.npages for tp in targets for e in tp.extents}
+    ends = {e.slot + e.npages for tp in targets for e in tp.extents} if at_extent_ends else set()
     ends.update(range(segment_pages, nslots, segment_pages))
     starts = np.array(sorted({0, *ends} - {nslots}), dtype=np.int64)
     starts = starts[starts < max(nslots, 1)]

@@ -347,8 +347,13 @@ _REQUIRED_VMFLAGS = (
 )
 
 
-def ineligibility(vma: Vma) -> str | None:
-    """None if procksm may merge pages of this VMA; else a short reason for reports."""
+def ineligibility(vma: Vma, *, ours: bool = False) -> str | None:
+    """None if procksm may merge pages of this VMA; else a short reason for reports.
+
+    ``ours``: the VMA maps one of procksm's own sealed segments (the caller knows them by
+    name). Its file backing is procksm's, so the file-backed rule does not apply: pages a
+    write copied there are anonymous and may be merged again. Every other rule does (a
+    target may have mlocked it or changed its protection since the merge)."""
     path = vma.path
     if path.startswith("[stack"):
         return "stack"
@@ -356,7 +361,7 @@ def ineligibility(vma: Vma) -> str | None:
         return f"kernel mapping {path}"
     if vma.shared:
         return "shared mapping"
-    if not vma.is_anonymous:
+    if not vma.is_anonymous and not ours:
         return "file-backed"
     if path.startswith("[anon:"):
         # prctl(PR_SET_VMA_ANON_NAME): the replacement mapping would drop the name.

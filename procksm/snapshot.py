@@ -78,6 +78,8 @@ class Snapshot:
     pause_max_ms: float = 0.0
     sleep_ms: int = 0
     pages_to_scan: int = 0
+    pages_remerged: int = 0  # pages a write had copied, merged again (total)
+    ranges_held: int = 0  # 64 KiB ranges held back for breaking soon after merging
     targets: tuple[TargetSnapshot, ...] = ()
     history: tuple[HistoryPoint, ...] = field(default=())
 

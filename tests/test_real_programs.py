@@ -187,8 +187,12 @@ def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None: 
     env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
     workers = [
         subprocess.Popen(
-            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env, cwd=ROOT,
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         for _ in range(4)
     ]

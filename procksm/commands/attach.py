@@ -87,6 +87,14 @@ class AttachCommand:
         )
         parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
         parser.add_argument(
+            "--remerge-soon-s",
+            type=float,
+            metavar="S",
+            default=DaemonOptions().remerge_soon_s,
+            help="a range written less than S seconds after its merge is not merged again "
+            "for 2, 4, ... 64 full scans (default %(default)g; 0: merge again at once)",
+        )
+        parser.add_argument(
             "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics"
         )
         parser.add_argument("--metrics-addr", default="0.0.0.0", help="address for /metrics")
@@ -128,6 +136,8 @@ class AttachCommand:
             ]
         )
         settings = Settings(**values)  # type: ignore[arg-type]
+        if not 0 <= args.remerge_soon_s <= 86400:
+            raise UsageError(f"--remerge-soon-s {args.remerge_soon_s:g}: use 0..86400 seconds")
         if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
             raise UsageError(f"--metrics-port {args.metrics_port}: use 1..65535")
         opts = DaemonOptions(
@@ -140,6 +150,8 @@ class AttachCommand:
             ),
             pause_budget_ms=args.pause_budget_ms,
             use_bpf=False if args.no_bpf else None,
+            remerge_backoff=args.remerge_soon_s > 0,
+            remerge_soon_s=args.remerge_soon_s,
         )
         quiet = args.quiet
 
