@@ -52,6 +52,12 @@ class SnapshotCollector(Collector):
         yield counter("pages_skipped", "Page scans skipped by smart scan", s.pages_skipped)
         yield counter("full_scans", "Full scans of all registered memory", s.full_scans)
         yield counter("cow_breaks", "Merged pages made private again by a write", s.cow_breaks)
+        yield counter(
+            "pages_remerged", "Copied pages of merged ranges merged again", s.pages_remerged
+        )
+        yield gauge(
+            "ranges_held", "64 KiB ranges held back for breaking soon after merging", s.ranges_held
+        )
         yield gauge(
             "general_profit_bytes",
             "Bytes saved minus procksm's own metadata",

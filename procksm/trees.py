@@ -376,8 +376,11 @@ class ChecksumTable:
     def nbytes(self) -> int:
         return self._pool.nbytes + self._chunk_ids.nbytes + self._chunk_slots.nbytes
 
-    def update(self, refs: npt.ArrayLike, hashes: npt.ArrayLike) -> BoolArray:
-        """Remember ``hashes`` for ``refs``; True where it equals the previous scan's."""
+    def update(
+        self, refs: npt.ArrayLike, hashes: npt.ArrayLike, first_look_stable: bool = False
+    ) -> BoolArray:
+        """Remember ``hashes`` for ``refs``; True where it equals the previous scan's (and,
+        with ``first_look_stable``, where the ref was never scanned before)."""
         ref_array = _refs(refs)
         folded = _hashes(hashes)
         if len(ref_array) != len(folded):
@@ -388,6 +391,8 @@ class ChecksumTable:
         previous = self._pool[flat]
         self._pool[flat] = folded
         stable: BoolArray = previous == folded
+        if first_look_stable:
+            stable |= previous == self.UNSEEN
         return stable
 
     def forget(self, ref_lo: int, ref_hi: int) -> None:

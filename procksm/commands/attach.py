@@ -75,6 +75,15 @@ class AttachCommand:
             "--run", type=int, default=1, choices=(0, 1), help="1: scan (default), 0: wait"
         )
         parser.add_argument(
+            "--stable-scans",
+            type=int,
+            default=d.stable_scans,
+            choices=(0, 1),
+            help="full scans a newly seen page waits before it may merge: 1 is the "
+            "kernel's checksum rule, 0 (default) merges at once, the byte comparison "
+            "under stop being its second look",
+        )
+        parser.add_argument(
             "--pause-budget-ms",
             type=float,
             default=DaemonOptions().pause_budget_ms,
@@ -133,6 +142,7 @@ class AttachCommand:
                 f"max_pages_to_merge={args.max_pages_to_merge}",
                 f"run={args.run}",
                 f"cpu_limit={args.cpu_limit}",
+                f"stable_scans={args.stable_scans}",
             ]
         )
         settings = Settings(**values)  # type: ignore[arg-type]
