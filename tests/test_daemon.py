@@ -257,6 +257,31 @@ def test_idle_backoff_once_converged(
     assert a.command("check").startswith("OK") and b.command("check").startswith("OK")
 
 
+@pytest.mark.parametrize("stable_scans", [0, 1])
+def test_stable_scans_first_look(planted: Path, spawn: Any, stable_scans: int) -> None:
+    """stable_scans=1 is the kernel's checksum rule: nothing merges in the first full
+    scan, everything in the second. 0 (the default) merges in the first: the byte
+    comparison under stop is the second look. A page rewritten between scans (its
+    checksum changed) waits either way."""
+    from procksm.daemon import Daemon, DaemonOptions, Settings
+
+    argv = [planted, "--identical", 128, "--volatile", 8, "--seed", 31]
+    a, b = spawn(argv), spawn(argv)
+    ident = {t.pid: t.int("identical") for t in (a, b)}
+    s = Settings(cpu_limit=0, sleep_ms=0, stable_scans=stable_scans)
+    merged_after = []
+    with Daemon([a.pid, b.pid], s, DaemonOptions(use_bpf=False)) as d:
+        for _scan in range(2):
+            d.step(s)  # the first step of a full scan (it ends the previous one)
+            while d._cursor[0] < len(d._order):  # up to the end of this full scan
+                d.step(s)
+            merged_after.append(min(merged_sites(p, ident[p], 128) for p in ident))
+        assert d.ages.volatile() >= 2 * 8  # the volatile pages never merge
+    assert merged_after == ([128, 128] if stable_scans == 0 else [0, 128])
+    for t in (a, b):
+        assert t.command("check").startswith("OK")
+
+
 def test_register_and_unregister_ranges(
     lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
 ) -> None:

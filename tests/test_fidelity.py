@@ -194,6 +194,41 @@ def test_mremap_grow_of_a_merged_range_reads_zeros(pair) -> None:  # type: ignor
     assert_all_ok(a, b)
 
 
+def test_mremap_grow_of_a_range_followed_by_other_slots_reads_zeros(spawn) -> None:  # type: ignore[no-untyped-def]
+    """With the guard a memfd holds several extents, with no hole after each
+    (plan.split_at_extent_ends): growing a merged range whose memfd continues with other
+    slots maps those slots unless the guard unmerges first. The grown pages must read
+    zeros, as a grown anonymous mapping does."""
+    require_privileges()
+    exe = build_c_target("planted")
+    # slots are numbered in the order pages are first seen (a's identical region, then
+    # b's intra pages): a's identical extent is followed by b's intra slot in one memfd
+    a = spawn([exe, "--identical", N, "--seed", SEED])
+    b = spawn([exe, "--identical", N, "--intra", 8, "--seed", SEED])
+    ranges = [AddressRange(*region(a, "identical"))] + [
+        AddressRange(*region(b, r)) for r in ("identical", "intra")
+    ]
+    eng = MergeEngine([a.pid, b.pid], MergeOptions(selection=ScanOptions(ranges=ranges)))
+    try:
+        eng.run()
+    finally:
+        eng.close()
+    ((lo, hi, _ino),) = memfd_vmas(a.pid, *region(a, "identical"))
+    assert (lo, hi) == region(a, "identical")
+    name = f"{lo:x}-{hi:x}"
+    fd = os.open(f"/proc/{a.pid}/map_files/{name}", os.O_RDONLY)
+    try:
+        data_pages = os.lseek(fd, 0, os.SEEK_HOLE) // PAGE_SIZE
+    finally:
+        os.close(fd)
+    line = next(
+        x for x in Path(f"/proc/{a.pid}/maps").read_text().splitlines() if x.startswith(name)
+    )
+    assert int(line.split()[2], 16) // PAGE_SIZE + N < data_pages, "other slots follow"
+    assert a.command(f"mremap identical {4 * N}").startswith("OK addr=")
+    assert_all_ok(a, b)  # a expects zeros in the grown pages and checks them
+
+
 def test_mprotect_read_only_faults_like_anonymous_memory(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     # the reference: anonymous memory made read-only faults on write
