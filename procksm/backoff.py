@@ -79,6 +79,15 @@ class RemergeBackoff:
             self._level.pop(g, None)
         return now - merged_at < self.soon_s
 
+    def broke_many(self, refs: np.ndarray, now: float, full_scans: int) -> int:
+        """Pages ``refs`` were found copied (by a scan's pagemap read); returns how many
+        ranges that made held back. Ranges whose break was already counted for their
+        latest merge (from the observer's event) are not counted again."""
+        if refs.size == 0 or not self._merged_at:
+            return 0
+        groups = np.unique(refs.astype(np.int64) >> GROUP_SHIFT).tolist()
+        return sum(self.broke(g << GROUP_SHIFT, now, full_scans) for g in groups)
+
     def held(self, refs: np.ndarray, full_scans: int) -> np.ndarray:
         """Which of ``refs`` are in a range held back at full scan ``full_scans``."""
         if not self._hold_until:

@@ -325,6 +325,11 @@ class Target:
     pss_bytes: int = 0
     shared_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     parts_stale: bool = False  # the observer saw munmap/mremap/brk since refresh_parts
+    # pages of merged mappings that a write copied (pagemap, with each snapshot): only the
+    # merged mappings that hold one are scanned (a scattered merge leaves thousands of
+    # one-page mappings; walking them all every full scan tripled the daemon's CPU on
+    # redis, measured)
+    copied_addrs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def refresh_parts(self) -> None:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
@@ -335,6 +340,10 @@ class Target:
             ours = vma.path.startswith(SEGMENT_NAME_PREFIX)
             if ours:
                 merged.append(vma)
+                c = self.copied_addrs
+                i = int(np.searchsorted(c, vma.start))
+                if i >= c.size or c[i] >= vma.end:
+                    continue  # nothing copied there (as of the latest snapshot)
             if procfs.ineligibility(vma, ours=ours) is not None:
                 continue
             for s, e in self.reg.select(vma):
@@ -1125,10 +1134,16 @@ class Daemon:
         # refuses it as well)
         zero = np.zeros(n, bool) if part.merged else zero_content
         cand = stable & ~zero_content
+        held = np.zeros(n, bool)
         if part.merged and self.opts.remerge_backoff:
+            # Every page read here was copied since its merge. The observer reports
+            # breaks as they happen; this catches the ones it does not watch (a target
+            # with more merged ranges than _OBSERVER_MAX_RANGES, lost events).
+            self.backoff.broke_many(refs[readable], time.monotonic(), self.full_scans)
             # ranges that broke soon after their last merge wait (procksm.backoff); they
             # stay out of the unstable tree too, or a partner would merge them
-            cand &= ~self.backoff.held(refs, self.full_scans)
+            held = self.backoff.held(refs, self.full_scans)
+            cand &= ~held
         # stable tree (procksm's segments) and unstable tree (this full scan), by hash;
         # bytes are compared under stop before anything is mapped
         h = tab.hash
@@ -1167,7 +1182,11 @@ class Daemon:
         # not merged and checksum-stable: into the unstable tree for later partners
         rest = cand & ~merged
         self.unstable.insert(h[rest], refs[rest], tab.pfn[rest])
-        self.ages.update(refs[readable], merged[readable], ~stable[readable])
+        # Held pages do not age: smart scan would skip them for 1, 2, 4... scans after
+        # the hold, out of step with their partners in other targets (measured: two
+        # copies held one scan apart were then never read in the same full scan)
+        aged = readable & ~held
+        self.ages.update(refs[aged], merged[aged], ~stable[aged])
         return r
 
     def _read_window(
@@ -1494,16 +1513,18 @@ class Daemon:
                 vmas = [v for v in maps if v.path.startswith(SEGMENT_NAME_PREFIX)]
                 sites = cow = 0
                 pfn_list = []
+                copied = []
                 with procfs.PagemapFile(t.pid) as pm:
                     # one pagemap read per cluster of merged VMAs (a scattered layout has
                     # thousands of one-page VMAs: a read and numpy calls each cost 100 %
                     # of a CPU, measured), then a mask of the pages inside them
-                    for ent in _read_spans(pm, [(v.start, v.end) for v in vmas]):
+                    for ent, at in _read_spans_at(pm, [(v.start, v.end) for v in vmas]):
                         present = (ent & procfs.PM_PRESENT) != 0
                         filep = (ent & procfs.PM_FILE) != 0
                         sites += int((present & filep).sum())
                         cow += int((present & ~filep).sum())
                         pfn_list.append(ent[present & filep] & procfs.PM_PFN_MASK)
+                        copied.append(at[present & ~filep])
                     zero_now = 0
                     # dropped zero runs still in anonymous memory (not unmapped, not
                     # merged over since): absent or on the zero page is still saved
@@ -1524,6 +1545,7 @@ class Daemon:
                     self._drop(t, "exited")  # also noticed while paused (run=0)
                 continue
             t.sharing_sites = sites
+            t.copied_addrs = np.concatenate(copied) if copied else np.zeros(0, np.int64)
             t.shared_pfns = np.concatenate(pfn_list) if pfn_list else np.zeros(0, np.uint64)
             if cow > t.cow_now:
                 t.cow_total += cow - t.cow_now
@@ -1690,6 +1712,14 @@ def _read_spans(pm: procfs.PagemapFile, ranges: list[tuple[int, int]]) -> Iterat
     """pagemap entries of the pages in ``ranges`` (sorted, disjoint), read in clusters of
     ranges less than 1 MiB apart: one read per cluster, entries outside the ranges
     dropped with a vectorised mask."""
+    for ent, _addr in _read_spans_at(pm, ranges):
+        yield ent
+
+
+def _read_spans_at(
+    pm: procfs.PagemapFile, ranges: list[tuple[int, int]]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_read_spans`, with each entry's page address."""
     i = 0
     while i < len(ranges):
         j = i
@@ -1697,13 +1727,15 @@ def _read_spans(pm: procfs.PagemapFile, ranges: list[tuple[int, int]]) -> Iterat
             j += 1
         lo, hi = ranges[i][0], ranges[j][1]
         ent = pm.read(lo, hi)
+        addr = lo + np.arange(ent.size, dtype=np.int64) * PAGE_SIZE
         if j > i:
             edges = np.array(ranges[i : j + 1], np.int64).reshape(-1) - lo
             d = np.zeros(ent.size + 1, np.int8)
             np.add.at(d, edges[0::2] // PAGE_SIZE, 1)
             np.add.at(d, edges[1::2] // PAGE_SIZE, -1)
-            ent = ent[np.cumsum(d[:-1]) > 0]
-        yield ent
+            inside = np.cumsum(d[:-1]) > 0
+            ent, addr = ent[inside], addr[inside]
+        yield ent, addr
         i = j + 1
 
 

@@ -223,6 +223,18 @@ def test_backoff_levels_holds_and_decay() -> None:
     assert b.level(0) == 0
 
 
+def test_backoff_from_pages_a_scan_found_copied() -> None:
+    b = RemergeBackoff(soon_s=10.0)
+    refs = np.arange(0, 3 * GROUP_PAGES, dtype=np.uint64)
+    b.merged(refs, now=0.0)
+    assert b.broke(5, now=1.0, full_scans=0)  # the observer's event for range 0
+    # the scan then finds pages of ranges 0 and 2 copied: range 0 was counted already
+    found = np.array([5, 6, 2 * GROUP_PAGES + 1], np.uint64)
+    assert b.broke_many(found, now=2.0, full_scans=0) == 1
+    assert b.level(5) == 1 and b.level(2 * GROUP_PAGES) == 1 and b.level(GROUP_PAGES) == 0
+    assert b.broke_many(found, now=3.0, full_scans=0) == 0  # nothing merged since
+
+
 def test_backoff_forget_is_per_target_range() -> None:
     from procksm.trees import page_ref
 
