@@ -1060,6 +1060,7 @@ class Daemon:
         self._merged_this_scan = 0
         self.unstable.reset()
         self._cursor = (0, 0, 0)
+        self._stable_dirty = True  # segments another procksm (or a fork) brought in
         if self.opts.follow_children:
             self._adopt_children()
         self._prune_stable()
@@ -1160,6 +1161,17 @@ class Daemon:
             _u, inv, cnt = np.unique(ch, return_inverse=True, return_counts=True)
             dup_in_batch[np.flatnonzero(cand)] = cnt[inv] > 1
         ready = in_stable | in_unstable | dup_in_batch
+        if zero.any() and t.zero_runs and self.opts.remerge_backoff:
+            # A zero page procksm dropped that is back (present, zeros again: calloc's
+            # memset on reused memory) broke its "merge" like a copy-on-write: the same
+            # backoff holds its range (measured on redis: 680 pages dropped again and
+            # again in 20 s, 352 stop windows for them)
+            back = zero & _in_runs(addr, t.zero_runs)
+            if back.any():
+                self.backoff.broke_many(refs[back], time.monotonic(), self.full_scans)
+                zero_held = zero & self.backoff.held(refs, self.full_scans)
+                zero &= ~zero_held
+                held |= zero_held
         # max_pages_to_merge, and at most _MAX_RUNS_PER_BATCH runs of adjacent pages: a
         # run is one mmap (or madvise) in each target, so scattered duplicates (every
         # other page) would otherwise make one batch a minute of merging, with the CPU
@@ -1256,7 +1268,8 @@ class Daemon:
         if synth is None:
             return np.zeros(len(tab), bool)
         pids = [p.pid for p in synth.processes]
-        self._stable_dirty = True
+        # (the engine adds the segments it creates to segment_hashes itself: the stable
+        # tree needs no re-read of every target's maps after a merge)
         results = {p: TargetResult(p, self.targets[p].name) for p in pids}
         refused: list[Refusal] = []
         mopts = dataclasses.replace(
@@ -1636,6 +1649,7 @@ class Daemon:
             cow_breaks=cow,
             pages_remerged=self.pages_remerged,
             ranges_held=self.backoff.ranges_held(),
+            zero_pages_dropped=self.zero_dropped_total,
             general_profit_bytes=saved - meta,
             scan_rate_pages_s=round((self.pages_scanned - scanned_prev) / dt, 1),
             cpu_percent=round(100.0 * (cpu - cpu_prev) / dt, 2),
@@ -1679,6 +1693,7 @@ def stats_text(snap: Snapshot) -> str:
         "cow_breaks",
         "pages_remerged",
         "ranges_held",
+        "zero_pages_dropped",
         "general_profit_bytes",
         "saved_bytes",
         "scan_rate_pages_s",
@@ -1749,6 +1764,15 @@ def _coalesce(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((a, k))
     return out
+
+
+def _in_runs(addr: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
+    """Which of ``addr`` lie in one of the (addr, pages) ``runs``."""
+    runs = _coalesce(runs)
+    starts = np.array([a for a, _ in runs], np.int64)
+    ends = starts + np.array([k for _, k in runs], np.int64) * PAGE_SIZE
+    i = np.searchsorted(starts, addr, side="right") - 1
+    return (i >= 0) & (addr < ends[np.maximum(i, 0)])
 
 
 def _zero_in(runs: list[tuple[int, int]], start: int, end: int) -> int:

@@ -443,7 +443,7 @@ class MergeEngine(Closing):
         joins = _match_existing(scan, mergeable, existing, tail_only) if existing else {}
         budgets = {
             pid: vma_budget(
-                procfs.max_map_count(), len(procfs.read_maps(pid)), self.opts.vma_budget_cap
+                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
             )
             for pid in pids
         }
@@ -535,6 +535,13 @@ class MergeEngine(Closing):
                 if s0 == p0:
                     self.segments.append(self.store.segment(run.segment_id))
         self.store.seal_pending(tail_pages=self.opts.tail_gap_pages)
+        # The stable tree learns the new segments from here, not from re-reading every
+        # target's maps (a redis with 1,600 VMAs: 20 ms a parse, several per batch).
+        # A slot whose reference changed is never mapped, so its scan hash does no harm.
+        for seg, (p0, p1) in zip(self.segments, itertools.pairwise(bounds), strict=True):
+            ino = seg.identity.ino
+            self.segment_sizes[ino] = seg.npages
+            self.segment_hashes[(ino, seg.npages)] = scan.pages.hash[rows[p0:p1]].copy()
 
     def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
         """Open (read-only) each procksm segment mapped in the targets, once per inode,

@@ -213,6 +213,7 @@ def _with_bss_names(vmas: list[Vma]) -> list[Vma]:
             and prev is not None
             and prev.end == v.start
             and prev.path.startswith("/")
+            and not prev.path.startswith("/memfd:")  # procksm's segments, other memfds
             and prev.perms[1] == "w"
             and prev.private
         ):
@@ -276,6 +277,11 @@ def parse_smaps(text: str) -> list[Vma]:
 def read_vmas(pid: int) -> list[Vma]:
     """The target's VMAs from /proc/PID/smaps (walks page tables: slower than maps)."""
     return parse_smaps(_read_memory_map_file(pid, "smaps"))
+
+
+def count_vmas(pid: int) -> int:
+    """How many VMAs the target has (lines of /proc/PID/maps, not parsed)."""
+    return _read_memory_map_file(pid, "maps").count("\n")
 
 
 def read_maps(pid: int) -> list[Vma]:

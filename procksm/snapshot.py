@@ -80,6 +80,7 @@ class Snapshot:
     pages_to_scan: int = 0
     pages_remerged: int = 0  # pages a write had copied, merged again (total)
     ranges_held: int = 0  # 64 KiB ranges held back for breaking soon after merging
+    zero_pages_dropped: int = 0  # zero pages dropped (total; a page dropped again counts again)
     targets: tuple[TargetSnapshot, ...] = ()
     history: tuple[HistoryPoint, ...] = field(default=())
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,3 +208,28 @@ def thread_states(pid: int) -> dict[int, tuple[str, str]]:
         tracer = next(x for x in status.splitlines() if x.startswith("TracerPid:")).split()[1]
         out[int(tid)] = (stat.rsplit(")", 1)[1].split()[0], tracer)
     return out
+
+
+# --- the daemon tests' shared fixtures (tests/test_daemon.py, tests/test_remerge.py) ---
+
+
+@pytest.fixture
+def planted() -> Path:
+    require_privileges()
+    return build_c_target("planted")
+
+
+@pytest.fixture
+def daemons() -> Any:
+    from tests.daemon_helpers import DaemonProc
+
+    started: list[DaemonProc] = []
+
+    def start(sock: Path, pids: list[int], *args: object, wait: bool = True) -> DaemonProc:
+        d = DaemonProc(sock, pids, *args, wait=wait)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout=10)

@@ -19,7 +19,6 @@ import pytest
 
 from tests.conftest import ROOT, build_c_target, require_privileges
 from tests.daemon_helpers import (
-    DaemonProc,
     Truth,
     merged_vmas,
     targets_by_pid,
@@ -37,26 +36,6 @@ FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 def lifecycle() -> Path:
     require_privileges()
     return build_c_target("lifecycle")
-
-
-@pytest.fixture
-def planted() -> Path:
-    require_privileges()
-    return build_c_target("planted")
-
-
-@pytest.fixture
-def daemons() -> Any:
-    started: list[DaemonProc] = []
-
-    def start(sock: Path, pids: list[int], *args: object, wait: bool = True) -> DaemonProc:
-        d = DaemonProc(sock, pids, *args, wait=wait)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout=10)
 
 
 def lc(spawn: Any, exe: Path, pages: int = 256, zero: int = 32, seed: int = 3) -> Any:

@@ -15,32 +15,20 @@ import numpy as np
 import pytest
 
 from procksm.backoff import GROUP_PAGES, RemergeBackoff
-from tests.conftest import build_c_target, require_privileges
-from tests.daemon_helpers import FILE, PFN, PRESENT, DaemonProc, Truth, pagemap, wait_for
+from tests.daemon_helpers import (
+    FILE,
+    PFN,
+    PRESENT,
+    DaemonProc,
+    Truth,
+    pagemap,
+    wait_for,
+    zero_or_absent,
+)
 
 PAGE = 4096
 FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 FAST_BPF = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
-
-
-@pytest.fixture
-def planted() -> Path:
-    require_privileges()
-    return build_c_target("planted")
-
-
-@pytest.fixture
-def daemons() -> Any:
-    started: list[DaemonProc] = []
-
-    def start(sock: Path, pids: list[int], *args: object) -> DaemonProc:
-        d = DaemonProc(sock, pids, *args)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop(timeout=20)
 
 
 def entries(pid: int, base: int, npages: int) -> np.ndarray:
@@ -50,6 +38,24 @@ def entries(pid: int, base: int, npages: int) -> np.ndarray:
 def merged_mask(pid: int, base: int, npages: int) -> np.ndarray:
     e = entries(pid, base, npages)
     return ((e & np.uint64(PRESENT)) != 0) & ((e & np.uint64(FILE)) != 0)
+
+
+def wait_all_merged(base: dict[int, int], npages: int, what: str, timeout: float = 30) -> None:
+    """Until every page of [base[pid], +npages) maps a shared frame, in every target."""
+    wait_for(lambda: all(merged_mask(p, a, npages).all() for p, a in base.items()), timeout, what)
+
+
+def merged_pair(
+    planted: Path, spawn: Any, daemons: Any, sock: Path, pages: int, seed: int, *args: object
+) -> tuple[Any, Any, dict[int, int], DaemonProc]:
+    """Two planted targets with ``pages`` identical pages under a daemon started with
+    ``args``, once the identical pages are merged: (a, b, {pid: region start}, daemon)."""
+    argv = [planted, "--identical", pages, "--seed", seed]
+    a, b = spawn(argv), spawn(argv)
+    base = {t.pid: t.int("identical") for t in (a, b)}
+    d = daemons(sock, [a.pid, b.pid], *args)
+    wait_all_merged(base, pages, "identical merged")
+    return a, b, base, d
 
 
 def read_page(pid: int, addr: int) -> bytes:
@@ -73,11 +79,7 @@ def write_page(pid: int, addr: int, data: bytes) -> None:
 def test_copied_pages_are_merged_again(
     planted: Path, spawn: Any, daemons: Any, tmp_path: Path
 ) -> None:
-    argv = [planted, "--identical", 64, "--seed", 21]
-    a, b = spawn(argv), spawn(argv)
-    base = {t.pid: t.int("identical") for t in (a, b)}
-    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
-    wait_for(lambda: all(merged_mask(p, base[p], 64).all() for p in base), 30, "identical merged")
+    a, b, base, d = merged_pair(planted, spawn, daemons, tmp_path / "c.sock", 64, 21, *FAST)
     # 1. both targets store the same new byte into page 5: two copies, equal to each
     #    other and to no slot; they must end up sharing one new frame
     for t in (a, b):
@@ -89,11 +91,7 @@ def test_copied_pages_are_merged_again(
     for t in (a, b):
         assert not merged_mask(t.pid, base[t.pid], 64)[5], "the store did not copy page 5"
     assert not merged_mask(a.pid, base[a.pid], 64)[9]
-    wait_for(
-        lambda: all(merged_mask(p, base[p], 64).all() for p in base),
-        60,
-        "the copied pages merged again",
-    )
+    wait_all_merged(base, 64, "the copied pages merged again", timeout=60)
     pa = entries(a.pid, base[a.pid], 64) & np.uint64(PFN)
     pb = entries(b.pid, base[b.pid], 64) & np.uint64(PFN)
     assert pa[5] == pb[5], "page 5 of both targets maps one frame"
@@ -115,11 +113,7 @@ def test_a_copied_zero_page_in_a_merged_mapping_stays_zero(
     """Hazard: MADV_DONTNEED in a segment mapping brings back the segment's bytes, not
     zeros. A merged page that a write made all zeros must keep reading zeros; it is
     neither dropped as a zero page nor merged."""
-    argv = [planted, "--identical", 32, "--seed", 22]
-    a, b = spawn(argv), spawn(argv)
-    base = {t.pid: t.int("identical") for t in (a, b)}
-    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
-    wait_for(lambda: all(merged_mask(p, base[p], 32).all() for p in base), 30, "identical merged")
+    a, b, base, d = merged_pair(planted, spawn, daemons, tmp_path / "c.sock", 32, 22, *FAST)
     for t in (a, b):
         write_page(t.pid, base[t.pid] + 12 * PAGE, bytes(PAGE))
     scans = d.stats()["full_scans"]
@@ -152,11 +146,7 @@ def _rewrite_loop(targets: list[Any], seconds: float) -> int:
 def _remerges_under_rewrites(
     planted: Path, spawn: Any, daemons: Any, sock: Path, *args: object
 ) -> tuple[int, dict[str, Any]]:
-    argv = [planted, "--identical", 64, "--seed", 23]
-    a, b = spawn(argv), spawn(argv)
-    base = {t.pid: t.int("identical") for t in (a, b)}
-    d = daemons(sock, [a.pid, b.pid], *args)
-    wait_for(lambda: all(merged_mask(p, base[p], 64).all() for p in base), 30, "identical merged")
+    a, b, _base, d = merged_pair(planted, spawn, daemons, sock, 64, 23, *args)
     before = d.fresh_stats()["pages_remerged"]
     _rewrite_loop([a, b], 10.0)
     s = d.fresh_stats()
@@ -185,6 +175,33 @@ def test_ranges_that_break_soon_after_merging_are_held_back(
     assert naive >= 20, naive  # 50 stores per target: most of them were merged again
     assert backed * 3 <= naive, (backed, naive)
     assert s["ranges_held"] >= 1
+
+
+def test_zero_pages_that_come_back_soon_are_held_back(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """A zero page that is dropped and then written with zeros again (calloc's memset on
+    reused memory) comes back present: each drop costs a stop window. The same backoff
+    holds its range."""
+    drops = {}
+    for arm, args in (("naive", ("--remerge-soon-s", "0")), ("backoff", ())):
+        argv = [planted, "--zero", 16, "--seed", 24]
+        a = spawn(argv)
+        d = daemons(tmp_path / f"{arm}.sock", [a.pid], *FAST, *args)
+        z0 = a.int("zero")
+        wait_for(
+            lambda a=a, z0=z0: zero_or_absent(a.pid, z0, z0 + 16 * PAGE) == 16, 30, "zero dropped"
+        )
+        before = d.fresh_stats()["zero_pages_dropped"]
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            assert a.command("set zero 3 0") == "OK"  # a fresh page of zeros
+            time.sleep(0.2)
+        drops[arm] = d.fresh_stats()["zero_pages_dropped"] - before
+        assert a.command("check").startswith("OK")
+    print(f"zero page re-dropped in 8 s of stores: {drops}")
+    assert drops["naive"] >= 15, drops
+    assert drops["backoff"] * 3 <= drops["naive"], drops
 
 
 # --------------------------------------------------------------------------------------
