@@ -24,6 +24,10 @@ import numpy as np
 from tests.conftest import ROOT
 
 PAGE = 4096
+# `procksm attach` arguments for small targets: no CPU cap, short sleeps (pagemap
+# observer; FAST_BPF: the eBPF one)
+FAST_BPF = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
+FAST = (*FAST_BPF, "--no-bpf")
 PRESENT = 1 << 63
 FILE = 1 << 61
 PFN = (1 << 55) - 1

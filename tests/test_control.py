@@ -18,10 +18,9 @@ from procksm.control import MAX_LINE
 from procksm.daemon import parse_settings
 from procksm.errors import UsageError
 from tests.conftest import ROOT, build_c_target, require_privileges
-from tests.daemon_helpers import DaemonProc, wait_for
+from tests.daemon_helpers import FAST, DaemonProc, wait_for
 
 NOBODY = 65534
-FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 
 
 def raw(path: str, data: bytes) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import ROOT, build_c_target, require_privileges
 from tests.daemon_helpers import (
+    FAST,
     Truth,
     merged_vmas,
     targets_by_pid,
@@ -28,8 +29,6 @@ from tests.daemon_helpers import (
 )
 
 PAGE = 4096
-# fast settings for small targets: no CPU cap, short sleeps
-FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
 
 
 @pytest.fixture

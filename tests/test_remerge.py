@@ -16,6 +16,8 @@ import pytest
 
 from procksm.backoff import GROUP_PAGES, RemergeBackoff
 from tests.daemon_helpers import (
+    FAST,
+    FAST_BPF,
     FILE,
     PFN,
     PRESENT,
@@ -27,8 +29,6 @@ from tests.daemon_helpers import (
 )
 
 PAGE = 4096
-FAST = ("--cpu-limit", "0", "--sleep-ms", "5", "-q", "--no-bpf")
-FAST_BPF = ("--cpu-limit", "0", "--sleep-ms", "5", "-q")
 
 
 def entries(pid: int, base: int, npages: int) -> np.ndarray:
