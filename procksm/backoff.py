@@ -33,13 +33,18 @@ DEFAULT_SOON_S = 30.0
 # never merge; a range that breaks every time it is merged costs more, a stop window and
 # a fault each time)
 DEFAULT_MAX_LEVEL = 6
+# merge times are kept per chunk of 512 ranges (8192 pages), float32 seconds since the
+# first merge: 4 bytes per 16 merged pages (a dict entry per range cost ~100)
+_CHUNK_SHIFT = 9
+_CHUNK = 1 << _CHUNK_SHIFT
 
 
 class RemergeBackoff:
     def __init__(self, soon_s: float = DEFAULT_SOON_S, max_level: int = DEFAULT_MAX_LEVEL) -> None:
         self.soon_s = soon_s
         self.max_level = max_level
-        self._merged_at: dict[int, float] = {}  # group -> time of its latest merge
+        self._merged_at: dict[int, np.ndarray] = {}  # chunk -> float32[_CHUNK], NaN: none
+        self._epoch: float | None = None
         self._level: dict[int, int] = {}  # group -> level (absent: 0)
         self._hold_until: dict[int, int] = {}  # group -> first full scan it may merge in
         self._held_keys = np.zeros(0, np.int64)  # sorted keys of _hold_until (cache)
@@ -48,21 +53,40 @@ class RemergeBackoff:
 
     @property
     def nbytes(self) -> int:
-        # CPython dict entries of int -> float/int: about 100 bytes each
-        return 100 * (len(self._merged_at) + len(self._level) + len(self._hold_until))
+        # CPython dict entries of int -> int: about 100 bytes each
+        chunks = len(self._merged_at) * (_CHUNK * 4 + 100)
+        return chunks + 100 * (len(self._level) + len(self._hold_until))
 
     def merged(self, refs: np.ndarray, now: float) -> None:
         """Pages ``refs`` were merged at ``now``."""
         if refs.size == 0:
             return
-        for g in np.unique(refs.astype(np.int64) >> GROUP_SHIFT).tolist():
-            self._merged_at[g] = now
+        if self._epoch is None:
+            self._epoch = now
+        groups = np.unique(refs.astype(np.int64) >> GROUP_SHIFT)
+        chunks = groups >> _CHUNK_SHIFT
+        for c in np.unique(chunks).tolist():
+            arr = self._merged_at.get(c)
+            if arr is None:
+                arr = self._merged_at[c] = np.full(_CHUNK, np.nan, np.float32)
+            arr[groups[chunks == c] & (_CHUNK - 1)] = now - self._epoch
+
+    def _take_merged_at(self, g: int) -> float | None:
+        """The time of group ``g``'s latest merge, forgotten as it is read."""
+        arr = self._merged_at.get(g >> _CHUNK_SHIFT)
+        if arr is None or self._epoch is None:
+            return None
+        t = float(arr[g & (_CHUNK - 1)])
+        if t != t:  # NaN: not merged since its last counted break
+            return None
+        arr[g & (_CHUNK - 1)] = np.nan
+        return t + self._epoch
 
     def broke(self, ref: int, now: float, full_scans: int) -> bool:
         """A copy-on-write break of page ``ref`` at ``now``; True if it came soon after
         the range's merge (and the range is now held back)."""
         g = ref >> GROUP_SHIFT
-        merged_at = self._merged_at.pop(g, None)
+        merged_at = self._take_merged_at(g)
         if merged_at is None:
             return False  # not merged by this daemon, or already counted for this merge
         level = self._level.get(g, 0)
@@ -84,7 +108,7 @@ class RemergeBackoff:
         ranges that made held back. Ranges whose break was already counted for their
         latest merge (from the observer's event) are not counted again."""
         if refs.size == 0 or not self._merged_at:
-            return 0
+            return 0  # nothing merged yet
         groups = np.unique(refs.astype(np.int64) >> GROUP_SHIFT).tolist()
         return sum(self.broke(g << GROUP_SHIFT, now, full_scans) for g in groups)
 
@@ -114,9 +138,18 @@ class RemergeBackoff:
     def forget(self, lo_ref: int, hi_ref: int) -> None:
         """Forget the pages of refs [lo_ref, hi_ref) (a target exited or exec'd)."""
         lo, hi = lo_ref >> GROUP_SHIFT, hi_ref >> GROUP_SHIFT
-        for d in (self._merged_at, self._level, self._hold_until):
+        for d in (self._level, self._hold_until):
             for g in [g for g in d if lo <= g < hi]:
                 del d[g]
+        for c in [
+            c for c in self._merged_at if lo >> _CHUNK_SHIFT <= c <= (hi - 1) >> _CHUNK_SHIFT
+        ]:
+            base = c << _CHUNK_SHIFT
+            a, b = max(lo, base) - base, min(hi, base + _CHUNK) - base
+            if a == 0 and b == _CHUNK:
+                del self._merged_at[c]
+            else:
+                self._merged_at[c][a:b] = np.nan
         self._dirty = True
 
     def clear(self) -> None:

@@ -255,6 +255,15 @@ def test_backoff_from_pages_a_scan_found_copied() -> None:
     assert b.broke_many(found, now=3.0, full_scans=0) == 0  # nothing merged since
 
 
+def test_backoff_forget_part_of_a_chunk() -> None:
+    b = RemergeBackoff(soon_s=10.0)
+    refs = np.arange(0, 4 * GROUP_PAGES, dtype=np.uint64)  # ranges 0-3, one chunk
+    b.merged(refs, now=1e6)  # monotonic clocks of long-running hosts: stored relative
+    b.forget(GROUP_PAGES, 3 * GROUP_PAGES)  # ranges 1 and 2
+    assert [b.broke(g * GROUP_PAGES, 1e6 + 1, 0) for g in range(4)] == [True, False, False, True]
+    assert b.nbytes > 0
+
+
 def test_backoff_forget_is_per_target_range() -> None:
     from procksm.trees import page_ref
 
