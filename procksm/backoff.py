@@ -49,7 +49,6 @@ class RemergeBackoff:
         self._hold_until: dict[int, int] = {}  # group -> first full scan it may merge in
         self._held_keys = np.zeros(0, np.int64)  # sorted keys of _hold_until (cache)
         self._dirty = False
-        self.soon_breaks = 0  # breaks that came soon after a merge (total)
 
     @property
     def nbytes(self) -> int:
@@ -90,18 +89,18 @@ class RemergeBackoff:
         if merged_at is None:
             return False  # not merged by this daemon, or already counted for this merge
         level = self._level.get(g, 0)
-        if now - merged_at < self.soon_s:
+        soon = now - merged_at < self.soon_s
+        if soon:
             level = min(level + 1, self.max_level)
             self._hold_until[g] = full_scans + (1 << level)
             self._dirty = True
-            self.soon_breaks += 1
         else:
             level = max(level - 1, 0)
         if level:
             self._level[g] = level
         else:
             self._level.pop(g, None)
-        return now - merged_at < self.soon_s
+        return soon
 
     def broke_many(self, refs: np.ndarray, now: float, full_scans: int) -> int:
         """Pages ``refs`` were found copied (by a scan's pagemap read); returns how many
@@ -153,7 +152,7 @@ class RemergeBackoff:
         self._dirty = True
 
     def clear(self) -> None:
-        """Forget everything but the totals (run=2: everything starts over)."""
+        """Forget everything (run=2: everything starts over)."""
         self._merged_at.clear()
         self._level.clear()
         self._hold_until.clear()

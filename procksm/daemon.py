@@ -365,6 +365,15 @@ class Target:
         self.part_starts = [p.start for p in parts]
         self.merged_vmas = merged
 
+    def part_indices(self, addr: np.ndarray) -> np.ndarray:
+        """For each address, the index of the part that holds it, or -1."""
+        starts = np.array([p.start for p in self.parts], np.int64)
+        ends = np.array([p.end for p in self.parts], np.int64)
+        if starts.size == 0:
+            return np.full(addr.size, -1, np.int64)
+        i = np.searchsorted(starts, addr, side="right") - 1
+        return np.where((i >= 0) & (addr < ends[np.maximum(i, 0)]), i, -1)
+
     def part_at(self, addr: int) -> Part | None:
         i = bisect.bisect_right(self.part_starts, addr) - 1
         if i >= 0 and addr < self.parts[i].end:
@@ -617,9 +626,8 @@ class Daemon:
         self.ages = PageAges()
         self.backoff = RemergeBackoff(self.opts.remerge_soon_s)
         self.pages_remerged = 0  # copied pages of segment mappings merged again
-        self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
-        self.segment_sizes: dict[int, int] = {}
-        self._stable_keys: set[tuple[int, int]] = set()
+        self.segment_hashes: dict[int, np.ndarray] = {}  # inode -> page hashes
+        self._stable_keys: set[int] = set()
         self._stable_sorted = np.zeros(0, np.uint64)
         self._stable_dirty = True
         self.full_scans = 0
@@ -1090,10 +1098,8 @@ class Daemon:
         for t in self.targets.values():
             with contextlib.suppress(ProcksmError, OSError):
                 inodes.update(v.inode for v in merged_ranges(t.pid))
-        for k in [k for k in self.segment_hashes if k[0] not in inodes]:
+        for k in [k for k in self.segment_hashes if k not in inodes]:
             del self.segment_hashes[k]
-        for i in [i for i in self.segment_sizes if i not in inodes]:
-            del self.segment_sizes[i]
 
     def _refresh_stable(self) -> None:
         """Hash the segments merged since the last look (the engine's adoption step,
@@ -1101,7 +1107,6 @@ class Daemon:
         self._stable_dirty = False
         with MergeEngine([], self.opts.merge) as engine:
             engine.segment_hashes = self.segment_hashes
-            engine.segment_sizes = self.segment_sizes
             with contextlib.suppress(ProcksmError):
                 engine._adopt_existing(list(self._order))
 
@@ -1148,11 +1153,10 @@ class Daemon:
         if part.merged and self.opts.remerge_backoff:
             # Every page read here was copied since its merge. The observer reports
             # breaks as they happen; this catches the ones it does not watch (a target
-            # with more merged ranges than _OBSERVER_MAX_RANGES, lost events).
-            self.backoff.broke_many(refs[readable], time.monotonic(), self.full_scans)
-            # ranges that broke soon after their last merge wait (procksm.backoff); they
-            # stay out of the unstable tree too, or a partner would merge them
-            held = self.backoff.held(refs, self.full_scans)
+            # with more merged ranges than _OBSERVER_MAX_RANGES, lost events). Ranges
+            # that broke soon after their last merge wait (procksm.backoff); they stay
+            # out of the unstable tree too, or a partner would merge them
+            held = self._learn_and_hold(refs, readable)
             cand &= ~held
         # stable tree (procksm's segments) and unstable tree (this full scan), by hash;
         # bytes are compared under stop before anything is mapped
@@ -1177,8 +1181,7 @@ class Daemon:
             # again in 20 s, 352 stop windows for them)
             back = zero & _in_runs(addr, t.zero_runs)
             if back.any():
-                self.backoff.broke_many(refs[back], time.monotonic(), self.full_scans)
-                zero_held = zero & self.backoff.held(refs, self.full_scans)
+                zero_held = zero & self._learn_and_hold(refs, back)
                 zero &= ~zero_held
                 held |= zero_held
         # max_pages_to_merge, and at most _MAX_RUNS_PER_BATCH runs of adjacent pages: a
@@ -1209,6 +1212,12 @@ class Daemon:
         aged = readable & ~held
         self.ages.update(refs[aged], merged[aged], ~stable[aged])
         return r
+
+    def _learn_and_hold(self, refs: np.ndarray, undone: np.ndarray) -> np.ndarray:
+        """Rows ``undone`` lost their merge since it was made (copied, or a dropped zero
+        page back): the backoff learns it. Returns which of ``refs`` are held back now."""
+        self.backoff.broke_many(refs[undone], time.monotonic(), self.full_scans)
+        return self.backoff.held(refs, self.full_scans)
 
     def _read_window(
         self, pid: int, ranges: list[AddressRange], copied_only: bool = False
@@ -1286,7 +1295,6 @@ class Daemon:
         )
         with MergeEngine(pids, mopts) as engine:
             engine.segment_hashes = self.segment_hashes
-            engine.segment_sizes = self.segment_sizes
             engine.merge_scanned(
                 synth,
                 np.ones(len(synth.pages), bool),
@@ -1351,12 +1359,9 @@ class Daemon:
             sel = np.flatnonzero((refs >= lo) & (refs < hi))
             if sel.size == 0 or not any(p.merged for p in t.parts):
                 continue
-            addr = ((refs[sel] - lo) * PAGE_SIZE).astype(np.int64)
-            starts = np.array([p.start for p in t.parts], np.int64)
-            ends = np.array([p.end for p in t.parts], np.int64)
-            ours = np.array([p.merged for p in t.parts], bool)
-            i = np.maximum(np.searchsorted(starts, addr, side="right") - 1, 0)
-            out[sel] = (addr >= starts[i]) & (addr < ends[i]) & ours[i]
+            pi = t.part_indices(((refs[sel] - lo) * PAGE_SIZE).astype(np.int64))
+            ours = np.array([p.merged for p in t.parts] + [False], bool)  # [-1]: no part
+            out[sel] = ours[pi]
         return out
 
     def _enforce_pause_budget(self, pauses: Sequence[float]) -> None:
@@ -1401,11 +1406,9 @@ class Daemon:
             if pos.size == 0 or not t.parts:
                 continue
             pos = pos[np.argsort(refs[pos], kind="stable")]
-            addr = (refs[pos] - lo) * PAGE_SIZE
-            starts = np.array([p.start for p in t.parts], np.int64)
-            ends = np.array([p.end for p in t.parts], np.int64)
-            pi = np.searchsorted(starts, addr, side="right") - 1
-            ok = (pi >= 0) & (addr < ends[np.maximum(pi, 0)])
+            addr = ((refs[pos] - lo) * PAGE_SIZE).astype(np.int64)
+            pi = t.part_indices(addr)
+            ok = pi >= 0
             pos, addr, pi = pos[ok], addr[ok], pi[ok]
             if pos.size == 0:
                 continue
@@ -1499,7 +1502,6 @@ class Daemon:
         self.ages = PageAges()
         self.backoff.clear()
         self.segment_hashes.clear()
-        self.segment_sizes.clear()
         for t in self.targets.values():
             t.zero_runs.clear()
         self._cursor = (0, 0, 0)
@@ -1540,7 +1542,7 @@ class Daemon:
                     # one pagemap read per cluster of merged VMAs (a scattered layout has
                     # thousands of one-page VMAs: a read and numpy calls each cost 100 %
                     # of a CPU, measured), then a mask of the pages inside them
-                    for ent, at in _read_spans_at(pm, [(v.start, v.end) for v in vmas]):
+                    for ent, at in _read_spans(pm, [(v.start, v.end) for v in vmas]):
                         present = (ent & procfs.PM_PRESENT) != 0
                         filep = (ent & procfs.PM_FILE) != 0
                         sites += int((present & filep).sum())
@@ -1557,7 +1559,7 @@ class Daemon:
                         i = bisect.bisect_right(starts, a) - 1
                         if i >= 0 and a + k * PAGE_SIZE <= anon[i][1]:
                             runs.append((a, a + k * PAGE_SIZE))
-                    for ent in _read_spans(pm, runs):
+                    for ent, _at in _read_spans(pm, runs):
                         present = (ent & procfs.PM_PRESENT) != 0
                         zpfn = (ent & procfs.PM_PFN_MASK) == _zero_pfn()
                         zero_now += int((~present | zpfn).sum())
@@ -1732,18 +1734,12 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     yield from zip(starts.tolist(), ends.tolist(), strict=True)
 
 
-def _read_spans(pm: procfs.PagemapFile, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """pagemap entries of the pages in ``ranges`` (sorted, disjoint), read in clusters of
-    ranges less than 1 MiB apart: one read per cluster, entries outside the ranges
-    dropped with a vectorised mask."""
-    for ent, _addr in _read_spans_at(pm, ranges):
-        yield ent
-
-
-def _read_spans_at(
+def _read_spans(
     pm: procfs.PagemapFile, ranges: list[tuple[int, int]]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`_read_spans`, with each entry's page address."""
+    """pagemap entries of the pages in ``ranges`` (sorted, disjoint) and their addresses,
+    read in clusters of ranges less than 1 MiB apart: one read per cluster, entries
+    outside the ranges dropped with a vectorised mask."""
     i = 0
     while i < len(ranges):
         j = i

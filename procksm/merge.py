@@ -344,12 +344,11 @@ class MergeEngine(Closing):
         self._adopted = 0
         self._piece_starts = np.zeros(0, np.int64)
         self._slot_ok = np.zeros(0, bool)
-        # (inode, data pages) -> page hashes of adopted segments; a caller may share one
-        # dict between engines (procksm attach: one engine per batch).
-        self.segment_hashes: dict[tuple[int, int], np.ndarray] = {}
-        # inode -> data pages of adopted segments (shared the same way): finding the
-        # data's end with SEEK_HOLE walks the file, ~75 us per mapping and round (measured)
-        self.segment_sizes: dict[int, int] = {}
+        # inode -> page hashes of the segments' data pages (so also their size: finding
+        # the data's end with SEEK_HOLE walks the file, ~75 us per mapping and round,
+        # measured); a caller may share one dict between engines (procksm attach: one
+        # engine per batch, which drops the inodes no target maps any more).
+        self.segment_hashes: dict[int, np.ndarray] = {}
         self._guard_client: guard.GuardClient | None = None
 
     def close(self) -> None:
@@ -539,9 +538,7 @@ class MergeEngine(Closing):
         # target's maps (a redis with 1,600 VMAs: 20 ms a parse, several per batch).
         # A slot whose reference changed is never mapped, so its scan hash does no harm.
         for seg, (p0, p1) in zip(self.segments, itertools.pairwise(bounds), strict=True):
-            ino = seg.identity.ino
-            self.segment_sizes[ino] = seg.npages
-            self.segment_hashes[(ino, seg.npages)] = scan.pages.hash[rows[p0:p1]].copy()
+            self.segment_hashes[seg.identity.ino] = scan.pages.hash[rows[p0:p1]].copy()
 
     def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
         """Open (read-only) each procksm segment mapped in the targets, once per inode,
@@ -558,11 +555,15 @@ class MergeEngine(Closing):
                                  os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
                 except OSError:
                     continue
+                # Sealed, so a segment's hashes never change: a daemon that merges batch
+                # after batch hashes each segment once (see segment_hashes).
+                hashes = self.segment_hashes.get(v.inode)
                 try:
-                    npages = self.segment_sizes.get(v.inode, 0)
-                    if not npages:
+                    if hashes is not None:
+                        npages = hashes.size
+                    else:
                         data = os.lseek(fd, 0, os.SEEK_HOLE)  # slots, then the tail hole
-                        npages = self.segment_sizes[v.inode] = data // PAGE_SIZE
+                        npages = data // PAGE_SIZE
                     if npages == 0:
                         raise OSError("empty segment")
                     seg = self.store.adopt(fd, npages)
@@ -570,9 +571,6 @@ class MergeEngine(Closing):
                     with contextlib.suppress(OSError):
                         os.close(fd)
                     continue
-                # Sealed, so a segment's hashes never change: a daemon that merges batch
-                # after batch hashes each segment once (see segment_hashes).
-                hashes = self.segment_hashes.get((v.inode, npages))
                 if hashes is None:
                     hashes = np.empty(npages, np.uint64)
                     for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
@@ -580,7 +578,7 @@ class MergeEngine(Closing):
                         hashes[p0 : p0 + n] = hash_pages(
                             os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE)
                         )
-                    self.segment_hashes[(v.inode, npages)] = hashes
+                    self.segment_hashes[v.inode] = hashes
                 out.append((seg, hashes))
         return out
 

@@ -210,6 +210,15 @@ def thread_states(pid: int) -> dict[int, tuple[str, str]]:
     return out
 
 
+def spawn_planted(
+    spawn: Any, n: int, identical: int, zero: int, unique: int, seed: int, *extra: object
+) -> list[Target]:
+    """``n`` planted targets with the same regions (identical across them, by ``seed``)."""
+    exe = build_c_target("planted")
+    argv = [exe, "--identical", identical, "--zero", zero, "--unique", unique, "--seed", seed]
+    return [spawn([*argv, *extra]) for _ in range(n)]
+
+
 # --- the daemon tests' shared fixtures (tests/test_daemon.py, tests/test_remerge.py) ---
 
 

@@ -16,7 +16,13 @@ import sys
 import time
 
 from procksm.merge import merged_ranges
-from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm, thread_states
+from tests.conftest import (
+    ROOT,
+    require_privileges,
+    run_procksm,
+    spawn_planted,
+    thread_states,
+)
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 # 25 rounds here and 25 during unmerge (tests/test_reliability.py): >= 50 in CI; --long x10
@@ -27,15 +33,10 @@ ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "25")) * (
 
 def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  # type: ignore[no-untyped-def]
     require_privileges()
-    exe = build_c_target("planted")
     rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2008")))
     killed_mid_merge = 0
     for _ in range(ROUNDS):
-        targets = [
-            spawn([exe, "--identical", 32768, "--zero", 4096, "--unique", 256, "--seed", 3,
-                   "--blockers"])
-            for _ in range(2)
-        ]  # fmt: skip
+        targets = spawn_planted(spawn, 2, 32768, 4096, 256, 3, "--blockers")
         proc = subprocess.Popen(
             [*PROCKSM, "merge", "--json", *(str(t.pid) for t in targets)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
@@ -71,11 +72,7 @@ def test_sigkill_of_procksm_during_merge_leaves_targets_intact(spawn) -> None:  
 
 def test_a_target_exiting_during_the_merge_is_reported_and_the_others_merge(spawn) -> None:  # type: ignore[no-untyped-def]
     require_privileges()
-    exe = build_c_target("planted")
-    targets = [
-        spawn([exe, "--identical", 32768, "--zero", 4096, "--unique", 256, "--seed", 3])
-        for _ in range(3)
-    ]
+    targets = spawn_planted(spawn, 3, 32768, 4096, 256, 3)
     proc = subprocess.Popen(
         [*PROCKSM, "merge", "--json", *(str(t.pid) for t in targets)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -26,6 +26,7 @@ from tests.conftest import (
     build_c_target,
     require_privileges,
     run_procksm,
+    spawn_planted,
     thread_states,
 )
 
@@ -59,17 +60,12 @@ def seccomp_filters(pid: int) -> int:
 
 def test_sigkill_of_procksm_during_unmerge_leaves_targets_intact(spawn) -> None:  # type: ignore[no-untyped-def]
     require_privileges()
-    exe = build_c_target("planted")
     rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "1999")))
     rounds = 25 * LONG
     killed_mid = 0
     verified = 0
     for _ in range(rounds):
-        targets = [
-            spawn([exe, "--identical", 16384, "--zero", 1024, "--unique", 256, "--seed", 5,
-                   "--blockers"])
-            for _ in range(2)
-        ]  # fmt: skip
+        targets = spawn_planted(spawn, 2, 16384, 1024, 256, 5, "--blockers")
         res = run_procksm("merge", "--json", *(t.pid for t in targets), timeout=120)
         assert res.returncode == 0, res.stderr
         before = len(merged_ranges(targets[0].pid)) + len(merged_ranges(targets[1].pid))
@@ -104,17 +100,12 @@ def test_sigkill_of_the_daemon_leaves_targets_intact(spawn, tmp_path) -> None:  
     require_privileges()
     from tests.daemon_helpers import DaemonProc, wait_for
 
-    exe = build_c_target("planted")
     rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2025")))
     rounds = 10 * LONG
     merged_when_killed = 0
     verified = 0
     for k in range(rounds):
-        targets = [
-            spawn([exe, "--identical", 8192, "--zero", 1024, "--unique", 128, "--seed", 6,
-                   "--blockers"])
-            for _ in range(2)
-        ]  # fmt: skip
+        targets = spawn_planted(spawn, 2, 8192, 1024, 128, 6, "--blockers")
         d = DaemonProc(tmp_path / f"d{k}.sock", [t.pid for t in targets], "--no-bpf")
         time.sleep(rng.uniform(0.0, 1.5))
         merged_when_killed += bool(merged_ranges(targets[0].pid))
@@ -172,14 +163,11 @@ def test_integrity_fuzz_across_merge_unmerge_cycles(spawn) -> None:  # type: ign
     rewriting pages all the time: every self-check clean (the targets keep the expected
     content of every page: the shadow checksums), reported as page-verifications done."""
     require_privileges()
-    exe = build_c_target("planted")
     seed = int(os.environ.get("PROCKSM_FUZZ_SEED", "4242"))
     rng = random.Random(seed)
-    targets = [
-        spawn([exe, "--identical", 1024, "--zero", 256, "--unique", 64, "--intra", 64,
-               "--volatile", 16, "--seed", 9, "--blockers"])
-        for _ in range(3)
-    ]  # fmt: skip
+    targets = spawn_planted(
+        spawn, 3, 1024, 256, 64, 9, "--intra", 64, "--volatile", 16, "--blockers"
+    )
     sizes = {r: targets[0].int(f"{r}_pages") for r in REGIONS}
     cycles, ops, verified, merged = 8 * LONG, 0, 0, 0
     for cycle in range(cycles):
