@@ -46,16 +46,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import pwd
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from procksm import PAGE_SIZE
+from procksm import PAGE_SIZE, procfs, sigframe
 from procksm.errors import (
     AccessDenied,
     NoSuchProcess,
@@ -79,25 +81,34 @@ from procksm.inject import (
     PTRACE_SYSCALL,
     SYSCALL_INSN,
     Backoff,
+    Gadgets,
     Registers,
     Stop,
     StopKind,
+    SYS_close,
     SYS_epoll_pwait,
     SYS_epoll_pwait2,
     SYS_epoll_wait,
+    SYS_ftruncate,
+    SYS_futex,
+    SYS_memfd_create,
     SYS_mmap,
     SYS_munmap,
-    SYS_prctl,
-    find_syscall_instruction,
+    SYS_restart_syscall,
+    find_gadgets,
     get_event_msg,
     get_regs,
+    get_rseq_area,
     get_siginfo,
+    get_sigmask,
+    get_xstate,
     poll_stop,
     ptrace,
     read_memory,
     require_x86_64,
     set_regs,
     set_siginfo,
+    set_sigmask,
     signed,
     tgkill,
     unsigned,
@@ -111,8 +122,39 @@ PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/P
 CAP_SYS_PTRACE = 19
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+MFD_CLOEXEC = 0x1
+
+# The scratch area procksm maps in a target: a MAP_PRIVATE mapping of a memfd the target
+# creates itself, so that every step of its life leaves something a later procksm can
+# recognise by name and remove (an fd, then a mapping named /memfd:procksm-scratch),
+# never an anonymous mapping nobody can tell from the target's own.
+#   page 0   control: the futex gate, its timeout, the owner (pid, start time)
+#   page 1   arguments of injected calls (StoppedTarget.scratch())
+#   pages 2..2+STAGING_PAGES  staging: an unmerge builds the new anonymous pages here,
+#            then moves them over the merged range in one mremap (procksm.merge)
+#   last     a tail page that keeps the staging range between two pieces of the memfd
+#            mapping, so a leftover staging mapping is recognisable as procksm's
 SCRATCH_NAME = b"procksm-scratch\0"
+SCRATCH_PATH = "/memfd:procksm-scratch (deleted)"
+STAGING_PAGES = 512
+SCRATCH_PAGES = 3 + STAGING_PAGES
+SCRATCH_BYTES = SCRATCH_PAGES * PAGE_SIZE
+_GATE, _GATE_TIMEOUT, _OWNER = 0, 16, 32  # offsets in page 0 (owner: pid, start, pidfs inode)
+# How long a gated thread waits for the injecting thread's wake-up after procksm died.
+# The wake-up comes within microseconds (the injecting thread is released at the same
+# instant); the timeout only bounds a wait if it never came.
+GATE_TIMEOUT_S = 10
+FUTEX_WAIT_PRIVATE = 0 | 128
+FUTEX_WAKE_OP_PRIVATE = 5 | 128
+# FUTEX_OP(FUTEX_OP_SET, 1, FUTEX_OP_CMP_EQ, 0): *gate = 1, atomically with the wake-up,
+# so a thread that reaches its wait only afterwards does not wait (EAGAIN).
+FUTEX_OP_SET_1 = 1 << 12
+ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
+_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+_ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
+# What a procksm leaves in a target only while a window runs (procksm.merge, fdpass):
+LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"  # scratch and segment memfds
+LEFTOVER_SOCKET_PREFIX = "@procksm-"  # the SCM_RIGHTS receiving socket, once bound
 
 SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 # Never PTRACE_O_EXITKILL: procksm dying must not kill its targets.
@@ -140,6 +182,28 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def _own_start_time() -> int:
+    return int(read_stat_fields(os.getpid())[19])
+
+
+@functools.cache
+def _own_pidfd_inode() -> int:
+    """The pidfs inode of this process: what a pidfd of it that a target holds shows."""
+    fd = os.pidfd_open(os.getpid())
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Process `pid` exists and is the one that started at `start_time`."""
+    try:
+        return int(read_stat_fields(pid)[19]) == start_time
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _user_name(uid: int) -> str:
@@ -428,6 +492,26 @@ def _other_namespaces(pid: int) -> list[str]:
     return other
 
 
+def has_leftovers(pid: int) -> bool:
+    """Whether a procksm that died left something in `pid` (see
+    StoppedTarget._remove_leftovers): its scratch area, or a memfd fd of its."""
+    try:
+        if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
+            return True
+        return any(
+            t.startswith(LEFTOVER_MEMFD_PREFIX) for t in procfs.list_fd_targets(pid).values()
+        )
+    except ProcksmError:
+        return False
+
+
+def remove_leftovers(pid: int) -> int:
+    """Remove what a procksm that died left in `pid`; returns how many things."""
+    with PtraceSession(pid) as session, session.stopped() as target:
+        target.scratch()  # removes the leftovers first, then maps its own
+        return target.leftovers_removed
+
+
 # --- the session -----------------------------------------------------------------------
 
 
@@ -450,6 +534,30 @@ class _Tracee:
     saved: Registers | None = None  # its own registers, read when it stopped
     dirty: bool = False  # registers changed (only true inside an injection)
     held_signals: list[bytes] = field(default_factory=list)  # siginfo, re-sent at resume
+    # Kill safety (procksm.sigframe): once armed, the thread's own state is in a frame
+    # on its stack, and whatever registers it holds lead back to that frame.
+    sigmask: int | None = None  # its own signal mask, while procksm has blocked all
+    chain: int = 0  # rsp for an injected call: the frame its `ret` returns through
+
+
+# A hidden test switch (tests/test_kill_steps.py): SIGKILL this process right after the
+# N-th step that changes a target, and log each step's kind to a file. Steps are the
+# points where a target's state changes: register, mask and memory writes, resumes.
+_KILL_AT_STEP = int(os.environ.get("PROCKSM_TEST_KILL_AT_STEP") or 0)
+_STEP_LOG = os.environ.get("PROCKSM_TEST_STEP_LOG")
+_steps = 0
+
+
+def _step(kind: str, tid: int = 0) -> None:
+    global _steps
+    if not (_KILL_AT_STEP or _STEP_LOG):
+        return
+    _steps += 1
+    if _STEP_LOG:
+        with open(_STEP_LOG, "a") as log:
+            log.write(f"{_steps} {kind} {tid}\n")
+    if _steps == _KILL_AT_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -494,8 +602,10 @@ class PtraceSession:
         # (between windows we are not attached and get no PTRACE_EVENT_EXEC).
         self._mem_fd: int | None = None
         self._syscall_insn = 0
-        self._scratch: int | None = None
+        self._gadgets = Gadgets(0, 0)
+        self._scratch: int | None = None  # page 0 of the scratch area (SCRATCH_PAGES)
         self._window_lock: WindowLock | None = None
+        self._injector: int | None = None  # the thread whose frames wake the gate
 
     # context manager
 
@@ -551,6 +661,7 @@ class PtraceSession:
                 self._check_address_space(target._memory_tid())
                 self._window = target
                 self.threads = sorted(tracees)
+                _step("stopped")
                 yield target
             finally:
                 self._window = None
@@ -591,13 +702,22 @@ class PtraceSession:
         except PermissionError as e:
             raise AccessDenied(self.pid, f"cannot open the memory of pid {self.pid}: {e}") from None
         try:
-            self._syscall_insn = find_syscall_instruction(self.pid, tid, fd)
+            gadgets = find_gadgets(self.pid, tid, fd)
         except FileNotFoundError:
             os.close(fd)
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
         except OSError as e:
             os.close(fd)
             raise PtraceError(f"pid {self.pid}: {e}") from None
+        if gadgets is None:
+            os.close(fd)
+            raise Unsupported(
+                f"pid {self.pid} ({_comm(self.pid)}): no `syscall; ret` and sigreturn "
+                "trampoline in its libraries (a static binary?): procksm injects only where "
+                "a killed procksm leaves every thread a way back to its own state"
+            )
+        self._gadgets = gadgets
+        self._syscall_insn = gadgets.syscall
         if self._mem_fd is not None:
             os.close(self._mem_fd)
         self._mem_fd = fd
@@ -606,7 +726,7 @@ class PtraceSession:
         """Notice an exec since the last window: then start over with the new program."""
         assert self._mem_fd is not None
         try:
-            same = os.pread(self._mem_fd, 2, self._syscall_insn) == SYSCALL_INSN
+            same = os.pread(self._mem_fd, 3, self._syscall_insn) == SYSCALL_INSN
         except OSError:
             same = False
         if not same:
@@ -775,19 +895,32 @@ class PtraceSession:
 
     def _resume_all(self, tracees: dict[int, _Tracee]) -> None:
         failures = []
-        for tracee in list(tracees.values()):
+        # The injecting thread last: while any other thread may still wait at the gate,
+        # the injecting thread's frames still hold the gate's wake-up.
+        injector = self._injector
+        self._injector = None
+        for tracee in sorted(tracees.values(), key=lambda t: t.tid == injector):
             if tracee.stop is None:
                 # Seized but not stopped yet: it can only be detached once it stops.
                 self._orphans.add(tracee.tid)
                 continue
             try:
+                # Mask first, registers second: in between, the thread's registers
+                # still lead through its frames, which restore the same mask.
+                if tracee.sigmask is not None:
+                    set_sigmask(tracee.tid, tracee.sigmask)
+                    _step("unblock", tracee.tid)
+                    tracee.sigmask = None
                 if tracee.dirty and tracee.saved is not None:
                     set_regs(tracee.tid, tracee.saved)
+                    _step("restore", tracee.tid)
                     tracee.dirty = False
+                tracee.chain = 0
                 if tracee.held_signals:
                     self._redeliver(tracee)
                 else:
                     ptrace(PTRACE_DETACH, tracee.tid, 0, 0)
+                    _step("detach", tracee.tid)
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     self._reap(tracee.tid)  # killed while stopped: collect its exit
@@ -867,7 +1000,7 @@ class PtraceSession:
         scratch, self._scratch = self._scratch, None
         try:
             with self.stopped() as target:
-                target.syscall(SYS_munmap, scratch or 0, PAGE_SIZE)
+                target.syscall(SYS_munmap, scratch or 0, SCRATCH_BYTES)
         except NoSuchProcess:
             pass
         except ProcksmError:
@@ -894,6 +1027,10 @@ class StoppedTarget:
         self._tracees = tracees
         self.pid = session.pid
         self._pinned = False
+        self._gated = False
+        self._injector_tid: int | None = None
+        self._own_masks: dict[int, int] = {}
+        self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
 
     @property
     def threads(self) -> list[int]:
@@ -923,11 +1060,14 @@ class StoppedTarget:
             raise self._lost(tracee.tid, e) from None
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
-        """Run system call `nr` in a stopped thread (default: the main thread).
+        """Run system call `nr` in a stopped thread (default: the injecting thread).
 
-        Returns the raw rax: the result, or -errno. The thread's registers are restored
-        before this returns. Runs the `syscall` instruction found in the vDSO, stepping
-        from its syscall-entry-stop to its syscall-exit-stop with PTRACE_SYSCALL.
+        Returns the raw rax: the result, or -errno. Runs the target's own `syscall; ret`
+        (procksm.inject.find_gadgets), stepping from its syscall-entry-stop to its
+        syscall-exit-stop with PTRACE_SYSCALL, with rsp at a signal frame of the thread's
+        own state (procksm.sigframe): if procksm dies at any instant, the thread runs at
+        most this call and returns to its own state by itself. The thread keeps those
+        registers until the window ends; its own are put back then.
 
         PTRACE_SINGLESTEP over the instruction would be one round trip instead of two
         (measured ~15 vs ~19-25 us) but ends in a SIGTRAP signal-delivery-stop, and a
@@ -940,28 +1080,180 @@ class StoppedTarget:
             raise PtraceError("StoppedTarget used outside its stopped() window")
         if len(args) > 6:
             raise ValueError("a system call takes at most 6 arguments")
-        tracee = self._tracee(tid)
+        tracee = self._tracee(tid) if tid is not None else self._injector()
         if tracee.saved is None:
             raise PtraceError(f"thread {tracee.tid} has no saved registers")
         insn = self._session._syscall_insn
         if self._session.pin_cpu and not self._pinned:
             self._pin_to(tracee.tid)
-        regs = tracee.saved.copy()
-        regs.rip = insn
-        regs.rax = nr
-        regs.orig_rax = unsigned(-1)  # not in a syscall: no restart logic on our registers
-        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-            setattr(regs, name, unsigned(value))
         with _signals_deferred():
             try:
+                if not tracee.chain:
+                    self._arm(tracee)
+                regs = tracee.saved.copy()
+                regs.rip = insn
+                regs.rsp = tracee.chain
+                regs.rax = nr
+                regs.orig_rax = unsigned(-1)  # not in a syscall: no restart logic on ours
+                for name, value in zip(_ARGUMENT_REGISTERS, args, strict=False):
+                    setattr(regs, name, unsigned(value))
                 tracee.dirty = True
                 set_regs(tracee.tid, regs)
+                _step("load", tracee.tid)
+                if tracee.sigmask is None:
+                    # After the registers, never before: a thread released with its own
+                    # registers must also have its own mask. The frame restores it.
+                    tracee.sigmask = self._own_masks[tracee.tid]
+                    set_sigmask(tracee.tid, ALL_SIGNALS)
+                    _step("block", tracee.tid)
                 result = self._run_syscall(tracee, insn, nr)
-                set_regs(tracee.tid, tracee.saved)
-                tracee.dirty = False
             except OSError as e:
                 raise self._lost(tracee.tid, e) from None
         return signed(result.rax)
+
+    # kill safety: frames, the gate
+
+    def hold_others(self) -> None:
+        """Gate every other thread before a replacement (an mmap over a range, a
+        DONTNEED of zero pages) that follows a byte comparison.
+
+        If procksm dies, a gated thread waits on a futex in the scratch page until the
+        injecting thread, whose frames run any injected call it was given and then wake
+        the gate, has finished: no thread of the target runs its own code between the
+        comparison and the replacement, so none of its stores can be lost. While procksm
+        lives, every thread just stays stopped. Needs the scratch area.
+        """
+        if self._gated:
+            return
+        session = self._session
+        base = self._scratch_base()
+        injector = self._injector()
+        with _signals_deferred():
+            # gate closed, its timeout; then the injecting thread's wake-up, then the others
+            gate = struct.pack("<I12xqq", 0, GATE_TIMEOUT_S, 0)
+            self.write_memory(base + _GATE, gate)
+            _step("gate")
+            try:
+                self._arm(injector, wake=base + _GATE)
+                for tracee in self._tracees.values():
+                    if tracee is not injector:
+                        self._arm(tracee, wait=base + _GATE)
+            except OSError as e:
+                raise PtraceError(f"pid {self.pid}: gating its threads: {e}") from None
+        session._injector = injector.tid
+        self._gated = True
+
+    def _injector(self) -> _Tracee:
+        """The thread injected calls run in: the main thread, unless it sleeps in a call
+        restarted through its restart block and another thread does not (if procksm
+        died, that call would be re-issued with its whole timeout, procksm.sigframe)."""
+        if self._injector_tid is None:
+            candidates = sorted(self._tracees.values(), key=lambda t: t.tid != self.pid)
+            if not candidates:
+                raise NoSuchProcess(self.pid, f"process {self.pid} has no threads left")
+            best = next(
+                (t for t in candidates if t.saved and not sigframe.restarts_through_block(t.saved)),
+                candidates[0],
+            )
+            self._injector_tid = best.tid
+        return self._tracee(self._injector_tid)
+
+    def _arm(self, tracee: _Tracee, *, wake: int = 0, wait: int = 0) -> None:
+        """Write the thread's own-state frame on its stack (and, for the injecting
+        thread of a gated window, a wake-up frame before it); for a gated thread, point
+        its registers at the gate and block its signals."""
+        tid = tracee.tid
+        saved = tracee.saved
+        assert saved is not None
+        gadgets = self._session._gadgets
+        if tid not in self._own_masks:
+            self._own_masks[tid] = get_sigmask(tid)
+        own_mask = self._own_masks[tid]
+        image = sigframe.signal_xstate(get_xstate(tid))
+        low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 if wake else 0)
+        self._check_stack_room(tid, low - _ARGUMENT_ROOM, saved.rsp)
+        own = sigframe.build_frame(
+            own_at, self._resume_state(tid, saved), own_mask,
+            pretcode=gadgets.sigreturn, fpstate=fpstate,
+        )  # fmt: skip
+        blob = own.data.ljust(fpstate - own_at, b"\0") + image
+        chain = own_at
+        if wake:
+            step = saved.copy()
+            step.rip, step.rsp, step.rax = gadgets.syscall, own_at, SYS_futex
+            step.rdi, step.rsi, step.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
+            step.r10, step.r8, step.r9 = 0, wake, FUTEX_OP_SET_1
+            first = sigframe.build_frame(low, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+            blob = first.data.ljust(own_at - low, b"\0") + blob
+            chain = low
+        write_memory(self._memory_tid(), low, blob)
+        _step("frames", tid)
+        if wake or wait:
+            idle = saved.copy()
+            idle.rip, idle.rsp, idle.rax = gadgets.syscall, own_at, SYS_futex
+            idle.orig_rax = unsigned(-1)
+            if wake:
+                idle.rdi, idle.rsi, idle.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
+                idle.r10, idle.r8, idle.r9 = 0, wake, FUTEX_OP_SET_1
+            else:
+                idle.rdi, idle.rsi, idle.rdx = wait, FUTEX_WAIT_PRIVATE, 0
+                idle.r10 = wait + (_GATE_TIMEOUT - _GATE)
+            tracee.dirty = True
+            set_regs(tid, idle)
+            _step("arm", tid)
+            if tracee.sigmask is None:
+                tracee.sigmask = own_mask
+                set_sigmask(tid, ALL_SIGNALS)
+                _step("block", tid)
+        tracee.chain = chain
+
+    def _resume_state(self, tid: int, saved: Registers) -> Registers:
+        """The registers the thread's own-state frame returns to: the kernel's restart
+        fix-up applied (procksm.sigframe.own_state), and the abort handler of an rseq
+        critical section it was stopped in, as the kernel would on its way back to user
+        space (kernel/rseq.c rseq_ip_fixup): after an injected call the thread returns
+        to user space outside the section, which clears the section's pointer, so the
+        sigreturn into it would go unnoticed."""
+        restarted = None
+        if saved.orig_rax == SYS_restart_syscall:
+            code = read_memory(self._memory_tid(), saved.rip - 9, 7)
+            restarted = sigframe.restarted_call(code)
+        try:
+            regs = sigframe.own_state(saved, restarted)
+        except ValueError as e:
+            raise Unsupported(
+                f"pid {self.pid}, thread {tid}: {e}; procksm cannot give it a way back "
+                "that keeps its call going"
+            ) from None
+        try:
+            area = get_rseq_area(tid)
+            if area:
+                (cs,) = struct.unpack("<Q", read_memory(self._memory_tid(), area + 8, 8))
+                if cs:
+                    _, start, length, abort = struct.unpack(
+                        "<QQQQ", read_memory(self._memory_tid(), cs, 32)
+                    )
+                    if start <= regs.rip < start + length:
+                        regs.rip = abort
+        except OSError:
+            pass  # no rseq area readable: nothing the kernel would fix up either
+        return regs
+
+    def _check_stack_room(self, tid: int, low: int, rsp: int) -> None:
+        """Frames go below the red zone of the thread's stack, where a signal frame
+        would; process_vm_writev does not grow a stack, so the mapping must reach."""
+        with procfs.MapsQuery(self._memory_tid()) as maps:  # the leader may have exited
+            vma = maps.vma_at(rsp - 1)
+        if vma is None or vma.start > low or "w" not in vma.perms:
+            raise PtraceError(
+                f"pid {self.pid}, thread {tid}: no room for its return frame below its "
+                f"stack pointer {rsp:#x}"
+            )
+
+    def _scratch_base(self) -> int:
+        self.scratch()
+        assert self._session._scratch is not None
+        return self._session._scratch
 
     def syscall_checked(self, nr: int, *args: int, name: str = "", tid: int | None = None) -> int:
         """Like syscall(), but raise InjectedSyscallError on a -errno result."""
@@ -977,21 +1269,73 @@ class StoppedTarget:
     def scratch(self) -> int:
         """Address of a read-write page in the target for syscall arguments.
 
-        Mapped once per session by an injected anonymous mmap and unmapped when the
-        session ends; named [anon:procksm-scratch] in the target's maps when the kernel
-        allows it (PR_SET_VMA_ANON_NAME) and no seccomp filter could object to prctl.
+        Page 1 of the scratch area (SCRATCH_PAGES), mapped once per session and unmapped
+        when the session ends. The first time, what a procksm killed earlier left in the
+        target is removed first (:meth:`_remove_leftovers`).
         """
         session = self._session
         if session._scratch is None:
-            addr = self.syscall_checked(
-                SYS_mmap, 0, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                -1, 0, name="mmap",
+            self._remove_leftovers()
+            injector = self._injector()
+            if not injector.chain:
+                self._arm(injector)
+            name_at = injector.chain - _ARGUMENT_ROOM  # below the frames: dead stack
+            self.write_memory(name_at, SCRATCH_NAME)
+            _step("name")
+            fd = self.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
+            try:
+                self.syscall_checked(SYS_ftruncate, fd, 2 * PAGE_SIZE, name="ftruncate")
+                base = self.syscall_checked(
+                    SYS_mmap, 0, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0,
+                    name="mmap",
+                )  # fmt: skip
+            finally:
+                self.syscall(SYS_close, fd)
+            owner = struct.pack("<QQQ", os.getpid(), _own_start_time(), _own_pidfd_inode())
+            self.write_memory(base + _OWNER, owner)
+            _step("owner")
+            session._scratch = base
+        return session._scratch + PAGE_SIZE
+
+    def staging(self) -> tuple[int, int]:
+        """(address, bytes) of the staging range in the scratch area, where an unmerge
+        builds new anonymous pages before moving them in place (procksm.merge)."""
+        self.scratch()
+        assert self._session._scratch is not None
+        return self._session._scratch + 2 * PAGE_SIZE, STAGING_PAGES * PAGE_SIZE
+
+    def _remove_leftovers(self) -> None:
+        """Remove what a procksm that died in a window left in the target: its memfd
+        fds (scratch, segments) and its hand-over socket, and scratch areas whose owner
+        is gone. Each is recognised by a name the target's own code does not use."""
+        tid = self._memory_tid()  # /proc/TID works for any live thread; a leader may be gone
+        try:
+            fds = procfs.list_fd_targets(tid)
+            bound = procfs.unix_socket_names(tid)
+            spans = [v for v in procfs.read_maps(tid) if v.path == SCRATCH_PATH and v.offset == 0]
+        except ProcksmError:
+            return  # cannot look (the process is exiting): nothing to remove either
+        dead_owners: set[int] = set()  # pidfs inodes of procksm processes that died
+        for head in spans:
+            owner_pid, owner_start, owner_pidfd = struct.unpack(
+                "<QQQ", self.read_memory(head.start + _OWNER, 24)
             )  # fmt: skip
-            session._scratch = addr
-            if session.status is not None and session.status.seccomp == 0:
-                self.write_memory(addr, SCRATCH_NAME)
-                self.syscall(SYS_prctl, PR_SET_VMA, PR_SET_VMA_ANON_NAME, addr, PAGE_SIZE, addr)
-        return session._scratch
+            if owner_pid and _alive(int(owner_pid), int(owner_start)):
+                continue  # a live procksm's (the daemon between two windows)
+            dead_owners.add(int(owner_pidfd))
+            self.syscall(SYS_munmap, head.start, SCRATCH_BYTES)
+            self.leftovers_removed += 1
+        for fd, target in sorted(fds.items()):
+            ours = target.startswith(LEFTOVER_MEMFD_PREFIX)
+            if target.startswith("socket:["):
+                ours = bound.get(int(target[8:-1]), "").startswith(LEFTOVER_SOCKET_PREFIX)
+            elif target == "anon_inode:[pidfd]" and dead_owners:
+                # the hand-over's pidfd_open(procksm): a pidfd of a dead procksm (pidfs
+                # inodes are never reused while the machine runs)
+                ours = procfs.fd_inode(tid, fd) in dead_owners
+            if ours:
+                self.syscall(SYS_close, fd)
+                self.leftovers_removed += 1
 
     def read_memory(self, addr: int, size: int) -> bytes:
         tid = self._memory_tid()

@@ -16,6 +16,7 @@ import enum
 import errno
 import os
 import platform
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -29,8 +30,13 @@ PTRACE_SYSCALL = 24
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_SETSIGINFO = 0x4203
+PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+NT_X86_XSTATE = 0x202
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACECLONE = 0x08
@@ -45,8 +51,14 @@ WALL = 0x40000000  # __WALL: wait for clone children (threads) too
 # x86_64 system call numbers this package injects or recognises in a stopped thread.
 SYS_close = 3
 SYS_mmap = 9
+SYS_mprotect = 10
 SYS_munmap = 11
+SYS_rt_sigreturn = 15
+SYS_mremap = 25
 SYS_madvise = 28
+SYS_ftruncate = 77
+SYS_futex = 202
+SYS_memfd_create = 319
 SYS_getpid = 39
 SYS_prctl = 157
 SYS_gettid = 186
@@ -67,7 +79,7 @@ RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART
 
 SIGINFO_SIZE = 128
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-SYSCALL_INSN = b"\x0f\x05"
+SYSCALL_INSN = b"\x0f\x05\xc3"  # the `syscall; ret` injected system calls run
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -178,6 +190,44 @@ def get_regs(tid: int) -> Registers:
 
 def set_regs(tid: int, regs: Registers) -> None:
     ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def get_xstate(tid: int) -> bytes:
+    """The thread's XSAVE image (PTRACE_GETREGSET NT_X86_XSTATE, standard format)."""
+    buf = ctypes.create_string_buffer(_XSTATE_MAX)
+    iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), _XSTATE_MAX)
+    ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    return buf.raw[: iov.iov_len]
+
+
+_XSTATE_MAX = 16384  # > 11,008, the largest XSAVE image of today's CPUs (AVX-512 + AMX)
+
+
+def get_sigmask(tid: int) -> int:
+    """The thread's signal mask; while a ppoll/pselect/sigsuspend-style call has
+    replaced it, the kernel reports the mask the thread gets back (saved_sigmask)."""
+    mask = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def set_sigmask(tid: int, mask: int) -> None:
+    """Set the thread's signal mask (SIGKILL/SIGSTOP stay unblocked; the kernel drops a
+    pending restore of a call's temporary mask)."""
+    value = ctypes.c_uint64(mask)
+    ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))
+
+
+def get_rseq_area(tid: int) -> int:
+    """Address of the thread's registered struct rseq, or 0 (PTRACE_GET_RSEQ_CONFIGURATION)."""
+    conf = (ctypes.c_uint64 * 3)()  # rseq_abi_pointer, rseq_abi_size|signature, flags
+    try:
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf), ctypes.addressof(conf))
+    except OSError as e:
+        if e.errno in (errno.EIO, errno.EINVAL):  # kernel without rseq
+            return 0
+        raise
+    return int(conf[0])
 
 
 def get_event_msg(tid: int) -> int:
@@ -327,32 +377,52 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         raise OSError(errno.EFAULT, f"process_vm_writev(pid {pid}, {addr:#x}): short write {n}")
 
 
-def find_syscall_instruction(pid: int, tid: int, mem_fd: int) -> int:
-    """Address of a `syscall` instruction (0f 05) already present in the target.
+@dataclass(frozen=True)
+class Gadgets:
+    """Instructions of the target's own code that injected system calls run through."""
 
-    The vDSO has one (the fallback path of clock_gettime & co.); executing it from its
-    first byte decodes as `syscall` whatever precedes it, and the thread is stopped right
-    after it, so nothing after it runs. Without a vDSO (vdso=0), libc's text has many.
-    `mem_fd` is an open /proc/PID/task/TID/mem: it reads [vdso], where process_vm_readv
-    may not. `tid` must be a live thread (an exited leader has no maps).
+    syscall: int  # a `syscall` followed by `ret` (0f 05 c3)
+    sigreturn: int  # the sigreturn trampoline: `mov rax, 15; syscall`
+
+
+# `mov eax, imm32` before `syscall; ret`: a libc wrapper (getpid, getuid, sched_yield...).
+# Its immediate must not be a call the madvise guard catches: the guard exempts this
+# instruction's address (the target reaches it only with its own immediate in eax).
+_WRAPPER = re.compile(rb"\xb8([\x00-\xff])\x00\x00\x00\x0f\x05\xc3", re.DOTALL)
+_GUARDED_NUMBERS = frozenset({SYS_madvise, SYS_mremap})
+_RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"
+
+
+def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
+    """A `syscall; ret` and the sigreturn trampoline in the target's file-backed,
+    read-only executable mappings (libc, the dynamic loader), or None.
+
+    `mem_fd` is an open /proc/PID/task/TID/mem; `tid` must be a live thread (an exited
+    leader has no maps). Writable or anonymous code (a JIT) could change under us.
     """
-    candidates: list[tuple[int, int]] = []
+    syscall = sigreturn = 0
     with open(f"/proc/{pid}/task/{tid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) < 2 or "x" not in fields[1]:
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if line.rstrip().endswith("[vdso]"):
-                candidates.insert(0, (start, end))
-            elif not line.rstrip().endswith(("[vsyscall]", "[uprobes]")):
-                candidates.append((start, end))
-    for start, end in candidates:
+        lines = maps.readlines()
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1][0] != "r" or fields[1][1:3] != "-x":
+            continue
+        if not fields[5].startswith("/"):
+            continue  # anonymous, [vdso] (no `syscall; ret`, and kernel-specific), [vsyscall]
+        start, end = (int(x, 16) for x in fields[0].split("-"))
         try:
-            code = os.pread(mem_fd, min(end - start, 4 << 20), start)
+            code = os.pread(mem_fd, end - start, start)
         except OSError:
             continue
-        offset = code.find(SYSCALL_INSN)
-        if offset >= 0:
-            return start + offset
-    raise OSError(errno.ENOEXEC, f"no syscall instruction found in pid {pid}'s executable maps")
+        if not syscall:
+            for m in _WRAPPER.finditer(code):
+                if m.group(1)[0] not in _GUARDED_NUMBERS:
+                    syscall = start + m.start() + 5
+                    break
+        if not sigreturn:
+            offset = code.find(_RESTORE_RT)
+            if offset >= 0:
+                sigreturn = start + offset
+        if syscall and sigreturn:
+            return Gadgets(syscall, sigreturn)
+    return None

@@ -41,7 +41,13 @@ import numpy as np
 
 from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.analysis import ScanInput
-from procksm.attach import PtraceSession, StoppedTarget, check_attachable
+from procksm.attach import (
+    PtraceSession,
+    StoppedTarget,
+    check_attachable,
+    has_leftovers,
+    remove_leftovers,
+)
 from procksm.closing import Closing
 from procksm.errors import AccessDenied, ProcksmError, UsageError
 from procksm.fdpass import (
@@ -52,7 +58,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
-from procksm.inject import SYS_close, SYS_madvise, SYS_mmap
+from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap
 from procksm.locks import target_locks
 from procksm.plan import (
     MAX_CALLS_PER_BATCH,
@@ -76,6 +82,7 @@ MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 # how a merged range shows in /proc/PID/maps
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 _WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
@@ -704,6 +711,11 @@ class MergeEngine(Closing):
                         st, reader, maps, ext_batch, slot_bytes, stacks, res, refused
                     )
                     zero_ok = _verify_zero(reader, maps, zero_batch, stacks, res)
+                    if ext_ok or zero_ok:
+                        # Compared under stop: from here no thread of the target may
+                        # run its own code before the replacements are done, even if
+                        # procksm dies (the futex gate, procksm.attach).
+                        st.hold_others()
                     if ext_ok:
                         segs = {seg.id: seg for seg in (self._piece(e.slot)[0] for e, _ in ext_ok)}
                         fds = self._hand_over(st, list(segs.values()))
@@ -1081,6 +1093,7 @@ class UnmergeResult:
     name: str
     pages_unmerged: int = 0
     ranges: int = 0
+    leftovers_removed: int = 0  # fds and mappings a killed procksm had left
     pauses: list[float] = field(default_factory=list)
 
 
@@ -1102,6 +1115,8 @@ def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
     res = UnmergeResult(pid, st0.name)
     with target_locks([pid]):
         # under the lock: a merge in progress elsewhere finishes (or is refused) first
+        if has_leftovers(pid):
+            res.leftovers_removed = remove_leftovers(pid)
         ranges = merged_ranges(pid)
         if ranges:
             _unmerge_ranges(pid, ranges, res, batch_pages)
@@ -1158,27 +1173,39 @@ def unmerge_pieces(
 
 
 def _unmerge_piece(st: StoppedTarget, addr: int, length: int, perms: str) -> None:
+    """Replace [addr, addr+length) by private anonymous memory with the same bytes, in
+    one step: the new pages are built in the scratch area's staging range, then moved
+    over the range by one mremap(MREMAP_FIXED | MREMAP_DONTUNMAP). At every instant the
+    range holds either its merged mapping or its complete new content; the staging
+    range stays mapped (DONTUNMAP), so nothing of the target's can come to lie inside
+    procksm's scratch area. Zero pages are not written: they read as zeros."""
+    st.hold_others()
+    stage, room = st.staging()
+    if length > room:
+        raise ProcksmError(f"unmerge piece of {length} bytes > staging room {room}")
     data = st.read_memory(addr, length)
     if len(data) != length:
         raise ProcksmError(f"pid {st.pid}: cannot read merged range {addr:#x}")
     prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
     prot |= PROT_EXEC if perms[2] == "x" else 0
     got = st.syscall_checked(
-        SYS_mmap, addr, length, prot, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS, -1, 0, name="mmap"
-    )
-    if got != addr:
-        raise ProcksmError(f"mmap returned {got:#x}, not {addr:#x}")
+        SYS_mmap, stage, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS,
+        -1, 0, name="mmap",
+    )  # fmt: skip
+    if got != stage:
+        raise ProcksmError(f"mmap returned {got:#x}, not {stage:#x}")
     pages = np.frombuffer(data, np.uint64).reshape(-1, PAGE_SIZE // 8)
     nonzero = np.flatnonzero(pages.any(axis=1))
-    if nonzero.size == 0:
-        return
-    fd = os.open(f"/proc/{st.pid}/mem", os.O_RDWR)
-    try:
+    if nonzero.size:
         for run in np.split(nonzero, np.flatnonzero(np.diff(nonzero) != 1) + 1):
             a, b = int(run[0]) * PAGE_SIZE, (int(run[-1]) + 1) * PAGE_SIZE
-            os.pwrite(fd, data[a:b], addr + a)
-    finally:
-        os.close(fd)
+            st.write_memory(stage + a, data[a:b])
+    if prot != PROT_READ | PROT_WRITE:
+        st.syscall_checked(SYS_mprotect, stage, length, prot, name="mprotect")
+    flags = MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP
+    got = st.syscall_checked(SYS_mremap, stage, length, length, flags, addr, name="mremap")
+    if got != addr:
+        raise ProcksmError(f"mremap returned {got:#x}, not {addr:#x}")
 
 
 __all__ = [

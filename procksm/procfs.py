@@ -891,6 +891,32 @@ def list_fd_targets(pid: int) -> dict[int, str]:
     return targets
 
 
+def fd_inode(pid: int, fd: int) -> int:
+    """The inode number of what fd `fd` of `pid` refers to (0 if it is closed meanwhile)."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise _open_failed(pid, f"/proc/{pid}/fd/{fd}", exc) from exc
+
+
+def parse_unix_sockets(text: str) -> dict[int, str]:
+    """/proc/PID/net/unix as inode -> bound path ("@name" for an abstract one); unbound
+    sockets are left out."""
+    names: dict[int, str] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8:
+            names[int(fields[6])] = fields[7]
+    return names
+
+
+def unix_socket_names(pid: int) -> dict[int, str]:
+    """The bound AF_UNIX sockets of the target's network namespace (see parse_unix_sockets)."""
+    return parse_unix_sockets(_read_proc(pid, "net/unix"))
+
+
 def parse_fdinfo(text: str) -> dict[str, str]:
     """/proc/PID/fdinfo/N as key -> value; indented continuation lines are joined to the key
     before them with newlines (io_uring's "UserBufs:" is followed by "    0: 0xADDR/LEN")."""

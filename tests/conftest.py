@@ -219,6 +219,27 @@ def spawn_planted(
     return [spawn([*argv, *extra]) for _ in range(n)]
 
 
+def spawn_canary_targets(
+    spawn: Any, n: int, identical: int, seed: int, *extra: object
+) -> list[Target]:
+    """``n`` planted targets with ``--canaries`` (register/FPU, signal mask/altstack, SIGUSR1
+    and counters-writer canaries, plus the blockers) and ``identical`` pages by ``seed``."""
+    exe = build_c_target("planted")
+    argv = [exe, "--identical", identical, "--seed", seed, "--canaries"]
+    return [spawn([*argv, *extra]) for _ in range(n)]
+
+
+def assert_target_intact(t: Target) -> None:
+    """Alive, no thread stopped or traced, memory, blockers and canaries all clean."""
+    assert t.alive(), f"target {t.pid} died"
+    states = thread_states(t.pid)
+    assert all(s not in ("t", "T") and tracer == "0" for s, tracer in states.values()), states
+    verdict = t.command("check")
+    assert verdict.startswith("OK"), verdict
+    assert t.command("errors") == "ERRORS 0"
+    assert t.command("canaries") == "CANARIES 0 -"
+
+
 # --- the daemon tests' shared fixtures (tests/test_daemon.py, tests/test_remerge.py) ---
 
 

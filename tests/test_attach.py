@@ -269,10 +269,15 @@ def test_injected_syscalls_and_registers(
             assert stopped.syscall(SYS_getpid) == pid
             for tid in stopped.threads:
                 before = stopped.registers(tid)
-                assert before == stopped.saved_registers(tid)
+                if tid != pid:
+                    assert before == stopped.saved_registers(tid)
                 assert stopped.syscall(SYS_gettid, tid=tid) == tid
-                # Put back exactly: the thread is again in its own stop with its own registers.
-                assert stopped.registers(tid) == before, names[tid]
+                # Until the window ends the thread sits after the `syscall` of `syscall;
+                # ret`, its stack pointer at the frame of its own state (the way back if
+                # procksm died now); its own registers come back when the window ends.
+                now = stopped.registers(tid)
+                assert now.rip == stopped.syscall_address() + 2, names[tid]
+                assert now.rsp < stopped.saved_registers(tid).rsp - 128, names[tid]
             addr = stopped.scratch()
             assert addr % PAGE == 0
             assert stopped.scratch() == addr  # once per session
@@ -353,8 +358,9 @@ def test_signals_are_delivered_not_swallowed(
         with PtraceSession(pid) as session:
             for i in range(100):
                 with session.stopped() as stopped:
-                    # Queued while b-sig is stopped: it is dequeued when the thread is
-                    # stepped into the injected syscall, must be held and re-sent intact.
+                    # Queued while b-sig is stopped: the thread's signals are blocked
+                    # while it runs injected calls (PTRACE_SETSIGMASK), so the signal
+                    # stays pending in the kernel and arrives, intact, after the window.
                     sigqueue(pid, rtmin, i + 1)
                     sent.append(i + 1)
                     assert stopped.syscall(SYS_gettid, tid=b_sig) == b_sig
@@ -362,7 +368,7 @@ def test_signals_are_delivered_not_swallowed(
     finally:
         stop_flood.set()
         flooder.join()
-    assert session.signals_held >= 100
+    assert session.signals_held == 0  # none had to be taken out and re-sent
     deadline = time.monotonic() + 5
     while counts(target)["sigs"] < len(sent) and time.monotonic() < deadline:
         time.sleep(0.01)

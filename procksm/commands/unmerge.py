@@ -84,6 +84,7 @@ class UnmergeCommand:
             "totals": {
                 "pages_unmerged": sum(r.pages_unmerged for r in results),
                 "ranges": sum(r.ranges for r in results),
+                "leftovers_removed": sum(r.leftovers_removed for r in results),
             },
             "processes": [
                 {
@@ -91,6 +92,7 @@ class UnmergeCommand:
                     "name": r.name,
                     "pages_unmerged": r.pages_unmerged,
                     "ranges": r.ranges,
+                    "leftovers_removed": r.leftovers_removed,
                 }
                 for r in results
             ],
@@ -105,4 +107,9 @@ class UnmergeCommand:
                 f"unmerged {doc['totals']['pages_unmerged']:,} pages in "
                 f"{doc['totals']['ranges']} ranges of {len(results)} processes"
             )
+            if doc["totals"]["leftovers_removed"]:
+                Console().print(
+                    f"removed {doc['totals']['leftovers_removed']} fds/mappings that a "
+                    "killed procksm had left in its targets"
+                )
         return EXIT_BUSY if skipped else 0

@@ -3,6 +3,7 @@
  *
  *   planted [--identical N] [--zero Z] [--unique U] [--intra D] [--volatile V]
  *           [--seed S] [--threads T] [--blockers] [--alternate A] [--churn C]
+ *           [--canaries] [--counters K] [--writers W]
  *
  * Each region is its own private anonymous mapping, every page written (present):
  *   identical  N pages; page i = xorshift stream of (seed, i): identical across
@@ -19,6 +20,14 @@
  *              content stays identical across processes (it changes once a second, at
  *              the same time in all) while every merged copy is written again within
  *              ~10 ms (benchmarks/suite.py W3). Not part of "check"
+ *   counters   K pages identical across processes with the same seed (distinct within
+ *              one), stored to by W writer threads (--writers W): writer w owns pages
+ *              w, w+W, ... and word w of each; every visit stores a fresh counter value
+ *              there, 1 ms later the page's original word back (so a page differs from its
+ *              copies elsewhere ~1 ms in 2K/W ms: mostly mergeable), then 1 ms to the next.
+ *              Each store is re-read at once and checked again before the next store to
+ *              that word (a store lost to a concurrent replacement of the page shows
+ *              there): a canary, not part of "check"
  * --threads T  T extra threads spinning (busy) on their own stack
  * --sparse N   one more private anonymous mapping of N pages of which only every 4th
  *              page (0, 4, 8, ...) is written, the rest never touched (not present):
@@ -34,6 +43,20 @@
  *              unique to the pid, so every duplicate is an isolated page (region
  *              "alternate", part of "check")
  *
+ * --canaries   (implies --blockers; --counters 64 --writers 2 unless given) the kill
+ *              tests' witnesses, each anomaly counted for the "canaries" command:
+ *              - one canary thread: in a loop, inline asm loads rbx, rbp, r12-r15 with
+ *                (0xC0DE00|j) << 40 | iteration (r12 >> 40 == 0xC0DE02), xmm0-15 / ymm0-15
+ *                / (AVX-512F+BW) zmm0-31 and k1-k7 with distinct per-word values, spins 1000
+ *                pauses, stores them all back and compares; MXCSR (0xff80: FTZ, toward
+ *                zero) and the x87 control word (0x0e7f) set at start, checked every
+ *                iteration; so are its signal mask (SIGUSR2 and SIGRTMIN+3 blocked,
+ *                SIGUSR1 not) and its sigaltstack; its SIGUSR1 handler counts deliveries
+ *                and must run on the alternate stack. No other thread takes SIGUSR1.
+ *              - the counters writers (above)
+ *              READY then also carries canaries=1 canary_tid=<tid> writers=W
+ *              vector=xmm|ymm|zmm+k (the registers the canary thread checks)
+ *
  * Prints one line: READY pid=.. identical=0x.. identical_pages=N zero=0x.. ...
  * Then answers commands on stdin, one line each:
  *   check          -> "OK pages=<n verified>" or "CORRUPT region=<r> page=<i> ..."
@@ -47,6 +70,11 @@
  *   dontneed R I N -> madvise(MADV_DONTNEED) on N pages from page I of region R; the
  *                     expectation becomes zero pages; prints "OK" or "ERR errno=.."
  *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
+ *   canaries       -> "CANARIES n <first anomaly's description, or ->" (--canaries)
+ *   signal N       -> N SIGUSR1 to the canary thread, one at a time, each waited for up to
+ *                     5 s (standard signals do not queue): "OK", or an anomaly and
+ *                     "ERR undelivered sent=.. delivered=.." (--canaries only)
+ *   signals        -> "SIGNALS delivered=<n>" SIGUSR1 handled by the canary thread
  *   mmap N         -> mmap N fresh anonymous pages, write each, munmap: "OK" or
  *                     "ERR errno=.." (ENOMEM once the process reaches vm.max_map_count)
  *   crash          -> abort(): SIGABRT, a kernel core dump if RLIMIT_CORE allows one
@@ -77,9 +105,12 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,9 +124,9 @@
 
 #define PAGE 4096UL
 
-enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, R_ALT, R_CHURN, NREG };
+enum { R_IDENT, R_ZERO, R_UNIQUE, R_INTRA, R_VOLATILE, R_ALT, R_CHURN, R_COUNTERS, NREG };
 static const char *names[NREG] = {"identical", "zero", "unique", "intra", "volatile",
-                                  "alternate", "churn"};
+                                  "alternate", "churn", "counters"};
 static unsigned char *base[NREG];
 static size_t npages[NREG];
 /* Expected content: regenerated from (kind, seed, page) plus a per-page override byte. */
@@ -129,6 +160,7 @@ static void fill(int r, size_t i, unsigned char *dst) {
     case R_UNIQUE: s = ((uint64_t)planted_pid << 32) ^ (i * 0x2545F4914F6CDD1DULL) ^ 0xabcdefULL; break;
     case R_INTRA: s = seed * 0xD1B54A32D192ED03ULL + 7; break;
     case R_CHURN: s = seed * 0xC2B2AE3D27D4EB4FULL + i + 0x77; break;
+    case R_COUNTERS: s = seed * 0x94D049BB133111EBULL + i + 0x3c; break;
     case R_ALT:
         s = (i % 2 == 0) ? seed * 0xA0761D6478BD642FULL + i + 0x51
                          : ((uint64_t)planted_pid << 32) ^ (i * 0xE7037ED1A0B428DBULL) ^ 0x5a5aULL;
@@ -239,6 +271,271 @@ static void *blk_poll(void *a) {
     return NULL;
 }
 
+/* --- canaries (--canaries): threads that notice what a ptrace injection could disturb --- */
+static volatile long canary_count;            /* anomalies seen by any canary */
+static volatile int canary_first_taken, canary_first_ready;
+static char canary_first[240];                /* description of the first one */
+
+static void canary_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void canary_fail(const char *fmt, ...) {
+    char msg[sizeof canary_first];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "planted[%d]: canary: %s\n", getpid(), msg);
+    if (__sync_bool_compare_and_swap(&canary_first_taken, 0, 1)) {
+        memcpy(canary_first, msg, sizeof msg);
+        __sync_synchronize();
+        canary_first_ready = 1;
+    }
+    __sync_fetch_and_add(&canary_count, 1);
+}
+
+/* The register canary thread's block: general registers loaded from gin and stored back
+ * into gout by the asm (offsets hard-coded there), the AVX-512 mask registers k1..k7 from
+ * kin[1..7] into kout[1..7]. */
+struct regblk {
+    uint64_t gin[6];    /* 0: rbx rbp r12 r13 r14 r15 */
+    uint64_t gout[6];   /* 48 */
+    uint64_t saved_rbp; /* 96: the frame's rbp while rbp holds the canary value */
+    uint64_t spins;     /* 104: pause iterations with every canary register live */
+    uint64_t kin[8];    /* 112 */
+    uint64_t kout[8];   /* 176 */
+};
+_Static_assert(offsetof(struct regblk, gout) == 48 && offsetof(struct regblk, saved_rbp) == 96
+               && offsetof(struct regblk, spins) == 104 && offsetof(struct regblk, kin) == 112
+               && offsetof(struct regblk, kout) == 176, "asm offsets");
+static const char *gpr_names[6] = {"rbx", "rbp", "r12", "r13", "r14", "r15"};
+/* General register j holds (GPR_TAG | j) << 40 | (iteration & 2^40-1): a tracer can tell a
+ * live canary value (tests/test_canary_target.py checks r12 >> 40 == 0xC0DE02). */
+#define GPR_TAG 0xC0DE00ULL
+#define MXCSR_CANARY 0xff80u /* FTZ, rounding toward zero, all exceptions masked */
+#define MXCSR_FLAGS 0x3fu    /* the sticky exception flags: not compared */
+#define X87_CW_CANARY 0x0e7f /* rounding toward zero, 53-bit precision */
+#define X87_CW_MASK 0x0f3f
+
+#define GPR_LOAD                                                                        \
+    "mov %%rbp, 96(%%rdi)\n\t"                                                          \
+    "mov 0(%%rdi), %%rbx\n\tmov 8(%%rdi), %%rbp\n\tmov 16(%%rdi), %%r12\n\t"            \
+    "mov 24(%%rdi), %%r13\n\tmov 32(%%rdi), %%r14\n\tmov 40(%%rdi), %%r15\n\t"
+#define SPIN "mov 104(%%rdi), %%rcx\n\t1: pause\n\tdec %%rcx\n\tjnz 1b\n\t"
+#define GPR_STORE                                                                       \
+    "mov %%rbx, 48(%%rdi)\n\tmov %%rbp, 56(%%rdi)\n\tmov %%r12, 64(%%rdi)\n\t"          \
+    "mov %%r13, 72(%%rdi)\n\tmov %%r14, 80(%%rdi)\n\tmov %%r15, 88(%%rdi)\n\t"          \
+    "mov 96(%%rdi), %%rbp\n\t"
+#define IRP16 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15\n\t"
+#define IRP32 ".irp i,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26," \
+              "27,28,29,30,31\n\t"
+#define GPR_CLOBBERS "rbx", "rcx", "r12", "r13", "r14", "r15", "cc", "memory"
+#define XMM_CLOBBERS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", \
+                     "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+/* Each variant loads the general registers and xmm0-15 / ymm0-15 / zmm0-31 + k1-7 from
+ * the block and vin, spins, and stores them back into the block and vout. rbp is not a
+ * clobber (it may be the frame pointer): saved in the block, restored before leaving. */
+__attribute__((noinline)) static void regs_sse(struct regblk *b, const uint64_t *vin,
+                                               uint64_t *vout) {
+    __asm__ volatile(GPR_LOAD IRP16 "movdqu \\i*16(%%rsi), %%xmm\\i\n\t.endr\n\t" SPIN
+                     IRP16 "movdqu %%xmm\\i, \\i*16(%%rdx)\n\t.endr\n\t" GPR_STORE
+                     : : "D"(b), "S"(vin), "d"(vout) : GPR_CLOBBERS, XMM_CLOBBERS);
+}
+__attribute__((noinline)) static void regs_avx(struct regblk *b, const uint64_t *vin,
+                                               uint64_t *vout) {
+    __asm__ volatile(GPR_LOAD IRP16 "vmovdqu \\i*32(%%rsi), %%ymm\\i\n\t.endr\n\t" SPIN
+                     IRP16 "vmovdqu %%ymm\\i, \\i*32(%%rdx)\n\t.endr\n\t" GPR_STORE
+                     "vzeroupper\n\t"
+                     : : "D"(b), "S"(vin), "d"(vout) : GPR_CLOBBERS, XMM_CLOBBERS);
+}
+/* Only called when the CPU (and kernel) support AVX-512F and BW: the target attribute
+ * lets this function name xmm16-31 and k1-7, the rest of the program stays baseline. */
+__attribute__((noinline, target("avx512f,avx512bw"))) static void
+regs_avx512(struct regblk *b, const uint64_t *vin, uint64_t *vout) {
+    __asm__ volatile(GPR_LOAD IRP32 "vmovdqu64 \\i*64(%%rsi), %%zmm\\i\n\t.endr\n\t"
+                     ".irp i,1,2,3,4,5,6,7\n\tkmovq 112+\\i*8(%%rdi), %%k\\i\n\t.endr\n\t" SPIN
+                     IRP32 "vmovdqu64 %%zmm\\i, \\i*64(%%rdx)\n\t.endr\n\t"
+                     ".irp i,1,2,3,4,5,6,7\n\tkmovq %%k\\i, 176+\\i*8(%%rdi)\n\t.endr\n\t"
+                     GPR_STORE "vzeroupper\n\t"
+                     : : "D"(b), "S"(vin), "d"(vout)
+                     : GPR_CLOBBERS, XMM_CLOBBERS, "xmm16", "xmm17", "xmm18", "xmm19", "xmm20",
+                       "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28",
+                       "xmm29", "xmm30", "xmm31", "k1", "k2", "k3", "k4", "k5", "k6", "k7");
+}
+
+enum { VEC_XMM, VEC_YMM, VEC_ZMM };
+static int vec_kind;
+static const char *vec_names[] = {"xmm", "ymm", "zmm+k"};
+static pthread_t canary_pthread;
+static volatile pid_t canary_tid;
+static volatile int canary_ready;
+#define ALTSTACK_SIZE (256 * 1024UL)
+static char *altstack;
+static volatile long usr1_delivered;
+static volatile int usr1_off_altstack;
+
+static void on_usr1(int sig) {
+    char here;
+    (void)sig;
+    if (&here < altstack || &here >= altstack + ALTSTACK_SIZE) usr1_off_altstack = 1;
+    __sync_fetch_and_add(&usr1_delivered, 1);
+}
+
+static void canary_set_fpu(void) {
+    unsigned mx = MXCSR_CANARY;
+    unsigned short cw = X87_CW_CANARY;
+    __asm__ volatile("ldmxcsr %0" : : "m"(mx));
+    __asm__ volatile("fldcw %0" : : "m"(cw));
+}
+
+/* One thread: the register/FPU canary, the signal mask and alternate stack canary, and the
+ * target of "signal N" (its SIGUSR1 handler runs on the alternate stack). */
+static void *canary_thread(void *arg) {
+    (void)arg;
+    sigset_t s, want_mask, cur_mask;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR2);
+    sigaddset(&s, SIGRTMIN + 3);
+    pthread_sigmask(SIG_BLOCK, &s, NULL);
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+    pthread_sigmask(SIG_SETMASK, NULL, &want_mask);
+    stack_t want_ss = {.ss_sp = altstack, .ss_flags = 0, .ss_size = ALTSTACK_SIZE}, cur_ss;
+    if (sigaltstack(&want_ss, NULL)) { perror("sigaltstack"); exit(2); }
+    canary_set_fpu();
+    canary_tid = (pid_t)syscall(SYS_gettid);
+    __sync_synchronize();
+    canary_ready = 1;
+
+    int nvec = vec_kind == VEC_ZMM ? 32 : 16;
+    int words = vec_kind == VEC_ZMM ? 8 : vec_kind == VEC_YMM ? 4 : 2; /* 64-bit words/reg */
+    static uint64_t vin[32 * 8] __attribute__((aligned(64)));
+    static uint64_t vout[32 * 8] __attribute__((aligned(64)));
+    struct regblk b;
+    memset(&b, 0, sizeof b);
+    for (uint64_t iter = 1; !stop_flag; iter++) {
+        uint64_t low = iter & 0xffffffffffULL;
+        for (int j = 0; j < 6; j++) b.gin[j] = (GPR_TAG | j) << 40 | low;
+        for (int k = 1; k < 8; k++) b.kin[k] = (0x4B00ULL | k) << 48 | low;
+        /* word q of register r: every word distinct, upper halves unlike the lower */
+        for (int r = 0; r < nvec; r++)
+            for (int q = 0; q < words; q++)
+                vin[r * words + q] = (0xA500ULL | r) << 48 | (uint64_t)q << 40 | low;
+        memset(b.gout, 0, sizeof b.gout);
+        memset(b.kout, 0, sizeof b.kout);
+        memset(vout, 0, sizeof vout);
+        b.spins = 1000;
+        if (vec_kind == VEC_ZMM) regs_avx512(&b, vin, vout);
+        else if (vec_kind == VEC_YMM) regs_avx(&b, vin, vout);
+        else regs_sse(&b, vin, vout);
+
+        for (int j = 0; j < 6; j++)
+            if (b.gout[j] != b.gin[j])
+                canary_fail("register %s expected=%#" PRIx64 " got=%#" PRIx64, gpr_names[j],
+                            b.gin[j], b.gout[j]);
+        for (int r = 0; r < nvec; r++)
+            for (int q = 0; q < words; q++)
+                if (vout[r * words + q] != vin[r * words + q]) {
+                    canary_fail("register %cmm%d word %d expected=%#" PRIx64 " got=%#" PRIx64,
+                                "xyz"[vec_kind], r, q, vin[r * words + q], vout[r * words + q]);
+                    break;
+                }
+        if (vec_kind == VEC_ZMM)
+            for (int k = 1; k < 8; k++)
+                if (b.kout[k] != b.kin[k])
+                    canary_fail("register k%d expected=%#" PRIx64 " got=%#" PRIx64, k, b.kin[k],
+                                b.kout[k]);
+        unsigned mx;
+        unsigned short cw;
+        __asm__ volatile("stmxcsr %0" : "=m"(mx));
+        __asm__ volatile("fnstcw %0" : "=m"(cw));
+        if ((mx & ~MXCSR_FLAGS) != MXCSR_CANARY || (cw & X87_CW_MASK) != (X87_CW_CANARY & X87_CW_MASK)) {
+            canary_fail("fpu control mxcsr=%#x (expected %#x) x87cw=%#x (expected %#x)", mx,
+                        MXCSR_CANARY, cw, X87_CW_CANARY);
+            canary_set_fpu();
+        }
+
+        pthread_sigmask(SIG_SETMASK, NULL, &cur_mask);
+        for (int sig = 1; sig <= SIGRTMAX; sig++)
+            if (sigismember(&cur_mask, sig) != sigismember(&want_mask, sig)) {
+                canary_fail("signal mask: signal %d blocked=%d, expected %d", sig,
+                            sigismember(&cur_mask, sig), sigismember(&want_mask, sig));
+                pthread_sigmask(SIG_SETMASK, &want_mask, NULL);
+                break;
+            }
+        if (sigaltstack(NULL, &cur_ss) || cur_ss.ss_sp != want_ss.ss_sp
+            || cur_ss.ss_size != want_ss.ss_size || cur_ss.ss_flags != want_ss.ss_flags) {
+            canary_fail("sigaltstack sp=%p size=%zu flags=%d (expected sp=%p size=%zu flags=0)",
+                        cur_ss.ss_sp, cur_ss.ss_size, cur_ss.ss_flags, want_ss.ss_sp,
+                        want_ss.ss_size);
+            sigaltstack(&want_ss, NULL);
+        }
+        if (usr1_off_altstack) {
+            usr1_off_altstack = 0;
+            canary_fail("the SIGUSR1 handler ran off the alternate stack");
+        }
+    }
+    return NULL;
+}
+
+/* "signal N": N SIGUSR1 to the canary thread, one at a time (a second standard signal sent
+ * while the first is pending would merge with it), each waited for up to 5 s. */
+static void send_usr1(long n) {
+    for (long k = 0; k < n; k++) {
+        long before = usr1_delivered;
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int rc = pthread_kill(canary_pthread, SIGUSR1);
+        if (rc) { printf("ERR errno=%d\n", rc); return; }
+        while (usr1_delivered == before) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if (t.tv_sec - t0.tv_sec >= 5) {
+                canary_fail("SIGUSR1 %ld of %ld not delivered within 5 s", k + 1, n);
+                printf("ERR undelivered sent=%ld delivered=%ld\n", k + 1, usr1_delivered);
+                return;
+            }
+            usleep(100);
+        }
+    }
+    printf("OK\n");
+}
+
+/* --- counters: writer w owns pages w, w+W, w+2W, ... of the region and word w of each --- */
+static int nwriters;
+static uint64_t *counter_base;   /* the seed-derived content of word (owner) of each page */
+static uint64_t *counter_expect; /* what the owner last stored there */
+#define COUNTER_TAG 0x5743000000000000ULL
+
+/* Each visit stores a fresh counter value, then 1 ms later the page's original word back,
+ * so a page differs from its copies in other processes ~1 ms out of every 2K/W ms and
+ * stays mostly mergeable; every store is checked right after (re-read) and again before the next
+ * store to the same word (a store lost to a concurrent page replacement shows there). */
+static void *counter_writer(void *arg) {
+    int w = (int)(uintptr_t)arg;
+    uint64_t ctr = 0;
+    struct timespec ms = {0, 1000000};
+    while (!stop_flag) {
+        for (size_t p = (size_t)w; p < npages[R_COUNTERS] && !stop_flag; p += (size_t)nwriters) {
+            volatile uint64_t *word = (volatile uint64_t *)(base[R_COUNTERS] + p * PAGE) + w;
+            uint64_t vals[2] = {COUNTER_TAG | (uint64_t)w << 40 | ++ctr, counter_base[p]};
+            for (int k = 0; k < 2; k++) {
+                uint64_t got = *word;
+                if (got != counter_expect[p])
+                    canary_fail("counters page=%zu word=%d expected=%#" PRIx64 " got=%#" PRIx64
+                                " (before the next store)", p, w, counter_expect[p], got);
+                *word = vals[k];
+                got = *word;
+                if (got != vals[k])
+                    canary_fail("counters page=%zu word=%d expected=%#" PRIx64 " got=%#" PRIx64
+                                " (right after the store)", p, w, vals[k], got);
+                counter_expect[p] = vals[k];
+                nanosleep(&ms, NULL);
+            }
+        }
+    }
+    return NULL;
+}
+
 static int verify_page(int r, size_t i, unsigned char *tmp, char *msg, size_t msglen) {
     unsigned char *p = base[r] + i * PAGE;
     if (unmapped[r][i]) return 1;
@@ -265,7 +562,7 @@ static int region_by_name(const char *s) {
 static long check_all(unsigned char *tmp, char *msg, size_t msglen) {
     long ok = 0;
     for (int r = 0; r < NREG; r++) {
-        if (r == R_VOLATILE || r == R_CHURN) continue;
+        if (r == R_VOLATILE || r == R_CHURN || r == R_COUNTERS) continue;
         for (size_t p = 0; p < npages[r]; p++) {
             if (!verify_page(r, p, tmp, msg, msglen)) return -1;
             if (!unmapped[r][p]) ok++;
@@ -347,7 +644,8 @@ static void *dontneed_thread(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, blockers = 0;
+    int threads = 0, blockers = 0, canaries = 0, writers = -1;
+    long counters = -1;
     const char *attr = NULL;
     for (int a = 1; a < argc; a++) {
         const char *k = argv[a];
@@ -365,8 +663,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--alternate")) npages[R_ALT] = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--churn")) npages[R_CHURN] = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--attr")) attr = v, a++;
+        else if (!strcmp(k, "--canaries")) canaries = 1;
+        else if (!strcmp(k, "--writers")) writers = atoi(v), a++;
+        else if (!strcmp(k, "--counters")) counters = strtol(v, 0, 0), a++;
         else { fprintf(stderr, "planted: unknown option %s\n", k); return 2; }
     }
+    if (canaries) blockers = 1;
+    if (counters < 0) counters = canaries ? 64 : 0;
+    if (writers < 0) writers = canaries ? 2 : 0;
+    npages[R_COUNTERS] = (size_t)counters;
+    /* writer w owns word w of its pages: at most one writer per page and per word */
+    nwriters = writers < counters ? writers : (int)counters;
+    if (nwriters > (int)(PAGE / 8)) nwriters = PAGE / 8;
     setvbuf(stdout, NULL, _IOLBF, 0);
     planted_pid = getpid();
     for (int r = 0; r < NREG; r++) {
@@ -388,6 +696,40 @@ int main(int argc, char **argv) {
         sparse_touched++;
     }
     pthread_t th;
+    sigset_t usr1, main_mask;
+    if (canaries) {
+        /* SIGUSR1 ("signal N") is for the canary thread only: no other thread takes it */
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_usr1;
+        sa.sa_flags = SA_ONSTACK | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGUSR1, &sa, NULL);
+        sigemptyset(&usr1);
+        sigaddset(&usr1, SIGUSR1);
+        pthread_sigmask(SIG_BLOCK, &usr1, &main_mask);
+    }
+    if (nwriters > 0) {
+        counter_base = calloc(npages[R_COUNTERS], sizeof *counter_base);
+        counter_expect = calloc(npages[R_COUNTERS], sizeof *counter_expect);
+        for (size_t p = 0; p < npages[R_COUNTERS]; p++)
+            counter_base[p] = counter_expect[p] =
+                ((uint64_t *)(base[R_COUNTERS] + p * PAGE))[p % (size_t)nwriters];
+        for (int w = 0; w < nwriters; w++)
+            pthread_create(&th, NULL, counter_writer, (void *)(uintptr_t)w);
+    }
+    if (canaries) {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+            vec_kind = VEC_ZMM;
+        else if (__builtin_cpu_supports("avx")) vec_kind = VEC_YMM;
+        else vec_kind = VEC_XMM;
+        altstack = mmap(NULL, ALTSTACK_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (altstack == MAP_FAILED) { perror("mmap"); return 2; }
+        pthread_create(&canary_pthread, NULL, canary_thread, NULL);
+        while (!canary_ready) usleep(1000);
+    }
     if (npages[R_VOLATILE]) pthread_create(&th, NULL, volatile_writer, NULL);
     if (npages[R_CHURN]) pthread_create(&th, NULL, churn_writer, NULL);
     for (int t = 0; t < threads; t++) pthread_create(&th, NULL, spinner, (void *)(uintptr_t)t);
@@ -398,6 +740,7 @@ int main(int argc, char **argv) {
         pthread_create(&th, NULL, blk_sleep, NULL);
         pthread_create(&th, NULL, blk_poll, NULL);
     }
+    if (canaries) pthread_sigmask(SIG_SETMASK, &main_mask, NULL);
     printf("READY pid=%d", getpid());
     for (int r = 0; r < NREG; r++)
         printf(" %s=%#lx %s_pages=%zu", names[r], (unsigned long)(uintptr_t)base[r], names[r],
@@ -405,7 +748,11 @@ int main(int argc, char **argv) {
     if (sparse_pages)
         printf(" sparse=%#lx sparse_pages=%zu sparse_touched=%zu",
                (unsigned long)(uintptr_t)sparse_base, sparse_pages, sparse_touched);
-    printf(" threads=%d blockers=%d\n", threads, blockers);
+    printf(" threads=%d blockers=%d", threads, blockers);
+    if (canaries)
+        printf(" canaries=1 canary_tid=%d writers=%d vector=%s", (int)canary_tid, nwriters,
+               vec_names[vec_kind]);
+    printf("\n");
 
     char line[256];
     unsigned char *tmp = malloc(PAGE);
@@ -588,6 +935,14 @@ int main(int argc, char **argv) {
             printf(bad ? "ERR content\n" : "OK\n");
         } else if (!strcmp(cmd, "errors")) {
             printf("ERRORS %ld\n", anomalies);
+        } else if (!strcmp(cmd, "canaries")) {
+            long n = canary_count;
+            printf("CANARIES %ld %s\n", n,
+                   n == 0 ? "-" : canary_first_ready ? canary_first : "(being recorded)");
+        } else if (!strcmp(cmd, "signal") && got >= 2 && canaries) {
+            send_usr1(strtol(reg, 0, 0));
+        } else if (!strcmp(cmd, "signals")) {
+            printf("SIGNALS delivered=%ld\n", usr1_delivered);
         } else if (!strcmp(cmd, "crash")) {
             abort();
         } else if (!strcmp(cmd, "quit")) {
@@ -597,5 +952,5 @@ int main(int argc, char **argv) {
         }
     }
     stop_flag = 1;
-    return anomalies ? 3 : 0;
+    return anomalies || canary_count ? 3 : 0;
 }

@@ -1,0 +1,234 @@
+"""x86_64 signal frames: the return path of every injected system call (DESIGN.md §6).
+
+When a tracer dies, the kernel detaches its tracees and they run with whatever
+registers they hold at that instant (kernel/ptrace.c ``exit_ptrace``). An injected
+system call therefore never runs with registers that lead nowhere: procksm first writes
+an ``rt_sigframe`` holding the thread's own state below its stack's red zone, then
+points the thread at a ``syscall; ret`` instruction pair with ``rsp`` at the frame's
+``pretcode``, which is the address of the target's own sigreturn trampoline
+(``__restore_rt``: ``mov rax, 15; syscall``). A thread released at any instant runs at
+most the injected system call, then ``ret`` → trampoline → ``rt_sigreturn`` into
+exactly its own registers, FPU/AVX state and signal mask. Frames chain: a frame whose
+registers are another ``syscall; ret`` with ``rsp`` at a second frame runs a second
+system call first (the futex gate's wake-up, procksm.attach).
+
+Layouts are the kernel's (arch/x86/include/uapi/asm/sigcontext.h, ucontext.h,
+arch/x86/include/asm/sigframe.h); ``rt_sigreturn`` reads the frame at ``rsp - 8``
+(arch/x86/kernel/signal_64.c) once ``ret`` has popped ``pretcode``.
+
+The FPU part is the thread's XSAVE image as PTRACE_GETREGSET(NT_X86_XSTATE) returns it
+(standard, uncompacted format), with the software-reserved bytes a signal frame carries
+(``struct _fpx_sw_bytes``: FP_XSTATE_MAGIC1, sizes, features) and FP_XSTATE_MAGIC2
+after it. Without them the kernel restores only the legacy FXSAVE area and resets
+AVX/AVX-512/PKRU (measured: ymm upper halves changed). ``xstate_size`` must not exceed
+the task's own ``fpstate->user_size``, which is smaller than the CPU's maximum when the
+task has no AMX permission, so the size is that of the features the image actually
+holds, computed from CPUID leaf 0xD (the same offsets the kernel uses).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import struct
+from dataclasses import dataclass
+
+from procksm.inject import (
+    ERESTART_RESTARTBLOCK,
+    RESTART_CODES,
+    Registers,
+    SYS_restart_syscall,
+    signed,
+    unsigned,
+)
+
+# Instruction patterns searched in the target's executable file mappings.
+# `mov eax, imm32; syscall; ret`: a libc wrapper of a harmless call (getpid & co.). The
+# target itself reaches that `syscall` only with its own immediate in eax, so the madvise
+# guard may exempt its address (procksm.guard) without exempting the target's madvise.
+SYSCALL_RET = b"\x0f\x05\xc3"
+RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"  # glibc/musl __restore_rt
+
+RED_ZONE = 128  # bytes below rsp the System V ABI lets leaf code use
+FRAME_SIZE = 440  # pretcode 8 + ucontext 304 + siginfo 128
+FRAME_STRIDE = 448  # FRAME_SIZE rounded to 64: frames and the XSAVE image stay aligned
+UC_MCONTEXT = 8 + 40  # ucontext: uc_flags 8, uc_link 8, uc_stack 24
+UC_SIGMASK = 8 + 296
+UC_FP_XSTATE = 0x1
+UC_SIGCONTEXT_SS = 0x2
+UC_STRICT_RESTORE_SS = 0x4
+
+FXSAVE_SIZE = 512
+XSAVE_HEADER_SIZE = 64
+SW_RESERVED_OFFSET = 464  # struct _fpx_sw_bytes inside the FXSAVE area
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2 = 0x46505845
+XFEATURES_FP_SSE = 0x3
+
+# struct sigcontext_64 (the frame's uc_mcontext), in order.
+_SIGCONTEXT_REGS = (
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx",
+    "rdx", "rax", "rcx", "rsp", "rip", "eflags",
+)  # fmt: skip
+
+
+def _cpuid_function() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    """cpuid(leaf, subleaf, out[4]) as a few bytes of machine code in an executable page.
+
+    Python has no CPUID; the kernel exposes the XSAVE layout nowhere else.
+    """
+    code = bytes.fromhex(
+        "53"  # push rbx
+        "4989d0"  # mov r8, rdx (out)
+        "89f8"  # mov eax, edi (leaf)
+        "89f1"  # mov ecx, esi (subleaf)
+        "0fa2"  # cpuid
+        "418900"  # mov [r8], eax
+        "41895804"  # mov [r8+4], ebx
+        "41894808"  # mov [r8+8], ecx
+        "4189500c"  # mov [r8+12], edx
+        "5b"  # pop rbx
+        "c3"  # ret
+    )
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(
+        address
+    )
+    fn._page = page  # type: ignore[attr-defined]  # keep the code mapped
+    return fn
+
+
+@functools.cache
+def _cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    out = (ctypes.c_uint32 * 4)()
+    _cpuid_function()(leaf, subleaf, out)
+    return out[0], out[1], out[2], out[3]
+
+
+@functools.cache
+def xfeature_end(feature: int) -> int:
+    """End offset of XSAVE feature `feature` (>= 2) in the standard format (CPUID 0xD)."""
+    size, offset, _, _ = _cpuid(0xD, feature)
+    return offset + size if size else 0
+
+
+def xstate_size_for(xfeatures: int) -> int:
+    """Bytes of a standard-format XSAVE image that holds `xfeatures`."""
+    end = FXSAVE_SIZE + XSAVE_HEADER_SIZE
+    for bit in range(2, 64):
+        if xfeatures >> bit & 1:
+            end = max(end, xfeature_end(bit))
+    return end
+
+
+def signal_xstate(image: bytes) -> bytes:
+    """The XSAVE image of PTRACE_GETREGSET(NT_X86_XSTATE) as a signal frame's fpstate.
+
+    The frame lists exactly the features in the image's XSTATE_BV (x87 and SSE always):
+    ``rt_sigreturn`` restores those and puts the others in their initial state, which is
+    what XSTATE_BV says they are in.
+    """
+    (xstate_bv,) = struct.unpack_from("<Q", image, FXSAVE_SIZE)
+    xfeatures = xstate_bv | XFEATURES_FP_SSE
+    size = xstate_size_for(xfeatures)
+    if len(image) < size:
+        raise ValueError(f"XSAVE image of {len(image)} bytes, features need {size}")
+    body = bytearray(image[:size])
+    struct.pack_into("<QQ", body, FXSAVE_SIZE, xstate_bv, 0)  # xcomp_bv 0: standard format
+    # struct _fpx_sw_bytes: magic1, extended_size, xfeatures, xstate_size
+    struct.pack_into("<IIQI", body, SW_RESERVED_OFFSET, FP_XSTATE_MAGIC1, size + 4, xfeatures, size)
+    return bytes(body) + struct.pack("<I", FP_XSTATE_MAGIC2)
+
+
+def restarted_call(code_before: bytes) -> int | None:
+    """The number of the system call a thread sleeping in restart_syscall first made,
+    from the instruction right before its `syscall` (the last 7 bytes of
+    `code_before`, which ends at the `syscall`): glibc's wrappers load it there with
+    `mov eax, imm32` (b8 ..) or `xor eax, eax` (31 c0). None if it is not one of those."""
+    if len(code_before) >= 5 and code_before[-5] == 0xB8:
+        return int.from_bytes(code_before[-4:], "little")
+    if code_before[-2:] == b"\x31\xc0":
+        return 0
+    return None
+
+
+def own_state(regs: Registers, restarted_nr: int | None = None) -> Registers:
+    """The registers a thread stopped inside a system call resumes with.
+
+    A blocking call interrupted by PTRACE_INTERRUPT shows rax = -ERESTART*; with no
+    signal to deliver the kernel would restart it (rax = orig_rax, rip -= 2). The frame
+    does the same by hand: ``rt_sigreturn`` sets orig_rax = -1, so no restart logic
+    runs after it. ERESTART_RESTARTBLOCK (nanosleep, poll with a timeout) is re-issued
+    with its original arguments, not through restart_syscall, whose restart block
+    ``rt_sigreturn`` clears: the call sleeps its whole timeout again instead of
+    returning EINTR (a longer sleep, which those calls allow).
+    """
+    out = regs.copy()
+    if signed(regs.orig_rax) >= 0 and -signed(regs.rax) in RESTART_CODES:
+        # A call the kernel restarted once already sleeps in restart_syscall, whose
+        # restart block rt_sigreturn clears: re-issue the call it restarted instead.
+        nr = regs.orig_rax
+        if nr == SYS_restart_syscall:
+            if restarted_nr is None:
+                raise ValueError("sleeps in restart_syscall and its first call is unknown")
+            nr = restarted_nr
+        out.rax = nr
+        out.rip = regs.rip - 2
+    return out
+
+
+def restarts_through_block(regs: Registers) -> bool:
+    """The thread was stopped in a call the kernel restarts through its restart block."""
+    return signed(regs.orig_rax) >= 0 and -signed(regs.rax) == ERESTART_RESTARTBLOCK
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An rt_sigframe image and where it goes: ``rsp`` for a thread returning into it."""
+
+    address: int  # of pretcode; a thread whose `ret` pops it enters rt_sigreturn
+    data: bytes
+
+
+def build_frame(
+    address: int,
+    regs: Registers,
+    sigmask: int,
+    *,
+    pretcode: int,
+    fpstate: int = 0,
+) -> Frame:
+    """An rt_sigframe at `address` that rt_sigreturns into `regs` with `sigmask`.
+
+    `fpstate` 0: the FPU state is reset to its initial values (a frame that is only a
+    step of a chain, whose last frame carries the real state).
+    """
+    buf = bytearray(FRAME_SIZE)
+    struct.pack_into("<Q", buf, 0, pretcode)
+    flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS | (UC_FP_XSTATE if fpstate else 0)
+    struct.pack_into("<Q", buf, 8, flags)
+    # uc_link 0; uc_stack all zero: restore_altstack() then fails with ENOMEM (size 0 <
+    # MINSIGSTKSZ) or EPERM (on the altstack) and leaves the thread's altstack as it is.
+    values = [unsigned(getattr(regs, name)) for name in _SIGCONTEXT_REGS]
+    struct.pack_into("<18Q", buf, UC_MCONTEXT, *values)
+    # cs, gs, fs, ss (the kernel forces CPL 3); err, trapno, oldmask, cr2; fpstate
+    struct.pack_into(
+        "<HHHHQQQQQ", buf, UC_MCONTEXT + 144, regs.cs, 0, 0, regs.ss, 0, 0, 0, 0, fpstate
+    )
+    struct.pack_into("<Q", buf, UC_SIGMASK, sigmask)
+    return Frame(address, bytes(buf))
+
+
+def frame_below(rsp: int, xstate_len: int, chained: int) -> tuple[int, int, int]:
+    """Where a thread's frames go on its stack: (lowest address, own frame, fpstate).
+
+    Below the red zone, like a signal frame: ``chained`` extra frames first (lowest),
+    then the frame of the thread's own state, then its XSAVE image (64-byte aligned, as
+    XRSTOR requires).
+    """
+    fpstate = (rsp - RED_ZONE - xstate_len) & ~63
+    own = fpstate - FRAME_STRIDE
+    return own - chained * FRAME_STRIDE, own, fpstate

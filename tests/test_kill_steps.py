@@ -1,0 +1,223 @@
+"""SIGKILL of procksm right after every step of every kind of stop window (issue 13).
+
+A hidden switch (``PROCKSM_TEST_KILL_AT_STEP=N``, procksm.attach) makes the process that
+injects SIGKILL itself right after the N-th step that changes a target: a register,
+signal-mask or memory write, a resume, a detach. A first run with
+``PROCKSM_TEST_STEP_LOG`` lists the steps; the test then kills at every step of one
+window of each kind:
+
+* the first window of a target (scratch area, madvise guard's filter, its listener),
+* a merge window whose memfd hand-over is pidfd_getfd, and one that uses SCM_RIGHTS
+  (a target in another mount namespace),
+* a window that only drops zero pages,
+* an unmerge window,
+* a batch window of the daemon.
+
+After each kill: every target alive, no thread stopped or traced, its memory checks
+clean, no blocked call saw EINTR or a restart code, the register/FPU/signal-mask/
+altstack canaries unchanged, no store of the writer threads (which store counters into
+the merged pages) lost; then a new ``procksm unmerge`` removes what the killed one left
+(fds, mappings) and unmerges everything, and the target's fds and mappings are as
+before the merge.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from procksm.merge import merged_ranges
+from tests.conftest import (
+    ROOT,
+    Target,
+    assert_target_intact,
+    build_c_target,
+    require_privileges,
+    run_procksm,
+)
+
+PROCKSM = [sys.executable, "-m", "procksm"]
+IDENTICAL, ZERO = 48, 16
+
+
+def _spawn_canaries(
+    spawn: Any, n: int, *extra: object, prefix: list[str] | None = None
+) -> list[Target]:
+    exe = build_c_target("planted")
+    argv = [exe, "--identical", IDENTICAL, "--zero", ZERO, "--seed", 7, "--canaries", *extra]
+    return [spawn([*(prefix or []), *argv]) for _ in range(n)]
+
+
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _procksm_things(pid: int) -> list[str]:
+    """Mappings and fds of procksm's in the target (none once unmerged and cleaned)."""
+    maps = [
+        line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "procksm" in line
+    ]
+    fds = [t for t in _fds(pid).values() if "procksm" in t]
+    return maps + fds
+
+
+def _run(args: list[object], env: dict[str, str], timeout: float) -> int:
+    """Run procksm in its own process group; on timeout, SIGKILL the whole group."""
+    proc = subprocess.Popen(
+        [*PROCKSM, *(str(a) for a in args)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def _step_log(args: list[object], tmp: Path, timeout: float = 60) -> list[str]:
+    log = tmp / "steps.log"
+    log.unlink(missing_ok=True)
+    _run(args, dict(os.environ, PROCKSM_TEST_STEP_LOG=str(log)), timeout)
+    return [line.split()[1] for line in log.read_text().splitlines()]
+
+
+def _windows(kinds: list[str]) -> list[range]:
+    """Step numbers (1-based) of each stop window, from its "stopped" to its last step."""
+    starts = [i + 1 for i, k in enumerate(kinds) if k == "stopped"]
+    ends = [*(s - 1 for s in starts[1:]), len(kinds)]
+    return [range(s, e + 1) for s, e in zip(starts, ends, strict=True)]
+
+
+def _unmerge_clean(targets: list[Target], baseline: dict[int, dict[int, str]]) -> None:
+    res = run_procksm("unmerge", *(t.pid for t in targets), timeout=60)
+    assert res.returncode == 0, res.stderr
+    for t in targets:
+        assert merged_ranges(t.pid) == []
+        assert _procksm_things(t.pid) == []
+        assert _fds(t.pid) == baseline[t.pid]
+        assert_target_intact(t)
+
+
+def _sweep(
+    targets: list[Target], args: list[object], steps: range, *, timeout: float = 30
+) -> Iterator[int]:
+    """Kill procksm after each step in `steps`; check and clean the targets after each."""
+    baseline = {t.pid: _fds(t.pid) for t in targets}
+    for n in steps:
+        env = dict(os.environ, PROCKSM_TEST_KILL_AT_STEP=str(n))
+        _run(args, env, timeout)
+        time.sleep(0.1)  # released threads finish their frames' calls
+        for t in targets:
+            try:
+                assert_target_intact(t)
+            except AssertionError as e:
+                raise AssertionError(f"killed after step {n}: {e}") from None
+        _unmerge_clean(targets, baseline)
+        yield n
+
+
+def _kinds_in(kinds: list[str], window: range) -> set[str]:
+    return {kinds[i - 1] for i in window}
+
+
+@pytest.fixture
+def privileged() -> None:
+    require_privileges()
+
+
+def test_kill_after_every_step_of_first_and_merge_windows(
+    privileged: None, spawn: Any, tmp_path: Path
+) -> None:
+    targets = _spawn_canaries(spawn, 2)
+    args: list[object] = ["merge", *(t.pid for t in targets)]
+    kinds = _step_log(args, tmp_path)
+    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
+    windows = _windows(kinds)
+    first, merge = windows[0], windows[1]  # the first target's two windows
+    assert {"name", "owner"} <= _kinds_in(kinds, first)  # the scratch area is made there
+    assert {"gate", "arm", "frames", "load"} <= _kinds_in(kinds, merge)
+    done = list(_sweep(targets, args, range(first.start, merge.stop)))
+    assert len(done) == merge.stop - first.start
+    print(f"\nkilled after each of {len(done)} steps (windows {first}, {merge})")
+
+
+def test_kill_after_every_step_of_a_scm_rights_merge_window(
+    privileged: None, spawn: Any, tmp_path: Path
+) -> None:
+    # Another mount namespace: /proc/<procksm>/fd is not reachable, the memfds are handed
+    # over with SCM_RIGHTS on a socket the target creates (procksm.fdpass).
+    targets = _spawn_canaries(spawn, 2, prefix=["unshare", "--mount"])
+    for t in targets:
+        assert t.int("pid") == t.pid
+    args: list[object] = ["merge", *(t.pid for t in targets)]
+    kinds = _step_log(args, tmp_path)
+    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
+    merge = _windows(kinds)[1]
+    done = list(_sweep(targets, args, merge))
+    assert len(done) == len(merge)
+
+
+def test_kill_after_every_step_of_a_zero_page_window(
+    privileged: None, spawn: Any, tmp_path: Path
+) -> None:
+    exe = build_c_target("planted")
+    targets = [spawn([exe, "--zero", 32, "--seed", 7, "--canaries", "--counters", 0])]
+    args: list[object] = ["merge", targets[0].pid]
+    kinds = _step_log(args, tmp_path)
+    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
+    windows = _windows(kinds)
+    zero = next(w for w in windows if "gate" in _kinds_in(kinds, w))
+    done = list(_sweep(targets, args, zero))
+    assert len(done) == len(zero)
+
+
+def test_kill_after_every_step_of_an_unmerge_window(
+    privileged: None, spawn: Any, tmp_path: Path
+) -> None:
+    targets = _spawn_canaries(spawn, 2)
+    pids = [t.pid for t in targets]
+    baseline = {t.pid: _fds(t.pid) for t in targets}
+    assert run_procksm("merge", *pids).returncode == 0
+    kinds = _step_log(["unmerge", *pids], tmp_path)
+    _unmerge_clean(targets, baseline)
+    windows = _windows(kinds)
+    piece = next(w for w in windows if "gate" in _kinds_in(kinds, w))
+    done = 0
+    for n in piece:
+        assert run_procksm("merge", *pids).returncode == 0
+        assert all(merged_ranges(p) for p in pids)
+        _run(["unmerge", *pids], dict(os.environ, PROCKSM_TEST_KILL_AT_STEP=str(n)), 30)
+        time.sleep(0.1)
+        for t in targets:
+            assert_target_intact(t)
+        _unmerge_clean(targets, baseline)
+        done += 1
+    assert done == len(piece)
+
+
+def test_kill_after_every_step_of_a_daemon_batch(
+    privileged: None, spawn: Any, tmp_path: Path
+) -> None:
+    targets = _spawn_canaries(spawn, 2)
+    ctl = tmp_path / "ctl.sock"
+    args: list[object] = ["attach", "--no-bpf", "--control", ctl, *(t.pid for t in targets)]
+    kinds = _step_log(args, tmp_path, timeout=6)
+    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
+    batch = next(w for w in _windows(kinds) if "gate" in _kinds_in(kinds, w))
+    done = list(_sweep(targets, args, batch, timeout=6))
+    assert len(done) == len(batch)
