@@ -57,7 +57,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from procksm import PAGE_SIZE, procfs, sigframe
+from procksm import PAGE_SIZE, procfs, seccomp_bpf, sigframe
 from procksm.errors import (
     AccessDenied,
     NoSuchProcess,
@@ -91,10 +91,15 @@ from procksm.inject import (
     SYS_epoll_wait,
     SYS_ftruncate,
     SYS_futex,
+    SYS_madvise,
     SYS_memfd_create,
     SYS_mmap,
+    SYS_mprotect,
+    SYS_mremap,
     SYS_munmap,
+    SYS_prctl,
     SYS_restart_syscall,
+    SYS_rt_sigreturn,
     find_gadgets,
     get_event_msg,
     get_regs,
@@ -404,6 +409,13 @@ def check_attachable(pid: int) -> AttachStatus:
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
         raise TargetBusy(pid, _traced_message(pid, name, tracer))
+    if "shstk" in status.get("x86_Thread_features", "").split():
+        # The way back of an injected call is a `ret` into the sigreturn trampoline
+        # (procksm.sigframe), which a user shadow stack would refuse (SIGSEGV).
+        raise Unsupported(
+            f"pid {pid} ({name}) uses a user shadow stack (x86_Thread_features: shstk): "
+            "procksm's injected calls return with `ret`, which it would refuse"
+        )
 
     uids, gids = _ids(status.get("Uid", "0 0 0 0")), _ids(status.get("Gid", "0 0 0 0"))
     my_cap_eff, my_cap_prm = _own_capabilities()
@@ -490,6 +502,65 @@ def _other_namespaces(pid: int) -> list[str]:
         except OSError:
             continue  # not permitted to look: unknown, not an error
     return other
+
+
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+
+
+def _seccomp_filters(tid: int) -> list[bytes]:
+    """The thread's seccomp filters as classic BPF, newest first (root only)."""
+    filters: list[bytes] = []
+    for index in range(512):
+        try:
+            count = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0)
+            buf = ctypes.create_string_buffer(8 * count)
+            ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buf))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return filters  # past the oldest filter
+            raise PtraceError(
+                f"cannot read the seccomp filters of thread {tid} ({e.strerror}): procksm "
+                "checks them before it injects anything (needs CAP_SYS_ADMIN)"
+            ) from None
+        filters.append(buf.raw)
+    return filters
+
+
+# (name, number, arguments like procksm's, essential): what a seccomp filter is asked.
+# Not essential: calls procksm does without when they fail (the pidfd hand-over falls
+# back to SCM_RIGHTS, the guard's refusal is reported); killing or trapping still counts.
+_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, 0x10, MAP_ANONYMOUS
+_INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
+    ("memfd_create", SYS_memfd_create, (0, MFD_CLOEXEC), True),
+    ("ftruncate", SYS_ftruncate, (3, 2 * PAGE_SIZE), True),
+    ("mmap", SYS_mmap, (0, SCRATCH_BYTES, _RW, _PRIV, 3, 0), True),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX, 3, 0), True),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX | _ANON, (1 << 64) - 1, 0), True),
+    ("mprotect", SYS_mprotect, (1 << 30, PAGE_SIZE, PROT_READ), True),
+    ("mremap", SYS_mremap, (1 << 30, PAGE_SIZE, PAGE_SIZE, 7, 1 << 31), True),
+    ("munmap", SYS_munmap, (1 << 30, PAGE_SIZE), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 4), True),  # MADV_DONTNEED
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 22), True),  # MADV_POPULATE_READ
+    ("close", SYS_close, (3,), True),
+    (
+        "futex",
+        SYS_futex,
+        (1 << 30, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, 1 << 30, FUTEX_OP_SET_1),
+        True,
+    ),
+    ("rt_sigreturn", SYS_rt_sigreturn, (), True),
+    ("pidfd_open", 434, (1, 0), False),
+    ("pidfd_getfd", 438, (3, 3, 0), False),
+    ("socket", 41, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
+    ("bind", 49, (3, 1 << 30, 40), False),
+    ("recvmsg", 47, (3, 1 << 30, 0), False),
+    ("seccomp", 317, (1, 0, 1 << 30), False),
+    ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
+)
+_GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
+    ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
+    ("rt_sigreturn", SYS_rt_sigreturn, (), True),
+)
 
 
 def has_leftovers(pid: int) -> bool:
@@ -606,6 +677,7 @@ class PtraceSession:
         self._scratch: int | None = None  # page 0 of the scratch area (SCRATCH_PAGES)
         self._window_lock: WindowLock | None = None
         self._injector: int | None = None  # the thread whose frames wake the gate
+        self._filters_checked = False  # the target's seccomp filters allow our calls
 
     # context manager
 
@@ -1086,10 +1158,13 @@ class StoppedTarget:
         insn = self._session._syscall_insn
         if self._session.pin_cpu and not self._pinned:
             self._pin_to(tracee.tid)
+        if not self._session._filters_checked:
+            self._check_filters()
         with _signals_deferred():
             try:
                 if not tracee.chain:
-                    self._arm(tracee)
+                    with procfs.MapsQuery(self._memory_tid()) as maps:
+                        self._arm(tracee, maps)
                 regs = tracee.saved.copy()
                 regs.rip = insn
                 regs.rsp = tracee.chain
@@ -1134,14 +1209,46 @@ class StoppedTarget:
             self.write_memory(base + _GATE, gate)
             _step("gate")
             try:
-                self._arm(injector, wake=base + _GATE)
-                for tracee in self._tracees.values():
-                    if tracee is not injector:
-                        self._arm(tracee, wait=base + _GATE)
+                with procfs.MapsQuery(self._memory_tid()) as maps:
+                    self._arm(injector, maps, wake=base + _GATE)
+                    for tracee in self._tracees.values():
+                        if tracee is not injector:
+                            self._arm(tracee, maps, wait=base + _GATE)
             except OSError as e:
                 raise PtraceError(f"pid {self.pid}: gating its threads: {e}") from None
         session._injector = injector.tid
         self._gated = True
+
+    def _check_filters(self) -> None:
+        """Refuse a target whose seccomp filters would kill, trap or fail a call procksm
+        injects (a container profile, a sandbox), before anything is injected."""
+        session = self._session
+        status = session.status
+        if status is not None and status.seccomp == 1:
+            raise Unsupported(
+                f"pid {self.pid} ({status.name}) runs in strict seccomp mode: it may make "
+                "no system call procksm needs"
+            )
+        if status is None or status.seccomp != 2:
+            session._filters_checked = True
+            return
+        ip = session._syscall_insn + 2
+        injector = self._injector().tid
+        for tracee in self._tracees.values():
+            filters = _seccomp_filters(tracee.tid)
+            calls = _INJECTED_CALLS if tracee.tid == injector else _GATED_CALLS
+            for name, nr, args, essential in calls:
+                action = seccomp_bpf.verdict(filters, nr, ip, args)
+                if action in seccomp_bpf.RUNS:
+                    continue
+                if action == seccomp_bpf.SECCOMP_RET_ERRNO and not essential:
+                    continue  # procksm falls back (e.g. SCM_RIGHTS when pidfd_open fails)
+                what = seccomp_bpf.ACTION_NAMES.get(action, f"answers {action:#x} to")
+                raise Unsupported(
+                    f"pid {self.pid} ({status.name}): its seccomp filter {what} {name}(), "
+                    "which procksm injects; not touched"
+                )
+        session._filters_checked = True
 
     def _injector(self) -> _Tracee:
         """The thread injected calls run in: the main thread, unless it sleeps in a call
@@ -1158,7 +1265,9 @@ class StoppedTarget:
             self._injector_tid = best.tid
         return self._tracee(self._injector_tid)
 
-    def _arm(self, tracee: _Tracee, *, wake: int = 0, wait: int = 0) -> None:
+    def _arm(
+        self, tracee: _Tracee, maps: procfs.MapsQuery, *, wake: int = 0, wait: int = 0
+    ) -> None:
         """Write the thread's own-state frame on its stack (and, for the injecting
         thread of a gated window, a wake-up frame before it); for a gated thread, point
         its registers at the gate and block its signals."""
@@ -1171,7 +1280,7 @@ class StoppedTarget:
         own_mask = self._own_masks[tid]
         image = sigframe.signal_xstate(get_xstate(tid))
         low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 if wake else 0)
-        self._check_stack_room(tid, low - _ARGUMENT_ROOM, saved.rsp)
+        self._check_stack_room(maps, tid, low - _ARGUMENT_ROOM, saved.rsp)
         own = sigframe.build_frame(
             own_at, self._resume_state(tid, saved), own_mask,
             pretcode=gadgets.sigreturn, fpstate=fpstate,
@@ -1239,11 +1348,10 @@ class StoppedTarget:
             pass  # no rseq area readable: nothing the kernel would fix up either
         return regs
 
-    def _check_stack_room(self, tid: int, low: int, rsp: int) -> None:
+    def _check_stack_room(self, maps: procfs.MapsQuery, tid: int, low: int, rsp: int) -> None:
         """Frames go below the red zone of the thread's stack, where a signal frame
         would; process_vm_writev does not grow a stack, so the mapping must reach."""
-        with procfs.MapsQuery(self._memory_tid()) as maps:  # the leader may have exited
-            vma = maps.vma_at(rsp - 1)
+        vma = maps.vma_at(rsp - 1)
         if vma is None or vma.start > low or "w" not in vma.perms:
             raise PtraceError(
                 f"pid {self.pid}, thread {tid}: no room for its return frame below its "
@@ -1278,7 +1386,8 @@ class StoppedTarget:
             self._remove_leftovers()
             injector = self._injector()
             if not injector.chain:
-                self._arm(injector)
+                with procfs.MapsQuery(self._memory_tid()) as maps:
+                    self._arm(injector, maps)
             name_at = injector.chain - _ARGUMENT_ROOM  # below the frames: dead stack
             self.write_memory(name_at, SCRATCH_NAME)
             _step("name")

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.prepare_parser(p)
         # Commands that inject system calls into targets run in a worker process
-        # (procksm.worker): killing procksm must never kill a target.
+        # (procksm.worker): an orderly end on SIGINT/SIGTERM/SIGKILL of the outer one.
         p.set_defaults(_run=cmd.run, _stops_targets=name in ("merge", "unmerge", "demo", "attach"))
     return parser
 

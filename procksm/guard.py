@@ -304,11 +304,12 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     already through a filter it inherited. All threads get it (TSYNC)."""
     from procksm.inject import SYS_close, SYS_prctl
 
-    # Only the vDSO's instruction is exempt: it runs no madvise or mremap of the
-    # target's own (its syscalls are clock_gettime & co.); an instruction in libc's text
-    # (no vDSO) could be the target's madvise wrapper. Then procksm's calls notify too.
-    insn = st.syscall_address()
-    exempt_ip = insn + 2 if _in_vdso(st.pid, insn) else None  # after `syscall` (0f 05)
+    # procksm's calls run through a libc wrapper `mov eax, imm; syscall; ret` whose
+    # immediate is not madvise or mremap (procksm.inject.find_gadgets): the target itself
+    # reaches that instruction only with its own immediate, so exempting it exempts
+    # procksm's calls only (its unmerge's mremap must not wait for the guard, which
+    # would wait for procksm's stop window).
+    exempt_ip = st.syscall_address() + 2  # after `syscall` (0f 05)
     prog = build_filter(exempt_ip)
     scratch = st.scratch()
     fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, scratch + 64)
@@ -374,12 +375,6 @@ def has_guard_filter(tid: int) -> bool:
         if filter_signature(buf.raw) in ours:
             return True
     return False
-
-
-def _in_vdso(pid: int, addr: int) -> bool:
-    with procfs.MapsQuery(pid) as maps:
-        v = maps.vma_at(addr)
-    return v is not None and v.name == "[vdso]"
 
 
 # --- talking to the guard process ------------------------------------------------------
@@ -637,6 +632,8 @@ class GuardService:
     def _handle(self, fd: int, n: Notification) -> None:
         self.handled += 1
         rng = guarded_range(n.nr, n.arch, n.args)
+        if rng is not None and _injected_by_procksm(n):
+            rng = None  # procksm's own call, in a stop window of its: never wait for it
         if rng is not None:
             try:
                 keep = mremap_may_keep_merged(n.nr, n.arch, n.args)
@@ -714,6 +711,25 @@ class GuardService:
 
 
 _POLLHUP = select.POLLHUP
+
+
+def _injected_by_procksm(n: Notification) -> bool:
+    """The call comes from a `mov eax, imm; syscall; ret` wrapper whose immediate is not
+    the call: only an injection (procksm.inject.find_gadgets) gets there with another
+    number. Filters installed by an older procksm exempt another address; this keeps
+    their guard from waiting for the stop window the call runs in."""
+    from procksm.inject import read_memory
+
+    try:
+        code = read_memory(n.tid, n.ip - 7, 7)
+    except OSError:
+        return False
+    return (
+        len(code) == 7
+        and code[0] == 0xB8
+        and code[5:] == b"\x0f\x05"
+        and int.from_bytes(code[1:5], "little") != n.nr
+    )
 
 
 def select_poll(fd: int) -> int:

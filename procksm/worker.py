@@ -1,21 +1,17 @@
-"""Run the commands that stop targets in a forked worker, so that killing procksm does
-not kill a target.
-
-If the process that injects a system call into a target dies during the ~25-50 us of
-that call, the target thread resumes with the injected registers and the target crashes
-(measured: 2 of 40 random SIGKILLs of a one-process procksm during a merge). SIGKILL
-cannot be blocked, so the injecting process is not the one people and the OOM killer
-see: ``procksm merge`` forks a worker that does the work and an outer process that only
+"""Run the commands that stop targets in a forked worker, with an outer process that
 waits for it and relays its exit code.
 
-* SIGKILL of the outer process (the PID the user started, ``kill -9``, a supervisor):
-  the worker gets SIGTERM (PR_SET_PDEATHSIG), which its stop windows defer, so it ends
-  between two windows, every target resumed with its own registers.
-* SIGINT/SIGTERM/SIGHUP to the outer process are forwarded to the worker (same effect).
-* The OOM killer: the worker runs with oom_score_adj -1000 while it merges (root).
+Killing procksm is safe by construction (procksm.attach, procksm.sigframe: every
+injected call returns through a frame of the thread's own state), whichever procksm
+process dies. The worker remains for an orderly end on the signals people send:
 
-What remains: a SIGKILL aimed at the worker itself, or at the whole process group or
-cgroup, during an injected system call. The reliability issue tracks a recovery design.
+* SIGKILL of the outer process (the PID the user started): the worker gets SIGTERM
+  (PR_SET_PDEATHSIG), which its stop windows defer, so it ends between two windows and
+  removes its scratch areas from the targets.
+* SIGINT/SIGTERM/SIGHUP to the outer process are forwarded to the worker (same effect).
+* Ctrl-Z: the outer process stops only once the worker has (the live view restores the
+  terminal first).
+* The OOM killer: the worker runs with oom_score_adj -1000 while it merges (root).
 """
 
 from __future__ import annotations

@@ -114,7 +114,10 @@ class DaemonProc:
         self.err = open(self.stderr_path, "w+")  # noqa: SIM115 (closed in stop)
         cmd = [sys.executable, "-m", "procksm", "attach", *map(str, pids), "--control",
                self.sock, *map(str, args)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
+        # its own process group, as under a supervisor: SIGKILL goes to all of it (stop)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err, start_new_session=True
+        )
         if wait:
             wait_for(self._ready, 30, "the daemon's control socket")
 
@@ -162,7 +165,10 @@ class DaemonProc:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, sig)  # every procksm process, the worker included
+            else:
+                self.proc.send_signal(sig)
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

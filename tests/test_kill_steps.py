@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from procksm.merge import merged_ranges
+from procksm.merge import merged_ranges, unmerge
 from tests.conftest import (
     ROOT,
     Target,
@@ -53,7 +53,9 @@ def _spawn_canaries(
 ) -> list[Target]:
     exe = build_c_target("planted")
     argv = [exe, "--identical", IDENTICAL, "--zero", ZERO, "--seed", 7, "--canaries", *extra]
-    return [spawn([*(prefix or []), *argv]) for _ in range(n)]
+    targets = [spawn([*(prefix or []), *argv]) for _ in range(n)]
+    time.sleep(0.3)  # the blocker threads make their pipes after READY: fds settle
+    return targets
 
 
 def _fds(pid: int) -> dict[int, str]:
@@ -104,8 +106,10 @@ def _windows(kinds: list[str]) -> list[range]:
 
 
 def _unmerge_clean(targets: list[Target], baseline: dict[int, dict[int, str]]) -> None:
-    res = run_procksm("unmerge", *(t.pid for t in targets), timeout=60)
-    assert res.returncode == 0, res.stderr
+    """A new procksm (in this process: the killed one's pid and start time differ)
+    removes the leftovers and unmerges; then nothing of procksm's is left."""
+    for t in targets:
+        unmerge(t.pid)
     for t in targets:
         assert merged_ranges(t.pid) == []
         assert _procksm_things(t.pid) == []
@@ -177,6 +181,7 @@ def test_kill_after_every_step_of_a_zero_page_window(
 ) -> None:
     exe = build_c_target("planted")
     targets = [spawn([exe, "--zero", 32, "--seed", 7, "--canaries", "--counters", 0])]
+    time.sleep(0.3)
     args: list[object] = ["merge", targets[0].pid]
     kinds = _step_log(args, tmp_path)
     _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})

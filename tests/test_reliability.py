@@ -53,50 +53,15 @@ def seccomp_filters(pid: int) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# kill the tool: SIGKILL procksm at random moments during unmerge
-# (merge: tests/test_kill.py, 25 rounds in CI)
+# kill the tool: the daemon (merge and unmerge: tests/test_kill_group.py, every step of
+# every kind of window: tests/test_kill_steps.py)
 # --------------------------------------------------------------------------------------
 
 
-def test_sigkill_of_procksm_during_unmerge_leaves_targets_intact(spawn) -> None:  # type: ignore[no-untyped-def]
-    require_privileges()
-    rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "1999")))
-    rounds = 25 * LONG
-    killed_mid = 0
-    verified = 0
-    for _ in range(rounds):
-        targets = spawn_planted(spawn, 2, 16384, 1024, 256, 5, "--blockers")
-        res = run_procksm("merge", "--json", *(t.pid for t in targets), timeout=120)
-        assert res.returncode == 0, res.stderr
-        before = len(merged_ranges(targets[0].pid)) + len(merged_ranges(targets[1].pid))
-        proc = subprocess.Popen(
-            [*PROCKSM, "unmerge", *(str(t.pid) for t in targets)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
-        time.sleep(rng.uniform(0.15, 0.6))  # interpreter start-up is ~0.15 s
-        if proc.poll() is None:
-            proc.kill()
-            after = len(merged_ranges(targets[0].pid)) + len(merged_ranges(targets[1].pid))
-            killed_mid += 0 < after < before or after == before
-        proc.wait()
-        time.sleep(0.2)  # the worker finishes its window and exits
-        for t in targets:
-            verified += assert_intact(t)
-        res = run_procksm("unmerge", *(t.pid for t in targets), timeout=60)
-        assert res.returncode == 0, res.stderr
-        for t in targets:
-            assert merged_ranges(t.pid) == []
-            verified += assert_intact(t)
-            t.kill()
-    print(f"\nunmerge kill: {rounds} rounds survived, {killed_mid} killed before the end, "
-          f"{verified:,} page verifications")  # fmt: skip
-    assert killed_mid >= rounds // 3
-
-
 def test_sigkill_of_the_daemon_leaves_targets_intact(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`procksm attach` SIGKILLed at random moments of its scan loop: the forked worker
-    ends between two stop windows (PDEATHSIG), targets run on merged or not, and a new
-    daemon attaches to the same processes and keeps them merged."""
+    """`procksm attach`'s whole process group SIGKILLed at random moments of its scan
+    loop: targets run on, merged or not, and a new daemon attaches to the same processes
+    at once (the dead one's locks went with it) and keeps them merged."""
     require_privileges()
     from tests.daemon_helpers import DaemonProc, wait_for
 

@@ -1,0 +1,121 @@
+"""SIGKILL of procksm's whole process group at random moments (issue 13).
+
+What a supervisor does to a service it stops (``kill -9 -PGID``, a cgroup kill): every
+procksm process dies at once, the worker that holds a target's threads included. Rounds
+alternate over ``procksm merge``, ``procksm unmerge`` and the daemon (``procksm
+attach``), with targets of 1, 4 and 32 threads (the 32-thread one with every canary of
+``planted --canaries``: registers, FPU/AVX, signal mask, altstack, blocked calls, and
+writer threads that store counters into merged pages and check them). After each kill:
+every target alive, untraced, not stopped, self-checks clean; then a new procksm removes
+what the killed one left and unmerges everything, and the target's fds are as before.
+
+``PROCKSM_KILL_ROUNDS`` sets the number of rounds (CI: 105); ``PROCKSM_KILL_SEED`` the
+random seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from procksm.merge import merged_ranges
+from tests.conftest import (
+    ROOT,
+    Target,
+    assert_target_intact,
+    build_c_target,
+    require_privileges,
+    run_procksm,
+)
+from tests.test_kill_steps import _fds, _procksm_things
+
+PROCKSM = [sys.executable, "-m", "procksm"]
+ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "105"))
+PAGES = 4096  # 16 MiB identical per target: a merge is a few stop windows
+
+# threads per target -> planted options
+SHAPES: dict[int, list[object]] = {
+    1: [],
+    4: ["--threads", 3],
+    32: ["--canaries", "--threads", 24],  # main + 4 blockers + canary + 2 writers + 24
+}
+
+
+def _intact(t: Target, canaries: bool) -> None:
+    if canaries:
+        assert_target_intact(t)
+        return
+    assert t.alive(), f"target {t.pid} died"
+    verdict = t.command("check")
+    assert verdict.startswith("OK"), verdict
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        status = Path(f"/proc/{t.pid}/task/{tid}/status").read_text()
+        assert "\nTracerPid:\t0\n" in status, status
+        assert "\nState:\tt" not in status and "\nState:\tT" not in status, status
+
+
+def _start(args: list[object]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*PROCKSM, *(str(a) for a in args)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as under a supervisor
+    )  # fmt: skip
+
+
+def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
+    require_privileges()
+    rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2026")))
+    exe = build_c_target("planted")
+    sets = {
+        n: [spawn([exe, "--identical", PAGES, "--zero", 256, "--seed", 9, *opts]) for _ in range(2)]
+        for n, opts in SHAPES.items()
+    }
+    time.sleep(0.3)  # the blocker threads make their pipes after READY
+    baseline = {t.pid: _fds(t.pid) for ts in sets.values() for t in ts}
+    kinds = ("merge", "unmerge", "daemon")
+    mid = Counter[str]()
+    for r in range(ROUNDS):
+        kind = kinds[r % 3]
+        threads = list(SHAPES)[(r // 3) % 3]
+        targets = sets[threads]
+        pids = [t.pid for t in targets]
+        if kind == "merge":
+            proc = _start(["merge", *pids])
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and not merged_ranges(pids[0]):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.3))
+        elif kind == "unmerge":
+            assert run_procksm("merge", *pids).returncode == 0
+            proc = _start(["unmerge", *pids])
+            time.sleep(rng.uniform(0.15, 0.6))  # interpreter start-up is ~0.15 s
+        else:
+            proc = _start(["attach", "--no-bpf", "--control", tmp_path / f"c{r}.sock", *pids])
+            time.sleep(rng.uniform(0.2, 1.5))
+        if proc.poll() is None:
+            mid[kind] += any(merged_ranges(p) for p in pids)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.1)  # released threads finish their frames' calls
+        for t in targets:
+            try:
+                _intact(t, threads == 32)
+            except AssertionError as e:
+                raise AssertionError(f"round {r} ({kind}, {threads} threads): {e}") from None
+        res = run_procksm("unmerge", *pids, timeout=60)
+        assert res.returncode == 0, res.stderr
+        for t in targets:
+            assert merged_ranges(t.pid) == []
+            assert _procksm_things(t.pid) == []
+            assert _fds(t.pid) == baseline[t.pid]
+            _intact(t, threads == 32)
+    print(f"\n{ROUNDS} group kills survived; killed with pages merged: {dict(mid)}")
+    assert all(mid[k] >= ROUNDS // 12 for k in kinds), mid  # the kills hit work in progress

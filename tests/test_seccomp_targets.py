@@ -1,0 +1,115 @@
+"""Targets whose seccomp filters would kill or fail a call procksm injects are refused
+before anything is injected (issue 13); the filter interpreter against the kernel's."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from procksm import seccomp_bpf
+from procksm.guard import build_filter, run_filter
+from procksm.merge import merged_ranges
+from tests.conftest import require_privileges, run_procksm
+
+# struct sock_filter: code, jt, jf, k
+LD_NR = (0x20, 0, 0, 0)  # A = seccomp_data.nr
+LD_ARCH = (0x20, 0, 0, 4)
+
+
+def prog(*insns: tuple[int, int, int, int]) -> bytes:
+    return b"".join(struct.pack("=HBBI", *i) for i in insns)
+
+
+def kill_on(nr: int) -> bytes:
+    return prog(
+        LD_NR,
+        (0x15, 0, 1, nr),  # JEQ nr
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_KILL_PROCESS),
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ALLOW),
+    )
+
+
+def test_interpreter_agrees_with_the_guards_filter() -> None:
+    for exempt in (None, 0x7FFF_0000_1002):
+        f = build_filter(exempt)
+        for nr, args in ((28, (0, 4096, 4)), (28, (0, 4096, 0)), (25, (0, 1, 2, 0, 0)), (0, ())):
+            for ip in (0x1000, 0x7FFF_0000_1002):
+                expect = run_filter(f, nr, seccomp_bpf.AUDIT_ARCH_X86_64, ip, args)
+                assert seccomp_bpf.run(f, nr, ip, args) == expect
+
+
+def test_interpreter_alu_jumps_and_precedence() -> None:
+    # A = args[0] low word; A &= 0xff; if A >= 0x10 errno(1) else allow; JSET, JA, TAX
+    p = prog(
+        (0x20, 0, 0, 16),  # A = args[0] (low)
+        (0x54, 0, 0, 0xFF),  # A &= 0xff
+        (0x35, 0, 2, 0x10),  # JGE 0x10 -> next, else skip 2
+        (0x45, 1, 0, 0x01),  # JSET 1 -> skip 1
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ERRNO | 1),
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ALLOW),
+    )
+    assert seccomp_bpf.run(p, 0, 0, (0x112,)) == seccomp_bpf.SECCOMP_RET_ERRNO | 1
+    assert seccomp_bpf.run(p, 0, 0, (0x111,)) == seccomp_bpf.SECCOMP_RET_ALLOW
+    assert seccomp_bpf.run(p, 0, 0, (0x105,)) == seccomp_bpf.SECCOMP_RET_ALLOW
+    errno_all = prog((0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ERRNO | 1))
+    # the most restrictive action of all filters wins; KILL_PROCESS beats everything
+    both = [errno_all, kill_on(319)]
+    assert seccomp_bpf.verdict(both, 319, 0, ()) == seccomp_bpf.SECCOMP_RET_KILL_PROCESS
+    assert seccomp_bpf.verdict(both, 9, 0, ()) == seccomp_bpf.SECCOMP_RET_ERRNO
+
+
+TARGET = textwrap.dedent(
+    """
+    import ctypes, mmap, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    prog = bytes.fromhex(sys.argv[1])
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+    fbuf = ctypes.create_string_buffer(fprog)
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    assert libc.syscall(317, 1, 0, fbuf) == 0, ctypes.get_errno()  # seccomp(SET_MODE_FILTER)
+    region = mmap.mmap(-1, 64 * 4096)
+    for i in range(64):
+        region[i * 4096 : (i + 1) * 4096] = bytes([7]) * 4096
+    print("READY", flush=True)
+    for line in sys.stdin:
+        print("ALIVE", bytes(region[:4096]) == bytes([7]) * 4096, flush=True)
+    """
+)
+
+
+def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> None:
+    require_privileges()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TARGET, kill_on(319).hex()],  # memfd_create
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "READY"
+        maps_before = [Path(f"/proc/{p.pid}/maps").read_text() for p in procs]
+        res = run_procksm("merge", *(p.pid for p in procs))
+        assert res.returncode != 0
+        said = " ".join((res.stderr + res.stdout).split())  # the console wraps lines
+        assert "its seccomp filter kills the process memfd_create(), which procksm" in said
+        for p, before in zip(procs, maps_before, strict=True):
+            assert p.poll() is None, "the target died"
+            assert merged_ranges(p.pid) == []
+            assert Path(f"/proc/{p.pid}/maps").read_text() == before  # nothing injected
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write("x\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "ALIVE True"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
