@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import os
 import pwd
 import signal
@@ -144,7 +143,7 @@ SCRATCH_PATH = "/memfd:procksm-scratch (deleted)"
 STAGING_PAGES = 512
 SCRATCH_PAGES = 3 + STAGING_PAGES
 SCRATCH_BYTES = SCRATCH_PAGES * PAGE_SIZE
-_GATE, _GATE_TIMEOUT, _OWNER = 0, 16, 32  # offsets in page 0 (owner: pid, start, pidfs inode)
+_GATE, _GATE_TIMEOUT, _OWNER = 0, 16, 32  # offsets in page 0 (owner: pid, start time)
 # How long a gated thread waits for the injecting thread's wake-up after procksm died.
 # The wake-up comes within microseconds (the injecting thread is released at the same
 # instant); the timeout only bounds a wait if it never came.
@@ -157,9 +156,10 @@ FUTEX_OP_SET_1 = 1 << 12
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
 _ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 _ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
-# What a procksm leaves in a target only while a window runs (procksm.merge, fdpass):
-LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"  # scratch and segment memfds
-LEFTOVER_SOCKET_PREFIX = "@procksm-"  # the SCM_RIGHTS receiving socket, once bound
+MAX_UNDO = 2  # undo frames a window may stack (StoppedTarget.undo_on_death)
+# What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
+# scratch memfd and of segments. (Unnamed fds it creates are undone on death instead.)
+LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"
 
 SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 # Never PTRACE_O_EXITKILL: procksm dying must not kill its targets.
@@ -191,16 +191,6 @@ def _comm(pid: int) -> str:
 
 def _own_start_time() -> int:
     return int(read_stat_fields(os.getpid())[19])
-
-
-@functools.cache
-def _own_pidfd_inode() -> int:
-    """The pidfs inode of this process: what a pidfd of it that a target holds shows."""
-    fd = os.pidfd_open(os.getpid())
-    try:
-        return os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -609,6 +599,7 @@ class _Tracee:
     # on its stack, and whatever registers it holds lead back to that frame.
     sigmask: int | None = None  # its own signal mask, while procksm has blocked all
     chain: int = 0  # rsp for an injected call: the frame its `ret` returns through
+    own_frame: int = 0  # where the frame of its own state is
 
 
 # A hidden test switch (tests/test_kill_steps.py): SIGKILL this process right after the
@@ -1102,6 +1093,7 @@ class StoppedTarget:
         self._gated = False
         self._injector_tid: int | None = None
         self._own_masks: dict[int, int] = {}
+        self._undo: list[int] = []  # chain starts under the undo frames pushed
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
 
     @property
@@ -1187,6 +1179,42 @@ class StoppedTarget:
         return signed(result.rax)
 
     # kill safety: frames, the gate
+
+    @contextlib.contextmanager
+    def undo_on_death(self, nr: int, *args: int) -> Iterator[None]:
+        """While the block runs, the injecting thread's way back first makes system call
+        `nr` (e.g. close(fd) of an fd the block creates and closes again): if procksm
+        dies in between, the target undoes it by itself. Used where a call creates
+        something without a name a later procksm could recognise it by (a socket before
+        its bind, a pidfd)."""
+        injector = self._injector()
+        if not injector.chain:
+            with procfs.MapsQuery(self._memory_tid()) as maps:
+                self._arm(injector, maps)
+        if len(self._undo) >= MAX_UNDO:
+            raise PtraceError("undo_on_death blocks nest too deep")
+        gadgets = self._session._gadgets
+        assert injector.saved is not None
+        at = injector.own_frame - (2 + len(self._undo)) * sigframe.FRAME_STRIDE
+        regs = injector.saved.copy()
+        regs.rip, regs.rsp, regs.rax = gadgets.syscall, injector.chain, nr
+        for name, value in zip(_ARGUMENT_REGISTERS, args, strict=False):
+            setattr(regs, name, unsigned(value))
+        frame = sigframe.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+        self.write_memory(at, frame.data)
+        _step("undo", injector.tid)
+        self._undo.append(injector.chain)
+        injector.chain = at  # the next injected calls return through it
+        try:
+            yield
+        finally:
+            injector.chain = self._undo.pop()
+
+    def lowest_free_fd(self) -> int:
+        """The fd number the target's next new fd gets (the lowest free one: the kernel's
+        rule, and no thread of the target runs meanwhile)."""
+        used = procfs.open_fds(self._memory_tid())
+        return next(n for n in range(len(used) + 1) if n not in used)
 
     def hold_others(self) -> None:
         """Gate every other thread before a replacement (an mmap over a range, a
@@ -1279,23 +1307,25 @@ class StoppedTarget:
             self._own_masks[tid] = get_sigmask(tid)
         own_mask = self._own_masks[tid]
         image = sigframe.signal_xstate(get_xstate(tid))
-        low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 if wake else 0)
+        # Below the own frame: the wake-up frame, then room for undo frames (undo_on_death)
+        low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
         self._check_stack_room(maps, tid, low - _ARGUMENT_ROOM, saved.rsp)
         own = sigframe.build_frame(
             own_at, self._resume_state(tid, saved), own_mask,
             pretcode=gadgets.sigreturn, fpstate=fpstate,
         )  # fmt: skip
         blob = own.data.ljust(fpstate - own_at, b"\0") + image
-        chain = own_at
+        tracee.own_frame = own_at
+        chain = start = own_at
         if wake:
             step = saved.copy()
             step.rip, step.rsp, step.rax = gadgets.syscall, own_at, SYS_futex
             step.rdi, step.rsi, step.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
             step.r10, step.r8, step.r9 = 0, wake, FUTEX_OP_SET_1
-            first = sigframe.build_frame(low, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
-            blob = first.data.ljust(own_at - low, b"\0") + blob
-            chain = low
-        write_memory(self._memory_tid(), low, blob)
+            chain = start = own_at - sigframe.FRAME_STRIDE
+            first = sigframe.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+            blob = first.data.ljust(own_at - start, b"\0") + blob
+        write_memory(self._memory_tid(), start, blob)
         _step("frames", tid)
         if wake or wait:
             idle = saved.copy()
@@ -1388,7 +1418,8 @@ class StoppedTarget:
             if not injector.chain:
                 with procfs.MapsQuery(self._memory_tid()) as maps:
                     self._arm(injector, maps)
-            name_at = injector.chain - _ARGUMENT_ROOM  # below the frames: dead stack
+            # below every frame the thread may get: dead stack
+            name_at = injector.own_frame - (2 + MAX_UNDO) * sigframe.FRAME_STRIDE - _ARGUMENT_ROOM
             self.write_memory(name_at, SCRATCH_NAME)
             _step("name")
             fd = self.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
@@ -1400,7 +1431,7 @@ class StoppedTarget:
                 )  # fmt: skip
             finally:
                 self.syscall(SYS_close, fd)
-            owner = struct.pack("<QQQ", os.getpid(), _own_start_time(), _own_pidfd_inode())
+            owner = struct.pack("<QQ", os.getpid(), _own_start_time())
             self.write_memory(base + _OWNER, owner)
             _step("owner")
             session._scratch = base
@@ -1414,35 +1445,23 @@ class StoppedTarget:
         return self._session._scratch + 2 * PAGE_SIZE, STAGING_PAGES * PAGE_SIZE
 
     def _remove_leftovers(self) -> None:
-        """Remove what a procksm that died in a window left in the target: its memfd
-        fds (scratch, segments) and its hand-over socket, and scratch areas whose owner
-        is gone. Each is recognised by a name the target's own code does not use."""
+        """Remove what a procksm that died in a window left in the target: fds of its
+        memfds (scratch, segments), and scratch areas whose owner is gone. Each is
+        recognised by a name the target's own code does not use."""
         tid = self._memory_tid()  # /proc/TID works for any live thread; a leader may be gone
         try:
             fds = procfs.list_fd_targets(tid)
-            bound = procfs.unix_socket_names(tid)
             spans = [v for v in procfs.read_maps(tid) if v.path == SCRATCH_PATH and v.offset == 0]
         except ProcksmError:
             return  # cannot look (the process is exiting): nothing to remove either
-        dead_owners: set[int] = set()  # pidfs inodes of procksm processes that died
         for head in spans:
-            owner_pid, owner_start, owner_pidfd = struct.unpack(
-                "<QQQ", self.read_memory(head.start + _OWNER, 24)
-            )  # fmt: skip
+            owner_pid, owner_start = struct.unpack("<QQ", self.read_memory(head.start + _OWNER, 16))
             if owner_pid and _alive(int(owner_pid), int(owner_start)):
                 continue  # a live procksm's (the daemon between two windows)
-            dead_owners.add(int(owner_pidfd))
             self.syscall(SYS_munmap, head.start, SCRATCH_BYTES)
             self.leftovers_removed += 1
         for fd, target in sorted(fds.items()):
-            ours = target.startswith(LEFTOVER_MEMFD_PREFIX)
-            if target.startswith("socket:["):
-                ours = bound.get(int(target[8:-1]), "").startswith(LEFTOVER_SOCKET_PREFIX)
-            elif target == "anon_inode:[pidfd]" and dead_owners:
-                # the hand-over's pidfd_open(procksm): a pidfd of a dead procksm (pidfs
-                # inodes are never reused while the machine runs)
-                ours = procfs.fd_inode(tid, fd) in dead_owners
-            if ours:
+            if target.startswith(LEFTOVER_MEMFD_PREFIX):
                 self.syscall(SYS_close, fd)
                 self.leftovers_removed += 1
 

@@ -834,17 +834,24 @@ class MergeEngine(Closing):
         with FdSender(st.pid) as sender:
             layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
             st.write_memory(scratch, layout.blob)
-            c = layout.socket_call()
-            sock = st.syscall_checked(c.nr, *c.args, name="socket")
-            try:
-                c = layout.bind_call(sock)
-                st.syscall_checked(c.nr, *c.args, name="bind")
-                sender.send_fds([ro_fds[s.id] for s in segs])
-                c = layout.recvmsg_call(sock)
-                ret = st.syscall(c.nr, *c.args)
-            finally:
-                c = layout.close_call(sock)
-                st.syscall(c.nr, *c.args)
+            # The socket has no name before its bind: if procksm dies while it exists, the
+            # target closes it itself (its fd number is known in advance: the lowest free).
+            expected = st.lowest_free_fd()
+            close = layout.close_call(expected)
+            with st.undo_on_death(close.nr, *close.args):
+                c = layout.socket_call()
+                sock = st.syscall_checked(c.nr, *c.args, name="socket")
+                try:
+                    if sock != expected:
+                        raise ProcksmError(f"pid {st.pid}: socket() got fd {sock}, not {expected}")
+                    c = layout.bind_call(sock)
+                    st.syscall_checked(c.nr, *c.args, name="bind")
+                    sender.send_fds([ro_fds[s.id] for s in segs])
+                    c = layout.recvmsg_call(sock)
+                    ret = st.syscall(c.nr, *c.args)
+                finally:
+                    c = layout.close_call(sock)
+                    st.syscall(c.nr, *c.args)
             msg = parse_recv_result(layout, st.read_memory(scratch, layout.size), ret)
             ok = msg.is_from(sender) and len(msg.fds) == len(segs)
             ok = ok and all(
@@ -861,11 +868,22 @@ class MergeEngine(Closing):
     ) -> dict[int, int] | None:
         """pidfd_open(procksm) + pidfd_getfd per segment + close, in the target. None when
         the kernel refuses (the target may not ptrace procksm): use SCM_RIGHTS then."""
+        # A pidfd has no name a later procksm could recognise it by: if procksm dies while
+        # it exists, the target closes it itself (its number is the lowest free fd).
+        expected = st.lowest_free_fd()
+        with st.undo_on_death(SYS_close, expected):
+            return self._take_with_pidfd_from(st, segs, ro_fds, expected)
+
+    def _take_with_pidfd_from(
+        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int], expected: int
+    ) -> dict[int, int] | None:
         pidfd = st.syscall(SYS_pidfd_open, os.getpid(), 0)
         if pidfd < 0:
             return None
         got: dict[int, int] = {}
         try:
+            if pidfd != expected:
+                raise ProcksmError(f"pid {st.pid}: pidfd_open got fd {pidfd}, not {expected}")
             for s in segs:
                 fd = st.syscall(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
                 if fd < 0:

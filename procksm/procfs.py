@@ -873,6 +873,15 @@ IO_URING_TARGET = "anon_inode:[io_uring]"
 AIO_RING_PATH = "/[aio]"  # maps shows "/[aio] (deleted)" for each io_setup() ring
 
 
+def open_fds(pid: int) -> set[int]:
+    """The fd numbers open in the process (the listing of /proc/PID/fd)."""
+    path = f"/proc/{pid}/fd"
+    try:
+        return {int(name) for name in os.listdir(path)}
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+
+
 def list_fd_targets(pid: int) -> dict[int, str]:
     """fd -> readlink of /proc/PID/fd/N (fds closed meanwhile are left out)."""
     path = f"/proc/{pid}/fd"
@@ -889,32 +898,6 @@ def list_fd_targets(pid: int) -> dict[int, str]:
         except OSError as exc:
             raise _open_failed(pid, f"{path}/{name}", exc) from exc
     return targets
-
-
-def fd_inode(pid: int, fd: int) -> int:
-    """The inode number of what fd `fd` of `pid` refers to (0 if it is closed meanwhile)."""
-    try:
-        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
-    except FileNotFoundError:
-        return 0
-    except OSError as exc:
-        raise _open_failed(pid, f"/proc/{pid}/fd/{fd}", exc) from exc
-
-
-def parse_unix_sockets(text: str) -> dict[int, str]:
-    """/proc/PID/net/unix as inode -> bound path ("@name" for an abstract one); unbound
-    sockets are left out."""
-    names: dict[int, str] = {}
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 8:
-            names[int(fields[6])] = fields[7]
-    return names
-
-
-def unix_socket_names(pid: int) -> dict[int, str]:
-    """The bound AF_UNIX sockets of the target's network namespace (see parse_unix_sockets)."""
-    return parse_unix_sockets(_read_proc(pid, "net/unix"))
 
 
 def parse_fdinfo(text: str) -> dict[str, str]:

@@ -14,11 +14,15 @@ Each test prints what it saved (bytes, % of the scan's ideal) and what was refus
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,3 +230,94 @@ def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None: 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-s", "-q"]))
+
+
+# --------------------------------------------------------------------------------------
+# Real programs survive SIGKILLs of procksm's whole process group (issue 13)
+# --------------------------------------------------------------------------------------
+
+KILL_ROUNDS = 9  # 3 each of merge, unmerge, the daemon
+
+
+def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None:
+    """Kill procksm's process group at a random moment of a merge, an unmerge or the
+    daemon; after each kill `check()` (the programs' own answer) and a clean unmerge."""
+    from tests.test_kill_group import _start
+
+    rng = random.Random(seed)
+    for r in range(KILL_ROUNDS):
+        kind = ("merge", "unmerge", "daemon")[r % 3]
+        if kind == "merge":
+            proc = _start(["merge", *pids])
+            time.sleep(rng.uniform(0.3, 1.2))
+        elif kind == "unmerge":
+            assert run_procksm("merge", *pids, timeout=300).returncode == 0
+            proc = _start(["unmerge", *pids])
+            time.sleep(rng.uniform(0.2, 0.8))
+        else:
+            proc = _start(["attach", "--no-bpf", "--control", tmp_path / f"k{r}.sock", *pids])
+            time.sleep(rng.uniform(0.5, 2.5))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.1)
+        check(f"round {r} ({kind}) after the kill")
+        res = run_procksm("unmerge", *pids, timeout=120)
+        assert res.returncode == 0, res.stderr
+        check(f"round {r} ({kind}) after unmerge")
+
+
+def test_redis_and_python_workers_survive_group_kills(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    exe = shutil.which("redis-server")
+    if exe is None:
+        skip_or_fail("redis-server not installed (make setup installs it)")
+        return
+    servers = [Redis(exe, tmp_path, name) for name in ("a", "b", "reference")]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(3)
+    ]
+    step = 0
+    try:
+        for r in servers:
+            assert r.cli("DEBUG", "POPULATE", 30_000, "key", 600) == "OK"
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "READY"
+
+        def check(when: str) -> None:
+            nonlocal step
+            step += 1
+            assert all(r.alive() for r in servers), when
+            for r in servers:  # writes through jemalloc, DONTNEEDs through the guard
+                r.cli("SET", f"step:{step}", "x" * (step * 100))
+                r.cli("DEL", f"step:{step - 1}")
+                r.cli("MEMORY", "PURGE")
+            digests = {r.cli("DEBUG", "DIGEST") for r in servers}
+            assert len(digests) == 1, (when, digests)
+            answers = []
+            for w in workers:
+                assert w.poll() is None, when
+                assert w.stdin is not None and w.stdout is not None
+                w.stdin.write(f"{step}\n")
+                w.stdin.flush()
+                answers.append(w.stdout.readline().strip())
+            assert len(set(answers)) == 1, (when, answers)
+
+        pids = [r.pid for r in servers[:2]] + [w.pid for w in workers[:2]]
+        _kill_rounds(pids, tmp_path, check, seed=13)
+    finally:
+        for r in servers:
+            r.stop()
+        for w in workers:
+            w.kill()
+            w.wait()
