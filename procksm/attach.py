@@ -10,14 +10,15 @@ DESIGN.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
   seconds-long scan would freeze every thread that gets a SIGCHLD, a timer signal or a
   runtime's preemption signal (Go's SIGURG, JVM safepoints). Re-seizing costs a few
   microseconds per thread and is included in the measured pauses.
-* Registers differ from the thread's own only inside :meth:`StoppedTarget.syscall`
-  (~25 us). Outside it a thread sits in a ptrace stop with exactly its own registers, in
-  a stop that is safe to be abandoned in (an interrupt or syscall-exit stop, never a
-  signal-delivery-stop), so if procksm is SIGKILLed at any other instruction the kernel's
-  detach resumes it correctly. SIGKILL inside syscall() would leave the injected thread
-  to run from the vDSO with the injected registers: a risk kept to microseconds, not
-  removed. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked in the calling thread for
-  the whole window and take effect right after it.
+* Every instant is safe to die at (procksm.sigframe, docs/kill-safety.md): before a
+  thread runs an injected call, a frame of its own state (registers, XSAVE state, signal
+  mask) is written on its stack, and the call returns through it (`syscall; ret` into
+  the target's sigreturn trampoline), so a thread released by the kernel when procksm
+  dies runs at most that call and returns to its own state by itself. Before a
+  replacement, the other threads are gated on a futex that the injecting thread's frames
+  wake (:meth:`StoppedTarget.hold_others`): none runs its own code before the
+  replacement is done. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked in the calling
+  thread for the whole window and take effect right after it.
 * Restart of interrupted system calls is left to the kernel. Measured here (kernel 6.18):
   after PTRACE_INTERRUPT a thread blocked in read/futex/nanosleep/poll/select/accept/
   pause shows rax = -512..-516; on PTRACE_DETACH the kernel sets TIF_SIGPENDING
@@ -37,8 +38,9 @@ DESIGN.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
   restart would not shorten the timeout; EINTR is documented and event loops recompute
   their timeout on it).
 * Signals are never swallowed: a signal-delivery-stop met while waiting for a thread to
-  stop is resumed at once with its signal; one met during an injected syscall is held,
-  and re-sent to the same thread with its original siginfo when the window ends.
+  stop is resumed at once with its signal; while a thread holds procksm's registers all
+  its signals are blocked (PTRACE_SETSIGMASK) and stay pending until its own mask is
+  back; one that still stops it (SIGSTOP) is held and re-sent when the window ends.
 """
 
 from __future__ import annotations

@@ -166,7 +166,9 @@ class DaemonProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             if sig == signal.SIGKILL:
-                os.killpg(self.proc.pid, sig)  # every procksm process, the worker included
+                from tests.test_kill_steps import kill_group
+
+                kill_group(self.proc)  # every procksm process, the worker included
             else:
                 self.proc.send_signal(sig)
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from tests.conftest import (
     require_privileges,
     run_procksm,
 )
-from tests.test_kill_steps import _fds, _procksm_things
+from tests.test_kill_steps import _fds, _procksm_things, kill_group
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "105"))
@@ -102,8 +101,7 @@ def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
             time.sleep(rng.uniform(0.2, 1.5))
         if proc.poll() is None:
             mid[kind] += any(merged_ranges(p) for p in pids)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         time.sleep(0.1)  # released threads finish their frames' calls
         for t in targets:
             try:

@@ -85,10 +85,31 @@ def _run(args: list[object], env: dict[str, str], timeout: float) -> int:
         start_new_session=True,
     )  # fmt: skip
     try:
-        return proc.wait(timeout)
+        rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         return proc.wait()
+    wait_group_gone(proc.pid)  # a worker killed by the switch may still be exiting
+    return rc
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL every process of `proc`'s group, and wait until all are gone (their locks
+    with them)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_group_gone(proc.pid)
+
+
+def wait_group_gone(pgid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process group {pgid} still alive 10 s after SIGKILL")
 
 
 def _step_log(args: list[object], tmp: Path, timeout: float = 60) -> list[str]:

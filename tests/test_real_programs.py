@@ -14,10 +14,8 @@ Each test prints what it saved (bytes, % of the scan's ideal) and what was refus
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -243,6 +241,7 @@ def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None
     """Kill procksm's process group at a random moment of a merge, an unmerge or the
     daemon; after each kill `check()` (the programs' own answer) and a clean unmerge."""
     from tests.test_kill_group import _start
+    from tests.test_kill_steps import kill_group
 
     rng = random.Random(seed)
     for r in range(KILL_ROUNDS):
@@ -257,8 +256,7 @@ def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None
         else:
             proc = _start(["attach", "--no-bpf", "--control", tmp_path / f"k{r}.sock", *pids])
             time.sleep(rng.uniform(0.5, 2.5))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         time.sleep(0.1)
         check(f"round {r} ({kind}) after the kill")
         res = run_procksm("unmerge", *pids, timeout=120)
