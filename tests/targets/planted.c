@@ -29,6 +29,7 @@
  *              that word (a store lost to a concurrent replacement of the page shows
  *              there): a canary, not part of "check"
  * --threads T  T extra threads spinning (busy) on their own stack
+ * --sleepers S  S extra threads sleeping 20 ms at a time (idle pool workers)
  * --sparse N   one more private anonymous mapping of N pages of which only every 4th
  *              page (0, 4, 8, ...) is written, the rest never touched (not present):
  *              64-bit word k of touched page i is (i << 32) ^ k ^ 0x5350415253450000.
@@ -218,6 +219,16 @@ static void *churn_writer(void *arg) {
 static void *spinner(void *arg) {
     volatile uint64_t x = (uintptr_t)arg;
     while (!stop_flag) x = x * 6364136223846793005ULL + 1;
+    return NULL;
+}
+
+/* --sleepers: threads that sleep in short nanosleeps (like a pool's idle workers) */
+static void *sleeper(void *arg) {
+    (void)arg;
+    while (!stop_flag) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     return NULL;
 }
 
@@ -644,7 +655,7 @@ static void *dontneed_thread(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, blockers = 0, canaries = 0, writers = -1;
+    int threads = 0, sleepers = 0, blockers = 0, canaries = 0, writers = -1;
     long counters = -1;
     const char *attr = NULL;
     for (int a = 1; a < argc; a++) {
@@ -657,6 +668,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--volatile")) npages[R_VOLATILE] = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--seed")) seed = strtoull(v, 0, 0), a++;
         else if (!strcmp(k, "--threads")) threads = atoi(v), a++;
+        else if (!strcmp(k, "--sleepers")) sleepers = atoi(v), a++;
         else if (!strcmp(k, "--blockers")) blockers = 1;
         else if (!strcmp(k, "--sparse")) sparse_pages = strtoul(v, 0, 0), a++;
         else if (!strcmp(k, "--mergeable")) mergeable = 1;
@@ -733,6 +745,7 @@ int main(int argc, char **argv) {
     if (npages[R_VOLATILE]) pthread_create(&th, NULL, volatile_writer, NULL);
     if (npages[R_CHURN]) pthread_create(&th, NULL, churn_writer, NULL);
     for (int t = 0; t < threads; t++) pthread_create(&th, NULL, spinner, (void *)(uintptr_t)t);
+    for (int t = 0; t < sleepers; t++) pthread_create(&th, NULL, sleeper, NULL);
     if (blockers) {
         if (pipe(block_pipe)) return 2;
         pthread_create(&th, NULL, blk_read, NULL);
