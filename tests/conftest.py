@@ -265,7 +265,10 @@ def guard_dir(monkeypatch):  # type: ignore[no-untyped-def]
     d = Path(tempfile.mkdtemp(prefix="procksm-guard-test-"))
     cg = scratch_cgroup("procksm-test-guard-")
     monkeypatch.setenv("PROCKSM_LOCK_DIR", str(d))
-    monkeypatch.setenv("PROCKSM_GUARD_CGROUP", str(cg))
+    # PROCKSM_GUARD_TEST_OFF=cgroup: the guards stay where they start (to see
+    # tests/test_guard_life.py fail without their own cgroup)
+    off = os.environ.get("PROCKSM_GUARD_TEST_OFF") == "cgroup"
+    monkeypatch.setenv("PROCKSM_GUARD_CGROUP", "none" if off else str(cg))
     yield d
     for pid in guard_pids(d):
         with contextlib.suppress(ProcessLookupError):
