@@ -510,7 +510,8 @@ class Guard:
         self.peer_since = 0.0
         self.respawn_at = 0.0
         self.respawn_delay = 0.0
-        self.upgrading: tuple[int, str, str] | None = None  # (gen, exe, pythonpath)
+        # (gen, exe, pythonpath, pid of the procksm that asked)
+        self.upgrading: tuple[int, str, str, int] | None = None
         self.exe, self.pythonpath = sys.executable, guard_env()["PYTHONPATH"]
         self.draining = False
         self.handled = 0
@@ -683,15 +684,15 @@ class Guard:
                 # The standby runs the new code: it takes the active role, then this
                 # guard re-executes itself as the standby. Calls arriving in between
                 # wait (they are not lost: the listener is held throughout).
-                gen, exe, pypath = self.upgrading
+                gen, exe, pypath, nspid = self.upgrading
                 self.upgrading = None
                 self._send("takeover")
                 self._become("standby")
-                self._reexec(gen, exe, pypath)
+                self._reexec(gen, exe, pypath, nspid)
         elif cmd == "takeover":
             self._become("active")
-        elif cmd == "reexec" and len(words) == 4:
-            self._reexec(int(words[1]), words[2], words[3])
+        elif cmd == "reexec" and len(words) == 5:
+            self._reexec(int(words[1]), words[2], words[3], int(words[4]))
         elif cmd == "exit":
             _log("the active guard exits: so does its standby")
             raise _Exit(0)
@@ -796,16 +797,21 @@ class Guard:
         argv = [*argv, "--socket", self.path, "--idle-exit", str(self.idle_exit)]
         os.execve(argv[0], argv, env)
 
-    def _reexec(self, gen: int, exe: str, pypath: str) -> None:
+    def _reexec(self, gen: int, exe: str, pypath: str, nspid: int) -> None:
         """Upgrade: this process executes the (new) guard code in place, keeping every
-        fd; its pid, hence the peer's pidfd on it, stays the same."""
+        fd; its pid, hence the peer's pidfd on it, stays the same. ``exe`` and
+        ``pypath`` are paths in the mount namespace of ``nspid``, the procksm that asked
+        for the upgrade: after a pod replacement the new code is only in the new
+        container's file system, so the guard joins that mount namespace first."""
         _log(f"re-executing {exe} (generation {gen})")
+        _join_mount_namespace(nspid)
         env = guard_env(pypath)
         link = self.link.fileno() if self.link is not None else None
         state = self._state(self.role, gen, link, self.peer_pid, self.peer_pidfd)
         env[STATE_ENV] = state
         for maps in self._maps.values():
             maps.close()
+        self._maps.clear()
         self.unmerger.close()  # it exits on EOF
         try:
             self._exec(guard_argv(exe), env, state)
@@ -825,7 +831,7 @@ class Guard:
         with conn:
             conn.settimeout(5)
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            _pid, uid, _gid = struct.unpack("3i", creds)
+            client_pid, uid, _gid = struct.unpack("3i", creds)
             try:
                 msg, fds = _recv_fds(conn, 0)
             except OSError:
@@ -834,7 +840,7 @@ class Guard:
                 if uid not in (0, os.geteuid()):
                     reply = "error: permission denied"
                 else:
-                    reply = self._command(msg.decode(errors="replace").strip(), fds)
+                    reply = self._command(msg.decode(errors="replace").strip(), fds, client_pid)
                     fds = []  # taken
             finally:
                 for fd in fds:
@@ -848,7 +854,7 @@ class Guard:
 
     _stopping = False
 
-    def _command(self, line: str, fds: list[int]) -> str:
+    def _command(self, line: str, fds: list[int], client_pid: int = 0) -> str:
         words = line.split()
         if words[:1] in (["list"], ["stats"]) and len(words) == 1:
             for fd in fds:
@@ -881,10 +887,10 @@ class Guard:
         if len(words) == 4 and words[0] == "upgrade":
             gen, exe, pypath = int(words[1]), words[2], words[3]
             if self.link is None:
-                self._reexec(gen, exe, pypath)  # alone: calls wait during the exec
+                self._reexec(gen, exe, pypath, client_pid)  # alone: calls wait meanwhile
                 return "error: cannot execute the new guard (see guard.log)"
-            self.upgrading = (gen, exe, pypath)
-            self._send("reexec", gen, exe, pypath)
+            self.upgrading = (gen, exe, pypath, client_pid)
+            self._send("reexec", gen, exe, pypath, client_pid)
             return "ok"
         if words == ["stop"]:
             return self._stop()
@@ -1094,6 +1100,29 @@ def _tgid(tid: int) -> int:
             if line.startswith("Tgid:"):
                 return int(line.split()[1])
     raise ValueError(tid)
+
+
+def _join_mount_namespace(pid: int) -> None:
+    """setns(CLONE_NEWNS) into ``pid``'s mount namespace when it is not ours (needs
+    CAP_SYS_ADMIN and CAP_SYS_CHROOT, and a single-threaded caller: the guard is)."""
+    if pid <= 0:
+        return
+    try:
+        if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            return
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _log(f"mount namespace of pid {pid}: {e.strerror}; stays in its own")
+        return
+    try:
+        if _libc.setns(fd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            _log(f"cannot join the mount namespace of pid {pid}: {os.strerror(err)}")
+            return
+        os.chdir("/")
+        _log(f"joined the mount namespace of pid {pid}")
+    finally:
+        os.close(fd)
 
 
 def _pidfd_dead(pidfd: int) -> bool:

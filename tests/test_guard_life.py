@@ -325,11 +325,14 @@ def test_an_upgrade_reexecutes_both_guards_while_calls_continue(spawn, guard_dir
     for t in (a, b):
         assert t.command("check").startswith("OK"), t.pid
     assert set(guard_pids(guard_dir)) == before  # re-executed, not replaced
+    # from another mount namespace (a new pod's): the guards join it to execute the
+    # code it names
     out = subprocess.run(
-        [sys.executable, "-m", "procksm", "guard", "--upgrade"],
+        ["unshare", "--mount", sys.executable, "-m", "procksm", "guard", "--upgrade"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0 and "generation 3" in out.stdout, out
+    assert (guard_dir / "guard.log").read_text().count("joined the mount namespace") == 2
     assert a.command("dontneed identical 1000 4") == "OK"
     assert a.command("check").startswith("OK")
 
