@@ -56,6 +56,7 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -253,21 +254,35 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
         SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_TSYNC
         | SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     )  # fmt: skip
-    fd = st.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, scratch)
-    if fd == -errno.EBUSY and has_guard_filter(st.pid):
-        # The kernel allows one listener per filter chain: this process inherited the
-        # guard's filter (a child forked after its parent was guarded), whose listener
-        # the guard holds and which already sends this process's calls to it.
-        return None
-    if fd < 0:
-        raise GuardError(
-            f"pid {st.pid}: seccomp() in the target failed: {os.strerror(-fd)}; "
-            "not merged (--no-guard merges without the madvise guard)"
-        )
-    try:
-        listener = _pidfd_getfd(st.pid, fd)
-    finally:
-        st.syscall(SYS_close, fd)
+    # From seccomp() on, the listener is in the target's fd table only: if this process
+    # dies before the guard holds a copy, the target's guarded calls wait for ever. The
+    # guard is told first and watches this connection (procksm.guardd: Guard._expect).
+    client = GuardClient()
+    with client.expect(st.pid) as conn:
+        fd = st.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, scratch)
+        if os.environ.get("PROCKSM_GUARD_TEST_DIE") == "after-seccomp":
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: die at the worst instant
+        if fd == -errno.EBUSY and has_guard_filter(st.pid):
+            # The kernel allows one listener per filter chain: this process inherited
+            # the guard's filter (a child forked after its parent was guarded), whose
+            # listener the guard holds and which already sends this process's calls.
+            conn.sendall(b"cancel\n")
+            return None
+        if fd < 0:
+            conn.sendall(b"cancel\n")
+            raise GuardError(
+                f"pid {st.pid}: seccomp() in the target failed: {os.strerror(-fd)}; "
+                "not merged (--no-guard merges without the madvise guard)"
+            )
+        try:
+            client.take(conn, st.pid, fd, exempt_ip or 0)
+            listener = _pidfd_getfd(st.pid, fd)
+        except (GuardError, OSError):
+            # no guard could take it: better no listener (calls fail with ENOSYS)
+            # than one nobody reads (calls wait for ever)
+            st.syscall(SYS_close, fd)
+            raise
+    st.syscall(SYS_close, fd)  # the guards hold copies
     return listener, exempt_ip or 0
 
 
@@ -309,6 +324,14 @@ def has_guard_filter(tid: int) -> bool:
     return False
 
 
+def _fd_links(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
+    return out
+
+
 def _in_vdso(pid: int, addr: int) -> bool:
     with procfs.MapsQuery(pid) as maps:
         v = maps.vma_at(addr)
@@ -338,6 +361,44 @@ class GuardClient:
             s.close()
             raise
         return s
+
+    def expect(self, pid: int) -> socket.socket:
+        """A connection on which the guard waits for ``take`` (see install)."""
+        start = procfs.start_time(pid)
+        # listeners the (stopped) process holds already, of its own: not ours to take
+        own = [fd for fd, link in _fd_links(pid) if link == "anon_inode:seccomp notify"]
+        try:
+            s = self.connect()
+            s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())
+            if not s.recv(64).startswith(b"ok"):
+                s.close()
+                raise GuardError("madvise guard: refused to expect a listener")
+        except OSError as e:
+            raise GuardError(f"madvise guard: {e.strerror or e}") from None
+        return s
+
+    def take(self, conn: socket.socket, pid: int, fd: int, exempt_ip: int) -> None:
+        """Let the guard copy the listener (fd ``fd`` of ``pid``) on the expecting
+        connection; if that guard died meanwhile, ask the one that took over."""
+        try:
+            conn.sendall(f"take {fd} {exempt_ip}\n".encode())
+            reply = conn.recv(256).decode(errors="replace").strip()
+        except OSError:
+            reply = ""
+        if reply == "ok":
+            return
+        if reply:
+            raise GuardError(f"madvise guard: {reply}")
+        start = procfs.start_time(pid)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self._request(f"take {pid} {start} {fd} {exempt_ip}")
+                return
+            except GuardError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def running(self) -> bool:
         """Does a guard answer on the socket (without starting one)?"""

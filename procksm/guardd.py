@@ -99,12 +99,14 @@ CGROUPNS_ENV = "PROCKSM_GUARD_CGROUPNS"  # a cgroup namespace to join first (Kub
 CGROUP_NAME = "procksm-guard"
 # Tests only (tests/test_guard_life.py shows each of its tests failing with one of these):
 # "standby" (no peer), "kick" (no restart of calls a dead guard received), "inherit"
-# (listeners not kept across an upgrade's execve), "lean" (the guard imports numpy).
+# (listeners not kept across an upgrade's execve), "lean" (the guard imports numpy),
+# "rescue" (no taking of the listener a dead procksm left in a target's fd table).
 TEST_OFF = os.environ.get("PROCKSM_GUARD_TEST_OFF", "")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
 
 
 # --- what a call acts on (pure) ----------------------------------------------------------
@@ -520,6 +522,7 @@ class Guard:
         self.last_activity = time.monotonic()
         self._retry: list[tuple[int, Notification]] = []
         self._last_refusal = ""
+        self._expecting: dict[int, tuple[socket.socket, int, str, set[int]]] = {}
         self._kick_again: list[int] = []
         self._kick_until = 0.0
         self._maps: dict[int, _Maps] = {}  # per thread id, LRU order
@@ -602,6 +605,8 @@ class Guard:
                         self._on_link()
                     elif fd in self.targets and self.role == "active":
                         self._on_listener(fd, ev)
+                    elif fd in self._expecting:
+                        self._on_expect(fd)
                 self._retry_pending()
                 self._kick_pending()
                 if self._should_exit():
@@ -745,7 +750,12 @@ class Guard:
                 self._kick_again = []
                 return
             waiting = set(_waiting_tasks())
-            self._kick_again = kick([t for t in self._kick_again if t in waiting])
+            tids = [t for t in self._kick_again if t in waiting]
+            self._kick_again = kick(tids)
+            if len(tids) > len(self._kick_again):
+                done = len(tids) - len(self._kick_again)
+                self.kicked += done
+                _log(f"restarted {done} waiting calls (their tracer let go)")
 
     def _spawn_peer(self) -> None:
         """A new standby that inherits every fd; a child of this guard, hence in its
@@ -828,7 +838,8 @@ class Guard:
         except BlockingIOError:
             return
         self.last_activity = time.monotonic()
-        with conn:
+        keep = False
+        try:
             conn.settimeout(5)
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             client_pid, uid, _gid = struct.unpack("3i", creds)
@@ -836,11 +847,15 @@ class Guard:
                 msg, fds = _recv_fds(conn, 0)
             except OSError:
                 return
+            line = msg.decode(errors="replace").strip()
             try:
                 if uid not in (0, os.geteuid()):
                     reply = "error: permission denied"
+                elif line.startswith("expect ") and len(line.split()) == 4 and not fds:
+                    reply = self._expect(conn, line.split())
+                    keep = reply == "ok"
                 else:
-                    reply = self._command(msg.decode(errors="replace").strip(), fds, client_pid)
+                    reply = self._command(line, fds, client_pid)
                     fds = []  # taken
             finally:
                 for fd in fds:
@@ -849,8 +864,101 @@ class Guard:
                 conn.sendall(reply.encode() + b"\n")
             except OSError:
                 pass  # the client went away
+        finally:
+            if not keep:
+                conn.close()
         if self._stopping:
             raise _Exit(0)
+
+    # installing a filter: procksm's worker may die at any instruction
+
+    def _expect(self, conn: socket.socket, words: list[str]) -> str:
+        """``expect PID START OWN``: procksm is about to inject seccomp() into PID, whose
+        listener fd will then sit in PID's fd table only. The connection stays open
+        until procksm says ``take FD IP`` (the guard copies the fd out with
+        pidfd_getfd) or ``cancel``; if it closes without either, procksm died in
+        between, and the guard takes every seccomp listener from PID's fd table
+        itself, except the listeners it had before (OWN: fd numbers, "-" for none;
+        the process is stopped meanwhile, its fd table changes only by procksm's
+        seccomp()). Without that, PID's guarded calls would wait for ever on a listener
+        nobody reads."""
+        pid, start = int(words[1]), words[2]
+        own = {int(x) for x in words[3].split(",") if x.isdigit()}
+        conn.setblocking(False)
+        self._expecting[conn.fileno()] = (conn, pid, start, own)
+        self.poll.register(conn.fileno(), select.POLLIN)
+        return "ok"
+
+    def _on_expect(self, fd: int) -> None:
+        conn, pid, start, own = self._expecting.pop(fd)
+        self.poll.unregister(fd)
+        try:
+            conn.setblocking(True)
+            conn.settimeout(5)
+            words = conn.recv(256).decode(errors="replace").split()
+        except OSError:
+            words = []
+        try:
+            if words[:1] == ["cancel"]:
+                return
+            if len(words) == 3 and words[0] == "take":
+                reply = self._take(pid, start, int(words[1]), int(words[2]))
+                try:
+                    conn.sendall(reply.encode() + b"\n")
+                except OSError:
+                    pass  # it died after asking: the listener is ours all the same
+                return
+            # EOF: procksm died between "expect" and "take"
+            taken = 0 if TEST_OFF == "rescue" else self._rescue(pid, start, own)
+            _log(f"pid {pid}: procksm died while installing the filter; took {taken} "
+                 "listener(s) from the process's fd table (they stay open there)")  # fmt: skip
+        finally:
+            conn.close()
+
+    def _take(self, pid: int, start: str, fd: int, ip: int) -> str:
+        """Copy fd ``fd`` of ``pid`` (a seccomp listener) and guard with it."""
+        try:
+            got = _pidfd_getfd(pid, start, fd)
+        except OSError as e:
+            return f"error: pid {pid} fd {fd}: {e.strerror}"
+        if os.readlink(f"/proc/self/fd/{got}") != "anon_inode:seccomp notify":
+            os.close(got)
+            return f"error: pid {pid} fd {fd} is no seccomp listener"
+        self._add_target(f"{pid}-{start}", got, ip)
+        return "ok"
+
+    def _rescue(self, pid: int, start: str, own: set[int]) -> int:
+        n = 0
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return 0
+        for name in fds:
+            if int(name) in own:
+                continue
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if link == "anon_inode:seccomp notify" and self._take(pid, start, int(name), 0) == "ok":
+                n += 1
+        return n
+
+    def _add_target(self, key: str, listener: int, ip: int) -> None:
+        """Guard with ``listener`` unless a listener of the same file is held already
+        (kcmp: procksm hands over the copy it made too)."""
+        for held in self.targets:
+            if _same_file(held, listener):
+                os.close(listener)
+                return
+        os.set_blocking(listener, False)
+        t = _Target(key, listener, ip)
+        # The standby gets its copy first: once sendmsg returns, the kernel holds
+        # the file in the message, which survives the death of either of us.
+        self._send("add", t.key, ip, fds=[listener])
+        self.targets[listener] = t
+        self.poll.register(listener, select.POLLIN)
+        _log(f"guarding pid {key.split('-')[0]}")
 
     _stopping = False
 
@@ -871,19 +979,12 @@ class Guard:
                 "pages_unmerged": self.unmerged_pages, "calls_restarted": self.kicked,
             })  # fmt: skip
         if len(words) == 4 and words[0] == "guard" and len(fds) == 1:
-            pid, start, ip = int(words[1]), words[2], int(words[3])
-            listener = fds[0]
-            os.set_blocking(listener, False)
-            t = _Target(f"{pid}-{start}", listener, ip)
-            # The standby gets its copy first: once sendmsg returns, the kernel holds
-            # the file in the message, which survives the death of either of us.
-            self._send("add", t.key, ip, fds=[listener])
-            self.targets[listener] = t
-            self.poll.register(listener, select.POLLIN)
-            _log(f"guarding pid {pid}")
+            self._add_target(f"{words[1]}-{words[2]}", fds[0], int(words[3]))
             return "ok"
         for fd in fds:
             os.close(fd)
+        if len(words) == 5 and words[0] == "take":  # a retry of an expect's take
+            return self._take(int(words[1]), words[2], int(words[3]), int(words[4]))
         if len(words) == 4 and words[0] == "upgrade":
             gen, exe, pypath = int(words[1]), words[2], words[3]
             if self.link is None:
@@ -1100,6 +1201,32 @@ def _tgid(tid: int) -> int:
             if line.startswith("Tgid:"):
                 return int(line.split()[1])
     raise ValueError(tid)
+
+
+SYS_kcmp, KCMP_FILE = 312, 0
+SYS_pidfd_getfd = 438
+
+
+def _same_file(fd1: int, fd2: int) -> bool:
+    me = os.getpid()
+    return int(_libc.syscall(SYS_kcmp, me, me, KCMP_FILE, fd1, fd2)) == 0
+
+
+def _pidfd_getfd(pid: int, start: str, fd: int) -> int:
+    """A copy of ``pid``'s fd ``fd``; ESRCH when ``pid`` is not the process started at
+    tick ``start`` any more."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[19] != start:
+                raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
+        got = int(_libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return got
+    finally:
+        os.close(pidfd)
 
 
 def _join_mount_namespace(pid: int) -> None:

@@ -13,10 +13,13 @@ Each test fails with its mechanism switched off (PROCKSM_GUARD_TEST_OFF, tests o
 read by the guard; checked by hand when these tests were written):
 
   standby  (no second guard)              test_killed_guards_lose_no_call: ENOSYS
-  kick     (no restart of received calls) test_killed_guards_lose_no_call: a call hangs
+  kick     (no restart of received calls) test_a_call_the_killed_guard_had_received_...:
+                                          a call hangs
   cgroup   (guards stay where started)    test_a_service_stop_leaves_the_guards: ENOSYS
   inherit  (listeners closed on execve)   test_an_upgrade_...: ENOSYS
   lean     (the guard imports numpy)      test_the_guards_are_lean: > 8 MiB
+  rescue   (no taking of a listener left  test_a_worker_killed_between_seccomp_...:
+            in a target by a dead worker)  a call hangs
 """
 
 from __future__ import annotations
@@ -242,6 +245,43 @@ def test_a_call_the_killed_guard_had_received_is_restarted(spawn, guard_dir) -> 
     assert a.command("check").startswith("OK")
     log_text = (guard_dir / "guard.log").read_text()
     assert re.search(r"restarted [1-9]\d* waiting calls", log_text), log_text
+
+
+def test_a_worker_killed_between_seccomp_and_the_hand_over(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
+    """procksm's worker SIGKILLed right after the injected seccomp() (a test switch): the
+    listener is then in the target's fd table only, and nobody would ever read it (the
+    target's guarded calls would wait for ever). The guard, told before the injection,
+    sees the worker's connection close and takes the listener from the target."""
+    a, b = planted_pair(spawn)
+    env = dict(os.environ, PROCKSM_GUARD_TEST_DIE="after-seccomp")
+    out = subprocess.run(
+        [sys.executable, "-m", "procksm", "merge", str(a.pid), str(b.pid)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0, out
+    filtered = [t for t in (a, b) if proc_status(t.pid, "Seccomp_filters") == "1"]
+    assert len(filtered) == 1, out  # the worker died in the first target's install
+    for t in (a, b):
+        assert t.command("dontneed unique 0 1", timeout=10) == "OK"  # no hang, no ENOSYS
+        assert t.command("check").startswith("OK")
+    assert (
+        "procksm died while installing the filter; took 1" in (guard_dir / "guard.log").read_text()
+    )
+    # a new merge finds the process guarded (no second filter) and merges
+    ranges = [AddressRange(t.int("identical"), t.int("identical") + N * PAGE_SIZE) for t in (a, b)]
+    with MergeEngine([a.pid, b.pid], MergeOptions(selection=ScanOptions(ranges=ranges))) as eng:
+        assert eng.run().pages_merged == 2 * N
+    assert proc_status(filtered[0].pid, "Seccomp_filters") == "1"
+    for t in (a, b):
+        assert t.command("dontneed identical 10 5") == "OK"
+        assert t.command("check").startswith("OK")
+
+
+def proc_status(pid: int, key: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(key)
 
 
 def loop_answer(t: Target, timeout: float) -> str:
