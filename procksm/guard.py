@@ -256,33 +256,38 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     )  # fmt: skip
     # From seccomp() on, the listener is in the target's fd table only: if this process
     # dies before the guard holds a copy, the target's guarded calls wait for ever. The
-    # guard is told first and watches this connection (procksm.guardd: Guard._expect).
+    # guard is told first and watches this connection (procksm.guardd: Guard._expect);
+    # a guard of an older procksm (None) gets its copy from merge.py afterwards.
     client = GuardClient()
-    with client.expect(st.pid) as conn:
+    conn = client.expect(st.pid)
+    try:
         fd = st.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, scratch)
         if os.environ.get("PROCKSM_GUARD_TEST_DIE") == "after-seccomp":
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die at the worst instant
-        if fd == -errno.EBUSY and has_guard_filter(st.pid):
-            # The kernel allows one listener per filter chain: this process inherited
-            # the guard's filter (a child forked after its parent was guarded), whose
-            # listener the guard holds and which already sends this process's calls.
-            conn.sendall(b"cancel\n")
-            return None
         if fd < 0:
-            conn.sendall(b"cancel\n")
+            if conn is not None:
+                conn.sendall(b"cancel\n")
+            if fd == -errno.EBUSY and has_guard_filter(st.pid):
+                # The kernel allows one listener per filter chain: this process
+                # inherited the guard's filter (a child forked after its parent was
+                # guarded), whose listener the guard holds and which already sends
+                # this process's calls to it.
+                return None
             raise GuardError(
                 f"pid {st.pid}: seccomp() in the target failed: {os.strerror(-fd)}; "
                 "not merged (--no-guard merges without the madvise guard)"
             )
         try:
-            client.take(conn, st.pid, fd, exempt_ip or 0)
+            if conn is not None:
+                client.take(conn, st.pid, fd, exempt_ip or 0)
             listener = _pidfd_getfd(st.pid, fd)
-        except (GuardError, OSError):
-            # no guard could take it: better no listener (calls fail with ENOSYS)
-            # than one nobody reads (calls wait for ever)
+        finally:
+            # the guards hold copies; if none could take one, better no listener
+            # (calls fail with ENOSYS) than one nobody reads (calls wait for ever)
             st.syscall(SYS_close, fd)
-            raise
-    st.syscall(SYS_close, fd)  # the guards hold copies
+    finally:
+        if conn is not None:
+            conn.close()
     return listener, exempt_ip or 0
 
 
@@ -362,17 +367,22 @@ class GuardClient:
             raise
         return s
 
-    def expect(self, pid: int) -> socket.socket:
-        """A connection on which the guard waits for ``take`` (see install)."""
+    def expect(self, pid: int) -> socket.socket | None:
+        """A connection on which the guard waits for ``take`` (see install); None
+        from a guard of an older procksm, which knows no ``expect`` (then the listener
+        is handed over as before, after seccomp())."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
         own = [fd for fd, link in _fd_links(pid) if link == "anon_inode:seccomp notify"]
         try:
             s = self.connect()
             s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())
-            if not s.recv(64).startswith(b"ok"):
+            reply = s.recv(256)
+            if not reply.startswith(b"ok"):
                 s.close()
-                raise GuardError("madvise guard: refused to expect a listener")
+                if reply.startswith(b"error: unknown request"):
+                    return None
+                raise GuardError(f"madvise guard: {reply.decode(errors='replace').strip()}")
         except OSError as e:
             raise GuardError(f"madvise guard: {e.strerror or e}") from None
         return s
