@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from procksm import PAGE_SIZE, guardd
 from procksm.guard import GuardClient
 from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions
@@ -107,6 +109,8 @@ def loop_result(t: Target, timeout: float) -> dict[str, int]:
     if not ready:
         raise AssertionError(f"target {t.pid}: a madvise call hangs (no answer in {timeout} s)")
     line = t.proc.stdout.readline().strip()
+    if not line:
+        raise AssertionError(f"target {t.pid} died: exit status {t.proc.wait(timeout=5)}")
     assert line.startswith("OK"), f"target {t.pid}: {line}"
     return {k: int(v) for k, v in (w.split("=") for w in line.split()[1:])}
 
@@ -409,3 +413,52 @@ def test_sigterm_keeps_a_guard_answering_until_its_targets_exit(  # type: ignore
     a.kill()
     b.kill()
     wait_for(lambda: not guard_pids(guard_dir), 10, "the guards to exit")
+
+
+def test_stop_unmerges_every_guarded_process_then_stops_the_guards(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
+    """`procksm guard --stop`: every guarded process is unmerged (exact bytes), then
+    both guards exit; the filters stay (seccomp filters cannot be removed), so guarded
+    calls then fail with ENOSYS, on memory that reads as it did."""
+    a, b = merged_pair(spawn, guard_dir)
+    assert a.command("dontneed identical 0 2") == "OK"
+    out = subprocess.run(
+        [sys.executable, "-m", "procksm", "guard", "--stop"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "guards stopped" in out.stdout, out
+    for t in (a, b):
+        assert SEGMENT_NAME_PREFIX not in Path(f"/proc/{t.pid}/maps").read_text()
+        assert t.command("check").startswith("OK")
+    wait_for(lambda: not guard_pids(guard_dir), 10, "the guards to exit")
+    assert a.command("dontneed identical 5 1") == "ERR errno=38"  # documented
+    assert a.command("check").startswith("OK")
+
+
+@pytest.mark.xfail(
+    reason="DESIGN §6: a SIGKILL inside an injection window can crash the target (SIGSEGV "
+    "measured here in 2 of 3 runs); procksm/inject.py and merge.unmerge_pieces are being "
+    "made kill-safe elsewhere, then this passes",
+    strict=False,
+)
+def test_a_killed_unmerge_helper_loses_no_call(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
+    """The unmerge helper (procksm.guard_unmerge) SIGKILLed while targets DONTNEED merged
+    pages: the guard sees its pipe close, keeps the call unanswered, starts another
+    helper and retries; no call fails, every page reads zeros afterwards. (The guards
+    themselves never stop a target: only the helper does, so a kill of a guard cannot
+    leave a target in an injection window.)"""
+    a, b = merged_pair(spawn, guard_dir)
+    for t in (a, b):
+        start_loop(t, 3000)
+    killed = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        time.sleep(0.4)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if b"procksm.guard_unmerge" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+    results = [loop_result(t, 30) for t in (a, b)]
+    assert killed >= 2 and all(r["first"] > 0 for r in results), (killed, results)
+    for t in (a, b):
+        assert t.command("check").startswith("OK"), t.pid
