@@ -644,6 +644,8 @@ class Guard:
             self.poll.register(self.srv.fileno(), select.POLLIN)
             for fd in self.targets:
                 self.poll.register(fd, select.POLLIN)
+        for fd in self._expecting:
+            self.poll.register(fd, select.POLLIN)
 
     # the peer
 
@@ -957,7 +959,8 @@ class Guard:
         # the file in the message, which survives the death of either of us.
         self._send("add", t.key, ip, fds=[listener])
         self.targets[listener] = t
-        self.poll.register(listener, select.POLLIN)
+        if self.role == "active":  # (an upgrade may have made it the standby meanwhile)
+            self.poll.register(listener, select.POLLIN)
         _log(f"guarding pid {key.split('-')[0]}")
 
     _stopping = False
