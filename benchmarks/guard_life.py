@@ -15,6 +15,8 @@ guards run in a scratch cgroup. Measured:
                     is SIGKILLed (the standby notices on its pidfd, takes over, restarts
                     the calls the dead guard had received), over --kills kills
   upgrade window    the same across `procksm guard --upgrade`
+  alone after kill  from the SIGKILL of the active guard to the fork of a new standby
+                    (until then the survivor is the only holder of the listeners)
 
 Writes benchmarks/results/guard_life.json.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -83,6 +86,7 @@ def main() -> int:
         Target([str(exe), "--identical", str(n), "--unique", "256", "--seed", "3"]) for _ in "ab"
     ]
     client = GuardClient()
+    log = Path(lock_dir) / "guard.log"
     out: dict[str, object] = {}
     try:
         a = targets[0]
@@ -126,12 +130,22 @@ def main() -> int:
         mem = {str(p): private_kib(int(p)) for p in (st["pid"], st["peer"])}  # type: ignore[call-overload]
         # kill window
         kills = []
+        respawns: list[float] = []
         for _ in range(args.kills):
             a.proc.stdin.write("dontneedloop unique unique 1200\n")  # type: ignore[union-attr]
             a.proc.stdin.flush()  # type: ignore[union-attr]
             time.sleep(0.5)
-            os.kill(int(client.stats()["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            victim = int(client.stats()["pid"])  # type: ignore[call-overload]
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
             line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
+            # the survivor logs the (system-wide) monotonic clock when it forked the
+            # new standby
+            spawned = [
+                float(m)
+                for m in re.findall(r"started standby \d+ \(monotonic ([\d.]+)\)", log.read_text())
+            ]
+            respawns.append(round((spawned[-1] - t0) * 1000, 2))
             assert line.startswith("OK"), line
             kills.append(int(line.split("max_us=")[1]))
             deadline = time.monotonic() + 10
@@ -162,6 +176,10 @@ def main() -> int:
                 "all": kills,
             },
             "slowest_call_us_across_upgrade": ups,
+            # SIGKILL of the active guard -> the survivor's fork of a new standby (which
+            # holds every listener from its fork on): the window in which a second kill,
+            # of the survivor, would leave no listener
+            "ms_alone_after_a_kill": {"median": statistics.median(respawns), "max": max(respawns)},
         }
         print(json.dumps(out, indent=2))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

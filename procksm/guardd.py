@@ -509,7 +509,6 @@ class Guard:
         self.peer_pidfd = -1
         self.peer_gen = 0
         self.peer_ready = False  # its "hello" arrived: it runs its loop
-        self.peer_since = 0.0
         self.respawn_at = 0.0
         self.respawn_delay = 0.0
         # (gen, exe, pythonpath, pid of the procksm that asked)
@@ -577,7 +576,7 @@ class Guard:
         if doc["link"] >= 0:
             self.link = socket.socket(fileno=doc["link"])
             self.peer_pid, self.peer_pidfd = doc["peer_pid"], doc["peer_pidfd"]
-            self.peer_since = time.monotonic()
+            self.peer_ready = True  # it started us, or ran before our execve
         for fd in [self.lock, self.srv.fileno(), *self.targets, doc["link"], self.peer_pidfd]:
             if fd >= 0:
                 os.set_inheritable(fd, False)
@@ -724,7 +723,7 @@ class Guard:
         except ChildProcessError:
             pass  # reaped by the kernel (SIGCHLD ignored)
         _log(f"peer {self.peer_pid} is gone")
-        lived = time.monotonic() - self.peer_since
+        was_up = self.peer_ready
         self.peer_pid, self.peer_pidfd, self.peer_ready = 0, -1, False
         self.upgrading = None
         self._become("active")
@@ -733,9 +732,13 @@ class Guard:
         if TEST_OFF != "kick":
             self._kick(_waiting_tasks())
         self._sweep()
-        # a peer that dies at once (a broken upgrade, a loop of kills) is not respawned
-        # in a tight loop; the survivor serves alone meanwhile
-        self.respawn_delay = 0.0 if lived > 10 else min(30.0, max(0.5, self.respawn_delay * 2))
+        # A new standby at once: until its fork the survivor is the only holder. But a
+        # peer that died before it said hello (broken code after an upgrade, a crash at
+        # start) is not respawned in a tight loop: 0.5 s, doubling up to 30 s.
+        if was_up:
+            self.respawn_delay = 0.0
+        else:
+            self.respawn_delay = min(30.0, max(0.5, self.respawn_delay * 2))
         self.respawn_at = time.monotonic() + self.respawn_delay
 
     def _kick(self, tids: list[int]) -> None:
@@ -782,9 +785,8 @@ class Guard:
         os.close(me)
         theirs.close()
         self.link, self.peer_pid, self.peer_pidfd = mine, pid, os.pidfd_open(pid)
-        self.peer_since = time.monotonic()
         self._register()
-        _log(f"started standby {pid}")
+        _log(f"started standby {pid} (monotonic {time.monotonic():.6f})")  # (for benchmarks)
 
     def _state(self, role: str, gen: int, link: int | None, peer_pid: int, peer_pidfd: int) -> str:
         """What the next image (a spawned peer, or this guard after execve) needs: its

