@@ -179,7 +179,10 @@ def main() -> int:
             # SIGKILL of the active guard -> the survivor's fork of a new standby (which
             # holds every listener from its fork on): the window in which a second kill,
             # of the survivor, would leave no listener
-            "ms_alone_after_a_kill": {"median": statistics.median(respawns), "max": max(respawns)},
+            "ms_alone_after_a_kill": {
+                "median": round(statistics.median(respawns), 2),
+                "max": max(respawns),
+            },
         }
         print(json.dumps(out, indent=2))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
