@@ -494,6 +494,12 @@ class GuardClient:
         if not self.running():
             raise GuardError("madvise guard: none running")
         before = self.stats()
+        if "gen" not in before:
+            raise GuardError(
+                f"madvise guard: the running guard (pid {before.get('pid')}) is of an older "
+                "procksm and cannot re-execute itself; it exits 10 s after its last "
+                "guarded process"
+            )
         gen = max(int(before["gen"]), int(before.get("peer_gen") or 0)) + 1  # type: ignore[call-overload]
         env = guard_env()
         with contextlib.suppress(GuardError):  # a lone guard re-executes mid-answer

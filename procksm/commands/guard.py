@@ -85,10 +85,10 @@ class GuardCommand:
                 print("no guarded processes")
             else:
                 print(
-                    f"guard pid {stats['pid']} (standby {stats['peer']}): "
+                    f"guard pid {stats['pid']} (standby {stats.get('peer')}): "
                     f"{stats['notifications']} calls answered, "
                     f"{stats['pages_unmerged']} pages unmerged before a guarded call, "
-                    f"{stats['calls_restarted']} calls restarted after a guard died"
+                    f"{stats.get('calls_restarted', 0)} calls restarted after a guard died"
                 )
                 for key in stats["guarded"]:  # type: ignore[attr-defined]
                     print(f"  pid {key.split('-')[0]} (started at tick {key.split('-')[1]})")
