@@ -21,15 +21,15 @@ their own, so that no service stop kills them; started on demand, OOM-protected)
 For each notification the guard asks the kernel (PROCMAP_QUERY) whether the range
 touches a merged mapping:
 
-* no (the common case, ~40 us): ``SECCOMP_USER_NOTIF_FLAG_CONTINUE``; the kernel runs
-  the call as if no filter existed;
+* no (the common case, ~30 us of the guard's CPU): ``SECCOMP_USER_NOTIF_FLAG_CONTINUE``;
+  the kernel runs the call as if no filter existed;
 * yes: the guard's unmerge helper (procksm.guard_unmerge, a child started on demand,
   so that the resident guard never imports numpy) stops the target (PTRACE_SEIZE +
-  INTERRUPT), which withdraws the
-  notification — the waiting thread's call returns -ERESTARTSYS and the kernel restarts
-  it when the thread resumes — unmerges the merged pages of the range (exact bytes,
-  private anonymous memory again, ``procksm.merge.unmerge``'s step) and resumes. The
-  restarted call finds anonymous memory only and runs exactly as without procksm.
+  INTERRUPT), which withdraws the notification — the waiting thread's call returns
+  -ERESTARTSYS and the kernel restarts it when the thread resumes — unmerges the
+  merged pages of the range (exact bytes, private anonymous memory again,
+  ``procksm.merge.unmerge_pieces``) and resumes. The restarted call finds anonymous
+  memory only and runs exactly as without procksm.
 
 procksm's own injected ``madvise`` (dropping zero pages) comes from the vDSO's syscall
 instruction; the filter lets calls from that address through without a round trip.
