@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -190,7 +191,8 @@ def main() -> int:
     finally:
         for t in targets:
             t.kill()
-        remove_cgroup(Path(cg))
+        remove_cgroup(Path(cg))  # (SIGKILLs the guards)
+        shutil.rmtree(lock_dir, ignore_errors=True)
     return 0
 
 
