@@ -11,7 +11,8 @@ Each watches the other with a pidfd. When one dies the other takes over at once 
 standby becomes active), kicks the calls the dead one had received but not answered,
 and spawns a new standby that inherits every fd. A single SIGKILL therefore never
 closes the last listener: the kernel's ENOSYS answer (a notify filter without listener)
-is never reached.
+is never reached. An active guard that is stopped or hangs is not dead (its pidfd
+stays quiet): the standby pings it, and answers too while it does not answer.
 
 Kernel facts behind the rules:
 
@@ -101,8 +102,10 @@ CGROUP_NAME = "procksm-guard"
 # "standby" (no peer), "kick" (no restart of calls a dead guard received), "inherit"
 # (listeners not kept across an upgrade's execve), "lean" (the guard imports numpy),
 # "rescue" (no taking of the listener a dead procksm left in a target's fd table),
-# "sigterm" (SIGTERM ends a guard), "stop" (--stop unmerges nothing).
+# "sigterm" (SIGTERM ends a guard), "stop" (--stop unmerges nothing), "stall" (no
+# stand-in for a stopped active guard).
 TEST_OFF = os.environ.get("PROCKSM_GUARD_TEST_OFF", "")
+PING_S, STALL_S = 0.5, 2.0  # the standby's ping of the active guard; no answer: stand in
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
@@ -510,6 +513,12 @@ class Guard:
         self.peer_pidfd = -1
         self.peer_gen = 0
         self.peer_ready = False  # its "hello" arrived: it runs its loop
+        # A stopped or hung active guard (SIGSTOP, a debugger) is not dead: its pidfd
+        # says nothing. The standby pings it; after STALL_S without an answer it answers
+        # too (a "stand-in"), until the active one answers again.
+        self.stand_in = False
+        self.last_pong = time.monotonic()
+        self.ping_at = 0.0
         self.respawn_at = 0.0
         self.respawn_delay = 0.0
         # (gen, exe, pythonpath, pid of the procksm that asked)
@@ -593,7 +602,7 @@ class Guard:
         self._register()
         try:
             while True:
-                timeout = 1.0
+                timeout = PING_S if self.role == "standby" else 1.0
                 if self._retry or self._kick_again:
                     timeout = 0.05
                 for fd, ev in self.poll.poll(timeout * 1000):
@@ -603,7 +612,7 @@ class Guard:
                         self._peer_died()
                     elif self.link is not None and fd == self.link.fileno():
                         self._on_link()
-                    elif fd in self.targets and self.role == "active":
+                    elif fd in self.targets and self.serving:
                         self._on_listener(fd, ev)
                     elif fd in self._expecting:
                         self._on_expect(fd)
@@ -619,6 +628,8 @@ class Guard:
                     self._spawn_peer()
                 if self.role == "standby" and now - self.last_activity > 10:
                     self._sweep()
+                if self.role == "standby" and self.peer_ready and TEST_OFF != "stall":
+                    self._watch_active(now)
         except _Exit as e:
             return e.code
 
@@ -633,13 +644,31 @@ class Guard:
         _unlink(self.path)
         return True
 
+    @property
+    def serving(self) -> bool:
+        """Does this guard receive notifications and control requests?"""
+        return self.role == "active" or self.stand_in
+
+    def _watch_active(self, now: float) -> None:
+        if now >= self.ping_at:
+            self._send("ping")
+            self.ping_at = now + PING_S
+        if not self.stand_in and now - self.last_pong > STALL_S:
+            _log(f"active guard {self.peer_pid} does not answer for {STALL_S:.0f} s: "
+                 "answering too")  # fmt: skip
+            self.stand_in = True
+            self._register()
+            # calls it received before it stopped wait until it runs again: restart
+            # them (as after a death), so that they reach this guard
+            self._kick(_waiting_tasks())
+
     def _register(self) -> None:
         self.poll = select.poll()
         if self.link is not None:
             self.poll.register(self.link.fileno(), select.POLLIN)
         if self.peer_pidfd >= 0:
             self.poll.register(self.peer_pidfd, select.POLLIN)
-        if self.role == "active":
+        if self.serving:
             assert self.srv is not None
             self.poll.register(self.srv.fileno(), select.POLLIN)
             for fd in self.targets:
@@ -685,8 +714,17 @@ class Guard:
             return
         for fd in fds:
             os.close(fd)
-        if cmd == "hello":
+        if cmd == "ping":
+            self._send("pong")
+        elif cmd == "pong":
+            self.last_pong = time.monotonic()
+            if self.stand_in:
+                _log(f"active guard {self.peer_pid} answers again: standby only")
+                self.stand_in = False
+                self._register()
+        elif cmd == "hello":
             self.peer_gen, self.peer_ready = int(words[2]), True
+            self.last_pong = time.monotonic()
             if self.upgrading and self.role == "active" and self.peer_gen >= self.upgrading[0]:
                 # The standby runs the new code: it takes the active role, then this
                 # guard re-executes itself as the standby. Calls arriving in between
@@ -705,9 +743,10 @@ class Guard:
             raise _Exit(0)
 
     def _become(self, role: str) -> None:
-        if role != self.role:
+        if role != self.role or self.stand_in:
             _log(f"{self.role} -> {role}")
-            self.role = role
+            self.role, self.stand_in = role, False
+            self.last_pong = time.monotonic()
             self._register()
 
     def _peer_died(self) -> None:
@@ -962,7 +1001,7 @@ class Guard:
         # the file in the message, which survives the death of either of us.
         self._send("add", t.key, ip, fds=[listener])
         self.targets[listener] = t
-        if self.role == "active":  # (an upgrade may have made it the standby meanwhile)
+        if self.serving:  # (an upgrade may have made it the standby meanwhile)
             self.poll.register(listener, select.POLLIN)
         _log(f"guarding pid {key.split('-')[0]}")
 

@@ -22,6 +22,8 @@ read by the guard; checked by hand when these tests were written):
             in a target by a dead worker)  a call hangs
   sigterm  (SIGTERM ends a guard)         test_sigterm_keeps_a_guard_...: no guard left
   stop     (--stop unmerges nothing)      test_stop_unmerges_...: merged ranges remain
+  stall    (no stand-in for a stopped     test_a_stopped_active_guard_...: calls wait
+            active guard)                  for the SIGCONT
 """
 
 from __future__ import annotations
@@ -189,6 +191,33 @@ def test_killed_guards_lose_no_call(spawn, guard_dir) -> None:  # type: ignore[n
     st = GuardClient().stats()
     assert {str(a.pid), str(b.pid)} <= {k.split("-")[0] for k in st["guarded"]}  # type: ignore[attr-defined]
     print(f"\nslowest call while guards were killed: {max(r['max_us'] for r in results)} us")
+
+
+def test_a_stopped_active_guard_is_stood_in_for(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP of the active guard (a debugger, a hang) while targets DONTNEED merged and
+    never-merged pages: its pidfd says nothing, but it stops answering the standby's
+    pings, and after 2 s the standby answers too (and restarts the calls the stopped
+    one had received). No call waits until the SIGCONT; none fails."""
+    a, b = merged_pair(spawn, guard_dir)
+    for t in (a, b):
+        start_loop(t, 6000)
+    time.sleep(0.5)
+    active, _standby = active_and_standby()
+    os.kill(active, signal.SIGSTOP)
+    try:
+        time.sleep(5)
+    finally:
+        os.kill(active, signal.SIGCONT)
+    results = [loop_result(t, 30) for t in (a, b)]
+    for r in results:
+        assert r["first"] > 0, results
+        assert r["max_us"] < 4_000_000, results  # not until the SIGCONT, 5 s later
+    for t in (a, b):
+        assert t.command("check").startswith("OK")
+    log = (guard_dir / "guard.log").read_text()
+    assert "answering too" in log and "answers again: standby only" in log, log
+    slowest = max(r["max_us"] for r in results)
+    print(f"\nslowest call while the active guard was stopped: {slowest} us")
 
 
 def test_a_killed_active_guard_delays_calls_on_anonymous_memory_briefly(  # type: ignore[no-untyped-def]
