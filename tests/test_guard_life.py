@@ -155,6 +155,28 @@ def test_the_guard_knows_procksm_segments_and_hands_its_state_over() -> None:
     )
 
 
+def test_the_guard_answers_procksm_own_injected_calls_at_once() -> None:
+    """A call from a ``mov eax, imm; syscall`` wrapper with another number than the
+    call's is an injection (a filter of an older procksm does not exempt it): the guard
+    must not wait for the stop window that call runs in."""
+    import ctypes
+
+    code = ctypes.create_string_buffer(b"\x90" + b"\xb8" + (39).to_bytes(4, "little") + b"\x0f\x05")
+    ip = ctypes.addressof(code) + 8  # after the syscall instruction
+    args = (0, 0, 4, 0, 0, 0)
+    tid = os.getpid()
+    assert guardd.injected_by_procksm(
+        guardd.Notification(1, tid, 28, guardd.AUDIT_ARCH_X86_64, ip, args)
+    )
+    # the wrapper of the call itself (getpid's wrapper making getpid): the program's own
+    assert not guardd.injected_by_procksm(
+        guardd.Notification(1, tid, 39, guardd.AUDIT_ARCH_X86_64, ip, args)
+    )
+    assert not guardd.injected_by_procksm(
+        guardd.Notification(1, tid, 28, guardd.AUDIT_ARCH_X86_64, ip - 1, args)
+    )
+
+
 def test_killed_guards_lose_no_call(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL of the active guard, then of the new active one, then of a standby, while
     both targets DONTNEED merged and never-merged pages: no call fails or hangs, every
