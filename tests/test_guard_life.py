@@ -32,6 +32,7 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ from tests.conftest import (
     remove_cgroup,
     require_privileges,
     scratch_cgroup,
+    skip_or_fail,
 )
 
 N, U = 1024, 64  # identical (merged) and unique (never merged) pages per target
@@ -427,6 +429,8 @@ def test_an_upgrade_reexecutes_both_guards_while_calls_continue(spawn, guard_dir
     assert set(guard_pids(guard_dir)) == before  # re-executed, not replaced
     # from another mount namespace (a new pod's): the guards join it to execute the
     # code it names
+    if shutil.which("unshare") is None:
+        skip_or_fail("unshare (util-linux) not installed")
     out = subprocess.run(
         ["unshare", "--mount", sys.executable, "-m", "procksm", "guard", "--upgrade"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
