@@ -498,7 +498,7 @@ def test_stop_unmerges_every_guarded_process_then_stops_the_guards(spawn, guard_
 
 @pytest.mark.xfail(
     reason="DESIGN §6: a SIGKILL inside an injection window can crash the target (SIGSEGV "
-    "measured here in 2 of 3 runs); procksm/inject.py and merge.unmerge_pieces are being "
+    "in about half of the runs here); procksm/inject.py and merge.unmerge_pieces are being "
     "made kill-safe elsewhere, then this passes",
     strict=False,
 )
