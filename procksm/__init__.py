@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os as _os
 import signal as _signal
 import threading as _threading
 
@@ -13,8 +14,11 @@ PAGE_SIZE = 4096
 # SIGTERM and end procksm in the middle of a stop window, whose signal deferral
 # (attach._signals_deferred) only covers the calling thread. Import numpy here with
 # those signals blocked: its threads inherit the block and never receive them.
+# The madvise guard (procksm.guardd) is resident and must stay small: it never imports
+# numpy, and says so with PROCKSM_GUARD_LEAN=1.
 _DEFERRED = {_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT}
-if _threading.current_thread() is _threading.main_thread():
+_LEAN = _os.environ.get("PROCKSM_GUARD_LEAN") == "1"
+if not _LEAN and _threading.current_thread() is _threading.main_thread():
     _old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _DEFERRED)
     try:
         import numpy as _numpy  # noqa: F401

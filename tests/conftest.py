@@ -7,6 +7,7 @@ supports everything and a skip there would hide a broken test.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -194,6 +195,86 @@ def pytest_configure(config: pytest.Config) -> None:
     # Read at import time by the test modules, which are imported after this hook.
     if config.getoption("--long", default=False):
         os.environ["PROCKSM_LONG"] = "1"
+
+
+# --- the madvise guard's tests (tests/test_guard.py, tests/test_guard_life.py) ---
+
+CGROUP2 = "/sys/fs/cgroup/unified"  # this machine's cgroup v2 mount (DESIGN §4)
+
+
+def scratch_cgroup(prefix: str) -> Path:
+    """A new cgroup v2 directory for one test (remove it with remove_cgroup)."""
+    import tempfile
+
+    root = Path(CGROUP2)
+    if not (root / "cgroup.procs").exists():
+        skip_or_fail(f"no cgroup v2 hierarchy at {CGROUP2}")
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def cgroup_pids(cg: Path) -> list[int]:
+    try:
+        return [int(x) for x in (cg / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def remove_cgroup(cg: Path) -> None:
+    """SIGKILL what is left in it, then remove it (rmdir of an empty cgroup)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        pids = cgroup_pids(cg)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            cg.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def guard_pids(d: Path) -> list[int]:
+    """The guard processes (procksm.guardd) serving the socket in directory ``d``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"procksm.guardd" in cmd and str(d / "guard.sock").encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+@pytest.fixture
+def guard_dir(monkeypatch):  # type: ignore[no-untyped-def]
+    """A private lock directory, hence a private guard pair, in a scratch cgroup of its
+    own (PROCKSM_GUARD_CGROUP); killed at the end. Directly under /tmp, so a test can
+    let another user reach the socket."""
+    import shutil
+    import tempfile
+
+    require_privileges()
+    d = Path(tempfile.mkdtemp(prefix="procksm-guard-test-"))
+    cg = scratch_cgroup("procksm-test-guard-")
+    monkeypatch.setenv("PROCKSM_LOCK_DIR", str(d))
+    # PROCKSM_GUARD_TEST_OFF=cgroup: the guards stay where they start (to see
+    # tests/test_guard_life.py fail without their own cgroup)
+    off = os.environ.get("PROCKSM_GUARD_TEST_OFF") == "cgroup"
+    monkeypatch.setenv("PROCKSM_GUARD_CGROUP", "none" if off else str(cg))
+    yield d
+    for pid in guard_pids(d):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    remove_cgroup(cg)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def thread_states(pid: int) -> dict[int, tuple[str, str]]:

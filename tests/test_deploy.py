@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 NEEDED = {"SYS_PTRACE", "SYS_ADMIN", "DAC_READ_SEARCH", "DAC_OVERRIDE", "SYS_NICE",
-          "SYS_RESOURCE", "KILL", "BPF", "PERFMON"}  # fmt: skip
+          "SYS_RESOURCE", "KILL", "BPF", "PERFMON", "SYS_CHROOT"}  # fmt: skip
 
 
 def test_systemd_unit_parses() -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,14 @@ from procksm.guard import (
 )
 from procksm.merge import MergeEngine, MergeOptions, merged_ranges
 from procksm.scanner import AddressRange, ScanOptions
-from tests.conftest import ROOT, Target, build_c_target, require_privileges, run_procksm
+from tests.conftest import (
+    ROOT,
+    Target,
+    build_c_target,
+    guard_pids,
+    require_privileges,
+    run_procksm,
+)
 
 N, U = 32, 4
 ALLOW, NOTIFY = SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF
@@ -101,30 +106,6 @@ def test_mremap_keeps_merged_mappings_only_when_anonymous_memory_would_move_alik
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def guard_dir(monkeypatch):  # type: ignore[no-untyped-def]
-    """A private lock directory, hence a private guard; killed at the end. Directly
-    under /tmp, so a test can let another user reach the socket."""
-    d = Path(tempfile.mkdtemp(prefix="procksm-guard-test-"))
-    monkeypatch.setenv("PROCKSM_LOCK_DIR", str(d))
-    yield d
-    for pid in guard_pids(d):
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def guard_pids(d: Path) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"guard" in cmd and str(d / "guard.sock").encode() in cmd:
-            out.append(int(pid))
-    return out
-
-
 def status(pid: int, key: str) -> str:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -157,8 +138,9 @@ def test_the_guard_outlives_the_procksm_that_started_it(spawn, guard_dir) -> Non
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert all(p["guard_installed"] for p in doc["processes"])
-    # procksm and its worker are gone; the guard is not, and it answers for both
-    assert len(guard_pids(guard_dir)) == 1
+    # procksm and its worker are gone; the guards are not (an active one and its
+    # standby), and they answer for both
+    assert len(guard_pids(guard_dir)) == 2
     listed = run_procksm("guard", "--list", "--json")
     assert {k.split("-")[0] for k in json.loads(listed.stdout)["guarded"]} == {
         str(a.pid),
@@ -178,13 +160,20 @@ def test_the_guard_outlives_the_procksm_that_started_it(spawn, guard_dir) -> Non
     assert not any(p["guard_installed"] for p in json.loads(proc.stdout)["processes"])
 
 
-def test_a_killed_guard_fails_the_calls_and_never_lets_memory_read_stale(  # type: ignore[no-untyped-def]
+def test_both_guards_killed_fail_the_calls_and_never_let_memory_read_stale(  # type: ignore[no-untyped-def]
     spawn, guard_dir
 ) -> None:
+    """The exposure that remains: both guards SIGKILLed at the same instant (one kill
+    is survived: tests/test_guard_life.py)."""
     a, b = start_pair(spawn)
     merge_pair([a, b])
-    (gpid,) = guard_pids(guard_dir)
-    os.kill(gpid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(guard_pids(guard_dir)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pids = guard_pids(guard_dir)
+    assert len(pids) == 2
+    for gpid in pids:
+        os.kill(gpid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while guard_pids(guard_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -216,8 +205,9 @@ def test_the_guard_exits_when_nothing_is_left_to_guard(spawn, guard_dir) -> None
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        merge_pair([a, b])  # uses the running guard
-        assert guard_pids(guard_dir) == [guard.pid]
+        merge_pair([a, b])  # uses the running guard, which started its standby
+        pids = guard_pids(guard_dir)
+        assert guard.pid in pids and len(pids) == 2
         time.sleep(1.0)
         assert guard.poll() is None  # guarded targets alive: it stays
         a.kill()
@@ -226,6 +216,10 @@ def test_the_guard_exits_when_nothing_is_left_to_guard(spawn, guard_dir) -> None
         out = guard.stdout.read() if guard.stdout else ""
         assert "no task uses the filter any more" in out
         assert not sock.exists()
+        deadline = time.monotonic() + 5
+        while guard_pids(guard_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not guard_pids(guard_dir)  # the standby too
     finally:
         if guard.poll() is None:
             guard.kill()

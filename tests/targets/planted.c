@@ -70,6 +70,12 @@
  *                     writes the page (copy_to_user), not the process; "OK" or "ERR .."
  *   dontneed R I N -> madvise(MADV_DONTNEED) on N pages from page I of region R; the
  *                     expectation becomes zero pages; prints "OK" or "ERR errno=.."
+ *   dontneedloop R U MS -> for MS milliseconds, madvise(MADV_DONTNEED) one page at a time,
+ *                     cycling through region R's pages, each followed by one page of region
+ *                     U (cycling too), and check after each call that the page reads all
+ *                     zeros; "OK calls=<n> first=<pages of R dontneeded for the first time>
+ *                     max_us=<slowest call>" or "ERR errno=<e> region=<r> page=<i>" or
+ *                     "STALE region=<r> page=<i>" (stops at the first failure)
  *   errors         -> "ERRORS n" blocker anomalies seen so far (EINTR / restart codes)
  *   canaries       -> "CANARIES n <first anomaly's description, or ->" (--canaries)
  *   signal N       -> N SIGUSR1 to the canary thread, one at a time, each waited for up to
@@ -818,6 +824,42 @@ int main(int argc, char **argv) {
             }
             mark_zeroed(r, i, n);
             printf("OK\n");
+        } else if (!strcmp(cmd, "dontneedloop")) {
+            char reg2[32] = "";
+            size_t ms = 0;
+            int r = region_by_name(reg), u = -1;
+            if (sscanf(line, "%*s %*s %31s %zu", reg2, &ms) == 2) u = region_by_name(reg2);
+            if (r < 0 || u < 0 || !npages[r] || !npages[u]) { printf("ERR bad region\n"); continue; }
+            struct timespec t0, a, b;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            long calls = 0, first = 0, max_us = 0, fail = 0;
+            for (size_t k = 0; !fail; k++) {
+                clock_gettime(CLOCK_MONOTONIC, &a);
+                if ((a.tv_sec - t0.tv_sec) * 1000 + (a.tv_nsec - t0.tv_nsec) / 1000000 >= (long)ms)
+                    break;
+                int rr[2] = {r, u};
+                for (int q = 0; q < 2 && !fail; q++) {
+                    size_t pg = k % npages[rr[q]];
+                    unsigned char *pp = base[rr[q]] + pg * PAGE;
+                    if (rr[q] == r && !zeroed[r][pg]) first++;
+                    clock_gettime(CLOCK_MONOTONIC, &a);
+                    int rc = madvise(pp, PAGE, MADV_DONTNEED);
+                    clock_gettime(CLOCK_MONOTONIC, &b);
+                    long us = (b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000;
+                    if (us > max_us) max_us = us;
+                    calls++;
+                    if (rc) {
+                        printf("ERR errno=%d region=%s page=%zu\n", errno, names[rr[q]], pg);
+                        fail = 1;
+                        break;
+                    }
+                    mark_zeroed(rr[q], pg, 1);
+                    for (size_t w = 0; w < PAGE / 8; w++)
+                        if (((volatile uint64_t *)pp)[w]) { fail = 1; break; }
+                    if (fail) printf("STALE region=%s page=%zu\n", names[rr[q]], pg);
+                }
+            }
+            if (!fail) printf("OK calls=%ld first=%ld max_us=%ld\n", calls, first, max_us);
         } else if (!strcmp(cmd, "mmap") && got >= 2) {
             size_t n = strtoul(reg, 0, 0);
             unsigned char *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE,

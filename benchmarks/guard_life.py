@@ -1,0 +1,200 @@
+"""What the madvise guard pair costs, and how long a call waits when a guard dies or
+is upgraded (procksm.guardd), measured in one run (as root).
+
+    .venv/bin/python benchmarks/guard_life.py [--kills 10]
+
+Two planted targets (tests/targets/planted.c) with 2048 identical pages are merged; the
+guards run in a scratch cgroup. Measured:
+
+  private memory    Private_Clean + Private_Dirty (smaps_rollup) of each guard
+  CPU per call      CPU time (utime + stime, /proc/PID/stat) of the active guard, and of
+                    its unmerge helper, over a loop of the target's madvise(MADV_DONTNEED)
+                    calls: on never-merged pages (CONTINUE) and on merged pages (the
+                    helper unmerges the page, the call restarts)
+  kill window       the slowest DONTNEED on never-merged memory while the active guard
+                    is SIGKILLed (the standby notices on its pidfd, takes over, restarts
+                    the calls the dead guard had received), over --kills kills
+  upgrade window    the same across `procksm guard --upgrade`
+  alone after kill  from the SIGKILL of the active guard to the fork of a new standby
+                    (until then the survivor is the only holder of the listeners)
+
+Writes benchmarks/results/guard_life.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "guard_life.json"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def private_kib(pid: int) -> int:
+    f = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, v = line.split(":")
+        f[k] = int(v.split()[0])
+    return f["Private_Clean"] + f["Private_Dirty"]
+
+
+def helper_pid(guard: int) -> int | None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == guard and b"guard_unmerge" in cmd:
+            return int(pid)
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=10)
+    args = ap.parse_args()
+    lock_dir = tempfile.mkdtemp(prefix="procksm-guard-bench-")
+    cg = tempfile.mkdtemp(prefix="procksm-bench-guard-", dir="/sys/fs/cgroup/unified")
+    os.environ["PROCKSM_LOCK_DIR"] = lock_dir
+    os.environ["PROCKSM_GUARD_CGROUP"] = cg
+
+    from procksm import PAGE_SIZE
+    from procksm.guard import GuardClient
+    from procksm.merge import MergeEngine, MergeOptions
+    from procksm.scanner import AddressRange, ScanOptions
+    from tests.conftest import Target, build_c_target, remove_cgroup
+
+    n = 2048
+    exe = build_c_target("planted")
+    targets = [
+        Target([str(exe), "--identical", str(n), "--unique", "256", "--seed", "3"]) for _ in "ab"
+    ]
+    client = GuardClient()
+    log = Path(lock_dir) / "guard.log"
+    out: dict[str, object] = {}
+    try:
+        a = targets[0]
+        ranges = [
+            AddressRange(t.int("identical"), t.int("identical") + n * PAGE_SIZE) for t in targets
+        ]
+        with MergeEngine(
+            [t.pid for t in targets], MergeOptions(selection=ScanOptions(ranges=ranges))
+        ) as eng:
+            assert eng.run().pages_merged == 2 * n
+        deadline = time.monotonic() + 10
+        while not client.stats().get("peer_ready"):
+            assert time.monotonic() < deadline, "no standby"
+            time.sleep(0.02)
+
+        def loop(ms: int, merged: str) -> dict[str, int]:
+            line = a.command(f"dontneedloop {merged} unique {ms}", timeout=120)
+            assert line.startswith("OK"), line
+            return {k: int(v) for k, v in (w.split("=") for w in line.split()[1:])}
+
+        # CPU per CONTINUE call
+        st = client.stats()
+        active = int(st["pid"])  # type: ignore[call-overload]
+        c0 = cpu_s(active)
+        r = loop(3000, "unique")
+        cont_us = (cpu_s(active) - c0) / r["calls"] * 1e6
+        # CPU per merged call (guard + helper): one merged page per call, one call at a time
+        a.command("dontneed identical 0 1")  # starts the helper
+        helper = helper_pid(active)
+        assert helper is not None
+        g0, h0 = cpu_s(active), cpu_s(helper)
+        calls = 0
+        for i in range(1, 1001):
+            assert a.command(f"dontneed identical {i} 1") == "OK"
+            calls += 1
+        g1, h1 = cpu_s(active), cpu_s(helper)
+        merged_guard_us = (g1 - g0) / calls * 1e6
+        merged_helper_us = (h1 - h0) / calls * 1e6
+        time.sleep(0.5)
+        st = client.stats()
+        mem = {str(p): private_kib(int(p)) for p in (st["pid"], st["peer"])}  # type: ignore[call-overload]
+        # kill window
+        kills = []
+        respawns: list[float] = []
+        for _ in range(args.kills):
+            a.proc.stdin.write("dontneedloop unique unique 1200\n")  # type: ignore[union-attr]
+            a.proc.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(0.5)
+            victim = int(client.stats()["pid"])  # type: ignore[call-overload]
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
+            # the survivor logs the (system-wide) monotonic clock when it forked the
+            # new standby
+            spawned = [
+                float(m)
+                for m in re.findall(r"started standby \d+ \(monotonic ([\d.]+)\)", log.read_text())
+            ]
+            respawns.append(round((spawned[-1] - t0) * 1000, 2))
+            assert line.startswith("OK"), line
+            kills.append(int(line.split("max_us=")[1]))
+            deadline = time.monotonic() + 10
+            while not (client.running() and client.stats().get("peer_ready")):
+                assert time.monotonic() < deadline, "no new standby"
+                time.sleep(0.02)
+        # upgrade window
+        ups = []
+        for _ in range(3):
+            a.proc.stdin.write("dontneedloop unique unique 1500\n")  # type: ignore[union-attr]
+            a.proc.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(0.3)
+            client.upgrade()
+            line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
+            assert line.startswith("OK"), line
+            ups.append(int(line.split("max_us=")[1]))
+        # the same loop with no kill, for comparison
+        base = loop(1200, "unique")["max_us"]
+        out = {
+            "guard_private_kib": mem,
+            "cpu_us_per_continue_call": round(cont_us, 1),
+            "cpu_us_per_merged_call_guard": round(merged_guard_us, 1),
+            "cpu_us_per_merged_call_helper": round(merged_helper_us, 1),
+            "slowest_call_us_no_kill": base,
+            "slowest_call_us_across_kill": {
+                "median": statistics.median(kills),
+                "max": max(kills),
+                "all": kills,
+            },
+            "slowest_call_us_across_upgrade": ups,
+            # SIGKILL of the active guard -> the survivor's fork of a new standby (which
+            # holds every listener from its fork on): the window in which a second kill,
+            # of the survivor, would leave no listener
+            "ms_alone_after_a_kill": {
+                "median": round(statistics.median(respawns), 2),
+                "max": max(respawns),
+            },
+        }
+        print(json.dumps(out, indent=2))
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    finally:
+        for t in targets:
+            t.kill()
+        remove_cgroup(Path(cg))  # (SIGKILLs the guards)
+        shutil.rmtree(lock_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
