@@ -607,14 +607,19 @@ class _Tracee:
 # A hidden test switch (tests/test_kill_steps.py): SIGKILL this process right after the
 # N-th step that changes a target, and log each step's kind to a file. Steps are the
 # points where a target's state changes: register, mask and memory writes, resumes.
+# PROCKSM_TEST_KILL_FILE: the same, N read from that file at each step, counted from the
+# file's creation, and the file removed at the kill: for processes started by others
+# (the guard's unmerge helper) whose successor must not die too.
 _KILL_AT_STEP = int(os.environ.get("PROCKSM_TEST_KILL_AT_STEP") or 0)
 _STEP_LOG = os.environ.get("PROCKSM_TEST_STEP_LOG")
+_KILL_FILE = os.environ.get("PROCKSM_TEST_KILL_FILE")
 _steps = 0
+_file_steps: dict[float, int] = {}  # steps since the kill file (by its mtime) appeared
 
 
 def _step(kind: str, tid: int = 0) -> None:
     global _steps
-    if not (_KILL_AT_STEP or _STEP_LOG):
+    if not (_KILL_AT_STEP or _STEP_LOG or _KILL_FILE):
         return
     _steps += 1
     if _STEP_LOG:
@@ -622,6 +627,17 @@ def _step(kind: str, tid: int = 0) -> None:
             log.write(f"{_steps} {kind} {tid}\n")
     if _steps == _KILL_AT_STEP:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _KILL_FILE:
+        try:
+            stamp = os.stat(_KILL_FILE).st_mtime
+            with open(_KILL_FILE) as f:
+                at = int(f.read() or 0)
+        except (OSError, ValueError):
+            return
+        _file_steps[stamp] = _file_steps.get(stamp, 0) + 1
+        if _file_steps[stamp] == at:
+            os.unlink(_KILL_FILE)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

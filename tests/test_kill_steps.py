@@ -49,10 +49,14 @@ IDENTICAL, ZERO = 48, 16
 
 
 def _spawn_canaries(
-    spawn: Any, n: int, *extra: object, prefix: list[str] | None = None
+    spawn: Any,
+    n: int,
+    *extra: object,
+    prefix: list[str] | None = None,
+    identical: int = IDENTICAL,
 ) -> list[Target]:
     exe = build_c_target("planted")
-    argv = [exe, "--identical", IDENTICAL, "--zero", ZERO, "--seed", 7, "--canaries", *extra]
+    argv = [exe, "--identical", identical, "--zero", ZERO, "--seed", 7, "--canaries", *extra]
     targets = [spawn([*(prefix or []), *argv]) for _ in range(n)]
     time.sleep(0.3)  # the blocker threads make their pipes after READY: fds settle
     return targets
@@ -247,3 +251,51 @@ def test_kill_after_every_step_of_a_daemon_batch(
     batch = next(w for w in _windows(kinds) if "gate" in _kinds_in(kinds, w))
     done = list(_sweep(targets, args, batch, timeout=6))
     assert len(done) == len(batch)
+
+
+def test_kill_after_every_step_of_the_guards_unmerge(
+    privileged: None, spawn: Any, guard_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The madvise guard's unmerge helper (procksm.guard_unmerge) killed after each step
+    of the unmerge it makes for a target's MADV_DONTNEED on a merged page: the guard
+    gives the call to a new helper, the call succeeds, the page reads zeros, the target
+    noticed nothing else. PROCKSM_TEST_KILL_FILE kills one helper only (its successor
+    finds the file gone)."""
+    from procksm.merge import MergeEngine, MergeOptions
+    from procksm.scanner import AddressRange, ScanOptions
+
+    kill_file = guard_dir / "kill-at-step"
+    monkeypatch.setenv("PROCKSM_TEST_KILL_FILE", str(kill_file))  # the guards inherit it
+    pages = 512  # a page DONTNEEDed each round stays zero: more rounds than steps
+    targets = _spawn_canaries(spawn, 2, identical=pages)
+    baseline = {t.pid: _fds(t.pid) for t in targets}
+    ranges = [AddressRange(t.int("identical"), t.int("identical") + pages * 4096) for t in targets]
+    opts = MergeOptions(selection=ScanOptions(ranges=ranges))
+
+    def merge_identical() -> None:
+        with MergeEngine([t.pid for t in targets], opts) as eng:
+            eng.run()
+
+    merge_identical()
+    a = targets[0]
+    n = 0
+    while True:
+        n += 1
+        page = n % pages
+        assert merged_ranges(a.pid), f"round {n}: nothing merged to unmerge"
+        kill_file.write_text(str(n))
+        assert a.command(f"dontneed identical {page} 1", timeout=60) == "OK", n
+        survived = kill_file.exists()  # past the last step: nobody died this round
+        kill_file.unlink(missing_ok=True)
+        time.sleep(0.1)
+        for t in targets:
+            try:
+                assert_target_intact(t)
+            except AssertionError as e:
+                raise AssertionError(f"helper killed after step {n}: {e}") from None
+        if survived:
+            break
+        merge_identical()
+    assert n > 10, n  # the helper's windows have more steps than this
+    _unmerge_clean(targets, baseline)
+    print(f"\nthe guard's unmerge helper killed after each of {n - 1} steps")
