@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -26,14 +25,12 @@ from typing import Any
 
 from procksm.merge import merged_ranges, unmerge
 from tests.conftest import (
-    ROOT,
     Target,
     assert_target_intact,
     build_c_target,
     require_privileges,
-    run_procksm,
 )
-from tests.test_kill_steps import _fds, _procksm_things, kill_group
+from tests.test_kill_steps import _fds, _procksm_things, exited, kill_procksm, start_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "105"))
@@ -61,14 +58,6 @@ def _intact(t: Target, canaries: bool) -> None:
         assert "\nState:\tt" not in status and "\nState:\tT" not in status, status
 
 
-def _start(args: list[object]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*PROCKSM, *(str(a) for a in args)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, as under a supervisor
-    )  # fmt: skip
-
-
 def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
     require_privileges()
     rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2026")))
@@ -90,22 +79,25 @@ def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
         targets = sets[threads]
         pids = [t.pid for t in targets]
         if kind == "merge":
-            proc = _start(["merge", *pids])
+            pid = start_procksm(["merge", *pids])
             deadline = time.monotonic() + 20
-            while proc.poll() is None and not merged_ranges(pids[0]):
+            while not exited(pid) and not merged_ranges(pids[0]):
                 assert time.monotonic() < deadline
                 time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.2))
         elif kind == "unmerge":
-            assert run_procksm("merge", *pids).returncode == 0
-            proc = _start(["unmerge", *pids])
-            time.sleep(rng.uniform(0.15, 0.6))  # interpreter start-up is ~0.15 s
+            merged = start_procksm(["merge", *pids])
+            while not exited(merged):
+                time.sleep(0.01)
+            pid = start_procksm(["unmerge", *pids])
+            time.sleep(rng.uniform(0.0, 0.15))
         else:
-            proc = _start(["attach", "--no-bpf", "--control", tmp_path / f"c{r}.sock", *pids])
-            time.sleep(rng.uniform(0.2, 1.5))
-        if proc.poll() is None:
+            pid = start_procksm(["attach", "--no-bpf", "--control", tmp_path / f"c{r}.sock", *pids])
+            time.sleep(rng.uniform(0.3, 6.0))  # its first merge can take seconds
+        if not exited(pid):
             mid[kind] += any(merged_ranges(p) for p in pids)
-        kill_group(proc)
+
+        kill_procksm(pid)
         time.sleep(0.1)  # released threads finish their frames' calls
         for t in targets:
             try:

@@ -23,6 +23,7 @@ before the merge.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,7 +37,6 @@ import pytest
 
 from procksm.merge import merged_ranges, unmerge
 from tests.conftest import (
-    ROOT,
     Target,
     assert_target_intact,
     build_c_target,
@@ -81,20 +81,60 @@ def _procksm_things(pid: int) -> list[str]:
     return maps + fds
 
 
-def _run(args: list[object], env: dict[str, str], timeout: float) -> int:
-    """Run procksm in its own process group; on timeout, SIGKILL the whole group."""
-    proc = subprocess.Popen(
-        [*PROCKSM, *(str(a) for a in args)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+def start_procksm(args: list[object], *, kill_at: int = 0, step_log: str | None = None) -> int:
+    """`procksm ARGS` in a child forked from this process (which has imported procksm
+    already: no interpreter start-up per round), in a process group of its own as under
+    a supervisor; `kill_at`/`step_log` set the hidden switch. Returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            debug = os.environ.get("PROCKSM_KILL_DEBUG")
+            if debug:
+                os.dup2(os.open(debug, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
+            from procksm import attach, cli
+
+            attach._KILL_AT_STEP, attach._STEP_LOG, attach._steps = kill_at, step_log, 0
+            code = cli.main([str(a) for a in args])
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _run(args: list[object], timeout: float, *, kill_at: int = 0, log: str | None = None) -> None:
+    """Run procksm until it exits (or is killed by the switch), SIGKILLing its whole group
+    after `timeout`; then wait until every process of the group is gone."""
+    pid = start_procksm(args, kill_at=kill_at, step_log=log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            break
+        time.sleep(0.005)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    wait_group_gone(pid)  # a worker killed by the switch may still be exiting
+
+
+def exited(pid: int) -> bool:
+    """The forked procksm has exited (and is reaped)."""
     try:
-        rc = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        return proc.wait()
-    wait_group_gone(proc.pid)  # a worker killed by the switch may still be exiting
-    return rc
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        return True
+
+
+def kill_procksm(pid: int) -> None:
+    """SIGKILL the forked procksm's whole process group; wait until all of it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    wait_group_gone(pid)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -119,7 +159,7 @@ def wait_group_gone(pgid: int) -> None:
 def _step_log(args: list[object], tmp: Path, timeout: float = 60) -> list[str]:
     log = tmp / "steps.log"
     log.unlink(missing_ok=True)
-    _run(args, dict(os.environ, PROCKSM_TEST_STEP_LOG=str(log)), timeout)
+    _run(args, timeout, log=str(log))
     return [line.split()[1] for line in log.read_text().splitlines()]
 
 
@@ -148,8 +188,7 @@ def _sweep(
     """Kill procksm after each step in `steps`; check and clean the targets after each."""
     baseline = {t.pid: _fds(t.pid) for t in targets}
     for n in steps:
-        env = dict(os.environ, PROCKSM_TEST_KILL_AT_STEP=str(n))
-        _run(args, env, timeout)
+        _run(args, timeout, kill_at=n)
         time.sleep(0.1)  # released threads finish their frames' calls
         for t in targets:
             try:
@@ -229,9 +268,9 @@ def test_kill_after_every_step_of_an_unmerge_window(
     piece = next(w for w in windows if "gate" in _kinds_in(kinds, w))
     done = 0
     for n in piece:
-        assert run_procksm("merge", *pids).returncode == 0
+        _run(["merge", *pids], 60)
         assert all(merged_ranges(p) for p in pids)
-        _run(["unmerge", *pids], dict(os.environ, PROCKSM_TEST_KILL_AT_STEP=str(n)), 30)
+        _run(["unmerge", *pids], 30, kill_at=n)
         time.sleep(0.1)
         for t in targets:
             assert_target_intact(t)

@@ -240,23 +240,22 @@ KILL_ROUNDS = 9  # 3 each of merge, unmerge, the daemon
 def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None:
     """Kill procksm's process group at a random moment of a merge, an unmerge or the
     daemon; after each kill `check()` (the programs' own answer) and a clean unmerge."""
-    from tests.test_kill_group import _start
-    from tests.test_kill_steps import kill_group
+    from tests.test_kill_steps import kill_procksm, start_procksm
 
     rng = random.Random(seed)
     for r in range(KILL_ROUNDS):
         kind = ("merge", "unmerge", "daemon")[r % 3]
         if kind == "merge":
-            proc = _start(["merge", *pids])
-            time.sleep(rng.uniform(0.3, 1.2))
+            pid = start_procksm(["merge", *pids])
+            time.sleep(rng.uniform(0.1, 1.0))
         elif kind == "unmerge":
             assert run_procksm("merge", *pids, timeout=300).returncode == 0
-            proc = _start(["unmerge", *pids])
-            time.sleep(rng.uniform(0.2, 0.8))
+            pid = start_procksm(["unmerge", *pids])
+            time.sleep(rng.uniform(0.05, 0.6))
         else:
-            proc = _start(["attach", "--no-bpf", "--control", tmp_path / f"k{r}.sock", *pids])
-            time.sleep(rng.uniform(0.5, 2.5))
-        kill_group(proc)
+            pid = start_procksm(["attach", "--no-bpf", "--control", tmp_path / f"k{r}.sock", *pids])
+            time.sleep(rng.uniform(0.3, 2.0))
+        kill_procksm(pid)
         time.sleep(0.1)
         check(f"round {r} ({kind}) after the kill")
         res = run_procksm("unmerge", *pids, timeout=120)
