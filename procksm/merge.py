@@ -659,10 +659,6 @@ class MergeEngine(Closing):
         reguard = self.opts.guard and not extents and bool(merged_ranges(pid))
         if not batches and not reguard:
             return
-        if extents:
-            # Before the first mmap: merged ranges are file-backed private mappings, which
-            # the default coredump_filter leaves out of kernel cores (procksm.coredump).
-            coredump.keep_merged_in_cores(pid)
         reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
 
         def refuse(reason: str) -> None:
@@ -702,6 +698,12 @@ class MergeEngine(Closing):
                 finally:
                     os.close(listener[0])
                 res.guard_installed = True
+            if extents:
+                # Before the first mmap (and after the first window, where a target that
+                # procksm cannot serve is refused untouched): merged ranges are file-backed
+                # private mappings, which the default coredump_filter leaves out of kernel
+                # cores (procksm.coredump).
+                coredump.keep_merged_in_cores(pid)
             for ext_batch, zero_batch in batches:
                 # Slots are sealed, immutable: read their bytes before stopping the target.
                 slot_bytes = [self._slot_bytes(e) for e in ext_batch]

@@ -97,10 +97,13 @@ def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> 
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "READY"
         maps_before = [Path(f"/proc/{p.pid}/maps").read_text() for p in procs]
+        cores_before = [Path(f"/proc/{p.pid}/coredump_filter").read_text() for p in procs]
         res = run_procksm("merge", *(p.pid for p in procs))
         assert res.returncode != 0
         said = " ".join((res.stderr + res.stdout).split())  # the console wraps lines
         assert "its seccomp filter kills the process memfd_create(), which procksm" in said
+        cores_after = [Path(f"/proc/{p.pid}/coredump_filter").read_text() for p in procs]
+        assert cores_after == cores_before
         for p, before in zip(procs, maps_before, strict=True):
             assert p.poll() is None, "the target died"
             assert merged_ranges(p.pid) == []
