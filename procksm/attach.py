@@ -196,9 +196,11 @@ def _own_start_time() -> int:
 
 
 def _alive(pid: int, start_time: int) -> bool:
-    """Process `pid` exists and is the one that started at `start_time`."""
+    """Process `pid` runs and is the one that started at `start_time` (a zombie does not
+    run: a killed procksm's worker stays one until PID 1 reaps it)."""
     try:
-        return int(read_stat_fields(pid)[19]) == start_time
+        fields = read_stat_fields(pid)
+        return fields[0] not in ("Z", "X") and int(fields[19]) == start_time
     except (OSError, IndexError, ValueError):
         return False
 

@@ -23,14 +23,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from procksm.merge import merged_ranges, unmerge
+from procksm.merge import merged_ranges
 from tests.conftest import (
     Target,
     assert_target_intact,
     build_c_target,
     require_privileges,
 )
-from tests.test_kill_steps import _fds, _procksm_things, exited, kill_procksm, start_procksm
+from tests.test_kill_steps import (
+    _fds,
+    _procksm_things,
+    exited,
+    kill_procksm,
+    start_procksm,
+    unmerge_when_free,
+)
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 ROUNDS = int(os.environ.get("PROCKSM_KILL_ROUNDS", "105"))
@@ -108,7 +115,7 @@ def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
             except AssertionError as e:
                 raise AssertionError(f"round {r} ({kind}, {threads} threads): {e}") from None
         for t in targets:  # a new procksm (in this process) cleans up and unmerges
-            unmerge(t.pid)
+            unmerge_when_free(t.pid)
         for t in targets:
             assert merged_ranges(t.pid) == []
             assert _procksm_things(t.pid) == []

@@ -120,6 +120,22 @@ def _run(args: list[object], timeout: float, *, kill_at: int = 0, log: str | Non
     wait_group_gone(pid)  # a worker killed by the switch may still be exiting
 
 
+def unmerge_when_free(pid: int, timeout: float = 30) -> None:
+    """unmerge(pid) once the killed procksm's lock is gone (its last process may still be
+    exiting after the group was seen dead)."""
+    from procksm.errors import TargetBusy
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            unmerge(pid)
+            return
+        except TargetBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def exited(pid: int) -> bool:
     """The forked procksm has exited (and is reaped)."""
     try:
@@ -194,7 +210,7 @@ def _unmerge_clean(targets: list[Target], baseline: dict[int, dict[int, str]]) -
     """A new procksm (in this process: the killed one's pid and start time differ)
     removes the leftovers and unmerges; then nothing of procksm's is left."""
     for t in targets:
-        unmerge(t.pid)
+        unmerge_when_free(t.pid)
     for t in targets:
         assert merged_ranges(t.pid) == []
         assert _procksm_things(t.pid) == []
