@@ -47,11 +47,10 @@ def cpu_s(pid: int) -> float:
 
 
 def private_kib(pid: int) -> int:
-    f = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        k, v = line.split(":")
-        f[k] = int(v.split()[0])
-    return f["Private_Clean"] + f["Private_Dirty"]
+    from procksm import procfs  # after the sys.path insert above
+
+    rollup = procfs.read_smaps_rollup(pid)
+    return rollup["Private_Clean"] + rollup["Private_Dirty"]
 
 
 def helper_pid(guard: int) -> int | None:

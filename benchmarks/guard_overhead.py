@@ -87,7 +87,9 @@ def main() -> int:
     env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-c", TARGET],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
@@ -104,6 +106,7 @@ def main() -> int:
             return float(a.stdout.readline())
 
         calls = {"dontneed": args.calls, "mremap": args.calls, "getpid": 20 * args.calls}
+
         def timed(what: str, n: int) -> float:
             return statistics.median(run(what, n) for _ in range(args.reps))
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from procksm import PAGE_SIZE, guardd
+from procksm import PAGE_SIZE, guardd, procfs
 from procksm.guard import GuardClient
 from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
@@ -128,11 +128,8 @@ def active_and_standby() -> tuple[int, int]:
 
 
 def private_kib(pid: int) -> int:
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        k, v = line.split(":")
-        fields[k] = int(v.split()[0])
-    return fields["Private_Clean"] + fields["Private_Dirty"]
+    rollup = procfs.read_smaps_rollup(pid)
+    return rollup["Private_Clean"] + rollup["Private_Dirty"]
 
 
 # --------------------------------------------------------------------------------------

@@ -182,12 +182,13 @@ for line in sys.stdin:
 """
 
 
-def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    require_privileges()
+def _start_workers(tmp_path: Path, n: int) -> list[subprocess.Popen[str]]:
+    """``n`` numpy workers (WORKER) without hugepage advice, so that procksm may merge
+    their arrays; each prints READY once its data is built."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
-    workers = [
+    return [
         subprocess.Popen(
             [sys.executable, str(script)],
             stdin=subprocess.PIPE,
@@ -196,8 +197,13 @@ def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None: 
             env=env,
             cwd=ROOT,
         )
-        for _ in range(4)
+        for _ in range(n)
     ]
+
+
+def test_python_workers_merged_compute_what_unmerged_ones_do(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_privileges()
+    workers = _start_workers(tmp_path, 4)
     try:
         for w in workers:
             assert w.stdout is not None and w.stdout.readline().strip() == "READY"
@@ -276,20 +282,7 @@ def test_redis_and_python_workers_survive_group_kills(tmp_path) -> None:  # type
         skip_or_fail("redis-server not installed (make setup installs it)")
         return
     servers = [Redis(exe, tmp_path, name) for name in ("a", "b", "reference")]
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        for _ in range(3)
-    ]
+    workers = _start_workers(tmp_path, 3)
     step = 0
     try:
         for r in servers:
