@@ -240,9 +240,22 @@ def _task_syscall(path: str) -> int | None:
     return int(first) if first.isdigit() else None
 
 
+def _in_notification(task: str) -> bool:
+    """Is the task asleep in a seccomp user notification (its wchan), rather than, say,
+    stopped by a tracer at an injected madvise or running a long one?"""
+    try:
+        with open(f"{task}/wchan", "rb") as f:
+            return f.read(64).startswith(b"seccomp_do_user_notification")
+    except OSError:
+        return False
+
+
 def _waiting_tasks() -> list[int]:
-    """Tasks of seccomp-filtered processes blocked in madvise or mremap (x86_64 numbers,
-    and the i386 ones a compat caller shows): every call a guard could have received."""
+    """Tasks of seccomp-filtered processes waiting in a notification of madvise or mremap
+    (x86_64 numbers, and the i386 ones a compat caller shows): every call a guard could
+    have received and not answered. Only those are kicked: a kick seizes the task for an
+    instant, which a task in any other state does not need (measured: /proc/TID/wchan
+    reads `seccomp_do_user_notification.isra.0` for a task waiting for its answer)."""
     wanted = set(NR_MADVISE.values()) | set(NR_MREMAP.values())
     out = []
     me = os.getpid()
@@ -253,7 +266,12 @@ def _waiting_tasks() -> list[int]:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        hits = [int(t) for t in tids if _task_syscall(f"/proc/{pid}/task/{t}/syscall") in wanted]
+        hits = [
+            int(t)
+            for t in tids
+            if _task_syscall(f"/proc/{pid}/task/{t}/syscall") in wanted
+            and _in_notification(f"/proc/{pid}/task/{t}")
+        ]
         if hits and _seccomp_mode(pid) == "2":
             out += hits
     return out

@@ -291,6 +291,27 @@ def thread_states(pid: int) -> dict[int, tuple[str, str]]:
     return out
 
 
+def _describe_held(pid: int, held: dict[int, tuple[str, str]]) -> str:
+    """Each held thread's state, where it sleeps and in which call, and its tracer's
+    command line: enough to tell a procksm left behind from a guard's short kick."""
+
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_bytes()[:120].replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "?"
+
+    parts = []
+    for tid, (state, tracer) in sorted(held.items()):
+        task = f"/proc/{pid}/task/{tid}"
+        who = read(f"/proc/{tracer}/cmdline").strip() if tracer != "0" else "-"
+        parts.append(
+            f"tid {tid} state {state} wchan {read(task + '/wchan')} "
+            f"syscall {read(task + '/syscall').split(' ')[0]} tracer {tracer} ({who})"
+        )
+    return "; ".join(parts)
+
+
 def spawn_planted(
     spawn: Any, n: int, identical: int, zero: int, unique: int, seed: int, *extra: object
 ) -> list[Target]:
@@ -314,7 +335,8 @@ def assert_target_intact(t: Target) -> None:
     """Alive, no thread stopped or traced, memory, blockers and canaries all clean."""
     assert t.alive(), f"target {t.pid} died"
     states = thread_states(t.pid)
-    assert all(s not in ("t", "T") and tracer == "0" for s, tracer in states.values()), states
+    held = {tid: st for tid, st in states.items() if st[0] in ("t", "T") or st[1] != "0"}
+    assert not held, f"threads stopped or traced: {_describe_held(t.pid, held)}"
     verdict = t.command("check")
     assert verdict.startswith("OK"), verdict
     assert t.command("errors") == "ERRORS 0"
