@@ -737,6 +737,7 @@ class PtraceSession:
                 # one tracer at a time: the madvise guard may be in a window of its own
                 lock.acquire(self.timeout)
             started = time.perf_counter()
+            target: StoppedTarget | None = None
             try:
                 self._check_same_process()
                 self._stop_all(tracees)
@@ -749,7 +750,8 @@ class PtraceSession:
             finally:
                 self._window = None
                 try:
-                    self._resume_all(tracees)
+                    abandoned = target is not None and target.abandoned is not None
+                    self._resume_all(tracees, as_is=abandoned)
                 finally:
                     self.pauses.append(time.perf_counter() - started)
                     if lock is not None:
@@ -969,14 +971,30 @@ class PtraceSession:
             parts.append(
                 f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, wchan {wchan})"
             )
+        states = {_thread_state(self.pid, tid) for tid in tids[:4]}
+        # D: a sleep nothing interrupts; R: runnable threads that got no CPU in time
+        why = (
+            "runnable, not scheduled in time: an overloaded machine?"
+            if states == {"R"}
+            else ("uninterruptible sleep?")
+        )
         return PtraceTimeout(
             f"{len(tids)} thread(s) of pid {self.pid} did not stop within {self.timeout:g} s "
-            f"(uninterruptible sleep?): {', '.join(parts)}; the others were resumed"
+            f"({why}): {', '.join(parts)}; the others were resumed"
         )
 
     # resuming
 
-    def _resume_all(self, tracees: dict[int, _Tracee]) -> None:
+    def _resume_all(self, tracees: dict[int, _Tracee], *, as_is: bool = False) -> None:
+        """Detach every stopped thread with its own state back (mask first, registers
+        second), the injecting thread last; threads that have not stopped become orphans.
+
+        `as_is`: an injected call was abandoned still running (StoppedTarget._abandon).
+        Every thread is then detached as procksm's death would leave it: its registers
+        and mask lead through its frames (a gated thread waits until the running call
+        and the wake-up after it are done), so no thread runs its own code before a
+        replacement in flight has finished (issue 13's "no lost write").
+        """
         failures = []
         # The injecting thread last: while any other thread may still wait at the gate,
         # the injecting thread's frames still hold the gate's wake-up.
@@ -988,6 +1006,10 @@ class PtraceSession:
                 self._orphans.add(tracee.tid)
                 continue
             try:
+                if as_is:
+                    ptrace(PTRACE_DETACH, tracee.tid, 0, 0)
+                    _step("detach", tracee.tid)
+                    continue
                 # Mask first, registers second: in between, the thread's registers
                 # still lead through its frames, which restore the same mask.
                 if tracee.sigmask is not None:
@@ -1115,6 +1137,9 @@ class StoppedTarget:
         self._own_masks: dict[int, int] = {}
         self._undo: list[int] = []  # chain starts under the undo frames pushed
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
+        # Why this window ended early with an injected call still running (_abandon):
+        # then nothing more is injected, and the window ends as procksm's death would.
+        self.abandoned: str | None = None
 
     @property
     def threads(self) -> list[int]:
@@ -1164,6 +1189,9 @@ class StoppedTarget:
             raise PtraceError("StoppedTarget used outside its stopped() window")
         if len(args) > 6:
             raise ValueError("a system call takes at most 6 arguments")
+        if self.abandoned is not None:
+            # e.g. a `finally:` that closes fds: the thread is still in the earlier call
+            raise PtraceTimeout(self.abandoned)
         tracee = self._tracee(tid) if tid is not None else self._injector()
         if tracee.saved is None:
             raise PtraceError(f"thread {tracee.tid} has no saved registers")
@@ -1518,6 +1546,18 @@ class StoppedTarget:
     def _lost(self, tid: int, e: OSError) -> ProcksmError:
         if e.errno == errno.ESRCH and not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
             return NoSuchProcess(self.pid, f"thread {tid} of pid {self.pid} has exited")
+        if e.errno == errno.ESRCH:
+            # The thread lives but is not in a ptrace stop of ours: say where it is, and
+            # who traces it, so that the cause can be told from the message alone.
+            try:
+                tracer = _read_status(self.pid, tid).get("TracerPid", "?")
+            except OSError:
+                tracer = "?"
+            return PtraceError(
+                f"pid {self.pid}, thread {tid}: {e} (state {_thread_state(self.pid, tid)}, "
+                f"traced by {tracer}, this tracer thread {threading.get_native_id()}, "
+                f"last stop {self._tracees[tid].stop if tid in self._tracees else None})"
+            )
         return PtraceError(f"pid {self.pid}, thread {tid}: {e}")
 
     def _pin_to(self, tid: int) -> None:
@@ -1538,11 +1578,12 @@ class StoppedTarget:
         while True:
             stop = wait_stop(tid, deadline)
             if stop is None:
-                self._abandon(tracee)
-                raise PtraceTimeout(
+                message = (
                     f"injected syscall {nr} in thread {tid} of pid {self.pid} did not complete "
                     f"within {self._session.timeout:g} s"
                 )
+                self._abandon(tracee, message)
+                raise PtraceTimeout(message)
             if stop.kind is StopKind.EXITED:
                 del self._tracees[tid]
                 raise NoSuchProcess(self.pid, f"thread {tid} of pid {self.pid} exited")
@@ -1565,12 +1606,23 @@ class StoppedTarget:
             # Anything else (a leftover PTRACE_EVENT_STOP, a group stop): keep going.
             ptrace(PTRACE_SYSCALL, tid, 0, 0)
 
-    def _abandon(self, tracee: _Tracee) -> None:
-        """Stop a thread stuck in an injected syscall and give it its registers back."""
+    def _abandon(self, tracee: _Tracee, message: str) -> None:
+        """An injected call outlived the timeout (seen: a populate in uninterruptible
+        sleep on a loaded machine). Interrupt it and wait as long again: if the thread
+        stops, its call is over and the window goes on to its end as usual. If not, the
+        call still runs (nothing interrupts an uninterruptible sleep) with procksm's
+        registers: the thread is left to its frames, as if procksm had died, and the
+        window ends without injecting anything more (see _resume_all's `as_is`)."""
+        stop = None
         with contextlib.suppress(OSError):
             ptrace(PTRACE_INTERRUPT, tracee.tid)
             stop = wait_stop(tracee.tid, time.monotonic() + self._session.timeout)
-            if stop is not None and stop.kind is not StopKind.EXITED and tracee.saved:
-                set_regs(tracee.tid, tracee.saved)
-                tracee.dirty = False
-                tracee.stop = stop
+        if stop is not None and stop.kind is StopKind.EXITED:
+            del self._tracees[tracee.tid]
+            return
+        if stop is None:
+            # still in the call: an orphan, detached once it stops (PtraceSession)
+            tracee.stop = None
+            self.abandoned = message + "; the thread was left to its way back"
+            return
+        tracee.stop = stop
