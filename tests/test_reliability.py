@@ -390,6 +390,7 @@ def _fds(pid: int) -> tuple[int, int]:
     return n, bpf
 
 
+@pytest.mark.slow
 def test_load_many_targets_under_the_daemon(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """CI: 16 targets / 1 GiB for 60 s; --long: 64 targets / 8 GiB for 10 minutes.
     After warm-up procksm's RSS, fds and BPF objects do not grow; at the end the
