@@ -28,6 +28,7 @@ from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions, MergeR
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile, parse_smaps
 from procksm.scanner import AddressRange, ScanOptions
 from tests.conftest import Target, build_c_target, machine_lacks, require_privileges
+from tests.daemon_helpers import Truth
 
 N, U = 64, 8  # identical and unique pages per target
 SEED = 23
@@ -262,6 +263,7 @@ def test_brk_after_merging_whole_processes(spawn) -> None:  # type: ignore[no-un
     targets = start_pair(spawn)
     res = merge(targets, whole=True)
     assert res.pages_merged >= 2 * N
+    assert sum(Truth([t.pid for t in targets]).sites.values()) >= 2 * N  # pagemap agrees
     for t in targets:
         assert t.command("brk 16") == "OK"
         assert t.command("brk 300") == "OK"  # > 1 MiB: past the heap's first VMA

@@ -14,6 +14,7 @@ from tests.conftest import (
     require_privileges,
     spawn_planted,
 )
+from tests.daemon_helpers import Truth
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 
@@ -35,6 +36,9 @@ def test_a_target_exiting_during_the_merge_is_reported_and_the_others_merge(spaw
     by_pid = {p["pid"]: p for p in doc["processes"]}
     assert by_pid[targets[0].pid]["pages_merged"] >= 32768
     assert by_pid[targets[1].pid]["pages_merged"] >= 32768
+    # pagemap agrees: the identical pages map procksm's segments
+    truth = Truth([targets[0].pid, targets[1].pid])
+    assert min(truth.sites.values()) >= 32768, truth.sites
     assert "no such process" in by_pid[targets[2].pid]["error"], by_pid[targets[2].pid]
     for t in targets[:2]:
         assert t.command("check").startswith("OK")
