@@ -238,7 +238,7 @@ def make_workloads(exe: Path, s: Sizes, tmp: Path) -> dict[str, Workload]:
         f"workers: {t} x ({i // MIB} MiB identical + {z // MIB} MiB zero + {u // MIB} MiB unique)",
         t,
         ["--identical", str(i), "--zero", str(z), "--unique", str(u)],
-        t * (i + z + u) - (i + t * u),
+        harness.Planted(t, i, z, u, 7).ideal_pages,  # T(I+Z+U) - (I+TU)
         z > 0,
     )
     t2, a = s.w2
@@ -271,7 +271,7 @@ def make_workloads(exe: Path, s: Sizes, tmp: Path) -> dict[str, Workload]:
         f"{u4 // MIB} MiB unique)",
         t4,
         ["--zero", str(z4), "--identical", str(i4), "--unique", str(u4)],
-        t4 * z4 + (t4 - 1) * i4,
+        harness.Planted(t4, i4, z4, u4, 7).ideal_pages,  # TZ + (T-1)I
         True,
     )
     nw, nmib = s.numpy
