@@ -318,8 +318,18 @@ def proc_status(pid: int, field_name: str) -> int:
     return 0
 
 
+def _is_guard(pid: int) -> bool:
+    try:
+        return b"procksm.guardd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (procksm attach forks a worker that does the work)."""
+    """pid and its descendants (procksm attach forks a worker that does the work), but
+    not the madvise guard processes a merge may start: they serve every procksm and
+    outlive the daemon by design (docs/design.md §9), so they are neither its cost nor
+    something to wait for when it stops (waiting for them cost 120 s per daemon run)."""
     out = [pid]
     i = 0
     while i < len(out):
@@ -329,7 +339,7 @@ def process_tree(pid: int) -> list[int]:
             for tid in os.listdir(f"/proc/{p}/task"):
                 with suppress(OSError):
                     kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-                    out += [int(c) for c in kids]
+                    out += [int(c) for c in kids if not _is_guard(int(c))]
     return out
 
 
