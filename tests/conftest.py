@@ -292,7 +292,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # --- the madvise guard's tests (tests/test_guard.py, tests/test_guard_life.py) ---
 
-CGROUP2 = "/sys/fs/cgroup/unified"  # this machine's cgroup v2 mount (DESIGN §4)
+CGROUP2 = "/sys/fs/cgroup/unified"  # this machine's cgroup v2 mount (docs/design.md §4)
 
 
 def scratch_cgroup(prefix: str) -> Path:

@@ -6,7 +6,7 @@ unmaps, grows its heap, is written by a debugger, or is attacked through the mem
 the targets' own self-checks plus pagemap say whether anything leaked or changed.
 
 Tests named ``test_without_the_guard_*`` merge with the madvise guard off (the naive
-implementation) and pin what goes wrong then (DESIGN §3.1, §3.2): the guard's tests next
+implementation) and pin what goes wrong then (docs/design.md §3.1, §3.2): the guard's tests next
 to them show the difference.
 """
 
@@ -325,7 +325,7 @@ def test_debugger_write_into_merged_page_changes_only_that_target(pair, writer) 
 
 
 # --------------------------------------------------------------------------------------
-# 3. Security: nobody can change the sealed memfd (DESIGN §3.6)
+# 3. Security: nobody can change the sealed memfd (docs/design.md §3.6)
 # --------------------------------------------------------------------------------------
 
 # Run as a separate root process against another process's map_files: every way to get a
@@ -521,7 +521,7 @@ def test_named_anon_region_is_never_merged(spawn) -> None:  # type: ignore[no-un
 
 
 # --------------------------------------------------------------------------------------
-# 5. The madvise guard (DESIGN §3.1, §3.2; procksm.guard): madvise and mremap on merged
+# 5. The madvise guard (docs/design.md §3.1, §3.2; procksm.guard): madvise and mremap on merged
 #    pages behave as on anonymous memory. Each case also runs with the guard off
 #    (MergeOptions(guard=False), the naive implementation) to show what it prevents.
 # --------------------------------------------------------------------------------------

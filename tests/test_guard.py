@@ -1,4 +1,4 @@
-"""The madvise guard (procksm.guard; DESIGN §3.1, §3.2).
+"""The madvise guard (procksm.guard; docs/design.md §3.1, §3.2).
 
 The filter program is checked by an interpreter of the instructions it uses (pure);
 the guard process itself with real targets: it outlives the procksm that started it,

@@ -167,7 +167,7 @@ def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     assert t["pages_merged"] == 3 * N and t["pages_zeroed"] == 3 * Z and t["slots"] == N
     assert t["saved_bytes"] == (3 * N - N + 3 * Z) * PAGE_SIZE
     assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms"}
-    # the memfd pages are charged to procksm's own cgroup: reported (DESIGN §3.7)
+    # the memfd pages are charged to procksm's own cgroup: reported (docs/design.md §3.7)
     assert doc["procksm"]["memfd_bytes"] == N * PAGE_SIZE
     assert doc["procksm"]["cgroup"].startswith("/")
     charged = doc["procksm"]["cgroup_memory_bytes"]

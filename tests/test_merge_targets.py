@@ -476,7 +476,7 @@ def test_stale_lock_files_are_removed(tmp_path, monkeypatch, spawn, planted) -> 
 
 
 # --------------------------------------------------------------------------------------
-# DESIGN §3.1: allocators that rely on zero-after-MADV_DONTNEED are refused (until the
+# docs/design.md §3.1: allocators that rely on zero-after-MADV_DONTNEED are refused (until the
 # issue-4 guard exists)
 # --------------------------------------------------------------------------------------
 
@@ -538,7 +538,7 @@ def test_real_redis_server_is_refused_without_the_guard(spawn, tmp_path) -> None
 
 
 # --------------------------------------------------------------------------------------
-# DESIGN §3.5: a page that changes between the scan and its merge is skipped
+# docs/design.md §3.5: a page that changes between the scan and its merge is skipped
 # --------------------------------------------------------------------------------------
 
 
@@ -565,7 +565,7 @@ def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch
 
 
 # --------------------------------------------------------------------------------------
-# DESIGN §3.4: processes with io_uring (pinned pages the kernel may DMA into) are refused
+# docs/design.md §3.4: processes with io_uring (pinned pages the kernel may DMA into) are refused
 # --------------------------------------------------------------------------------------
 
 IO_URING_TARGET = textwrap.dedent(
@@ -608,7 +608,7 @@ def test_io_uring_users_are_refused_unless_allowed(spawn) -> None:  # type: igno
 
 
 # --------------------------------------------------------------------------------------
-# DESIGN §3.7: a merge never pushes a target over its memory limit
+# docs/design.md §3.7: a merge never pushes a target over its memory limit
 # --------------------------------------------------------------------------------------
 
 
