@@ -1,7 +1,7 @@
 # `make demo` and `make test` are the two commands of the README; both run `make setup`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test unit lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,11 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q tests
+
+# The unit tier alone: no root, no setup, seconds (tests not marked `root`, see
+# tests/conftest.py). Needs only a venv with the project: pip install -e '.[test]'.
+unit:
+	$(PY) -m pytest -q -m "not root" tests
 
 # procksm against the kernel's KSM: all workloads, scaling, goals (~30-40 min, as root);
 # benchmarks/suite.py --quick for a 2-minute run. The older single-purpose scripts

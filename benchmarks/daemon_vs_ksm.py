@@ -1,5 +1,5 @@
 """procksm attach (the daemon, at its defaults) against the kernel's KSM, on the standard
-workload of merge_vs_ksm.py, in the same run.
+workload of merge_vs_ksm.py (harness.Planted), in the same run.
 
     .venv/bin/python benchmarks/daemon_vs_ksm.py [--reps 1] [--ksm-defaults-timeout 240]
 
@@ -15,11 +15,11 @@ zero-filled, 64 MiB unique), in this order per repetition:
 
 Convergence ("t100") is the first sample (every --poll s) at which the saving reaches the
 ideal, distinct frames - distinct non-zero contents of the planted pages:
-  daemon  pagemap of the planted ranges, sampled (a cheap census: merged pages are present
-          and file-backed, dropped zero pages absent or the zero page); confirmed at the end
-          with merge_vs_ksm.census (distinct PFNs, kpageflags)
-  ksmd    pages_sharing + ksm_zero_pages deltas (merge_vs_ksm.run_ksm), use_zero_pages=1
-CPU: the daemon's utime+stime (/proc/PID/stat; one process: PROCKSM_NO_WORKER=1) at t100;
+  daemon  the targets' RssAnon drop minus procksm's memfd pages, confirmed by pagemap
+          (harness.run_daemon, the same runner as suite.py's; harness.census: distinct
+          PFNs, kpageflags)
+  ksmd    pages_sharing + ksm_zero_pages deltas (harness.run_ksm), use_zero_pages=1
+CPU: utime+stime of the daemon's process tree (the supervisor and its worker) at t100;
 ksmd's thread utime+stime at t100. The daemon's CPU does not include the time its injected
 mmap/madvise calls run in the targets' context (charged to the targets, as a fault is).
 
@@ -36,9 +36,7 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,139 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 import ksmlib  # noqa: E402
-import merge_vs_ksm as mvk  # noqa: E402
-
-from procksm import PAGE_SIZE  # noqa: E402
-from procksm.procfs import PM_FILE, PM_PFN_MASK, PM_PRESENT, PagemapFile  # noqa: E402
-from procksm.scanner import kernel_zero_pfn  # noqa: E402
 
 Json = dict[str, Any]
 GOAL_SPEEDUP_EQUAL_CPU = 3.0
 KSM_SLEEP_MS = 20
-
-
-def quick_saving(targets: Sequence[mvk.Target], w: mvk.Workload) -> int:
-    """Saved pages of the planted ranges from pagemap alone, cheap enough to sample every
-    0.1 s without stealing the daemon's CPU: identical pages that map a procksm memfd page
-    (present, file-backed) save (targets - 1) / targets each (one copy per content stays:
-    checked with the full census at the end), zero pages absent or on the zero page save
-    one each, unique pages nothing."""
-    zero_pfn = np.uint64(kernel_zero_pfn())
-    merged = 0
-    saved_zero = 0
-    for t in targets:
-        with PagemapFile(t.pid) as pm:
-            for r, (start, n) in t.regions.items():
-                e = pm.read(start, start + n * PAGE_SIZE)
-                present = (e & PM_PRESENT) != 0
-                if r == "zero":
-                    saved_zero += int((~present | ((e & PM_PFN_MASK) == zero_pfn)).sum())
-                elif r == "identical":
-                    merged += int((present & ((e & PM_FILE) != 0)).sum())
-    return saved_zero + merged * (w.targets - 1) // w.targets
-
-
-def run_daemon(
-    targets: Sequence[mvk.Target],
-    w: mvk.Workload,
-    extra: Sequence[str],
-    poll_s: float,
-    timeout_s: float,
-) -> Json:
-    ideal = w.ideal_pages
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = os.path.join(tmp, "ctl.sock")
-        cmd = [
-            sys.executable,
-            "-m",
-            "procksm",
-            "attach",
-            *(str(t.pid) for t in targets),
-            "--control",
-            sock,
-            "-q",
-            *extra,
-        ]
-        env = {**os.environ, "PROCKSM_NO_WORKER": "1"}
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        samples: list[list[float]] = []
-        t95 = t100 = cpu95 = cpu100 = None
-        t_ready = cpu_ready = None  # start-up done: Python, numpy, the eBPF observer
-        try:
-            while True:
-                time.sleep(poll_s)
-                now = time.perf_counter() - t0
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"the daemon exited: {proc.stderr.read() if proc.stderr else ''}"
-                    )
-                cpu = ksmlib.read_thread_cpu(proc.pid).stat_s
-                if t_ready is None and os.path.exists(sock):
-                    t_ready, cpu_ready = now, cpu
-                saved = quick_saving(targets, w)
-                samples.append([now, saved, cpu])
-                if t95 is None and saved >= 0.95 * ideal:
-                    t95, cpu95 = now, cpu
-                if saved >= ideal:
-                    t100, cpu100 = now, cpu
-                    break
-                if now > timeout_s:
-                    break
-            from procksm.control import stats_json
-
-            stats = stats_json(sock)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    end = mvk.census(targets)
-    last = samples[-1] if samples else [0.0, 0, 0.0]
-    cpu_s = cpu100 if cpu100 is not None else last[2]
-    t_end = t100 if t100 is not None else last[0]
-    return {
-        "cmd": " ".join(cmd[2:]),
-        "converged": t100 is not None,
-        "t95_s": t95,
-        "t100_s": t100,
-        "cpu_s": cpu_s,
-        "cpu_s_t95": cpu95,
-        # the share of a CPU while scanning (after start-up): what ksmd gets in "equal"
-        "cpu_share": (
-            (cpu_s - cpu_ready) / (t_end - t_ready)
-            if t_ready is not None and cpu_ready is not None and t_end > t_ready
-            else (cpu_s / t_end if t_end else None)
-        ),
-        "ready_s": t_ready,
-        "cpu_s_startup": cpu_ready,
-        "saved_pages_pagemap": end["saved_pages"],
-        "fraction": end["saved_pages"] / ideal,
-        "stats": {
-            k: stats.get(k)
-            for k in (
-                "pages_shared",
-                "pages_sharing",
-                "pages_zero",
-                "pages_unshared",
-                "pages_volatile",
-                "pages_skipped",
-                "full_scans",
-                "pages_to_scan",
-                "sleep_ms",
-                "pause_p50_ms",
-                "pause_p99_ms",
-                "pause_max_ms",
-                "general_profit_bytes",
-                "rss_bytes",
-            )
-        },
-        "samples": mvk.thin(samples),
-        "memory_check": mvk.verify_targets(targets),
-    }
 
 
 def ksm_pages_for_share(share: float, cost_per_page_s: float, sleep_ms: int) -> int:
@@ -232,13 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("daemon_vs_ksm: needs root (ptrace, pagemap PFNs, KSM sysfs)", file=sys.stderr)
         return 1
-    w = mvk.Workload(a.targets, a.identical, a.zero, a.unique, a.seed)
-    exe = mvk.build_planted()
+    w = harness.Planted(a.targets, a.identical, a.zero, a.unique, a.seed)
+    exe = harness.build_planted()
     ctl = ksmlib.KsmControl() if not a.only_daemon else None
     reps: list[Json] = []
-    targets: list[mvk.Target] = []
+    targets: list[harness.Target] = []
     touched_ksm = False
-    with mvk.interrupts_raise():
+    with harness.interrupts_raise():
         try:
             if ctl is not None:
                 ctl.check_unused()  # refuses while others use KSM: then nothing is touched
@@ -251,11 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def one(name: str, mergeable: bool, fn: Any, rep: int = rep) -> Json:
                     nonlocal targets
                     t0 = time.perf_counter()
-                    targets = mvk.start_targets(exe, w, 0, 0, mergeable=mergeable)
+                    targets = harness.start_targets(exe, w, 0, 0, mergeable=mergeable)
                     try:
                         r: Json = fn(targets)
                     finally:
-                        mvk.stop_targets(targets)
+                        harness.stop_targets(targets)
                         targets = []
                         if mergeable and ctl is not None:
                             ctl.unmerge_all()
@@ -271,11 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res["daemon"] = one(
                     "daemon",
                     False,
-                    lambda ts: run_daemon(ts, w, a.daemon_arg, a.poll, a.daemon_timeout),
+                    lambda ts: harness.run_daemon(
+                        ts,
+                        w.ideal_pages,
+                        [sys.executable, "-m", "procksm"],
+                        poll_s=a.poll,
+                        bound_s=a.daemon_timeout,
+                        extra=a.daemon_arg,
+                    ),
                 )
 
                 def ksm(pages: int, sleep_ms: int, timeout: float) -> Any:
-                    return lambda ts: mvk.run_ksm(
+                    return lambda ts: harness.run_ksm(
                         ctl, ts, w.ideal_pages, w.zero > 0, pages, sleep_ms, 1, timeout, a.poll
                     )
 
@@ -301,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            mvk.stop_targets(targets)
+            harness.stop_targets(targets)
             if ctl is not None and touched_ksm:
                 try:
                     with contextlib.suppress(ksmlib.KsmError):
@@ -369,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("MET" if goal_met else "NOT MET")
     )
     doc = {
-        "machine": mvk.machine_line(),
+        "machine": harness.machine_line(),
         "workload": w.as_json(),
         "ideal_saved_pages": w.ideal_pages,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

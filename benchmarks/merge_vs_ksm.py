@@ -52,48 +52,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ksmlib  # noqa: E402
-
-from procksm import PAGE_SIZE  # noqa: E402
-from procksm.procfs import (  # noqa: E402
-    KPF_KSM,
-    KPF_ZERO_PAGE,
-    PM_FILE,
-    KPageFiles,
-    PagemapFile,
-    pfns_of,
+import ksmlib
+from harness import (
+    MIB_PAGES,
+    ROOT,
+    ChildTracker,
+    Json,
+    Planted,
+    Target,
+    build_planted,
+    interrupts_raise,
+    machine_line,
+    run_ksm,
+    run_procksm,
+    start_targets,
+    stop_targets,
+    swap_pairs,
 )
 
-REGIONS = ("identical", "zero", "unique")
-MIB_PAGES = (1 << 20) // PAGE_SIZE
 # Goals of issue 3.
 GOAL_SPEEDUP = 3.0  # ksmd (max speed) time to 100 % / procksm's
 GOAL_SAVING = 0.99  # of the ideal saving
 GOAL_P99_MS = 1.0
 GOAL_MAX_MS = 5.0
-
-Json = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------
@@ -101,428 +92,14 @@ Json = dict[str, Any]
 # --------------------------------------------------------------------------------------
 
 
-def build_planted() -> Path:
-    """Compile tests/targets/planted.c like tests/conftest.py's build_c_target."""
-    src = ROOT / "tests" / "targets" / "planted.c"
-    out = ROOT / "build" / "targets" / "planted"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        cmd = ["gcc", "-O2", "-g", "-Wall", "-pthread", "-o", str(tmp), str(src)]
-        subprocess.run(cmd, check=True)
-        os.replace(tmp, out)
-    return out
-
-
-@dataclass(frozen=True)
-class Workload:
-    targets: int
-    identical: int
-    zero: int
-    unique: int
-    seed: int
-
-    @property
-    def planted_pages(self) -> int:
-        """Distinct frames: every planted page is its own private frame at start (checked)."""
-        return self.targets * (self.identical + self.zero + self.unique)
-
-    @property
-    def distinct_contents(self) -> int:
-        """Distinct non-zero contents: the identical set once, each target's unique pages."""
-        return self.identical + self.targets * self.unique
-
-    @property
-    def ideal_pages(self) -> int:
-        return self.planted_pages - self.distinct_contents
-
-    def as_json(self) -> dict[str, int]:
-        """The workload as the results files record it."""
-        return {
-            "targets": self.targets,
-            "identical_pages": self.identical,
-            "zero_pages": self.zero,
-            "unique_pages": self.unique,
-            "seed": self.seed,
-        }
-
-
-@dataclass
-class Target:
-    proc: subprocess.Popen[str]
-    regions: dict[str, tuple[int, int]]  # name -> (start address, pages)
-    threads: int = 1
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def ask(self, command: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-
-def start_targets(exe: Path, w: Workload, busy: int, threads: int, mergeable: bool) -> list[Target]:
-    """w.targets fresh planted processes; the first ``busy`` spin ``threads`` extra threads."""
-    cmd = [str(exe), "--identical", str(w.identical), "--zero", str(w.zero)]
-    cmd += ["--unique", str(w.unique), "--seed", str(w.seed)]
-    if mergeable:
-        cmd.append("--mergeable")
-    return spawn_planted(
-        [[*cmd, "--threads", str(threads if i < busy else 0)] for i in range(w.targets)]
-    )
-
-
-def spawn_planted(cmds: Sequence[Sequence[str]]) -> list[Target]:
-    """One planted process per command line, started together; each READY line's regions
-    (every ``NAME=addr NAME_pages=n`` pair with n > 0) become the Target's regions."""
-    procs = [
-        subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for cmd in cmds
-    ]
-    targets = []
-    try:
-        for p in procs:
-            assert p.stdout is not None
-            line = p.stdout.readline()
-            if not line.startswith("READY"):
-                raise RuntimeError(f"planted (pid {p.pid}) did not start: {line!r}")
-            info = dict(kv.split("=", 1) for kv in line.split()[1:])
-            regions = {
-                r: (int(info[r], 16), int(info[f"{r}_pages"]))
-                for r in info
-                if f"{r}_pages" in info and r != "sparse"
-            }
-            nthreads = 1 + int(info.get("threads", "0"))
-            targets.append(Target(p, {r: v for r, v in regions.items() if v[1]}, nthreads))
-    except BaseException:
-        stop_targets([Target(p, {}) for p in procs])
-        raise
-    return targets
-
-
-def stop_targets(targets: Sequence[Target]) -> None:
-    for t in targets:
-        if t.proc.poll() is None:
-            t.proc.kill()
-    for t in targets:
-        t.proc.wait()
-        for f in (t.proc.stdin, t.proc.stdout):
-            if f is not None:
-                f.close()
-
-
-def verify_targets(targets: Sequence[Target]) -> str:
-    """Each target re-generates its expected content and compares (planted's `check`)."""
-    bad = [f"pid {t.pid}: {r}" for t in targets if not (r := t.ask("check")).startswith("OK")]
-    return "; ".join(bad) if bad else "OK"
-
-
 # --------------------------------------------------------------------------------------
 # Truth sources
 # --------------------------------------------------------------------------------------
 
 
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in pages."""
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            fields = rest.split()
-            if len(fields) == 2 and fields[1] == "kB":
-                out[name] = int(fields[0]) * 1024 // PAGE_SIZE
-    return out
-
-
-def meminfo_saving(before: dict[str, int], now: dict[str, int]) -> int:
-    """Pages procksm saved: anon pages gone, minus the shared (memfd) pages replacing them."""
-    return (before["AnonPages"] - now["AnonPages"]) - (now["Shmem"] - before["Shmem"])
-
-
-def rss_anon_pages(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024 // PAGE_SIZE
-    except OSError:
-        pass
-    return 0
-
-
-def memfd_pages(pid: int) -> int:
-    """Pages allocated in the memfds a process holds open (st_blocks of each, once per inode).
-
-    procksm keeps its sealed segments open until it exits; with the targets' RssAnon this
-    gives a per-process saving that other processes on the machine cannot disturb.
-    """
-    seen: dict[int, int] = {}
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return 0
-    for fd in fds:
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if not os.readlink(path).startswith("/memfd:"):
-                continue
-            st = os.stat(path)
-        except OSError:
-            continue
-        seen[st.st_ino] = st.st_blocks * 512 // PAGE_SIZE
-    return sum(seen.values())
-
-
-def census(targets: Sequence[Target]) -> Json:
-    """Frames behind the planted ranges, from pagemap and kpageflags (root only).
-
-    saved_pages = planted pages - distinct frames mapped there, not counting the kernel's
-    zero page: a page that is not present (dropped) or maps the zero page costs no frame.
-    """
-    per_region: Json = {}
-    all_pfns = []
-    file_ptes = 0
-    with KPageFiles() as kpf:
-        region_pfns: dict[str, list[np.ndarray]] = {r: [] for r in REGIONS}
-        for t in targets:
-            with PagemapFile(t.pid) as pm:
-                for r, (start, n) in t.regions.items():
-                    entries = pm.read(start, start + n * PAGE_SIZE)
-                    file_ptes += int(np.count_nonzero(entries & PM_FILE))
-                    region_pfns.setdefault(r, []).append(pfns_of(entries))
-        planted = 0
-        for r, chunks in region_pfns.items():
-            if not chunks:
-                continue
-            pfns = np.concatenate(chunks)
-            planted += len(pfns)
-            present = pfns[pfns != 0]
-            flags = kpf.read_flags(present)
-            is_zero = (flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) != 0
-            is_ksm = (flags >> np.uint64(KPF_KSM)) & np.uint64(1) != 0
-            frames = present[~is_zero]
-            all_pfns.append(frames)
-            per_region[r] = {
-                "pages": len(pfns),
-                "not_present": len(pfns) - len(present),
-                "zero_page_ptes": int(np.count_nonzero(is_zero)),
-                "distinct_frames": int(np.unique(frames).size),
-                "ksm_ptes": int(np.count_nonzero(is_ksm)),
-                "ksm_frames": int(np.unique(present[is_ksm]).size),
-            }
-    frames = np.unique(np.concatenate(all_pfns)) if all_pfns else np.zeros(0, np.uint64)
-    ksm_frames = sum(v["ksm_frames"] for v in per_region.values())
-    return {
-        "planted_pages": planted,
-        "distinct_frames": int(frames.size),
-        "saved_pages": planted - int(frames.size),
-        "file_backed_ptes": file_ptes,
-        "ksm_frames": ksm_frames,
-        "regions": per_region,
-    }
-
-
-def thin(samples: list[list[float]], keep: int = 120) -> list[list[float]]:
-    """At most ``keep`` evenly spread samples (and always the last) for the JSON file."""
-    if len(samples) <= keep:
-        return samples
-    step = len(samples) / keep
-    picked = [samples[int(i * step)] for i in range(keep)]
-    return [*picked, samples[-1]] if picked[-1] is not samples[-1] else picked
-
-
 # --------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------
-
-
-class ChildTracker:
-    """The procksm child currently running, so that an interrupt can kill it (by pid)."""
-
-    pid: int | None = None
-
-
-def run_procksm(
-    procksm: Sequence[str], targets: Sequence[Target], ideal: int, poll_s: float
-) -> Json:
-    """``procksm merge PID... --json`` to completion; ``ideal``: pages an ideal merge saves."""
-    start_census = census(targets)
-    before = meminfo()
-    anon_before = sum(rss_anon_pages(t.pid) for t in targets)
-    # [t, targets' saving, machine saving (meminfo)] in pages
-    samples: list[list[float]] = []
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        cmd = [*procksm, "merge", *map(str, (t.pid for t in targets)), "--json"]
-        t0 = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out, stderr=err)
-        ChildTracker.pid = child.pid
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                anon = sum(rss_anon_pages(t.pid) for t in targets)
-                shared = memfd_pages(child.pid)
-                machine = meminfo_saving(before, meminfo())
-                samples.append([time.perf_counter() - t0, anon_before - anon - shared, machine])
-                done.wait(poll_s)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        # wait4, not Popen.wait: it gives the child's rusage, the truth for its CPU time.
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - t0
-        after = meminfo()
-        ChildTracker.pid = None
-        child.returncode = os.waitstatus_to_exitcode(status)
-        done.set()
-        sampler.join()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    run: Json = {"wall_s": wall, "exit_code": child.returncode, "cmd": " ".join(cmd)}
-    try:
-        doc = json.loads(stdout)
-    except ValueError:
-        doc = None
-    if child.returncode != 0 or doc is None:
-        run["error"] = (stderr.strip() or stdout.strip() or "no output")[-2000:]
-        if doc is None:
-            return run
-    end_census = census(targets)
-    saving_meminfo = meminfo_saving(before, after)
-    saving_pagemap = end_census["saved_pages"]
-
-    # The 95 % time comes from the targets' own counters (RssAnon, and the memfd pages
-    # procksm holds), not from /proc/meminfo: on a shared machine other processes move
-    # AnonPages by hundreds of MiB within a second. Neither counts procksm's own memory,
-    # as ksmd's counters do not count its rmap_items.
-    t95 = next((t for t, saved, _machine in samples if saved >= 0.95 * ideal), None)
-    if t95 is None and saving_pagemap >= 0.95 * ideal:
-        t95 = wall  # crossed between the last sample and the exit
-    totals = doc.get("totals", {})
-    run.update(
-        {
-            "t95_s": t95,
-            "t100_s": wall if saving_pagemap >= ideal else None,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "cpu_s_procksm_json": doc.get("cpu_s"),
-            "elapsed_s_procksm_json": doc.get("elapsed_s"),
-            "max_rss_mib": usage.ru_maxrss / 1024,
-            "saved_pages_meminfo": saving_meminfo,
-            "saved_pages_pagemap": saving_pagemap,
-            "saved_pages_claimed": totals.get("saved_pages"),
-            "saved_pages_memfree": after["MemFree"] - before["MemFree"],
-            # pagemap decides: exact and about the planted ranges only; meminfo is
-            # machine-wide (see saved_pages_meminfo for how far it agrees)
-            "fraction": saving_pagemap / ideal,
-            "totals": totals,
-            "pauses": doc.get("pauses", {}),
-            "busy_pauses": busy_pauses(doc, targets),
-            "census_before": start_census,
-            "census_after": end_census,
-            "samples": thin(samples),
-            "memory_check": verify_targets(targets),
-        }
-    )
-    return run
-
-
-def busy_pauses(doc: Json, targets: Sequence[Target]) -> Json:
-    """The pauses of the targets with extra threads, from procksm's per-process JSON
-    (the worst of them if several); empty when no target is busy."""
-    busy = {t.pid: t.threads for t in targets if t.threads > 1}
-    stats = [p["pauses"] for p in doc.get("processes", []) if p.get("pid") in busy]
-    if not stats:
-        return {}
-    worst: Json = {k: max(s.get(k, 0) for s in stats) for k in ("p50_ms", "p99_ms", "max_ms")}
-    worst["count"] = sum(s.get("count", 0) for s in stats)
-    worst["threads"] = max(busy.values())
-    return worst
-
-
-def run_ksm(
-    ctl: ksmlib.KsmControl,
-    targets: Sequence[Target],
-    ideal: int,
-    has_zero_pages: bool,
-    pages_to_scan: int,
-    sleep_ms: int,
-    use_zero_pages: int,
-    timeout_s: float,
-    poll_s: float,
-) -> Json:
-    """ksmd at the given speed until ``ideal`` pages are saved (KSM counters) or timeout."""
-    # Without use_zero_pages the zero pages merge into one KSM page, which stays: one page
-    # short of the ideal, whose zero pages cost no frame at all.
-    reachable = ideal - (1 if has_zero_pages and not use_zero_pages else 0)
-    start_census = census(targets)
-    ctl.configure(pages_to_scan, sleep_ms, use_zero_pages)
-    ctl.wait_idle()
-    base = ksmlib.read_counters()
-    cpu0 = ksmlib.read_thread_cpu(ctl.ksmd_pid)
-    before = meminfo()
-    samples: list[list[float]] = []  # [t, saved pages, ksmd CPU s (stat), ksmd runtime s]
-    t95 = t100 = cpu95 = cpu100 = None
-    t0 = time.perf_counter()
-    ctl.start()
-    tick = 0
-    while True:
-        now = time.perf_counter() - t0
-        c = ksmlib.read_counters().minus(base)
-        cpu = ksmlib.read_thread_cpu(ctl.ksmd_pid)
-        cpu_s = cpu.stat_s - cpu0.stat_s
-        samples.append([now, c.saved_pages, cpu_s, cpu.runtime_s - cpu0.runtime_s])
-        if t95 is None and c.saved_pages >= 0.95 * ideal:
-            t95, cpu95 = now, cpu_s
-        if c.saved_pages >= reachable:
-            t100, cpu100 = now, cpu_s
-            break
-        if now >= timeout_s:
-            break
-        tick += 1
-        time.sleep(max(0.0, t0 + tick * poll_s - time.perf_counter()))
-    ctl.stop()  # merged pages stay merged
-    stopped = time.perf_counter() - t0
-    end = ksmlib.read_counters().minus(base)
-    cpu_end = ksmlib.read_thread_cpu(ctl.ksmd_pid)
-    after = meminfo()
-    end_census = census(targets)
-    last = samples[-1]
-    return {
-        "pages_to_scan": pages_to_scan,
-        "sleep_millisecs": sleep_ms,
-        "use_zero_pages": use_zero_pages,
-        "timeout_s": timeout_s,
-        "converged": t100 is not None,
-        "t95_s": t95,
-        "t100_s": t100,
-        "cpu_s": cpu100 if cpu100 is not None else last[2],
-        "cpu_s_t95": cpu95,
-        "cpu_s_schedstat": last[3],
-        "cpu_s_until_stopped": cpu_end.stat_s - cpu0.stat_s,
-        "stopped_at_s": stopped,
-        "saved_pages_counters": end.saved_pages,
-        "saved_pages_pagemap": end_census["saved_pages"],
-        "saved_pages_general_profit": end.general_profit // PAGE_SIZE,
-        "saved_pages_memfree": after["MemFree"] - before["MemFree"],
-        "fraction": end.saved_pages / ideal,
-        "counters": {
-            "pages_shared": end.pages_shared,
-            "pages_sharing": end.pages_sharing,
-            "ksm_zero_pages": end.ksm_zero_pages,
-            "pages_unshared": end.pages_unshared,
-            "pages_volatile": end.pages_volatile,
-            "full_scans": end.full_scans,
-            "pages_scanned": end.pages_scanned,
-        },
-        "census_before": start_census,
-        "census_after": end_census,
-        "samples": thin(samples),
-        "memory_check": verify_targets(targets),
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -583,7 +160,7 @@ def goal(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "MISSED")
 
 
-def evaluate(meds: Json, w: Workload) -> Json:
+def evaluate(meds: Json, w: Planted) -> Json:
     p, k = meds.get("procksm", {}), meds.get("ksmd_max", {})
     busy = meds.get("procksm_busy", {})
     goals: Json = {}
@@ -622,7 +199,7 @@ def evaluate(meds: Json, w: Workload) -> Json:
     return goals
 
 
-def print_report(machine: str, w: Workload, meds: Json, goals: Json, a: argparse.Namespace) -> None:
+def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.Namespace) -> None:
     ideal = w.ideal_pages
     p = meds.get("procksm", {})
     k = meds.get("ksmd_max", {})
@@ -723,38 +300,9 @@ def print_report(machine: str, w: Workload, meds: Json, goals: Json, a: argparse
         print(f"  {name:12} {goal(g['met']):7} {g['shown']:38} {g['goal']}")
 
 
-def machine_line() -> str:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = meminfo()["MemTotal"] / MIB_PAGES / 1024
-    return (
-        f"{platform.node()}: Linux {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} CPUs ({model}), {mem:.1f} GiB RAM"
-    )
-
-
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise SystemExit (SIGINT raises KeyboardInterrupt) so finally runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -800,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("merge_vs_ksm: needs root (ptrace, pagemap PFNs, KSM sysfs)", file=sys.stderr)
         return 1
-    w = Workload(a.targets, a.identical, a.zero, a.unique, a.seed)
+    w = Planted(a.targets, a.identical, a.zero, a.unique, a.seed)
     exe = build_planted()
     machine = machine_line()
     procksm_cmd = [a.procksm, *a.procksm_arg]
@@ -829,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ctl.wait_idle()
             for rep in range(a.reps):
                 # alternate which tool goes first, so neither always gets the cooler machine
-                order = variants if rep % 2 == 0 else _swap_pairs(variants)
+                order = variants if rep % 2 == 0 else swap_pairs(variants)
                 results: Json = {}
                 for v in order:
                     t0 = time.perf_counter()
@@ -919,14 +467,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.output.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nwrote {a.output}")
     return 0
-
-
-def _swap_pairs(variants: Sequence[str]) -> list[str]:
-    """procksm, ksmd, procksm_busy, ksmd_defaults -> ksmd, procksm, ksmd_defaults, procksm_busy."""
-    out = list(variants)
-    for i in range(0, len(out) - 1, 2):
-        out[i], out[i + 1] = out[i + 1], out[i]
-    return out
 
 
 def _one_line(rep: int, variant: str, r: Json, took: float) -> str:

@@ -76,17 +76,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness
 import ksmlib
-import merge_vs_ksm as mvk
+from harness import Json, Target, Workload
 
 from procksm import PAGE_SIZE
 from procksm.procfs import KPF_ZERO_PAGE, KPageFiles, PagemapFile, pfns_of
 
-ROOT = mvk.ROOT
+ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
-MIB = mvk.MIB_PAGES  # pages per MiB
+MIB = harness.MIB_PAGES  # pages per MiB
 GIB = 1024 * MIB
-Json = dict[str, Any]
 
 # Goals of issue 8
 GOAL_SPEEDUP = 3.0
@@ -195,7 +195,7 @@ BASE_VARIANTS = ("merge", "ksmd_max", "daemon", "ksmd_defaults")
 # --------------------------------------------------------------------------------------
 
 
-class RealTarget(mvk.Target):
+class RealTarget(Target):
     """A real program: its regions are the private anonymous VMAs it had at start."""
 
     checker: Callable[[], str] | None = None
@@ -220,25 +220,12 @@ def anon_vmas(pid: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-@dataclass
-class Workload:
-    name: str
-    description: str
-    ideal_pages: int  # real programs: set per run by content_ideal()
-    has_zero_pages: bool
-    start: Callable[[bool], list[mvk.Target]]  # mergeable -> started targets
-    volatile_region: str | None = None  # W3: the churn region
-    stable_regions: tuple[str, ...] = ()  # W3: what the ideal counts
-    real: bool = False
-    ideal_source: str = "workload formula"
-
-
 def planted_workload(
     exe: Path, name: str, desc: str, targets: int, args: Sequence[str], ideal: int, zero: bool
 ) -> Workload:
-    def start(mergeable: bool) -> list[mvk.Target]:
+    def start(mergeable: bool) -> list[Target]:
         cmd = [str(exe), *args, "--seed", "7"] + (["--mergeable"] if mergeable else [])
-        return mvk.spawn_planted([cmd] * targets)
+        return harness.spawn_planted([cmd] * targets)
 
     return Workload(name, desc, ideal, zero, start)
 
@@ -251,7 +238,7 @@ def make_workloads(exe: Path, s: Sizes, tmp: Path) -> dict[str, Workload]:
         f"workers: {t} x ({i // MIB} MiB identical + {z // MIB} MiB zero + {u // MIB} MiB unique)",
         t,
         ["--identical", str(i), "--zero", str(z), "--unique", str(u)],
-        t * (i + z + u) - (i + t * u),
+        harness.Planted(t, i, z, u, 7).ideal_pages,  # T(I+Z+U) - (I+TU)
         z > 0,
     )
     t2, a = s.w2
@@ -284,7 +271,7 @@ def make_workloads(exe: Path, s: Sizes, tmp: Path) -> dict[str, Workload]:
         f"{u4 // MIB} MiB unique)",
         t4,
         ["--zero", str(z4), "--identical", str(i4), "--unique", str(u4)],
-        t4 * z4 + (t4 - 1) * i4,
+        harness.Planted(t4, i4, z4, u4, 7).ideal_pages,  # TZ + (T-1)I
         True,
     )
     nw, nmib = s.numpy
@@ -314,14 +301,14 @@ def _wrapped(cmd: list[str], mergeable: bool) -> list[str]:
     return [sys.executable, "-c", MERGE_ANY_WRAPPER, *cmd] if mergeable else cmd
 
 
-def start_numpy(workers: int, mib: int, mergeable: bool) -> list[mvk.Target]:
+def start_numpy(workers: int, mib: int, mergeable: bool) -> list[Target]:
     env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
     cmd = _wrapped([sys.executable, "-c", NUMPY_WORKER, str(mib), "11"], mergeable)
     procs = [
         subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(workers)
     ]
-    targets: list[mvk.Target] = []
+    targets: list[Target] = []
     try:
         for p in procs:
             assert p.stdout is not None
@@ -330,7 +317,7 @@ def start_numpy(workers: int, mib: int, mergeable: bool) -> list[mvk.Target]:
                 raise RuntimeError(f"numpy worker (pid {p.pid}) did not start: {line!r}")
             targets.append(RealTarget(p, anon_vmas(p.pid)))
     except BaseException:
-        mvk.stop_targets([mvk.Target(p, {}) for p in procs])
+        harness.stop_targets([Target(p, {}) for p in procs])
         raise
     return targets
 
@@ -346,7 +333,7 @@ def _redis_cli(sock: str, *args: object) -> str:
     return out.stdout.strip()
 
 
-def start_redis(n: int, keys: int, size: int, mergeable: bool, tmp: Path) -> list[mvk.Target]:
+def start_redis(n: int, keys: int, size: int, mergeable: bool, tmp: Path) -> list[Target]:
     exe = shutil.which("redis-server")
     if exe is None or shutil.which("redis-cli") is None:
         raise RuntimeError("redis-server/redis-cli not installed (make setup installs them)")
@@ -365,7 +352,7 @@ def start_redis(n: int, keys: int, size: int, mergeable: bool, tmp: Path) -> lis
             )
         )
         socks.append(sock)
-    targets: list[mvk.Target] = []
+    targets: list[Target] = []
     try:
         for p, sock in zip(procs, socks, strict=True):
             deadline = time.monotonic() + 20
@@ -387,12 +374,12 @@ def start_redis(n: int, keys: int, size: int, mergeable: bool, tmp: Path) -> lis
             t.checker = check
             targets.append(t)
     except BaseException:
-        mvk.stop_targets([mvk.Target(p, {}) for p in procs])
+        harness.stop_targets([Target(p, {}) for p in procs])
         raise
     return targets
 
 
-def content_ideal(targets: Sequence[mvk.Target]) -> Json:
+def content_ideal(targets: Sequence[Target]) -> Json:
     """The ideal saving of real programs, measured here from their memory, not by either
     tool: over the regions (private anonymous VMAs at start) of all targets, distinct
     frames - distinct non-zero contents. Present pages only (pagemap), read through
@@ -447,15 +434,6 @@ def content_ideal(targets: Sequence[mvk.Target]) -> Json:
 # --------------------------------------------------------------------------------------
 
 
-def proc_status(pid: int, field_name: str) -> int:
-    """A kB line of /proc/PID/status, in bytes (0 if gone)."""
-    with suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def minflt(pid: int, tid: int) -> int:
     with suppress(OSError):
         stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
@@ -463,7 +441,7 @@ def minflt(pid: int, tid: int) -> int:
     return 0
 
 
-def churn_threads(targets: Sequence[mvk.Target]) -> list[tuple[int, int]]:
+def churn_threads(targets: Sequence[Target]) -> list[tuple[int, int]]:
     """(pid, tid) of each planted target's churn writer: its only thread besides main."""
     out = []
     for t in targets:
@@ -477,7 +455,7 @@ def region_saved(census: Json, names: Sequence[str]) -> int:
     return sum(regions[r]["pages"] - regions[r]["distinct_frames"] for r in names if r in regions)
 
 
-def thrash_window(w: Workload, targets: Sequence[mvk.Target], window_s: float, r: Json) -> None:
+def thrash_window(w: Workload, targets: Sequence[Target], window_s: float, r: Json) -> None:
     """W3: with the tool still at work (or after a one-shot merge), count the copy-on-write
     breaks in the churn region for window_s: minor faults of the churn threads."""
     assert w.volatile_region is not None
@@ -486,11 +464,11 @@ def thrash_window(w: Workload, targets: Sequence[mvk.Target], window_s: float, r
     t0 = time.perf_counter()
     merged: list[int] = []
     while time.perf_counter() - t0 < window_s:
-        merged.append(region_saved(mvk.census(targets), [w.volatile_region]))
+        merged.append(region_saved(harness.census(targets), [w.volatile_region]))
         time.sleep(0.5)
     f1 = sum(minflt(p, t) for p, t in ths)
     elapsed = time.perf_counter() - t0
-    end = mvk.census(targets)
+    end = harness.census(targets)
     saved_end = end["saved_pages"]
     breaks = f1 - f0
     r["thrash"] = {
@@ -506,8 +484,8 @@ def thrash_window(w: Workload, targets: Sequence[mvk.Target], window_s: float, r
     }
 
 
-def _prepare(w: Workload, targets: Sequence[mvk.Target]) -> Json:
-    r: Json = {"targets_rss_anon_pages": sum(mvk.rss_anon_pages(t.pid) for t in targets)}
+def _prepare(w: Workload, targets: Sequence[Target]) -> Json:
+    r: Json = {"targets_rss_anon_pages": sum(harness.rss_anon_pages(t.pid) for t in targets)}
     if w.volatile_region:
         r["churn_threads"] = churn_threads(targets)
         r["churn_minflt_start"] = sum(minflt(p, t) for p, t in r["churn_threads"])
@@ -522,86 +500,6 @@ def saved_truth(w: Workload, before: Json, after: Json) -> int:
     if w.stable_regions:
         return region_saved(after, w.stable_regions)
     return int(after["saved_pages"])
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (procksm attach forks a worker that does the work)."""
-    out = [pid]
-    i = 0
-    while i < len(out):
-        p = out[i]
-        i += 1
-        with suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with suppress(OSError):
-                    kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-                    out += [int(c) for c in kids]
-    return out
-
-
-def tree_cpu(pids: Sequence[int]) -> float:
-    """utime+stime of the live processes (each /proc/PID/stat covers all its threads)."""
-    total = 0.0
-    for p in pids:
-        with suppress(OSError):
-            total += ksmlib.read_thread_cpu(p).stat_s
-    return total
-
-
-def exited(pid: int) -> bool:
-    """Gone or a zombie; unlike Popen.poll this does not reap it (wait4 then gives rusage)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def stop_daemon(child: subprocess.Popen[bytes], pids: Sequence[int], r: Json) -> tuple[int, Any]:
-    """After SIGTERM: wait for the daemon; past 20 s, SIGKILL the supervisor only (its
-    documented safe path: the worker finishes its stop window and exits); then wait until
-    the worker is gone too, so that nothing changes the targets while they are counted.
-    Returns the exit code and the rusage of wait4."""
-    t0 = time.monotonic()
-    while not exited(child.pid) and time.monotonic() - t0 < 20.0:
-        time.sleep(0.05)
-    if not exited(child.pid):
-        r["killed_after_s"] = time.monotonic() - t0
-        with suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    r["stop_s"] = time.monotonic() - t0
-    deadline = time.monotonic() + 120
-    while any(not exited(p) for p in pids[1:]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return child.returncode, usage
-
-
-def shared_memfd_pages(targets: Sequence[mvk.Target], tool_pids: Sequence[int]) -> int:
-    """Pages of procksm's memfd segments: those mapped in the targets (maps, map_files)
-    and those the tool holds open, each inode once. The daemon does not keep its
-    segments open as `procksm merge` does, so its own fds alone would miss them."""
-    blocks: dict[int, int] = {}
-    for t in targets:
-        with suppress(OSError), open(f"/proc/{t.pid}/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 6 or not parts[5].startswith("/memfd:procksm-seg"):
-                    continue
-                ino = int(parts[4])
-                if ino not in blocks:
-                    with suppress(OSError):
-                        st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
-                        blocks[ino] = st.st_blocks
-    for tool_pid in tool_pids:
-        with suppress(OSError):
-            for fd in os.listdir(f"/proc/{tool_pid}/fd"):
-                path = f"/proc/{tool_pid}/fd/{fd}"
-                with suppress(OSError):
-                    if os.readlink(path).startswith("/memfd:"):
-                        st = os.stat(path)
-                        blocks.setdefault(st.st_ino, st.st_blocks)
-    return sum(blocks.values()) * 512 // PAGE_SIZE
 
 
 def _finish(w: Workload, r: Json) -> Json:
@@ -621,9 +519,9 @@ def _finish(w: Workload, r: Json) -> Json:
     return r
 
 
-def run_merge(w: Workload, targets: Sequence[mvk.Target], procksm: Sequence[str], a: Any) -> Json:
+def run_merge(w: Workload, targets: Sequence[Target], procksm: Sequence[str], a: Any) -> Json:
     pre = _prepare(w, targets)
-    r = mvk.run_procksm(procksm, targets, w.ideal_pages, a.poll)
+    r = harness.run_procksm(procksm, targets, w.ideal_pages, a.poll)
     r.update(pre)
     if "error" not in r and w.volatile_region:
         thrash_window(w, targets, a.sizes.thrash_window_s, r)
@@ -634,10 +532,10 @@ def run_merge(w: Workload, targets: Sequence[mvk.Target], procksm: Sequence[str]
 
 
 def run_ksmd(
-    w: Workload, targets: Sequence[mvk.Target], ctl: ksmlib.KsmControl, fast: bool, a: Any
+    w: Workload, targets: Sequence[Target], ctl: ksmlib.KsmControl, fast: bool, a: Any
 ) -> Json:
     pre = _prepare(w, targets)
-    r = mvk.run_ksm(
+    r = harness.run_ksm(
         ctl,
         targets,
         w.ideal_pages,
@@ -669,126 +567,31 @@ def _ksm_stat(pid: int) -> dict[str, str]:
     return {}
 
 
-def daemon_stats(procksm: Sequence[str], sock: str, child: subprocess.Popen[bytes]) -> Json:
-    """`procksm stats --json`, retried for a few seconds (the control socket may not be
-    listening yet right after start); {} if the daemon never answered."""
-    deadline = time.monotonic() + 10
-    while not exited(child.pid):
-        out = subprocess.run(
-            [*procksm, "stats", "--json", "--control", sock],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if out.returncode == 0:
-            doc: Json = json.loads(out.stdout)
-            return doc
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    return {}
-
-
 def run_daemon(
     w: Workload,
-    targets: Sequence[mvk.Target],
+    targets: Sequence[Target],
     procksm: Sequence[str],
     a: Any,
     extra: Sequence[str] = (),
     bound_s: float | None = None,
 ) -> Json:
-    """`procksm attach` until the ideal (RssAnon drop - its memfd pages) or the bound."""
-    bound = bound_of(a.sizes, w.name) if bound_s is None else bound_s
-    r = _prepare(w, targets)
-    ideal = w.ideal_pages
-    start_census = mvk.census(targets)
-    before = mvk.meminfo()
-    anon_before = sum(mvk.rss_anon_pages(t.pid) for t in targets)
-    sock = f"/run/procksm/bench-{os.getpid()}.sock"
-    cmd = [*procksm, "attach", *(str(t.pid) for t in targets), "--control", sock, "-q", *extra]
-    # [t, saved pages, CPU s, RSS MiB] of the daemon's process tree (it forks a worker)
-    samples: list[list[float]] = []
-    t95 = t100 = cpu100 = None
-    peak_rss = 0.0
-    pids: list[int] = []
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        mvk.ChildTracker.pid = child.pid
-        stats: Json = {}
-        try:
-            while True:
-                now = time.perf_counter() - t0
-                if exited(child.pid):
-                    break
-                pids = process_tree(child.pid)
-                anon = sum(mvk.rss_anon_pages(t.pid) for t in targets)
-                saved = anon_before - anon - shared_memfd_pages(targets, pids)
-                cpu = tree_cpu(pids)
-                rss = sum(proc_status(p, "VmRSS") for p in pids) / 2**20
-                peak_rss = max(peak_rss, rss)
-                samples.append([now, saved, cpu, rss])
-                if t95 is None and saved >= 0.95 * ideal:
-                    t95 = now
-                # 100 %: when pagemap confirms what the counters above suggest
-                if saved >= ideal and saved_truth(w, start_census, mvk.census(targets)) >= ideal:
-                    t100, cpu100 = now, cpu
-                    break
-                if now >= bound:
-                    break
-                time.sleep(a.poll)
-            if not exited(child.pid):
-                stats = daemon_stats(procksm, sock, child)
-                if w.volatile_region:
-                    thrash_window(w, targets, a.sizes.thrash_window_s, r)
-                pids = process_tree(child.pid)
-                r["vm_hwm_mib"] = {p: proc_status(p, "VmHWM") / 2**20 for p in pids}
-                cpu_end = tree_cpu(pids)
-                child.send_signal(signal.SIGTERM)
-            else:
-                cpu_end = samples[-1][2] if samples else 0.0
-            exit_code, usage = stop_daemon(child, pids, r)
-        finally:
-            if child.returncode is None:  # an exception: do not leave it running
-                with suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)
-                child.wait()
-            mvk.ChildTracker.pid = None
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    wall = time.perf_counter() - t0
-    after = mvk.meminfo()
-    end_census = mvk.census(targets)
-    r.update(
-        {
-            "cmd": " ".join(cmd),
-            "exit_code": exit_code,
-            "t95_s": t95,
-            "t100_s": t100,
-            "cpu_s": cpu100 if cpu100 is not None else (samples[-1][2] if samples else None),
-            "cpu_s_total": usage.ru_utime + usage.ru_stime,
-            "cpu_s_until_stopped": cpu_end,
-            "wall_s": wall,
-            # peak of the summed VmRSS of the daemon and its worker, sampled every --poll s
-            "max_rss_mib": peak_rss,
-            "saved_pages_pagemap": end_census["saved_pages"],
-            "saved_pages_meminfo": mvk.meminfo_saving(before, after),
-            "fraction": end_census["saved_pages"] / ideal if ideal else None,
-            "pauses": {
-                "p50_ms": stats.get("pause_p50_ms"),
-                "p99_ms": stats.get("pause_p99_ms"),
-                "max_ms": stats.get("pause_max_ms"),
-            },
-            "stats": {k: v for k, v in stats.items() if k not in ("targets", "history")},
-            "census_before": start_census,
-            "census_after": end_census,
-            "samples": mvk.thin(samples),
-            "memory_check": mvk.verify_targets(targets),
-        }
+    """`procksm attach` until the ideal (RssAnon drop - its memfd pages, confirmed by
+    pagemap) or the bound (harness.run_daemon); W3: the thrash window before it stops."""
+
+    def thrash(r: Json) -> None:
+        thrash_window(w, targets, a.sizes.thrash_window_s, r)
+
+    r = harness.run_daemon(
+        targets,
+        w.ideal_pages,
+        procksm,
+        poll_s=a.poll,
+        bound_s=bound_of(a.sizes, w.name) if bound_s is None else bound_s,
+        extra=extra,
+        saved_truth=lambda before, after: saved_truth(w, before, after),
+        before_stop=thrash if w.volatile_region else None,
+        into=_prepare(w, targets),
     )
-    r["stderr_head"] = stderr[:1000]
-    if not stats:
-        r["error"] = (stderr.strip() or "procksm stats gave no answer")[-2000:]
     return _finish(w, r)
 
 
@@ -893,7 +696,7 @@ def run_scaling(exe: Path, ctl: ksmlib.KsmControl, procksm: Sequence[str], a: An
     for series, n, per in scaling_points(a.sizes):
         i, z = per * 4 // 6, per // 6
         u = per - i - z
-        w = mvk.Workload(n, i, z, u, 7)
+        w = harness.Planted(n, i, z, u, 7)
         sw = planted_workload(
             exe,
             "scaling",
@@ -910,22 +713,22 @@ def run_scaling(exe: Path, ctl: ksmlib.KsmControl, procksm: Sequence[str], a: An
         for tool in tools:
             runs = []
             for _ in range(a.scaling_reps):
-                targets: list[mvk.Target] = []
+                targets: list[Target] = []
                 try:
                     targets = sw.start(tool == "ksmd_max")
                     if tool == "merge":
-                        r = mvk.run_procksm(procksm, targets, w.ideal_pages, a.poll)
+                        r = harness.run_procksm(procksm, targets, w.ideal_pages, a.poll)
                     elif tool == "daemon":
                         bound = a.sizes.scaling_daemon_bound_s
                         r = run_daemon(sw, targets, procksm, a, ["--cpu-limit", "0"], bound)
                     else:
-                        r = mvk.run_ksm(
+                        r = harness.run_ksm(
                             ctl, targets, w.ideal_pages, z > 0, 100000, 0, 1, 300.0, a.poll
                         )
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     r = {"error": f"{type(exc).__name__}: {exc}"}
                 finally:
-                    mvk.stop_targets(targets)
+                    harness.stop_targets(targets)
                     if tool == "ksmd_max":
                         ctl.unmerge_all()
                         ctl.wait_idle()
@@ -1382,7 +1185,7 @@ def _replace(s: Sizes, **kw: Any) -> Sizes:
 
 
 def order_for(rep: int, wname: str) -> list[str]:
-    base = list(BASE_VARIANTS) if rep % 2 == 0 else mvk._swap_pairs(BASE_VARIANTS)
+    base = list(BASE_VARIANTS) if rep % 2 == 0 else harness.swap_pairs(BASE_VARIANTS)
     if wname == "W1":
         base.insert(base.index("ksmd_defaults") + 1, "daemon_eqcpu")
     return base
@@ -1402,8 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("suite: needs root (ptrace, pagemap PFNs, KSM sysfs)", file=sys.stderr)
         return 1
     procksm = [a.procksm]
-    exe = mvk.build_planted()
-    machine = mvk.machine_line()
+    exe = harness.build_planted()
+    machine = harness.machine_line()
     print(f"machine {machine}\nsizes {'quick' if a.quick else 'full'}: {a.sizes}", flush=True)
     ctl = ksmlib.KsmControl()
     tmp = Path(tempfile.mkdtemp(prefix="procksm-bench-"))
@@ -1418,10 +1221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git": git_state(),
         "workloads": {},
     }
-    targets: list[mvk.Target] = []
+    targets: list[Target] = []
     t_start = time.perf_counter()
     touched_ksm = False
-    with mvk.interrupts_raise():
+    with harness.interrupts_raise():
         try:
             ctl.check_unused()  # before anything is written: run=2 would unmerge others' pages
             touched_ksm = True
@@ -1463,7 +1266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                             r = {"error": f"{type(exc).__name__}: {exc}"}
                         finally:
-                            mvk.stop_targets(targets)
+                            harness.stop_targets(targets)
                             targets = []
                             if is_ksm:
                                 ctl.unmerge_all()
@@ -1491,10 +1294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if mvk.ChildTracker.pid is not None:
+            if harness.ChildTracker.pid is not None:
                 with suppress(ProcessLookupError):
-                    os.kill(mvk.ChildTracker.pid, signal.SIGKILL)
-            mvk.stop_targets(targets)
+                    os.kill(harness.ChildTracker.pid, signal.SIGKILL)
+            harness.stop_targets(targets)
             try:
                 if touched_ksm:
                     ctl.unmerge_all()

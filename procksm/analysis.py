@@ -4,7 +4,7 @@ Pure logic, no syscalls: ``procksm.scanner`` collects the :class:`PageTable` (on
 present, really-backed page of an eligible mapping) and verifies content groups by exact
 byte comparison; this module only counts.
 
-Definitions (DESIGN.md §2.1):
+Definitions (docs/design.md §2.1):
 
 * a *frame* is a physical page (PFN). Pages already sharing one frame (after ``fork``) save
   nothing when merged;

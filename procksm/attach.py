@@ -1,6 +1,6 @@
 """Attaching to a target: diagnostics, stopping all threads, injecting system calls.
 
-DESIGN.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
+docs/design.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
 
 * Threads are taken with PTRACE_SEIZE and stopped with PTRACE_INTERRUPT, never with
   SIGSTOP or PTRACE_ATTACH: if procksm dies, the kernel detaches and the target runs on.
@@ -27,7 +27,7 @@ DESIGN.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
   restart_syscall, rip -= 2) is applied — also when detaching from the stop that ends an
   injected syscall, provided the original registers were put back. Resuming with
   PTRACE_CONT from that stop instead skips the fix-up (read() then returns errno 512,
-  DESIGN.md §2.7): that is why windows end with PTRACE_DETACH. Applying the fix-up by
+  docs/design.md §2.7): that is why windows end with PTRACE_DETACH. Applying the fix-up by
   hand would also be wrong when a real signal arrives just before the resume (it would
   turn its EINTR into a restart); the kernel decides with the signal in hand.
 * epoll_wait is the exception: the kernel returns plain -EINTR (not a restart code) when
@@ -670,7 +670,7 @@ class PtraceSession:
         self.pid = pid
         self.timeout = timeout
         # Injecting from the CPU the stopped thread last ran on makes each wake-up local
-        # instead of a cross-CPU IPI (DESIGN.md §2.8); measured in tests/test_attach.py.
+        # instead of a cross-CPU IPI (docs/design.md §2.8); measured in tests/test_attach.py.
         self.pin_cpu = pin_cpu
         self.threads: list[int] = []
         self.pauses: list[float] = []

@@ -1,4 +1,4 @@
-"""Keep merged pages in core dumps (DESIGN.md §3.8): /proc/PID/coredump_filter.
+"""Keep merged pages in core dumps (docs/design.md §3.8): /proc/PID/coredump_filter.
 
 A merged range is a MAP_PRIVATE mapping of a memfd, a *file-backed private* mapping to
 the kernel. fs/coredump.c ``vma_dump_size`` dumps such a VMA under the default filter

@@ -138,7 +138,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
 class Settings:
     # 16 Ki pages (64 MiB) per batch: a batch then costs ~15-40 ms of CPU, reading
     # process_vm_readv-sized chunks; the kernel's 100 pages per 20 ms needs minutes for a
-    # GiB (DESIGN §4), which is why ksmd's defaults converge so slowly.
+    # GiB (docs/design.md §4), which is why ksmd's defaults converge so slowly.
     pages_to_scan: int = 16384
     sleep_ms: int = 20
     max_pages_to_merge: int = 16384
@@ -653,7 +653,7 @@ class Daemon:
         self._idle_scans = 0  # full scans in a row that merged nothing
         self._merged_this_scan = 0
         self._scanned_at_scan_start = 0
-        # one read buffer for every window (1 MiB: process_vm_readv's plateau, DESIGN §2.1)
+        # one read buffer for every window (1 MiB: process_vm_readv's plateau, docs/design.md §2.1)
         self._read_buffer = np.empty(1 << 20, np.uint8)
 
     # --- lifecycle ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Giving a target an fd of a sealed segment (DESIGN.md §2.6, §3.6).
+"""Giving a target an fd of a sealed segment (docs/design.md §2.6, §3.6).
 
 Options evaluated (kernel 6.18):
 

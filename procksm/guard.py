@@ -1,5 +1,5 @@
 """The madvise guard: merged memory answers madvise and mremap like the anonymous
-memory it replaced (DESIGN.md §3.1, §3.2).
+memory it replaced (docs/design.md §3.1, §3.2).
 
 Why it is needed (measured here): a merged page is a MAP_PRIVATE mapping of a memfd.
 ``MADV_DONTNEED`` on it brings back the memfd's content instead of zeros, so an

@@ -69,7 +69,7 @@ _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp (24 bytes)
 # x86_64 and i386 (int 0x80 from a 64-bit process) system call numbers
 NR_MADVISE = {AUDIT_ARCH_X86_64: 28, AUDIT_ARCH_I386: 219}
 NR_MREMAP = {AUDIT_ARCH_X86_64: 25, AUDIT_ARCH_I386: 163}
-# The advice values whose effect differs on a MAP_PRIVATE file page (DESIGN §3.1-3.2):
+# The advice values whose effect differs on a MAP_PRIVATE file page (docs/design.md §3.1-3.2):
 # DONTNEED / DONTNEED_LOCKED refill from the file, FREE and WIPEONFORK fail with EINVAL
 # on file mappings, REMOVE punches the file (refused as EACCES for a read-only fd).
 GUARDED_ADVICE = {4: "MADV_DONTNEED", 8: "MADV_FREE", 9: "MADV_REMOVE",

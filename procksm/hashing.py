@@ -1,7 +1,7 @@
 """Page hashes: xxh3_64 of each 4 KiB page, into a numpy array.
 
 A hash is only an index into the trees: two pages are identical only after an exact byte
-comparison (DESIGN.md §2.2).
+comparison (docs/design.md §2.2).
 
 Measured on this machine (2-core VM, 256 MiB of random pages, xxhash 3.x / numpy 2.x):
 

@@ -70,7 +70,7 @@ SYS_epoll_pwait2 = 441
 
 # Kernel-internal restart codes a thread shows in rax when stopped inside a blocking
 # syscall (include/linux/errno.h). They never reach user space when the kernel finishes
-# its signal-return path; DESIGN.md §2.7.
+# its signal-return path; docs/design.md §2.7.
 ERESTARTSYS = 512
 ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514

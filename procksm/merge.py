@@ -1,5 +1,5 @@
 """The merge engine: share identical pages through sealed memfd segments, drop zero
-pages, and undo it exactly (DESIGN.md §2.3-2.7, §3).
+pages, and undo it exactly (docs/design.md §2.3-2.7, §3).
 
 One-shot flow (``procksm merge``):
 
@@ -97,8 +97,8 @@ class MergeOptions:
     # second look at each page is its byte comparison under stop (see MergeEngine._run).
     two_scans: bool = False
     cross_uid: bool = False  # allow merging between processes of different uids
-    allow_async_io: bool = False  # merge processes that use io_uring / AIO (DESIGN §3.4)
-    # The madvise guard (procksm.guard, DESIGN §3.1-3.2): installed with the first merge
+    allow_async_io: bool = False  # merge processes that use io_uring / AIO (docs/design.md §3.4)
+    # The madvise guard (procksm.guard, docs/design.md §3.1-3.2): installed with the first merge
     # into a process. Without it (--no-guard), processes whose allocator relies on
     # zero-after-MADV_DONTNEED are refused unless allow_zero_after_dontneed.
     guard: bool = True
@@ -218,7 +218,7 @@ class MergeResult:
             ],
             "pauses": pause_stats(pauses),
             "refused": [r.as_dict() for r in self.refused],
-            # Where the shared pages are charged (DESIGN §3.7): to procksm's cgroup.
+            # Where the shared pages are charged (docs/design.md §3.7): to procksm's cgroup.
             "procksm": {
                 "memfd_bytes": self.slots * PAGE_SIZE,
                 "cgroup": self.cgroup.path,
@@ -291,7 +291,7 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
             if why:
                 refused.append(Refusal(pid, 0, 0, why))
     elif not opts.allow_zero_after_dontneed:
-        # DESIGN §3.1 without the guard: after MADV_DONTNEED a merged page reads its
+        # docs/design.md §3.1 without the guard: after MADV_DONTNEED a merged page reads its
         # shared content, not zeros; refuse allocators that rely on zeros.
         for pid in pids:
             why = procfs.relies_on_zero_after_dontneed(pid)
@@ -360,7 +360,7 @@ class MergeEngine(Closing):
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
-        # when its last mapping goes; DESIGN §2.3, never a hole punched under a mapping).
+        # when its last mapping goes; docs/design.md §2.3, never a hole punched under a mapping).
         for fd in self._ro_fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -818,7 +818,7 @@ class MergeEngine(Closing):
 
         Targets that may ptrace procksm (root, our pid namespace) take the fds
         themselves with pidfd_open + pidfd_getfd; others receive them over an abstract
-        AF_UNIX socket created in their network namespace (SCM_RIGHTS; DESIGN §2.6).
+        AF_UNIX socket created in their network namespace (SCM_RIGHTS; docs/design.md §2.6).
         Either way the target holds procksm's read-only open file description, and every
         fd is checked to be the segment's inode before anything maps it (§3.6).
         """

@@ -18,7 +18,7 @@ write to it copies the page ("breaks" the merge). Two sources find those breaks:
   was copied is anonymous (present or swapped, bit 61 clear). ``reconcile(pid)`` reads
   that truth and counts what no fault showed: writes through get_user_pages
   (process_vm_writev, /proc/PID/mem, O_DIRECT) COW without any fault event
-  (DESIGN §3.9), and events a full ring buffer dropped.
+  (docs/design.md §3.9), and events a full ring buffer dropped.
 
 API (use from one thread)::
 

@@ -5,7 +5,7 @@
   (process, mapping, address), so the slots of a run of duplicates in the first process
   are contiguous, and the same run in another process maps the same contiguous slots.
 * An **extent** is a run of adjacent pages of one mapping whose slots are consecutive
-  and inside one segment: one ``mmap`` in the target, one VMA (DESIGN.md §3.3).
+  and inside one segment: one ``mmap`` in the target, one VMA (docs/design.md §3.3).
 * A **zero extent** is a run of adjacent all-zero pages: one ``MADV_DONTNEED``, no memfd,
   no VMA split (§2.4).
 
@@ -82,7 +82,7 @@ class MergePlan:
 def vma_budget(max_map_count: int, current_vmas: int, cap: int = 8192) -> int:
     """New VMAs procksm may cause in one target: far below vm.max_map_count.
 
-    At max_map_count the target's own mmap/mprotect fail with ENOMEM (DESIGN §3.3); an
+    At max_map_count the target's own mmap/mprotect fail with ENOMEM (docs/design.md §3.3); an
     eighth of the limit, minus what the target already uses, and never above ``cap``.
     """
     return max(0, min(cap, max_map_count // 8, (max_map_count - current_vmas) // 4))

@@ -290,7 +290,7 @@ def read_maps(pid: int) -> list[Vma]:
 
 
 # --------------------------------------------------------------------------------------
-# Eligibility (DESIGN.md §3.2, §3.4): an allowlist
+# Eligibility (docs/design.md §3.2, §3.4): an allowlist
 # --------------------------------------------------------------------------------------
 
 # VmFlags that a mergeable VMA may carry. Every other flag excludes the VMA, including flags
@@ -866,7 +866,7 @@ def read_meminfo() -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------
-# Asynchronous I/O that may pin pages (DESIGN.md §3.4)
+# Asynchronous I/O that may pin pages (docs/design.md §3.4)
 # --------------------------------------------------------------------------------------
 
 IO_URING_TARGET = "anon_inode:[io_uring]"
@@ -961,7 +961,7 @@ def uses_async_io(pid: int) -> str | None:
 
 
 # Allocators known to assume that memory reads zeros after madvise(MADV_DONTNEED): on a
-# merged page it reads the shared content instead (DESIGN §3.1). Searched for in the
+# merged page it reads the shared content instead (docs/design.md §3.1). Searched for in the
 # paths of the process's mappings (a shared library) and in its executable (linked in
 # statically, as in redis-server).
 _ZERO_AFTER_DONTNEED_ALLOCATORS = (b"jemalloc",)
@@ -1128,7 +1128,7 @@ class MapsQuery(Closing):
 
 
 # --------------------------------------------------------------------------------------
-# procksm's own memory cgroup (DESIGN §3.7: memfd pages are charged to the writer)
+# procksm's own memory cgroup (docs/design.md §3.7: memfd pages are charged to the writer)
 # --------------------------------------------------------------------------------------
 
 

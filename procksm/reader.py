@@ -1,6 +1,6 @@
 """Reading a target's pages with process_vm_readv, without changing the target.
 
-``PageReader`` copies remote memory into one reused local buffer (DESIGN.md §2.1: ~6 GB/s
+``PageReader`` copies remote memory into one reused local buffer (docs/design.md §2.1: ~6 GB/s
 with 2-16 MiB chunks, 1.5 GB/s with 4 KiB ones). Scattered present pages are gathered
 into one call with up to IOV_MAX remote iovecs, so a sparse heap reads nearly as fast as a
 dense one.

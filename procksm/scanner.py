@@ -1,6 +1,6 @@
 """Collect the page table of a read-only scan: pagemap → process_vm_readv → hash → verify.
 
-Data flow (DESIGN.md §5): ``procfs`` (which VMAs, which pages are present) → ``reader``
+Data flow (docs/design.md §5): ``procfs`` (which VMAs, which pages are present) → ``reader``
 (content, without faulting anything in) → hashes and PFNs into a columnar
 :class:`~procksm.analysis.PageTable` → an exact verification pass that turns hash groups
 into byte-identical content groups → :func:`procksm.analysis.analyse`.
@@ -250,7 +250,7 @@ def collect(
 class _ReadBuffer:
     """One buffer shared by the hash pass and the verify pass (they never overlap).
 
-    1 MiB: process_vm_readv is near its plateau from 1-2 MiB chunks on (DESIGN §2.1;
+    1 MiB: process_vm_readv is near its plateau from 1-2 MiB chunks on (docs/design.md §2.1;
     measured here, the scan is as fast with 1 MiB as with 2), and a fixed buffer counts
     against procksm's memory per scanned page (goal: <= 32 bytes; 2 MiB alone is 5
     bytes per page of a 1.5 GiB scan).

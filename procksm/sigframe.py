@@ -1,4 +1,4 @@
-"""x86_64 signal frames: the return path of every injected system call (DESIGN.md §6).
+"""x86_64 signal frames: the return path of every injected system call (docs/design.md §6).
 
 When a tracer dies, the kernel detaches its tracees and they run with whatever
 registers they hold at that instant (kernel/ptrace.c ``exit_ptrace``). An injected

@@ -1,4 +1,4 @@
-"""The slot store: merged page content held in sealed memfd segments (DESIGN.md §2.3, §3.6).
+"""The slot store: merged page content held in sealed memfd segments (docs/design.md §2.3, §3.6).
 
 A *segment* is one memfd (``procksm-seg-N``; targets see ``/memfd:procksm-seg-N (deleted)``
 in their maps) built from a batch of pages and then **sealed** (F_SEAL_WRITE | SHRINK | GROW
@@ -24,7 +24,7 @@ longer read or reuse that content.
 
 Costs measured here (kernel 6.18, 2-core VM): build + seal of a 64 MiB segment ~23 ms
 (pwrite into shmem ~2.8 GB/s) + ~0.2 ms for F_SEAL_WRITE (the kernel scans the mapping
-for pinned pages). The memory is Shmem charged to procksm's cgroup (DESIGN §3.7).
+for pinned pages). The memory is Shmem charged to procksm's cgroup (docs/design.md §3.7).
 
 Single-threaded: one engine thread owns the store.
 """

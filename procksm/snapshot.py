@@ -8,7 +8,7 @@ zero pages given back (the kernel's ``ksm_zero_pages``). Bytes are bytes, times 
 seconds unless a field name says otherwise.
 
 The daemon builds a new :class:`Snapshot` per interval; views never mutate one and never
-touch a process themselves (DESIGN.md §5).
+touch a process themselves (docs/design.md §5).
 """
 
 from __future__ import annotations

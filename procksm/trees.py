@@ -40,7 +40,7 @@ Batch semantics (the kernel handles one page at a time; procksm handles batches)
   single page left over by the cut waits in the unstable tree for a partner.
 
 Zero pages get no special case here: the caller drops them with MADV_DONTNEED before
-indexing (DESIGN.md §2.4), the counterpart of the kernel's use_zero_pages.
+indexing (docs/design.md §2.4), the counterpart of the kernel's use_zero_pages.
 """
 
 from __future__ import annotations

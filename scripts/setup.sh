@@ -4,7 +4,7 @@
 #     kernel headers for bcc, gcc for the C test targets, tmux for TUI tests,
 #     gdb (gcore) and redis for the fidelity tests
 #   - /lib/modules/$(uname -r)/build -> distro headers when the running kernel's are not
-#     packaged (DESIGN.md §4: the 6.1 headers compile tracepoint programs for this kernel)
+#     packaged (docs/design.md §4: the 6.1 headers compile tracepoint programs for this kernel)
 #   - tracefs mounted
 #   - .venv from the distro python with --system-site-packages (so it sees bcc), project installed
 set -euo pipefail

@@ -66,6 +66,15 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def machine_lacks(feature: str, unit_tested_in: str) -> None:
+    """Skip, also under CI=true: this machine's CPU or kernel does not have ``feature``
+    (protection keys, named anonymous VMAs), so no process here can carry it and the
+    test has nothing real to run on. The only skip CI allows: it is a fact about the
+    machine, not a broken test, and it is reported (-ra), never counted as a pass. The
+    rule itself is unit-tested on parsed /proc text (``unit_tested_in``)."""
+    pytest.skip(f"this machine lacks {feature}; the rule is unit-tested in {unit_tested_in}")
+
+
 def _pagemap_has_pfns() -> bool:
     try:
         with open("/proc/self/pagemap", "rb") as f:
@@ -198,9 +207,93 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["PROCKSM_LONG"] = "1"
 
 
+# --- two tiers: unit tests (no root, seconds) and integration tests (`root`) ---
+#
+# `pytest -m "not root"` (= `make unit`) is the unit tier: pure parsing and logic, no
+# root, no process of its own. A test is marked `root` when it, one of its fixtures or a
+# helper of its module (transitively) asks for privileges, starts a process or runs
+# procksm: the names below. A test can also say so itself with @pytest.mark.root or a
+# module's `pytestmark`. `make test` runs both tiers.
+
+ROOT_FIXTURES = frozenset({"privileged", "planted", "guard_dir", "daemons", "spawn"})
+ROOT_CALLS = (
+    "require_privileges(",
+    "skip_or_fail(",
+    "run_procksm(",
+    "build_c_target(",
+    "spawn_planted(",
+    "spawn_canary_targets(",
+    "Target(",
+    "subprocess.",
+    "os.fork(",
+)
+
+
+def _source(obj: object) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+_module_cache: dict[str, frozenset[str]] = {}
+
+
+def _root_helpers(module: Any) -> frozenset[str]:
+    """Names of the module's own functions and classes that need root (to a fixpoint)."""
+    import inspect
+
+    name = module.__name__
+    if name in _module_cache:
+        return _module_cache[name]
+    own = {
+        n: _source(obj)
+        for n, obj in vars(module).items()
+        if (inspect.isfunction(obj) or inspect.isclass(obj))
+        and getattr(obj, "__module__", None) == name
+        and not n.startswith("test_")
+    }
+    found: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n, src in own.items():
+            if n in found:
+                continue
+            if any(c in src for c in ROOT_CALLS) or any(f"{h}(" in src for h in found):
+                found.add(n)
+                changed = True
+    _module_cache[name] = frozenset(found)
+    return _module_cache[name]
+
+
+def _needs_root(item: pytest.Function) -> bool:
+    if item.get_closest_marker("root"):
+        return True
+    if ROOT_FIXTURES & set(item.fixturenames):
+        return True
+    helpers = _root_helpers(item.module)
+    sources = [_source(item.function)]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        func = defs[-1].func
+        if getattr(func, "__module__", "").startswith("tests"):
+            sources.append(_source(func))
+    return any(
+        any(c in src for c in ROOT_CALLS) or any(f"{h}(" in src for h in helpers) for src in sources
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and _needs_root(item):
+            item.add_marker(pytest.mark.root)
+
+
 # --- the madvise guard's tests (tests/test_guard.py, tests/test_guard_life.py) ---
 
-CGROUP2 = "/sys/fs/cgroup/unified"  # this machine's cgroup v2 mount (DESIGN §4)
+CGROUP2 = "/sys/fs/cgroup/unified"  # this machine's cgroup v2 mount (docs/design.md §4)
 
 
 def scratch_cgroup(prefix: str) -> Path:

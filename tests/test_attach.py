@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -753,52 +752,31 @@ def test_status_of_an_ordinary_target(
     )
 
 
-# --- costs -----------------------------------------------------------------------------
+# --- stop windows and injected calls on every kind of target (costs: benchmarks/attach_costs.py)
 
 
-def _median_pause(pid: int, windows: int = 50) -> float:
-    with PtraceSession(pid) as session:
-        for _ in range(windows):
-            with session.stopped():
-                pass
-            time.sleep(0.001)
-    return statistics.median(session.pauses)
-
-
-def _median_injection(pid: int, pin: bool, calls: int = 300) -> float:
-    with PtraceSession(pid, pin_cpu=pin) as session, session.stopped() as stopped:
-        stopped.syscall(SYS_getpid)
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            stopped.syscall(SYS_getpid)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def test_pause_and_injection_costs(
-    privileged: None,
-    spawn: Callable[..., Target],
-    blockers_exe: Path,
-    capsys: pytest.CaptureFixture[str],
+def test_stop_windows_and_injected_calls_leave_every_kind_of_target_intact(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
 ) -> None:
-    """Measured, printed (pytest -s), and bounded far above what this machine does."""
-    results = {}
-    # One target at a time: 8 spinners on 2 CPUs would slow every other measurement.
-    for label, args in [("1 thread", ()), ("8 sleeping", ("--sleepers", "8")),
-                        ("8 spinning", ("--spinners", "8"))]:  # fmt: skip
+    """Empty stop windows and injected getpid() calls (pinned to the target's CPU and not)
+    on a 1-thread, an 8-sleeper and an 8-spinner target: every window is measured, every
+    call answers the target's pid, and the target stays clean. What they cost (the
+    medians that were asserted here) is a benchmark: benchmarks/attach_costs.py."""
+    # One target at a time: 8 spinners on 2 CPUs would slow every other target.
+    for args in [(), ("--sleepers", "8"), ("--spinners", "8")]:
         target = start_blockers(spawn, blockers_exe, "--bare", *args)
-        results[f"pause {label}"] = _median_pause(target.pid)
-        if label == "8 sleeping":
-            results["injected syscall, pinned"] = _median_injection(target.pid, pin=True)
-            results["injected syscall, not pinned"] = _median_injection(target.pid, pin=False)
+        with PtraceSession(target.pid) as session:
+            for _ in range(20):
+                with session.stopped():
+                    pass
+        assert len(session.pauses) == 20 and all(p > 0 for p in session.pauses)
+        if args == ("--sleepers", "8"):
+            for pin in (True, False):
+                with (
+                    PtraceSession(target.pid, pin_cpu=pin) as session,
+                    session.stopped() as stopped,
+                ):
+                    assert {stopped.syscall(SYS_getpid) for _ in range(50)} == {target.pid}
+        assert_running_untraced(target.pid)
         assert_no_errors(target)
         target.kill()
-    with capsys.disabled():
-        for name, seconds in results.items():
-            print(f"\n  {name:30} {seconds * 1e6:9.1f} us (median)", end="")
-        print()
-    assert results["pause 1 thread"] < 0.005
-    assert results["pause 8 sleeping"] < 0.010
-    assert results["pause 8 spinning"] < 0.100
-    assert results["injected syscall, pinned"] < 0.002

@@ -1,4 +1,4 @@
-"""Core dumps of merged targets hold the merged pages (DESIGN.md §3.8, procksm.coredump).
+"""Core dumps of merged targets hold the merged pages (docs/design.md §3.8, procksm.coredump).
 
 The truth is the core file itself: its PT_LOAD segment covering the identical region must
 hold the bytes the target had there before merging (read through /proc/PID/mem).

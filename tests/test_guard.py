@@ -1,4 +1,4 @@
-"""The madvise guard (procksm.guard; DESIGN §3.1, §3.2).
+"""The madvise guard (procksm.guard; docs/design.md §3.1, §3.2).
 
 The filter program is checked by an interpreter of the instructions it uses (pure);
 the guard process itself with real targets: it outlives the procksm that started it,
@@ -44,6 +44,7 @@ from tests.conftest import (
     require_privileges,
     run_procksm,
 )
+from tests.daemon_helpers import Truth
 
 N, U = 32, 4
 ALLOW, NOTIFY = SECCOMP_RET_ALLOW, SECCOMP_RET_USER_NOTIF
@@ -302,4 +303,5 @@ def test_a_child_of_a_guarded_process_is_guarded_by_the_inherited_filter(  # typ
     assert not [r for r in doc["refused"] if "seccomp" in r["reason"]], doc["refused"]
     assert all(t.error is None for t in res.targets), doc
     assert res.pages_merged >= 2 * 1024  # the 4 MiB each child wrote after its fork
+    assert sum(Truth([child, twin_child]).sites.values()) >= 2 * 1024  # pagemap agrees
     assert status(child, "Seccomp_filters") == "1"  # nothing stacked

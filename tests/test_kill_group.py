@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from procksm.merge import merged_ranges
 from tests.conftest import (
     Target,
@@ -65,6 +67,7 @@ def _intact(t: Target, canaries: bool) -> None:
         assert "\nState:\tt" not in status and "\nState:\tT" not in status, status
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
     require_privileges()
     rng = random.Random(int(os.environ.get("PROCKSM_KILL_SEED", "2026")))

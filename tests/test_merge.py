@@ -15,7 +15,7 @@ from procksm.analysis import analyse
 from procksm.merge import MergeOptions, merge, merged_ranges, unmerge
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions, collect
-from tests.conftest import build_c_target, require_privileges, run_procksm
+from tests.conftest import IN_CI, build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 N, Z, U = 1024, 256, 128  # identical, zero, unique pages per target
@@ -167,12 +167,12 @@ def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     assert t["pages_merged"] == 3 * N and t["pages_zeroed"] == 3 * Z and t["slots"] == N
     assert t["saved_bytes"] == (3 * N - N + 3 * Z) * PAGE_SIZE
     assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms"}
-    # the memfd pages are charged to procksm's own cgroup: reported (DESIGN §3.7)
+    # the memfd pages are charged to procksm's own cgroup: reported (docs/design.md §3.7)
     assert doc["procksm"]["memfd_bytes"] == N * PAGE_SIZE
     assert doc["procksm"]["cgroup"].startswith("/")
-    assert (
-        doc["procksm"]["cgroup_memory_bytes"] is None or doc["procksm"]["cgroup_memory_bytes"] > 0
-    )
+    charged = doc["procksm"]["cgroup_memory_bytes"]
+    # None where procksm's cgroup has no memory.current; CI's machine has one
+    assert charged > 0 if IN_CI else charged is None or charged > 0, charged
     assert [p["pid"] for p in doc["processes"]] == [x.pid for x in trio]
     assert isinstance(doc["refused"], list)
     for x in trio:

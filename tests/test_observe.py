@@ -45,6 +45,9 @@ from tests.conftest import ROOT, build_c_target, require_privileges, skip_or_fai
 
 P = PAGE_SIZE
 N, U = 96, 16  # identical (merged) and unique pages per target
+# How long a test waits for an event before it fails. Not a goal: how soon events arrive
+# is measured by benchmarks/observe_latency.py (tests assert what arrives, not when).
+ARRIVAL_S = 10.0
 
 # --------------------------------------------------------------------------------------
 # pure logic
@@ -324,8 +327,7 @@ def test_user_writes_count_exactly_k(pair: Any, bpf_observer: CowObserver) -> No
     write_pages(a, [3, 4, 0])  # the same pages again: private now, not a break
     for i in range(4):  # pages that were never merged: not counted
         assert a.command(f"write unique {i}") == "OK"
-    events, took = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(USER), 2.0)
-    assert took < 2.0
+    events, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(USER), ARRIVAL_S)
     start, end = region(a, "identical")
     got = breaks(events, a.pid)
     assert sorted(e.addr for e in got) == sorted(start + i * P for i in USER)
@@ -356,7 +358,7 @@ def test_read_into_merged_pages_counts_as_kernel_writes(
     obs.set_ranges(a.pid, watched(a))
     assert a.command(f"readinto identical {KERNEL[0]} {len(KERNEL)}") == "OK"
     assert a.command(f"readinto identical {KERNEL[0]} {len(KERNEL)}") == "OK"  # again
-    events, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(KERNEL), 2.0)
+    events, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(KERNEL), ARRIVAL_S)
     start, _ = region(a, "identical")
     got = breaks(events, a.pid)
     assert sorted(e.addr for e in got) == [start + i * P for i in KERNEL]
@@ -385,7 +387,7 @@ def test_gup_writes_are_found_by_reconcile(pair: Any, bpf_observer: CowObserver)
     assert (c.cow_breaks, c.reconciled, c.broken_pages) == (len(GUP), len(GUP), len(GUP))
     # a later user write to a copied page is not a break; a merged one is
     write_pages(a, [GUP[0], 1])
-    collect(obs, lambda ev: len(breaks(ev, a.pid)) >= 1, 2.0)
+    collect(obs, lambda ev: len(breaks(ev, a.pid)) >= 1, ARRIVAL_S)
     assert obs.reconcile(a.pid) == 0
     assert obs.counters(a.pid).cow_breaks == len(GUP) + 1
     assert a.command("check").startswith("OK")
@@ -406,7 +408,7 @@ def test_dontneed_rearms_and_a_write_to_a_dropped_page_counts(spawn: Any) -> Non
     with CowObserver(use_bpf=True, reconcile_interval_s=3600) as obs:
         obs.set_ranges(a.pid, watched(a))
         write_pages(a, [8])
-        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), 2.0)
+        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), ARRIVAL_S)
         assert [(e.addr, e.error_code) for e in breaks(ev, a.pid)] == [(start + 8 * P, 0x7)]
         for i in (7, 8):  # 7 never written, 8 a private copy
             assert a.command(f"madvise identical {i} 1 dontneed") == "OK"
@@ -414,7 +416,7 @@ def test_dontneed_rearms_and_a_write_to_a_dropped_page_counts(spawn: Any) -> Non
         assert obs.counters(a.pid).broken_pages == 0  # re-armed by the madvise event
         for i in (7, 8):  # a store without a read first: the page is not present
             assert a.command(f"set identical {i} 77") == "OK"
-        ev, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= 2, 2.0)
+        ev, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= 2, ARRIVAL_S)
         got = sorted((e.addr, e.error_code) for e in breaks(ev, a.pid))
         assert got == [(start + 7 * P, 0x6), (start + 8 * P, 0x6)]  # not present | write | user
         assert obs.reconcile(a.pid) == 0
@@ -430,8 +432,10 @@ def test_reconcile_within_its_period(pair: Any) -> None:
     with CowObserver(use_bpf=True, reconcile_interval_s=0.5) as obs:
         obs.set_ranges(a.pid, watched(a))
         gup_writes(a, GUP)
-        events, took = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(GUP), 2.0)
-        assert len(breaks(events, a.pid)) == len(GUP) and took < 1.5
+        # no explicit reconcile() here: poll() finds the GUP writes by itself
+        events, _ = collect(obs, lambda ev: len(breaks(ev, a.pid)) >= len(GUP), ARRIVAL_S)
+        got = breaks(events, a.pid)
+        assert len(got) == len(GUP) and all(e.reconciled for e in got)
 
 
 def test_detached_probes_cost_nothing_and_miss_nothing(pair: Any) -> None:
@@ -451,7 +455,7 @@ def test_detached_probes_cost_nothing_and_miss_nothing(pair: Any) -> None:
         got = breaks(obs.poll(0), a.pid)
         assert len(got) == len(USER) and all(e.reconciled for e in got)
         write_pages(a, [1])  # and faults count again
-        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), 2.0)
+        ev, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), ARRIVAL_S)
         assert [e.reconciled for e in breaks(ev, a.pid)] == [False]
         assert obs.counters(a.pid).cow_breaks == len(USER) + 1
 
@@ -474,8 +478,8 @@ def test_fork_cows_of_unrelated_pages_are_not_counted(pair: Any) -> None:
         # faults (a fork COW), and they are not merged pages
         for i in range(U):
             assert a.command(f"write unique {i}") == "OK"
-        events, took = collect(obs, lambda ev: len(lifecycle(ev, "fork", a.pid)) >= 3, 1.0)
-        assert took < 1.0 and len(lifecycle(events, "fork", a.pid)) == 3
+        events, _ = collect(obs, lambda ev: len(lifecycle(ev, "fork", a.pid)) >= 3, ARRIVAL_S)
+        assert len(lifecycle(events, "fork", a.pid)) == 3
         assert all(e.child_pid > 0 for e in lifecycle(events, "fork", a.pid))
         events += obs.poll(0.3)
         assert not [e for e in events if isinstance(e, CowBreak)]
@@ -483,12 +487,14 @@ def test_fork_cows_of_unrelated_pages_are_not_counted(pair: Any) -> None:
         assert obs.counters(a.pid).cow_breaks == 0
         # and the parent's own write to a merged page still counts
         write_pages(a, [5])
-        events, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), 2.0)
+        events, _ = collect(obs, lambda ev: bool(breaks(ev, a.pid)), ARRIVAL_S)
         assert [e.addr for e in breaks(events, a.pid)] == [region(a, "identical")[0] + 5 * P]
         assert a.command("check").startswith("OK")
 
 
-def test_lifecycle_events_arrive_within_a_second(pair: Any) -> None:
+def test_lifecycle_events_arrive(pair: Any) -> None:
+    """Every lifecycle event of a target and of its followed child arrives, in order
+    (how soon: benchmarks/observe_latency.py)."""
     require_bpf()
     a, _ = pair
     true = shutil.which("true")
@@ -500,8 +506,8 @@ def test_lifecycle_events_arrive_within_a_second(pair: Any) -> None:
         def step(cmd: str, done: Callable[[list[Event]], bool]) -> list[Event]:
             reply = a.command(cmd)
             assert reply.startswith(("OK", "CHILD exit=0")), reply
-            events, took = collect(obs, done, 1.0)
-            assert took < 1.0, (cmd, events)
+            events, _ = collect(obs, done, ARRIVAL_S)
+            assert done(events), (cmd, events)
             return events
 
         # exec and exit of a child: followed from its fork on, in the kernel
@@ -531,8 +537,8 @@ def test_lifecycle_events_arrive_within_a_second(pair: Any) -> None:
         # exit of the target itself
         a.proc.stdin.write("quit\n")
         a.proc.stdin.flush()
-        ev, took = collect(obs, lambda ev: bool(lifecycle(ev, "exit", a.pid)), 1.0)
-        assert took < 1.0
+        ev, _ = collect(obs, lambda ev: bool(lifecycle(ev, "exit", a.pid)), ARRIVAL_S)
+        assert lifecycle(ev, "exit", a.pid)
         assert a.pid not in obs.targets()
         assert obs.counters(a.pid).ranges == ()
 
@@ -548,8 +554,8 @@ def test_exec_and_exit_of_a_target() -> None:
             assert sleeper.stdin is not None
             sleeper.stdin.write(b"\n")
             sleeper.stdin.flush()
-            ev, took = collect(obs, lambda ev: bool(lifecycle(ev, "exit", sleeper.pid)), 2.0)
-            assert lifecycle(ev, "exec", sleeper.pid) and took < 1.0
+            ev, _ = collect(obs, lambda ev: bool(lifecycle(ev, "exit", sleeper.pid)), ARRIVAL_S)
+            assert lifecycle(ev, "exec", sleeper.pid) and lifecycle(ev, "exit", sleeper.pid)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -572,9 +578,9 @@ def test_pagemap_fallback_gives_the_same_counters(pair: Any) -> None:
         assert a.command(f"readinto identical {KERNEL[0]} {len(KERNEL)}") == "OK"
         gup_writes(a, GUP)
         want = len(USER) + len(KERNEL) + len(GUP)
-        collect(fast, lambda ev: len(breaks(ev, a.pid)) >= len(USER) + len(KERNEL), 2.0)
+        collect(fast, lambda ev: len(breaks(ev, a.pid)) >= len(USER) + len(KERNEL), ARRIVAL_S)
         fast.reconcile(a.pid)
-        ev, _ = collect(slow, lambda ev: len(breaks(ev, a.pid)) >= want, 2.0)
+        ev, _ = collect(slow, lambda ev: len(breaks(ev, a.pid)) >= want, ARRIVAL_S)
         assert len(breaks(ev, a.pid)) == want
         cf, cs = fast.counters(a.pid), slow.counters(a.pid)
         assert cf.cow_breaks == cs.cow_breaks == want
@@ -585,7 +591,7 @@ def test_pagemap_fallback_gives_the_same_counters(pair: Any) -> None:
         ]
         # the pagemap observer sees an exit too
         a.kill()
-        ev, _ = collect(slow, lambda ev: bool(lifecycle(ev, "exit", a.pid)), 2.0)
+        ev, _ = collect(slow, lambda ev: bool(lifecycle(ev, "exit", a.pid)), ARRIVAL_S)
         assert lifecycle(ev, "exit", a.pid)
 
 

@@ -68,7 +68,7 @@ class MergeCommand:
             action="store_true",
             help="with --no-guard: merge processes whose allocator (jemalloc) assumes "
             "memory reads zeros after MADV_DONTNEED; a merged page reads its old content "
-            "instead (DESIGN §3.1)",
+            "instead (docs/design.md §3.1)",
         )
         parser.add_argument("--no-zero", action="store_true", help="do not drop zero pages")
         parser.add_argument(

@@ -7,7 +7,7 @@ records, a termios key reader and the refresh loop.
   and signals, calls an ``actions`` object for pause/resume/unmerge;
 * :mod:`procksm.tui.source` — where snapshots come from (the daemon's control socket).
 
-The view only renders snapshots handed to it; it never touches a process (DESIGN.md §5).
+The view only renders snapshots handed to it; it never touches a process (docs/design.md §5).
 """
 
 from __future__ import annotations
