@@ -2,7 +2,7 @@
 no syscalls), the one place where ``procksm merge`` and ``procksm attach`` decide which
 pages may be duplicates.
 
-The kernel's rules (mm/ksm.c ``cmp_and_merge_page``; docs/design.md), for a batch of
+The kernel's rules (mm/ksm.c ``cmp_and_merge_page``, admin-guide/mm/ksm.rst), for a batch of
 scanned pages:
 
 1. **checksum stability**: a page takes part only if its hash equals the one it had at

@@ -538,6 +538,12 @@ class MergeEngine(Closing):
                     )
                 )
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
+        self._merge_targets(plan, results, refused)
+        return MergeOutcome(results, refused)
+
+    def _merge_targets(
+        self, plan: MergePlan, results: dict[int, TargetResult], refused: list[Refusal]
+    ) -> None:
         # Targets are merged in parallel, one thread each (ptrace is per tracer
         # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
         # kernel work of one target's mmap overlaps another's on the other CPU.
@@ -555,7 +561,6 @@ class MergeEngine(Closing):
                 ]
                 for f in futures:
                     f.result()
-        return MergeOutcome(results, refused)
 
     # --- helpers ----------------------------------------------------------------------
 

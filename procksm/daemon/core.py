@@ -11,16 +11,16 @@ it through :meth:`Daemon.handle`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from procksm import PAGE_SIZE, control
+from procksm import PAGE_SIZE, control, coredump
 from procksm.daemon.accounting import Accounting, IndexCounters
 from procksm.daemon.merger import Merger
 from procksm.daemon.registry import LogFn, Registration, Registry, Target, alive, parse_region
+from procksm.daemon.requests import RequestQueue
 from procksm.daemon.scanpass import Round, ScanPass
 from procksm.daemon.scheduler import Pacer
 from procksm.daemon.settings import DaemonOptions, Settings, parse_settings
@@ -31,13 +31,6 @@ from procksm.index import KsmIndex, page_ref
 from procksm.merge import merged_ranges, unmerge_pieces
 from procksm.observe import Lifecycle
 from procksm.snapshot import Snapshot
-
-
-class _Reply:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value = ""
-        self.error: ProcksmError | None = None
 
 
 class Daemon:
@@ -60,7 +53,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.on_publish: Callable[[Snapshot], None] | None = None
         self._initial = list(pids)
-        self._queue: collections.deque[tuple[Callable[[], str], _Reply]] = collections.deque()
+        self._requests = RequestQueue(self.wake)
         # the parts log through self.log, which the live view replaces while it runs
         say: LogFn = lambda m: self.log(m)  # noqa: E731
         self.registry = Registry(self.opts, say)
@@ -146,15 +139,8 @@ class Daemon:
 
     def submit(self, fn: Callable[[], str], timeout: float = 30.0) -> str:
         """Run ``fn`` in the scan loop's thread between batches; its result or error."""
-        reply = _Reply()
         self.pacer.wake()  # registered ranges, unmerges: there may be work again
-        self._queue.append((fn, reply))
-        self.wake.set()
-        if not reply.done.wait(timeout):
-            raise ProcksmError("the daemon did not answer in time (a long batch?)")
-        if reply.error is not None:
-            raise reply.error
-        return reply.value
+        return self._requests.submit(fn, timeout)
 
     def register(self, pid: int, region: str) -> str:
         item = parse_region(region)
@@ -190,22 +176,11 @@ class Daemon:
     def unmerge_pid(self, pid: int) -> str:
         return self.submit(lambda: self._unmerge_one(pid), 300)
 
-    def _run_queue(self) -> None:
-        while self._queue:
-            fn, reply = self._queue.popleft()
-            try:
-                reply.value = fn()
-            except ProcksmError as e:
-                reply.error = e
-            except Exception as e:  # a bug must not kill the daemon; the client hears it
-                reply.error = ProcksmError(f"internal error: {e!r}")
-            reply.done.set()
-
     # --- the loop -----------------------------------------------------------------------
 
     def run_forever(self) -> None:
         while not self.stopping.is_set():
-            self._run_queue()
+            self._requests.run()
             with self.lock:
                 s = dataclasses.replace(self.settings)
             if s.run == 2:
@@ -304,29 +279,18 @@ class Daemon:
         t = self.targets.get(pid)
         if t is None:
             raise UsageError(f"pid {pid} is not a target")
-        n = self._unmerge_target(t)
+        n = unmerge_target(t, self.accounting)
         t.reg = Registration(everything=False)
         self.scan.forget(t)
         t.zero_runs.clear()
         return f"pid {pid}: unmerged {n} pages; not scanned until 'register {pid} all'"
-
-    def _unmerge_target(self, t: Target) -> int:
-        from procksm import coredump
-
-        pauses: list[float] = []
-        ranges = merged_ranges(t.pid)
-        n = unmerge_pieces(t.pid, [(v.start, v.end) for v in ranges], pauses=pauses)
-        self.accounting.pauses.extend(pauses)
-        if not merged_ranges(t.pid):
-            coredump.restore_after_unmerge(t.pid)
-        return n
 
     def unmerge_all(self) -> int:
         """Make every merged page of every target private again (run=2 / exit)."""
         total = 0
         for t in list(self.targets.values()):
             try:
-                total += self._unmerge_target(t)
+                total += unmerge_target(t, self.accounting)
             except NoSuchProcess:
                 self._drop(t, "exited")
             except ProcksmError as e:
@@ -375,3 +339,14 @@ class Daemon:
             s = dataclasses.replace(self.settings)
         targets = list(self.targets.values())
         return self.accounting.snapshot(targets, s, self.watcher.mode, counters)
+
+
+def unmerge_target(t: Target, accounting: Accounting) -> int:
+    """Make every merged page of ``t`` private again; its pauses are counted."""
+    pauses: list[float] = []
+    ranges = merged_ranges(t.pid)
+    n = unmerge_pieces(t.pid, [(v.start, v.end) for v in ranges], pauses=pauses)
+    accounting.pauses.extend(pauses)
+    if not merged_ranges(t.pid):
+        coredump.restore_after_unmerge(t.pid)
+    return n
