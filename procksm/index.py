@@ -502,7 +502,7 @@ class KsmIndex:
 
     def look(
         self,
-        refs: npt.ArrayLike,
+        refs: npt.ArrayLike | None,
         hashes: npt.ArrayLike,
         *,
         readable: npt.ArrayLike | None = None,
@@ -514,21 +514,24 @@ class KsmIndex:
         checksums and says which pages are candidates and which are ready to merge.
         ``readable``: False for pages whose content could not be read (never stable);
         ``zero``: all-zero pages (the caller drops them); ``held``: pages the caller
-        holds back (they are neither merged nor inserted)."""
-        r, h = _refs(refs), _hashes(hashes)
-        if r.size != h.size:
-            raise ValueError("refs and hashes differ in length")
-        ok = _mask(readable, r.size, True)
-        stable = np.zeros(r.size, np.bool_)
-        stable[ok] = self.checksums.update(r[ok], h[ok], first_look_stable=first_look_stable)
-        candidate = stable & ~_mask(zero, r.size, False) & ~_mask(held, r.size, False)
+        holds back (they are neither merged nor inserted). ``refs`` None: pages looked at
+        once and never again (the one-shot merge without --two-scans): nothing is
+        remembered, and with ``first_look_stable`` every readable page is stable."""
+        h = _hashes(hashes)
+        n = h.size
+        ok = _mask(readable, n, True)
+        if refs is None:
+            stable = ok.copy() if first_look_stable else np.zeros(n, np.bool_)
+        else:
+            r = _refs(refs)
+            if r.size != n:
+                raise ValueError("refs and hashes differ in length")
+            stable = np.zeros(n, np.bool_)
+            stable[ok] = self.checksums.update(r[ok], h[ok], first_look_stable=first_look_stable)
+        candidate = stable & ~_mask(zero, n, False) & ~_mask(held, n, False)
         in_stable = candidate & self.stable.contains(h) if len(self.stable) else candidate & False
         in_unstable = candidate & self.unstable.contains(h)
-        twice = np.zeros(r.size, np.bool_)
-        if candidate.any():
-            rows = np.flatnonzero(candidate)
-            _u, inverse, counts = np.unique(h[rows], return_inverse=True, return_counts=True)
-            twice[rows] = counts[inverse.reshape(-1)] > 1
+        twice = candidate & _in_sorted(_repeated(h[candidate]), h)
         return Look(stable, candidate, in_stable, in_stable | in_unstable | twice)
 
     def partners(self, hashes: npt.ArrayLike) -> Partners:
@@ -553,6 +556,27 @@ class KsmIndex:
         self.unstable.insert(
             _hashes(hashes)[rest], _refs(refs)[rest], np.asarray(pfns, np.uint64)[rest]
         )
+
+
+def _repeated(hashes: HashArray) -> HashArray:
+    """The hashes that occur more than once, sorted (``hashes`` is sorted in place).
+    One sort and a neighbour comparison: a scan of millions of pages needs no inverse
+    or counts arrays (np.unique's would cost 16 bytes more per page)."""
+    hashes.sort()
+    repeated: HashArray = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    return repeated
+
+
+def _in_sorted(keys: HashArray, values: HashArray, chunk: int = 1 << 16) -> BoolArray:
+    """Which of ``values`` are in the sorted ``keys`` (in chunks: small temporaries)."""
+    out = np.zeros(values.size, np.bool_)
+    if keys.size == 0:
+        return out
+    for i in range(0, values.size, chunk):
+        part = values[i : i + chunk]
+        position = np.minimum(np.searchsorted(keys, part), keys.size - 1)
+        out[i : i + chunk] = keys[position] == part
+    return out
 
 
 def _mask(values: npt.ArrayLike | None, n: int, default: bool) -> BoolArray:

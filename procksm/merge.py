@@ -58,7 +58,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
-from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree, group_by_hash
+from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree
 from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap
 from procksm.locks import target_locks
 from procksm.plan import (
@@ -332,26 +332,27 @@ def scan_refs(scan: ScanInput) -> np.ndarray:
     return refs
 
 
-def look_at_scan(index: KsmIndex, scan: ScanInput, *, first_look_stable: bool) -> Look:
-    """One full scan of the index (the one-shot merge's scan is one batch)."""
+def look_at_scan(index: KsmIndex, scan: ScanInput, *, remember: bool) -> Look:
+    """One full scan of the index (the one-shot merge's scan is one batch). Without
+    ``remember`` (one scan only) its first look counts as stable, and nothing is kept:
+    the second look is the byte comparison under stop."""
     index.start_full_scan()
     content = scan.pages.content
     return index.look(
-        scan_refs(scan),
+        scan_refs(scan) if remember else None,
         scan.pages.hash,
         readable=content != CONTENT_VOLATILE,
         zero=content == CONTENT_ZERO,
-        first_look_stable=first_look_stable,
+        first_look_stable=not remember,
     )
 
 
 def mergeable_rows(scan: ScanInput, look: Look) -> np.ndarray:
-    """Rows the plan may use: ready pages, grouped by the index (their content ids become
-    the first ready row with their hash), and checksum-stable zero pages."""
-    ready = np.flatnonzero(look.ready)
-    content = scan.pages.content
-    content[ready] = ready[group_by_hash(scan.pages.hash[ready])].astype(np.int32)
-    mergeable: np.ndarray = look.ready | (look.stable & (content == CONTENT_ZERO))
+    """Rows the plan may use: the pages the index found ready, and checksum-stable zero
+    pages. Their content ids are the scan's hash groups (scanner: the first row with the
+    hash, what procksm.index.group_by_hash gives), computed bucket by bucket there."""
+    zero = look.stable & (scan.pages.content == CONTENT_ZERO)
+    mergeable: np.ndarray = look.ready | zero
     return mergeable
 
 
@@ -423,13 +424,13 @@ class MergeEngine(Closing):
             # byte for byte under stop, so a merged page had the same content at scan
             # time and at merge time. --two-scans adds a full second scan first.
             if not self.opts.two_scans:
-                look = look_at_scan(index, scan, first_look_stable=True)
+                look = look_at_scan(index, scan, remember=False)
             else:
-                look_at_scan(index, scan, first_look_stable=False)
+                look_at_scan(index, scan, remember=True)
                 say("scanning again (pages must not change between scans)")
                 scan = collect(pids, sel)
                 scans = 2
-                look = look_at_scan(index, scan, first_look_stable=False)
+                look = look_at_scan(index, scan, remember=True)
                 for i, p in enumerate(scan.processes):
                     rows = self._rows_of_proc(scan, i)
                     results[p.pid].pages_volatile += int(look.volatile[rows].sum())

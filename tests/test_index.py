@@ -398,3 +398,15 @@ def _step(
     gone = {int(r) for r, m in zip(partners.ref, partners_merged, strict=True) if m}
     model.settle(pages, want["candidate"], merged, gone)
     assert sorted(index.partners(np.arange(1, 5)).ref.tolist()) == model.partners({1, 2, 3, 4})
+
+
+def test_a_look_without_refs_remembers_nothing() -> None:
+    """The one-shot merge's single look: readable pages are stable, no checksum kept."""
+    index = KsmIndex()
+    look = index.look(
+        None, [3, 3, 4, 3], readable=[True, True, True, False], first_look_stable=True
+    )
+    assert look.stable.tolist() == [True, True, True, False]
+    assert look.ready.tolist() == [True, True, False, False]
+    assert len(index.checksums) == 0
+    assert not KsmIndex().look(None, [3, 3]).stable.any()

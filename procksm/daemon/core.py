@@ -67,7 +67,6 @@ class Daemon:
             index, drop=self._drop, after_full_scan=self._after_full_scan,
         )  # fmt: skip
         self._snapshot: Snapshot | None = None
-        self._last_publish = time.monotonic()
         self._snapshot_cost = 0.0  # CPU seconds the last snapshot took
 
     @property
