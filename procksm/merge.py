@@ -434,7 +434,9 @@ class MergeEngine(Closing):
                 for i, p in enumerate(scan.processes):
                     rows = self._rows_of_proc(scan, i)
                     results[p.pid].pages_volatile += int(look.volatile[rows].sum())
-            out = self.merge_scanned(scan, mergeable_rows(scan, look), say, existing=existing)
+            mergeable = mergeable_rows(scan, look)
+            del look  # its masks are not needed while planning (memory per page is a goal)
+            out = self.merge_scanned(scan, mergeable, say, existing=existing)
             refused += out.refused
             for pid, res in out.results.items():
                 res.pages_volatile += results[pid].pages_volatile
