@@ -5,9 +5,11 @@ One-shot flow (``procksm merge``):
 
 1. **check** every target (attach diagnostics; one uid unless ``cross_uid``; io_uring/AIO
    users refused unless ``allow_async_io``) — nothing is touched before all pass;
-2. **scan** (``scanner.collect``) once; KSM's volatility rule (two looks with the same
-   checksum) is met by the merge itself (step 4 and 5), or by a full second scan with
-   ``two_scans``;
+2. **scan** (``scanner.collect``) once, and **index** it (``procksm.index``, the same
+   KSM index as ``procksm attach``'s): pages whose hash another page or procksm's
+   stable tree (segments already mapped in the targets) has are ready. KSM's volatility
+   rule (two looks with the same checksum) is met by the merge itself (step 4 and 5),
+   or by a full second scan with ``two_scans``, whose checksums the index compares;
 3. **plan** (``plan.plan_merge``) slots and extents within each target's VMA budget;
 4. **write** each slot's content (read from its reference page, which must still hash as
    in the scan) into memfd segments and **seal** them before any target can map them;
