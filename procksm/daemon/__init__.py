@@ -9,7 +9,11 @@
 - :mod:`~procksm.daemon.merger`: one long-lived merge engine, a batch in, an outcome out;
 - :mod:`~procksm.daemon.scheduler`: sleep, CPU cap, idle back-off;
 - :mod:`~procksm.daemon.watch`: the copy-on-write observer's events;
-- :mod:`~procksm.daemon.accounting`: counters and snapshots (pagemap truth).
+- :mod:`~procksm.daemon.accounting`: counters and snapshots (pagemap truth);
+- :mod:`~procksm.daemon.requests`: control requests run in the loop's thread.
+
+Data flows one way: registry -> scanpass (window -> index -> merger) -> accounting;
+the control socket (procksm.control) and the live view read snapshots.
 
 The index itself (checksums, stable and unstable trees) is :mod:`procksm.index`, shared
 with ``procksm merge``.
