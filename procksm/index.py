@@ -387,12 +387,12 @@ class StableTree:
 
     Sealed segments never change, so a segment's hashes are computed once in its life
     (:attr:`segments` doubles as that cache). Lookups go through one sorted array of all
-    hashes, rebuilt when the set of segments changes.
+    hashes, rebuilt when a segment is added, replaced or forgotten.
     """
 
     def __init__(self) -> None:
         self.segments: dict[int, HashArray] = {}
-        self._keys: frozenset[int] | None = None
+        self._keys: frozenset[tuple[int, int]] | None = None
         self._sorted = np.zeros(0, np.uint64)
         self._key_of = np.zeros(0, np.int64)
         self._page_of = np.zeros(0, np.int64)
@@ -416,7 +416,9 @@ class StableTree:
         self.segments.clear()
 
     def _index(self) -> None:
-        keys = frozenset(self.segments)
+        # the arrays too: a merge engine writes the dict directly, and a freed memfd's
+        # inode number may come back with other content
+        keys = frozenset((k, id(h)) for k, h in self.segments.items())
         if keys == self._keys:
             return
         self._keys = keys

@@ -410,3 +410,11 @@ def test_a_look_without_refs_remembers_nothing() -> None:
     assert look.ready.tolist() == [True, True, False, False]
     assert len(index.checksums) == 0
     assert not KsmIndex().look(None, [3, 3]).stable.any()
+
+
+def test_stable_tree_sees_a_segment_replaced_under_the_same_key() -> None:
+    tree = StableTree()
+    tree.add(7, np.array([1], np.uint64))
+    assert tree.contains([1]).tolist() == [True]
+    tree.segments[7] = np.array([2], np.uint64)  # as the merge engine writes it
+    assert tree.contains([1, 2]).tolist() == [False, True]
