@@ -15,7 +15,7 @@ target. procksm sees every break as it happens (procksm.observe), so it can do b
   enough to be worth a merge again at once;
 * held ranges are left out of the scan's candidates (:meth:`held`) until their hold ends.
 
-Pure bookkeeping on page refs (procksm.trees.page_ref: target index and page number), no
+Pure bookkeeping on page refs (procksm.index.page_ref: target index and page number), no
 I/O: the daemon feeds it merges and the observer's breaks.
 """
 

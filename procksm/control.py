@@ -27,9 +27,12 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from procksm.errors import ProcksmError, UsageError
+from procksm.report import stats_text
+from procksm.snapshot import Snapshot
 
 DEFAULT_CONTROL = "/run/procksm/control.sock"
 MAX_LINE = 4096  # bytes of one request; longer is refused
@@ -263,3 +266,42 @@ __all__ = [
     "request",
     "stats_json",
 ]
+
+
+class Controlled(Protocol):
+    """What the protocol asks of a daemon (procksm.daemon.Daemon)."""
+
+    def set(self, assignments: Sequence[str]) -> str: ...
+    def register(self, pid: int, region: str) -> str: ...
+    def unregister(self, pid: int, region: str) -> str: ...
+    def unmerge_pid(self, pid: int) -> str: ...
+    def snapshot(self) -> Snapshot: ...
+
+
+def handle_request(daemon: Controlled, line: str) -> str:
+    """Answer one request line (see the module docstring); a ProcksmError propagates
+    and the server answers it as ``error: ...``."""
+    words = line.split()
+    cmd, args = words[0], words[1:]
+    if cmd == "set":
+        return f"ok {daemon.set(args)}\n"
+    if cmd in ("register", "unregister"):
+        if len(args) != 2 or not args[0].isdigit():
+            raise UsageError(f"{cmd}: use '{cmd} PID START-END|START+LEN|NAME|all'")
+        fn = daemon.register if cmd == "register" else daemon.unregister
+        return f"ok {fn(int(args[0]), args[1])}\n"
+    if cmd == "stats":
+        if args == ["--json"]:
+            return json.dumps(daemon.snapshot().as_json()) + "\n"
+        if args:
+            raise UsageError("stats: the only option is --json")
+        return stats_text(daemon.snapshot())
+    # the live view's keys (procksm.tui.source): pause, resume, unmerge PID
+    if cmd in ("pause", "resume") and not args:
+        return f"ok {daemon.set(['run=0' if cmd == 'pause' else 'run=1'])}\n"
+    if cmd == "unmerge" and len(args) == 1 and args[0].isdigit():
+        return f"ok {daemon.unmerge_pid(int(args[0]))}\n"
+    raise UsageError(
+        f"unknown command {cmd[:40]!r} (commands: set, register, unregister, stats, "
+        "pause, resume, unmerge)"
+    )

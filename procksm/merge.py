@@ -5,9 +5,11 @@ One-shot flow (``procksm merge``):
 
 1. **check** every target (attach diagnostics; one uid unless ``cross_uid``; io_uring/AIO
    users refused unless ``allow_async_io``) — nothing is touched before all pass;
-2. **scan** (``scanner.collect``) once; KSM's volatility rule (two looks with the same
-   checksum) is met by the merge itself (step 4 and 5), or by a full second scan with
-   ``two_scans``;
+2. **scan** (``scanner.collect``) once, and **index** it (``procksm.index``, the same
+   KSM index as ``procksm attach``'s): pages whose hash another page or procksm's
+   stable tree (segments already mapped in the targets) has are ready. KSM's volatility
+   rule (two looks with the same checksum) is met by the merge itself (step 4 and 5),
+   or by a full second scan with ``two_scans``, whose checksums the index compares;
 3. **plan** (``plan.plan_merge``) slots and extents within each target's VMA budget;
 4. **write** each slot's content (read from its reference page, which must still hash as
    in the scan) into memfd segments and **seal** them before any target can map them;
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from procksm import PAGE_SIZE, coredump, guard, procfs
-from procksm.analysis import ScanInput
+from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, ScanInput
 from procksm.attach import (
     PtraceSession,
     StoppedTarget,
@@ -58,6 +60,7 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
+from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree
 from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap
 from procksm.locks import target_locks
 from procksm.plan import (
@@ -156,6 +159,15 @@ class TargetResult:
     pauses: list[float] = field(default_factory=list)
     error: str | None = None
     guard_installed: bool = False  # the madvise guard was installed by this run
+
+
+@dataclass(slots=True)
+class MergeOutcome:
+    """What one round of :meth:`MergeEngine.merge_scanned` did: per scanned target, and
+    what it refused."""
+
+    results: dict[int, TargetResult]
+    refused: list[Refusal]
 
 
 @dataclass(slots=True)
@@ -312,25 +324,38 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
 # --------------------------------------------------------------------------------------
 
 
-def _row_keys(scan: ScanInput) -> np.ndarray:
-    """A sortable key per row: (process index << 48) | page number."""
+def scan_refs(scan: ScanInput) -> np.ndarray:
+    """The index's ref of every row: (process index << REF_PAGE_BITS) | page number."""
     mp = scan.mapping_of(np.arange(len(scan.pages)))
-    starts = np.array([m.start for m in scan.mappings] or [0], dtype=np.uint64)
-    procs = np.array([m.proc for m in scan.mappings] or [0], dtype=np.uint64)
-    page = (starts[mp] >> np.uint64(12)) + scan.pages.off.astype(np.uint64)
-    return (procs[mp] << np.uint64(48)) | page
+    starts = np.array([m.start for m in scan.mappings] or [0], dtype=np.int64)
+    procs = np.array([m.proc for m in scan.mappings] or [0], dtype=np.int64)
+    page = starts[mp] // PAGE_SIZE + scan.pages.off.astype(np.int64)
+    refs: np.ndarray = (procs[mp] << REF_PAGE_BITS) | page
+    return refs
 
 
-def stable_rows(first: ScanInput, second: ScanInput) -> np.ndarray:
-    """Rows of ``second`` whose page had the same hash in ``first`` (KSM's checksum rule)."""
-    k1, k2 = _row_keys(first), _row_keys(second)
-    order = np.argsort(k1, kind="stable")
-    k1s = k1[order]
-    pos = np.minimum(np.searchsorted(k1s, k2), max(k1s.size - 1, 0))
-    found = (k1s.size > 0) & (k1s[pos] == k2) if k1s.size else np.zeros(k2.size, bool)
-    same = np.zeros(k2.size, bool)
-    same[found] = first.pages.hash[order[pos[found]]] == second.pages.hash[found]
-    return same
+def look_at_scan(index: KsmIndex, scan: ScanInput, *, remember: bool) -> Look:
+    """One full scan of the index (the one-shot merge's scan is one batch). Without
+    ``remember`` (one scan only) its first look counts as stable, and nothing is kept:
+    the second look is the byte comparison under stop."""
+    index.start_full_scan()
+    content = scan.pages.content
+    return index.look(
+        scan_refs(scan) if remember else None,
+        scan.pages.hash,
+        readable=content != CONTENT_VOLATILE,
+        zero=content == CONTENT_ZERO,
+        first_look_stable=not remember,
+    )
+
+
+def mergeable_rows(scan: ScanInput, look: Look) -> np.ndarray:
+    """Rows the plan may use: the pages the index found ready, and checksum-stable zero
+    pages. Their content ids are the scan's hash groups (scanner: the first row with the
+    hash, what procksm.index.group_by_hash gives), computed bucket by bucket there."""
+    zero = look.stable & (scan.pages.content == CONTENT_ZERO)
+    mergeable: np.ndarray = look.ready | zero
+    return mergeable
 
 
 # --------------------------------------------------------------------------------------
@@ -390,23 +415,34 @@ class MergeEngine(Closing):
             sel = dataclasses.replace(self.opts.selection, verify=False)
             scan = collect(pids, sel)
             scans = 1
+            # The stable tree: segments an earlier procksm mapped into these targets.
+            existing = self._adopt_existing(pids)
+            index = KsmIndex()
+            for i, (_seg, hashes) in enumerate(existing):
+                index.stable.add(i, hashes)
             # KSM's volatility rule asks for two looks at a page with the same checksum.
             # By default the second look is the merge itself: a slot's content must still
             # hash as its reference did in the scan, and every page must equal its slot
             # byte for byte under stop, so a merged page had the same content at scan
             # time and at merge time. --two-scans adds a full second scan first.
             if not self.opts.two_scans:
-                mergeable = np.ones(len(scan.pages), bool)
+                look = look_at_scan(index, scan, remember=False)
             else:
+                look_at_scan(index, scan, remember=True)
                 say("scanning again (pages must not change between scans)")
-                second = collect(pids, sel)
+                scan = collect(pids, sel)
                 scans = 2
-                mergeable = stable_rows(scan, second)
-                scan = second
+                look = look_at_scan(index, scan, remember=True)
                 for i, p in enumerate(scan.processes):
                     rows = self._rows_of_proc(scan, i)
-                    results[p.pid].pages_volatile += int((~mergeable[rows]).sum())
-            self.merge_scanned(scan, mergeable, results, refused, say)
+                    results[p.pid].pages_volatile += int(look.volatile[rows].sum())
+            mergeable = mergeable_rows(scan, look)
+            del look  # its masks are not needed while planning (memory per page is a goal)
+            out = self.merge_scanned(scan, mergeable, say, existing=existing)
+            refused += out.refused
+            for pid, res in out.results.items():
+                res.pages_volatile += results[pid].pages_volatile
+                results[pid] = res
         slots_mapped = self._slots_mapped()
         return MergeResult(
             targets=list(results.values()),
@@ -424,17 +460,45 @@ class MergeEngine(Closing):
         self,
         scan: ScanInput,
         mergeable: np.ndarray,
-        results: dict[int, TargetResult],
-        refused: list[Refusal],
-        say: ProgressFn,
+        say: ProgressFn | None = None,
+        *,
         adopt_from: Sequence[int] | None = None,
-    ) -> None:
-        """Steps 3-5 for pages already scanned (rows where ``mergeable``): plan, write and
-        seal slots, merge every target (each page compared with its slot byte for byte
-        under stop). ``procksm attach`` calls it for each batch its scan loop found
-        ready; ``adopt_from`` names the processes whose procksm segments form the stable
-        tree (default: the scanned ones)."""
+        existing: list[tuple[Segment, np.ndarray]] | None = None,
+    ) -> MergeOutcome:
+        """One round of steps 3-5 for pages already scanned (rows where ``mergeable``;
+        content ids group them): plan, write and seal slots, merge every target (each
+        page compared with its slot byte for byte under stop). The engine may be
+        long-lived: ``procksm attach`` calls it for every batch its scan loop found
+        ready, and procksm's fds of a round's segments are closed when it ends (the
+        targets keep their mappings). ``existing``: the stable tree's segments, adopted
+        already; else those mapped in ``adopt_from`` (default: the scanned processes)."""
+        try:
+            return self._merge_round(
+                scan, mergeable, say or (lambda _m: None), adopt_from, existing
+            )
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Close procksm's fds of this round's segments (targets keep their mappings) and
+        start an empty slot store for the next round; the round's counters stay."""
+        self.close()
+        self.store = SlotStore(segment_pages=self.opts.segment_pages)
+
+    def _merge_round(
+        self,
+        scan: ScanInput,
+        mergeable: np.ndarray,
+        say: ProgressFn,
+        adopt_from: Sequence[int] | None,
+        existing: list[tuple[Segment, np.ndarray]] | None,
+    ) -> MergeOutcome:
+        self.segments = []
+        self._mapped_slots = set()
+        self._new_slots = self._adopted = 0
         pids = [p.pid for p in scan.processes]
+        results = {p.pid: TargetResult(p.pid, p.name) for p in scan.processes}
+        refused: list[Refusal] = []
         for e in scan.exclusions:
             if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
                 pid = scan.processes[e.proc].pid
@@ -442,7 +506,8 @@ class MergeEngine(Closing):
         # The stable tree across runs: segments an earlier procksm mapped into these
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
-        existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
+        if existing is None:
+            existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
         # With the guard a merged range never grows (procksm.guard unmerges it before an
         # mremap grow), so neither new pieces nor joins need a hole right after them.
         tail_only = not self.opts.guard
@@ -478,6 +543,12 @@ class MergeEngine(Closing):
                     )
                 )
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
+        self._merge_targets(plan, results, refused)
+        return MergeOutcome(results, refused)
+
+    def _merge_targets(
+        self, plan: MergePlan, results: dict[int, TargetResult], refused: list[Refusal]
+    ) -> None:
         # Targets are merged in parallel, one thread each (ptrace is per tracer
         # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
         # kernel work of one target's mmap overlaps another's on the other CPU.
@@ -546,6 +617,12 @@ class MergeEngine(Closing):
         # A slot whose reference changed is never mapped, so its scan hash does no harm.
         for seg, (p0, p1) in zip(self.segments, itertools.pairwise(bounds), strict=True):
             self.segment_hashes[seg.identity.ino] = scan.pages.hash[rows[p0:p1]].copy()
+
+    def stable_segments(self, pids: Sequence[int]) -> list[tuple[Segment, np.ndarray]]:
+        """The stable tree's segments: procksm's segments mapped in ``pids``, adopted
+        into this round's slot store, with their page hashes (cached in
+        :attr:`segment_hashes`)."""
+        return self._adopt_existing(list(pids))
 
     def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
         """Open (read-only) each procksm segment mapped in the targets, once per inode,
@@ -918,20 +995,14 @@ def _match_existing(
     runs are taken out of ``mergeable`` (they need no new slot).
     """
     t = scan.pages
-    seg_idx = np.concatenate([np.full(h.size, i, np.int64) for i, (_s, h) in enumerate(existing)])
-    page = np.concatenate([np.arange(h.size, dtype=np.int64) for _s, h in existing])
-    hashes = np.concatenate([h for _s, h in existing])
-    order = np.argsort(hashes, kind="stable")
-    sh = hashes[order]
+    tree = StableTree()
+    for i, (_seg, hashes) in enumerate(existing):
+        tree.add(i, hashes)
     rows = np.flatnonzero(mergeable[: len(t)] & (t.content >= 0))
-    if rows.size == 0 or sh.size == 0:
-        return {}
-    pos = np.minimum(np.searchsorted(sh, t.hash[rows]), sh.size - 1)
-    hit = sh[pos] == t.hash[rows]
-    rows, pos = rows[hit], pos[hit]
+    hit, r_seg, r_page = tree.lookup(t.hash[rows])
+    rows, r_seg, r_page = rows[hit], r_seg[hit], r_page[hit]
     if rows.size == 0:
         return {}
-    r_seg, r_page = seg_idx[order[pos]], page[order[pos]]
     mp = scan.mapping_of(rows)
     starts = np.array([m.start for m in scan.mappings], dtype=np.int64)
     addr = starts[mp] + t.off[rows].astype(np.int64) * PAGE_SIZE

@@ -1179,3 +1179,29 @@ def memory_cgroup(pid: int | str = "self") -> CgroupMemory:
     path = groups.get("", "/")
     base = "/sys/fs/cgroup" + path
     return CgroupMemory(path, read_int(base + "/memory.current"), read_int(base + "/memory.max"))
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (/proc/PID/task/TID/children); [] for a
+    process that is gone."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def own_rss_bytes() -> int:
+    """procksm's own resident memory (/proc/self/statm); 0 if unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except OSError:
+        return 0

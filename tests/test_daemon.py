@@ -250,9 +250,9 @@ def test_stable_scans_first_look(planted: Path, spawn: Any, stable_scans: int) -
     merged_after = []
     with Daemon([a.pid, b.pid], s, DaemonOptions(use_bpf=False)) as d:
         for _scan in range(2):
-            d.step(s)  # the first step of a full scan (it ends the previous one)
-            while d._cursor[0] < len(d._order):  # up to the end of this full scan
-                d.step(s)
+            d.scan.step(s)  # the first step of a full scan (it ends the previous one)
+            while d.registry.cursor[0] < len(d.registry.order):  # to the end of this scan
+                d.scan.step(s)
             merged_after.append(min(merged_sites(p, ident[p], 128) for p in ident))
         assert d.ages.volatile() >= 2 * 8  # the volatile pages never merge
     assert merged_after == ([128, 128] if stable_scans == 0 else [0, 128])

@@ -265,7 +265,7 @@ def test_backoff_forget_part_of_a_chunk() -> None:
 
 
 def test_backoff_forget_is_per_target_range() -> None:
-    from procksm.trees import page_ref
+    from procksm.index import page_ref
 
     b = RemergeBackoff(soon_s=10.0)
     r0, r1 = page_ref(0, 100), page_ref(1, 100)
