@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,10 +224,18 @@ ROOT_CALLS = (
     "build_c_target(",
     "spawn_planted(",
     "spawn_canary_targets(",
-    "Target(",
     "subprocess.",
     "os.fork(",
 )
+# A call by name, not a longer name that ends the same way or a method of that name.
+_ROOT_CALL = re.compile(r"(?<![\w.])(?:" + "|".join(re.escape(c) for c in ROOT_CALLS) + ")")
+
+
+def _calls(src: str, names: set[str] | frozenset[str]) -> bool:
+    """Does `src` call a ROOT_CALLS entry or one of `names` (helpers that need root)?"""
+    return bool(_ROOT_CALL.search(src)) or any(
+        re.search(rf"(?<![\w.]){re.escape(n)}\(", src) for n in names
+    )
 
 
 def _source(obj: object) -> str:
@@ -262,7 +271,7 @@ def _root_helpers(module: Any) -> frozenset[str]:
         for n, src in own.items():
             if n in found:
                 continue
-            if any(c in src for c in ROOT_CALLS) or any(f"{h}(" in src for h in found):
+            if _calls(src, found):
                 found.add(n)
                 changed = True
     _module_cache[name] = frozenset(found)
@@ -280,9 +289,7 @@ def _needs_root(item: pytest.Function) -> bool:
         func = defs[-1].func
         if getattr(func, "__module__", "").startswith("tests"):
             sources.append(_source(func))
-    return any(
-        any(c in src for c in ROOT_CALLS) or any(f"{h}(" in src for h in helpers) for src in sources
-    )
+    return any(_calls(src, helpers) for src in sources)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
