@@ -123,7 +123,7 @@ def test_stats_text_and_json_commands(
 
     snap = Snapshot.from_json(json.loads(out.stdout))
     assert {t.pid for t in snap.targets} == {a.pid, b.pid}
-    assert snap.observer in ("pagemap", "bpf")
+    assert snap.observer == "pagemap"  # FAST has --no-bpf
     txt = subprocess.run([sys.executable, "-m", "procksm", "stats", "--control", d.sock],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert txt.returncode == 0 and "pages_sharing" in txt.stdout
@@ -189,24 +189,12 @@ def test_cpu_limit_adapts_pages_to_scan(
     a, b = spawn(argv), spawn(argv)
     d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 10, "--no-bpf",
                 "--pages-to-scan", 50000, "-q")  # fmt: skip
-    wait_for(lambda: d.stats()["pages_to_scan"] != 50000, 30, "pages_to_scan adapted")
-
-    c0, t0 = tree_cpu(d.proc.pid), time.monotonic()
-    time.sleep(4)
-    share = (tree_cpu(d.proc.pid) - c0) / (time.monotonic() - t0)
-    # the cap is the loop's; snapshots and the control socket add a little
-    assert share < 0.25, f"{share:.0%} of a CPU with --cpu-limit 10"
-    assert d.stats()["cpu_percent"] < 30
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of `procksm attach` and its forked worker (which does the work)."""
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    total = 0
-    for p in pids:
-        f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(f[11]) + int(f[12])  # utime + stime, clock ticks
-    return total / 100.0
+    # the cap's rule (unit-tested in tests/test_daemon_rules.py) at work in a real daemon:
+    # it scans less per batch; the CPU share itself is a benchmark's number
+    # (benchmarks/daemon_vs_ksm.py), not a test's
+    wait_for(lambda: d.stats()["pages_to_scan"] < 50000, 30, "pages_to_scan lowered")
+    for t in (a, b):
+        assert t.command("check").startswith("OK")
 
 
 def test_idle_backoff_once_converged(
@@ -221,11 +209,11 @@ def test_idle_backoff_once_converged(
     a, b = spawn(argv), spawn(argv)
     d = daemons(tmp_path / "i.sock", [a.pid, b.pid], "--no-bpf", "-q")
     wait_for(lambda: d.stats()["pages_sharing"] >= 2048, 60, "converged")
-    time.sleep(4)  # a few idle full scans
-    c0, t0 = tree_cpu(d.proc.pid), time.monotonic()
+    time.sleep(4)  # a few idle full scans: the pause between batches is at its 1 s
+    idle_from = d.fresh_stats()["full_scans"]
     time.sleep(4)
-    share = (tree_cpu(d.proc.pid) - c0) / (time.monotonic() - t0)
-    assert share < 0.05, f"{share:.0%} of a CPU for converged targets"
+    # backed off: one batch a second (a busy daemon makes hundreds of scans in 4 s)
+    assert d.fresh_stats()["full_scans"] - idle_from <= 6, "no idle back-off"
     # a COW break (seen by the pagemap observer) brings full scans back at once
     scans = d.stats()["full_scans"]
     assert a.command("write identical 7") == "OK"
