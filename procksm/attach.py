@@ -10,7 +10,7 @@ DESIGN.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
   seconds-long scan would freeze every thread that gets a SIGCHLD, a timer signal or a
   runtime's preemption signal (Go's SIGURG, JVM safepoints). Re-seizing costs a few
   microseconds per thread and is included in the measured pauses.
-* Every instant is safe to die at (procksm.sigframe, docs/kill-safety.md): before a
+* Every instant is safe to die at (procksm.arch.x86_64, docs/kill-safety.md): before a
   thread runs an injected call, a frame of its own state (registers, XSAVE state, signal
   mask) is written on its stack, and the call returns through it (`syscall; ret` into
   the target's sigreturn trampoline), so a thread released by the kernel when procksm
@@ -58,34 +58,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from procksm import PAGE_SIZE, procfs, seccomp_bpf, sigframe
-from procksm.errors import (
-    AccessDenied,
-    NoSuchProcess,
-    ProcksmError,
-    PtraceError,
-    PtraceTimeout,
-    TargetBusy,
-    Unsupported,
-    UsageError,
-    ZombieProcess,
+from procksm import PAGE_SIZE, procfs, seccomp_bpf
+from procksm.arch import x86_64
+from procksm.arch.x86_64 import (
+    ARGUMENT_REGISTERS as _ARGUMENT_REGISTERS,
 )
-from procksm.inject import (
+from procksm.arch.x86_64 import (
     ERESTARTNOHAND,
-    PTRACE_CONT,
-    PTRACE_DETACH,
-    PTRACE_INTERRUPT,
-    PTRACE_O_TRACECLONE,
-    PTRACE_O_TRACEEXEC,
-    PTRACE_O_TRACESYSGOOD,
-    PTRACE_SEIZE,
-    PTRACE_SYSCALL,
-    SYSCALL_INSN,
-    Backoff,
-    Gadgets,
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYSCALL_RET,
     Registers,
-    Stop,
-    StopKind,
+    SYS_bind,
     SYS_close,
     SYS_epoll_pwait,
     SYS_epoll_pwait2,
@@ -98,9 +88,42 @@ from procksm.inject import (
     SYS_mprotect,
     SYS_mremap,
     SYS_munmap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
     SYS_prctl,
+    SYS_recvmsg,
     SYS_restart_syscall,
     SYS_rt_sigreturn,
+    SYS_seccomp,
+    SYS_socket,
+    require_x86_64,
+    signed,
+    unsigned,
+)
+from procksm.errors import (
+    AccessDenied,
+    NoSuchProcess,
+    ProcksmError,
+    PtraceError,
+    PtraceTimeout,
+    TargetBusy,
+    Unsupported,
+    UsageError,
+    ZombieProcess,
+)
+from procksm.inject import (
+    PTRACE_CONT,
+    PTRACE_DETACH,
+    PTRACE_INTERRUPT,
+    PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEEXEC,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_SEIZE,
+    PTRACE_SYSCALL,
+    Backoff,
+    Gadgets,
+    Stop,
+    StopKind,
     find_gadgets,
     get_event_msg,
     get_regs,
@@ -111,13 +134,10 @@ from procksm.inject import (
     poll_stop,
     ptrace,
     read_memory,
-    require_x86_64,
     set_regs,
     set_siginfo,
     set_sigmask,
-    signed,
     tgkill,
-    unsigned,
     wait_stop,
     write_memory,
 )
@@ -126,9 +146,6 @@ from procksm.procfs import parse_status_fields, read_stat_fields, read_status_fi
 
 PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/PID/stat
 CAP_SYS_PTRACE = 19
-PROT_READ, PROT_WRITE = 0x1, 0x2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-MFD_CLOEXEC = 0x1
 
 # The scratch area procksm maps in a target: a MAP_PRIVATE mapping of a memfd the target
 # creates itself, so that every step of its life leaves something a later procksm can
@@ -156,7 +173,6 @@ FUTEX_WAKE_OP_PRIVATE = 5 | 128
 # so a thread that reaches its wait only afterwards does not wait (EAGAIN).
 FUTEX_OP_SET_1 = 1 << 12
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
-_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 _ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
 MAX_UNDO = 2  # undo frames a window may stack (StoppedTarget.undo_on_death)
 # What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
@@ -405,7 +421,7 @@ def check_attachable(pid: int) -> AttachStatus:
         raise TargetBusy(pid, _traced_message(pid, name, tracer))
     if "shstk" in status.get("x86_Thread_features", "").split():
         # The way back of an injected call is a `ret` into the sigreturn trampoline
-        # (procksm.sigframe), which a user shadow stack would refuse (SIGSEGV).
+        # (procksm.arch.x86_64), which a user shadow stack would refuse (SIGSEGV).
         raise Unsupported(
             f"pid {pid} ({name}) uses a user shadow stack (x86_Thread_features: shstk): "
             "procksm's injected calls return with `ret`, which it would refuse"
@@ -523,7 +539,7 @@ def _seccomp_filters(tid: int) -> list[bytes]:
 # (name, number, arguments like procksm's, essential): what a seccomp filter is asked.
 # Not essential: calls procksm does without when they fail (the pidfd hand-over falls
 # back to SCM_RIGHTS, the guard's refusal is reported); killing or trapping still counts.
-_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, 0x10, MAP_ANONYMOUS
+_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS
 _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("memfd_create", SYS_memfd_create, (0, MFD_CLOEXEC), True),
     ("ftruncate", SYS_ftruncate, (3, 2 * PAGE_SIZE), True),
@@ -533,8 +549,8 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("mprotect", SYS_mprotect, (1 << 30, PAGE_SIZE, PROT_READ), True),
     ("mremap", SYS_mremap, (1 << 30, PAGE_SIZE, PAGE_SIZE, 7, 1 << 31), True),
     ("munmap", SYS_munmap, (1 << 30, PAGE_SIZE), True),
-    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 4), True),  # MADV_DONTNEED
-    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 22), True),  # MADV_POPULATE_READ
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
     ("close", SYS_close, (3,), True),
     (
         "futex",
@@ -543,12 +559,12 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
         True,
     ),
     ("rt_sigreturn", SYS_rt_sigreturn, (), True),
-    ("pidfd_open", 434, (1, 0), False),
-    ("pidfd_getfd", 438, (3, 3, 0), False),
-    ("socket", 41, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
-    ("bind", 49, (3, 1 << 30, 40), False),
-    ("recvmsg", 47, (3, 1 << 30, 0), False),
-    ("seccomp", 317, (1, 0, 1 << 30), False),
+    ("pidfd_open", SYS_pidfd_open, (1, 0), False),
+    ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
+    ("socket", SYS_socket, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
+    ("bind", SYS_bind, (3, 1 << 30, 40), False),
+    ("recvmsg", SYS_recvmsg, (3, 1 << 30, 0), False),
+    ("seccomp", SYS_seccomp, (1, 0, 1 << 30), False),
     ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
 )
 _GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
@@ -599,7 +615,7 @@ class _Tracee:
     saved: Registers | None = None  # its own registers, read when it stopped
     dirty: bool = False  # registers changed (only true inside an injection)
     held_signals: list[bytes] = field(default_factory=list)  # siginfo, re-sent at resume
-    # Kill safety (procksm.sigframe): once armed, the thread's own state is in a frame
+    # Kill safety (procksm.arch.x86_64): once armed, the thread's own state is in a frame
     # on its stack, and whatever registers it holds lead back to that frame.
     sigmask: int | None = None  # its own signal mask, while procksm has blocked all
     chain: int = 0  # rsp for an injected call: the frame its `ret` returns through
@@ -809,7 +825,7 @@ class PtraceSession:
         """Notice an exec since the last window: then start over with the new program."""
         assert self._mem_fd is not None
         try:
-            same = os.pread(self._mem_fd, 3, self._syscall_insn) == SYSCALL_INSN
+            same = os.pread(self._mem_fd, 3, self._syscall_insn) == SYSCALL_RET
         except OSError:
             same = False
         if not same:
@@ -1149,7 +1165,7 @@ class StoppedTarget:
         Returns the raw rax: the result, or -errno. Runs the target's own `syscall; ret`
         (procksm.inject.find_gadgets), stepping from its syscall-entry-stop to its
         syscall-exit-stop with PTRACE_SYSCALL, with rsp at a signal frame of the thread's
-        own state (procksm.sigframe): if procksm dies at any instant, the thread runs at
+        own state (procksm.arch.x86_64): if procksm dies at any instant, the thread runs at
         most this call and returns to its own state by itself. The thread keeps those
         registers until the window ends; its own are put back then.
 
@@ -1215,12 +1231,12 @@ class StoppedTarget:
             raise PtraceError("undo_on_death blocks nest too deep")
         gadgets = self._session._gadgets
         assert injector.saved is not None
-        at = injector.own_frame - (2 + len(self._undo)) * sigframe.FRAME_STRIDE
+        at = injector.own_frame - (2 + len(self._undo)) * x86_64.FRAME_STRIDE
         regs = injector.saved.copy()
         regs.rip, regs.rsp, regs.rax = gadgets.syscall, injector.chain, nr
         for name, value in zip(_ARGUMENT_REGISTERS, args, strict=False):
             setattr(regs, name, unsigned(value))
-        frame = sigframe.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+        frame = x86_64.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
         self.write_memory(at, frame.data)
         _step("undo", injector.tid)
         self._undo.append(injector.chain)
@@ -1301,13 +1317,13 @@ class StoppedTarget:
     def _injector(self) -> _Tracee:
         """The thread injected calls run in: the main thread, unless it sleeps in a call
         restarted through its restart block and another thread does not (if procksm
-        died, that call would be re-issued with its whole timeout, procksm.sigframe)."""
+        died, that call would be re-issued with its whole timeout, procksm.arch.x86_64)."""
         if self._injector_tid is None:
             candidates = sorted(self._tracees.values(), key=lambda t: t.tid != self.pid)
             if not candidates:
                 raise NoSuchProcess(self.pid, f"process {self.pid} has no threads left")
             best = next(
-                (t for t in candidates if t.saved and not sigframe.restarts_through_block(t.saved)),
+                (t for t in candidates if t.saved and not x86_64.restarts_through_block(t.saved)),
                 candidates[0],
             )
             self._injector_tid = best.tid
@@ -1326,11 +1342,11 @@ class StoppedTarget:
         if tid not in self._own_masks:
             self._own_masks[tid] = get_sigmask(tid)
         own_mask = self._own_masks[tid]
-        image = sigframe.signal_xstate(get_xstate(tid))
+        image = x86_64.signal_xstate(get_xstate(tid))
         # Below the own frame: the wake-up frame, then room for undo frames (undo_on_death)
-        low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
+        low, own_at, fpstate = x86_64.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
         self._check_stack_room(maps, tid, low - _ARGUMENT_ROOM, saved.rsp)
-        own = sigframe.build_frame(
+        own = x86_64.build_frame(
             own_at, self._resume_state(tid, saved), own_mask,
             pretcode=gadgets.sigreturn, fpstate=fpstate,
         )  # fmt: skip
@@ -1342,8 +1358,8 @@ class StoppedTarget:
             step.rip, step.rsp, step.rax = gadgets.syscall, own_at, SYS_futex
             step.rdi, step.rsi, step.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
             step.r10, step.r8, step.r9 = 0, wake, FUTEX_OP_SET_1
-            chain = start = own_at - sigframe.FRAME_STRIDE
-            first = sigframe.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+            chain = start = own_at - x86_64.FRAME_STRIDE
+            first = x86_64.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
             blob = first.data.ljust(own_at - start, b"\0") + blob
         write_memory(self._memory_tid(), start, blob)
         _step("frames", tid)
@@ -1368,7 +1384,7 @@ class StoppedTarget:
 
     def _resume_state(self, tid: int, saved: Registers) -> Registers:
         """The registers the thread's own-state frame returns to: the kernel's restart
-        fix-up applied (procksm.sigframe.own_state), and the abort handler of an rseq
+        fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of an rseq
         critical section it was stopped in, as the kernel would on its way back to user
         space (kernel/rseq.c rseq_ip_fixup): after an injected call the thread returns
         to user space outside the section, which clears the section's pointer, so the
@@ -1376,9 +1392,9 @@ class StoppedTarget:
         restarted = None
         if saved.orig_rax == SYS_restart_syscall:
             code = read_memory(self._memory_tid(), saved.rip - 9, 7)
-            restarted = sigframe.restarted_call(code)
+            restarted = x86_64.restarted_call(code)
         try:
-            regs = sigframe.own_state(saved, restarted)
+            regs = x86_64.own_state(saved, restarted)
         except ValueError as e:
             raise Unsupported(
                 f"pid {self.pid}, thread {tid}: {e}; procksm cannot give it a way back "
@@ -1439,7 +1455,7 @@ class StoppedTarget:
                 with procfs.MapsQuery(self._memory_tid()) as maps:
                     self._arm(injector, maps)
             # below every frame the thread may get: dead stack
-            name_at = injector.own_frame - (2 + MAX_UNDO) * sigframe.FRAME_STRIDE - _ARGUMENT_ROOM
+            name_at = injector.own_frame - (2 + MAX_UNDO) * x86_64.FRAME_STRIDE - _ARGUMENT_ROOM
             self.write_memory(name_at, SCRATCH_NAME)
             _step("name")
             fd = self.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")

@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from procksm.arch import x86_64
 from procksm.closing import Closing
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, Unsupported
 from procksm.slots import FileIdentity
@@ -75,7 +76,13 @@ AT_FDCWD = -100
 
 # Linux syscall numbers of what the target must execute, per architecture.
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"socket": 41, "bind": 49, "recvmsg": 47, "close": 3, "openat": 257},
+    "x86_64": {
+        "socket": x86_64.SYS_socket,
+        "bind": x86_64.SYS_bind,
+        "recvmsg": x86_64.SYS_recvmsg,
+        "close": x86_64.SYS_close,
+        "openat": x86_64.SYS_openat,
+    },
     "aarch64": {"socket": 198, "bind": 200, "recvmsg": 212, "close": 57, "openat": 56},
 }
 

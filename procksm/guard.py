@@ -64,14 +64,20 @@ import time
 from typing import TYPE_CHECKING
 
 from procksm import procfs
-from procksm.errors import NoSuchProcess, ProcksmError
-from procksm.guardd import (
+from procksm.arch.x86_64 import (
     AUDIT_ARCH_I386,
     AUDIT_ARCH_X86_64,
-    GUARDED_ADVICE,
     NR_MADVISE,
     NR_MREMAP,
     X32_SYSCALL_BIT,
+    SYS_close,
+    SYS_pidfd_getfd,
+    SYS_prctl,
+    SYS_seccomp,
+)
+from procksm.errors import NoSuchProcess, ProcksmError
+from procksm.guardd import (
+    GUARDED_ADVICE,
     Notification,
     guard_argv,
     guard_env,
@@ -90,9 +96,6 @@ SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 1 << 4
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 
-SYS_seccomp = 317
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
 PR_SET_NO_NEW_PRIVS = 38
 CAP_SYS_ADMIN = 21
 
@@ -236,8 +239,6 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     """Install the guard's filter in the stopped target; returns (listener fd in
     procksm, exempt instruction pointer or 0), or None when the process is guarded
     already through a filter it inherited. All threads get it (TSYNC)."""
-    from procksm.inject import SYS_close, SYS_prctl
-
     # procksm's calls run through a libc wrapper `mov eax, imm; syscall; ret` whose
     # immediate is not madvise or mremap (procksm.inject.find_gadgets): the target itself
     # reaches that instruction only with its own immediate, so exempting it exempts

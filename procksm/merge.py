@@ -41,6 +41,26 @@ import numpy as np
 
 from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.analysis import ScanInput
+from procksm.arch.x86_64 import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_close,
+    SYS_madvise,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_mremap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
+)
 from procksm.attach import (
     PtraceSession,
     StoppedTarget,
@@ -58,7 +78,6 @@ from procksm.fdpass import (
     verify_received_fd,
 )
 from procksm.hashing import hash_pages
-from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap
 from procksm.locks import target_locks
 from procksm.plan import (
     MAX_CALLS_PER_BATCH,
@@ -76,13 +95,6 @@ from procksm.runs import mask_runs, split_runs
 from procksm.scanner import ScanOptions, collect
 from procksm.slots import Segment, SlotStore
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
-MADV_DONTNEED = 4
-MADV_POPULATE_READ = 22
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
-MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 # how a merged range shows in /proc/PID/maps
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 _WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory

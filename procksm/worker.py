@@ -1,7 +1,7 @@
 """Run the commands that stop targets in a forked worker, with an outer process that
 waits for it and relays its exit code.
 
-Killing procksm is safe by construction (procksm.attach, procksm.sigframe: every
+Killing procksm is safe by construction (procksm.attach, procksm.arch.x86_64: every
 injected call returns through a frame of the thread's own state), whichever procksm
 process dies. The worker remains for an orderly end on the signals people send:
 
