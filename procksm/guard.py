@@ -28,7 +28,7 @@ touches a merged mapping:
   INTERRUPT), which withdraws the notification — the waiting thread's call returns
   -ERESTARTSYS and the kernel restarts it when the thread resumes — unmerges the
   merged pages of the range (exact bytes, private anonymous memory again,
-  ``procksm.merge.unmerge_pieces``) and resumes. The restarted call finds anonymous
+  ``procksm.unmerge.unmerge_pieces``) and resumes. The restarted call finds anonymous
   memory only and runs exactly as without procksm.
 
 procksm's own injected ``madvise`` (dropping zero pages) comes from the vDSO's syscall

@@ -35,7 +35,7 @@ Kernel facts behind the rules:
 The guard imports no numpy (``PROCKSM_GUARD_LEAN=1`` keeps procksm/__init__ from
 importing it, ``-S`` skips site's imports): unmerging a range runs in a helper
 process (``procksm.guard_unmerge``, started on demand, exits when idle) that calls
-``procksm.merge.unmerge_pieces``.
+``procksm.unmerge.unmerge_pieces``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp (24 bytes)
 GUARDED_ADVICE = {4: "MADV_DONTNEED", 8: "MADV_FREE", 9: "MADV_REMOVE",
                   18: "MADV_WIPEONFORK", 24: "MADV_DONTNEED_LOCKED"}  # fmt: skip
 
-# procksm.merge.SEGMENT_NAME_PREFIX (not imported: procksm.merge imports numpy);
+# procksm.slots.SEGMENT_NAME_PREFIX (not imported: procksm.slots imports numpy);
 # tests/test_guard_life.py checks that the two agree.
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 
@@ -1390,7 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
         print("procksm.guardd: --socket PATH is required", file=sys.stderr)
         return 2
     if TEST_OFF == "lean":
-        import procksm.merge  # noqa: F401
+        import numpy  # noqa: F401
     guard = Guard(path, idle_exit)
     _signals(guard)
     state = os.environ.pop(STATE_ENV, None)

@@ -791,7 +791,7 @@ class CowObserver(Closing):
                 self._exited(pid, t)
                 self._out.append(Lifecycle("exit", pid))
             return 0
-        from procksm.merge import SEGMENT_NAME_PREFIX
+        from procksm.slots import SEGMENT_NAME_PREFIX
 
         merged = [(v.start, v.end) for v in maps if v.path.startswith(SEGMENT_NAME_PREFIX)]
         heap = [v.end for v in maps if v.path == "[heap]"]

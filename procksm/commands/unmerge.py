@@ -25,7 +25,9 @@ from rich.console import Console
 from procksm.attach import check_attachable
 from procksm.commands.scan import parse_pids
 from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
-from procksm.merge import SEGMENT_NAME_PREFIX, pause_stats, unmerge
+from procksm.merge import pause_stats
+from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.unmerge import unmerge
 
 
 def processes_with_merged_ranges() -> list[int]:
