@@ -34,8 +34,9 @@ from procksm.guard import (
     mremap_may_keep_merged,
     run_filter,
 )
-from procksm.merge import MergeEngine, MergeOptions, merged_ranges
+from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges
 from tests.conftest import (
     ROOT,
     Target,

@@ -42,8 +42,9 @@ from pathlib import Path
 
 from procksm import PAGE_SIZE, guardd, procfs
 from procksm.guard import GuardClient
-from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions
+from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.slots import SEGMENT_NAME_PREFIX
 from tests.conftest import (
     ROOT,
     Target,

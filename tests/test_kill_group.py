@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from procksm.merge import merged_ranges
+from procksm.unmerge import merged_ranges
 from tests.conftest import (
     Target,
     assert_target_intact,

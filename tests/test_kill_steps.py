@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from procksm.merge import merged_ranges, unmerge
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
     Target,
     assert_target_intact,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
+from procksm.merge import MergeEngine, MergeOptions
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
     ROOT,
     Target,
