@@ -201,9 +201,8 @@ def _thread_state(pid: int, tid: int) -> str | None:
 
 def _comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
+        return procfs.read_comm(pid)
+    except (ProcksmError, OSError):
         return "?"
 
 
@@ -256,11 +255,7 @@ def _own_capabilities() -> tuple[int, int]:
 
 
 def _yama_scope() -> int | None:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None  # no Yama LSM: only the classic uid/capability rules apply
+    return procfs.yama_ptrace_scope()  # None: no Yama LSM, only the classic rules apply
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:
@@ -396,7 +391,7 @@ def check_attachable(pid: int) -> AttachStatus:
     try:
         status = _read_status(pid)
         stat = read_stat_fields(pid)
-        proc_owner = os.stat(f"/proc/{pid}").st_uid
+        proc_owner = procfs.owner_uid(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
     except PermissionError:
@@ -484,8 +479,8 @@ def check_attachable(pid: int) -> AttachStatus:
 def _live_threads(pid: int) -> list[int]:
     """Threads of `pid` that are not zombies (a leader may exit before its threads)."""
     try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
+        tids = procfs.list_threads(pid)
+    except (ProcksmError, OSError):
         return []
     return [t for t in tids if _thread_state(pid, t) not in (None, "Z", "X")]
 
@@ -500,17 +495,15 @@ def _traced_message(pid: int, name: str, tracer: int) -> str:
 
 
 def _is_own_thread(tid: int) -> bool:
-    return os.path.exists(f"/proc/{os.getpid()}/task/{tid}")
+    return procfs.thread_exists(os.getpid(), tid)
 
 
 def _other_namespaces(pid: int) -> list[str]:
     other = []
     for ns in ("pid", "mnt", "net", "user"):
-        try:
-            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
-                other.append(ns)
-        except OSError:
-            continue  # not permitted to look: unknown, not an error
+        theirs, ours = procfs.namespace_link(pid, ns), procfs.namespace_link("self", ns)
+        if theirs is not None and ours is not None and theirs != ours:
+            other.append(ns)  # (not permitted to look: unknown, not an error)
     return other
 
 
@@ -795,16 +788,17 @@ class PtraceSession:
                 raise NoSuchProcess(self.pid, f"process {self.pid} has exited")
             tid = live[0]
         try:
-            fd = os.open(f"/proc/{self.pid}/task/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = procfs.open_mem(self.pid, tid)
+        except NoSuchProcess:
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
-        except PermissionError as e:
-            raise AccessDenied(self.pid, f"cannot open the memory of pid {self.pid}: {e}") from None
         try:
             gadgets = find_gadgets(self.pid, tid, fd)
-        except FileNotFoundError:
+        except NoSuchProcess:
             os.close(fd)
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
+        except ProcksmError:
+            os.close(fd)
+            raise
         except OSError as e:
             os.close(fd)
             raise PtraceError(f"pid {self.pid}: {e}") from None
@@ -835,8 +829,8 @@ class PtraceSession:
 
     def _list_tasks(self) -> list[int]:
         try:
-            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
-        except FileNotFoundError:
+            return procfs.list_threads(self.pid)
+        except NoSuchProcess:
             return []
 
     def _stop_all(self, tracees: dict[int, _Tracee]) -> None:
@@ -978,9 +972,8 @@ class PtraceSession:
         parts = []
         for tid in tids[:4]:
             try:
-                with open(f"/proc/{self.pid}/task/{tid}/wchan") as f:
-                    wchan = f.read().strip() or "-"
-            except OSError:
+                wchan = procfs.read_wchan(self.pid, tid)
+            except (ProcksmError, OSError):
                 wchan = "?"
             parts.append(
                 f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, wchan {wchan})"
@@ -1532,7 +1525,7 @@ class StoppedTarget:
         return tracee
 
     def _lost(self, tid: int, e: OSError) -> ProcksmError:
-        if e.errno == errno.ESRCH and not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+        if e.errno == errno.ESRCH and not procfs.thread_exists(self.pid, tid):
             return NoSuchProcess(self.pid, f"thread {tid} of pid {self.pid} has exited")
         return PtraceError(f"pid {self.pid}, thread {tid}: {e}")
 

@@ -331,14 +331,6 @@ def has_guard_filter(tid: int) -> bool:
     return False
 
 
-def _fd_links(pid: int) -> list[tuple[int, str]]:
-    out = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
-    return out
-
-
 # --- talking to the guard process ------------------------------------------------------
 
 
@@ -369,7 +361,11 @@ class GuardClient:
         is handed over as before, after seccomp())."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
-        own = [fd for fd, link in _fd_links(pid) if link == "anon_inode:seccomp notify"]
+        own = [
+            fd
+            for fd, link in procfs.list_fd_targets(pid).items()
+            if link == "anon_inode:seccomp notify"
+        ]
         try:
             s = self.connect()
             s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())

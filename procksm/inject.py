@@ -23,6 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from procksm import procfs
 from procksm.arch.x86_64 import (
     NT_X86_XSTATE,
     PTRACE_GETREGS,
@@ -313,15 +314,12 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
     code (a JIT) could change under us.
     """
     mappings = []
-    with open(f"/proc/{pid}/task/{tid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) < 6 or fields[1][0] != "r" or fields[1][1:3] != "-x":
-                continue
-            if not fields[5].startswith("/"):
-                continue  # anonymous, [vdso] (no `syscall; ret`, kernel-specific), [vsyscall]
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            mappings.append((start, end, int(fields[2], 16), fields[5]))
+    for v in procfs.read_thread_maps(pid, tid):
+        if v.perms[0] != "r" or v.perms[1:3] != "-x":
+            continue
+        if not v.path.startswith("/"):
+            continue  # anonymous, [vdso] (no `syscall; ret`, kernel-specific), [vsyscall]
+        mappings.append((v.start, v.end, v.offset, v.path))
     # libc and the loader first: they have both, and the choice stays the same run after
     # run (the madvise guard's filter exempts the address procksm found the first time)
     mappings.sort(key=lambda m: not any(n in m[3] for n in ("/libc.", "/libc-", "/ld-")))
@@ -345,15 +343,12 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
 def _mapped_code(
     pid: int, tid: int, mem_fd: int, start: int, end: int, offset: int, path: str
 ) -> bytes:
-    for name in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
+    fd = procfs.open_mapped_file(pid, start, end, path)
+    if fd is not None:
         try:
             return os.pread(fd, end - start, offset)
         except OSError:
-            continue
+            pass
         finally:
             os.close(fd)
     try:

@@ -561,10 +561,8 @@ class MergeEngine(Closing):
                 if v.inode in seen:
                     continue
                 seen.add(v.inode)
-                try:
-                    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}",
-                                 os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
-                except OSError:
+                fd = procfs.open_mapped_file(pid, v.start, v.end)
+                if fd is None:
                     continue
                 # Sealed, so a segment's hashes never change: a daemon that merges batch
                 # after batch hashes each segment once (see segment_hashes).
@@ -964,20 +962,14 @@ def _not_an_oom_victim() -> Iterator[None]:
     the likeliest killer of a tool whose memory grows with the targets' -- can be told
     to pick something else.
     """
-    path = "/proc/self/oom_score_adj"
-    try:
-        with open(path) as f:
-            before = f.read().strip()
-        with open(path, "w") as f:
-            f.write("-1000")
-    except OSError:
+    before = procfs.swap_own_oom_score_adj("-1000")
+    if before is None:
         yield
         return
     try:
         yield
     finally:
-        with contextlib.suppress(OSError), open(path, "w") as f:
-            f.write(before)
+        procfs.swap_own_oom_score_adj(before)
 
 
 def _cpus_saturated() -> bool:

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from procksm import PAGE_SIZE
+from procksm import PAGE_SIZE, procfs
 from procksm.closing import Closing
 from procksm.errors import ProcksmError
 
@@ -254,11 +254,9 @@ class Segment:
         if not self.sealed:
             raise ProcksmError(f"segment {self.name} is not sealed; no target may map it")
         try:
-            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ProcksmError(
-                f"cannot reopen memfd {self.name} read-only via /proc/self/fd: {exc.strerror}"
-            ) from exc
+            return procfs.reopen_own_fd(self._fd, os.O_RDONLY)
+        except ProcksmError as exc:
+            raise ProcksmError(f"cannot reopen memfd {self.name} read-only: {exc}") from exc
 
     def close(self) -> None:
         """Close procksm's fd. Targets' mappings stay valid; the kernel frees the pages when

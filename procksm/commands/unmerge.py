@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from rich.console import Console
 
+from procksm import procfs
 from procksm.attach import check_attachable
 from procksm.commands.scan import parse_pids
 from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
@@ -32,18 +32,7 @@ from procksm.unmerge import unmerge
 
 def processes_with_merged_ranges() -> list[int]:
     """Every process whose maps show a procksm segment (unreadable ones are skipped)."""
-    pids = []
-    needle = SEGMENT_NAME_PREFIX.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/maps", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return sorted(pids)
+    return procfs.pids_mapping(SEGMENT_NAME_PREFIX)
 
 
 class UnmergeCommand:
