@@ -7,9 +7,11 @@ Everything here is mechanism; the policy (which threads, in which order, what to
 with each kind of stop) lives in :mod:`procksm.attach`. The functions raise
 :class:`OSError` with the errno; ``attach`` translates them into procksm errors.
 
-python-ptrace (``ptrace.binding``) has the same calls, but it attaches main threads
-only and has no injection helper; the ten calls needed here are simpler to own than to
-adapt, and owning them keeps the types exact for mypy.
+python-ptrace (``ptrace.binding``) has the same calls, but it raises its own error type
+(the ptrace boundary here decides on ``OSError.errno``), attaches main threads only and
+has no injection helper; the ten calls needed here are simpler to own than to adapt
+(docs/dependencies.md). Its system call table names calls in messages
+(``procksm.arch.x86_64.syscall_name``).
 """
 
 from __future__ import annotations
