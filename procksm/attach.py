@@ -975,8 +975,11 @@ class PtraceSession:
                 wchan = procfs.read_wchan(self.pid, tid)
             except (ProcksmError, OSError):
                 wchan = "?"
+            nr = procfs.read_thread_syscall(self.pid, tid)
+            within = f", in {x86_64.syscall_name(nr)}" if nr is not None else ""
             parts.append(
-                f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, wchan {wchan})"
+                f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, "
+                f"wchan {wchan}{within})"
             )
         return PtraceTimeout(
             f"{len(tids)} thread(s) of pid {self.pid} did not stop within {self.timeout:g} s "
@@ -1426,7 +1429,7 @@ class StoppedTarget:
         """Like syscall(), but raise InjectedSyscallError on a -errno result."""
         result = self.syscall(nr, *args, tid=tid)
         if -4095 <= result < 0:
-            raise InjectedSyscallError(self.pid, name or f"syscall {nr}", -result)
+            raise InjectedSyscallError(self.pid, name or x86_64.syscall_name(nr), -result)
         return result
 
     def syscall_address(self) -> int:

@@ -1212,6 +1212,16 @@ def owner_uid(pid: int) -> int:
         raise _open_failed(pid, path, exc) from exc
 
 
+def read_thread_syscall(pid: int, tid: int) -> int | None:
+    """The system call a blocked thread is in (first field of /proc/PID/task/TID/syscall),
+    None when it runs or is blocked outside one (needs ptrace access)."""
+    try:
+        first = _read_proc(pid, f"task/{tid}/syscall").split(maxsplit=1)[0]
+    except (ProcksmError, OSError, IndexError):
+        return None
+    return int(first) if first.isdigit() else None
+
+
 def thread_exists(pid: int, tid: int) -> bool:
     """Thread ``tid`` is (still) a thread of process ``pid``."""
     return os.path.exists(f"/proc/{pid}/task/{tid}")

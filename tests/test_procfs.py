@@ -779,3 +779,18 @@ def test_coredump_filter_parser() -> None:
     assert procfs.read_coredump_filter(os.getpid()) == int(
         Path("/proc/self/coredump_filter").read_text(), 16
     )
+
+
+def test_the_syscall_a_blocked_thread_is_in() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; os.read(0, 1)"], stdin=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while procfs.read_thread_syscall(child.pid, child.pid) != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert procfs.read_thread_syscall(child.pid, child.pid) == 0  # read
+    finally:
+        child.kill()
+        child.wait()
+    assert procfs.read_thread_syscall(child.pid, child.pid) is None  # gone

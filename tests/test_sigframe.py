@@ -86,3 +86,11 @@ def test_signal_xstate_carries_the_magics_and_the_features_it_holds() -> None:
     # only x87/SSE in use: the legacy area and the header, nothing more
     struct.pack_into("<Q", image, 512, 0b11)
     assert len(x86_64.signal_xstate(bytes(image))) == 576 + 4
+
+
+def test_syscall_names_come_from_python_ptrace() -> None:
+    """python-ptrace's table names the calls procksm's messages mention."""
+    assert x86_64.syscall_name(x86_64.SYS_futex) == "futex"
+    assert x86_64.syscall_name(x86_64.SYS_mmap) == "mmap"
+    assert x86_64.syscall_name(x86_64.SYS_pidfd_getfd) == "pidfd_getfd"
+    assert x86_64.syscall_name(100000) == "syscall 100000"

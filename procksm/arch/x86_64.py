@@ -170,6 +170,18 @@ def unsigned(value: int) -> int:
     return value & ((1 << 64) - 1)
 
 
+def syscall_name(nr: int) -> str:
+    """The name of x86_64 system call ``nr`` for messages ("futex"), from python-ptrace's
+    table (``ptrace.syscall.linux.x86_64``), imported on first use: only error paths
+    need it (~30 ms), and the resident guard never does. "syscall N" when unknown."""
+    try:
+        from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+    except ImportError:  # a message must not fail for want of a name
+        return f"syscall {nr}"
+    name = SYSCALL_NAMES.get(nr)
+    return name if isinstance(name, str) else f"syscall {nr}"
+
+
 # The system call convention: number in rax, arguments in these, result in rax.
 ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
