@@ -19,7 +19,7 @@ ideal, distinct frames - distinct non-zero contents of the planted pages:
           and file-backed, dropped zero pages absent or the zero page); confirmed at the end
           with merge_vs_ksm.census (distinct PFNs, kpageflags)
   ksmd    pages_sharing + ksm_zero_pages deltas (merge_vs_ksm.run_ksm), use_zero_pages=1
-CPU: the daemon's utime+stime (/proc/PID/stat; one process: PROCKSM_NO_WORKER=1) at t100;
+CPU: the daemon's utime+stime (/proc/PID/stat; one process) at t100;
 ksmd's thread utime+stime at t100. The daemon's CPU does not include the time its injected
 mmap/madvise calls run in the targets' context (charged to the targets, as a fault is).
 
@@ -104,9 +104,8 @@ def run_daemon(
             "-q",
             *extra,
         ]
-        env = {**os.environ, "PROCKSM_NO_WORKER": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         samples: list[list[float]] = []
         t95 = t100 = cpu95 = cpu100 = None
         t_ready = cpu_ready = None  # start-up done: Python, numpy, the eBPF observer

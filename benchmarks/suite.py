@@ -557,9 +557,9 @@ def exited(pid: int) -> bool:
 
 
 def stop_daemon(child: subprocess.Popen[bytes], pids: Sequence[int], r: Json) -> tuple[int, Any]:
-    """After SIGTERM: wait for the daemon; past 20 s, SIGKILL the supervisor only (its
-    documented safe path: the worker finishes its stop window and exits); then wait until
-    the worker is gone too, so that nothing changes the targets while they are counted.
+    """After SIGTERM: wait for the daemon; past 20 s, SIGKILL it (safe at any instant:
+    docs/kill-safety.md); then wait until all of it is gone, so that nothing changes the
+    targets while they are counted.
     Returns the exit code and the rusage of wait4."""
     t0 = time.monotonic()
     while not exited(child.pid) and time.monotonic() - t0 < 20.0:
@@ -769,7 +769,7 @@ def run_daemon(
             "cpu_s_total": usage.ru_utime + usage.ru_stime,
             "cpu_s_until_stopped": cpu_end,
             "wall_s": wall,
-            # peak of the summed VmRSS of the daemon and its worker, sampled every --poll s
+            # peak of the summed VmRSS of the daemon's process tree, sampled every --poll s
             "max_rss_mib": peak_rss,
             "saved_pages_pagemap": end_census["saved_pages"],
             "saved_pages_meminfo": mvk.meminfo_saving(before, after),

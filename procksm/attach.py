@@ -212,7 +212,7 @@ def _own_start_time() -> int:
 
 def _alive(pid: int, start_time: int) -> bool:
     """Process `pid` runs and is the one that started at `start_time` (a zombie does not
-    run: a killed procksm's worker stays one until PID 1 reaps it)."""
+    run: a killed procksm stays one until its parent reaps it)."""
     try:
         fields = read_stat_fields(pid)
         return fields[0] not in ("Z", "X") and int(fields[19]) == start_time

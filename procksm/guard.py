@@ -418,8 +418,8 @@ class GuardClient:
         log = os.open(os.path.join(os.path.dirname(self.path), "guard.log"),
                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # fmt: skip
         try:
-            # Its own session: it must outlive this procksm (and its worker's
-            # PDEATHSIG and process group), since targets depend on it; it leaves this
+            # Its own session: it must outlive this procksm (and its process group),
+            # since targets depend on it; it leaves this
             # procksm's cgroup on its own (procksm.guardd).
             subprocess.Popen(
                 [*guard_argv(), "--socket", self.path],

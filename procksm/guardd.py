@@ -917,7 +917,7 @@ class Guard:
         if self._stopping:
             raise _Exit(0)
 
-    # installing a filter: procksm's worker may die at any instruction
+    # installing a filter: procksm may die at any instruction
 
     def _expect(self, conn: socket.socket, words: list[str]) -> str:
         """``expect PID START OWN``: procksm is about to inject seccomp() into PID, whose

@@ -117,7 +117,7 @@ def _run(args: list[object], timeout: float, *, kill_at: int = 0, log: str | Non
     else:
         os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    wait_group_gone(pid)  # a worker killed by the switch may still be exiting
+    wait_group_gone(pid)  # a procksm killed by the switch may still be exiting
 
 
 def unmerge_when_free(pid: int, timeout: float = 30) -> None:
