@@ -53,12 +53,9 @@ from procksm.arch.x86_64 import (
     SYS_pidfd_getfd,
     SYS_pidfd_open,
 )
-from procksm.attach import (
-    PtraceSession,
-    StoppedTarget,
-    check_attachable,
-)
+from procksm.attach import PtraceSession, StoppedTarget
 from procksm.closing import Closing
+from procksm.diagnose import check_attachable
 from procksm.errors import AccessDenied, ProcksmError, UsageError
 from procksm.fdpass import (
     FdSender,

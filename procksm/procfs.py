@@ -1212,6 +1212,23 @@ def owner_uid(pid: int) -> int:
         raise _open_failed(pid, path, exc) from exc
 
 
+def thread_state(pid: int, tid: int) -> str | None:
+    """The one-letter state of a thread (R, S, D, T, t, Z, ...), None if it is gone."""
+    try:
+        return read_stat_fields(pid, tid)[0]
+    except (OSError, IndexError):
+        return None
+
+
+def live_threads(pid: int) -> list[int]:
+    """Threads of `pid` that are not zombies (a leader may exit before its threads)."""
+    try:
+        tids = list_threads(pid)
+    except (ProcksmError, OSError):
+        return []
+    return [t for t in tids if thread_state(pid, t) not in (None, "Z", "X")]
+
+
 def read_thread_syscall(pid: int, tid: int) -> int | None:
     """The system call a blocked thread is in (first field of /proc/PID/task/TID/syscall),
     None when it runs or is blocked outside one (needs ptrace access)."""

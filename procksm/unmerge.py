@@ -29,14 +29,10 @@ from procksm.arch.x86_64 import (
     SYS_mprotect,
     SYS_mremap,
 )
-from procksm.attach import (
-    PtraceSession,
-    StoppedTarget,
-    check_attachable,
-    has_leftovers,
-    remove_leftovers,
-)
+from procksm.attach import PtraceSession, StoppedTarget
+from procksm.diagnose import check_attachable
 from procksm.errors import ProcksmError
+from procksm.leftovers import has_leftovers, remove_leftovers
 from procksm.locks import target_locks
 from procksm.slots import SEGMENT_NAME_PREFIX
 

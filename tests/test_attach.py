@@ -29,9 +29,9 @@ from procksm.arch.x86_64 import (
     SYS_munmap,
     signed,
 )
-from procksm.attach import (
+from procksm.attach import PtraceSession
+from procksm.diagnose import (
     AttachStatus,
-    PtraceSession,
     check_attachable,
     parse_status,
     permission_denial,

@@ -100,3 +100,5 @@ def test_the_architecture_and_the_resident_guard_sit_at_the_bottom() -> None:
     below_inject = {"procksm", "procksm.arch", "procksm.arch.x86_64", "procksm.errors"}
     assert graph["procksm.inject"] <= below_inject | {"procksm.procfs"}
     assert graph["procksm.procfs"] <= {"procksm", "procksm.closing", "procksm.errors"}
+    # attach diagnosis comes before attaching
+    assert "procksm.attach" not in graph["procksm.diagnose"]
