@@ -910,9 +910,7 @@ class StoppedTarget:
         assert injector.saved is not None
         at = injector.own_frame - (2 + len(self._undo)) * x86_64.FRAME_STRIDE
         regs = injector.saved.copy()
-        regs.rip, regs.rsp, regs.rax = gadgets.syscall, injector.chain, nr
-        for name, value in zip(_ARGUMENT_REGISTERS, args, strict=False):
-            setattr(regs, name, unsigned(value))
+        x86_64.load_syscall(regs, nr, *args, pc=gadgets.syscall, sp=injector.chain)
         frame = x86_64.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
         self.write_memory(at, frame.data)
         _step("undo", injector.tid)
@@ -1032,9 +1030,10 @@ class StoppedTarget:
         chain = start = own_at
         if wake:
             step = saved.copy()
-            step.rip, step.rsp, step.rax = gadgets.syscall, own_at, SYS_futex
-            step.rdi, step.rsi, step.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
-            step.r10, step.r8, step.r9 = 0, wake, FUTEX_OP_SET_1
+            x86_64.load_syscall(
+                step, SYS_futex, wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, wake, FUTEX_OP_SET_1,
+                pc=gadgets.syscall, sp=own_at,
+            )  # fmt: skip
             chain = start = own_at - x86_64.FRAME_STRIDE
             first = x86_64.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
             blob = first.data.ljust(own_at - start, b"\0") + blob
@@ -1042,14 +1041,17 @@ class StoppedTarget:
         _step("frames", tid)
         if wake or wait:
             idle = saved.copy()
-            idle.rip, idle.rsp, idle.rax = gadgets.syscall, own_at, SYS_futex
             idle.orig_rax = unsigned(-1)
             if wake:
-                idle.rdi, idle.rsi, idle.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
-                idle.r10, idle.r8, idle.r9 = 0, wake, FUTEX_OP_SET_1
+                x86_64.load_syscall(
+                    idle, SYS_futex, wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, wake,
+                    FUTEX_OP_SET_1, pc=gadgets.syscall, sp=own_at,
+                )  # fmt: skip
             else:
-                idle.rdi, idle.rsi, idle.rdx = wait, FUTEX_WAIT_PRIVATE, 0
-                idle.r10 = wait + (_GATE_TIMEOUT - _GATE)
+                x86_64.load_syscall(
+                    idle, SYS_futex, wait, FUTEX_WAIT_PRIVATE, 0, wait + (_GATE_TIMEOUT - _GATE),
+                    pc=gadgets.syscall, sp=own_at,
+                )  # fmt: skip
             tracee.dirty = True
             set_regs(tid, idle)
             _step("arm", tid)

@@ -94,3 +94,11 @@ def test_syscall_names_come_from_python_ptrace() -> None:
     assert x86_64.syscall_name(x86_64.SYS_mmap) == "mmap"
     assert x86_64.syscall_name(x86_64.SYS_pidfd_getfd) == "pidfd_getfd"
     assert x86_64.syscall_name(100000) == "syscall 100000"
+
+
+def test_load_syscall_puts_the_number_and_arguments_in_the_convention_registers() -> None:
+    r = regs(rbx=7, orig_rax=3)
+    x86_64.load_syscall(r, x86_64.SYS_futex, 0x1000, 128, 0, -1, pc=0x4000, sp=0x7000)
+    assert (r.rip, r.rsp, r.rax) == (0x4000, 0x7000, x86_64.SYS_futex)
+    assert (r.rdi, r.rsi, r.rdx, r.r10) == (0x1000, 128, 0, (1 << 64) - 1)
+    assert (r.rbx, r.orig_rax, r.r8, r.r9) == (7, 3, 0, 0)  # the others left alone

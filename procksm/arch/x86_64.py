@@ -186,6 +186,15 @@ def syscall_name(nr: int) -> str:
 ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
 
+def load_syscall(regs: Registers, nr: int, *args: int, pc: int, sp: int) -> None:
+    """Make ``regs`` run system call ``nr`` with ``args`` from instruction ``pc`` (a
+    `syscall; ret`) with the stack pointer at ``sp``: the number in rax, the arguments
+    in the convention's registers; the other registers are left as they are."""
+    regs.rip, regs.rsp, regs.rax = pc, sp, nr
+    for name, value in zip(ARGUMENT_REGISTERS, args, strict=False):
+        setattr(regs, name, unsigned(value))
+
+
 def require_x86_64() -> None:
     from procksm.errors import Unsupported
 
