@@ -204,7 +204,7 @@ def _alive(pid: int, start_time: int) -> bool:
     try:
         fields = read_stat_fields(pid)
         return fields[0] not in ("Z", "X") and int(fields[19]) == start_time
-    except (OSError, IndexError, ValueError):
+    except (ProcksmError, OSError, IndexError, ValueError):
         return False
 
 
@@ -454,7 +454,7 @@ class PtraceSession:
             raise PtraceError("PtraceSession used outside its `with` block")
         try:
             start_time = int(read_stat_fields(self.pid)[19])
-        except (OSError, IndexError):
+        except (ProcksmError, OSError, IndexError):
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
         if start_time != self.status.start_time:
             raise NoSuchProcess(
@@ -568,7 +568,7 @@ class PtraceSession:
                 raise PtraceError(f"PTRACE_SEIZE of thread {tid} of pid {self.pid}: {e}") from None
             try:
                 tracer_of_tid = int(_read_status(self.pid, tid).get("TracerPid", "0"))
-            except OSError:
+            except (ProcksmError, OSError):
                 ignored.add(tid)  # the thread is gone
                 return
             if tracer_of_tid == tracer:
@@ -1221,7 +1221,7 @@ class StoppedTarget:
             cpu = int(read_stat_fields(self.pid, tid)[36])
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
-        except (OSError, IndexError, ValueError):
+        except (ProcksmError, OSError, IndexError, ValueError):
             pass  # pinning is an optimisation only
 
     def _run_syscall(self, tracee: _Tracee, insn: int, nr: int) -> Registers:

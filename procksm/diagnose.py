@@ -88,7 +88,7 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
         seen.add(pid)
         try:
             pid = int(_read_status(pid).get("PPid", "0"))
-        except (OSError, ValueError):
+        except (ProcksmError, OSError, ValueError):
             return False
         if pid == ancestor:
             return True
@@ -216,9 +216,9 @@ def check_attachable(pid: int) -> AttachStatus:
         status = _read_status(pid)
         stat = read_stat_fields(pid)
         proc_owner = procfs.owner_uid(pid)
-    except (FileNotFoundError, ProcessLookupError):
+    except NoSuchProcess:
         raise NoSuchProcess(pid) from None
-    except PermissionError:
+    except AccessDenied:
         raise AccessDenied(
             pid, f"cannot read /proc/{pid} (is /proc mounted with hidepid=?): run as root"
         ) from None

@@ -725,11 +725,8 @@ def parse_status_fields(text: str) -> dict[str, str]:
 
 
 def read_status_fields(pid: int, tid: int | None = None) -> dict[str, str]:
-    """/proc/PID/status (or a thread's) as {key: value}. OSError passes through: the
-    attach diagnostics tell its kinds apart themselves."""
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
-    with open(path) as f:
-        return parse_status_fields(f.read())
+    """/proc/PID/status (or a thread's) as {key: value}."""
+    return parse_status_fields(_read_proc(pid, "status" if tid is None else f"task/{tid}/status"))
 
 
 def parse_status(text: str) -> ProcessStatus:
@@ -787,11 +784,8 @@ def parse_stat_fields(text: str) -> list[str]:
 
 
 def read_stat_fields(pid: int, tid: int | None = None) -> list[str]:
-    """/proc/PID/stat (or a thread's) as :func:`parse_stat_fields`. OSError passes
-    through, as for :func:`read_status_fields`."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        return parse_stat_fields(f.read())
+    """/proc/PID/stat (or a thread's) as :func:`parse_stat_fields`."""
+    return parse_stat_fields(_read_proc(pid, "stat" if tid is None else f"task/{tid}/stat"))
 
 
 def parse_stat_flags(text: str) -> int:
@@ -802,10 +796,7 @@ def parse_stat_flags(text: str) -> int:
 def start_time(pid: int) -> str:
     """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, it names one
     process for good, even after the pid is reused."""
-    try:
-        return read_stat_fields(pid)[19]
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
+    return read_stat_fields(pid)[19]
 
 
 def procs_running() -> int:
@@ -1216,7 +1207,7 @@ def thread_state(pid: int, tid: int) -> str | None:
     """The one-letter state of a thread (R, S, D, T, t, Z, ...), None if it is gone."""
     try:
         return read_stat_fields(pid, tid)[0]
-    except (OSError, IndexError):
+    except (ProcksmError, OSError, IndexError):
         return None
 
 
