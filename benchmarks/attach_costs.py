@@ -47,8 +47,8 @@ def median_pause(pid: int, windows: int) -> float:
 
 
 def median_injection(pid: int, pin: bool, calls: int) -> float:
+    from procksm.arch.x86_64 import SYS_getpid
     from procksm.attach import PtraceSession
-    from procksm.inject import SYS_getpid
 
     with PtraceSession(pid, pin_cpu=pin) as session, session.stopped() as stopped:
         stopped.syscall(SYS_getpid)

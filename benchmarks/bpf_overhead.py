@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from procksm import PAGE_SIZE  # noqa: E402
-from procksm.merge import MergeOptions, merge, merged_ranges  # noqa: E402
+from procksm.merge import MergeOptions, merge  # noqa: E402
 from procksm.observe import CowObserver  # noqa: E402
 from procksm.scanner import AddressRange, ScanOptions  # noqa: E402
+from procksm.unmerge import merged_ranges  # noqa: E402
 
 GOAL_PCT = 3.0
 

@@ -37,9 +37,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     from procksm import PAGE_SIZE
-    from procksm.merge import MergeOptions, merge, merged_ranges
+    from procksm.merge import MergeOptions, merge
     from procksm.observe import CowBreak, CowObserver, Event, Lifecycle
     from procksm.scanner import AddressRange, ScanOptions
+    from procksm.unmerge import merged_ranges
     from tests.conftest import Target, build_c_target
 
     exe = str(build_c_target("planted"))

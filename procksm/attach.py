@@ -1,4 +1,11 @@
-"""Attaching to a target: diagnostics, stopping all threads, injecting system calls.
+"""Attaching to a target: stopping all threads, injecting system calls, resuming.
+
+The generic sequence, as CRIU's compel/src/lib/infect.c: seize and stop every thread
+(:class:`PtraceSession`), inject system calls through kill-safe frames and the futex gate
+(:class:`StoppedTarget`), resume. Around it: why attaching would fail is
+:mod:`procksm.diagnose` (run before anything is touched), the raw ptrace calls are
+:mod:`procksm.inject`, what is x86_64's (registers, syscall numbers, the frames' layout)
+is :mod:`procksm.arch.x86_64`, and what a killed procksm left is :mod:`procksm.leftovers`.
 
 docs/design.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
 
@@ -10,7 +17,7 @@ docs/design.md §2.5, §2.7, §2.8, §3.10. The rules this module keeps:
   seconds-long scan would freeze every thread that gets a SIGCHLD, a timer signal or a
   runtime's preemption signal (Go's SIGURG, JVM safepoints). Re-seizing costs a few
   microseconds per thread and is included in the measured pauses.
-* Every instant is safe to die at (procksm.sigframe, docs/kill-safety.md): before a
+* Every instant is safe to die at (procksm.arch.x86_64, docs/kill-safety.md): before a
   thread runs an injected call, a frame of its own state (registers, XSAVE state, signal
   mask) is written on its stack, and the call returns through it (`syscall; ret` into
   the target's sigreturn trampoline), so a thread released by the kernel when procksm
@@ -49,7 +56,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import pwd
 import signal
 import struct
 import threading
@@ -58,34 +64,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from procksm import PAGE_SIZE, procfs, seccomp_bpf, sigframe
-from procksm.errors import (
-    AccessDenied,
-    NoSuchProcess,
-    ProcksmError,
-    PtraceError,
-    PtraceTimeout,
-    TargetBusy,
-    Unsupported,
-    UsageError,
-    ZombieProcess,
+from procksm import PAGE_SIZE, procfs, seccomp_bpf
+from procksm.arch import x86_64
+from procksm.arch.x86_64 import (
+    ARGUMENT_REGISTERS as _ARGUMENT_REGISTERS,
 )
-from procksm.inject import (
+from procksm.arch.x86_64 import (
     ERESTARTNOHAND,
-    PTRACE_CONT,
-    PTRACE_DETACH,
-    PTRACE_INTERRUPT,
-    PTRACE_O_TRACECLONE,
-    PTRACE_O_TRACEEXEC,
-    PTRACE_O_TRACESYSGOOD,
-    PTRACE_SEIZE,
-    PTRACE_SYSCALL,
-    SYSCALL_INSN,
-    Backoff,
-    Gadgets,
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYSCALL_RET,
     Registers,
-    Stop,
-    StopKind,
+    SYS_bind,
     SYS_close,
     SYS_epoll_pwait,
     SYS_epoll_pwait2,
@@ -98,9 +94,40 @@ from procksm.inject import (
     SYS_mprotect,
     SYS_mremap,
     SYS_munmap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
     SYS_prctl,
+    SYS_recvmsg,
     SYS_restart_syscall,
     SYS_rt_sigreturn,
+    SYS_seccomp,
+    SYS_socket,
+    signed,
+    unsigned,
+)
+from procksm.diagnose import AttachStatus, check_attachable
+from procksm.diagnose import process_name as _comm
+from procksm.errors import (
+    AccessDenied,
+    NoSuchProcess,
+    ProcksmError,
+    PtraceError,
+    PtraceTimeout,
+    Unsupported,
+)
+from procksm.inject import (
+    PTRACE_CONT,
+    PTRACE_DETACH,
+    PTRACE_INTERRUPT,
+    PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEEXEC,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_SEIZE,
+    PTRACE_SYSCALL,
+    Backoff,
+    Gadgets,
+    Stop,
+    StopKind,
     find_gadgets,
     get_event_msg,
     get_regs,
@@ -111,24 +138,17 @@ from procksm.inject import (
     poll_stop,
     ptrace,
     read_memory,
-    require_x86_64,
     set_regs,
     set_siginfo,
     set_sigmask,
-    signed,
     tgkill,
-    unsigned,
     wait_stop,
     write_memory,
 )
 from procksm.locks import WindowLock
-from procksm.procfs import parse_status_fields, read_stat_fields, read_status_fields
-
-PF_KTHREAD = 0x00200000  # task flag (include/linux/sched.h), field 9 of /proc/PID/stat
-CAP_SYS_PTRACE = 19
-PROT_READ, PROT_WRITE = 0x1, 0x2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-MFD_CLOEXEC = 0x1
+from procksm.procfs import live_threads as _live_threads
+from procksm.procfs import read_stat_fields, read_status_fields
+from procksm.procfs import thread_state as _thread_state
 
 # The scratch area procksm maps in a target: a MAP_PRIVATE mapping of a memfd the target
 # creates itself, so that every step of its life leaves something a later procksm can
@@ -156,7 +176,6 @@ FUTEX_WAKE_OP_PRIVATE = 5 | 128
 # so a thread that reaches its wait only afterwards does not wait (EAGAIN).
 FUTEX_OP_SET_1 = 1 << 12
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
-_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 _ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
 MAX_UNDO = 2  # undo frames a window may stack (StoppedTarget.undo_on_death)
 # What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
@@ -172,23 +191,7 @@ _DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 
 # /proc/PID/status parsing lives in procksm.procfs (one place for /proc, like psutil).
-parse_status = parse_status_fields
 _read_status = read_status_fields
-
-
-def _thread_state(pid: int, tid: int) -> str | None:
-    try:
-        return read_stat_fields(pid, tid)[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def _own_start_time() -> int:
@@ -197,305 +200,12 @@ def _own_start_time() -> int:
 
 def _alive(pid: int, start_time: int) -> bool:
     """Process `pid` runs and is the one that started at `start_time` (a zombie does not
-    run: a killed procksm's worker stays one until PID 1 reaps it)."""
+    run: a killed procksm stays one until its parent reaps it)."""
     try:
         fields = read_stat_fields(pid)
         return fields[0] not in ("Z", "X") and int(fields[19]) == start_time
-    except (OSError, IndexError, ValueError):
+    except (ProcksmError, OSError, IndexError, ValueError):
         return False
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-# Bit numbers of include/uapi/linux/capability.h, for messages.
-# fmt: off
-CAPABILITY_NAMES = (
-    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
-    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
-    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
-    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
-    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
-    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
-)
-# fmt: on
-
-
-def capability_names(mask: int) -> list[str]:
-    return [
-        f"CAP_{CAPABILITY_NAMES[bit].upper()}" if bit < len(CAPABILITY_NAMES) else f"cap {bit}"
-        for bit in range(64)
-        if mask >> bit & 1
-    ]
-
-
-def _own_capabilities() -> tuple[int, int]:
-    """(effective, permitted) capability masks of this process."""
-    status = _read_status(os.getpid())
-    return int(status.get("CapEff", "0"), 16), int(status.get("CapPrm", "0"), 16)
-
-
-def _yama_scope() -> int | None:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None  # no Yama LSM: only the classic uid/capability rules apply
-
-
-def _is_descendant(pid: int, ancestor: int) -> bool:
-    seen = set()
-    while pid > 1 and pid not in seen:
-        seen.add(pid)
-        try:
-            pid = int(_read_status(pid).get("PPid", "0"))
-        except (OSError, ValueError):
-            return False
-        if pid == ancestor:
-            return True
-    return False
-
-
-def yama_denial(scope: int | None, has_cap: bool, is_descendant: bool) -> str | None:
-    """Why Yama's kernel.yama.ptrace_scope forbids the attach, or None."""
-    if scope is None or scope == 0:
-        return None
-    if scope >= 3:
-        return (
-            "ptrace is disabled on this machine (kernel.yama.ptrace_scope=3; only a reboot "
-            "can lower it)"
-        )
-    if has_cap:
-        return None
-    if scope == 2:
-        return (
-            "kernel.yama.ptrace_scope=2 allows ptrace only with CAP_SYS_PTRACE: run procksm as root"
-        )
-    if not is_descendant:
-        return (
-            "kernel.yama.ptrace_scope=1 allows tracing only descendants: run procksm as root, "
-            "or lower it with `sysctl kernel.yama.ptrace_scope=0`"
-        )
-    return None
-
-
-def permission_denial(
-    *,
-    pid: int,
-    name: str,
-    target_uids: tuple[int, ...],
-    target_gids: tuple[int, ...],
-    dumpable: bool,
-    my_uid: int,
-    my_gid: int,
-    has_cap: bool,
-    target_cap_prm: int = 0,
-    my_cap_prm: int = 0,
-    other_user_ns: bool = False,
-) -> str | None:
-    """Why the kernel's ptrace access check would fail, or None.
-
-    Without CAP_SYS_PTRACE (__ptrace_may_access, then cap_ptrace_access_check): the
-    caller's real uid and gid must equal all of the target's real/effective/saved ids,
-    the target must be dumpable, live in the caller's user namespace, and hold no
-    permitted capability the caller lacks.
-    """
-    if has_cap:
-        return None
-    if my_uid == 0:
-        # Root without CAP_SYS_PTRACE is a container (or a unit with capabilities dropped).
-        how = (
-            "procksm runs as root but without CAP_SYS_PTRACE (in a container: docker run "
-            "--cap-add SYS_PTRACE; Kubernetes: securityContext.capabilities.add: [SYS_PTRACE])"
-        )
-    else:
-        how = "run procksm as root, or as the same user"
-    owner = target_uids[0]
-    if any(u != my_uid for u in target_uids[:3]) or any(g != my_gid for g in target_gids[:3]):
-        return (
-            f"not permitted to trace pid {pid} ({name}), owned by uid {owner} "
-            f"({_user_name(owner)}), from uid {my_uid} ({_user_name(my_uid)}): {how}"
-        )
-    if not dumpable:
-        return (
-            f"not permitted to trace pid {pid} ({name}): it is not dumpable (a setuid/setgid "
-            f"program, or PR_SET_DUMPABLE=0), which needs CAP_SYS_PTRACE: {how}"
-        )
-    if other_user_ns:
-        return (
-            f"not permitted to trace pid {pid} ({name}): it is in another user namespace, "
-            f"which needs CAP_SYS_PTRACE: {how}"
-        )
-    extra = target_cap_prm & ~my_cap_prm
-    if extra:
-        names = capability_names(extra)
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return (
-            f"not permitted to trace pid {pid} ({name}): it holds capabilities procksm lacks "
-            f"({shown}), which needs CAP_SYS_PTRACE: {how}"
-        )
-    return None
-
-
-def _ids(field_value: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in field_value.split())
-
-
-@dataclass(frozen=True)
-class AttachStatus:
-    """What check_attachable learned about a target (nothing in it was changed)."""
-
-    pid: int
-    name: str
-    state: str  # one letter, as in /proc/PID/status (R, S, D, T, ...)
-    uid: int
-    threads: int
-    nspid: tuple[int, ...]  # the pid in each nested PID namespace, outermost first
-    other_namespaces: tuple[str, ...]  # namespaces (pid, mnt, net, user) not shared with us
-    seccomp: int  # 0 none, 1 strict, 2 filter: injected syscalls pass through the filter
-    start_time: int  # clock ticks since boot (field 22 of stat): detects pid reuse
-    notes: tuple[str, ...] = ()
-
-    @property
-    def stopped_by_signal(self) -> bool:
-        return self.state == "T"
-
-
-def check_attachable(pid: int) -> AttachStatus:
-    """Diagnose, without touching the process, why attaching to `pid` would fail.
-
-    Raises NoSuchProcess, ZombieProcess, Unsupported (kernel thread, procksm itself, not
-    x86_64), UsageError (a thread id), TargetBusy (already traced) or AccessDenied
-    (uid, capability, Yama), each with a one-line message that says what to do.
-    """
-    require_x86_64()
-    if pid <= 0:
-        raise NoSuchProcess(pid)
-    if pid == os.getpid():
-        raise Unsupported(f"pid {pid} is procksm itself; it cannot attach to itself")
-    try:
-        status = _read_status(pid)
-        stat = read_stat_fields(pid)
-        proc_owner = os.stat(f"/proc/{pid}").st_uid
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError:
-        raise AccessDenied(
-            pid, f"cannot read /proc/{pid} (is /proc mounted with hidepid=?): run as root"
-        ) from None
-    name = status.get("Name", "?")
-    tgid = int(status.get("Tgid", pid))
-    if tgid == os.getpid():
-        raise Unsupported(f"pid {pid} is a thread of procksm itself; it cannot attach to itself")
-    if tgid != pid:
-        raise UsageError(f"pid {pid} is a thread of process {tgid} ({name}); give pid {tgid}")
-    state = status.get("State", "?")[:1]
-    if state == "X":
-        raise NoSuchProcess(pid)
-    if int(stat[6]) & PF_KTHREAD:
-        raise Unsupported(f"pid {pid} ({name}) is a kernel thread: it has no user memory to merge")
-    if state == "Z" and not _live_threads(pid):
-        raise ZombieProcess(pid, name)
-    tracer = int(status.get("TracerPid", "0"))
-    if tracer:
-        raise TargetBusy(pid, _traced_message(pid, name, tracer))
-    if "shstk" in status.get("x86_Thread_features", "").split():
-        # The way back of an injected call is a `ret` into the sigreturn trampoline
-        # (procksm.sigframe), which a user shadow stack would refuse (SIGSEGV).
-        raise Unsupported(
-            f"pid {pid} ({name}) uses a user shadow stack (x86_Thread_features: shstk): "
-            "procksm's injected calls return with `ret`, which it would refuse"
-        )
-
-    uids, gids = _ids(status.get("Uid", "0 0 0 0")), _ids(status.get("Gid", "0 0 0 0"))
-    my_cap_eff, my_cap_prm = _own_capabilities()
-    has_cap = bool(my_cap_eff >> CAP_SYS_PTRACE & 1)
-    other = _other_namespaces(pid)
-    yama = yama_denial(_yama_scope(), has_cap, _is_descendant(pid, os.getpid()))
-    if yama:
-        raise AccessDenied(pid, f"not permitted to trace pid {pid} ({name}): {yama}")
-    denial = permission_denial(
-        pid=pid,
-        name=name,
-        target_uids=uids,
-        target_gids=gids,
-        # A non-dumpable process has its /proc files owned by root instead of its euid.
-        dumpable=proc_owner == uids[1],
-        my_uid=os.getuid(),
-        my_gid=os.getgid(),
-        has_cap=has_cap,
-        target_cap_prm=int(status.get("CapPrm", "0"), 16),
-        my_cap_prm=my_cap_prm,
-        other_user_ns="user" in other,
-    )
-    if denial:
-        raise AccessDenied(pid, denial)
-
-    notes = []
-    nspid = _ids(status.get("NSpid", str(pid)))
-    if "pid" in other:
-        notes.append(
-            f"in another PID namespace (pid {nspid[-1]} there); ptrace and process_vm_readv "
-            "work across namespaces"
-        )
-    if "mnt" in other:
-        notes.append("in another mount namespace (memfds are handed over by socket, not path)")
-    if "user" in other:
-        notes.append("in another user namespace")
-    if state == "T":
-        notes.append("stopped by job control (SIGSTOP/SIGTSTP): procksm keeps it stopped")
-    seccomp = int(status.get("Seccomp", "0"))
-    if seccomp:
-        notes.append("has a seccomp filter: injected system calls pass through it")
-    return AttachStatus(
-        pid=pid,
-        name=name,
-        state=state,
-        uid=uids[0],
-        threads=int(status.get("Threads", "1")),
-        nspid=nspid,
-        other_namespaces=tuple(other),
-        seccomp=seccomp,
-        start_time=int(stat[19]),
-        notes=tuple(notes),
-    )
-
-
-def _live_threads(pid: int) -> list[int]:
-    """Threads of `pid` that are not zombies (a leader may exit before its threads)."""
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return []
-    return [t for t in tids if _thread_state(pid, t) not in (None, "Z", "X")]
-
-
-def _traced_message(pid: int, name: str, tracer: int) -> str:
-    if _is_own_thread(tracer):
-        return f"pid {pid} ({name}) is already being traced by this procksm process"
-    return (
-        f"pid {pid} ({name}) is already traced by pid {tracer} ({_comm(tracer)}); "
-        "detach that debugger or tracer first"
-    )
-
-
-def _is_own_thread(tid: int) -> bool:
-    return os.path.exists(f"/proc/{os.getpid()}/task/{tid}")
-
-
-def _other_namespaces(pid: int) -> list[str]:
-    other = []
-    for ns in ("pid", "mnt", "net", "user"):
-        try:
-            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
-                other.append(ns)
-        except OSError:
-            continue  # not permitted to look: unknown, not an error
-    return other
 
 
 PTRACE_SECCOMP_GET_FILTER = 0x420C
@@ -523,7 +233,7 @@ def _seccomp_filters(tid: int) -> list[bytes]:
 # (name, number, arguments like procksm's, essential): what a seccomp filter is asked.
 # Not essential: calls procksm does without when they fail (the pidfd hand-over falls
 # back to SCM_RIGHTS, the guard's refusal is reported); killing or trapping still counts.
-_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, 0x10, MAP_ANONYMOUS
+_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS
 _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("memfd_create", SYS_memfd_create, (0, MFD_CLOEXEC), True),
     ("ftruncate", SYS_ftruncate, (3, 2 * PAGE_SIZE), True),
@@ -533,8 +243,8 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("mprotect", SYS_mprotect, (1 << 30, PAGE_SIZE, PROT_READ), True),
     ("mremap", SYS_mremap, (1 << 30, PAGE_SIZE, PAGE_SIZE, 7, 1 << 31), True),
     ("munmap", SYS_munmap, (1 << 30, PAGE_SIZE), True),
-    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 4), True),  # MADV_DONTNEED
-    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, 22), True),  # MADV_POPULATE_READ
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
     ("close", SYS_close, (3,), True),
     (
         "futex",
@@ -543,38 +253,18 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
         True,
     ),
     ("rt_sigreturn", SYS_rt_sigreturn, (), True),
-    ("pidfd_open", 434, (1, 0), False),
-    ("pidfd_getfd", 438, (3, 3, 0), False),
-    ("socket", 41, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
-    ("bind", 49, (3, 1 << 30, 40), False),
-    ("recvmsg", 47, (3, 1 << 30, 0), False),
-    ("seccomp", 317, (1, 0, 1 << 30), False),
+    ("pidfd_open", SYS_pidfd_open, (1, 0), False),
+    ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
+    ("socket", SYS_socket, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
+    ("bind", SYS_bind, (3, 1 << 30, 40), False),
+    ("recvmsg", SYS_recvmsg, (3, 1 << 30, 0), False),
+    ("seccomp", SYS_seccomp, (1, 0, 1 << 30), False),
     ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
 )
 _GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
     ("rt_sigreturn", SYS_rt_sigreturn, (), True),
 )
-
-
-def has_leftovers(pid: int) -> bool:
-    """Whether a procksm that died left something in `pid` (see
-    StoppedTarget._remove_leftovers): its scratch area, or a memfd fd of its."""
-    try:
-        if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
-            return True
-        return any(
-            t.startswith(LEFTOVER_MEMFD_PREFIX) for t in procfs.list_fd_targets(pid).values()
-        )
-    except ProcksmError:
-        return False
-
-
-def remove_leftovers(pid: int) -> int:
-    """Remove what a procksm that died left in `pid`; returns how many things."""
-    with PtraceSession(pid) as session, session.stopped() as target:
-        target.scratch()  # removes the leftovers first, then maps its own
-        return target.leftovers_removed
 
 
 # --- the session -----------------------------------------------------------------------
@@ -599,7 +289,7 @@ class _Tracee:
     saved: Registers | None = None  # its own registers, read when it stopped
     dirty: bool = False  # registers changed (only true inside an injection)
     held_signals: list[bytes] = field(default_factory=list)  # siginfo, re-sent at resume
-    # Kill safety (procksm.sigframe): once armed, the thread's own state is in a frame
+    # Kill safety (procksm.arch.x86_64): once armed, the thread's own state is in a frame
     # on its stack, and whatever registers it holds lead back to that frame.
     sigmask: int | None = None  # its own signal mask, while procksm has blocked all
     chain: int = 0  # rsp for an injected call: the frame its `ret` returns through
@@ -766,7 +456,7 @@ class PtraceSession:
             raise PtraceError("PtraceSession used outside its `with` block")
         try:
             start_time = int(read_stat_fields(self.pid)[19])
-        except (OSError, IndexError):
+        except (ProcksmError, OSError, IndexError):
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
         if start_time != self.status.start_time:
             raise NoSuchProcess(
@@ -781,16 +471,17 @@ class PtraceSession:
                 raise NoSuchProcess(self.pid, f"process {self.pid} has exited")
             tid = live[0]
         try:
-            fd = os.open(f"/proc/{self.pid}/task/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = procfs.open_mem(self.pid, tid)
+        except NoSuchProcess:
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
-        except PermissionError as e:
-            raise AccessDenied(self.pid, f"cannot open the memory of pid {self.pid}: {e}") from None
         try:
             gadgets = find_gadgets(self.pid, tid, fd)
-        except FileNotFoundError:
+        except NoSuchProcess:
             os.close(fd)
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited") from None
+        except ProcksmError:
+            os.close(fd)
+            raise
         except OSError as e:
             os.close(fd)
             raise PtraceError(f"pid {self.pid}: {e}") from None
@@ -811,7 +502,7 @@ class PtraceSession:
         """Notice an exec since the last window: then start over with the new program."""
         assert self._mem_fd is not None
         try:
-            same = os.pread(self._mem_fd, 3, self._syscall_insn) == SYSCALL_INSN
+            same = os.pread(self._mem_fd, 3, self._syscall_insn) == SYSCALL_RET
         except OSError:
             same = False
         if not same:
@@ -821,8 +512,8 @@ class PtraceSession:
 
     def _list_tasks(self) -> list[int]:
         try:
-            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
-        except FileNotFoundError:
+            return procfs.list_threads(self.pid)
+        except NoSuchProcess:
             return []
 
     def _stop_all(self, tracees: dict[int, _Tracee]) -> None:
@@ -879,7 +570,7 @@ class PtraceSession:
                 raise PtraceError(f"PTRACE_SEIZE of thread {tid} of pid {self.pid}: {e}") from None
             try:
                 tracer_of_tid = int(_read_status(self.pid, tid).get("TracerPid", "0"))
-            except OSError:
+            except (ProcksmError, OSError):
                 ignored.add(tid)  # the thread is gone
                 return
             if tracer_of_tid == tracer:
@@ -964,12 +655,14 @@ class PtraceSession:
         parts = []
         for tid in tids[:4]:
             try:
-                with open(f"/proc/{self.pid}/task/{tid}/wchan") as f:
-                    wchan = f.read().strip() or "-"
-            except OSError:
+                wchan = procfs.read_wchan(self.pid, tid)
+            except (ProcksmError, OSError):
                 wchan = "?"
+            nr = procfs.read_thread_syscall(self.pid, tid)
+            within = f", in {x86_64.syscall_name(nr)}" if nr is not None else ""
             parts.append(
-                f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, wchan {wchan})"
+                f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, "
+                f"wchan {wchan}{within})"
             )
         states = {_thread_state(self.pid, tid) for tid in tids[:4]}
         # D: a sleep nothing interrupts; R: runnable threads that got no CPU in time
@@ -1243,12 +936,10 @@ class StoppedTarget:
             raise PtraceError("undo_on_death blocks nest too deep")
         gadgets = self._session._gadgets
         assert injector.saved is not None
-        at = injector.own_frame - (2 + len(self._undo)) * sigframe.FRAME_STRIDE
+        at = injector.own_frame - (2 + len(self._undo)) * x86_64.FRAME_STRIDE
         regs = injector.saved.copy()
-        regs.rip, regs.rsp, regs.rax = gadgets.syscall, injector.chain, nr
-        for name, value in zip(_ARGUMENT_REGISTERS, args, strict=False):
-            setattr(regs, name, unsigned(value))
-        frame = sigframe.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+        x86_64.load_syscall(regs, nr, *args, pc=gadgets.syscall, sp=injector.chain)
+        frame = x86_64.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
         self.write_memory(at, frame.data)
         _step("undo", injector.tid)
         self._undo.append(injector.chain)
@@ -1329,13 +1020,13 @@ class StoppedTarget:
     def _injector(self) -> _Tracee:
         """The thread injected calls run in: the main thread, unless it sleeps in a call
         restarted through its restart block and another thread does not (if procksm
-        died, that call would be re-issued with its whole timeout, procksm.sigframe)."""
+        died, that call would be re-issued with its whole timeout, procksm.arch.x86_64)."""
         if self._injector_tid is None:
             candidates = sorted(self._tracees.values(), key=lambda t: t.tid != self.pid)
             if not candidates:
                 raise NoSuchProcess(self.pid, f"process {self.pid} has no threads left")
             best = next(
-                (t for t in candidates if t.saved and not sigframe.restarts_through_block(t.saved)),
+                (t for t in candidates if t.saved and not x86_64.restarts_through_block(t.saved)),
                 candidates[0],
             )
             self._injector_tid = best.tid
@@ -1354,11 +1045,11 @@ class StoppedTarget:
         if tid not in self._own_masks:
             self._own_masks[tid] = get_sigmask(tid)
         own_mask = self._own_masks[tid]
-        image = sigframe.signal_xstate(get_xstate(tid))
+        image = x86_64.signal_xstate(get_xstate(tid))
         # Below the own frame: the wake-up frame, then room for undo frames (undo_on_death)
-        low, own_at, fpstate = sigframe.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
+        low, own_at, fpstate = x86_64.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
         self._check_stack_room(maps, tid, low - _ARGUMENT_ROOM, saved.rsp)
-        own = sigframe.build_frame(
+        own = x86_64.build_frame(
             own_at, self._resume_state(tid, saved), own_mask,
             pretcode=gadgets.sigreturn, fpstate=fpstate,
         )  # fmt: skip
@@ -1367,24 +1058,28 @@ class StoppedTarget:
         chain = start = own_at
         if wake:
             step = saved.copy()
-            step.rip, step.rsp, step.rax = gadgets.syscall, own_at, SYS_futex
-            step.rdi, step.rsi, step.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
-            step.r10, step.r8, step.r9 = 0, wake, FUTEX_OP_SET_1
-            chain = start = own_at - sigframe.FRAME_STRIDE
-            first = sigframe.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+            x86_64.load_syscall(
+                step, SYS_futex, wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, wake, FUTEX_OP_SET_1,
+                pc=gadgets.syscall, sp=own_at,
+            )  # fmt: skip
+            chain = start = own_at - x86_64.FRAME_STRIDE
+            first = x86_64.build_frame(start, step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
             blob = first.data.ljust(own_at - start, b"\0") + blob
         write_memory(self._memory_tid(), start, blob)
         _step("frames", tid)
         if wake or wait:
             idle = saved.copy()
-            idle.rip, idle.rsp, idle.rax = gadgets.syscall, own_at, SYS_futex
             idle.orig_rax = unsigned(-1)
             if wake:
-                idle.rdi, idle.rsi, idle.rdx = wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF
-                idle.r10, idle.r8, idle.r9 = 0, wake, FUTEX_OP_SET_1
+                x86_64.load_syscall(
+                    idle, SYS_futex, wake, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, wake,
+                    FUTEX_OP_SET_1, pc=gadgets.syscall, sp=own_at,
+                )  # fmt: skip
             else:
-                idle.rdi, idle.rsi, idle.rdx = wait, FUTEX_WAIT_PRIVATE, 0
-                idle.r10 = wait + (_GATE_TIMEOUT - _GATE)
+                x86_64.load_syscall(
+                    idle, SYS_futex, wait, FUTEX_WAIT_PRIVATE, 0, wait + (_GATE_TIMEOUT - _GATE),
+                    pc=gadgets.syscall, sp=own_at,
+                )  # fmt: skip
             tracee.dirty = True
             set_regs(tid, idle)
             _step("arm", tid)
@@ -1396,7 +1091,7 @@ class StoppedTarget:
 
     def _resume_state(self, tid: int, saved: Registers) -> Registers:
         """The registers the thread's own-state frame returns to: the kernel's restart
-        fix-up applied (procksm.sigframe.own_state), and the abort handler of an rseq
+        fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of an rseq
         critical section it was stopped in, as the kernel would on its way back to user
         space (kernel/rseq.c rseq_ip_fixup): after an injected call the thread returns
         to user space outside the section, which clears the section's pointer, so the
@@ -1404,9 +1099,9 @@ class StoppedTarget:
         restarted = None
         if saved.orig_rax == SYS_restart_syscall:
             code = read_memory(self._memory_tid(), saved.rip - 9, 7)
-            restarted = sigframe.restarted_call(code)
+            restarted = x86_64.restarted_call(code)
         try:
-            regs = sigframe.own_state(saved, restarted)
+            regs = x86_64.own_state(saved, restarted)
         except ValueError as e:
             raise Unsupported(
                 f"pid {self.pid}, thread {tid}: {e}; procksm cannot give it a way back "
@@ -1445,7 +1140,7 @@ class StoppedTarget:
         """Like syscall(), but raise InjectedSyscallError on a -errno result."""
         result = self.syscall(nr, *args, tid=tid)
         if -4095 <= result < 0:
-            raise InjectedSyscallError(self.pid, name or f"syscall {nr}", -result)
+            raise InjectedSyscallError(self.pid, name or x86_64.syscall_name(nr), -result)
         return result
 
     def syscall_address(self) -> int:
@@ -1467,7 +1162,7 @@ class StoppedTarget:
                 with procfs.MapsQuery(self._memory_tid()) as maps:
                     self._arm(injector, maps)
             # below every frame the thread may get: dead stack
-            name_at = injector.own_frame - (2 + MAX_UNDO) * sigframe.FRAME_STRIDE - _ARGUMENT_ROOM
+            name_at = injector.own_frame - (2 + MAX_UNDO) * x86_64.FRAME_STRIDE - _ARGUMENT_ROOM
             self.write_memory(name_at, SCRATCH_NAME)
             _step("name")
             fd = self.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
@@ -1544,7 +1239,7 @@ class StoppedTarget:
         return tracee
 
     def _lost(self, tid: int, e: OSError) -> ProcksmError:
-        if e.errno == errno.ESRCH and not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+        if e.errno == errno.ESRCH and not procfs.thread_exists(self.pid, tid):
             return NoSuchProcess(self.pid, f"thread {tid} of pid {self.pid} has exited")
         if e.errno == errno.ESRCH:
             # The thread lives but is not in a ptrace stop of ours: say where it is, and
@@ -1566,7 +1261,7 @@ class StoppedTarget:
             cpu = int(read_stat_fields(self.pid, tid)[36])
             if cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
-        except (OSError, IndexError, ValueError):
+        except (ProcksmError, OSError, IndexError, ValueError):
             pass  # pinning is an optimisation only
 
     def _run_syscall(self, tracee: _Tracee, insn: int, nr: int) -> Registers:

@@ -8,7 +8,6 @@ turns a :class:`~procksm.errors.ProcksmError` into one line on stderr and its ex
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Protocol
 
@@ -73,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         cmd.prepare_parser(p)
-        # Commands that inject system calls into targets run in a worker process
-        # (procksm.worker): an orderly end on SIGINT/SIGTERM/SIGKILL of the outer one.
-        p.set_defaults(_run=cmd.run, _stops_targets=name in ("merge", "unmerge", "demo", "attach"))
+        p.set_defaults(_run=cmd.run)
     return parser
 
 
@@ -85,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
-    if getattr(args, "_stops_targets", False) and os.environ.get("PROCKSM_NO_WORKER") != "1":
-        from procksm.worker import run_in_worker
-
-        return run_in_worker(lambda: _run(args))
     return _run(args)
 
 

@@ -25,12 +25,13 @@ changed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 
-from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError
 from procksm.locks import lock_dir, remove_stale_files
+from procksm.procfs import parse_coredump_filter as parse_filter
+from procksm.procfs import read_coredump_filter as read_filter
 from procksm.procfs import start_time
+from procksm.procfs import write_coredump_filter as write_filter
 
 # Bits of /proc/PID/coredump_filter (Documentation/filesystems/proc.rst, "coredump_filter")
 DUMP_ANON_PRIVATE = 1 << 0
@@ -47,41 +48,8 @@ DEFAULT_FILTER = 0x33  # the kernel's default (CONFIG_CORE_DUMP_DEFAULT_ELF_HEAD
 STATE_PREFIX = "coredump-"
 
 
-def parse_filter(text: str) -> int:
-    """The kernel prints the filter as 8 hex digits without prefix ("00000033")."""
-    try:
-        return int(text.strip(), 16)
-    except ValueError:
-        raise ProcksmError(f"cannot parse coredump_filter {text!r}") from None
-
-
 def format_filter(value: int) -> str:
     return f"{value:08x}"
-
-
-def _os_error(pid: int, e: OSError, what: str) -> ProcksmError:
-    if e.errno in (errno.ENOENT, errno.ESRCH):
-        return NoSuchProcess(pid)
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return AccessDenied(pid, f"cannot {what} /proc/{pid}/coredump_filter: {e.strerror}")
-    return ProcksmError(f"pid {pid}: cannot {what} /proc/{pid}/coredump_filter: {e.strerror}")
-
-
-def read_filter(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/coredump_filter") as f:
-            return parse_filter(f.read())
-    except OSError as e:
-        raise _os_error(pid, e, "read") from None
-
-
-def write_filter(pid: int, value: int) -> None:
-    try:
-        with open(f"/proc/{pid}/coredump_filter", "w") as f:
-            # the kernel parses it with kstrtouint(base 0): a 0x prefix makes it hex
-            f.write(f"{value:#x}\n")
-    except OSError as e:
-        raise _os_error(pid, e, "write") from None
 
 
 def state_path(pid: int) -> str:

@@ -63,6 +63,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from procksm import procfs
+from procksm.arch import x86_64
 from procksm.closing import Closing
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, Unsupported
 from procksm.slots import FileIdentity
@@ -75,7 +77,13 @@ AT_FDCWD = -100
 
 # Linux syscall numbers of what the target must execute, per architecture.
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"socket": 41, "bind": 49, "recvmsg": 47, "close": 3, "openat": 257},
+    "x86_64": {
+        "socket": x86_64.SYS_socket,
+        "bind": x86_64.SYS_bind,
+        "recvmsg": x86_64.SYS_recvmsg,
+        "close": x86_64.SYS_close,
+        "openat": x86_64.SYS_openat,
+    },
     "aarch64": {"socket": 198, "bind": 200, "recvmsg": 212, "close": 57, "openat": 56},
 }
 
@@ -117,12 +125,6 @@ def _syscall_numbers() -> dict[str, int]:
 # --------------------------------------------------------------------------------------
 
 
-def _ns_path(pid: int | None) -> str:
-    # thread-self, not self: /proc/self/ns/net is the thread-group leader's namespace,
-    # which is not the calling thread's while another thread is inside run_in_netns.
-    return "/proc/thread-self/ns/net" if pid is None else f"/proc/{pid}/ns/net"
-
-
 def _ns_error(pid: int, exc: OSError, what: str) -> ProcksmError:
     if isinstance(exc, FileNotFoundError | ProcessLookupError):
         return NoSuchProcess(pid)
@@ -137,11 +139,7 @@ def _ns_error(pid: int, exc: OSError, what: str) -> ProcksmError:
 
 def netns_identity(pid: int | None = None) -> FileIdentity:
     """(dev, ino) of the network namespace of ``pid`` (None: the calling thread)."""
-    try:
-        st = os.stat(_ns_path(pid))
-    except OSError as exc:
-        raise _ns_error(pid or os.getpid(), exc, "read") from exc
-    return FileIdentity(st.st_dev, st.st_ino)
+    return FileIdentity(*procfs.namespace_identity(pid, "net"))
 
 
 def current_netns_inode(pid: int | None = None) -> int:
@@ -163,12 +161,9 @@ def in_netns(pid: int) -> Iterator[None]:
     """Run the body with the *calling thread* in ``pid``'s network namespace; restore it
     on every exit path. Prefer :func:`run_in_netns`, which never moves a thread that
     outlives the body."""
+    target_fd = procfs.open_namespace(pid, "net")
     try:
-        target_fd = os.open(_ns_path(pid), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _ns_error(pid, exc, "open") from exc
-    try:
-        own_fd = os.open(_ns_path(None), os.O_RDONLY | os.O_CLOEXEC)
+        own_fd = procfs.open_namespace(None, "net")
         try:
             _enter_netns(target_fd, pid)
             try:
@@ -474,19 +469,8 @@ def verify_received_fd(pid: int, fd: int, segment: _HasIdentity | FileIdentity) 
     """Is fd ``fd`` of ``pid`` the memfd of ``segment``? (stat through /proc/PID/fd/N,
     which follows to the open file; needs PTRACE_MODE_READ on the target.)"""
     want = segment if isinstance(segment, FileIdentity) else segment.identity
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except FileNotFoundError:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise NoSuchProcess(pid) from None
-        return False
-    except PermissionError as exc:
-        raise AccessDenied(pid, f"cannot check fd {fd} of pid {pid}: permission denied") from exc
-    return FileIdentity(st.st_dev, st.st_ino) == want
-
-
-def _ns_inode(pid: int | str, kind: str) -> int:
-    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    found = procfs.fd_identity(pid, fd)
+    return found is not None and FileIdentity(*found) == want
 
 
 def proc_open_possible(target_pid: int) -> bool:
@@ -494,10 +478,10 @@ def proc_open_possible(target_pid: int) -> bool:
     mount namespaces. The kernel still checks PTRACE_MODE_READ of procksm by the target
     (root or same-uid targets only): the injected openat may return -EACCES; fall back to
     SCM_RIGHTS then."""
-    try:
-        return all(_ns_inode(target_pid, k) == _ns_inode("self", k) for k in ("pid", "mnt"))
-    except OSError as exc:
-        raise _ns_error(target_pid, exc, "read") from exc
+    return all(
+        procfs.namespace_identity(target_pid, k) == procfs.namespace_identity("self", k)
+        for k in ("pid", "mnt")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,5 +499,5 @@ def proc_open_plan(scratch_addr: int, procksm_fd: int) -> ProcOpenPlan:
     Opening the magic link creates a new open file description with the mode the opener
     asks for (O_RDONLY here); only the seals stop a privileged target that asked for more.
     Verify the result with :func:`verify_received_fd` all the same."""
-    path = f"/proc/{os.getpid()}/fd/{procksm_fd}".encode() + b"\0"
+    path = procfs.own_fd_path(procksm_fd).encode() + b"\0"
     return ProcOpenPlan(scratch_addr, path)

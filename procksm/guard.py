@@ -28,7 +28,7 @@ touches a merged mapping:
   INTERRUPT), which withdraws the notification — the waiting thread's call returns
   -ERESTARTSYS and the kernel restarts it when the thread resumes — unmerges the
   merged pages of the range (exact bytes, private anonymous memory again,
-  ``procksm.merge.unmerge_pieces``) and resumes. The restarted call finds anonymous
+  ``procksm.unmerge.unmerge_pieces``) and resumes. The restarted call finds anonymous
   memory only and runs exactly as without procksm.
 
 procksm's own injected ``madvise`` (dropping zero pages) comes from the vDSO's syscall
@@ -64,14 +64,20 @@ import time
 from typing import TYPE_CHECKING
 
 from procksm import procfs
-from procksm.errors import NoSuchProcess, ProcksmError
-from procksm.guardd import (
+from procksm.arch.x86_64 import (
     AUDIT_ARCH_I386,
     AUDIT_ARCH_X86_64,
-    GUARDED_ADVICE,
     NR_MADVISE,
     NR_MREMAP,
     X32_SYSCALL_BIT,
+    SYS_close,
+    SYS_pidfd_getfd,
+    SYS_prctl,
+    SYS_seccomp,
+)
+from procksm.errors import NoSuchProcess, ProcksmError
+from procksm.guardd import (
+    GUARDED_ADVICE,
     Notification,
     guard_argv,
     guard_env,
@@ -90,9 +96,6 @@ SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 1 << 4
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 
-SYS_seccomp = 317
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
 PR_SET_NO_NEW_PRIVS = 38
 CAP_SYS_ADMIN = 21
 
@@ -236,8 +239,6 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     """Install the guard's filter in the stopped target; returns (listener fd in
     procksm, exempt instruction pointer or 0), or None when the process is guarded
     already through a filter it inherited. All threads get it (TSYNC)."""
-    from procksm.inject import SYS_close, SYS_prctl
-
     # procksm's calls run through a libc wrapper `mov eax, imm; syscall; ret` whose
     # immediate is not madvise or mremap (procksm.inject.find_gadgets): the target itself
     # reaches that instruction only with its own immediate, so exempting it exempts
@@ -330,14 +331,6 @@ def has_guard_filter(tid: int) -> bool:
     return False
 
 
-def _fd_links(pid: int) -> list[tuple[int, str]]:
-    out = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
-    return out
-
-
 # --- talking to the guard process ------------------------------------------------------
 
 
@@ -368,7 +361,11 @@ class GuardClient:
         is handed over as before, after seccomp())."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
-        own = [fd for fd, link in _fd_links(pid) if link == "anon_inode:seccomp notify"]
+        own = [
+            fd
+            for fd, link in procfs.list_fd_targets(pid).items()
+            if link == "anon_inode:seccomp notify"
+        ]
         try:
             s = self.connect()
             s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())
@@ -421,8 +418,8 @@ class GuardClient:
         log = os.open(os.path.join(os.path.dirname(self.path), "guard.log"),
                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # fmt: skip
         try:
-            # Its own session: it must outlive this procksm (and its worker's
-            # PDEATHSIG and process group), since targets depend on it; it leaves this
+            # Its own session: it must outlive this procksm (and its process group),
+            # since targets depend on it; it leaves this
             # procksm's cgroup on its own (procksm.guardd).
             subprocess.Popen(
                 [*guard_argv(), "--socket", self.path],

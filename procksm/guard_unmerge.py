@@ -2,7 +2,7 @@
 
 The resident guard (procksm.guardd) stays small by never importing the merging code
 (numpy alone is ~20 MiB of private memory); when a guarded call touches merged pages it
-asks this child, over a pipe, to unmerge them with ``procksm.merge.unmerge_pieces``.
+asks this child, over a pipe, to unmerge them with ``procksm.unmerge.unmerge_pieces``.
 One request a line, one answer a line:
 
     unmerge TGID START END [START END ...]  ->  ok PAGES | error MESSAGE
@@ -23,7 +23,7 @@ IDLE_S = 30.0
 
 def _answer(words: list[str]) -> str:
     from procksm.errors import ProcksmError
-    from procksm.merge import merged_ranges, unmerge_pieces
+    from procksm.unmerge import merged_ranges, unmerge_pieces
 
     try:
         tgid = int(words[1])
@@ -42,7 +42,7 @@ def _answer(words: list[str]) -> str:
 
 
 def main() -> int:
-    import procksm.merge  # noqa: F401  (before the first request: ~0.3 s of imports)
+    import procksm.unmerge  # noqa: F401  (before the first request: ~0.3 s of imports)
 
     buf = b""
     while True:

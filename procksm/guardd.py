@@ -35,7 +35,7 @@ Kernel facts behind the rules:
 The guard imports no numpy (``PROCKSM_GUARD_LEAN=1`` keeps procksm/__init__ from
 importing it, ``-S`` skips site's imports): unmerging a range runs in a helper
 process (``procksm.guard_unmerge``, started on demand, exits when idle) that calls
-``procksm.merge.unmerge_pieces``.
+``procksm.unmerge.unmerge_pieces``.
 """
 
 from __future__ import annotations
@@ -52,11 +52,18 @@ import sys
 import time
 
 from procksm import PAGE_SIZE
+from procksm.arch.x86_64 import (
+    AUDIT_ARCH_I386,
+    AUDIT_ARCH_X86_64,
+    MREMAP_DONTUNMAP,
+    NR_MADVISE,
+    NR_MREMAP,
+    X32_SYSCALL_BIT,
+    SYS_kcmp,
+    SYS_pidfd_getfd,
+)
 
-# include/uapi/linux/audit.h, seccomp.h
-AUDIT_ARCH_X86_64 = 0xC000003E
-AUDIT_ARCH_I386 = 0x40000003
-X32_SYSCALL_BIT = 0x40000000
+# include/uapi/linux/seccomp.h
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 # _IOWR('!', 0, struct seccomp_notif), _IOWR('!', 1, struct seccomp_notif_resp),
 # _IOW('!', 2, __u64)
@@ -66,17 +73,13 @@ SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif (80 bytes)
 _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp (24 bytes)
 
-# x86_64 and i386 (int 0x80 from a 64-bit process) system call numbers
-NR_MADVISE = {AUDIT_ARCH_X86_64: 28, AUDIT_ARCH_I386: 219}
-NR_MREMAP = {AUDIT_ARCH_X86_64: 25, AUDIT_ARCH_I386: 163}
 # The advice values whose effect differs on a MAP_PRIVATE file page (docs/design.md §3.1-3.2):
 # DONTNEED / DONTNEED_LOCKED refill from the file, FREE and WIPEONFORK fail with EINVAL
 # on file mappings, REMOVE punches the file (refused as EACCES for a read-only fd).
 GUARDED_ADVICE = {4: "MADV_DONTNEED", 8: "MADV_FREE", 9: "MADV_REMOVE",
                   18: "MADV_WIPEONFORK", 24: "MADV_DONTNEED_LOCKED"}  # fmt: skip
-MREMAP_DONTUNMAP = 4
 
-# procksm.merge.SEGMENT_NAME_PREFIX (not imported: procksm.merge imports numpy);
+# procksm.slots.SEGMENT_NAME_PREFIX (not imported: procksm.slots imports numpy);
 # tests/test_guard_life.py checks that the two agree.
 SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 
@@ -932,7 +935,7 @@ class Guard:
         if self._stopping:
             raise _Exit(0)
 
-    # installing a filter: procksm's worker may die at any instruction
+    # installing a filter: procksm may die at any instruction
 
     def _expect(self, conn: socket.socket, words: list[str]) -> str:
         """``expect PID START OWN``: procksm is about to inject seccomp() into PID, whose
@@ -1293,8 +1296,7 @@ def _tgid(tid: int) -> int:
     raise ValueError(tid)
 
 
-SYS_kcmp, KCMP_FILE = 312, 0
-SYS_pidfd_getfd = 438
+KCMP_FILE = 0
 
 
 def _same_file(fd1: int, fd2: int) -> bool:
@@ -1406,7 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
         print("procksm.guardd: --socket PATH is required", file=sys.stderr)
         return 2
     if TEST_OFF == "lean":
-        import procksm.merge  # noqa: F401
+        import numpy  # noqa: F401
     guard = Guard(path, idle_exit)
     _signals(guard)
     state = os.environ.pop(STATE_ENV, None)

@@ -1,12 +1,17 @@
-"""Thin ctypes layer over ptrace(2), wait(2) and process_vm_readv/writev(2), x86_64 only.
+"""Thin ctypes layer over ptrace(2), wait(2) and process_vm_readv/writev(2).
+
+What is x86_64's (the register structure, system call numbers, instruction patterns)
+comes from :mod:`procksm.arch.x86_64`.
 
 Everything here is mechanism; the policy (which threads, in which order, what to do
 with each kind of stop) lives in :mod:`procksm.attach`. The functions raise
 :class:`OSError` with the errno; ``attach`` translates them into procksm errors.
 
-python-ptrace (``ptrace.binding``) has the same calls, but it attaches main threads
-only and has no injection helper; the ten calls needed here are simpler to own than to
-adapt, and owning them keeps the types exact for mypy.
+python-ptrace (``ptrace.binding``) has the same calls, but it raises its own error type
+(the ptrace boundary here decides on ``OSError.errno``), attaches main threads only and
+has no injection helper; the ten calls needed here are simpler to own than to adapt
+(docs/dependencies.md). Its system call table names calls in messages
+(``procksm.arch.x86_64.syscall_name``).
 """
 
 from __future__ import annotations
@@ -15,16 +20,28 @@ import ctypes
 import enum
 import errno
 import os
-import platform
 import re
 import signal
 import time
 from dataclasses import dataclass
 
-# ptrace requests (linux/ptrace.h, x86_64).
+from procksm import procfs
+from procksm.arch.x86_64 import (
+    NT_X86_XSTATE,
+    PTRACE_GETREGS,
+    PTRACE_SETREGS,
+    RESTORE_RT,
+    WRAPPER_PATTERN,
+    WRAPPER_SYSCALL_OFFSET,
+    XSTATE_MAX,
+    Registers,
+    SYS_madvise,
+    SYS_mremap,
+    SYS_tgkill,
+)
+
+# ptrace requests (linux/ptrace.h).
 PTRACE_CONT = 7
-PTRACE_GETREGS = 12
-PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_GETEVENTMSG = 0x4201
@@ -36,7 +53,6 @@ PTRACE_INTERRUPT = 0x4207
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
-NT_X86_XSTATE = 0x202
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACECLONE = 0x08
@@ -48,38 +64,8 @@ PTRACE_EVENT_STOP = 128
 
 WALL = 0x40000000  # __WALL: wait for clone children (threads) too
 
-# x86_64 system call numbers this package injects or recognises in a stopped thread.
-SYS_close = 3
-SYS_mmap = 9
-SYS_mprotect = 10
-SYS_munmap = 11
-SYS_rt_sigreturn = 15
-SYS_mremap = 25
-SYS_madvise = 28
-SYS_ftruncate = 77
-SYS_futex = 202
-SYS_memfd_create = 319
-SYS_getpid = 39
-SYS_prctl = 157
-SYS_gettid = 186
-SYS_tgkill = 234
-SYS_restart_syscall = 219
-SYS_epoll_wait = 232
-SYS_epoll_pwait = 281
-SYS_epoll_pwait2 = 441
-
-# Kernel-internal restart codes a thread shows in rax when stopped inside a blocking
-# syscall (include/linux/errno.h). They never reach user space when the kernel finishes
-# its signal-return path; docs/design.md §2.7.
-ERESTARTSYS = 512
-ERESTARTNOINTR = 513
-ERESTARTNOHAND = 514
-ERESTART_RESTARTBLOCK = 516
-RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK})
-
 SIGINFO_SIZE = 128
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-SYSCALL_INSN = b"\x0f\x05\xc3"  # the `syscall; ret` injected system calls run
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -98,77 +84,6 @@ _libc.process_vm_readv.argtypes = [
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
-
-# fmt: off
-_REG_NAMES = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
-    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
-    "es", "fs", "gs",
-)
-# fmt: on
-
-
-class Registers(ctypes.Structure):
-    """``struct user_regs_struct`` of x86_64 (sys/user.h), as PTRACE_GETREGS fills it."""
-
-    _fields_ = [(name, ctypes.c_ulong) for name in _REG_NAMES]
-    r15: int
-    r14: int
-    r13: int
-    r12: int
-    rbp: int
-    rbx: int
-    r11: int
-    r10: int
-    r9: int
-    r8: int
-    rax: int
-    rcx: int
-    rdx: int
-    rsi: int
-    rdi: int
-    orig_rax: int
-    rip: int
-    cs: int
-    eflags: int
-    rsp: int
-    ss: int
-    fs_base: int
-    gs_base: int
-    ds: int
-    es: int
-    fs: int
-    gs: int
-
-    def copy(self) -> Registers:
-        return Registers.from_buffer_copy(self)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _REG_NAMES}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Registers) and bytes(self) == bytes(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def signed(value: int) -> int:
-    """A 64-bit register value as a signed integer (rax carries -errno)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def unsigned(value: int) -> int:
-    return value & ((1 << 64) - 1)
-
-
-def require_x86_64() -> None:
-    from procksm.errors import Unsupported
-
-    machine = platform.machine()
-    if machine != "x86_64":
-        raise Unsupported(
-            f"procksm injects system calls with x86_64 registers; this machine is {machine}"
-        )
 
 
 def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
@@ -194,13 +109,10 @@ def set_regs(tid: int, regs: Registers) -> None:
 
 def get_xstate(tid: int) -> bytes:
     """The thread's XSAVE image (PTRACE_GETREGSET NT_X86_XSTATE, standard format)."""
-    buf = ctypes.create_string_buffer(_XSTATE_MAX)
-    iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), _XSTATE_MAX)
+    buf = ctypes.create_string_buffer(XSTATE_MAX)
+    iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_MAX)
     ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
     return buf.raw[: iov.iov_len]
-
-
-_XSTATE_MAX = 16384  # > 11,008, the largest XSAVE image of today's CPUs (AVX-512 + AMX)
 
 
 def get_sigmask(tid: int) -> int:
@@ -388,9 +300,8 @@ class Gadgets:
 # `mov eax, imm32` before `syscall; ret`: a libc wrapper (getpid, getuid, sched_yield...).
 # Its immediate must not be a call the madvise guard catches: the guard exempts this
 # instruction's address (the target reaches it only with its own immediate in eax).
-_WRAPPER = re.compile(rb"\xb8([\x00-\xff])\x00\x00\x00\x0f\x05\xc3", re.DOTALL)
+_WRAPPER = re.compile(WRAPPER_PATTERN, re.DOTALL)
 _GUARDED_NUMBERS = frozenset({SYS_madvise, SYS_mremap})
-_RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"
 
 
 def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
@@ -405,15 +316,12 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
     code (a JIT) could change under us.
     """
     mappings = []
-    with open(f"/proc/{pid}/task/{tid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) < 6 or fields[1][0] != "r" or fields[1][1:3] != "-x":
-                continue
-            if not fields[5].startswith("/"):
-                continue  # anonymous, [vdso] (no `syscall; ret`, kernel-specific), [vsyscall]
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            mappings.append((start, end, int(fields[2], 16), fields[5]))
+    for v in procfs.read_thread_maps(pid, tid):
+        if v.perms[0] != "r" or v.perms[1:3] != "-x":
+            continue
+        if not v.path.startswith("/"):
+            continue  # anonymous, [vdso] (no `syscall; ret`, kernel-specific), [vsyscall]
+        mappings.append((v.start, v.end, v.offset, v.path))
     # libc and the loader first: they have both, and the choice stays the same run after
     # run (the madvise guard's filter exempts the address procksm found the first time)
     mappings.sort(key=lambda m: not any(n in m[3] for n in ("/libc.", "/libc-", "/ld-")))
@@ -423,10 +331,10 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
         if not syscall:
             for m in _WRAPPER.finditer(code):
                 if m.group(1)[0] not in _GUARDED_NUMBERS:
-                    syscall = start + m.start() + 5
+                    syscall = start + m.start() + WRAPPER_SYSCALL_OFFSET
                     break
         if not sigreturn:
-            found = code.find(_RESTORE_RT)
+            found = code.find(RESTORE_RT)
             if found >= 0:
                 sigreturn = start + found
         if syscall and sigreturn:
@@ -437,15 +345,12 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
 def _mapped_code(
     pid: int, tid: int, mem_fd: int, start: int, end: int, offset: int, path: str
 ) -> bytes:
-    for name in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
+    fd = procfs.open_mapped_file(pid, start, end, path)
+    if fd is not None:
         try:
             return os.pread(fd, end - start, offset)
         except OSError:
-            continue
+            pass
         finally:
             os.close(fd)
     try:

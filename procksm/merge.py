@@ -20,9 +20,7 @@ One-shot flow (``procksm merge``):
    (never POPULATE_WRITE: that would copy every page), ``MADV_DONTNEED`` zero runs,
    close the fds, resume.
 
-``unmerge`` finds procksm's mappings by their memfd name in /proc/PID/maps (so any
-procksm, also after a crash, can undo them) and, stopped, replaces each with anonymous
-memory holding exactly the bytes the process saw.
+Undoing a merge is procksm.unmerge.
 """
 
 from __future__ import annotations
@@ -43,14 +41,23 @@ import numpy as np
 
 from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, ScanInput
-from procksm.attach import (
-    PtraceSession,
-    StoppedTarget,
-    check_attachable,
-    has_leftovers,
-    remove_leftovers,
+from procksm.arch.x86_64 import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_close,
+    SYS_madvise,
+    SYS_mmap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
 )
+from procksm.attach import PtraceSession, StoppedTarget
 from procksm.closing import Closing
+from procksm.diagnose import check_attachable
 from procksm.errors import AccessDenied, ProcksmError, UsageError
 from procksm.fdpass import (
     FdSender,
@@ -61,7 +68,6 @@ from procksm.fdpass import (
 )
 from procksm.hashing import hash_pages
 from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree
-from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap
 from procksm.locks import target_locks
 from procksm.plan import (
     MAX_CALLS_PER_BATCH,
@@ -77,17 +83,9 @@ from procksm.plan import (
 from procksm.reader import PageReader
 from procksm.runs import mask_runs, split_runs
 from procksm.scanner import ScanOptions, collect
-from procksm.slots import Segment, SlotStore
+from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
+from procksm.unmerge import merged_ranges
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
-MADV_DONTNEED = 4
-MADV_POPULATE_READ = 22
-SYS_pidfd_open = 434
-SYS_pidfd_getfd = 438
-MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
-# how a merged range shows in /proc/PID/maps
-SEGMENT_NAME_PREFIX = "/memfd:procksm-seg-"
 _WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
 
 ProgressFn = Callable[[str], None]
@@ -634,10 +632,8 @@ class MergeEngine(Closing):
                 if v.inode in seen:
                     continue
                 seen.add(v.inode)
-                try:
-                    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}",
-                                 os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
-                except OSError:
+                fd = procfs.open_mapped_file(pid, v.start, v.end)
+                if fd is None:
                     continue
                 # Sealed, so a segment's hashes never change: a daemon that merges batch
                 # after batch hashes each segment once (see segment_hashes).
@@ -1031,20 +1027,14 @@ def _not_an_oom_victim() -> Iterator[None]:
     the likeliest killer of a tool whose memory grows with the targets' -- can be told
     to pick something else.
     """
-    path = "/proc/self/oom_score_adj"
-    try:
-        with open(path) as f:
-            before = f.read().strip()
-        with open(path, "w") as f:
-            f.write("-1000")
-    except OSError:
+    before = procfs.swap_own_oom_score_adj("-1000")
+    if before is None:
         yield
         return
     try:
         yield
     finally:
-        with contextlib.suppress(OSError), open(path, "w") as f:
-            f.write(before)
+        procfs.swap_own_oom_score_adj(before)
 
 
 def _cpus_saturated() -> bool:
@@ -1173,138 +1163,9 @@ def _verify_zero(
     return out
 
 
-# --------------------------------------------------------------------------------------
-# Unmerge
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class UnmergeResult:
-    pid: int
-    name: str
-    pages_unmerged: int = 0
-    ranges: int = 0
-    leftovers_removed: int = 0  # fds and mappings a killed procksm had left
-    pauses: list[float] = field(default_factory=list)
-
-
-def merged_ranges(pid: int) -> list[procfs.Vma]:
-    """procksm's mappings in a target, recognised by the memfd's name."""
-    return [v for v in procfs.read_maps(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
-
-
-def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
-    """Make every procksm-merged range of ``pid`` private anonymous memory again, with
-    exactly the bytes the process sees now (its own copied-on-write pages included).
-
-    Stopped, per piece of at most ``batch_pages``: read the range, map fresh anonymous
-    memory over it (same protection), write the non-zero pages back through
-    /proc/PID/mem (works whatever the protection). Zero pages stay untouched: they read
-    as zeros, like the never-written anonymous memory they now are.
-    """
-    st0 = check_attachable(pid)
-    res = UnmergeResult(pid, st0.name)
-    with target_locks([pid]):
-        # under the lock: a merge in progress elsewhere finishes (or is refused) first
-        if has_leftovers(pid):
-            res.leftovers_removed = remove_leftovers(pid)
-        ranges = merged_ranges(pid)
-        if ranges:
-            _unmerge_ranges(pid, ranges, res, batch_pages)
-        if not merged_ranges(pid):
-            # procksm's last range is gone: give back the coredump_filter it changed
-            coredump.restore_after_unmerge(pid)
-        return res
-
-
-def _unmerge_ranges(
-    pid: int, ranges: list[procfs.Vma], res: UnmergeResult, batch_pages: int
-) -> UnmergeResult:
-    res.ranges += len(ranges)
-    res.pages_unmerged += unmerge_pieces(
-        pid, [(v.start, v.end) for v in ranges], batch_pages=batch_pages, pauses=res.pauses
-    )
-    return res
-
-
-def unmerge_pieces(
-    pid: int,
-    pieces: Sequence[tuple[int, int]],
-    *,
-    batch_pages: int = 512,
-    pauses: list[float] | None = None,
-) -> int:
-    """Unmerge procksm's pages in each [start, end) of ``pid`` (exact bytes, private
-    anonymous memory again); returns the pages unmerged. Each window re-checks, under
-    stop, which mappings are still procksm's: whatever changed since is left alone."""
-    done = 0
-    with PtraceSession(pid) as sess:
-        for start, end in pieces:
-            with procfs.MapsQuery(pid) as maps:
-                ours = [
-                    (max(v.start, start), min(v.end, end))
-                    for v in maps.vmas_in(start, end)
-                    if v.name.startswith(SEGMENT_NAME_PREFIX)
-                ]
-            for a, b in ours:
-                addr = a
-                while addr < b:
-                    n = min(batch_pages * PAGE_SIZE, b - addr)
-                    with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
-                        now = maps.vma_at(addr)
-                        if now is None or not now.name.startswith(SEGMENT_NAME_PREFIX):
-                            break  # unmapped or remapped meanwhile: not ours to replace
-                        n = min(n, now.end - addr)
-                        _unmerge_piece(st, addr, n, now.perms)
-                    done += n // PAGE_SIZE
-                    addr += n
-        if pauses is not None:
-            pauses.extend(sess.pauses)
-    return done
-
-
-def _unmerge_piece(st: StoppedTarget, addr: int, length: int, perms: str) -> None:
-    """Replace [addr, addr+length) by private anonymous memory with the same bytes, in
-    one step: the new pages are built in the scratch area's staging range, then moved
-    over the range by one mremap(MREMAP_FIXED | MREMAP_DONTUNMAP). At every instant the
-    range holds either its merged mapping or its complete new content; the staging
-    range stays mapped (DONTUNMAP), so nothing of the target's can come to lie inside
-    procksm's scratch area. Zero pages are not written: they read as zeros."""
-    st.hold_others()
-    stage, room = st.staging()
-    if length > room:
-        raise ProcksmError(f"unmerge piece of {length} bytes > staging room {room}")
-    data = st.read_memory(addr, length)
-    if len(data) != length:
-        raise ProcksmError(f"pid {st.pid}: cannot read merged range {addr:#x}")
-    prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
-    prot |= PROT_EXEC if perms[2] == "x" else 0
-    got = st.syscall_checked(
-        SYS_mmap, stage, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS,
-        -1, 0, name="mmap",
-    )  # fmt: skip
-    if got != stage:
-        raise ProcksmError(f"mmap returned {got:#x}, not {stage:#x}")
-    pages = np.frombuffer(data, np.uint64).reshape(-1, PAGE_SIZE // 8)
-    nonzero = np.flatnonzero(pages.any(axis=1))
-    if nonzero.size:
-        for run in np.split(nonzero, np.flatnonzero(np.diff(nonzero) != 1) + 1):
-            a, b = int(run[0]) * PAGE_SIZE, (int(run[-1]) + 1) * PAGE_SIZE
-            st.write_memory(stage + a, data[a:b])
-    if prot != PROT_READ | PROT_WRITE:
-        st.syscall_checked(SYS_mprotect, stage, length, prot, name="mprotect")
-    flags = MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP
-    got = st.syscall_checked(SYS_mremap, stage, length, length, flags, addr, name="mremap")
-    if got != addr:
-        raise ProcksmError(f"mremap returned {got:#x}, not {addr:#x}")
-
-
 __all__ = [
     "MergeEngine",
     "MergeOptions",
     "MergeResult",
     "merge",
-    "merged_ranges",
-    "unmerge",
-    "unmerge_pieces",
 ]

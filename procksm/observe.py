@@ -81,6 +81,7 @@ import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE, procfs
+from procksm.arch.x86_64 import MADV_DONTNEED, MREMAP_DONTUNMAP
 from procksm.closing import Closing
 from procksm.errors import NoSuchProcess, Unsupported
 
@@ -119,9 +120,7 @@ EVENT_FORMAT = "<QIIIIQQQQq"  # struct procksm_event
 EVENT_SIZE = struct.calcsize(EVENT_FORMAT)
 
 MAX_EXITED_KEPT = 1024  # exited targets whose counters stay readable
-MADV_DONTNEED = 4
 MADV_DONTNEED_LOCKED = 24
-MREMAP_DONTUNMAP = 4
 
 LifecycleKind = Literal[
     "fork", "exec", "exit", "mmap", "munmap", "mremap", "madvise", "brk", "process_madvise"
@@ -792,7 +791,7 @@ class CowObserver(Closing):
                 self._exited(pid, t)
                 self._out.append(Lifecycle("exit", pid))
             return 0
-        from procksm.merge import SEGMENT_NAME_PREFIX
+        from procksm.slots import SEGMENT_NAME_PREFIX
 
         merged = [(v.start, v.end) for v in maps if v.path.startswith(SEGMENT_NAME_PREFIX)]
         heap = [v.end for v in maps if v.path == "[heap]"]

@@ -1,4 +1,7 @@
-"""Everything procksm reads from /proc, in one place.
+"""Everything procksm reads from /proc (and the two files it writes there), in one place.
+
+The one exception is the resident madvise guard (procksm.guardd), which must not import
+numpy and keeps its few /proc reads to itself.
 
 Like psutil's ``_pslinux.py``: pure parsers (``parse_*``) that take the text of a /proc file
 and return typed records, so they are tested on fixture text, and thin readers (``read_*``)
@@ -25,7 +28,7 @@ import numpy.typing as npt
 
 from procksm import PAGE_SIZE
 from procksm.closing import Closing
-from procksm.errors import AccessDenied, NoSuchProcess, Unsupported, ZombieProcess
+from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, Unsupported, ZombieProcess
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -722,11 +725,8 @@ def parse_status_fields(text: str) -> dict[str, str]:
 
 
 def read_status_fields(pid: int, tid: int | None = None) -> dict[str, str]:
-    """/proc/PID/status (or a thread's) as {key: value}. OSError passes through: the
-    attach diagnostics tell its kinds apart themselves."""
-    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
-    with open(path) as f:
-        return parse_status_fields(f.read())
+    """/proc/PID/status (or a thread's) as {key: value}."""
+    return parse_status_fields(_read_proc(pid, "status" if tid is None else f"task/{tid}/status"))
 
 
 def parse_status(text: str) -> ProcessStatus:
@@ -784,11 +784,8 @@ def parse_stat_fields(text: str) -> list[str]:
 
 
 def read_stat_fields(pid: int, tid: int | None = None) -> list[str]:
-    """/proc/PID/stat (or a thread's) as :func:`parse_stat_fields`. OSError passes
-    through, as for :func:`read_status_fields`."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        return parse_stat_fields(f.read())
+    """/proc/PID/stat (or a thread's) as :func:`parse_stat_fields`."""
+    return parse_stat_fields(_read_proc(pid, "stat" if tid is None else f"task/{tid}/stat"))
 
 
 def parse_stat_flags(text: str) -> int:
@@ -799,10 +796,7 @@ def parse_stat_flags(text: str) -> int:
 def start_time(pid: int) -> str:
     """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, it names one
     process for good, even after the pid is reused."""
-    try:
-        return read_stat_fields(pid)[19]
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
+    return read_stat_fields(pid)[19]
 
 
 def procs_running() -> int:
@@ -1205,3 +1199,225 @@ def own_rss_bytes() -> int:
             return int(f.read().split()[1]) * PAGE_SIZE
     except OSError:
         return 0
+
+
+# --------------------------------------------------------------------------------------
+# Processes, threads, namespaces and open files (attach, fdpass, the guard, unmerge)
+# --------------------------------------------------------------------------------------
+
+
+def read_comm(pid: int) -> str:
+    """/proc/PID/comm (any thread id works too)."""
+    return _read_proc(pid, "comm").strip()
+
+
+def read_wchan(pid: int, tid: int) -> str:
+    """Where the thread sleeps in the kernel ("-" when it runs)."""
+    return _read_proc(pid, f"task/{tid}/wchan").strip() or "-"
+
+
+def owner_uid(pid: int) -> int:
+    """The owner of /proc/PID (the process's dumpable-adjusted owner)."""
+    path = f"/proc/{pid}"
+    try:
+        return os.stat(path).st_uid
+    except PermissionError:
+        raise AccessDenied(
+            pid, f"cannot read /proc/{pid} (is /proc mounted with hidepid=?): run as root"
+        ) from None
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+
+
+def thread_state(pid: int, tid: int) -> str | None:
+    """The one-letter state of a thread (R, S, D, T, t, Z, ...), None if it is gone."""
+    try:
+        return read_stat_fields(pid, tid)[0]
+    except (ProcksmError, OSError, IndexError):
+        return None
+
+
+def live_threads(pid: int) -> list[int]:
+    """Threads of `pid` that are not zombies (a leader may exit before its threads)."""
+    try:
+        tids = list_threads(pid)
+    except (ProcksmError, OSError):
+        return []
+    return [t for t in tids if thread_state(pid, t) not in (None, "Z", "X")]
+
+
+def read_thread_syscall(pid: int, tid: int) -> int | None:
+    """The system call a blocked thread is in (first field of /proc/PID/task/TID/syscall),
+    None when it runs or is blocked outside one (needs ptrace access)."""
+    try:
+        first = _read_proc(pid, f"task/{tid}/syscall").split(maxsplit=1)[0]
+    except (ProcksmError, OSError, IndexError):
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def thread_exists(pid: int, tid: int) -> bool:
+    """Thread ``tid`` is (still) a thread of process ``pid``."""
+    return os.path.exists(f"/proc/{pid}/task/{tid}")
+
+
+def pids() -> list[int]:
+    """Every process id (the numeric entries of /proc), sorted."""
+    return sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+
+
+def pids_mapping(needle: str) -> list[int]:
+    """Processes other than procksm whose /proc/PID/maps contains ``needle`` (processes
+    that cannot be read, or exit meanwhile, are left out)."""
+    found = []
+    wanted = needle.encode()
+    for pid in pids():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                if wanted in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def yama_ptrace_scope() -> int | None:
+    """kernel.yama.ptrace_scope, or None without the Yama LSM."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def namespace_link(pid: int | str, kind: str) -> str | None:
+    """readlink of /proc/PID/ns/KIND ("net:[4026531840]"), None if not permitted or
+    gone (``pid`` may be "self")."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+
+
+def _namespace_path(pid: int | str | None, kind: str) -> str:
+    # thread-self, not self: /proc/self/ns/net is the thread-group leader's namespace,
+    # which is not the calling thread's while another thread has entered another one.
+    return f"/proc/thread-self/ns/{kind}" if pid is None else f"/proc/{pid}/ns/{kind}"
+
+
+def namespace_identity(pid: int | str | None, kind: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of a namespace of ``pid`` ("self"; None: the calling thread)."""
+    path = _namespace_path(pid, kind)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _open_failed(pid if isinstance(pid, int) else os.getpid(), path, exc) from exc
+    return st.st_dev, st.st_ino
+
+
+def open_namespace(pid: int | None, kind: str) -> int:
+    """An O_RDONLY fd of a namespace of ``pid`` (None: the calling thread), for setns."""
+    path = _namespace_path(pid, kind)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _open_failed(pid if pid is not None else os.getpid(), path, exc) from exc
+
+
+def fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind fd ``fd`` of ``pid`` (stat follows
+    /proc/PID/fd/N to the open file; needs PTRACE_MODE_READ), None if ``fd`` is not open."""
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise NoSuchProcess(pid) from None
+        return None
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+    return st.st_dev, st.st_ino
+
+
+def own_fd_path(fd: int) -> str:
+    """The path another process opens to get a new open file description of procksm's
+    fd ``fd`` (same pid and mount namespaces, PTRACE_MODE_READ of procksm)."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def reopen_own_fd(fd: int, flags: int) -> int:
+    """A new open file description of procksm's own fd ``fd`` with ``flags`` (through
+    /proc/self/fd/N: a memfd reopened O_RDONLY can never be written through)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProcksmError(f"cannot reopen fd {fd} via /proc/self/fd: {exc.strerror}") from exc
+
+
+def open_mem(pid: int, tid: int) -> int:
+    """An O_RDONLY fd of /proc/PID/task/TID/mem (a thread's view: the leader may be gone)."""
+    path = f"/proc/{pid}/task/{tid}/mem"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+
+
+def read_thread_maps(pid: int, tid: int) -> list[Vma]:
+    """/proc/PID/task/TID/maps: the maps of a live thread (an exited leader has none)."""
+    return parse_maps(_read_memory_map_file(pid, f"task/{tid}/maps"))
+
+
+def open_mapped_file(pid: int, start: int, end: int, path: str = "") -> int | None:
+    """An O_RDONLY fd of the file mapped at [start, end) in ``pid``: through
+    /proc/PID/map_files (root), else ``path`` under /proc/PID/root; None if neither opens."""
+    names = [f"/proc/{pid}/map_files/{start:x}-{end:x}"]
+    if path:
+        names.append(f"/proc/{pid}/root{path}")
+    for name in names:
+        try:
+            return os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+    return None
+
+
+def swap_own_oom_score_adj(value: str) -> str | None:
+    """Set procksm's own oom_score_adj; returns the value before, or None if it cannot be
+    set (lowering it needs CAP_SYS_RESOURCE)."""
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path) as f:
+            before = f.read().strip()
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        return None
+    return before
+
+
+def parse_coredump_filter(text: str) -> int:
+    """The kernel prints the filter as 8 hex digits without prefix ("00000033")."""
+    try:
+        return int(text.strip(), 16)
+    except ValueError:
+        raise ProcksmError(f"cannot parse coredump_filter {text!r}") from None
+
+
+def read_coredump_filter(pid: int) -> int:
+    return parse_coredump_filter(_read_proc(pid, "coredump_filter"))
+
+
+def write_coredump_filter(pid: int, value: int) -> None:
+    path = f"/proc/{pid}/coredump_filter"
+    try:
+        with open(path, "w") as f:
+            # the kernel parses it with kstrtouint(base 0): a 0x prefix makes it hex
+            f.write(f"{value:#x}\n")
+    except OSError as exc:
+        err = _open_failed(pid, path, exc)
+        if isinstance(err, OSError):
+            err = ProcksmError(f"pid {pid}: cannot write {path}: {exc.strerror}")
+        raise err from exc

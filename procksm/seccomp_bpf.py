@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-AUDIT_ARCH_X86_64 = 0xC000003E
+from procksm.arch.x86_64 import AUDIT_ARCH_X86_64
 
 SECCOMP_RET_ACTION_FULL = 0xFFFF0000
 SECCOMP_RET_KILL_PROCESS = 0x80000000

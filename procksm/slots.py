@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from procksm import PAGE_SIZE
+from procksm import PAGE_SIZE, procfs
 from procksm.closing import Closing
 from procksm.errors import ProcksmError
 
@@ -62,6 +62,11 @@ SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_S
 # pwrite chunk: bounded so that a huge run does not need one giant syscall (and so a
 # signal can interrupt between chunks).
 _WRITE_CHUNK = 8 << 20
+
+# A segment's memfd name, and how a mapping of it shows in /proc/PID/maps: how any procksm
+# (also after a crash) recognises a merged range (procksm.unmerge, the guard, observe).
+SEGMENT_NAME = "procksm-seg-"
+SEGMENT_NAME_PREFIX = "/memfd:" + SEGMENT_NAME
 
 _noexec_supported: bool | None = None
 
@@ -163,7 +168,7 @@ class Segment:
 
     def __init__(self, segment_id: int, capacity_pages: int) -> None:
         self.id = segment_id
-        self.name = f"procksm-seg-{segment_id}"
+        self.name = f"{SEGMENT_NAME}{segment_id}"
         self.capacity_pages = capacity_pages
         self._fd = _memfd_create(self.name)
         self.identity = FileIdentity.of_fd(self._fd)
@@ -249,11 +254,9 @@ class Segment:
         if not self.sealed:
             raise ProcksmError(f"segment {self.name} is not sealed; no target may map it")
         try:
-            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ProcksmError(
-                f"cannot reopen memfd {self.name} read-only via /proc/self/fd: {exc.strerror}"
-            ) from exc
+            return procfs.reopen_own_fd(self._fd, os.O_RDONLY)
+        except ProcksmError as exc:
+            raise ProcksmError(f"cannot reopen memfd {self.name} read-only: {exc}") from exc
 
     def close(self) -> None:
         """Close procksm's fd. Targets' mappings stay valid; the kernel frees the pages when
@@ -272,7 +275,7 @@ class Segment:
             raise ProcksmError("a procksm segment found in a target is not sealed; not used")
         seg = cls.__new__(cls)
         seg.id = segment_id
-        seg.name = f"procksm-seg-adopted-{segment_id}"
+        seg.name = f"{SEGMENT_NAME}adopted-{segment_id}"
         seg.capacity_pages = npages
         seg._fd = fd
         seg.identity = FileIdentity.of_fd(fd)

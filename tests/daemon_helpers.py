@@ -168,7 +168,7 @@ class DaemonProc:
             if sig == signal.SIGKILL:
                 from tests.test_kill_steps import kill_group
 
-                kill_group(self.proc)  # every procksm process, the worker included
+                kill_group(self.proc)  # every process of procksm's group
             else:
                 self.proc.send_signal(sig)
         try:

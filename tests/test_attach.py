@@ -20,9 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from procksm.attach import (
+from procksm.arch.x86_64 import (
+    Registers,
+    SYS_getpid,
+    SYS_gettid,
+    SYS_mmap,
+    SYS_munmap,
+    signed,
+)
+from procksm.attach import PtraceSession
+from procksm.diagnose import (
     AttachStatus,
-    PtraceSession,
     check_attachable,
     parse_status,
     permission_denial,
@@ -36,16 +44,7 @@ from procksm.errors import (
     UsageError,
     ZombieProcess,
 )
-from procksm.inject import (
-    PTRACE_SEIZE,
-    Registers,
-    SYS_getpid,
-    SYS_gettid,
-    SYS_mmap,
-    SYS_munmap,
-    ptrace,
-    signed,
-)
+from procksm.inject import PTRACE_SEIZE, ptrace
 from tests.conftest import ROOT, Target, build_c_target
 
 NOBODY = 65534
@@ -474,7 +473,7 @@ def test_thread_that_cannot_stop_times_out_and_the_rest_resume(
 _CHILD_SESSION = """
 import sys, time
 from procksm.attach import PtraceSession
-from procksm.inject import SYS_getpid
+from procksm.arch.x86_64 import SYS_getpid
 with PtraceSession(int(sys.argv[1])) as session:
     with session.stopped() as target:
         target.syscall(SYS_getpid)

@@ -18,8 +18,9 @@ import pytest
 
 from procksm import PAGE_SIZE, coredump
 from procksm.errors import ProcksmError
-from procksm.merge import MergeEngine, MergeOptions, merged_ranges, unmerge
+from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import Target, build_c_target, require_privileges, skip_or_fail
 
 NPAGES = 64

@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 
 from procksm import PAGE_SIZE
-from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions, MergeResult
+from procksm.merge import MergeEngine, MergeOptions, MergeResult
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile, parse_smaps
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.slots import SEGMENT_NAME_PREFIX
 from tests.conftest import Target, build_c_target, machine_lacks, require_privileges
 from tests.daemon_helpers import Truth
 

@@ -34,8 +34,9 @@ from procksm.guard import (
     mremap_may_keep_merged,
     run_filter,
 )
-from procksm.merge import MergeEngine, MergeOptions, merged_ranges
+from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges
 from tests.conftest import (
     ROOT,
     Target,
@@ -139,7 +140,7 @@ def test_the_guard_outlives_the_procksm_that_started_it(spawn, guard_dir) -> Non
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert all(p["guard_installed"] for p in doc["processes"])
-    # procksm and its worker are gone; the guards are not (an active one and its
+    # procksm is gone; the guards are not (an active one and its
     # standby), and they answer for both
     assert len(guard_pids(guard_dir)) == 2
     listed = run_procksm("guard", "--list", "--json")

@@ -42,8 +42,9 @@ from pathlib import Path
 
 from procksm import PAGE_SIZE, guardd, procfs
 from procksm.guard import GuardClient
-from procksm.merge import SEGMENT_NAME_PREFIX, MergeEngine, MergeOptions
+from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.slots import SEGMENT_NAME_PREFIX
 from tests.conftest import (
     ROOT,
     Target,
@@ -304,11 +305,11 @@ def test_a_call_the_killed_guard_had_received_is_restarted(spawn, guard_dir) -> 
     assert re.search(r"restarted [1-9]\d* waiting calls", log_text), log_text
 
 
-def test_a_worker_killed_between_seccomp_and_the_hand_over(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
-    """procksm's worker SIGKILLed right after the injected seccomp() (a test switch): the
+def test_a_procksm_killed_between_seccomp_and_the_hand_over(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
+    """procksm SIGKILLed right after the injected seccomp() (a test switch): the
     listener is then in the target's fd table only, and nobody would ever read it (the
     target's guarded calls would wait for ever). The guard, told before the injection,
-    sees the worker's connection close and takes the listener from the target."""
+    sees procksm's connection close and takes the listener from the target."""
     a, b = planted_pair(spawn)
     env = dict(os.environ, PROCKSM_GUARD_TEST_DIE="after-seccomp")
     out = subprocess.run(
@@ -317,7 +318,7 @@ def test_a_worker_killed_between_seccomp_and_the_hand_over(spawn, guard_dir) -> 
     )  # fmt: skip
     assert out.returncode != 0, out
     filtered = [t for t in (a, b) if proc_status(t.pid, "Seccomp_filters") == "1"]
-    assert len(filtered) == 1, out  # the worker died in the first target's install
+    assert len(filtered) == 1, out  # procksm died in the first target's install
     for t in (a, b):
         assert t.command("dontneed unique 0 1", timeout=10) == "OK"  # no hang, no ENOSYS
         assert t.command("check").startswith("OK")
@@ -351,7 +352,7 @@ def loop_answer(t: Target, timeout: float) -> str:
 
 def test_a_service_stop_leaves_the_guards_running(spawn, guard_dir) -> None:  # type: ignore[no-untyped-def]
     """``systemctl stop procksm`` (KillMode=control-group) modelled on a scratch cgroup:
-    the daemon (`procksm attach`), its worker and whatever they started get SIGTERM,
+    the daemon (`procksm attach`) and whatever it started get SIGTERM,
     then SIGKILL. The guards the daemon started left that cgroup: the targets' calls
     keep behaving as on anonymous memory."""
     a, b = planted_pair(spawn)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from procksm.merge import merged_ranges
+from procksm.unmerge import merged_ranges
 from tests.conftest import (
     ROOT,
     require_privileges,

@@ -1,7 +1,7 @@
 """SIGKILL of procksm's whole process group at random moments (issue 13).
 
 What a supervisor does to a service it stops (``kill -9 -PGID``, a cgroup kill): every
-procksm process dies at once, the worker that holds a target's threads included. Rounds
+procksm process dies at once, the one that holds a target's threads included. Rounds
 alternate over ``procksm merge``, ``procksm unmerge`` and the daemon (``procksm
 attach``), with targets of 1, 4 and 32 threads (the 32-thread one with every canary of
 ``planted --canaries``: registers, FPU/AVX, signal mask, altstack, blocked calls, and
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from procksm.merge import merged_ranges
+from procksm.unmerge import merged_ranges
 from tests.conftest import (
     Target,
     assert_target_intact,

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from procksm.merge import merged_ranges, unmerge
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
     Target,
     assert_target_intact,
@@ -117,7 +117,7 @@ def _run(args: list[object], timeout: float, *, kill_at: int = 0, log: str | Non
     else:
         os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    wait_group_gone(pid)  # a worker killed by the switch may still be exiting
+    wait_group_gone(pid)  # a procksm killed by the switch may still be exiting
 
 
 def unmerge_when_free(pid: int, timeout: float = 30) -> None:
@@ -385,9 +385,18 @@ def test_an_injected_call_that_outlives_the_timeout_is_left_its_way_back(
     that closes fds is refused), every thread is left to its frames, the gated threads
     wait until the call and its wake-up are done, and the next window takes the thread
     over once its call ends. The target notices nothing."""
-    from procksm.attach import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, PtraceSession
+    from procksm.arch.x86_64 import (
+        MAP_ANONYMOUS,
+        MAP_PRIVATE,
+        PROT_READ,
+        PROT_WRITE,
+        SYS_close,
+        SYS_madvise,
+        SYS_mmap,
+        SYS_munmap,
+    )
+    from procksm.attach import PtraceSession
     from procksm.errors import PtraceTimeout
-    from procksm.inject import SYS_close, SYS_madvise, SYS_mmap, SYS_munmap
 
     madv_populate_write, size = 23, 1 << 30  # ~0.3 s of zeroing: far over 2 x 20 ms
     (t,) = _spawn_canaries(spawn, 1)

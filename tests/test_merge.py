@@ -12,9 +12,10 @@ import pytest
 
 from procksm import PAGE_SIZE
 from procksm.analysis import analyse
-from procksm.merge import MergeOptions, merge, merged_ranges, unmerge
+from procksm.merge import MergeOptions, merge
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions, collect
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import IN_CI, build_c_target, require_privileges, run_procksm
 
 PROCKSM = [sys.executable, "-m", "procksm"]

@@ -24,10 +24,11 @@ from procksm import PAGE_SIZE, procfs
 from procksm import merge as merge_mod
 from procksm.fdpass import FdSender, netns_identity, same_netns
 from procksm.locks import target_locks
-from procksm.merge import MergeEngine, MergeOptions, MergeResult, merged_ranges, unmerge
+from procksm.merge import MergeEngine, MergeOptions, MergeResult
 from procksm.plan import vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import ROOT, build_c_target, require_privileges, skip_or_fail
 
 PROCKSM = [sys.executable, "-m", "procksm"]

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from procksm import PAGE_SIZE, observe
-from procksm.merge import MergeOptions, merge, merged_ranges
+from procksm.merge import MergeOptions, merge
 from procksm.observe import (
     CowBreak,
     CowLedger,
@@ -41,6 +41,7 @@ from procksm.observe import (
 )
 from procksm.procfs import PM_FILE, PM_PRESENT, PM_SWAPPED
 from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges
 from tests.conftest import ROOT, build_c_target, require_privileges, skip_or_fail
 
 P = PAGE_SIZE

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from procksm import PAGE_SIZE, procfs
-from procksm.errors import NoSuchProcess, Unsupported, ZombieProcess
+from procksm.errors import NoSuchProcess, ProcksmError, Unsupported, ZombieProcess
 from procksm.procfs import (
     KPF_ANON,
     KPF_ZERO_PAGE,
@@ -694,3 +694,103 @@ def test_parse_cgroup_file_v1_and_v2() -> None:
     assert procfs.parse_cgroup_file("0::/user.slice/a.scope\n")[""] == "/user.slice/a.scope"
     own = procfs.memory_cgroup()
     assert own.path.startswith("/")
+
+
+# --- processes, threads, namespaces, files: the readers attach, fdpass and unmerge use ---
+
+
+def _gone_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_process_readers_on_procksm_itself() -> None:
+    me = os.getpid()
+    assert procfs.read_comm(me) == Path(f"/proc/{me}/comm").read_text().strip()
+    assert procfs.owner_uid(me) == os.getuid() or os.getuid() == 0
+    assert procfs.thread_exists(me, me)
+    assert me in procfs.pids()
+    assert procfs.namespace_link(me, "mnt") == procfs.namespace_link("self", "mnt")
+    assert procfs.namespace_identity(me, "net") == procfs.namespace_identity(None, "net")
+    assert procfs.read_wchan(me, me)  # "-" while running
+    scope = procfs.yama_ptrace_scope()
+    assert scope is None or scope in (0, 1, 2, 3)
+
+
+def test_fd_readers_on_procksm_itself() -> None:
+    r, w = os.pipe()
+    try:
+        st = os.fstat(r)
+        assert procfs.fd_identity(os.getpid(), r) == (st.st_dev, st.st_ino)
+        assert procfs.own_fd_path(r) == f"/proc/{os.getpid()}/fd/{r}"
+        again = procfs.reopen_own_fd(r, os.O_RDONLY)
+        os.close(again)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert procfs.fd_identity(os.getpid(), r) is None  # closed: not open any more
+
+
+def test_process_readers_translate_a_gone_process() -> None:
+    pid = _gone_pid()
+    for read in (procfs.read_comm, procfs.owner_uid, procfs.list_threads):
+        with pytest.raises(NoSuchProcess):
+            read(pid)
+    with pytest.raises(NoSuchProcess):
+        procfs.open_mem(pid, pid)
+    with pytest.raises(NoSuchProcess):
+        procfs.fd_identity(pid, 0)
+    assert not procfs.thread_exists(pid, pid)
+    assert procfs.namespace_link(pid, "net") is None
+    assert procfs.open_mapped_file(pid, 0, PAGE_SIZE, "/bin/sh") is None
+
+
+def test_thread_maps_and_mapped_files_of_procksm_itself() -> None:
+    me = os.getpid()
+    libc = next(v for v in procfs.read_thread_maps(me, me) if "libc" in v.path and v.offset == 0)
+    fd = procfs.open_mapped_file(me, libc.start, libc.end, libc.path)
+    assert fd is not None
+    try:
+        assert os.pread(fd, 4, 0) == b"\x7fELF"
+    finally:
+        os.close(fd)
+
+
+def test_pids_mapping_finds_a_mapping_by_name() -> None:
+    code = (
+        "import mmap, os, time; fd = os.memfd_create('procksm-test-pids-mapping'); "
+        "os.ftruncate(fd, 4096); m = mmap.mmap(fd, 4096); print('ok', flush=True); "
+        "time.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ok\n"
+        assert procfs.pids_mapping("/memfd:procksm-test-pids-mapping") == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_coredump_filter_parser() -> None:
+    assert procfs.parse_coredump_filter("00000033\n") == 0x33
+    with pytest.raises(ProcksmError):
+        procfs.parse_coredump_filter("zz")
+    assert procfs.read_coredump_filter(os.getpid()) == int(
+        Path("/proc/self/coredump_filter").read_text(), 16
+    )
+
+
+def test_the_syscall_a_blocked_thread_is_in() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; os.read(0, 1)"], stdin=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while procfs.read_thread_syscall(child.pid, child.pid) != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert procfs.read_thread_syscall(child.pid, child.pid) == 0  # read
+    finally:
+        child.kill()
+        child.wait()
+    assert procfs.read_thread_syscall(child.pid, child.pid) is None  # gone

@@ -12,7 +12,7 @@ from typing import Any
 
 from procksm import seccomp_bpf
 from procksm.guard import build_filter, run_filter
-from procksm.merge import merged_ranges
+from procksm.unmerge import merged_ranges
 from tests.conftest import require_privileges, run_procksm
 
 # struct sock_filter: code, jt, jf, k

@@ -16,32 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from rich.console import Console
 
-from procksm.attach import check_attachable
+from procksm import procfs
 from procksm.commands.scan import parse_pids
+from procksm.diagnose import check_attachable
 from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
-from procksm.merge import SEGMENT_NAME_PREFIX, pause_stats, unmerge
+from procksm.merge import pause_stats
+from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.unmerge import unmerge
 
 
 def processes_with_merged_ranges() -> list[int]:
     """Every process whose maps show a procksm segment (unreadable ones are skipped)."""
-    pids = []
-    needle = SEGMENT_NAME_PREFIX.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/maps", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return sorted(pids)
+    return procfs.pids_mapping(SEGMENT_NAME_PREFIX)
 
 
 class UnmergeCommand:

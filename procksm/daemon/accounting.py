@@ -24,8 +24,8 @@ from procksm.daemon.registry import LogFn, Target, coalesce, zero_in
 from procksm.daemon.settings import Settings
 from procksm.daemon.window import read_spans
 from procksm.errors import ProcksmError
-from procksm.merge import SEGMENT_NAME_PREFIX
 from procksm.scanner import kernel_zero_pfn
+from procksm.slots import SEGMENT_NAME_PREFIX
 from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnapshot
 
 

@@ -28,9 +28,9 @@ from procksm.daemon.smartscan import PageAges
 from procksm.daemon.watch import Watcher
 from procksm.errors import NoSuchProcess, ProcksmError, UsageError
 from procksm.index import KsmIndex, page_ref
-from procksm.merge import merged_ranges, unmerge_pieces
 from procksm.observe import Lifecycle
 from procksm.snapshot import Snapshot
+from procksm.unmerge import merged_ranges, unmerge_pieces
 
 
 class Daemon:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from procksm.daemon.registry import LogFn
 from procksm.daemon.settings import DaemonOptions
 from procksm.errors import ProcksmError
-from procksm.merge import merged_ranges
 from procksm.observe import CowObserver, Event
+from procksm.unmerge import merged_ranges
 
 # merged ranges of one target beyond which the observer does not watch it (see _watch)
 OBSERVER_MAX_RANGES = 256

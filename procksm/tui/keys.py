@@ -106,8 +106,8 @@ class KeyReader:
     def restore(self) -> None:
         if self._saved is not None and self._active:
             self._active = False
-            # Restoring must work even if the shell already took the terminal back (Ctrl-Z
-            # stops our parent first when we run in procksm's worker process): from a
+            # Restoring must work even if the shell already took the terminal back (a
+            # view continued in the background, or a parent stopped first): from a
             # background process group tcsetattr raises SIGTTOU, which would stop us
             # before the modes are back. Entering cbreak again keeps the default, so a
             # view continued in the background stops until it is brought to the front.

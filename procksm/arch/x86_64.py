@@ -1,4 +1,19 @@
-"""x86_64 signal frames: the return path of every injected system call (docs/design.md §6).
+"""Everything procksm knows about x86_64, in one place (like CRIU's compel/arch/x86).
+
+* system call numbers: those procksm injects or recognises in a stopped thread, and the
+  i386 numbers the madvise guard's filter also catches (int 0x80 from a 64-bit process);
+* ``struct user_regs_struct`` (:class:`Registers`), the argument registers of the
+  system call convention, the register-state requests of ptrace;
+* the instruction patterns injected calls run through (``syscall; ret``, a libc
+  wrapper's ``mov eax, imm32``, the sigreturn trampoline);
+* the signal frames that make every instant of an injection safe to die at.
+
+It imports nothing heavier than ctypes, mmap and struct: the resident madvise guard
+(procksm.guardd) imports it and must stay small.
+
+Signal frames
+-------------
+x86_64 signal frames: the return path of every injected system call (docs/design.md §6).
 
 When a tracer dies, the kernel detaches its tracees and they run with whatever
 registers they hold at that instant (kernel/ptrace.c ``exit_ptrace``). An injected
@@ -31,23 +46,174 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 import struct
-from dataclasses import dataclass
 
-from procksm.inject import (
-    ERESTART_RESTARTBLOCK,
-    RESTART_CODES,
-    Registers,
-    SYS_restart_syscall,
-    signed,
-    unsigned,
+# asm-generic/mman-common.h, mman.h, linux/mman.h, memfd.h (the values x86_64 uses)
+PROT_READ, PROT_WRITE, PROT_EXEC = 0x1, 0x2, 0x4
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
+MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22
+MFD_CLOEXEC = 0x1
+
+# x86_64 system call numbers this package injects or recognises in a stopped thread.
+SYS_close = 3
+SYS_mmap = 9
+SYS_mprotect = 10
+SYS_munmap = 11
+SYS_rt_sigreturn = 15
+SYS_mremap = 25
+SYS_madvise = 28
+SYS_ftruncate = 77
+SYS_futex = 202
+SYS_memfd_create = 319
+SYS_getpid = 39
+SYS_prctl = 157
+SYS_gettid = 186
+SYS_tgkill = 234
+SYS_restart_syscall = 219
+SYS_epoll_wait = 232
+SYS_epoll_pwait = 281
+SYS_epoll_pwait2 = 441
+SYS_socket = 41
+SYS_openat = 257
+SYS_recvmsg = 47
+SYS_bind = 49
+SYS_kcmp = 312
+SYS_seccomp = 317
+SYS_pidfd_open = 434
+SYS_pidfd_getfd = 438
+
+# include/uapi/linux/audit.h: seccomp_data.arch of a 64-bit call and of an int 0x80 one
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+X32_SYSCALL_BIT = 0x40000000
+# x86_64 and i386 numbers of the calls the madvise guard catches
+NR_MADVISE = {AUDIT_ARCH_X86_64: SYS_madvise, AUDIT_ARCH_I386: 219}
+NR_MREMAP = {AUDIT_ARCH_X86_64: SYS_mremap, AUDIT_ARCH_I386: 163}
+
+# Kernel-internal restart codes a thread shows in rax when stopped inside a blocking
+# syscall (include/linux/errno.h). They never reach user space when the kernel finishes
+# its signal-return path; docs/design.md §2.7.
+ERESTARTSYS = 512
+ERESTARTNOINTR = 513
+ERESTARTNOHAND = 514
+ERESTART_RESTARTBLOCK = 516
+RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK})
+
+# ptrace requests and regsets of the register state (linux/ptrace.h, elf.h on x86_64)
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+NT_X86_XSTATE = 0x202
+XSTATE_MAX = 16384  # > 11,008, the largest XSAVE image of today's CPUs (AVX-512 + AMX)
+
+# fmt: off
+_REG_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
+    "es", "fs", "gs",
 )
+# fmt: on
+
+
+class Registers(ctypes.Structure):
+    """``struct user_regs_struct`` of x86_64 (sys/user.h), as PTRACE_GETREGS fills it."""
+
+    _fields_ = [(name, ctypes.c_ulong) for name in _REG_NAMES]
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+    def copy(self) -> Registers:
+        return Registers.from_buffer_copy(self)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _REG_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Registers) and bytes(self) == bytes(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def signed(value: int) -> int:
+    """A 64-bit register value as a signed integer (rax carries -errno)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned(value: int) -> int:
+    return value & ((1 << 64) - 1)
+
+
+def syscall_name(nr: int) -> str:
+    """The name of x86_64 system call ``nr`` for messages ("futex"), from python-ptrace's
+    table (``ptrace.syscall.linux.x86_64``), imported on first use: only error paths
+    need it (~30 ms), and the resident guard never does. "syscall N" when unknown."""
+    try:
+        from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+    except ImportError:  # a message must not fail for want of a name
+        return f"syscall {nr}"
+    name = SYSCALL_NAMES.get(nr)
+    return name if isinstance(name, str) else f"syscall {nr}"
+
+
+# The system call convention: number in rax, arguments in these, result in rax.
+ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+def load_syscall(regs: Registers, nr: int, *args: int, pc: int, sp: int) -> None:
+    """Make ``regs`` run system call ``nr`` with ``args`` from instruction ``pc`` (a
+    `syscall; ret`) with the stack pointer at ``sp``: the number in rax, the arguments
+    in the convention's registers; the other registers are left as they are."""
+    regs.rip, regs.rsp, regs.rax = pc, sp, nr
+    for name, value in zip(ARGUMENT_REGISTERS, args, strict=False):
+        setattr(regs, name, unsigned(value))
+
+
+def require_x86_64() -> None:
+    from procksm.errors import Unsupported
+
+    machine = os.uname().machine
+    if machine != "x86_64":
+        raise Unsupported(
+            f"procksm injects system calls with x86_64 registers; this machine is {machine}"
+        )
+
 
 # Instruction patterns searched in the target's executable file mappings.
+SYSCALL_RET = b"\x0f\x05\xc3"  # `syscall; ret`: what every injected system call runs
+SYSCALL_INSN_LEN = 2  # rip after the `syscall`, as a seccomp filter sees it, is +2
 # `mov eax, imm32; syscall; ret`: a libc wrapper of a harmless call (getpid & co.). The
 # target itself reaches that `syscall` only with its own immediate in eax, so the madvise
 # guard may exempt its address (procksm.guard) without exempting the target's madvise.
-SYSCALL_RET = b"\x0f\x05\xc3"
+# Group 1 is the low byte of the immediate; the `syscall` is WRAPPER_SYSCALL_OFFSET in.
+WRAPPER_PATTERN = rb"\xb8([\x00-\xff])\x00\x00\x00\x0f\x05\xc3"
+WRAPPER_SYSCALL_OFFSET = 5
 RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"  # glibc/musl __restore_rt
 
 RED_ZONE = 128  # bytes below rsp the System V ABI lets leaf code use
@@ -185,12 +351,25 @@ def restarts_through_block(regs: Registers) -> bool:
     return signed(regs.orig_rax) >= 0 and -signed(regs.rax) == ERESTART_RESTARTBLOCK
 
 
-@dataclass(frozen=True)
 class Frame:
-    """An rt_sigframe image and where it goes: ``rsp`` for a thread returning into it."""
+    """An rt_sigframe image and where it goes: ``rsp`` for a thread returning into it.
 
-    address: int  # of pretcode; a thread whose `ret` pops it enters rt_sigreturn
-    data: bytes
+    (A plain class: the resident guard imports this module, and dataclasses would cost it
+    ``inspect`` and ``re``.)"""
+
+    __slots__ = ("address", "data")
+
+    def __init__(self, address: int, data: bytes) -> None:
+        self.address = address  # of pretcode; a thread whose `ret` pops it enters rt_sigreturn
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and (self.address, self.data) == (other.address, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Frame({self.address:#x}, {len(self.data)} bytes)"
 
 
 def build_frame(

@@ -1,0 +1,33 @@
+"""What a procksm that died left in a target, and its removal.
+
+A killed procksm leaves the target safe (docs/kill-safety.md), but possibly with its
+scratch area mapped (``/memfd:procksm-scratch``) or an fd of a memfd of its open. Any
+later procksm recognises them by name and removes them before it merges or unmerges
+(``StoppedTarget._remove_leftovers`` does it in the first window of a session).
+"""
+
+from __future__ import annotations
+
+from procksm import procfs
+from procksm.attach import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH, PtraceSession
+from procksm.errors import ProcksmError
+
+
+def has_leftovers(pid: int) -> bool:
+    """Whether a procksm that died left something in `pid` (see
+    StoppedTarget._remove_leftovers): its scratch area, or a memfd fd of its."""
+    try:
+        if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
+            return True
+        return any(
+            t.startswith(LEFTOVER_MEMFD_PREFIX) for t in procfs.list_fd_targets(pid).values()
+        )
+    except ProcksmError:
+        return False
+
+
+def remove_leftovers(pid: int) -> int:
+    """Remove what a procksm that died left in `pid`; returns how many things."""
+    with PtraceSession(pid) as session, session.stopped() as target:
+        target.scratch()  # removes the leftovers first, then maps its own
+        return target.leftovers_removed

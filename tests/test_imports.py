@@ -1,0 +1,104 @@
+"""The layout's one-way data flow: no import cycles among procksm's modules (pure, no root).
+
+Imports are read with ``ast`` from the sources, function-level and TYPE_CHECKING ones
+included: a cycle hidden in a function is still a cycle in the design.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "procksm"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the procksm modules it imports (a package counts as its __init__)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join([*base, node.module] if node.module else base)
+                else:
+                    target = node.module or ""
+                found.add(target)
+                found.update(f"{target}.{alias.name}" for alias in node.names)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_procksm_modules() -> None:
+    graph = import_graph()
+    assert "procksm.merge" in graph and "procksm.unmerge" in graph["procksm.merge"]
+    assert find_cycles(graph) == []
+
+
+def test_the_architecture_and_the_resident_guard_sit_at_the_bottom() -> None:
+    """procksm.arch imports nothing of procksm but errors; the lean guard (guardd)
+    nothing but the package and the arch module (no numpy through procfs or slots);
+    the raw ptrace layer (inject) and /proc (procfs) nothing above them."""
+    graph = import_graph()
+    assert graph["procksm.arch.x86_64"] <= {"procksm.errors"}
+    assert graph["procksm.guardd"] <= {"procksm", "procksm.arch", "procksm.arch.x86_64"}
+    below_inject = {"procksm", "procksm.arch", "procksm.arch.x86_64", "procksm.errors"}
+    assert graph["procksm.inject"] <= below_inject | {"procksm.procfs"}
+    assert graph["procksm.procfs"] <= {"procksm", "procksm.closing", "procksm.errors"}
+    # attach diagnosis comes before attaching
+    assert "procksm.attach" not in graph["procksm.diagnose"]
