@@ -187,7 +187,17 @@ SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 
 # Signals that would end or interrupt procksm in the middle of a window; held back while
 # threads are stopped and delivered when they run again (the window is milliseconds).
-_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+# The stop signals too: a Ctrl-Z (or a background write to the terminal) in a window would
+# stop procksm with every target thread held, for as long as procksm stays stopped.
+_DEFERRED_SIGNALS = {
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+}
 
 
 # /proc/PID/status parsing lives in procksm.procfs (one place for /proc, like psutil).

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -419,3 +420,40 @@ def test_an_injected_call_that_outlives_the_timeout_is_left_its_way_back(
     time.sleep(0.1)
     assert_target_intact(t)
     _unmerge_clean([t], {t.pid: baseline})
+
+
+def test_ctrl_z_in_a_window_stops_procksm_after_it(privileged: None, spawn: Any) -> None:
+    """SIGTSTP (Ctrl-Z) in the middle of a stop window waits for the window's end:
+    procksm stops with every target thread running, not held for as long as procksm
+    stays stopped."""
+    from procksm.attach import PtraceSession
+
+    (t,) = _spawn_canaries(spawn, 1)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            with PtraceSession(t.pid) as session, session.stopped() as st:
+                os.kill(os.getpid(), signal.SIGTSTP)
+                time.sleep(0.2)  # not stopped: the signal waits for the window's end
+                os.write(write_end, f"{len(st.threads)}\n".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end) as pipe:
+            ready, _, _ = select.select([pipe], [], [], 10)
+            assert ready, "procksm stopped inside its window"
+            assert int(pipe.readline()) > 1  # the window held every thread, and went on
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "procksm did not stop after its window"
+            time.sleep(0.01)
+        assert_target_intact(t)  # running, untraced, while procksm is stopped
+    finally:
+        os.kill(child, signal.SIGCONT)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
