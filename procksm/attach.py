@@ -877,7 +877,7 @@ class StoppedTarget:
         Returns the raw rax: the result, or -errno. Runs the target's own `syscall; ret`
         (procksm.inject.find_gadgets), stepping from its syscall-entry-stop to its
         syscall-exit-stop with PTRACE_SYSCALL, with rsp at a signal frame of the thread's
-        own state (procksm.sigframe): if procksm dies at any instant, the thread runs at
+        own state (procksm.arch.x86_64): if procksm dies at any instant, the thread runs at
         most this call and returns to its own state by itself. The thread keeps those
         registers until the window ends; its own are put back then.
 
