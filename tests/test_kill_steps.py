@@ -425,35 +425,51 @@ def test_an_injected_call_that_outlives_the_timeout_is_left_its_way_back(
 def test_ctrl_z_in_a_window_stops_procksm_after_it(privileged: None, spawn: Any) -> None:
     """SIGTSTP (Ctrl-Z) in the middle of a stop window waits for the window's end:
     procksm stops with every target thread running, not held for as long as procksm
-    stays stopped."""
+    stays stopped.
+
+    The kernel discards SIGTSTP sent to a process of an orphaned process group (CI runs
+    the suite in one), so procksm runs here in a group of its own under a parent of the
+    same session, as under a shell's job control."""
     from procksm.attach import PtraceSession
 
     (t,) = _spawn_canaries(spawn, 1)
     read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
+    session_leader = os.fork()
+    if session_leader == 0:  # pragma: no cover - the children
         code = 1
         try:
             os.close(read_end)
-            with PtraceSession(t.pid) as session, session.stopped() as st:
-                os.kill(os.getpid(), signal.SIGTSTP)
-                time.sleep(0.2)  # not stopped: the signal waits for the window's end
-                os.write(write_end, f"{len(st.threads)}\n".encode())
-            code = 0
+            os.setsid()
+            job = os.fork()
+            if job == 0:
+                os.setpgid(0, 0)  # a job: its parent is in the session, in another group
+                os.write(write_end, f"{os.getpid()}\n".encode())
+                with PtraceSession(t.pid) as session, session.stopped() as st:
+                    os.kill(os.getpid(), signal.SIGTSTP)
+                    time.sleep(0.2)  # not stopped: the signal waits for the window's end
+                    os.write(write_end, f"{len(st.threads)}\n".encode())
+                code = 0
+            else:
+                _, status = os.waitpid(job, 0)
+                code = os.waitstatus_to_exitcode(status)
         finally:
             os._exit(code)
     os.close(write_end)
+    job = 0
     try:
         with os.fdopen(read_end) as pipe:
+            job = int(pipe.readline())
             ready, _, _ = select.select([pipe], [], [], 10)
             assert ready, "procksm stopped inside its window"
             assert int(pipe.readline()) > 1  # the window held every thread, and went on
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        while Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
             assert time.monotonic() < deadline, "procksm did not stop after its window"
             time.sleep(0.01)
         assert_target_intact(t)  # running, untraced, while procksm is stopped
     finally:
-        os.kill(child, signal.SIGCONT)
-        _, status = os.waitpid(child, 0)
+        if job:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job, signal.SIGCONT)
+        _, status = os.waitpid(session_leader, 0)
     assert os.waitstatus_to_exitcode(status) == 0
