@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from procksm import PAGE_SIZE, procfs
+from procksm import PAGE_SIZE, merge_handover, procfs
 from procksm import merge as merge_mod
 from procksm.fdpass import FdSender, netns_identity, same_netns
 from procksm.locks import target_locks
@@ -123,7 +123,7 @@ def fd_senders(monkeypatch: pytest.MonkeyPatch) -> list[FdSender]:
             super().__init__(target_pid)
             made.append(self)
 
-    monkeypatch.setattr(merge_mod, "FdSender", RecordingFdSender)
+    monkeypatch.setattr(merge_handover, "FdSender", RecordingFdSender)
     return made
 
 
