@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import itertools
 import os
 import resource
 import time
@@ -55,9 +54,9 @@ from procksm.attach import PtraceSession, StoppedTarget
 from procksm.closing import Closing
 from procksm.diagnose import check_attachable
 from procksm.errors import AccessDenied, ProcksmError, UsageError
-from procksm.hashing import hash_pages
-from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree
+from procksm.index import REF_PAGE_BITS, KsmIndex, Look
 from procksm.locks import target_locks
+from procksm.merge_adopt import adopt_segments, join_existing, match_existing
 from procksm.merge_handover import FdHandOver
 from procksm.merge_records import (
     MergeOptions,
@@ -67,23 +66,21 @@ from procksm.merge_records import (
     TargetResult,
     pause_stats,
 )
+from procksm.merge_slots import RoundSlots
 from procksm.plan import (
     Extent,
     MergePlan,
     TargetPlan,
     ZeroExtent,
-    apply_budget,
     plan_merge,
     split_batches,
     vma_budget,
 )
 from procksm.reader import PageReader
-from procksm.runs import mask_runs, split_runs
+from procksm.runs import mask_runs
 from procksm.scanner import collect
 from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
 from procksm.unmerge import merged_ranges
-
-_WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
 
 ProgressFn = Callable[[str], None]
 
@@ -202,18 +199,13 @@ class MergeEngine(Closing):
         self.pids = list(pids)
         self.opts = opts or MergeOptions()
         self.store = SlotStore(segment_pages=self.opts.segment_pages)
-        self.segments: list[Segment] = []  # in slot order: slot s is in segments[s // seg]
-        self._mapped_slots: set[int] = set()
         self.handover = FdHandOver()  # procksm's read-only fds, handed to targets
-        self._new_slots = 0
-        self._adopted = 0
-        self._piece_starts = np.zeros(0, np.int64)
-        self._slot_ok = np.zeros(0, bool)
         # inode -> page hashes of the segments' data pages (so also their size: finding
         # the data's end with SEEK_HOLE walks the file, ~75 us per mapping and round,
         # measured); a caller may share one dict between engines (procksm attach: one
         # engine per batch, which drops the inodes no target maps any more).
         self.segment_hashes: dict[int, np.ndarray] = {}
+        self.slots = self._new_round_slots()  # the round's slots; its counters stay after it
         self._guard_client: guard.GuardClient | None = None
 
     def close(self) -> None:
@@ -246,7 +238,7 @@ class MergeEngine(Closing):
             scan = collect(pids, sel)
             scans = 1
             # The stable tree: segments an earlier procksm mapped into these targets.
-            existing = self._adopt_existing(pids)
+            existing = self.stable_segments(pids)
             index = KsmIndex()
             for i, (_seg, hashes) in enumerate(existing):
                 index.stable.add(i, hashes)
@@ -273,13 +265,13 @@ class MergeEngine(Closing):
             for pid, res in out.results.items():
                 res.pages_volatile += results[pid].pages_volatile
                 results[pid] = res
-        slots_mapped = self._slots_mapped()
+        slots_mapped = len(self.slots.mapped)
         return MergeResult(
             targets=list(results.values()),
             refused=refused,
-            slots=self._new_slots,
+            slots=self.slots.new,
             slots_mapped=slots_mapped,
-            segments=len(self.segments) - self._adopted,
+            segments=len(self.slots.segments) - self.slots.adopted,
             scans=scans,
             elapsed_s=time.perf_counter() - t0,
             cpu_s=_cpu_seconds() - cpu0,
@@ -323,9 +315,7 @@ class MergeEngine(Closing):
         adopt_from: Sequence[int] | None,
         existing: list[tuple[Segment, np.ndarray]] | None,
     ) -> MergeOutcome:
-        self.segments = []
-        self._mapped_slots = set()
-        self._new_slots = self._adopted = 0
+        self.slots = self._new_round_slots()
         pids = [p.pid for p in scan.processes]
         results = {p.pid: TargetResult(p.pid, p.name) for p in scan.processes}
         refused: list[Refusal] = []
@@ -337,11 +327,11 @@ class MergeEngine(Closing):
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
         if existing is None:
-            existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
+            existing = self.stable_segments(adopt_from if adopt_from is not None else pids)
         # With the guard a merged range never grows (procksm.guard unmerges it before an
         # mremap grow), so neither new pieces nor joins need a hole right after them.
         tail_only = not self.opts.guard
-        joins = _match_existing(scan, mergeable, existing, tail_only) if existing else {}
+        joins = match_existing(scan, mergeable, existing, tail_only) if existing else {}
         budgets = {
             pid: vma_budget(
                 procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
@@ -357,8 +347,8 @@ class MergeEngine(Closing):
             cut_at_extent_ends=tail_only,
         )
         say(f"writing {plan.nslots:,} slots")
-        self._write_slots(scan, plan)
-        self._add_existing(plan, existing, joins, budgets)
+        self.slots.write(scan, plan)
+        join_existing(plan, joins, self.slots.add_adopted(existing), budgets)
         for tp in plan.targets:
             res = results[tp.pid]
             if tp.pages_refused_budget:
@@ -408,125 +398,14 @@ class MergeEngine(Closing):
             [np.arange(scan.mapping_rows[i], scan.mapping_rows[i + 1]) for i in ms]
         )
 
-    def _write_slots(self, scan: ScanInput, plan: MergePlan) -> None:
-        """Copy each slot's reference page into its piece's memfd, 2 MiB at a time; give
-        each memfd its hole of ``tail_gap_pages`` (see plan.split_at_extent_ends); seal."""
-        chunk = _WRITE_CHUNK_PAGES
-        rows = plan.slot_rows
-        self._slot_ok = np.ones(rows.size, bool)
-        self._piece_starts = plan.piece_starts if rows.size else np.zeros(0, np.int64)
-        self._new_slots = int(rows.size)
-        if rows.size == 0:
-            return
-        mp = scan.mapping_of(rows)
-        starts = np.array([m.start for m in scan.mappings], dtype=np.uint64)
-        pid_of_map = np.array([scan.processes[m.proc].pid for m in scan.mappings], np.int64)
-        addrs = starts[mp] + scan.pages.off[rows].astype(np.uint64) * np.uint64(PAGE_SIZE)
-        pids = pid_of_map[mp]
-        readers = {int(p): PageReader(int(p), chunk_bytes=PAGE_SIZE) for p in np.unique(pids)}
-        buf = np.empty((chunk, PAGE_SIZE // 8), np.uint64)
-        bounds = [*plan.piece_starts.tolist(), rows.size]
-        for p0, p1 in itertools.pairwise(bounds):
-            for s0 in range(p0, p1, chunk):
-                sl = slice(s0, min(p1, s0 + chunk))
-                n = sl.stop - s0
-                for pid in np.unique(pids[sl]):
-                    sel = np.flatnonzero(pids[sl] == pid)
-                    ok = readers[int(pid)].read_pages_into(addrs[sl][sel], buf, sel)
-                    self._slot_ok[s0 + sel[~ok]] = False
-                # The reference must still hold what the scan hashed (the "second
-                # look"): a slot whose content changed is never mapped.
-                view = buf[:n].reshape(-1).view(np.uint8).data
-                self._slot_ok[s0 : s0 + n] &= hash_pages(view) == scan.pages.hash[rows[sl]]
-                run = self.store.add_run(view, new_segment=s0 == p0)
-                if s0 == p0:
-                    self.segments.append(self.store.segment(run.segment_id))
-        self.store.seal_pending(tail_pages=self.opts.tail_gap_pages)
-        # The stable tree learns the new segments from here, not from re-reading every
-        # target's maps (a redis with 1,600 VMAs: 20 ms a parse, several per batch).
-        # A slot whose reference changed is never mapped, so its scan hash does no harm.
-        for seg, (p0, p1) in zip(self.segments, itertools.pairwise(bounds), strict=True):
-            self.segment_hashes[seg.identity.ino] = scan.pages.hash[rows[p0:p1]].copy()
-
     def stable_segments(self, pids: Sequence[int]) -> list[tuple[Segment, np.ndarray]]:
         """The stable tree's segments: procksm's segments mapped in ``pids``, adopted
         into this round's slot store, with their page hashes (cached in
         :attr:`segment_hashes`)."""
-        return self._adopt_existing(list(pids))
+        return adopt_segments(self.store, pids, self.segment_hashes)
 
-    def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
-        """Open (read-only) each procksm segment mapped in the targets, once per inode,
-        and hash its data pages. Needs /proc/PID/map_files (root); skipped otherwise."""
-        out: list[tuple[Segment, np.ndarray]] = []
-        seen: set[int] = set()
-        for pid in pids:
-            for v in merged_ranges(pid):
-                if v.inode in seen:
-                    continue
-                seen.add(v.inode)
-                fd = procfs.open_mapped_file(pid, v.start, v.end)
-                if fd is None:
-                    continue
-                # Sealed, so a segment's hashes never change: a daemon that merges batch
-                # after batch hashes each segment once (see segment_hashes).
-                hashes = self.segment_hashes.get(v.inode)
-                try:
-                    if hashes is not None:
-                        npages = hashes.size
-                    else:
-                        data = os.lseek(fd, 0, os.SEEK_HOLE)  # slots, then the tail hole
-                        npages = data // PAGE_SIZE
-                    if npages == 0:
-                        raise OSError("empty segment")
-                    seg = self.store.adopt(fd, npages)
-                except (OSError, ProcksmError):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                    continue
-                if hashes is None:
-                    hashes = np.empty(npages, np.uint64)
-                    for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
-                        n = min(_WRITE_CHUNK_PAGES, npages - p0)
-                        hashes[p0 : p0 + n] = hash_pages(
-                            os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE)
-                        )
-                    self.segment_hashes[v.inode] = hashes
-                out.append((seg, hashes))
-        return out
-
-    def _add_existing(
-        self,
-        plan: MergePlan,
-        existing: list[tuple[Segment, np.ndarray]],
-        joins: dict[int, list[tuple[int, int, int, int]]],
-        budgets: dict[int, int],
-    ) -> None:
-        """Number the adopted segments' slots after the new ones and give each target its
-        extents into them (verified byte for byte under stop like any other)."""
-        base = len(plan.slot_rows)
-        starts = list(self._piece_starts.tolist())
-        bases = []
-        for seg, _h in existing:
-            bases.append(base)
-            starts.append(base)
-            self.segments.append(seg)
-            base += seg.npages
-        self._adopted = len(existing)
-        self._piece_starts = np.array(starts, dtype=np.int64)
-        self._slot_ok = np.concatenate((self._slot_ok, np.ones(base - len(plan.slot_rows), bool)))
-        by_pid = {tp.pid: tp for tp in plan.targets}
-        for pid, runs in joins.items():
-            tp = by_pid.get(pid)
-            if tp is None:
-                continue
-            tp.extents.extend(Extent(a, n, bases[i] + pg) for a, n, i, pg in runs)
-            tp.extents.sort(key=lambda e: e.addr)
-            apply_budget(tp, budgets.get(pid, 0))
-
-    def _piece(self, slot: int) -> tuple[Segment, int]:
-        """The memfd holding ``slot`` and the slot's byte offset in it."""
-        i = int(np.searchsorted(self._piece_starts, slot, side="right")) - 1
-        return self.segments[i], (slot - int(self._piece_starts[i])) * PAGE_SIZE
+    def _new_round_slots(self) -> RoundSlots:
+        return RoundSlots(self.store, self.segment_hashes, self.opts.tail_gap_pages)
 
     def _merge_target_safely(
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
@@ -539,9 +418,6 @@ class MergeEngine(Closing):
                 self._merge_target(tp.pid, tp.extents, tp.zero_extents, res, refused)
         except ProcksmError as e:
             res.error = e.message
-
-    def _slots_mapped(self) -> int:
-        return len(self._mapped_slots)
 
     def _merge_target(
         self,
@@ -556,7 +432,7 @@ class MergeEngine(Closing):
             zero_extents,
             self.opts.batch_pages,
             max_calls=self.opts.max_calls,
-            piece_of=lambda slot: self._piece(slot)[0].id,
+            piece_of=lambda slot: self.slots.piece(slot)[0].id,
         )
         # A target merged before whose guard is gone (killed, or another guard's) gets
         # a new one even when nothing new is merged (procksm.guard: the newest filter's
@@ -611,7 +487,7 @@ class MergeEngine(Closing):
                 coredump.keep_merged_in_cores(pid)
             for ext_batch, zero_batch in batches:
                 # Slots are sealed, immutable: read their bytes before stopping the target.
-                slot_bytes = [self._slot_bytes(e) for e in ext_batch]
+                slot_bytes = [self.slots.bytes_of(e) for e in ext_batch]
                 with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
                     stacks = _thread_stack_ranges(st, maps)
                     ext_ok = self._verify_extents(
@@ -624,11 +500,13 @@ class MergeEngine(Closing):
                         # procksm dies (the futex gate, procksm.attach).
                         st.hold_others()
                     if ext_ok:
-                        segs = {seg.id: seg for seg in (self._piece(e.slot)[0] for e, _ in ext_ok)}
+                        segs = {
+                            seg.id: seg for seg in (self.slots.piece(e.slot)[0] for e, _ in ext_ok)
+                        }
                         fds = self.handover.hand_over(st, list(segs.values()))
                         try:
                             for e, prot in ext_ok:
-                                seg, off = self._piece(e.slot)
+                                seg, off = self.slots.piece(e.slot)
                                 got = st.syscall_checked(
                                     SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
                                     MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
@@ -642,9 +520,7 @@ class MergeEngine(Closing):
                                 )
                                 res.pages_merged += e.npages
                                 res.extents += 1
-                                # only new slots cost memory; adopted ones exist already
-                                end = min(e.slot + e.npages, self._new_slots)
-                                self._mapped_slots.update(range(e.slot, end))
+                                self.slots.mark_mapped(e)
                         finally:
                             for fd in fds.values():
                                 st.syscall(SYS_close, fd)
@@ -653,10 +529,6 @@ class MergeEngine(Closing):
                         if r == 0:
                             res.pages_zeroed += z.npages
             res.pauses.extend(sess.pauses)
-
-    def _slot_bytes(self, e: Extent) -> bytes:
-        seg, off = self._piece(e.slot)
-        return os.pread(seg.fd, e.npages * PAGE_SIZE, off)
 
     def _verify_extents(
         self,
@@ -683,7 +555,7 @@ class MergeEngine(Closing):
                 res.pages_volatile += e.npages
                 continue
             data = reader.read(e.addr, e.npages * PAGE_SIZE)
-            ok = self._slot_ok[e.slot : e.slot + e.npages].copy()
+            ok = self.slots.ok[e.slot : e.slot + e.npages].copy()
             # one vectorised comparison of the whole extent first (memoryview == bytes
             # compares element by element in Python: 1.5 ms per 2 MiB, measured)
             if len(data) == len(want) and np.array_equal(
@@ -703,47 +575,6 @@ class MergeEngine(Closing):
             for i0, n in mask_runs(equal):
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
-
-
-def _match_existing(
-    scan: ScanInput,
-    mergeable: np.ndarray,
-    existing: list[tuple[Segment, np.ndarray]],
-    tail_only: bool = True,
-) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Runs of scanned pages that equal (by hash; bytes are compared under stop) pages
-    of an adopted segment: ``{pid: [(addr, npages, segment index, first page)]}``.
-
-    With ``tail_only`` (no madvise guard) a run must end at its segment's last data
-    page, so that, as for new pieces, nothing but the hole follows it in the file
-    (mremap growth reads zeros). Rows of accepted
-    runs are taken out of ``mergeable`` (they need no new slot).
-    """
-    t = scan.pages
-    tree = StableTree()
-    for i, (_seg, hashes) in enumerate(existing):
-        tree.add(i, hashes)
-    rows = np.flatnonzero(mergeable[: len(t)] & (t.content >= 0))
-    hit, r_seg, r_page = tree.lookup(t.hash[rows])
-    rows, r_seg, r_page = rows[hit], r_seg[hit], r_page[hit]
-    if rows.size == 0:
-        return {}
-    mp = scan.mapping_of(rows)
-    starts = np.array([m.start for m in scan.mappings], dtype=np.int64)
-    addr = starts[mp] + t.off[rows].astype(np.int64) * PAGE_SIZE
-    new_run = (
-        (np.diff(mp) != 0) | (np.diff(addr) != PAGE_SIZE) | (np.diff(r_seg) != 0)
-        | (np.diff(r_page) != 1)
-    )  # fmt: skip
-    out: dict[int, list[tuple[int, int, int, int]]] = {}
-    for a, b in split_runs(new_run, rows.size):
-        i = int(r_seg[a])
-        if tail_only and int(r_page[b - 1]) + 1 != existing[i][0].npages:
-            continue  # not the segment's tail: a new slot run is safer
-        pid = scan.processes[scan.mappings[int(mp[a])].proc].pid
-        out.setdefault(pid, []).append((int(addr[a]), b - a, i, int(r_page[a])))
-        mergeable[rows[a:b]] = False
-    return out
 
 
 @contextlib.contextmanager
