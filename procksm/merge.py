@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
 import resource
 import time
@@ -36,24 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from procksm import PAGE_SIZE, coredump, guard, procfs
+from procksm import PAGE_SIZE, guard, procfs
 from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, ScanInput
-from procksm.arch.x86_64 import (
-    MADV_DONTNEED,
-    MADV_POPULATE_READ,
-    MAP_FIXED,
-    MAP_PRIVATE,
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
-    SYS_close,
-    SYS_madvise,
-    SYS_mmap,
-)
-from procksm.attach import PtraceSession, StoppedTarget
 from procksm.closing import Closing
 from procksm.diagnose import check_attachable
-from procksm.errors import AccessDenied, ProcksmError, UsageError
+from procksm.errors import AccessDenied, UsageError
 from procksm.index import REF_PAGE_BITS, KsmIndex, Look
 from procksm.locks import target_locks
 from procksm.merge_adopt import adopt_segments, join_existing, match_existing
@@ -67,20 +53,15 @@ from procksm.merge_records import (
     pause_stats,
 )
 from procksm.merge_slots import RoundSlots
+from procksm.merge_target import TargetMerger
 from procksm.plan import (
-    Extent,
     MergePlan,
     TargetPlan,
-    ZeroExtent,
     plan_merge,
-    split_batches,
     vma_budget,
 )
-from procksm.reader import PageReader
-from procksm.runs import mask_runs
 from procksm.scanner import collect
 from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
-from procksm.unmerge import merged_ranges
 
 ProgressFn = Callable[[str], None]
 
@@ -410,171 +391,13 @@ class MergeEngine(Closing):
     def _merge_target_safely(
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
     ) -> None:
-        try:
-            rt = self.opts.realtime
-            if rt is None:
-                rt = _cpus_saturated()
-            with _realtime_priority() if rt else contextlib.nullcontext():
-                self._merge_target(tp.pid, tp.extents, tp.zero_extents, res, refused)
-        except ProcksmError as e:
-            res.error = e.message
+        merger = TargetMerger(tp, self.opts, self.slots, self.handover, self._guard, res, refused)
+        merger.merge_safely()
 
-    def _merge_target(
-        self,
-        pid: int,
-        extents: list[Extent],
-        zero_extents: list[ZeroExtent],
-        res: TargetResult,
-        refused: list[Refusal],
-    ) -> None:
-        batches = split_batches(
-            extents,
-            zero_extents,
-            self.opts.batch_pages,
-            max_calls=self.opts.max_calls,
-            piece_of=lambda slot: self.slots.piece(slot)[0].id,
-        )
-        # A target merged before whose guard is gone (killed, or another guard's) gets
-        # a new one even when nothing new is merged (procksm.guard: the newest filter's
-        # listener takes the notifications).
-        reguard = self.opts.guard and not extents and bool(merged_ranges(pid))
-        if not batches and not reguard:
-            return
-        reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
-
-        def refuse(reason: str) -> None:
-            refused.append(Refusal(pid, 0, 0, reason))
-            res.pages_refused += sum(x.npages for x in extents)
-
-        client: guard.GuardClient | None = None
-        if self.opts.guard and (extents or reguard):
-            client = self._guard_client = self._guard_client or guard.GuardClient()
-            try:
-                # outside any stop window: starting the guard process takes ~0.2 s
-                if client.guarded(pid):
-                    client = None
-            except guard.GuardError as err:
-                return refuse(err.message)
-        with PtraceSession(pid) as sess, _gc_paused():
-            # The scratch page (arguments of the hand-over) gets a short window of its
-            # own, so the first merge window is no longer than the others; the madvise
-            # guard's filter is installed in it, and its listener handed to the guard
-            # before anything is merged (procksm.guard).
-            listener = None
-            with sess.stopped() as st:
-                st.scratch()
-                if client is not None:
-                    try:
-                        listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
-                    except guard.GuardError as err:
-                        return refuse(err.message)
-            # None: guarded already, through a filter inherited from a guarded parent
-            if client is not None and listener is not None:
-                try:
-                    client.hand_over(pid, *listener)
-                except guard.GuardError as err:
-                    # the filter is in but has no listener: its calls fail with ENOSYS
-                    # (never stale memory); merge nothing more into this process
-                    return refuse(f"madvise guard hand-over: {err.message}")
-                finally:
-                    os.close(listener[0])
-                res.guard_installed = True
-            if extents:
-                # Before the first mmap (and after the first window, where a target that
-                # procksm cannot serve is refused untouched): merged ranges are file-backed
-                # private mappings, which the default coredump_filter leaves out of kernel
-                # cores (procksm.coredump).
-                coredump.keep_merged_in_cores(pid)
-            for ext_batch, zero_batch in batches:
-                # Slots are sealed, immutable: read their bytes before stopping the target.
-                slot_bytes = [self.slots.bytes_of(e) for e in ext_batch]
-                with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
-                    stacks = _thread_stack_ranges(st, maps)
-                    ext_ok = self._verify_extents(
-                        st, reader, maps, ext_batch, slot_bytes, stacks, res, refused
-                    )
-                    zero_ok = _verify_zero(reader, maps, zero_batch, stacks, res)
-                    if ext_ok or zero_ok:
-                        # Compared under stop: from here no thread of the target may
-                        # run its own code before the replacements are done, even if
-                        # procksm dies (the futex gate, procksm.attach).
-                        st.hold_others()
-                    if ext_ok:
-                        segs = {
-                            seg.id: seg for seg in (self.slots.piece(e.slot)[0] for e, _ in ext_ok)
-                        }
-                        fds = self.handover.hand_over(st, list(segs.values()))
-                        try:
-                            for e, prot in ext_ok:
-                                seg, off = self.slots.piece(e.slot)
-                                got = st.syscall_checked(
-                                    SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
-                                    MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
-                                )  # fmt: skip
-                                if got != e.addr:
-                                    # MAP_FIXED never moves a mapping; anything else is a bug
-                                    raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
-                                # Read-populate only: all PTEs point at the memfd pages now.
-                                st.syscall(
-                                    SYS_madvise, e.addr, e.npages * PAGE_SIZE, MADV_POPULATE_READ
-                                )
-                                res.pages_merged += e.npages
-                                res.extents += 1
-                                self.slots.mark_mapped(e)
-                        finally:
-                            for fd in fds.values():
-                                st.syscall(SYS_close, fd)
-                    for z in zero_ok:
-                        r = st.syscall(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED)
-                        if r == 0:
-                            res.pages_zeroed += z.npages
-            res.pauses.extend(sess.pauses)
-
-    def _verify_extents(
-        self,
-        st: StoppedTarget,
-        reader: PageReader,
-        maps: procfs.MapsQuery,
-        extents: list[Extent],
-        slot_bytes: list[bytes],
-        stacks: list[tuple[int, int]],
-        res: TargetResult,
-        refused: list[Refusal],
-    ) -> list[tuple[Extent, int]]:
-        """Under stop: keep the pages that still equal their slot, byte for byte, in a
-        mapping that is still private anonymous memory; with its protection now."""
-        out: list[tuple[Extent, int]] = []
-        for e, want in zip(extents, slot_bytes, strict=True):
-            if _overlaps(stacks, e.addr, e.end):
-                refused.append(Refusal(st.pid, e.addr, e.end, "thread stack"))
-                res.pages_refused += e.npages
-                continue
-            vma = _vma_covering(maps, e.addr, e.end)
-            if vma is None or not _still_mergeable(vma):
-                # unmapped, remapped or changed since the scan: never map over it
-                res.pages_volatile += e.npages
-                continue
-            data = reader.read(e.addr, e.npages * PAGE_SIZE)
-            ok = self.slots.ok[e.slot : e.slot + e.npages].copy()
-            # one vectorised comparison of the whole extent first (memoryview == bytes
-            # compares element by element in Python: 1.5 ms per 2 MiB, measured)
-            if len(data) == len(want) and np.array_equal(
-                np.frombuffer(data, np.uint64), np.frombuffer(want, np.uint64)
-            ):
-                equal = ok
-            else:
-                n = min(len(data), len(want)) // PAGE_SIZE
-                equal = np.zeros(e.npages, bool)
-                if n:
-                    a = np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1)
-                    b = np.frombuffer(want, np.uint64, count=n * 512).reshape(n, -1)
-                    equal[:n] = (a == b).all(axis=1)
-                equal &= ok
-            res.pages_volatile += int(e.npages - equal.sum())
-            prot = _prot(vma.perms)
-            for i0, n in mask_runs(equal):
-                out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
-        return out
+    def _guard(self) -> guard.GuardClient:
+        """The guard's client, one for the engine's life (started on first use)."""
+        client = self._guard_client = self._guard_client or guard.GuardClient()
+        return client
 
 
 @contextlib.contextmanager
@@ -595,132 +418,6 @@ def _not_an_oom_victim() -> Iterator[None]:
         yield
     finally:
         procfs.swap_own_oom_score_adj(before)
-
-
-def _cpus_saturated() -> bool:
-    """More runnable threads than CPUs right now."""
-    try:
-        return procfs.procs_running() > (os.cpu_count() or 1)
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while targets are being stopped: a collection
-    inside a stop window would lengthen the target's pause (measured: a few ms)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-@contextlib.contextmanager
-def _realtime_priority() -> Iterator[None]:
-    """SCHED_FIFO for the calling thread while it merges one target.
-
-    Every ptrace round trip needs procksm to be scheduled; on a machine saturated by
-    busy threads (the targets' own, often) a SCHED_OTHER procksm waits a time slice per
-    round trip and stop windows stretch to 100+ ms (measured: 32 spinning threads on 2
-    CPUs). The thread sleeps whenever it waits, so it cannot monopolise a CPU.
-    Silently skipped without CAP_SYS_NICE.
-    """
-    before = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        changed = True
-    except OSError:
-        changed = False
-    try:
-        yield
-    finally:
-        if changed:
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, before[0], before[1])
-
-
-def _prot(perms: str) -> int:
-    return (
-        (PROT_READ if perms[0] == "r" else 0)
-        | (PROT_WRITE if perms[1] == "w" else 0)
-        | (PROT_EXEC if perms[2] == "x" else 0)
-    )
-
-
-def _vma_covering(maps: procfs.MapsQuery, start: int, end: int) -> procfs.QueriedVma | None:
-    v = maps.vma_at(start)
-    return v if v is not None and end <= v.end else None
-
-
-def _still_anonymous(v: procfs.QueriedVma) -> bool:
-    """Re-checked under stop (VmFlags were checked at scan time): still a private,
-    read-write, anonymous mapping that is neither a stack nor named (procfs.ineligibility
-    refuses both)."""
-    return (
-        v.perms[:2] == "rw"
-        and v.perms[3] == "p"
-        and v.is_anonymous
-        and not v.name.startswith(("[stack", "[anon:"))
-    )
-
-
-def _still_mergeable(v: procfs.QueriedVma) -> bool:
-    """Where a slot may be mapped over pages equal to it: private anonymous memory as
-    above, or one of procksm's own segment mappings, read-write and private (pages a
-    write copied there are merged again by the daemon). Never for zero pages: there
-    MADV_DONTNEED would bring back the segment's bytes, not zeros (_verify_zero)."""
-    if _still_anonymous(v):
-        return True
-    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.name.startswith(SEGMENT_NAME_PREFIX)
-
-
-def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:
-    """VMAs that hold a thread's stack pointer: never merged (pthread stacks carry no
-    VmFlag that says so). Conservative: the whole VMA, which may also hold memory the
-    kernel merged into the stack's VMA; that memory is refused ("thread stack")."""
-    out = []
-    for tid in st.threads:
-        try:
-            v = maps.vma_at(st.saved_registers(tid).rsp)
-        except ProcksmError:
-            continue
-        if v is not None:
-            out.append((v.start, v.end))
-    return out
-
-
-def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    return any(s < end and start < e for s, e in ranges)
-
-
-def _verify_zero(
-    reader: PageReader,
-    maps: procfs.MapsQuery,
-    zero: list[ZeroExtent],
-    stacks: list[tuple[int, int]],
-    res: TargetResult,
-) -> list[ZeroExtent]:
-    out: list[ZeroExtent] = []
-    for z in zero:
-        end = z.addr + z.npages * PAGE_SIZE
-        vma = _vma_covering(maps, z.addr, end)
-        if _overlaps(stacks, z.addr, end) or vma is None or not _still_anonymous(vma):
-            res.pages_volatile += z.npages
-            continue
-        data = reader.read(z.addr, z.npages * PAGE_SIZE)
-        n = len(data) // PAGE_SIZE
-        zero_mask = np.zeros(z.npages, bool)
-        if n:
-            zero_mask[:n] = ~np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1).any(
-                axis=1
-            )
-        res.pages_volatile += int(z.npages - zero_mask.sum())
-        for i0, k in mask_runs(zero_mask):
-            out.append(ZeroExtent(z.addr + i0 * PAGE_SIZE, k))
-    return out
 
 
 __all__ = [
