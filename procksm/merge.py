@@ -20,7 +20,10 @@ One-shot flow (``procksm merge``):
    (never POPULATE_WRITE: that would copy every page), ``MADV_DONTNEED`` zero runs,
    close the fds, resume.
 
-Undoing a merge is procksm.unmerge.
+Its parts: the options and results (procksm.merge_records), a round's slots, written
+and sealed (procksm.merge_slots), the stable tree's segments adopted (procksm.merge_adopt),
+one target's stop windows (procksm.merge_target) and the fd hand-over in them
+(procksm.merge_handover). Undoing a merge is procksm.unmerge.
 """
 
 from __future__ import annotations

@@ -42,9 +42,10 @@ class MergeOptions:
     # 1 and doubled the p99 pause (the GIL, and the targets' injected mmaps compete for
     # the CPUs).
     parallel: int = 1
-    # SCHED_FIFO while merging a target (see _realtime_priority): it keeps stops short on
-    # a CPU-saturated machine (a target with 7 spinning threads on 2 CPUs: p99 pause
-    # 15.8 -> 4.4 ms) but doubles an injected syscall's cost on an idle one (25 -> 47 us).
+    # SCHED_FIFO while merging a target (see merge_target._realtime_priority): it keeps
+    # stops short on a CPU-saturated machine (a target with 7 spinning threads on 2 CPUs:
+    # p99 pause 15.8 -> 4.4 ms) but doubles an injected syscall's cost on an idle one
+    # (25 -> 47 us).
     # None (the CLI's default too): decided per target from the runnable threads.
     realtime: bool | None = None
     vma_budget_cap: int = 8192

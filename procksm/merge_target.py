@@ -79,6 +79,7 @@ class TargetMerger:
             self.res.error = e.message
 
     def merge(self) -> None:
+        """Guard the target if needed, then merge its batches, one stop window each."""
         pid, extents, opts = self.pid, self.extents, self.opts
         batches = split_batches(
             extents,
