@@ -134,6 +134,17 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
     return names, refused
 
 
+def exclusion_refusals(scan: ScanInput) -> list[Refusal]:
+    """The scan's excluded VMAs that hold pages, as refusals; procksm's own segment
+    mappings excepted."""
+    refused: list[Refusal] = []
+    for e in scan.exclusions:
+        if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
+            pid = scan.processes[e.proc].pid
+            refused.append(Refusal(pid, e.start, e.end, e.reason))
+    return refused
+
+
 # --------------------------------------------------------------------------------------
 # Scan with the volatility rule
 # --------------------------------------------------------------------------------------
@@ -302,34 +313,13 @@ class MergeEngine(Closing):
         self.slots = self._new_round_slots()
         pids = [p.pid for p in scan.processes]
         results = {p.pid: TargetResult(p.pid, p.name) for p in scan.processes}
-        refused: list[Refusal] = []
-        for e in scan.exclusions:
-            if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
-                pid = scan.processes[e.proc].pid
-                refused.append(Refusal(pid, e.start, e.end, e.reason))
+        refused = exclusion_refusals(scan)
         # The stable tree across runs: segments an earlier procksm mapped into these
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
         if existing is None:
             existing = self.stable_segments(adopt_from if adopt_from is not None else pids)
-        # With the guard a merged range never grows (procksm.guard unmerges it before an
-        # mremap grow), so neither new pieces nor joins need a hole right after them.
-        tail_only = not self.opts.guard
-        joins = match_existing(scan, mergeable, existing, tail_only) if existing else {}
-        budgets = {
-            pid: vma_budget(
-                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
-            )
-            for pid in pids
-        }
-        plan = plan_merge(
-            scan,
-            mergeable,
-            segment_pages=self.opts.segment_pages,
-            budgets=budgets,
-            zero_pages=self.opts.zero_pages,
-            cut_at_extent_ends=tail_only,
-        )
+        plan, joins, budgets = self._plan(scan, mergeable, pids, existing)
         say(f"writing {plan.nslots:,} slots")
         self.slots.write(scan, plan)
         join_existing(plan, joins, self.slots.add_adopted(existing), budgets)
@@ -349,6 +339,35 @@ class MergeEngine(Closing):
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
         self._merge_targets(plan, results, refused)
         return MergeOutcome(results, refused)
+
+    def _plan(
+        self,
+        scan: ScanInput,
+        mergeable: np.ndarray,
+        pids: list[int],
+        existing: list[tuple[Segment, np.ndarray]],
+    ) -> tuple[MergePlan, dict[int, list[tuple[int, int, int, int]]], dict[int, int]]:
+        """The round's plan, the runs that join adopted segments (their rows taken out
+        of ``mergeable`` first), and each target's VMA budget."""
+        # With the guard a merged range never grows (procksm.guard unmerges it before an
+        # mremap grow), so neither new pieces nor joins need a hole right after them.
+        tail_only = not self.opts.guard
+        joins = match_existing(scan, mergeable, existing, tail_only) if existing else {}
+        budgets = {
+            pid: vma_budget(
+                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
+            )
+            for pid in pids
+        }
+        plan = plan_merge(
+            scan,
+            mergeable,
+            segment_pages=self.opts.segment_pages,
+            budgets=budgets,
+            zero_pages=self.opts.zero_pages,
+            cut_at_extent_ends=tail_only,
+        )
+        return plan, joins, budgets
 
     def _merge_targets(
         self, plan: MergePlan, results: dict[int, TargetResult], refused: list[Refusal]
