@@ -190,6 +190,9 @@ def mergeable_rows(scan: ScanInput, look: Look) -> np.ndarray:
 
 
 class MergeEngine(Closing):
+    """The one-shot merge (:meth:`run`: steps 1-5) and the merge rounds it and
+    ``procksm attach`` are made of (:meth:`merge_scanned`: steps 3-5)."""
+
     def __init__(self, pids: Sequence[int], opts: MergeOptions | None = None) -> None:
         self.pids = list(pids)
         self.opts = opts or MergeOptions()
