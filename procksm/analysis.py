@@ -245,6 +245,22 @@ class ScanReport:
 _COUNTERS = tuple(f.name for f in fields(Counts))
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What :func:`analyse`'s passes add up: counters per mapping, the process matrix,
+    the top contents, the distinct frames and contents."""
+
+    acc: dict[str, np.ndarray]  # counter -> per mapping
+    bins: int
+    matrix: np.ndarray
+    top_n: int
+    top_pool: list[tuple[int, int, int, list[int], int]] = field(
+        default_factory=list
+    )  # frames, pages, id, procs, row
+    distinct_frames: int = 0
+    distinct_contents: int = 0
+
+
 def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanReport:
     """Count duplicates and the ideal saving; see the module docstring for definitions.
 
@@ -257,14 +273,27 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
     nmap = len(scan.mappings)
     n = len(t)
     proc_of_mapping = np.array([m.proc for m in scan.mappings] or [0], dtype=np.int64)
-    acc = {k: np.zeros(max(nmap, 1), np.int64) for k in _COUNTERS}
     m_cap = min(nproc, matrix_max)
-    matrix = np.zeros((m_cap, m_cap), np.int64)
-    distinct_frames = 0
-    distinct_contents = 0
-    top_pool: list[tuple[int, int, int, list[int], int]] = []  # frames, pages, id, procs, row
+    tally = _Tally(
+        acc={k: np.zeros(max(nmap, 1), np.int64) for k in _COUNTERS},
+        bins=max(nmap, 1),
+        matrix=np.zeros((m_cap, m_cap), np.int64),
+        top_n=top_n,
+    )
     nb, shift = hash_buckets(n)
-    bins = max(nmap, 1)
+    _count_frames(t, nb, tally)
+    _count_rows(scan, tally)
+    # Pass B: contents, by hash bucket, non-zero non-volatile rows only.
+    for b in range(nb):
+        rows = bucket_rows(t.hash, b, shift)
+        rows = rows[t.content[rows] >= 0]
+        if rows.size == 0:
+            continue
+        _count_contents(scan, rows, proc_of_mapping, tally)
+    return _report(scan, proc_of_mapping, tally)
+
+
+def _count_frames(t: PageTable, nb: int, tally: _Tally) -> None:
     # Pass A: frames, by PFN bucket (rows of one frame are in one bucket).
     for b in range(nb):
         rows = pfn_bucket_rows(t.pfn, b, nb)
@@ -279,9 +308,14 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
         t.flags[rows[order[first]]] |= FLAG_FRAME_FIRST
         multi = np.repeat(sizes > 1, sizes)
         t.flags[rows[order[multi]]] |= FLAG_FRAME_SHARED
-        distinct_frames += int(sizes.size)
+        tally.distinct_frames += int(sizes.size)
         del pf, order, sp, first, last, sizes, multi
+
+
+def _count_rows(scan: ScanInput, tally: _Tally) -> None:
     # Row-local counters, in chunks.
+    t, acc, bins = scan.pages, tally.acc, tally.bins
+    n = len(t)
     for c0 in range(0, n, 1 << 14):
         rows = np.arange(c0, min(n, c0 + (1 << 14)))
         mp = scan.mapping_of(rows)
@@ -296,69 +330,105 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
         acc["frames"] += np.bincount(mp[ff], minlength=bins)
         # every zero frame is a saving: zero pages need no keeper
         acc["ideal_savings_pages"] += np.bincount(mp[ff & zero], minlength=bins)
-    # Pass B: contents, by hash bucket, non-zero non-volatile rows only.
-    for b in range(nb):
-        rows = bucket_rows(t.hash, b, shift)
-        rows = rows[t.content[rows] >= 0]
-        if rows.size == 0:
-            continue
-        c = t.content[rows].astype(np.int64)
-        mp = scan.mapping_of(rows)
-        pr = proc_of_mapping[mp]
-        frame_first = (t.flags[rows] & FLAG_FRAME_FIRST) != 0
-        saving = np.zeros(rows.size, bool)
-        ffnz = np.flatnonzero(frame_first)
-        within = np.zeros(rows.size, bool)
-        across = np.zeros(rows.size, bool)
-        if ffnz.size:
-            uc, keep_pos, frames_per_c = np.unique(c[ffnz], return_index=True, return_counts=True)
-            distinct_contents += int(uc.size)
-            sv = np.ones(ffnz.size, bool)
-            sv[keep_pos] = False
-            saving[ffnz] = sv
-            nz = np.arange(rows.size)
-            key = c[nz] * max(nproc, 1) + pr[nz]
-            uk, kinv, kcnt = np.unique(key, return_inverse=True, return_counts=True)
-            within[nz] = kcnt[kinv] > 1
-            kc = uk // max(nproc, 1)
-            ucc, procs_per = np.unique(kc, return_counts=True)
-            multi = ucc[procs_per > 1]
-            across[nz] = np.isin(c[nz], multi)
-            # matrix: which processes hold each content (bit masks, first 64 processes)
-            if m_cap > 1 and multi.size:
-                kp = uk % max(nproc, 1)
-                sel = (kp < m_cap) & np.isin(kc, multi)
-                kc_s, kp_s = kc[sel], kp[sel]
-                uq, qinv = np.unique(kc_s, return_inverse=True)
-                mask = np.zeros(uq.size, np.uint64)
-                np.bitwise_or.at(mask, qinv, np.left_shift(np.uint64(1), kp_s.astype(np.uint64)))
-                rows_nz = nz[np.isin(c[nz], uq) & (pr[nz] < m_cap)]
-                pm = mask[np.searchsorted(uq, c[rows_nz])]
-                pp = pr[rows_nz]
-                for j in range(m_cap):
-                    has_j = ((pm >> np.uint64(j)) & np.uint64(1)).astype(bool)
-                    matrix[:, j] += np.bincount(pp[has_j], minlength=m_cap)[:m_cap]
-            # top contents by frames
-            big = np.flatnonzero(frames_per_c > 1)
-            if big.size:
-                best = big[np.argsort(-frames_per_c[big], kind="stable")[:top_n]]
-                for j in best:
-                    cid = int(uc[j])
-                    crow = np.flatnonzero(c == cid)
-                    top_pool.append(
-                        (
-                            int(frames_per_c[j]),
-                            int(crow.size),
-                            cid,
-                            sorted({int(x) for x in np.unique(pr[crow])}),
-                            int(rows[crow[0]]),
-                        )
-                    )
-                top_pool.sort(key=lambda x: -x[0])
-                del top_pool[top_n:]
-        acc["pages_dup_within"] += np.bincount(mp[within], minlength=bins)
-        acc["pages_dup_across"] += np.bincount(mp[across], minlength=bins)
-        acc["ideal_savings_pages"] += np.bincount(mp[frame_first & saving], minlength=bins)
+
+
+def _count_contents(
+    scan: ScanInput, rows: np.ndarray, proc_of_mapping: np.ndarray, tally: _Tally
+) -> None:
+    """Pass B for one hash bucket's non-zero, non-volatile ``rows``."""
+    t, acc, bins = scan.pages, tally.acc, tally.bins
+    nproc = len(scan.processes)
+    c = t.content[rows].astype(np.int64)
+    mp = scan.mapping_of(rows)
+    pr = proc_of_mapping[mp]
+    frame_first = (t.flags[rows] & FLAG_FRAME_FIRST) != 0
+    saving = np.zeros(rows.size, bool)
+    ffnz = np.flatnonzero(frame_first)
+    within = np.zeros(rows.size, bool)
+    across = np.zeros(rows.size, bool)
+    if ffnz.size:
+        uc, keep_pos, frames_per_c = np.unique(c[ffnz], return_index=True, return_counts=True)
+        tally.distinct_contents += int(uc.size)
+        sv = np.ones(ffnz.size, bool)
+        sv[keep_pos] = False
+        saving[ffnz] = sv
+        nz = np.arange(rows.size)
+        key = c[nz] * max(nproc, 1) + pr[nz]
+        uk, kinv, kcnt = np.unique(key, return_inverse=True, return_counts=True)
+        within[nz] = kcnt[kinv] > 1
+        kc = uk // max(nproc, 1)
+        ucc, procs_per = np.unique(kc, return_counts=True)
+        multi = ucc[procs_per > 1]
+        across[nz] = np.isin(c[nz], multi)
+        _add_to_matrix(tally.matrix, nproc, uk, kc, multi, c, pr, nz)
+        _add_top(tally, uc, frames_per_c, c, pr, rows)
+    acc["pages_dup_within"] += np.bincount(mp[within], minlength=bins)
+    acc["pages_dup_across"] += np.bincount(mp[across], minlength=bins)
+    acc["ideal_savings_pages"] += np.bincount(mp[frame_first & saving], minlength=bins)
+
+
+def _add_to_matrix(
+    matrix: np.ndarray,
+    nproc: int,
+    uk: np.ndarray,
+    kc: np.ndarray,
+    multi: np.ndarray,
+    c: np.ndarray,
+    pr: np.ndarray,
+    nz: np.ndarray,
+) -> None:
+    """``uk``: the bucket's distinct (content, process) keys, ``kc`` their contents,
+    ``multi`` the contents held by more than one process."""
+    m_cap = matrix.shape[0]
+    # matrix: which processes hold each content (bit masks, first 64 processes)
+    if m_cap > 1 and multi.size:
+        kp = uk % max(nproc, 1)
+        sel = (kp < m_cap) & np.isin(kc, multi)
+        kc_s, kp_s = kc[sel], kp[sel]
+        uq, qinv = np.unique(kc_s, return_inverse=True)
+        mask = np.zeros(uq.size, np.uint64)
+        np.bitwise_or.at(mask, qinv, np.left_shift(np.uint64(1), kp_s.astype(np.uint64)))
+        rows_nz = nz[np.isin(c[nz], uq) & (pr[nz] < m_cap)]
+        pm = mask[np.searchsorted(uq, c[rows_nz])]
+        pp = pr[rows_nz]
+        for j in range(m_cap):
+            has_j = ((pm >> np.uint64(j)) & np.uint64(1)).astype(bool)
+            matrix[:, j] += np.bincount(pp[has_j], minlength=m_cap)[:m_cap]
+
+
+def _add_top(
+    tally: _Tally,
+    uc: np.ndarray,
+    frames_per_c: np.ndarray,
+    c: np.ndarray,
+    pr: np.ndarray,
+    rows: np.ndarray,
+) -> None:
+    top_n, top_pool = tally.top_n, tally.top_pool
+    # top contents by frames
+    big = np.flatnonzero(frames_per_c > 1)
+    if big.size:
+        best = big[np.argsort(-frames_per_c[big], kind="stable")[:top_n]]
+        for j in best:
+            cid = int(uc[j])
+            crow = np.flatnonzero(c == cid)
+            top_pool.append(
+                (
+                    int(frames_per_c[j]),
+                    int(crow.size),
+                    cid,
+                    sorted({int(x) for x in np.unique(pr[crow])}),
+                    int(rows[crow[0]]),
+                )
+            )
+        top_pool.sort(key=lambda x: -x[0])
+        del top_pool[top_n:]
+
+
+def _report(scan: ScanInput, proc_of_mapping: np.ndarray, tally: _Tally) -> ScanReport:
+    nproc = len(scan.processes)
+    nmap = len(scan.mappings)
+    acc, matrix = tally.acc, tally.matrix
 
     def counts(idx: np.ndarray | slice) -> Counts:
         return Counts(**{k: int(v[idx].sum()) for k, v in acc.items()})
@@ -366,7 +436,7 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
     per_map = [counts(slice(i, i + 1)) for i in range(nmap)]
     per_proc = [counts(np.flatnonzero(proc_of_mapping[:nmap] == i)) for i in range(nproc)]
     totals = counts(slice(0, nmap))
-    for i in range(m_cap):
+    for i in range(matrix.shape[0]):
         matrix[i, i] = per_proc[i].pages_dup_within
 
     top = [
@@ -379,20 +449,36 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
             preview=scan.previews.get(cid, b""),
             row=row,
         )
-        for frames, pages, cid, procs, row in top_pool
+        for frames, pages, cid, procs, row in tally.top_pool
     ]
+    by_reason: dict[str, int] = {}
+    for e in scan.exclusions:
+        by_reason[e.reason] = by_reason.get(e.reason, 0) + e.rss_pages
+    return ScanReport(
+        totals=totals,
+        distinct_frames=tally.distinct_frames,
+        distinct_contents=tally.distinct_contents,
+        processes=_process_reports(scan, per_map, per_proc),
+        top=top,
+        matrix=matrix.tolist(),
+        pages_excluded=sum(by_reason.values()),
+        excluded_by_reason=dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+    )
 
+
+def _process_reports(
+    scan: ScanInput, per_map: list[Counts], per_proc: list[Counts]
+) -> list[ProcessReport]:
+    nproc = len(scan.processes)
     maps_by_proc: list[list[MappingReport]] = [[] for _ in range(nproc)]
     for i, mref in enumerate(scan.mappings):
         maps_by_proc[mref.proc].append(
             MappingReport(mref.start, mref.end, mref.name, mref.perms, per_map[i])
         )
     excl_by_proc: list[list[Exclusion]] = [[] for _ in range(nproc)]
-    by_reason: dict[str, int] = {}
     for e in scan.exclusions:
         excl_by_proc[e.proc].append(e)
-        by_reason[e.reason] = by_reason.get(e.reason, 0) + e.rss_pages
-    processes = [
+    return [
         ProcessReport(
             pid=p.pid,
             name=p.name,
@@ -404,13 +490,3 @@ def analyse(scan: ScanInput, *, top_n: int = 10, matrix_max: int = 64) -> ScanRe
         )
         for i, p in enumerate(scan.processes)
     ]
-    return ScanReport(
-        totals=totals,
-        distinct_frames=distinct_frames,
-        distinct_contents=distinct_contents,
-        processes=processes,
-        top=top,
-        matrix=matrix.tolist(),
-        pages_excluded=sum(by_reason.values()),
-        excluded_by_reason=dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
-    )

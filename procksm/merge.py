@@ -20,224 +20,53 @@ One-shot flow (``procksm merge``):
    (never POPULATE_WRITE: that would copy every page), ``MADV_DONTNEED`` zero runs,
    close the fds, resume.
 
-Undoing a merge is procksm.unmerge.
+Its parts: the options and results (procksm.merge_records), a round's slots, written
+and sealed (procksm.merge_slots), the stable tree's segments adopted (procksm.merge_adopt),
+one target's stop windows (procksm.merge_target) and the fd hand-over in them
+(procksm.merge_handover). Undoing a merge is procksm.unmerge.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import itertools
 import os
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from procksm import PAGE_SIZE, coredump, guard, procfs
+from procksm import PAGE_SIZE, guard, procfs
 from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, ScanInput
-from procksm.arch.x86_64 import (
-    MADV_DONTNEED,
-    MADV_POPULATE_READ,
-    MAP_FIXED,
-    MAP_PRIVATE,
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
-    SYS_close,
-    SYS_madvise,
-    SYS_mmap,
-    SYS_pidfd_getfd,
-    SYS_pidfd_open,
-)
-from procksm.attach import PtraceSession, StoppedTarget
 from procksm.closing import Closing
 from procksm.diagnose import check_attachable
-from procksm.errors import AccessDenied, ProcksmError, UsageError
-from procksm.fdpass import (
-    FdSender,
-    build_recv_layout,
-    parse_recv_result,
-    proc_open_possible,
-    verify_received_fd,
-)
-from procksm.hashing import hash_pages
-from procksm.index import REF_PAGE_BITS, KsmIndex, Look, StableTree
+from procksm.errors import AccessDenied, UsageError
+from procksm.index import REF_PAGE_BITS, KsmIndex, Look
 from procksm.locks import target_locks
+from procksm.merge_adopt import adopt_segments, join_existing, match_existing
+from procksm.merge_handover import FdHandOver
+from procksm.merge_records import (
+    MergeOptions,
+    MergeOutcome,
+    MergeResult,
+    Refusal,
+    TargetResult,
+    pause_stats,
+)
+from procksm.merge_slots import RoundSlots
+from procksm.merge_target import TargetMerger
 from procksm.plan import (
-    MAX_CALLS_PER_BATCH,
-    Extent,
     MergePlan,
     TargetPlan,
-    ZeroExtent,
-    apply_budget,
     plan_merge,
-    split_batches,
     vma_budget,
 )
-from procksm.reader import PageReader
-from procksm.runs import mask_runs, split_runs
-from procksm.scanner import ScanOptions, collect
+from procksm.scanner import collect
 from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
-from procksm.unmerge import merged_ranges
-
-_WRITE_CHUNK_PAGES = 512  # slots written per read: 2 MiB of procksm's memory
 
 ProgressFn = Callable[[str], None]
-
-
-@dataclass(slots=True)
-class MergeOptions:
-    selection: ScanOptions = field(default_factory=ScanOptions)
-    # A full second scan before planning (KSM's classic two passes); by default the
-    # second look at each page is its byte comparison under stop (see MergeEngine._run).
-    two_scans: bool = False
-    cross_uid: bool = False  # allow merging between processes of different uids
-    allow_async_io: bool = False  # merge processes that use io_uring / AIO (docs/design.md §3.4)
-    # The madvise guard (procksm.guard, docs/design.md §3.1-3.2): installed with the first merge
-    # into a process. Without it (--no-guard), processes whose allocator relies on
-    # zero-after-MADV_DONTNEED are refused unless allow_zero_after_dontneed.
-    guard: bool = True
-    set_no_new_privs: bool = False  # let the guard set no_new_privs in non-root targets
-    allow_zero_after_dontneed: bool = False
-    zero_pages: bool = True
-    # Pages per stop window. A window costs ~0.45 ms of fixed work (stop and resume,
-    # fd hand-over and close) plus ~1.1 us per page (byte comparison, mmap,
-    # POPULATE_READ); measured on 4 x 384 MiB: 512 pages p50/p99 1.15/2.7 ms, 256 pages
-    # with at most 12 injected calls 0.8/1.1 ms, 12 % more total time.
-    batch_pages: int = 256
-    max_calls: int = MAX_CALLS_PER_BATCH  # injected syscalls per stop window
-    # Targets merged at once. Measured on 2 CPUs, 4 x 384 MiB: 2 workers were slower than
-    # 1 and doubled the p99 pause (the GIL, and the targets' injected mmaps compete for
-    # the CPUs).
-    parallel: int = 1
-    # SCHED_FIFO while merging a target (see _realtime_priority): it keeps stops short on
-    # a CPU-saturated machine (a target with 7 spinning threads on 2 CPUs: p99 pause
-    # 15.8 -> 4.4 ms) but doubles an injected syscall's cost on an idle one (25 -> 47 us).
-    # None (the CLI's default too): decided per target from the runnable threads.
-    realtime: bool | None = None
-    vma_budget_cap: int = 8192
-    segment_pages: int = (64 << 20) // PAGE_SIZE  # at most this many slots per memfd
-    # The hole after each piece's slots (plan.split_at_extent_ends): a merged range that
-    # the target grows with mremap reads zeros for up to this much, like anonymous
-    # memory, instead of SIGBUS. A hole costs nothing until read. 2^28 pages = 1 TiB.
-    tail_gap_pages: int = 1 << 28
-
-
-@dataclass(slots=True)
-class Refusal:
-    pid: int
-    start: int
-    end: int
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "start": hex(self.start),
-            "end": hex(self.end),
-            "reason": self.reason,
-        }
-
-
-@dataclass(slots=True)
-class TargetResult:
-    pid: int
-    name: str
-    pages_merged: int = 0
-    pages_zeroed: int = 0
-    pages_volatile: int = 0
-    pages_refused: int = 0
-    extents: int = 0
-    pauses: list[float] = field(default_factory=list)
-    error: str | None = None
-    guard_installed: bool = False  # the madvise guard was installed by this run
-
-
-@dataclass(slots=True)
-class MergeOutcome:
-    """What one round of :meth:`MergeEngine.merge_scanned` did: per scanned target, and
-    what it refused."""
-
-    results: dict[int, TargetResult]
-    refused: list[Refusal]
-
-
-@dataclass(slots=True)
-class MergeResult:
-    targets: list[TargetResult]
-    refused: list[Refusal]
-    slots: int
-    slots_mapped: int
-    segments: int
-    scans: int
-    elapsed_s: float
-    cpu_s: float
-    cgroup: procfs.CgroupMemory = field(
-        default_factory=lambda: procfs.CgroupMemory("?", None, None)
-    )
-
-    @property
-    def pages_merged(self) -> int:
-        return sum(t.pages_merged for t in self.targets)
-
-    @property
-    def pages_zeroed(self) -> int:
-        return sum(t.pages_zeroed for t in self.targets)
-
-    @property
-    def saved_pages(self) -> int:
-        """procksm's own account: merged pages minus the slots they now share, plus
-        zero pages dropped. /proc/meminfo is the truth the tests compare it with."""
-        return self.pages_merged - self.slots_mapped + self.pages_zeroed
-
-    def as_json(self) -> dict[str, Any]:
-        pauses = [p for t in self.targets for p in t.pauses]
-        return {
-            "totals": {
-                "pages_merged": self.pages_merged,
-                "pages_zeroed": self.pages_zeroed,
-                "pages_volatile": sum(t.pages_volatile for t in self.targets),
-                "pages_refused": sum(t.pages_refused for t in self.targets),
-                "slots": self.slots_mapped,
-                "slots_written": self.slots,
-                "segments": self.segments,
-                "saved_pages": self.saved_pages,
-                "saved_bytes": self.saved_pages * PAGE_SIZE,
-                "scans": self.scans,
-            },
-            "processes": [
-                {
-                    "pid": t.pid,
-                    "name": t.name,
-                    "pages_merged": t.pages_merged,
-                    "pages_zeroed": t.pages_zeroed,
-                    "pages_volatile": t.pages_volatile,
-                    "pages_refused": t.pages_refused,
-                    "extents": t.extents,
-                    "guard_installed": t.guard_installed,
-                    "pauses": pause_stats(t.pauses),
-                    **({"error": t.error} if t.error else {}),
-                }
-                for t in self.targets
-            ],
-            "pauses": pause_stats(pauses),
-            "refused": [r.as_dict() for r in self.refused],
-            # Where the shared pages are charged (docs/design.md §3.7): to procksm's cgroup.
-            "procksm": {
-                "memfd_bytes": self.slots * PAGE_SIZE,
-                "cgroup": self.cgroup.path,
-                "cgroup_memory_bytes": self.cgroup.usage_bytes,
-                "cgroup_memory_limit_bytes": self.cgroup.limit_bytes,
-            },
-            "elapsed_s": round(self.elapsed_s, 4),
-            "cpu_s": round(self.cpu_s, 4),
-        }
 
 
 def merge(
@@ -247,18 +76,6 @@ def merge(
     merged)."""
     with MergeEngine(pids, opts) as engine:
         return engine.run(progress)
-
-
-def pause_stats(pauses: Sequence[float]) -> dict[str, float | int]:
-    if not pauses:
-        return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
-    ms = np.array(pauses) * 1000.0
-    return {
-        "count": int(ms.size),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "max_ms": round(float(ms.max()), 3),
-    }
 
 
 def _cpu_seconds() -> float:
@@ -317,6 +134,17 @@ def check_targets(pids: Sequence[int], opts: MergeOptions) -> tuple[dict[int, st
     return names, refused
 
 
+def exclusion_refusals(scan: ScanInput) -> list[Refusal]:
+    """The scan's excluded VMAs that hold pages, as refusals; procksm's own segment
+    mappings excepted."""
+    refused: list[Refusal] = []
+    for e in scan.exclusions:
+        if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
+            pid = scan.processes[e.proc].pid
+            refused.append(Refusal(pid, e.start, e.end, e.reason))
+    return refused
+
+
 # --------------------------------------------------------------------------------------
 # Scan with the volatility rule
 # --------------------------------------------------------------------------------------
@@ -362,32 +190,26 @@ def mergeable_rows(scan: ScanInput, look: Look) -> np.ndarray:
 
 
 class MergeEngine(Closing):
+    """The one-shot merge (:meth:`run`: steps 1-5) and the merge rounds it and
+    ``procksm attach`` are made of (:meth:`merge_scanned`: steps 3-5)."""
+
     def __init__(self, pids: Sequence[int], opts: MergeOptions | None = None) -> None:
         self.pids = list(pids)
         self.opts = opts or MergeOptions()
         self.store = SlotStore(segment_pages=self.opts.segment_pages)
-        self.segments: list[Segment] = []  # in slot order: slot s is in segments[s // seg]
-        self._mapped_slots: set[int] = set()
-        self._ro_fds: dict[int, int] = {}
-        self._pidfd_ok: dict[int, bool] = {}  # per target: may it pidfd_getfd from us
-        self._new_slots = 0
-        self._adopted = 0
-        self._piece_starts = np.zeros(0, np.int64)
-        self._slot_ok = np.zeros(0, bool)
+        self.handover = FdHandOver()  # procksm's read-only fds, handed to targets
         # inode -> page hashes of the segments' data pages (so also their size: finding
         # the data's end with SEEK_HOLE walks the file, ~75 us per mapping and round,
         # measured); a caller may share one dict between engines (procksm attach: one
         # engine per batch, which drops the inodes no target maps any more).
         self.segment_hashes: dict[int, np.ndarray] = {}
+        self.slots = self._new_round_slots()  # the round's slots; its counters stay after it
         self._guard_client: guard.GuardClient | None = None
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
         # when its last mapping goes; docs/design.md §2.3, never a hole punched under a mapping).
-        for fd in self._ro_fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._ro_fds.clear()
+        self.handover.close()
         self.store.close()
 
     def run(self, progress: ProgressFn | None = None) -> MergeResult:
@@ -414,7 +236,7 @@ class MergeEngine(Closing):
             scan = collect(pids, sel)
             scans = 1
             # The stable tree: segments an earlier procksm mapped into these targets.
-            existing = self._adopt_existing(pids)
+            existing = self.stable_segments(pids)
             index = KsmIndex()
             for i, (_seg, hashes) in enumerate(existing):
                 index.stable.add(i, hashes)
@@ -441,13 +263,13 @@ class MergeEngine(Closing):
             for pid, res in out.results.items():
                 res.pages_volatile += results[pid].pages_volatile
                 results[pid] = res
-        slots_mapped = self._slots_mapped()
+        slots_mapped = len(self.slots.mapped)
         return MergeResult(
             targets=list(results.values()),
             refused=refused,
-            slots=self._new_slots,
+            slots=self.slots.new,
             slots_mapped=slots_mapped,
-            segments=len(self.segments) - self._adopted,
+            segments=len(self.slots.segments) - self.slots.adopted,
             scans=scans,
             elapsed_s=time.perf_counter() - t0,
             cpu_s=_cpu_seconds() - cpu0,
@@ -491,42 +313,19 @@ class MergeEngine(Closing):
         adopt_from: Sequence[int] | None,
         existing: list[tuple[Segment, np.ndarray]] | None,
     ) -> MergeOutcome:
-        self.segments = []
-        self._mapped_slots = set()
-        self._new_slots = self._adopted = 0
+        self.slots = self._new_round_slots()
         pids = [p.pid for p in scan.processes]
         results = {p.pid: TargetResult(p.pid, p.name) for p in scan.processes}
-        refused: list[Refusal] = []
-        for e in scan.exclusions:
-            if e.rss_pages and not e.name.startswith(SEGMENT_NAME_PREFIX):
-                pid = scan.processes[e.proc].pid
-                refused.append(Refusal(pid, e.start, e.end, e.reason))
+        refused = exclusion_refusals(scan)
         # The stable tree across runs: segments an earlier procksm mapped into these
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
         if existing is None:
-            existing = self._adopt_existing(list(adopt_from) if adopt_from is not None else pids)
-        # With the guard a merged range never grows (procksm.guard unmerges it before an
-        # mremap grow), so neither new pieces nor joins need a hole right after them.
-        tail_only = not self.opts.guard
-        joins = _match_existing(scan, mergeable, existing, tail_only) if existing else {}
-        budgets = {
-            pid: vma_budget(
-                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
-            )
-            for pid in pids
-        }
-        plan = plan_merge(
-            scan,
-            mergeable,
-            segment_pages=self.opts.segment_pages,
-            budgets=budgets,
-            zero_pages=self.opts.zero_pages,
-            cut_at_extent_ends=tail_only,
-        )
+            existing = self.stable_segments(adopt_from if adopt_from is not None else pids)
+        plan, joins, budgets = self._plan(scan, mergeable, pids, existing)
         say(f"writing {plan.nslots:,} slots")
-        self._write_slots(scan, plan)
-        self._add_existing(plan, existing, joins, budgets)
+        self.slots.write(scan, plan)
+        join_existing(plan, joins, self.slots.add_adopted(existing), budgets)
         for tp in plan.targets:
             res = results[tp.pid]
             if tp.pages_refused_budget:
@@ -543,6 +342,35 @@ class MergeEngine(Closing):
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
         self._merge_targets(plan, results, refused)
         return MergeOutcome(results, refused)
+
+    def _plan(
+        self,
+        scan: ScanInput,
+        mergeable: np.ndarray,
+        pids: list[int],
+        existing: list[tuple[Segment, np.ndarray]],
+    ) -> tuple[MergePlan, dict[int, list[tuple[int, int, int, int]]], dict[int, int]]:
+        """The round's plan, the runs that join adopted segments (their rows taken out
+        of ``mergeable`` first), and each target's VMA budget."""
+        # With the guard a merged range never grows (procksm.guard unmerges it before an
+        # mremap grow), so neither new pieces nor joins need a hole right after them.
+        tail_only = not self.opts.guard
+        joins = match_existing(scan, mergeable, existing, tail_only) if existing else {}
+        budgets = {
+            pid: vma_budget(
+                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
+            )
+            for pid in pids
+        }
+        plan = plan_merge(
+            scan,
+            mergeable,
+            segment_pages=self.opts.segment_pages,
+            budgets=budgets,
+            zero_pages=self.opts.zero_pages,
+            cut_at_extent_ends=tail_only,
+        )
+        return plan, joins, budgets
 
     def _merge_targets(
         self, plan: MergePlan, results: dict[int, TargetResult], refused: list[Refusal]
@@ -576,445 +404,25 @@ class MergeEngine(Closing):
             [np.arange(scan.mapping_rows[i], scan.mapping_rows[i + 1]) for i in ms]
         )
 
-    def _write_slots(self, scan: ScanInput, plan: MergePlan) -> None:
-        """Copy each slot's reference page into its piece's memfd, 2 MiB at a time; give
-        each memfd its hole of ``tail_gap_pages`` (see plan.split_at_extent_ends); seal."""
-        chunk = _WRITE_CHUNK_PAGES
-        rows = plan.slot_rows
-        self._slot_ok = np.ones(rows.size, bool)
-        self._piece_starts = plan.piece_starts if rows.size else np.zeros(0, np.int64)
-        self._new_slots = int(rows.size)
-        if rows.size == 0:
-            return
-        mp = scan.mapping_of(rows)
-        starts = np.array([m.start for m in scan.mappings], dtype=np.uint64)
-        pid_of_map = np.array([scan.processes[m.proc].pid for m in scan.mappings], np.int64)
-        addrs = starts[mp] + scan.pages.off[rows].astype(np.uint64) * np.uint64(PAGE_SIZE)
-        pids = pid_of_map[mp]
-        readers = {int(p): PageReader(int(p), chunk_bytes=PAGE_SIZE) for p in np.unique(pids)}
-        buf = np.empty((chunk, PAGE_SIZE // 8), np.uint64)
-        bounds = [*plan.piece_starts.tolist(), rows.size]
-        for p0, p1 in itertools.pairwise(bounds):
-            for s0 in range(p0, p1, chunk):
-                sl = slice(s0, min(p1, s0 + chunk))
-                n = sl.stop - s0
-                for pid in np.unique(pids[sl]):
-                    sel = np.flatnonzero(pids[sl] == pid)
-                    ok = readers[int(pid)].read_pages_into(addrs[sl][sel], buf, sel)
-                    self._slot_ok[s0 + sel[~ok]] = False
-                # The reference must still hold what the scan hashed (the "second
-                # look"): a slot whose content changed is never mapped.
-                view = buf[:n].reshape(-1).view(np.uint8).data
-                self._slot_ok[s0 : s0 + n] &= hash_pages(view) == scan.pages.hash[rows[sl]]
-                run = self.store.add_run(view, new_segment=s0 == p0)
-                if s0 == p0:
-                    self.segments.append(self.store.segment(run.segment_id))
-        self.store.seal_pending(tail_pages=self.opts.tail_gap_pages)
-        # The stable tree learns the new segments from here, not from re-reading every
-        # target's maps (a redis with 1,600 VMAs: 20 ms a parse, several per batch).
-        # A slot whose reference changed is never mapped, so its scan hash does no harm.
-        for seg, (p0, p1) in zip(self.segments, itertools.pairwise(bounds), strict=True):
-            self.segment_hashes[seg.identity.ino] = scan.pages.hash[rows[p0:p1]].copy()
-
     def stable_segments(self, pids: Sequence[int]) -> list[tuple[Segment, np.ndarray]]:
         """The stable tree's segments: procksm's segments mapped in ``pids``, adopted
         into this round's slot store, with their page hashes (cached in
         :attr:`segment_hashes`)."""
-        return self._adopt_existing(list(pids))
+        return adopt_segments(self.store, pids, self.segment_hashes)
 
-    def _adopt_existing(self, pids: list[int]) -> list[tuple[Segment, np.ndarray]]:
-        """Open (read-only) each procksm segment mapped in the targets, once per inode,
-        and hash its data pages. Needs /proc/PID/map_files (root); skipped otherwise."""
-        out: list[tuple[Segment, np.ndarray]] = []
-        seen: set[int] = set()
-        for pid in pids:
-            for v in merged_ranges(pid):
-                if v.inode in seen:
-                    continue
-                seen.add(v.inode)
-                fd = procfs.open_mapped_file(pid, v.start, v.end)
-                if fd is None:
-                    continue
-                # Sealed, so a segment's hashes never change: a daemon that merges batch
-                # after batch hashes each segment once (see segment_hashes).
-                hashes = self.segment_hashes.get(v.inode)
-                try:
-                    if hashes is not None:
-                        npages = hashes.size
-                    else:
-                        data = os.lseek(fd, 0, os.SEEK_HOLE)  # slots, then the tail hole
-                        npages = data // PAGE_SIZE
-                    if npages == 0:
-                        raise OSError("empty segment")
-                    seg = self.store.adopt(fd, npages)
-                except (OSError, ProcksmError):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                    continue
-                if hashes is None:
-                    hashes = np.empty(npages, np.uint64)
-                    for p0 in range(0, npages, _WRITE_CHUNK_PAGES):
-                        n = min(_WRITE_CHUNK_PAGES, npages - p0)
-                        hashes[p0 : p0 + n] = hash_pages(
-                            os.pread(fd, n * PAGE_SIZE, p0 * PAGE_SIZE)
-                        )
-                    self.segment_hashes[v.inode] = hashes
-                out.append((seg, hashes))
-        return out
-
-    def _add_existing(
-        self,
-        plan: MergePlan,
-        existing: list[tuple[Segment, np.ndarray]],
-        joins: dict[int, list[tuple[int, int, int, int]]],
-        budgets: dict[int, int],
-    ) -> None:
-        """Number the adopted segments' slots after the new ones and give each target its
-        extents into them (verified byte for byte under stop like any other)."""
-        base = len(plan.slot_rows)
-        starts = list(self._piece_starts.tolist())
-        bases = []
-        for seg, _h in existing:
-            bases.append(base)
-            starts.append(base)
-            self.segments.append(seg)
-            base += seg.npages
-        self._adopted = len(existing)
-        self._piece_starts = np.array(starts, dtype=np.int64)
-        self._slot_ok = np.concatenate((self._slot_ok, np.ones(base - len(plan.slot_rows), bool)))
-        by_pid = {tp.pid: tp for tp in plan.targets}
-        for pid, runs in joins.items():
-            tp = by_pid.get(pid)
-            if tp is None:
-                continue
-            tp.extents.extend(Extent(a, n, bases[i] + pg) for a, n, i, pg in runs)
-            tp.extents.sort(key=lambda e: e.addr)
-            apply_budget(tp, budgets.get(pid, 0))
-
-    def _piece(self, slot: int) -> tuple[Segment, int]:
-        """The memfd holding ``slot`` and the slot's byte offset in it."""
-        i = int(np.searchsorted(self._piece_starts, slot, side="right")) - 1
-        return self.segments[i], (slot - int(self._piece_starts[i])) * PAGE_SIZE
+    def _new_round_slots(self) -> RoundSlots:
+        return RoundSlots(self.store, self.segment_hashes, self.opts.tail_gap_pages)
 
     def _merge_target_safely(
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
     ) -> None:
-        try:
-            rt = self.opts.realtime
-            if rt is None:
-                rt = _cpus_saturated()
-            with _realtime_priority() if rt else contextlib.nullcontext():
-                self._merge_target(tp.pid, tp.extents, tp.zero_extents, res, refused)
-        except ProcksmError as e:
-            res.error = e.message
+        merger = TargetMerger(tp, self.opts, self.slots, self.handover, self._guard, res, refused)
+        merger.merge_safely()
 
-    def _slots_mapped(self) -> int:
-        return len(self._mapped_slots)
-
-    def _merge_target(
-        self,
-        pid: int,
-        extents: list[Extent],
-        zero_extents: list[ZeroExtent],
-        res: TargetResult,
-        refused: list[Refusal],
-    ) -> None:
-        batches = split_batches(
-            extents,
-            zero_extents,
-            self.opts.batch_pages,
-            max_calls=self.opts.max_calls,
-            piece_of=lambda slot: self._piece(slot)[0].id,
-        )
-        # A target merged before whose guard is gone (killed, or another guard's) gets
-        # a new one even when nothing new is merged (procksm.guard: the newest filter's
-        # listener takes the notifications).
-        reguard = self.opts.guard and not extents and bool(merged_ranges(pid))
-        if not batches and not reguard:
-            return
-        reader = PageReader(pid, chunk_bytes=self.opts.batch_pages * PAGE_SIZE)
-
-        def refuse(reason: str) -> None:
-            refused.append(Refusal(pid, 0, 0, reason))
-            res.pages_refused += sum(x.npages for x in extents)
-
-        client: guard.GuardClient | None = None
-        if self.opts.guard and (extents or reguard):
-            client = self._guard_client = self._guard_client or guard.GuardClient()
-            try:
-                # outside any stop window: starting the guard process takes ~0.2 s
-                if client.guarded(pid):
-                    client = None
-            except guard.GuardError as err:
-                return refuse(err.message)
-        with PtraceSession(pid) as sess, _gc_paused():
-            # The scratch page (arguments of the hand-over) gets a short window of its
-            # own, so the first merge window is no longer than the others; the madvise
-            # guard's filter is installed in it, and its listener handed to the guard
-            # before anything is merged (procksm.guard).
-            listener = None
-            with sess.stopped() as st:
-                st.scratch()
-                if client is not None:
-                    try:
-                        listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
-                    except guard.GuardError as err:
-                        return refuse(err.message)
-            # None: guarded already, through a filter inherited from a guarded parent
-            if client is not None and listener is not None:
-                try:
-                    client.hand_over(pid, *listener)
-                except guard.GuardError as err:
-                    # the filter is in but has no listener: its calls fail with ENOSYS
-                    # (never stale memory); merge nothing more into this process
-                    return refuse(f"madvise guard hand-over: {err.message}")
-                finally:
-                    os.close(listener[0])
-                res.guard_installed = True
-            if extents:
-                # Before the first mmap (and after the first window, where a target that
-                # procksm cannot serve is refused untouched): merged ranges are file-backed
-                # private mappings, which the default coredump_filter leaves out of kernel
-                # cores (procksm.coredump).
-                coredump.keep_merged_in_cores(pid)
-            for ext_batch, zero_batch in batches:
-                # Slots are sealed, immutable: read their bytes before stopping the target.
-                slot_bytes = [self._slot_bytes(e) for e in ext_batch]
-                with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
-                    stacks = _thread_stack_ranges(st, maps)
-                    ext_ok = self._verify_extents(
-                        st, reader, maps, ext_batch, slot_bytes, stacks, res, refused
-                    )
-                    zero_ok = _verify_zero(reader, maps, zero_batch, stacks, res)
-                    if ext_ok or zero_ok:
-                        # Compared under stop: from here no thread of the target may
-                        # run its own code before the replacements are done, even if
-                        # procksm dies (the futex gate, procksm.attach).
-                        st.hold_others()
-                    if ext_ok:
-                        segs = {seg.id: seg for seg in (self._piece(e.slot)[0] for e, _ in ext_ok)}
-                        fds = self._hand_over(st, list(segs.values()))
-                        try:
-                            for e, prot in ext_ok:
-                                seg, off = self._piece(e.slot)
-                                got = st.syscall_checked(
-                                    SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
-                                    MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
-                                )  # fmt: skip
-                                if got != e.addr:
-                                    # MAP_FIXED never moves a mapping; anything else is a bug
-                                    raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
-                                # Read-populate only: all PTEs point at the memfd pages now.
-                                st.syscall(
-                                    SYS_madvise, e.addr, e.npages * PAGE_SIZE, MADV_POPULATE_READ
-                                )
-                                res.pages_merged += e.npages
-                                res.extents += 1
-                                # only new slots cost memory; adopted ones exist already
-                                end = min(e.slot + e.npages, self._new_slots)
-                                self._mapped_slots.update(range(e.slot, end))
-                        finally:
-                            for fd in fds.values():
-                                st.syscall(SYS_close, fd)
-                    for z in zero_ok:
-                        r = st.syscall(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED)
-                        if r == 0:
-                            res.pages_zeroed += z.npages
-            res.pauses.extend(sess.pauses)
-
-    def _slot_bytes(self, e: Extent) -> bytes:
-        seg, off = self._piece(e.slot)
-        return os.pread(seg.fd, e.npages * PAGE_SIZE, off)
-
-    def _verify_extents(
-        self,
-        st: StoppedTarget,
-        reader: PageReader,
-        maps: procfs.MapsQuery,
-        extents: list[Extent],
-        slot_bytes: list[bytes],
-        stacks: list[tuple[int, int]],
-        res: TargetResult,
-        refused: list[Refusal],
-    ) -> list[tuple[Extent, int]]:
-        """Under stop: keep the pages that still equal their slot, byte for byte, in a
-        mapping that is still private anonymous memory; with its protection now."""
-        out: list[tuple[Extent, int]] = []
-        for e, want in zip(extents, slot_bytes, strict=True):
-            if _overlaps(stacks, e.addr, e.end):
-                refused.append(Refusal(st.pid, e.addr, e.end, "thread stack"))
-                res.pages_refused += e.npages
-                continue
-            vma = _vma_covering(maps, e.addr, e.end)
-            if vma is None or not _still_mergeable(vma):
-                # unmapped, remapped or changed since the scan: never map over it
-                res.pages_volatile += e.npages
-                continue
-            data = reader.read(e.addr, e.npages * PAGE_SIZE)
-            ok = self._slot_ok[e.slot : e.slot + e.npages].copy()
-            # one vectorised comparison of the whole extent first (memoryview == bytes
-            # compares element by element in Python: 1.5 ms per 2 MiB, measured)
-            if len(data) == len(want) and np.array_equal(
-                np.frombuffer(data, np.uint64), np.frombuffer(want, np.uint64)
-            ):
-                equal = ok
-            else:
-                n = min(len(data), len(want)) // PAGE_SIZE
-                equal = np.zeros(e.npages, bool)
-                if n:
-                    a = np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1)
-                    b = np.frombuffer(want, np.uint64, count=n * 512).reshape(n, -1)
-                    equal[:n] = (a == b).all(axis=1)
-                equal &= ok
-            res.pages_volatile += int(e.npages - equal.sum())
-            prot = _prot(vma.perms)
-            for i0, n in mask_runs(equal):
-                out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
-        return out
-
-    def _readonly_fd(self, seg: Segment) -> int:
-        """procksm's one read-only fd (open file description) per segment.
-
-        Every hand-over passes *this* file description (SCM_RIGHTS and pidfd_getfd
-        duplicate it, they do not reopen): the kernel merges adjacent mappings only when
-        they share the struct file, so the stop windows of one long extent end as one
-        VMA instead of one per window (measured: a reopen per window left 4 VMAs for
-        1024 pages).
-        """
-        fd = self._ro_fds.get(seg.id)
-        if fd is None:
-            fd = self._ro_fds[seg.id] = seg.readonly_fd()
-        return fd
-
-    def _hand_over(self, st: StoppedTarget, segs: list[Segment]) -> dict[int, int]:
-        """Give the target a read-only fd of each segment; returns segment id -> its fd.
-
-        Targets that may ptrace procksm (root, our pid namespace) take the fds
-        themselves with pidfd_open + pidfd_getfd; others receive them over an abstract
-        AF_UNIX socket created in their network namespace (SCM_RIGHTS; docs/design.md §2.6).
-        Either way the target holds procksm's read-only open file description, and every
-        fd is checked to be the segment's inode before anything maps it (§3.6).
-        """
-        ro_fds = {s.id: self._readonly_fd(s) for s in segs}
-        # Decided once per target, not in every stop window: a target that may not
-        # ptrace procksm would otherwise pay three failed system calls per window.
-        if st.pid not in self._pidfd_ok:
-            self._pidfd_ok[st.pid] = proc_open_possible(st.pid)
-        if self._pidfd_ok[st.pid]:
-            got = self._take_with_pidfd(st, segs, ro_fds)
-            if got is not None:
-                return got
-            self._pidfd_ok[st.pid] = False
-        scratch = st.scratch()
-        with FdSender(st.pid) as sender:
-            layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
-            st.write_memory(scratch, layout.blob)
-            # The socket has no name before its bind: if procksm dies while it exists, the
-            # target closes it itself (its fd number is known in advance: the lowest free).
-            expected = st.lowest_free_fd()
-            close = layout.close_call(expected)
-            with st.undo_on_death(close.nr, *close.args):
-                c = layout.socket_call()
-                sock = st.syscall_checked(c.nr, *c.args, name="socket")
-                try:
-                    if sock != expected:
-                        raise ProcksmError(f"pid {st.pid}: socket() got fd {sock}, not {expected}")
-                    c = layout.bind_call(sock)
-                    st.syscall_checked(c.nr, *c.args, name="bind")
-                    sender.send_fds([ro_fds[s.id] for s in segs])
-                    c = layout.recvmsg_call(sock)
-                    ret = st.syscall(c.nr, *c.args)
-                finally:
-                    c = layout.close_call(sock)
-                    st.syscall(c.nr, *c.args)
-            msg = parse_recv_result(layout, st.read_memory(scratch, layout.size), ret)
-            ok = msg.is_from(sender) and len(msg.fds) == len(segs)
-            ok = ok and all(
-                verify_received_fd(st.pid, fd, s) for fd, s in zip(msg.fds, segs, strict=False)
-            )
-            if not ok:
-                for fd in msg.fds:
-                    st.syscall(SYS_close, fd)
-                raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
-            return {s.id: fd for s, fd in zip(segs, msg.fds, strict=True)}
-
-    def _take_with_pidfd(
-        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int]
-    ) -> dict[int, int] | None:
-        """pidfd_open(procksm) + pidfd_getfd per segment + close, in the target. None when
-        the kernel refuses (the target may not ptrace procksm): use SCM_RIGHTS then."""
-        # A pidfd has no name a later procksm could recognise it by: if procksm dies while
-        # it exists, the target closes it itself (its number is the lowest free fd).
-        expected = st.lowest_free_fd()
-        with st.undo_on_death(SYS_close, expected):
-            return self._take_with_pidfd_from(st, segs, ro_fds, expected)
-
-    def _take_with_pidfd_from(
-        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int], expected: int
-    ) -> dict[int, int] | None:
-        pidfd = st.syscall(SYS_pidfd_open, os.getpid(), 0)
-        if pidfd < 0:
-            return None
-        got: dict[int, int] = {}
-        try:
-            if pidfd != expected:
-                raise ProcksmError(f"pid {st.pid}: pidfd_open got fd {pidfd}, not {expected}")
-            for s in segs:
-                fd = st.syscall(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
-                if fd < 0:
-                    for f in got.values():
-                        st.syscall(SYS_close, f)
-                    return None
-                if not verify_received_fd(st.pid, fd, s):
-                    st.syscall(SYS_close, fd)
-                    for f in got.values():
-                        st.syscall(SYS_close, f)
-                    raise ProcksmError(f"pid {st.pid}: received fd is not procksm's memfd")
-                got[s.id] = fd
-            return got
-        finally:
-            st.syscall(SYS_close, pidfd)
-
-
-def _match_existing(
-    scan: ScanInput,
-    mergeable: np.ndarray,
-    existing: list[tuple[Segment, np.ndarray]],
-    tail_only: bool = True,
-) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Runs of scanned pages that equal (by hash; bytes are compared under stop) pages
-    of an adopted segment: ``{pid: [(addr, npages, segment index, first page)]}``.
-
-    With ``tail_only`` (no madvise guard) a run must end at its segment's last data
-    page, so that, as for new pieces, nothing but the hole follows it in the file
-    (mremap growth reads zeros). Rows of accepted
-    runs are taken out of ``mergeable`` (they need no new slot).
-    """
-    t = scan.pages
-    tree = StableTree()
-    for i, (_seg, hashes) in enumerate(existing):
-        tree.add(i, hashes)
-    rows = np.flatnonzero(mergeable[: len(t)] & (t.content >= 0))
-    hit, r_seg, r_page = tree.lookup(t.hash[rows])
-    rows, r_seg, r_page = rows[hit], r_seg[hit], r_page[hit]
-    if rows.size == 0:
-        return {}
-    mp = scan.mapping_of(rows)
-    starts = np.array([m.start for m in scan.mappings], dtype=np.int64)
-    addr = starts[mp] + t.off[rows].astype(np.int64) * PAGE_SIZE
-    new_run = (
-        (np.diff(mp) != 0) | (np.diff(addr) != PAGE_SIZE) | (np.diff(r_seg) != 0)
-        | (np.diff(r_page) != 1)
-    )  # fmt: skip
-    out: dict[int, list[tuple[int, int, int, int]]] = {}
-    for a, b in split_runs(new_run, rows.size):
-        i = int(r_seg[a])
-        if tail_only and int(r_page[b - 1]) + 1 != existing[i][0].npages:
-            continue  # not the segment's tail: a new slot run is safer
-        pid = scan.processes[scan.mappings[int(mp[a])].proc].pid
-        out.setdefault(pid, []).append((int(addr[a]), b - a, i, int(r_page[a])))
-        mergeable[rows[a:b]] = False
-    return out
+    def _guard(self) -> guard.GuardClient:
+        """The guard's client, one for the engine's life (started on first use)."""
+        client = self._guard_client = self._guard_client or guard.GuardClient()
+        return client
 
 
 @contextlib.contextmanager
@@ -1037,135 +445,14 @@ def _not_an_oom_victim() -> Iterator[None]:
         procfs.swap_own_oom_score_adj(before)
 
 
-def _cpus_saturated() -> bool:
-    """More runnable threads than CPUs right now."""
-    try:
-        return procfs.procs_running() > (os.cpu_count() or 1)
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while targets are being stopped: a collection
-    inside a stop window would lengthen the target's pause (measured: a few ms)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-@contextlib.contextmanager
-def _realtime_priority() -> Iterator[None]:
-    """SCHED_FIFO for the calling thread while it merges one target.
-
-    Every ptrace round trip needs procksm to be scheduled; on a machine saturated by
-    busy threads (the targets' own, often) a SCHED_OTHER procksm waits a time slice per
-    round trip and stop windows stretch to 100+ ms (measured: 32 spinning threads on 2
-    CPUs). The thread sleeps whenever it waits, so it cannot monopolise a CPU.
-    Silently skipped without CAP_SYS_NICE.
-    """
-    before = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        changed = True
-    except OSError:
-        changed = False
-    try:
-        yield
-    finally:
-        if changed:
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, before[0], before[1])
-
-
-def _prot(perms: str) -> int:
-    return (
-        (PROT_READ if perms[0] == "r" else 0)
-        | (PROT_WRITE if perms[1] == "w" else 0)
-        | (PROT_EXEC if perms[2] == "x" else 0)
-    )
-
-
-def _vma_covering(maps: procfs.MapsQuery, start: int, end: int) -> procfs.QueriedVma | None:
-    v = maps.vma_at(start)
-    return v if v is not None and end <= v.end else None
-
-
-def _still_anonymous(v: procfs.QueriedVma) -> bool:
-    """Re-checked under stop (VmFlags were checked at scan time): still a private,
-    read-write, anonymous mapping that is neither a stack nor named (procfs.ineligibility
-    refuses both)."""
-    return (
-        v.perms[:2] == "rw"
-        and v.perms[3] == "p"
-        and v.is_anonymous
-        and not v.name.startswith(("[stack", "[anon:"))
-    )
-
-
-def _still_mergeable(v: procfs.QueriedVma) -> bool:
-    """Where a slot may be mapped over pages equal to it: private anonymous memory as
-    above, or one of procksm's own segment mappings, read-write and private (pages a
-    write copied there are merged again by the daemon). Never for zero pages: there
-    MADV_DONTNEED would bring back the segment's bytes, not zeros (_verify_zero)."""
-    if _still_anonymous(v):
-        return True
-    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.name.startswith(SEGMENT_NAME_PREFIX)
-
-
-def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:
-    """VMAs that hold a thread's stack pointer: never merged (pthread stacks carry no
-    VmFlag that says so). Conservative: the whole VMA, which may also hold memory the
-    kernel merged into the stack's VMA; that memory is refused ("thread stack")."""
-    out = []
-    for tid in st.threads:
-        try:
-            v = maps.vma_at(st.saved_registers(tid).rsp)
-        except ProcksmError:
-            continue
-        if v is not None:
-            out.append((v.start, v.end))
-    return out
-
-
-def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    return any(s < end and start < e for s, e in ranges)
-
-
-def _verify_zero(
-    reader: PageReader,
-    maps: procfs.MapsQuery,
-    zero: list[ZeroExtent],
-    stacks: list[tuple[int, int]],
-    res: TargetResult,
-) -> list[ZeroExtent]:
-    out: list[ZeroExtent] = []
-    for z in zero:
-        end = z.addr + z.npages * PAGE_SIZE
-        vma = _vma_covering(maps, z.addr, end)
-        if _overlaps(stacks, z.addr, end) or vma is None or not _still_anonymous(vma):
-            res.pages_volatile += z.npages
-            continue
-        data = reader.read(z.addr, z.npages * PAGE_SIZE)
-        n = len(data) // PAGE_SIZE
-        zero_mask = np.zeros(z.npages, bool)
-        if n:
-            zero_mask[:n] = ~np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1).any(
-                axis=1
-            )
-        res.pages_volatile += int(z.npages - zero_mask.sum())
-        for i0, k in mask_runs(zero_mask):
-            out.append(ZeroExtent(z.addr + i0 * PAGE_SIZE, k))
-    return out
-
-
 __all__ = [
     "MergeEngine",
     "MergeOptions",
+    "MergeOutcome",
     "MergeResult",
+    "Refusal",
+    "TargetResult",
+    "check_targets",
     "merge",
+    "pause_stats",
 ]

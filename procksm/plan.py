@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from procksm import PAGE_SIZE
-from procksm.analysis import CONTENT_ZERO, ScanInput
+from procksm.analysis import CONTENT_ZERO, PageTable, ScanInput
 from procksm.runs import split_runs
 
 
@@ -108,46 +108,14 @@ def plan_merge(
     """
     t = scan.pages
     n = len(t)
-    rows = np.flatnonzero(mergeable[:n] & (t.content >= 0))
-    # contents shared by >= 2 distinct frames
-    c = t.content[rows].astype(np.int64)
-    key = np.unique(np.stack([c, t.pfn[rows].astype(np.int64)], axis=1), axis=0)
-    uc, nframes = np.unique(key[:, 0], return_counts=True)
-    shared = uc[nframes > 1]
-    rows = rows[np.isin(c, shared)]
-    c = t.content[rows].astype(np.int64)
-    # slot numbering: order of first occurrence (rows are ascending)
-    _, first, inv = np.unique(c, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(order.size, np.int64)
-    rank[order] = np.arange(order.size)
-    slot_of_row = rank[inv]
-    slot_rows = rows[first[order]]
-
-    mapping_of = scan.mapping_of(rows)
+    candidates = np.flatnonzero(mergeable[:n] & (t.content >= 0))
+    rows, slot_of_row, slot_rows = _number_slots(t, candidates)
     starts = np.array([m.start for m in scan.mappings] or [0], dtype=np.int64)
-    addr = starts[mapping_of] + t.off[rows].astype(np.int64) * PAGE_SIZE
     targets = {p.pid: TargetPlan(p.pid) for p in scan.processes}
-    if rows.size:
-        new_run = (
-            (np.diff(mapping_of) != 0)
-            | (np.diff(addr) != PAGE_SIZE)
-            | (np.diff(slot_of_row) != 1)
-            | ((slot_of_row[1:] % segment_pages) == 0)
-        )
-        for a, b in split_runs(new_run, rows.size):
-            pid = scan.processes[scan.mappings[int(mapping_of[a])].proc].pid
-            targets[pid].extents.append(Extent(int(addr[a]), b - a, int(slot_of_row[a])))
-
+    _add_extents(scan, starts, rows, slot_of_row, segment_pages, targets)
     if zero_pages:
         zrows = np.flatnonzero(mergeable[:n] & (t.content == CONTENT_ZERO))
-        if zrows.size:
-            zm = scan.mapping_of(zrows)
-            za = starts[zm] + t.off[zrows].astype(np.int64) * PAGE_SIZE
-            new_run = (np.diff(zm) != 0) | (np.diff(za) != PAGE_SIZE)
-            for a, b in split_runs(new_run, zrows.size):
-                pid = scan.processes[scan.mappings[int(zm[a])].proc].pid
-                targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
+        _add_zero_extents(scan, starts, zrows, targets)
 
     for tp in targets.values():
         apply_budget(tp, budgets.get(tp.pid, 0))
@@ -162,6 +130,64 @@ def plan_merge(
         segment_pages=segment_pages,
         piece_starts=piece_starts,
     )
+
+
+def _number_slots(t: PageTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the candidate ``rows``, those whose content at least two distinct frames
+    share; each one's slot, and each slot's reference row."""
+    # contents shared by >= 2 distinct frames
+    c = t.content[rows].astype(np.int64)
+    key = np.unique(np.stack([c, t.pfn[rows].astype(np.int64)], axis=1), axis=0)
+    uc, nframes = np.unique(key[:, 0], return_counts=True)
+    shared = uc[nframes > 1]
+    rows = rows[np.isin(c, shared)]
+    c = t.content[rows].astype(np.int64)
+    # slot numbering: order of first occurrence (rows are ascending)
+    _, first, inv = np.unique(c, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size)
+    slot_of_row = rank[inv]
+    slot_rows = rows[first[order]]
+    return rows, slot_of_row, slot_rows
+
+
+def _add_extents(
+    scan: ScanInput,
+    starts: np.ndarray,
+    rows: np.ndarray,
+    slot_of_row: np.ndarray,
+    segment_pages: int,
+    targets: dict[int, TargetPlan],
+) -> None:
+    """Runs of adjacent pages of one mapping with consecutive slots in one segment."""
+    t = scan.pages
+    mapping_of = scan.mapping_of(rows)
+    addr = starts[mapping_of] + t.off[rows].astype(np.int64) * PAGE_SIZE
+    if rows.size:
+        new_run = (
+            (np.diff(mapping_of) != 0)
+            | (np.diff(addr) != PAGE_SIZE)
+            | (np.diff(slot_of_row) != 1)
+            | ((slot_of_row[1:] % segment_pages) == 0)
+        )
+        for a, b in split_runs(new_run, rows.size):
+            pid = scan.processes[scan.mappings[int(mapping_of[a])].proc].pid
+            targets[pid].extents.append(Extent(int(addr[a]), b - a, int(slot_of_row[a])))
+
+
+def _add_zero_extents(
+    scan: ScanInput, starts: np.ndarray, zrows: np.ndarray, targets: dict[int, TargetPlan]
+) -> None:
+    """Runs of adjacent zero pages (rows ``zrows``) of one mapping."""
+    t = scan.pages
+    if zrows.size:
+        zm = scan.mapping_of(zrows)
+        za = starts[zm] + t.off[zrows].astype(np.int64) * PAGE_SIZE
+        new_run = (np.diff(zm) != 0) | (np.diff(za) != PAGE_SIZE)
+        for a, b in split_runs(new_run, zrows.size):
+            pid = scan.processes[scan.mappings[int(zm[a])].proc].pid
+            targets[pid].zero_extents.append(ZeroExtent(int(za[a]), b - a))
 
 
 def apply_budget(tp: TargetPlan, budget: int) -> None:

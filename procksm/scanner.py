@@ -156,6 +156,48 @@ def collect(
     """
     opts = opts or ScanOptions()
     zero_pfn = kernel_zero_pfn()
+    processes, mappings, exclusions, targets = _select_targets(pids, opts)
+
+    # The table is allocated once, from the VMAs' Rss in smaps (an upper bound of their
+    # present pages; the zero page is not counted in Rss): no growing-and-copying, and
+    # no extra pass over pagemap (procksm's memory per page and speed are goals).
+    total = sum(rss for tgt in targets for rss in tgt.rss_pages)
+    cap = total + total // 64 + 64  # pages may become present while we scan
+    rows = _TableRows(PageTable.empty(cap, np.uint32), len(mappings), zero_pfn)
+    buf = _ReadBuffer()
+    for tgt in targets:
+        pid = tgt.identity.pid
+        reader = PageReader(pid, buffer=buf.array)
+        # procfs and reader turn a target that exits meanwhile into NoSuchProcess
+        with procfs.PagemapFile(pid) as pm:
+            for mi, s0, e0 in tgt.selected:
+                rows.start_mapping(mi)
+                # pagemap in pieces of 64 Ki pages: 512 KiB of entries at a time
+                for s in range(s0, e0, _PAGEMAP_CHUNK * PAGE_SIZE):
+                    e = min(e0, s + _PAGEMAP_CHUNK * PAGE_SIZE)
+                    first_off = (s - mappings[mi].start) // PAGE_SIZE
+                    rows.add(reader, tgt.index, pm.read(s, e), s, first_off)
+                    if progress:
+                        progress(rows.n, total)
+    table, mapping_rows = rows.finish()
+
+    scan = ScanInput(
+        processes=processes,
+        mappings=mappings,
+        pages=table,
+        mapping_rows=mapping_rows,
+        exclusions=exclusions,
+        zero_mapped_pages=rows.zero_mapped,
+    )
+    _verify(scan, buf, exact=opts.verify)
+    return scan
+
+
+def _select_targets(
+    pids: Sequence[int], opts: ScanOptions
+) -> tuple[list[ProcessIdentity], list[MappingRef], list[Exclusion], list[_Target]]:
+    """Every target's identity and its VMAs: the selected ones that may be merged (the
+    scan's mappings), the others with why (exclusions)."""
     processes: list[ProcessIdentity] = []
     mappings: list[MappingRef] = []
     exclusions: list[Exclusion] = []
@@ -184,67 +226,56 @@ def collect(
             sel.extend((mi, s, e) for s, e in parts)
             rss.append(vma.rss_kb * 1024 // PAGE_SIZE)
         targets.append(_Target(i, ident, sel, rss))
+    return processes, mappings, exclusions, targets
 
-    # The table is allocated once, from the VMAs' Rss in smaps (an upper bound of their
-    # present pages; the zero page is not counted in Rss): no growing-and-copying, and
-    # no extra pass over pagemap (procksm's memory per page and speed are goals).
-    total = sum(rss for tgt in targets for rss in tgt.rss_pages)
-    cap = total + total // 64 + 64  # pages may become present while we scan
-    table = PageTable.empty(cap, np.uint32)
-    zero_mapped: dict[int, int] = {}
-    mapping_rows = np.zeros(len(mappings) + 1, np.int64)
-    n = 0
-    buf = _ReadBuffer()
-    last_mi = -1
-    for tgt in targets:
-        pid = tgt.identity.pid
-        reader = PageReader(pid, buffer=buf.array)
-        # procfs and reader turn a target that exits meanwhile into NoSuchProcess
-        with procfs.PagemapFile(pid) as pm:
-            for mi, s0, e0 in tgt.selected:
-                if mi != last_mi:
-                    mapping_rows[last_mi + 1 : mi + 1] = n
-                    last_mi = mi
-                # pagemap in pieces of 64 Ki pages: 512 KiB of entries at a time
-                for s in range(s0, e0, _PAGEMAP_CHUNK * PAGE_SIZE):
-                    e = min(e0, s + _PAGEMAP_CHUNK * PAGE_SIZE)
-                    ent = pm.read(s, e)
-                    pfn = ent & procfs.PM_PFN_MASK
-                    present = procfs.present_mask(ent)
-                    zm = int(np.count_nonzero(present & (pfn == zero_pfn)))
-                    zero_mapped[tgt.index] = zero_mapped.get(tgt.index, 0) + zm
-                    idx = np.flatnonzero(present & (pfn != zero_pfn))
-                    k = min(idx.size, cap - n)
-                    idx = idx[:k]
-                    if k and int(pfn[idx].max()) >= 1 << 32 and table.pfn.dtype != np.uint64:
-                        table.pfn = table.pfn.astype(np.uint64)  # > 16 TiB of RAM: rare
-                    rows = slice(n, n + k)
-                    first_off = (s - mappings[mi].start) // PAGE_SIZE
-                    table.off[rows] = idx + first_off
-                    table.pfn[rows] = pfn[idx]
-                    # Frames mapped more than once (e.g. shared with an unscanned child
-                    # after fork): pagemap's "exclusively mapped" bit is clear. Cheaper
-                    # than /proc/kpagecount per frame (measured: 0.1 s per 400 K pages).
-                    shared = (ent[idx] & procfs.PM_EXCLUSIVE) == 0
-                    table.flags[n : n + k][shared] |= FLAG_FRAME_SHARED
-                    del ent, pfn, shared, present
-                    _hash_rows(reader, table, n, k, s, idx)
-                    n += k
-                    if progress:
-                        progress(n, total)
-    mapping_rows[last_mi + 1 :] = n
-    table = table.truncate(n)
 
-    scan = ScanInput(
-        processes=processes,
-        mappings=mappings,
-        pages=table,
-        mapping_rows=mapping_rows,
-        exclusions=exclusions,
-        zero_mapped_pages=zero_mapped,
-    )
-    _verify(scan, buf, exact=opts.verify)
-    return scan
+class _TableRows:
+    """The page table filled row by row from pagemap pieces, mapping after mapping, up
+    to its capacity; pages mapped to the kernel's zero page are counted, not kept."""
+
+    def __init__(self, table: PageTable, nmappings: int, zero_pfn: int) -> None:
+        self.table = table
+        self.cap = len(table)
+        self.zero_pfn = zero_pfn
+        self.zero_mapped: dict[int, int] = {}  # process index -> pages
+        self.mapping_rows = np.zeros(nmappings + 1, np.int64)
+        self.n = 0
+        self.last_mi = -1
+
+    def start_mapping(self, mi: int) -> None:
+        if mi != self.last_mi:
+            self.mapping_rows[self.last_mi + 1 : mi + 1] = self.n
+            self.last_mi = mi
+
+    def add(self, reader: PageReader, proc: int, ent: np.ndarray, s: int, first_off: int) -> None:
+        """The present pages of one pagemap piece ``ent`` (from address ``s``, page
+        ``first_off`` of its mapping), read and hashed."""
+        table, n, zero_pfn = self.table, self.n, self.zero_pfn
+        pfn = ent & procfs.PM_PFN_MASK
+        present = procfs.present_mask(ent)
+        zm = int(np.count_nonzero(present & (pfn == zero_pfn)))
+        self.zero_mapped[proc] = self.zero_mapped.get(proc, 0) + zm
+        idx = np.flatnonzero(present & (pfn != zero_pfn))
+        k = min(idx.size, self.cap - n)
+        idx = idx[:k]
+        if k and int(pfn[idx].max()) >= 1 << 32 and table.pfn.dtype != np.uint64:
+            table.pfn = table.pfn.astype(np.uint64)  # > 16 TiB of RAM: rare
+        rows = slice(n, n + k)
+        table.off[rows] = idx + first_off
+        table.pfn[rows] = pfn[idx]
+        # Frames mapped more than once (e.g. shared with an unscanned child
+        # after fork): pagemap's "exclusively mapped" bit is clear. Cheaper
+        # than /proc/kpagecount per frame (measured: 0.1 s per 400 K pages).
+        shared = (ent[idx] & procfs.PM_EXCLUSIVE) == 0
+        table.flags[n : n + k][shared] |= FLAG_FRAME_SHARED
+        del ent, pfn, shared, present
+        _hash_rows(reader, table, n, k, s, idx)
+        self.n = n + k
+
+    def finish(self) -> tuple[PageTable, np.ndarray]:
+        """The table cut to its rows, and each mapping's first row."""
+        self.mapping_rows[self.last_mi + 1 :] = self.n
+        return self.table.truncate(self.n), self.mapping_rows
 
 
 class _ReadBuffer:

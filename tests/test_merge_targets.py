@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from procksm import PAGE_SIZE, procfs
+from procksm import PAGE_SIZE, merge_handover, procfs
 from procksm import merge as merge_mod
 from procksm.fdpass import FdSender, netns_identity, same_netns
 from procksm.locks import target_locks
-from procksm.merge import MergeEngine, MergeOptions, MergeResult
+from procksm.merge import MergeOptions, MergeResult
+from procksm.merge_slots import RoundSlots
 from procksm.plan import vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions
@@ -123,7 +124,7 @@ def fd_senders(monkeypatch: pytest.MonkeyPatch) -> list[FdSender]:
             super().__init__(target_pid)
             made.append(self)
 
-    monkeypatch.setattr(merge_mod, "FdSender", RecordingFdSender)
+    monkeypatch.setattr(merge_handover, "FdSender", RecordingFdSender)
     return made
 
 
@@ -546,13 +547,13 @@ def test_real_redis_server_is_refused_without_the_guard(spawn, tmp_path) -> None
 def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted)) for _ in range(2)]
     a, b = pair
-    write_slots = MergeEngine._write_slots
+    write_slots = RoundSlots.write
 
     def write_then_change(self, scan, plan):  # type: ignore[no-untyped-def]
         write_slots(self, scan, plan)  # slots hold the scanned content ...
         assert a.command("write identical 3") == "OK"  # ... then a changes one page
 
-    monkeypatch.setattr(MergeEngine, "_write_slots", write_then_change)
+    monkeypatch.setattr(RoundSlots, "write", write_then_change)
     res = run_engine([a.pid, b.pid], MergeOptions(selection=selection(pair)))
     doc = res.as_json()
     by_pid = {p["pid"]: p for p in doc["processes"]}

@@ -234,7 +234,7 @@ class ScanPass:
             first_look_stable=s.stable_scans == 0,
         )
         # In a segment mapping MADV_DONTNEED brings back the segment's bytes, not zeros:
-        # a copied page that is all zeros there stays as it is (merge._verify_zero
+        # a copied page that is all zeros there stays as it is (merge_target._verify_zero
         # refuses it as well)
         zero = np.zeros(n, bool) if part.merged else look.stable & zero_content
         if zero.any() and t.zero_runs and self.opts.remerge_backoff:

@@ -1,0 +1,373 @@
+"""One target's merge under stop (the engine's step 5, docs/design.md §2.3-2.7, §3).
+
+In stop windows of at most ``batch_pages`` pages: with every thread stopped, re-read
+each extent and compare it byte for byte with its slots (pages that changed are skipped,
+counted volatile), hold the other threads, hand over read-only fds of the segments,
+``mmap(MAP_PRIVATE|MAP_FIXED)`` with the VMA's protection, ``MADV_POPULATE_READ``,
+``MADV_DONTNEED`` the zero runs, close the fds, resume. The first, short window installs
+the madvise guard (procksm.guard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from procksm import PAGE_SIZE, coredump, guard, procfs
+from procksm.arch.x86_64 import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_close,
+    SYS_madvise,
+    SYS_mmap,
+)
+from procksm.attach import PtraceSession, StoppedTarget
+from procksm.errors import ProcksmError
+from procksm.merge_handover import FdHandOver
+from procksm.merge_records import MergeOptions, Refusal, TargetResult
+from procksm.merge_slots import RoundSlots
+from procksm.plan import Extent, TargetPlan, ZeroExtent, split_batches
+from procksm.reader import PageReader
+from procksm.runs import mask_runs
+from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.unmerge import merged_ranges
+
+
+class TargetMerger:
+    """The merge of one target's planned extents and zero runs, window by window; what
+    it did goes into ``res`` and ``refused`` (shared by the round's targets)."""
+
+    def __init__(
+        self,
+        tp: TargetPlan,
+        opts: MergeOptions,
+        slots: RoundSlots,
+        handover: FdHandOver,
+        guard_client: Callable[[], guard.GuardClient],
+        res: TargetResult,
+        refused: list[Refusal],
+    ) -> None:
+        self.pid = tp.pid
+        self.extents = tp.extents
+        self.zero_extents = tp.zero_extents
+        self.opts = opts
+        self.slots = slots
+        self.handover = handover
+        self.guard_client = guard_client  # the engine's, started on first use
+        self.res = res
+        self.refused = refused
+
+    def merge_safely(self) -> None:
+        """:meth:`merge`, at real-time priority when asked for (or when the CPUs are
+        saturated); an error ends this target's merge and is kept in its result."""
+        try:
+            rt = self.opts.realtime
+            if rt is None:
+                rt = _cpus_saturated()
+            with _realtime_priority() if rt else contextlib.nullcontext():
+                self.merge()
+        except ProcksmError as e:
+            self.res.error = e.message
+
+    def merge(self) -> None:
+        """Guard the target if needed, then merge its batches, one stop window each."""
+        pid, extents, opts = self.pid, self.extents, self.opts
+        batches = split_batches(
+            extents,
+            self.zero_extents,
+            opts.batch_pages,
+            max_calls=opts.max_calls,
+            piece_of=lambda slot: self.slots.piece(slot)[0].id,
+        )
+        # A target merged before whose guard is gone (killed, or another guard's) gets
+        # a new one even when nothing new is merged (procksm.guard: the newest filter's
+        # listener takes the notifications).
+        reguard = opts.guard and not extents and bool(merged_ranges(pid))
+        if not batches and not reguard:
+            return
+        reader = PageReader(pid, chunk_bytes=opts.batch_pages * PAGE_SIZE)
+        client: guard.GuardClient | None = None
+        if opts.guard and (extents or reguard):
+            client = self.guard_client()
+            try:
+                # outside any stop window: starting the guard process takes ~0.2 s
+                if client.guarded(pid):
+                    client = None
+            except guard.GuardError as err:
+                return self._refuse(err.message)
+        with PtraceSession(pid) as sess, _gc_paused():
+            why = self._first_window(sess, client)
+            if why is not None:
+                return self._refuse(why)
+            if extents:
+                # Before the first mmap (and after the first window, where a target that
+                # procksm cannot serve is refused untouched): merged ranges are file-backed
+                # private mappings, which the default coredump_filter leaves out of kernel
+                # cores (procksm.coredump).
+                coredump.keep_merged_in_cores(pid)
+            for ext_batch, zero_batch in batches:
+                self._window(sess, reader, ext_batch, zero_batch)
+            self.res.pauses.extend(sess.pauses)
+
+    def _refuse(self, reason: str) -> None:
+        self.refused.append(Refusal(self.pid, 0, 0, reason))
+        self.res.pages_refused += sum(x.npages for x in self.extents)
+
+    def _first_window(self, sess: PtraceSession, client: guard.GuardClient | None) -> str | None:
+        """The scratch page (arguments of the hand-over) gets a short window of its
+        own, so the first merge window is no longer than the others; the madvise
+        guard's filter is installed in it, and its listener handed to the guard
+        before anything is merged (procksm.guard). Returns why the target is refused."""
+        listener = None
+        with sess.stopped() as st:
+            st.scratch()
+            if client is not None:
+                try:
+                    listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
+                except guard.GuardError as err:
+                    return err.message
+        # None: guarded already, through a filter inherited from a guarded parent
+        if client is not None and listener is not None:
+            try:
+                client.hand_over(self.pid, *listener)
+            except guard.GuardError as err:
+                # the filter is in but has no listener: its calls fail with ENOSYS
+                # (never stale memory); merge nothing more into this process
+                return f"madvise guard hand-over: {err.message}"
+            finally:
+                os.close(listener[0])
+            self.res.guard_installed = True
+        return None
+
+    def _window(
+        self,
+        sess: PtraceSession,
+        reader: PageReader,
+        ext_batch: list[Extent],
+        zero_batch: list[ZeroExtent],
+    ) -> None:
+        """One stop window: compare, hold the other threads, map, drop zero pages."""
+        # Slots are sealed, immutable: read their bytes before stopping the target.
+        slot_bytes = [self.slots.bytes_of(e) for e in ext_batch]
+        with sess.stopped() as st, procfs.MapsQuery(self.pid) as maps:
+            stacks = _thread_stack_ranges(st, maps)
+            ext_ok = self._verify_extents(st, reader, maps, ext_batch, slot_bytes, stacks)
+            zero_ok = _verify_zero(reader, maps, zero_batch, stacks, self.res)
+            if ext_ok or zero_ok:
+                # Compared under stop: from here no thread of the target may
+                # run its own code before the replacements are done, even if
+                # procksm dies (the futex gate, procksm.attach).
+                st.hold_others()
+            if ext_ok:
+                self._map_extents(st, ext_ok)
+            self._drop_zero_pages(st, zero_ok)
+
+    def _map_extents(self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]]) -> None:
+        """Under stop, after the comparison: hand over the segments' fds, map each
+        extent over the pages equal to it, populate, close the fds."""
+        res = self.res
+        segs = {seg.id: seg for seg in (self.slots.piece(e.slot)[0] for e, _ in ext_ok)}
+        fds = self.handover.hand_over(st, list(segs.values()))
+        try:
+            for e, prot in ext_ok:
+                seg, off = self.slots.piece(e.slot)
+                got = st.syscall_checked(
+                    SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
+                    MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
+                )  # fmt: skip
+                if got != e.addr:
+                    # MAP_FIXED never moves a mapping; anything else is a bug
+                    raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
+                # Read-populate only: all PTEs point at the memfd pages now.
+                st.syscall(SYS_madvise, e.addr, e.npages * PAGE_SIZE, MADV_POPULATE_READ)
+                res.pages_merged += e.npages
+                res.extents += 1
+                self.slots.mark_mapped(e)
+        finally:
+            for fd in fds.values():
+                st.syscall(SYS_close, fd)
+
+    def _drop_zero_pages(self, st: StoppedTarget, zero_ok: list[ZeroExtent]) -> None:
+        for z in zero_ok:
+            r = st.syscall(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED)
+            if r == 0:
+                self.res.pages_zeroed += z.npages
+
+    def _verify_extents(
+        self,
+        st: StoppedTarget,
+        reader: PageReader,
+        maps: procfs.MapsQuery,
+        extents: list[Extent],
+        slot_bytes: list[bytes],
+        stacks: list[tuple[int, int]],
+    ) -> list[tuple[Extent, int]]:
+        """Under stop: keep the pages that still equal their slot, byte for byte, in a
+        mapping that is still private anonymous memory; with its protection now."""
+        out: list[tuple[Extent, int]] = []
+        for e, want in zip(extents, slot_bytes, strict=True):
+            if _overlaps(stacks, e.addr, e.end):
+                self.refused.append(Refusal(st.pid, e.addr, e.end, "thread stack"))
+                self.res.pages_refused += e.npages
+                continue
+            vma = _vma_covering(maps, e.addr, e.end)
+            if vma is None or not _still_mergeable(vma):
+                # unmapped, remapped or changed since the scan: never map over it
+                self.res.pages_volatile += e.npages
+                continue
+            data = reader.read(e.addr, e.npages * PAGE_SIZE)
+            ok = self.slots.ok[e.slot : e.slot + e.npages].copy()
+            # one vectorised comparison of the whole extent first (memoryview == bytes
+            # compares element by element in Python: 1.5 ms per 2 MiB, measured)
+            if len(data) == len(want) and np.array_equal(
+                np.frombuffer(data, np.uint64), np.frombuffer(want, np.uint64)
+            ):
+                equal = ok
+            else:
+                n = min(len(data), len(want)) // PAGE_SIZE
+                equal = np.zeros(e.npages, bool)
+                if n:
+                    a = np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1)
+                    b = np.frombuffer(want, np.uint64, count=n * 512).reshape(n, -1)
+                    equal[:n] = (a == b).all(axis=1)
+                equal &= ok
+            self.res.pages_volatile += int(e.npages - equal.sum())
+            prot = _prot(vma.perms)
+            for i0, n in mask_runs(equal):
+                out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
+        return out
+
+
+def _cpus_saturated() -> bool:
+    """More runnable threads than CPUs right now."""
+    try:
+        return procfs.procs_running() > (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while targets are being stopped: a collection
+    inside a stop window would lengthen the target's pause (measured: a few ms)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _realtime_priority() -> Iterator[None]:
+    """SCHED_FIFO for the calling thread while it merges one target.
+
+    Every ptrace round trip needs procksm to be scheduled; on a machine saturated by
+    busy threads (the targets' own, often) a SCHED_OTHER procksm waits a time slice per
+    round trip and stop windows stretch to 100+ ms (measured: 32 spinning threads on 2
+    CPUs). The thread sleeps whenever it waits, so it cannot monopolise a CPU.
+    Silently skipped without CAP_SYS_NICE.
+    """
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        changed = True
+    except OSError:
+        changed = False
+    try:
+        yield
+    finally:
+        if changed:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, before[0], before[1])
+
+
+def _prot(perms: str) -> int:
+    return (
+        (PROT_READ if perms[0] == "r" else 0)
+        | (PROT_WRITE if perms[1] == "w" else 0)
+        | (PROT_EXEC if perms[2] == "x" else 0)
+    )
+
+
+def _vma_covering(maps: procfs.MapsQuery, start: int, end: int) -> procfs.QueriedVma | None:
+    v = maps.vma_at(start)
+    return v if v is not None and end <= v.end else None
+
+
+def _still_anonymous(v: procfs.QueriedVma) -> bool:
+    """Re-checked under stop (VmFlags were checked at scan time): still a private,
+    read-write, anonymous mapping that is neither a stack nor named (procfs.ineligibility
+    refuses both)."""
+    return (
+        v.perms[:2] == "rw"
+        and v.perms[3] == "p"
+        and v.is_anonymous
+        and not v.name.startswith(("[stack", "[anon:"))
+    )
+
+
+def _still_mergeable(v: procfs.QueriedVma) -> bool:
+    """Where a slot may be mapped over pages equal to it: private anonymous memory as
+    above, or one of procksm's own segment mappings, read-write and private (pages a
+    write copied there are merged again by the daemon). Never for zero pages: there
+    MADV_DONTNEED would bring back the segment's bytes, not zeros (_verify_zero)."""
+    if _still_anonymous(v):
+        return True
+    return v.perms[:2] == "rw" and v.perms[3] == "p" and v.name.startswith(SEGMENT_NAME_PREFIX)
+
+
+def _thread_stack_ranges(st: StoppedTarget, maps: procfs.MapsQuery) -> list[tuple[int, int]]:
+    """VMAs that hold a thread's stack pointer: never merged (pthread stacks carry no
+    VmFlag that says so). Conservative: the whole VMA, which may also hold memory the
+    kernel merged into the stack's VMA; that memory is refused ("thread stack")."""
+    out = []
+    for tid in st.threads:
+        try:
+            v = maps.vma_at(st.saved_registers(tid).rsp)
+        except ProcksmError:
+            continue
+        if v is not None:
+            out.append((v.start, v.end))
+    return out
+
+
+def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    return any(s < end and start < e for s, e in ranges)
+
+
+def _verify_zero(
+    reader: PageReader,
+    maps: procfs.MapsQuery,
+    zero: list[ZeroExtent],
+    stacks: list[tuple[int, int]],
+    res: TargetResult,
+) -> list[ZeroExtent]:
+    out: list[ZeroExtent] = []
+    for z in zero:
+        end = z.addr + z.npages * PAGE_SIZE
+        vma = _vma_covering(maps, z.addr, end)
+        if _overlaps(stacks, z.addr, end) or vma is None or not _still_anonymous(vma):
+            res.pages_volatile += z.npages
+            continue
+        data = reader.read(z.addr, z.npages * PAGE_SIZE)
+        n = len(data) // PAGE_SIZE
+        zero_mask = np.zeros(z.npages, bool)
+        if n:
+            zero_mask[:n] = ~np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1).any(
+                axis=1
+            )
+        res.pages_volatile += int(z.npages - zero_mask.sum())
+        for i0, k in mask_runs(zero_mask):
+            out.append(ZeroExtent(z.addr + i0 * PAGE_SIZE, k))
+    return out
