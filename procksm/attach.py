@@ -663,24 +663,22 @@ class PtraceSession:
 
     def _timeout_error(self, tids: list[int]) -> PtraceTimeout:
         parts = []
+        states = set()
         for tid in tids[:4]:
+            state = _thread_state(self.pid, tid)
+            states.add(state)
             try:
                 wchan = procfs.read_wchan(self.pid, tid)
             except (ProcksmError, OSError):
                 wchan = "?"
             nr = procfs.read_thread_syscall(self.pid, tid)
             within = f", in {x86_64.syscall_name(nr)}" if nr is not None else ""
-            parts.append(
-                f"tid {tid} ({_comm(tid)}, state {_thread_state(self.pid, tid)}, "
-                f"wchan {wchan}{within})"
-            )
-        states = {_thread_state(self.pid, tid) for tid in tids[:4]}
+            parts.append(f"tid {tid} ({_comm(tid)}, state {state}, wchan {wchan}{within})")
         # D: a sleep nothing interrupts; R: runnable threads that got no CPU in time
-        why = (
-            "runnable, not scheduled in time: an overloaded machine?"
-            if states == {"R"}
-            else ("uninterruptible sleep?")
-        )
+        if states == {"R"}:
+            why = "runnable, not scheduled in time: an overloaded machine?"
+        else:
+            why = "uninterruptible sleep?"
         return PtraceTimeout(
             f"{len(tids)} thread(s) of pid {self.pid} did not stop within {self.timeout:g} s "
             f"({why}): {', '.join(parts)}; the others were resumed"

@@ -1180,15 +1180,14 @@ def children(pid: int) -> list[int]:
     process that is gone."""
     out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+        tids = list_threads(pid)
+    except (ProcksmError, OSError):
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-        except OSError:
-            continue
+            out.extend(int(x) for x in _read_proc(pid, f"task/{tid}/children").split())
+        except (ProcksmError, OSError):
+            continue  # the thread exited meanwhile
     return out
 
 
