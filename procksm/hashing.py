@@ -32,6 +32,9 @@ from procksm import PAGE_SIZE
 
 _xxh3: Callable[[Any], int] = xxhash.xxh3_64_intdigest
 
+# The hash of a page of zeros: a row with it is compared with zeros before it is called one.
+ZERO_HASH = _xxh3(bytes(PAGE_SIZE))
+
 
 def hash_page(page: bytes | bytearray | memoryview) -> int:
     """xxh3_64 of one page (the same value :func:`hash_pages` gives it)."""

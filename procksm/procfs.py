@@ -17,10 +17,14 @@ with ``os.preadv``: one entry per page or frame, never a Python object per page.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
+import functools
+import mmap
 import os
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -1420,3 +1424,21 @@ def write_coredump_filter(pid: int, value: int) -> None:
         if isinstance(err, OSError):
             err = ProcksmError(f"pid {pid}: cannot write {path}: {exc.strerror}")
         raise err from exc
+
+
+@functools.cache
+def kernel_zero_pfn() -> int:
+    """PFN of the kernel's shared zero page (what a read of an untouched anon page maps).
+
+    Fixed for the life of the kernel: looked up once per procksm process.
+    """
+    m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _ = m[0]  # read fault: maps the zero page
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        with PagemapFile(os.getpid()) as pm:
+            entry = int(pm.read(addr, addr + PAGE_SIZE)[0])
+        return int(np.uint64(entry) & PM_PFN_MASK)
+    finally:
+        with suppress(BufferError):
+            m.close()

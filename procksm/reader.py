@@ -25,11 +25,20 @@ import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE
+from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, PageTable
 from procksm.errors import AccessDenied, ProcksmError
-from procksm.hashing import hash_pages
+from procksm.hashing import ZERO_HASH, hash_pages
 from procksm.procfs import PagemapFile, U64Array, no_such_process
+from procksm.runs import split_runs
 
-__all__ = ["IOV_MAX", "PageReader", "PartialRead", "hash_pages", "read_pages_into"]
+__all__ = [
+    "IOV_MAX",
+    "PageReader",
+    "PartialRead",
+    "hash_pages",
+    "read_and_hash_rows",
+    "read_pages_into",
+]
 
 IOV_MAX = 1024  # the kernel's UIO_MAXIOV: the most remote iovecs one call takes
 
@@ -304,3 +313,30 @@ def read_pages_into(
 ) -> npt.NDArray[np.bool_]:
     """:meth:`PageReader.read_pages_into` with a one-off reader (no buffer needed)."""
     return PageReader(pid, chunk_bytes=PAGE_SIZE).read_pages_into(addrs, out, rows)
+
+
+def read_and_hash_rows(
+    reader: PageReader, table: PageTable, start: int, count: int, base: int, idx: np.ndarray
+) -> None:
+    """Read and hash rows [start, start+count) of ``table``: the present pages
+    ``base + idx*4096`` (``idx`` ascending). One core for ``scan`` and the daemon's window
+    reader; a page of zeros gets CONTENT_ZERO, a page unmapped under us CONTENT_VOLATILE."""
+    if count == 0:
+        return
+    # Rows the reader could not read (unmapped under us) stay volatile.
+    table.content[start : start + count] = CONTENT_VOLATILE
+    # Runs of consecutive pages: big process_vm_readv calls (~6 GB/s vs 1.5 for 4 KiB).
+    runs = [
+        (base + int(idx[a]) * PAGE_SIZE, b - a) for a, b in split_runs(np.diff(idx) != 1, count)
+    ]
+    for addr, view in reader.read_runs(runs):
+        npg = len(view) // PAGE_SIZE
+        r0 = start + int(np.searchsorted(idx, (addr - base) // PAGE_SIZE))
+        h = hash_pages(view)
+        table.hash[r0 : r0 + npg] = h
+        table.content[r0 : r0 + npg] = 0
+        zc = np.flatnonzero(h == np.uint64(ZERO_HASH))
+        if zc.size:
+            arr = np.frombuffer(view, dtype=np.uint64).reshape(npg, PAGE_SIZE // 8)
+            really = ~arr[zc].any(axis=1)
+            table.content[r0 + zc[really]] = CONTENT_ZERO

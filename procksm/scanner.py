@@ -12,19 +12,14 @@ Never writes to a target and never ptrace-stops it: ``process_vm_readv`` needs o
 from __future__ import annotations
 
 import fnmatch
-import functools
-import os
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
 from procksm import PAGE_SIZE, procfs
 from procksm.analysis import (
     CONTENT_VOLATILE,
-    CONTENT_ZERO,
     FLAG_FRAME_SHARED,
     Exclusion,
     MappingRef,
@@ -37,11 +32,8 @@ from procksm.analysis import (
 )
 from procksm.errors import UsageError
 from procksm.hashing import hash_pages
-from procksm.reader import PageReader, read_pages_into
-from procksm.runs import split_runs
+from procksm.reader import PageReader, read_and_hash_rows, read_pages_into
 
-ZERO_PAGE = bytes(PAGE_SIZE)
-ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
 PREVIEW_BYTES = 32
 _PAGEMAP_CHUNK = 1 << 16  # pagemap entries read at once
 
@@ -115,28 +107,6 @@ def _select(vma: procfs.Vma, opts: ScanOptions) -> list[tuple[int, int]]:
     return out
 
 
-@functools.cache
-def kernel_zero_pfn() -> int:
-    """PFN of the kernel's shared zero page (what a read of an untouched anon page maps).
-
-    Fixed for the life of the kernel: looked up once per procksm process.
-    """
-    import mmap
-
-    m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        _ = m[0]  # read fault: maps the zero page
-        import ctypes
-
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        with procfs.PagemapFile(os.getpid()) as pm:
-            entry = int(pm.read(addr, addr + PAGE_SIZE)[0])
-        return int(np.uint64(entry) & procfs.PM_PFN_MASK)
-    finally:
-        with suppress(BufferError):
-            m.close()
-
-
 @dataclass(slots=True)
 class _Target:
     index: int
@@ -155,7 +125,7 @@ def collect(
     With ``opts.verify`` False content ids are hash groups (see ScanOptions.verify).
     """
     opts = opts or ScanOptions()
-    zero_pfn = kernel_zero_pfn()
+    zero_pfn = procfs.kernel_zero_pfn()
     processes, mappings, exclusions, targets = _select_targets(pids, opts)
 
     # The table is allocated once, from the VMAs' Rss in smaps (an upper bound of their
@@ -269,7 +239,7 @@ class _TableRows:
         shared = (ent[idx] & procfs.PM_EXCLUSIVE) == 0
         table.flags[n : n + k][shared] |= FLAG_FRAME_SHARED
         del ent, pfn, shared, present
-        _hash_rows(reader, table, n, k, s, idx)
+        read_and_hash_rows(reader, table, n, k, s, idx)
         self.n = n + k
 
     def finish(self) -> tuple[PageTable, np.ndarray]:
@@ -295,31 +265,6 @@ class _ReadBuffer:
 
     def rows(self) -> np.ndarray:
         return self.array.view(np.uint64).reshape(self.PAGES, PAGE_SIZE // 8)
-
-
-def _hash_rows(
-    reader: PageReader, table: PageTable, start: int, count: int, base: int, idx: np.ndarray
-) -> None:
-    """Read and hash rows [start, start+count): pages ``base + idx*4096`` (ascending)."""
-    if count == 0:
-        return
-    # Rows the reader could not read (unmapped under us) stay volatile.
-    table.content[start : start + count] = CONTENT_VOLATILE
-    # Runs of consecutive pages: big process_vm_readv calls (~6 GB/s vs 1.5 for 4 KiB).
-    runs = [
-        (base + int(idx[a]) * PAGE_SIZE, b - a) for a, b in split_runs(np.diff(idx) != 1, count)
-    ]
-    for addr, view in reader.read_runs(runs):
-        npg = len(view) // PAGE_SIZE
-        r0 = start + int(np.searchsorted(idx, (addr - base) // PAGE_SIZE))
-        h = hash_pages(view)
-        table.hash[r0 : r0 + npg] = h
-        table.content[r0 : r0 + npg] = 0
-        zc = np.flatnonzero(h == np.uint64(ZERO_HASH))
-        if zc.size:
-            arr = np.frombuffer(view, dtype=np.uint64).reshape(npg, PAGE_SIZE // 8)
-            really = ~arr[zc].any(axis=1)
-            table.content[r0 + zc[really]] = CONTENT_ZERO
 
 
 def _verify(scan: ScanInput, buf: _ReadBuffer, *, exact: bool = True) -> None:

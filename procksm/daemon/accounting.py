@@ -24,7 +24,6 @@ from procksm.daemon.registry import LogFn, Target, coalesce, zero_in
 from procksm.daemon.settings import Settings
 from procksm.daemon.window import read_spans
 from procksm.errors import ProcksmError
-from procksm.scanner import kernel_zero_pfn
 from procksm.slots import SEGMENT_NAME_PREFIX
 from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnapshot
 
@@ -217,7 +216,7 @@ def _pagemap_truth(t: Target) -> tuple[int, int, np.ndarray, np.ndarray, int]:
                 runs.append((a, a + k * PAGE_SIZE))
         for ent, _at in read_spans(pm, runs):
             present = (ent & procfs.PM_PRESENT) != 0
-            zpfn = (ent & procfs.PM_PFN_MASK) == kernel_zero_pfn()
+            zpfn = (ent & procfs.PM_PFN_MASK) == procfs.kernel_zero_pfn()
             zero_now += int((~present | zpfn).sum())
     return (
         sites,

@@ -26,7 +26,6 @@ from procksm.daemon.window import GRANULE_PAGES, pagemap_at
 from procksm.errors import ProcksmError
 from procksm.index import REF_PAGE_BITS, StableTree, group_by_hash, target_refs
 from procksm.merge import MergeEngine, Refusal, TargetResult
-from procksm.scanner import kernel_zero_pfn
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +190,6 @@ def merged_now(refs: np.ndarray, kept: np.ndarray, targets: Sequence[Target]) ->
             continue
         present = (ent & procfs.PM_PRESENT) != 0
         filep = (ent & procfs.PM_FILE) != 0
-        zpfn = (ent & procfs.PM_PFN_MASK) == kernel_zero_pfn()
+        zpfn = (ent & procfs.PM_PFN_MASK) == procfs.kernel_zero_pfn()
         out[sel] = (present & filep) | ~present | zpfn
     return out

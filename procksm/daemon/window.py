@@ -13,9 +13,9 @@ import numpy as np
 
 from procksm import PAGE_SIZE, procfs
 from procksm.analysis import PageTable
-from procksm.reader import PageReader
+from procksm.reader import PageReader, read_and_hash_rows
 from procksm.runs import mask_runs
-from procksm.scanner import AddressRange, _hash_rows, kernel_zero_pfn
+from procksm.scanner import AddressRange
 
 # Windows are whole granules from their mapping's start, and the merge engine cuts its
 # memfds at granules (segment_pages): a page can join a content merged by an earlier
@@ -69,7 +69,7 @@ class WindowReader:
         eligibility was checked when the target's pass began (smaps, once per full
         scan); a range unmapped since reads short and its pages come out unreadable
         (CONTENT_VOLATILE), and the merge re-checks every VMA under stop anyway."""
-        zero_pfn = kernel_zero_pfn()
+        zero_pfn = procfs.kernel_zero_pfn()
         chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
         total = 0
         with procfs.PagemapFile(pid) as pm:
@@ -92,7 +92,7 @@ class WindowReader:
             tab.pfn[n : n + k] = pfns
             addr[n : n + k] = base + idx.astype(np.int64) * PAGE_SIZE
             tab.off[n : n + k] = idx  # unused by the daemon; kept meaningful
-            _hash_rows(reader, tab, n, k, base, idx)
+            read_and_hash_rows(reader, tab, n, k, base, idx)
             n += k
         return tab, addr
 
