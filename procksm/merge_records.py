@@ -123,6 +123,11 @@ class MergeResult:
         zero pages dropped. /proc/meminfo is the truth the tests compare it with."""
         return self.pages_merged - self.slots_mapped + self.pages_zeroed
 
+    def refused_processes(self) -> list[Refusal]:
+        """The targets refused as a whole (their refusal covers no range): nothing was
+        done in them, and the reason names the fix."""
+        return [r for r in self.refused if r.start == r.end == 0]
+
     def as_json(self) -> dict[str, Any]:
         pauses = [p for t in self.targets for p in t.pauses]
         return {

@@ -30,7 +30,7 @@ from procksm.plan import vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.unmerge import merged_ranges, unmerge
-from tests.conftest import ROOT, build_c_target, require_privileges, skip_or_fail
+from tests.conftest import ROOT, build_c_target, require_privileges, run_procksm, skip_or_fail
 
 PROCKSM = [sys.executable, "-m", "procksm"]
 NOBODY = 65534
@@ -155,6 +155,22 @@ def test_non_root_targets_without_no_new_privs_are_refused(spawn, planted) -> No
         assert merged_ranges(t.pid) == []
         assert t.command("check") == f"OK pages={N + Z + U}"
 
+
+
+def test_merge_says_on_the_terminal_why_a_non_root_target_was_not_merged(spawn, planted) -> None:  # type: ignore[no-untyped-def]
+    """`procksm merge` printed "merged 0 pages ... 0 refused" and exited 0 (issue 15):
+    the reason, with its fix, is now a line on stderr per target, the exit code is 1,
+    and the targets are untouched."""
+    pair = [spawn(planted_argv(planted), **AS_NOBODY) for _ in range(2)]
+    proc = run_procksm("merge", *(t.pid for t in pair))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    for t in pair:
+        line = f"pid {t.pid}: not merged: madvise guard needs no_new_privs"
+        assert line in proc.stderr, proc.stderr
+        assert _status(t.pid, "Seccomp_filters") == "0"
+        assert merged_ranges(t.pid) == []
+        assert t.command("check") == f"OK pages={N + Z + U}"
+    assert "--set-no-new-privs" in proc.stderr
 
 def test_non_root_targets_merge_through_scm_rights(spawn, planted, fd_senders) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted, "--blockers"), **AS_NOBODY) for _ in range(2)]

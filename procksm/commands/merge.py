@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from rich.console import Console
 
@@ -49,27 +50,7 @@ class MergeCommand:
             help="merge processes that use io_uring or AIO (in-flight I/O into a replaced "
             "page would be lost)",
         )
-        parser.add_argument(
-            "--no-guard",
-            action="store_true",
-            help="do not install the madvise guard (a seccomp filter that makes "
-            "MADV_DONTNEED/FREE/WIPEONFORK and mremap on merged pages behave as on "
-            "anonymous memory; see 'procksm guard --help'); jemalloc processes are then "
-            "refused",
-        )
-        parser.add_argument(
-            "--set-no-new-privs",
-            action="store_true",
-            help="let the guard set no_new_privs in non-root targets (seccomp needs it); "
-            "their later execve of setuid programs then gains no privileges",
-        )
-        parser.add_argument(
-            "--allow-dontneed-reuse",
-            action="store_true",
-            help="with --no-guard: merge processes whose allocator (jemalloc) assumes "
-            "memory reads zeros after MADV_DONTNEED; a merged page reads its old content "
-            "instead (docs/design.md §3.1)",
-        )
+        _add_guard_args(parser)
         parser.add_argument("--no-zero", action="store_true", help="do not drop zero pages")
         parser.add_argument(
             "--batch-pages",
@@ -94,20 +75,7 @@ class MergeCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         pids = parse_pids(args.pids)
-        if not 1 <= args.batch_pages <= 1 << 20:
-            raise UsageError(f"--batch-pages {args.batch_pages}: use 1 to 1048576")
-        opts = MergeOptions(
-            selection=selection_from_args(args),
-            two_scans=args.two_scans,
-            cross_uid=args.cross_uid,
-            allow_async_io=args.allow_async_io,
-            guard=not args.no_guard,
-            set_no_new_privs=args.set_no_new_privs,
-            allow_zero_after_dontneed=args.allow_dontneed_reuse,
-            zero_pages=not args.no_zero,
-            batch_pages=args.batch_pages,
-            realtime=args.realtime,
-        )
+        opts = _options_from_args(args)
         err = Console(stderr=True)
         show = (lambda m: err.print(f"[dim]{m}[/dim]")) if not args.json else None
         result = merge(pids, opts, progress=show)
@@ -116,17 +84,74 @@ class MergeCommand:
             json.dump(doc, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            t = doc["totals"]
-            p = doc["pauses"]
-            Console().print(
-                f"merged [b]{t['pages_merged']:,}[/b] pages into {t['slots']:,} shared pages, "
-                f"dropped {t['pages_zeroed']:,} zero pages: saved "
-                f"[b green]{fmt_bytes(t['saved_bytes'])}[/b green] "
-                f"({t['pages_volatile']:,} changed, {t['pages_refused']:,} refused); "
-                f"pauses: {p['count']} stops, p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, "
-                f"max {p['max_ms']} ms; {doc['elapsed_s']:.2f} s"
-            )
+            Console().print(_summary(doc))
             for proc in doc["processes"]:
                 if proc.get("error"):
-                    err.print(f"pid {proc['pid']}: {proc['error']}")
-        return 1 if any(t.error for t in result.targets) else 0
+                    err.print(f"pid {proc['pid']}: {proc['error']}", highlight=False)
+        # A target refused as a whole (before anything was touched in it) says why on the
+        # terminal too: "merged 0 pages" and exit 0 hid it (issue 15).
+        not_merged = result.refused_processes()
+        if not args.json:
+            for r in not_merged:
+                err.print(
+                    f"pid {r.pid}: not merged: {r.reason}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+        return 1 if not_merged or any(t.error for t in result.targets) else 0
+
+
+def _add_guard_args(parser: argparse.ArgumentParser) -> None:
+    """The madvise guard and what merging without it allows."""
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="do not install the madvise guard (a seccomp filter that makes "
+        "MADV_DONTNEED/FREE/WIPEONFORK and mremap on merged pages behave as on "
+        "anonymous memory; see 'procksm guard --help'); jemalloc processes are then "
+        "refused",
+    )
+    parser.add_argument(
+        "--set-no-new-privs",
+        action="store_true",
+        help="let the guard set no_new_privs in non-root targets (seccomp needs it); "
+        "their later execve of setuid programs then gains no privileges",
+    )
+    parser.add_argument(
+        "--allow-dontneed-reuse",
+        action="store_true",
+        help="with --no-guard: merge processes whose allocator (jemalloc) assumes "
+        "memory reads zeros after MADV_DONTNEED; a merged page reads its old content "
+        "instead (docs/design.md §3.1)",
+    )
+
+
+def _options_from_args(args: argparse.Namespace) -> MergeOptions:
+    if not 1 <= args.batch_pages <= 1 << 20:
+        raise UsageError(f"--batch-pages {args.batch_pages}: use 1 to 1048576")
+    return MergeOptions(
+        selection=selection_from_args(args),
+        two_scans=args.two_scans,
+        cross_uid=args.cross_uid,
+        allow_async_io=args.allow_async_io,
+        guard=not args.no_guard,
+        set_no_new_privs=args.set_no_new_privs,
+        allow_zero_after_dontneed=args.allow_dontneed_reuse,
+        zero_pages=not args.no_zero,
+        batch_pages=args.batch_pages,
+        realtime=args.realtime,
+    )
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    t = doc["totals"]
+    p = doc["pauses"]
+    return (
+        f"merged [b]{t['pages_merged']:,}[/b] pages into {t['slots']:,} shared pages, "
+        f"dropped {t['pages_zeroed']:,} zero pages: saved "
+        f"[b green]{fmt_bytes(t['saved_bytes'])}[/b green] "
+        f"({t['pages_volatile']:,} changed, {t['pages_refused']:,} refused); "
+        f"pauses: {p['count']} stops, p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, "
+        f"max {p['max_ms']} ms; {doc['elapsed_s']:.2f} s"
+    )
