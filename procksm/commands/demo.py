@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -144,11 +145,7 @@ class DemoCommand:
     def run(self, args: argparse.Namespace) -> int:
         from procksm.commands.scan import run_scan
 
-        if not 1 <= args.workers <= 64:
-            raise UsageError(f"--workers {args.workers}: use 1 to 64")
-        for k in ("shared_mib", "zero_mib", "unique_mib", "volatile_mib"):
-            if not 0 <= getattr(args, k) <= 4096:
-                raise UsageError(f"--{k.replace('_', '-')} {getattr(args, k)}: use 0 to 4096")
+        _check_sizes(args)
         out = Console(stderr=args.json)
         out.print(
             f"[b]procksm demo[/b]: starting {args.workers} workers "
@@ -172,24 +169,7 @@ class DemoCommand:
                     "[/b green]"
                 )
             if not args.no_merge:
-                before = workers_memory(pids)
-                result = merge(
-                    pids,
-                    MergeOptions(),
-                    progress=None if args.json else lambda m: out.print(f"[dim]{m}[/dim]"),
-                )
-                after = workers_memory(pids)
-                doc["merge"] = result.as_json()
-                doc["memory_kb"] = {"before": before, "after": after}
-                if not args.json:
-                    out.print(memory_table(before, after))
-                    p = doc["merge"]["pauses"]
-                    out.print(
-                        f"merged {result.pages_merged:,} pages into {result.slots_mapped:,} "
-                        f"shared pages, dropped {result.pages_zeroed:,} zero pages in "
-                        f"{result.elapsed_s:.2f} s; workers paused {p['count']} times, "
-                        f"p50 {p['p50_ms']} ms, max {p['max_ms']} ms"
-                    )
+                doc.update(_merge_workers(pids, out, quiet=args.json))
             if not (args.json or args.no_merge or args.no_live) and sys.stdout.isatty():
                 from procksm.daemon import Daemon, DaemonOptions
                 from procksm.tui.inprocess import run_with_daemon
@@ -209,3 +189,31 @@ class DemoCommand:
         if os.environ.get("PROCKSM_DEMO_DEBUG"):
             out.print("workers stopped")
         return 0
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    if not 1 <= args.workers <= 64:
+        raise UsageError(f"--workers {args.workers}: use 1 to 64")
+    for k in ("shared_mib", "zero_mib", "unique_mib", "volatile_mib"):
+        if not 0 <= getattr(args, k) <= 4096:
+            raise UsageError(f"--{k.replace('_', '-')} {getattr(args, k)}: use 0 to 4096")
+
+
+def _merge_workers(pids: list[int], out: Console, *, quiet: bool) -> dict[str, Any]:
+    """Merge the workers; their memory before and after, as /proc shows it."""
+    before = workers_memory(pids)
+    result = merge(
+        pids, MergeOptions(), progress=None if quiet else lambda m: out.print(f"[dim]{m}[/dim]")
+    )
+    after = workers_memory(pids)
+    doc = {"merge": result.as_json(), "memory_kb": {"before": before, "after": after}}
+    if not quiet:
+        out.print(memory_table(before, after))
+        p = doc["merge"]["pauses"]
+        out.print(
+            f"merged {result.pages_merged:,} pages into {result.slots_mapped:,} "
+            f"shared pages, dropped {result.pages_zeroed:,} zero pages in "
+            f"{result.elapsed_s:.2f} s; workers paused {p['count']} times, "
+            f"p50 {p['p50_ms']} ms, max {p['max_ms']} ms"
+        )
+    return doc
