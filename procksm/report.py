@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from procksm import PAGE_SIZE
-from procksm.analysis import Counts, ScanReport
+from procksm.analysis import Counts, ProcessReport, ScanReport
 from procksm.snapshot import Snapshot
 
 
@@ -53,38 +53,7 @@ def scan_json(rep: ScanReport, *, elapsed_s: float | None = None) -> dict[str, A
     out: dict[str, Any] = {
         "totals": totals,
         "excluded_by_reason": rep.excluded_by_reason,
-        "processes": [
-            {
-                "pid": p.pid,
-                "name": p.name,
-                "uid": p.uid,
-                **p.counts.as_dict(),
-                "pages_zero_mapped": p.pages_zero_mapped,
-                "pages_excluded": p.pages_excluded,
-                "mappings": [
-                    {
-                        "start": hex(m.start),
-                        "end": hex(m.end),
-                        "name": m.name,
-                        "perms": m.perms,
-                        **m.counts.as_dict(),
-                    }
-                    for m in p.mappings
-                    if m.counts.pages_scanned
-                ],
-                "excluded": [
-                    {
-                        "start": hex(e.start),
-                        "end": hex(e.end),
-                        "name": e.name,
-                        "reason": e.reason,
-                        "rss_pages": e.rss_pages,
-                    }
-                    for e in p.excluded
-                ],
-            }
-            for p in rep.processes
-        ],
+        "processes": [_process_json(p) for p in rep.processes],
         "top": [
             {
                 "pages": c.pages,
@@ -103,6 +72,38 @@ def scan_json(rep: ScanReport, *, elapsed_s: float | None = None) -> dict[str, A
     if elapsed_s is not None:
         out["elapsed_s"] = round(elapsed_s, 4)
     return out
+
+
+def _process_json(p: ProcessReport) -> dict[str, Any]:
+    return {
+        "pid": p.pid,
+        "name": p.name,
+        "uid": p.uid,
+        **p.counts.as_dict(),
+        "pages_zero_mapped": p.pages_zero_mapped,
+        "pages_excluded": p.pages_excluded,
+        "mappings": [
+            {
+                "start": hex(m.start),
+                "end": hex(m.end),
+                "name": m.name,
+                "perms": m.perms,
+                **m.counts.as_dict(),
+            }
+            for m in p.mappings
+            if m.counts.pages_scanned
+        ],
+        "excluded": [
+            {
+                "start": hex(e.start),
+                "end": hex(e.end),
+                "name": e.name,
+                "reason": e.reason,
+                "rss_pages": e.rss_pages,
+            }
+            for e in p.excluded
+        ],
+    }
 
 
 def _counts_row(c: Counts, wide: bool) -> list[str]:
@@ -139,8 +140,17 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int = 160) 
         f"{t.pages_scanned:,} pages in {rep.distinct_frames:,} frames, "
         f"{t.pages_zero:,} zero, {rep.distinct_contents:,} distinct non-zero contents",
     )
-    parts: list[RenderableType] = [summary]
+    parts: list[RenderableType] = [summary, _processes_table(rep, show_mappings, wide)]
+    if rep.excluded_by_reason:
+        parts.append(_excluded_table(rep))
+    if rep.top:
+        parts.append(_top_table(rep))
+    if len(rep.matrix) > 1:
+        parts.append(_matrix_table(rep))
+    return Group(*parts)
 
+
+def _processes_table(rep: ScanReport, show_mappings: bool, wide: bool) -> Table:
     procs = Table(
         box=box.SIMPLE_HEAD,
         title="Processes",
@@ -163,49 +173,51 @@ def scan_view(rep: ScanReport, *, show_mappings: bool = True, width: int = 160) 
                 procs.add_row(
                     "", escape(f" {m.name} {m.start:#x}"), *_counts_row(m.counts, wide), style="dim"
                 )
-    procs.add_row("", "[b]total[/b]", *_counts_row(t, wide), end_section=True)
-    parts.append(procs)
+    procs.add_row("", "[b]total[/b]", *_counts_row(rep.totals, wide), end_section=True)
+    return procs
 
-    if rep.excluded_by_reason:
-        ex = Table(box=box.SIMPLE_HEAD, title="Not eligible (resident pages)", title_justify="left")
-        ex.add_column("reason")
-        ex.add_column("pages", justify="right")
-        for reason, pages in rep.excluded_by_reason.items():
-            if pages:
-                ex.add_row(escape(reason), fmt_pages(pages))
-        parts.append(ex)
 
-    if rep.top:
-        top = Table(box=box.SIMPLE_HEAD, title="Top duplicated contents", title_justify="left")
-        for h in ("frames", "pages", "saving"):
-            top.add_column(h, justify="right", no_wrap=True)
-        top.add_column("pids", overflow="ellipsis", no_wrap=True, max_width=24)
-        top.add_column("preview", overflow="ellipsis", no_wrap=True)
-        for c in rep.top:
-            pid_list = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
-            top.add_row(
-                f"{c.frames:,}",
-                f"{c.pages:,}",
-                fmt_bytes(c.savings_pages * PAGE_SIZE),
-                pid_list,
-                escape(preview_text(c.preview)),
-            )
-        parts.append(top)
+def _excluded_table(rep: ScanReport) -> Table:
+    ex = Table(box=box.SIMPLE_HEAD, title="Not eligible (resident pages)", title_justify="left")
+    ex.add_column("reason")
+    ex.add_column("pages", justify="right")
+    for reason, pages in rep.excluded_by_reason.items():
+        if pages:
+            ex.add_row(escape(reason), fmt_pages(pages))
+    return ex
 
-    if len(rep.matrix) > 1:
-        mx = Table(
-            box=box.SIMPLE_HEAD,
-            title="Shared content (pages of row also present in column)",
-            title_justify="left",
+
+def _top_table(rep: ScanReport) -> Table:
+    top = Table(box=box.SIMPLE_HEAD, title="Top duplicated contents", title_justify="left")
+    for h in ("frames", "pages", "saving"):
+        top.add_column(h, justify="right", no_wrap=True)
+    top.add_column("pids", overflow="ellipsis", no_wrap=True, max_width=24)
+    top.add_column("preview", overflow="ellipsis", no_wrap=True)
+    for c in rep.top:
+        pid_list = ",".join(map(str, c.pids[:6])) + ("…" if len(c.pids) > 6 else "")
+        top.add_row(
+            f"{c.frames:,}",
+            f"{c.pages:,}",
+            fmt_bytes(c.savings_pages * PAGE_SIZE),
+            pid_list,
+            escape(preview_text(c.preview)),
         )
-        mx.add_column("pid")
-        pids = [p.pid for p in rep.processes[: len(rep.matrix)]]
-        for pid in pids:
-            mx.add_column(str(pid), justify="right")
-        for pid, row in zip(pids, rep.matrix, strict=True):
-            mx.add_row(str(pid), *(f"{v:,}" for v in row))
-        parts.append(mx)
-    return Group(*parts)
+    return top
+
+
+def _matrix_table(rep: ScanReport) -> Table:
+    mx = Table(
+        box=box.SIMPLE_HEAD,
+        title="Shared content (pages of row also present in column)",
+        title_justify="left",
+    )
+    mx.add_column("pid")
+    pids = [p.pid for p in rep.processes[: len(rep.matrix)]]
+    for pid in pids:
+        mx.add_column(str(pid), justify="right")
+    for pid, row in zip(pids, rep.matrix, strict=True):
+        mx.add_row(str(pid), *(f"{v:,}" for v in row))
+    return mx
 
 
 # the daemon's counters, the kernel's names first (like /sys/kernel/mm/ksm)
