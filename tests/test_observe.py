@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from procksm import PAGE_SIZE, observe
+from procksm import PAGE_SIZE
 from procksm.merge import MergeOptions, merge
 from procksm.observe import (
     CowBreak,
@@ -35,10 +35,11 @@ from procksm.observe import (
     CowObserver,
     Event,
     Lifecycle,
-    bitmap_pages,
-    page_bitmaps,
+    cow_header,
     parse_event,
 )
+from procksm.observe.bitmaps import bitmap_pages, page_bitmaps
+from procksm.observe.bpf_program import BPF_DIR, bpf_source, bpf_unavailable
 from procksm.procfs import PM_FILE, PM_PRESENT, PM_SWAPPED
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.unmerge import merged_ranges
@@ -56,26 +57,26 @@ ARRIVAL_S = 10.0
 
 
 def test_header_and_python_agree() -> None:
-    """observe.py mirrors cow.h: event kinds, counters, settings, the event layout."""
-    header = (observe.BPF_DIR / "cow.h").read_text()
+    """observe/cow_header.py mirrors cow.h: event kinds, counters, settings, the event layout."""
+    header = (BPF_DIR / "cow.h").read_text()
     defines = dict(re.findall(r"#define ((?:EV|C|CFG)_[A-Z_]+) (\d+)", header))
     assert defines, "no constants found in cow.h"
     for name, value in defines.items():
-        assert getattr(observe, name) == int(value), name
-    assert f"#define PROCKSM_REGION_SHIFT {observe.REGION_SHIFT}" in header
-    assert f"#define PROCKSM_BLOOM_BITS {observe.BLOOM_BITS}" in header
-    assert f"#define PROCKSM_BLOOM_SHIFT {observe.BLOOM_SHIFT}" in header
-    assert f"#define PROCKSM_BLOOM_MULT {observe.BLOOM_MULT:#X}ULL".replace("0X", "0x") in header
-    assert observe.EVENT_SIZE == 64
+        assert getattr(cow_header, name) == int(value), name
+    assert f"#define PROCKSM_REGION_SHIFT {cow_header.REGION_SHIFT}" in header
+    assert f"#define PROCKSM_BLOOM_BITS {cow_header.BLOOM_BITS}" in header
+    assert f"#define PROCKSM_BLOOM_SHIFT {cow_header.BLOOM_SHIFT}" in header
+    assert f"#define PROCKSM_BLOOM_MULT {cow_header.BLOOM_MULT:#X}ULL".replace("0X", "0x") in header
+    assert cow_header.EVENT_SIZE == 64
     fields = re.search(r"struct procksm_event \{(.*?)\};", header, re.S)
     assert fields is not None
     types = re.findall(r"__([us]\d+) \w+;", fields.group(1))
     fmt = {"u64": "Q", "u32": "I", "s64": "q", "s32": "i"}
-    assert "<" + "".join(fmt[t] for t in types) == observe.EVENT_FORMAT
+    assert "<" + "".join(fmt[t] for t in types) == cow_header.EVENT_FORMAT
 
 
 def test_bpf_source_is_the_program_with_its_header() -> None:
-    src = observe.bpf_source()
+    src = bpf_source()
     assert '#include "cow.h"' not in src
     assert "struct procksm_event {" in src and "RAW_TRACEPOINT_PROBE(page_fault_user)" in src
     res = subprocess.run(
@@ -188,21 +189,44 @@ def test_ledger_follows_munmap_mremap_dontneed_and_fork() -> None:
     assert led.range_bounds() == [(base + 2 * P, base + 3 * P)]
 
 
+def test_ledger_applies_the_targets_memory_calls() -> None:
+    led = CowLedger(1)
+    base = 0x40000000
+    led.set_ranges([(base, base + 8 * P)])
+    led.heap_end = base + 8 * P  # the range is the heap's end
+    munmap = Lifecycle("munmap", 1, addr=base, length=P)
+    assert not led.apply_memory_call(Lifecycle("munmap", 1, addr=base, length=P, ret=-22))
+    assert led.apply_memory_call(munmap)
+    assert not led.apply_memory_call(munmap)  # nothing watched there any more
+    led.record_fault(base + 2 * P, kernel=False)
+    dontneed = Lifecycle("madvise", 1, addr=base + 2 * P, length=P, advice=4)
+    assert led.apply_memory_call(dontneed) and led.record_fault(base + 2 * P, kernel=False)
+    # brk shrinking the heap by two pages and a half (the break rounds up)
+    assert led.apply_memory_call(Lifecycle("brk", 1, addr=base, ret=base + 5 * P + 1))
+    assert led.range_bounds() == [(base + P, base + 6 * P)] and led.heap_end == base + 6 * P
+    mmap = Lifecycle("mmap", 1, length=P, ret=base + 3 * P)  # MAP_FIXED over page 3
+    assert led.apply_memory_call(mmap)
+    assert led.range_bounds() == [(base + P, base + 3 * P), (base + 4 * P, base + 6 * P)]
+    assert not led.apply_memory_call(Lifecycle("fork", 1, child_pid=2))
+
+
 def test_parse_event() -> None:
     def raw(kind: int, aux: int = 0, addr: int = 0, *args: int, ret: int = 0) -> bytes:
         length, arg, arg2 = (*args, 0, 0, 0)[:3]
-        return struct.pack(observe.EVENT_FORMAT, 99, kind, 7, 8, aux, addr, length, arg, arg2, ret)
+        return struct.pack(
+            cow_header.EVENT_FORMAT, 99, kind, 7, 8, aux, addr, length, arg, arg2, ret
+        )
 
-    assert parse_event(raw(observe.EV_COW_KERNEL, 3, 0x1000)) == CowBreak(
+    assert parse_event(raw(cow_header.EV_COW_KERNEL, 3, 0x1000)) == CowBreak(
         7, 0x1000, kernel=True, tid=8, error_code=3, ts_ns=99
     )
-    fork = parse_event(raw(observe.EV_FORK, 1234))
+    fork = parse_event(raw(cow_header.EV_FORK, 1234))
     assert isinstance(fork, Lifecycle) and (fork.kind, fork.child_pid) == ("fork", 1234)
-    mr = parse_event(raw(observe.EV_MREMAP, 0, 0x1000, 2 * P, 3 * P, 3, ret=0x9000))
+    mr = parse_event(raw(cow_header.EV_MREMAP, 0, 0x1000, 2 * P, 3 * P, 3, ret=0x9000))
     assert isinstance(mr, Lifecycle)
     got = (mr.kind, mr.addr, mr.length, mr.new_length, mr.flags, mr.ret)
     assert got == ("mremap", 0x1000, 2 * P, 3 * P, 3, 0x9000)
-    bad = parse_event(raw(observe.EV_MUNMAP, 0, 0x1000, P, ret=-22))
+    bad = parse_event(raw(cow_header.EV_MUNMAP, 0, 0x1000, P, ret=-22))
     assert isinstance(bad, Lifecycle) and not bad.ok
     with pytest.raises(ValueError):
         parse_event(raw(99))
@@ -215,7 +239,7 @@ def test_parse_event() -> None:
 
 def require_bpf() -> None:
     require_privileges()
-    reason = observe._bpf_unavailable()
+    reason = bpf_unavailable()
     if reason:
         skip_or_fail(f"eBPF observation unavailable: {reason}")
 

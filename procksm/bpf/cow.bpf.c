@@ -1,4 +1,4 @@
-/* procksm cow observer (loaded with bcc by procksm/observe.py).
+/* procksm cow observer (loaded with bcc by procksm/observe/bpf_program.py).
  *
  * COW breaks: a write to a page that procksm merged (a MAP_PRIVATE mapping of a sealed
  * memfd) faults, and the kernel copies the page. Measured on this kernel (6.18, x86_64):
@@ -6,7 +6,7 @@
  * a user write to a not-present one (after MADV_DONTNEED) with 0x6, and a kernel write
  * such as read() into the page faults in `page_fault_kernel` with 0x3. Writes through
  * get_user_pages (process_vm_writev, /proc/PID/mem, O_DIRECT) COW without any fault
- * event: user space finds those in pagemap (observe.reconcile).
+ * event: user space finds those in pagemap (CowObserver.reconcile).
  *
  * The filter is in the kernel: a Bloom bit for the fault's 64 KiB chunk (any target's),
  * then the tgid's target bit, then one hash lookup of (tgid, region) -> 512-bit map of

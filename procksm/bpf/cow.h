@@ -1,7 +1,7 @@
-/* procksm cow observer: what the BPF side (cow.bpf.c) and procksm/observe.py share.
+/* procksm cow observer: what the BPF side (cow.bpf.c) and procksm/observe/ share.
  *
- * observe.py mirrors these numbers (EV_*, C_*, the event layout); a test reads this
- * file and checks that they agree, so change both together.
+ * procksm/observe/cow_header.py mirrors these numbers (EV_*, C_*, the event layout); a
+ * test reads this file and checks that they agree, so change both together.
  */
 #ifndef PROCKSM_COW_H
 #define PROCKSM_COW_H
@@ -46,7 +46,7 @@
 #define CFG_FOLLOW_CHILDREN 0
 #define CFG_NR 1
 
-/* 64 bytes, no padding: observe.EVENT_FORMAT = "<QIIIIQQQQq". */
+/* 64 bytes, no padding: cow_header.EVENT_FORMAT = "<QIIIIQQQQq". */
 struct procksm_event {
     __u64 ts_ns;
     __u32 kind;
