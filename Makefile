@@ -1,7 +1,7 @@
 # `make demo` and `make test` are the two commands of the README; both run `make setup`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lint bench clean
+.PHONY: setup demo test unit lint bench bench-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -21,11 +21,16 @@ test: setup lint
 unit:
 	$(PY) -m pytest -q -m "not root" tests
 
-# procksm against the kernel's KSM: all workloads, scaling, goals (~30-40 min, as root);
-# benchmarks/suite.py --quick for a 2-minute run. The older single-purpose scripts
-# (scan_throughput.py, merge_vs_ksm.py, guard_overhead.py, ...) still run on their own.
+# procksm against the kernel's KSM: all workloads, scaling, goals (~30-40 min, as root).
+# `make bench-quick` (= benchmarks/suite.py --quick): the same runs at small sizes, one
+# repetition (~3 min). `make bench ARGS="--only W1"` passes options to suite.py. The
+# single-purpose scripts (scan_throughput.py, merge_vs_ksm.py, guard_overhead.py, ...)
+# run on their own: benchmarks/README.md.
 bench: setup
-	$(PY) benchmarks/suite.py
+	$(PY) benchmarks/suite.py $(ARGS)
+
+bench-quick: setup
+	$(PY) benchmarks/suite.py --quick $(ARGS)
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache

@@ -28,14 +28,14 @@ import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
 
-from procksm import PAGE_SIZE  # noqa: E402
-from procksm.merge import MergeOptions, merge  # noqa: E402
-from procksm.observe import CowObserver  # noqa: E402
-from procksm.scanner import AddressRange, ScanOptions  # noqa: E402
-from procksm.unmerge import merged_ranges  # noqa: E402
+from benchmarks.harness.common import RESULTS, ROOT, Json
+from procksm import PAGE_SIZE
+from procksm.merge import MergeOptions, merge
+from procksm.observe import CowObserver
+from procksm.scanner import AddressRange, ScanOptions
+from procksm.unmerge import merged_ranges
 
 GOAL_PCT = 3.0
 
@@ -90,107 +90,140 @@ class Consumer(threading.Thread):
                 self.events += len(self.obs.poll(0.05))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--iters", type=int, default=2000, help="mmap/touch/munmap rounds per run")
     ap.add_argument("--pages", type=int, default=64, help="pages per round")
-    ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/bpf_overhead.json")
+    ap.add_argument("--output", type=Path, default=RESULTS / "bpf_overhead.json")
     a = ap.parse_args()
     if a.reps < 3:
         ap.error("--reps must be >= 3 (the result is a median)")
+    return a
+
+
+def watch_target(target: Loop) -> CowObserver:
+    """Merge the target's duplicate pages and load one observer watching them, for the
+    whole run: its probes attached or detached per phase, the phases differ in the
+    probes only (not in a BPF compile just before, nor in a polling thread)."""
+    dup = AddressRange(target.dup, target.dup + target.dup_pages * PAGE_SIZE)
+    res = merge([target.pid], MergeOptions(selection=ScanOptions(ranges=[dup])))
+    assert res.pages_merged == target.dup_pages, res.as_json()
+    obs = CowObserver(use_bpf=True, reconcile_interval_s=3600)
+    obs.set_ranges(target.pid, [(v.start, v.end) for v in merged_ranges(target.pid)])
+    return obs
+
+
+def run_reps(
+    obs: CowObserver, lock: threading.Lock, loops: dict[str, Loop], a: argparse.Namespace
+) -> list[Json]:
+    """Per repetition, every loop with the probes detached and attached (order alternating)."""
+    runs: list[Json] = []
+    for rep in range(a.reps):
+        order = (False, True) if rep % 2 == 0 else (True, False)
+        row: Json = {"rep": rep}
+        for probes in order:
+            with lock:
+                if probes:
+                    obs.attach_probes()
+                else:
+                    obs.detach_probes()
+            row["on" if probes else "off"] = {
+                name: loop.run(a.iters, a.pages) for name, loop in loops.items()
+            }
+        runs.append(row)
+        on, off = row["on"], row["off"]
+        cols = [
+            f"{k} {off[k]['cpu']:.0f} -> {on[k]['cpu']:.0f} ns/fault "
+            f"({(on[k]['cpu'] / off[k]['cpu'] - 1) * 100:+.1f} %)"
+            for k in loops
+        ]
+        print(f"rep {rep} (CPU time): " + "  ".join(cols), flush=True)
+    return runs
+
+
+def observe_reps(
+    target: Loop, loops: dict[str, Loop], a: argparse.Namespace
+) -> tuple[Json, list[Json]]:
+    """The repetitions with a thread polling the observer throughout; returns the
+    observer's totals and the runs."""
+    obs = watch_target(target)
+    lock = threading.Lock()
+    consumer = Consumer(obs, lock)
+    consumer.start()
+    for loop in loops.values():  # warm up (page tables, allocator, CPU frequency)
+        loop.run(a.iters // 4, a.pages)
+    try:
+        runs = run_reps(obs, lock, loops, a)
+    finally:
+        consumer.stop.set()
+        consumer.join()
+        with lock:
+            obs.attach_probes()
+            observer = {"events": consumer.events, **obs.kernel_totals()}
+            obs.close()
+    return observer, runs
+
+
+def summarize(runs: list[Json], names: list[str]) -> tuple[Json, bool]:
+    """Median per fault off and on, and the median paired difference, per loop and clock;
+    prints them; True when every loop meets the goal on its CPU time."""
+    summary: Json = {}
+    print(f"\n{'':22} {'off ns/fault':>13} {'on ns/fault':>12} {'added':>8}  goal")
+    ok = True
+    for k in names:
+        summary[k] = {}
+        for clock in ("cpu", "wall"):
+            offs = [r["off"][k][clock] for r in runs]
+            ons = [r["on"][k][clock] for r in runs]
+            pct = statistics.median((n / f - 1) * 100 for n, f in zip(ons, offs, strict=True))
+            # the goal is judged on the loop's own CPU time: wall time on this shared
+            # machine mostly measures what other processes took
+            met = pct <= GOAL_PCT
+            if clock == "cpu":
+                ok &= met
+            summary[k][clock] = {
+                "off_ns_per_fault": round(statistics.median(offs), 1),
+                "on_ns_per_fault": round(statistics.median(ons), 1),
+                "added_pct_median": round(pct, 2),
+                "met": met,
+            }
+            verdict = ("met" if met else "MISSED") if clock == "cpu" else "(not judged)"
+            print(
+                f"{k + ' ' + clock:22} {statistics.median(offs):13.0f} "
+                f"{statistics.median(ons):12.0f} {pct:+7.2f} %  <= {GOAL_PCT:g} % {verdict}"
+            )
+    return summary, ok
+
+
+def main() -> int:
+    a = parse_args()
     exe = build_loop()
     target, other = Loop(exe), Loop(exe)
     loops = {"target": target, "non_target": other}
     try:
-        dup = AddressRange(target.dup, target.dup + target.dup_pages * PAGE_SIZE)
-        res = merge([target.pid], MergeOptions(selection=ScanOptions(ranges=[dup])))
-        assert res.pages_merged == target.dup_pages, res.as_json()
-        # One observer for the whole run, its probes attached or detached per phase: the
-        # phases differ in the probes only (not in a BPF compile just before, nor in a
-        # polling thread).
-        obs = CowObserver(use_bpf=True, reconcile_interval_s=3600)
-        obs.set_ranges(target.pid, [(v.start, v.end) for v in merged_ranges(target.pid)])
-        lock = threading.Lock()
-        consumer = Consumer(obs, lock)
-        consumer.start()
-        for loop in loops.values():  # warm up (page tables, allocator, CPU frequency)
-            loop.run(a.iters // 4, a.pages)
-        runs: list[dict[str, object]] = []
-        try:
-            for rep in range(a.reps):
-                order = (False, True) if rep % 2 == 0 else (True, False)
-                row: dict[str, object] = {"rep": rep}
-                for probes in order:
-                    with lock:
-                        if probes:
-                            obs.attach_probes()
-                        else:
-                            obs.detach_probes()
-                    row["on" if probes else "off"] = {
-                        name: loop.run(a.iters, a.pages) for name, loop in loops.items()
-                    }
-                runs.append(row)
-                on, off = row["on"], row["off"]
-                assert isinstance(on, dict) and isinstance(off, dict)
-                cols = [
-                    f"{k} {off[k]['cpu']:.0f} -> {on[k]['cpu']:.0f} ns/fault "
-                    f"({(on[k]['cpu'] / off[k]['cpu'] - 1) * 100:+.1f} %)"
-                    for k in loops
-                ]
-                print(f"rep {rep} (CPU time): " + "  ".join(cols), flush=True)
-        finally:
-            consumer.stop.set()
-            consumer.join()
-            with lock:
-                obs.attach_probes()
-                observer = {"events": consumer.events, **obs.kernel_totals()}
-                obs.close()
-        summary: dict[str, object] = {}
-        print(f"\n{'':22} {'off ns/fault':>13} {'on ns/fault':>12} {'added':>8}  goal")
-        ok = True
-        for k in loops:
-            summary[k] = {}
-            for clock in ("cpu", "wall"):
-                offs = [r["off"][k][clock] for r in runs]  # type: ignore[index]
-                ons = [r["on"][k][clock] for r in runs]  # type: ignore[index]
-                pct = statistics.median((n / f - 1) * 100 for n, f in zip(ons, offs, strict=True))
-                # the goal is judged on the loop's own CPU time: wall time on this shared
-                # machine mostly measures what other processes took
-                met = pct <= GOAL_PCT
-                if clock == "cpu":
-                    ok &= met
-                summary[k][clock] = {  # type: ignore[index]
-                    "off_ns_per_fault": round(statistics.median(offs), 1),
-                    "on_ns_per_fault": round(statistics.median(ons), 1),
-                    "added_pct_median": round(pct, 2),
-                    "met": met,
-                }
-                verdict = ("met" if met else "MISSED") if clock == "cpu" else "(not judged)"
-                print(
-                    f"{k + ' ' + clock:22} {statistics.median(offs):13.0f} "
-                    f"{statistics.median(ons):12.0f} {pct:+7.2f} %  <= {GOAL_PCT:g} % {verdict}"
-                )
-        doc = {
-            "machine": f"{platform.machine()} {platform.release()}, {os.cpu_count()} CPUs",
-            "iters": a.iters,
-            "pages_per_iter": a.pages,
-            "faults_per_run": a.iters * a.pages,
-            "reps": a.reps,
-            "goal_added_pct": GOAL_PCT,
-            "observer": observer,
-            "summary": summary,
-            "runs": runs,
-        }
-        a.output.parent.mkdir(parents=True, exist_ok=True)
-        a.output.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\nwrote {a.output}")
-        return 0 if ok else 1
+        observer, runs = observe_reps(target, loops, a)
     finally:
         target.close()
         other.close()
+    summary, ok = summarize(runs, list(loops))
+    doc = {
+        "machine": f"{platform.machine()} {platform.release()}, {os.cpu_count()} CPUs",
+        "iters": a.iters,
+        "pages_per_iter": a.pages,
+        "faults_per_run": a.iters * a.pages,
+        "reps": a.reps,
+        "goal_added_pct": GOAL_PCT,
+        "observer": observer,
+        "summary": summary,
+        "runs": runs,
+    }
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {a.output}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

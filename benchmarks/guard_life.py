@@ -35,20 +35,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results" / "guard_life.json"
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
+
+from benchmarks.harness.common import RESULTS, Json
+from benchmarks.harness.truth import parent_pid, read_thread_cpu
+from procksm import PAGE_SIZE, procfs
+from procksm.guard import GuardClient
+from procksm.merge import MergeEngine, MergeOptions
+from procksm.scanner import AddressRange, ScanOptions
+from tests.conftest import Target, build_c_target, remove_cgroup
+
+N_IDENTICAL = 2048
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return read_thread_cpu(pid).stat_s
 
 
 def private_kib(pid: int) -> int:
-    from procksm import procfs  # after the sys.path insert above
-
     rollup = procfs.read_smaps_rollup(pid)
     return rollup["Private_Clean"] + rollup["Private_Dirty"]
 
@@ -56,13 +60,138 @@ def private_kib(pid: int) -> int:
 def helper_pid(guard: int) -> int | None:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = parent_pid(int(pid))
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == guard and b"guard_unmerge" in cmd:
+        if ppid == guard and b"guard_unmerge" in cmd:
             return int(pid)
     return None
+
+
+def wait_for_standby(client: GuardClient, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not (client.running() and client.stats().get("peer_ready")):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def merge_pair(targets: list[Target]) -> None:
+    """Merge the identical regions of the targets with each other (starts the guards)."""
+    ranges = [
+        AddressRange(t.int("identical"), t.int("identical") + N_IDENTICAL * PAGE_SIZE)
+        for t in targets
+    ]
+    pids = [t.pid for t in targets]
+    with MergeEngine(pids, MergeOptions(selection=ScanOptions(ranges=ranges))) as eng:
+        assert eng.run().pages_merged == len(targets) * N_IDENTICAL
+
+
+def dontneed_loop(a: Target, ms: int, merged: str) -> dict[str, int]:
+    line = a.command(f"dontneedloop {merged} unique {ms}", timeout=120)
+    assert line.startswith("OK"), line
+    return {k: int(v) for k, v in (w.split("=") for w in line.split()[1:])}
+
+
+def cpu_per_call(client: GuardClient, a: Target) -> Json:
+    """CPU per CONTINUE call (never-merged pages), and per merged call (guard + helper:
+    one merged page per call, one call at a time)."""
+    active = int(client.stats()["pid"])  # type: ignore[call-overload]
+    c0 = cpu_s(active)
+    r = dontneed_loop(a, 3000, "unique")
+    cont_us = (cpu_s(active) - c0) / r["calls"] * 1e6
+    a.command("dontneed identical 0 1")  # starts the helper
+    helper = helper_pid(active)
+    assert helper is not None
+    g0, h0 = cpu_s(active), cpu_s(helper)
+    calls = 0
+    for i in range(1, 1001):
+        assert a.command(f"dontneed identical {i} 1") == "OK"
+        calls += 1
+    g1, h1 = cpu_s(active), cpu_s(helper)
+    return {
+        "cpu_us_per_continue_call": round(cont_us, 1),
+        "cpu_us_per_merged_call_guard": round((g1 - g0) / calls * 1e6, 1),
+        "cpu_us_per_merged_call_helper": round((h1 - h0) / calls * 1e6, 1),
+    }
+
+
+def _start_loop(a: Target, ms: int) -> None:
+    """A DONTNEED loop on never-merged memory, its answer read later."""
+    a.proc.stdin.write(f"dontneedloop unique unique {ms}\n")  # type: ignore[union-attr]
+    a.proc.stdin.flush()  # type: ignore[union-attr]
+
+
+def _slowest_us(a: Target) -> int:
+    line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
+    assert line.startswith("OK"), line
+    return int(line.split("max_us=")[1])
+
+
+def kill_windows(client: GuardClient, a: Target, log: Path, kills: int) -> Json:
+    """The slowest call across each SIGKILL of the active guard, and how long the
+    survivor was alone until it forked a new standby."""
+    slowest = []
+    respawns: list[float] = []
+    for _ in range(kills):
+        _start_loop(a, 1200)
+        time.sleep(0.5)
+        victim = int(client.stats()["pid"])  # type: ignore[call-overload]
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
+        # the survivor logs the (system-wide) monotonic clock when it forked the
+        # new standby
+        spawned = [
+            float(m)
+            for m in re.findall(r"started standby \d+ \(monotonic ([\d.]+)\)", log.read_text())
+        ]
+        respawns.append(round((spawned[-1] - t0) * 1000, 2))
+        assert line.startswith("OK"), line
+        slowest.append(int(line.split("max_us=")[1]))
+        wait_for_standby(client, "no new standby")
+    return {"slowest": slowest, "respawns": respawns}
+
+
+def upgrade_windows(client: GuardClient, a: Target) -> list[int]:
+    """The slowest call across each of 3 `procksm guard --upgrade`."""
+    ups = []
+    for _ in range(3):
+        _start_loop(a, 1500)
+        time.sleep(0.3)
+        client.upgrade()
+        ups.append(_slowest_us(a))
+    return ups
+
+
+def measure(client: GuardClient, a: Target, log: Path, kills: int) -> Json:
+    per_call = cpu_per_call(client, a)
+    time.sleep(0.5)
+    st = client.stats()
+    mem = {str(p): private_kib(int(p)) for p in (st["pid"], st["peer"])}  # type: ignore[call-overload]
+    across_kill = kill_windows(client, a, log, kills)
+    ups = upgrade_windows(client, a)
+    # the same loop with no kill, for comparison
+    base = dontneed_loop(a, 1200, "unique")["max_us"]
+    slowest, respawns = across_kill["slowest"], across_kill["respawns"]
+    return {
+        "guard_private_kib": mem,
+        **per_call,
+        "slowest_call_us_no_kill": base,
+        "slowest_call_us_across_kill": {
+            "median": statistics.median(slowest),
+            "max": max(slowest),
+            "all": slowest,
+        },
+        "slowest_call_us_across_upgrade": ups,
+        # SIGKILL of the active guard -> the survivor's fork of a new standby (which
+        # holds every listener from its fork on): the window in which a second kill,
+        # of the survivor, would leave no listener
+        "ms_alone_after_a_kill": {
+            "median": round(statistics.median(respawns), 2),
+            "max": max(respawns),
+        },
+    }
 
 
 def main() -> int:
@@ -71,122 +200,25 @@ def main() -> int:
     args = ap.parse_args()
     lock_dir = tempfile.mkdtemp(prefix="procksm-guard-bench-")
     cg = tempfile.mkdtemp(prefix="procksm-bench-guard-", dir="/sys/fs/cgroup/unified")
+    # a private lock dir (guard socket and log) and a scratch cgroup for the guards
     os.environ["PROCKSM_LOCK_DIR"] = lock_dir
     os.environ["PROCKSM_GUARD_CGROUP"] = cg
-
-    from procksm import PAGE_SIZE
-    from procksm.guard import GuardClient
-    from procksm.merge import MergeEngine, MergeOptions
-    from procksm.scanner import AddressRange, ScanOptions
-    from tests.conftest import Target, build_c_target, remove_cgroup
-
-    n = 2048
     exe = build_c_target("planted")
     targets = [
-        Target([str(exe), "--identical", str(n), "--unique", "256", "--seed", "3"]) for _ in "ab"
+        Target([str(exe), "--identical", str(N_IDENTICAL), "--unique", "256", "--seed", "3"])
+        for _ in "ab"
     ]
     client = GuardClient()
-    log = Path(lock_dir) / "guard.log"
-    out: dict[str, object] = {}
     try:
-        a = targets[0]
-        ranges = [
-            AddressRange(t.int("identical"), t.int("identical") + n * PAGE_SIZE) for t in targets
-        ]
-        with MergeEngine(
-            [t.pid for t in targets], MergeOptions(selection=ScanOptions(ranges=ranges))
-        ) as eng:
-            assert eng.run().pages_merged == 2 * n
+        merge_pair(targets)
         deadline = time.monotonic() + 10
         while not client.stats().get("peer_ready"):
             assert time.monotonic() < deadline, "no standby"
             time.sleep(0.02)
-
-        def loop(ms: int, merged: str) -> dict[str, int]:
-            line = a.command(f"dontneedloop {merged} unique {ms}", timeout=120)
-            assert line.startswith("OK"), line
-            return {k: int(v) for k, v in (w.split("=") for w in line.split()[1:])}
-
-        # CPU per CONTINUE call
-        st = client.stats()
-        active = int(st["pid"])  # type: ignore[call-overload]
-        c0 = cpu_s(active)
-        r = loop(3000, "unique")
-        cont_us = (cpu_s(active) - c0) / r["calls"] * 1e6
-        # CPU per merged call (guard + helper): one merged page per call, one call at a time
-        a.command("dontneed identical 0 1")  # starts the helper
-        helper = helper_pid(active)
-        assert helper is not None
-        g0, h0 = cpu_s(active), cpu_s(helper)
-        calls = 0
-        for i in range(1, 1001):
-            assert a.command(f"dontneed identical {i} 1") == "OK"
-            calls += 1
-        g1, h1 = cpu_s(active), cpu_s(helper)
-        merged_guard_us = (g1 - g0) / calls * 1e6
-        merged_helper_us = (h1 - h0) / calls * 1e6
-        time.sleep(0.5)
-        st = client.stats()
-        mem = {str(p): private_kib(int(p)) for p in (st["pid"], st["peer"])}  # type: ignore[call-overload]
-        # kill window
-        kills = []
-        respawns: list[float] = []
-        for _ in range(args.kills):
-            a.proc.stdin.write("dontneedloop unique unique 1200\n")  # type: ignore[union-attr]
-            a.proc.stdin.flush()  # type: ignore[union-attr]
-            time.sleep(0.5)
-            victim = int(client.stats()["pid"])  # type: ignore[call-overload]
-            t0 = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
-            line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
-            # the survivor logs the (system-wide) monotonic clock when it forked the
-            # new standby
-            spawned = [
-                float(m)
-                for m in re.findall(r"started standby \d+ \(monotonic ([\d.]+)\)", log.read_text())
-            ]
-            respawns.append(round((spawned[-1] - t0) * 1000, 2))
-            assert line.startswith("OK"), line
-            kills.append(int(line.split("max_us=")[1]))
-            deadline = time.monotonic() + 10
-            while not (client.running() and client.stats().get("peer_ready")):
-                assert time.monotonic() < deadline, "no new standby"
-                time.sleep(0.02)
-        # upgrade window
-        ups = []
-        for _ in range(3):
-            a.proc.stdin.write("dontneedloop unique unique 1500\n")  # type: ignore[union-attr]
-            a.proc.stdin.flush()  # type: ignore[union-attr]
-            time.sleep(0.3)
-            client.upgrade()
-            line = a.proc.stdout.readline().strip()  # type: ignore[union-attr]
-            assert line.startswith("OK"), line
-            ups.append(int(line.split("max_us=")[1]))
-        # the same loop with no kill, for comparison
-        base = loop(1200, "unique")["max_us"]
-        out = {
-            "guard_private_kib": mem,
-            "cpu_us_per_continue_call": round(cont_us, 1),
-            "cpu_us_per_merged_call_guard": round(merged_guard_us, 1),
-            "cpu_us_per_merged_call_helper": round(merged_helper_us, 1),
-            "slowest_call_us_no_kill": base,
-            "slowest_call_us_across_kill": {
-                "median": statistics.median(kills),
-                "max": max(kills),
-                "all": kills,
-            },
-            "slowest_call_us_across_upgrade": ups,
-            # SIGKILL of the active guard -> the survivor's fork of a new standby (which
-            # holds every listener from its fork on): the window in which a second kill,
-            # of the survivor, would leave no listener
-            "ms_alone_after_a_kill": {
-                "median": round(statistics.median(respawns), 2),
-                "max": max(respawns),
-            },
-        }
+        out = measure(client, targets[0], Path(lock_dir) / "guard.log", args.kills)
         print(json.dumps(out, indent=2))
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / "guard_life.json").parent.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "guard_life.json").write_text(json.dumps(out, indent=2) + "\n")
     finally:
         for t in targets:
             t.kill()

@@ -31,8 +31,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "guard_overhead.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
+
+from benchmarks.harness.common import RESULTS, ROOT, Json
 
 TARGET = textwrap.dedent(
     r"""
@@ -79,49 +80,62 @@ TARGET = textwrap.dedent(
 )
 
 
+class PythonTarget:
+    """One TARGET process: it runs a loop of calls on request and answers us per call."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def ready(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "READY"
+
+    def run(self, what: str, n: int) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{what} {n}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure(calls: int, reps: int) -> Json:
+    """Each loop in target A before and after `procksm merge A B`, and the slow path."""
+    targets = [PythonTarget() for _ in range(2)]
+    try:
+        for t in targets:
+            t.ready()
+        a = targets[0]
+        counts = {"dontneed": calls, "mremap": calls, "getpid": 20 * calls}
+
+        def timed(what: str, n: int) -> float:
+            return statistics.median(a.run(what, n) for _ in range(reps))
+
+        before = {w: timed(w, n) for w, n in counts.items()}
+        pids = [str(t.proc.pid) for t in targets]
+        merged = subprocess.run(
+            [sys.executable, "-m", "procksm", "merge", "--json", *pids],
+            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), check=True,
+        )  # fmt: skip
+        after = {w: timed(w, n) for w, n in counts.items()}
+        slow = a.run("merged", min(calls, 500))
+    finally:
+        for t in targets:
+            t.kill()
+    saved = json.loads(merged.stdout)["totals"]["saved_bytes"]
+    return {"before": before, "after": after, "slow": slow, "saved_bytes": saved}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    env = dict(os.environ)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TARGET],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "READY"
-        a = procs[0]
-
-        def run(what: str, n: int) -> float:
-            assert a.stdin is not None and a.stdout is not None
-            a.stdin.write(f"{what} {n}\n")
-            a.stdin.flush()
-            return float(a.stdout.readline())
-
-        calls = {"dontneed": args.calls, "mremap": args.calls, "getpid": 20 * args.calls}
-
-        def timed(what: str, n: int) -> float:
-            return statistics.median(run(what, n) for _ in range(args.reps))
-
-        before = {w: timed(w, n) for w, n in calls.items()}
-        merged = subprocess.run(
-            [sys.executable, "-m", "procksm", "merge", "--json", *(str(p.pid) for p in procs)],
-            capture_output=True, text=True, cwd=ROOT, env=env, check=True,
-        )  # fmt: skip
-        doc = json.loads(merged.stdout)
-        after = {w: timed(w, n) for w, n in calls.items()}
-        slow = run("merged", min(args.calls, 500))
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    m = measure(args.calls, args.reps)
+    before, after, slow = m["before"], m["after"], m["slow"]
     rows = {
         "madvise(DONTNEED), no merged page": (before["dontneed"], after["dontneed"]),
         "mremap shrink+grow, no merged page": (before["mremap"], after["mremap"]),
@@ -137,11 +151,12 @@ def main() -> int:
         "reps": args.reps,
         "us_per_call": {k: {"unguarded": b, "guarded": g} for k, (b, g) in rows.items()},
         "dontneed_merged_page_us": slow,
-        "merge_saved_bytes": doc["totals"]["saved_bytes"],
+        "merge_saved_bytes": m["saved_bytes"],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    results = RESULTS / "guard_overhead.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {results.relative_to(ROOT)}")
     return 0
 
 

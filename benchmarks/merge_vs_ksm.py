@@ -52,58 +52,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
+from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
 
-import ksmlib
-from harness import (
-    MIB_PAGES,
-    ROOT,
-    ChildTracker,
-    Json,
-    Planted,
-    Target,
-    build_planted,
-    interrupts_raise,
-    machine_line,
-    run_ksm,
-    run_procksm,
-    start_targets,
-    stop_targets,
-    swap_pairs,
-)
+from benchmarks.harness.common import MIB_PAGES, PROCKSM, RESULTS, Json, swap_pairs
+from benchmarks.harness.ksm import KsmControl
+from benchmarks.harness.report import fmt, machine_line, verdict
+from benchmarks.harness.runners import ksm_guarded, run_ksm, run_procksm
+from benchmarks.harness.targets import build_planted, fresh_targets
+from benchmarks.harness.workloads import Planted
 
 # Goals of issue 3.
 GOAL_SPEEDUP = 3.0  # ksmd (max speed) time to 100 % / procksm's
 GOAL_SAVING = 0.99  # of the ideal saving
 GOAL_P99_MS = 1.0
 GOAL_MAX_MS = 5.0
+TRUTH_SOURCES = {
+    "saving_reached": "pagemap: planted pages - distinct PFNs over the planted ranges "
+    "(zero page excluded via kpageflags), both tools",
+    "procksm_saving_meminfo": "/proc/meminfo (AnonPages drop - Shmem growth), "
+    "machine-wide: other processes' allocations show in it",
+    "ksmd_saving_counters": "/sys/kernel/mm/ksm pages_sharing + ksm_zero_pages (deltas);"
+    " also general_profit, MemFree, KPF_KSM frames in the census",
+    "ksmd_fraction": "counters (they agree with pagemap when nobody else uses KSM)",
+    "procksm_cpu": "rusage of the child from os.wait4 (ru_utime + ru_stime)",
+    "ksmd_cpu": "utime+stime of ksmd in /proc/PID/stat, at the first sample >= 100 %",
+    "procksm_times": "child wall time (100 %, if pagemap shows the ideal), first "
+    "sample >= 95 % of targets' RssAnon drop - pages of memfds procksm holds",
+    "ksmd_times": "first counter sample >= 95 % / 100 % after run=1 was written",
+    "pauses": "procksm's own JSON 'pauses'",
+}
 
 
 # --------------------------------------------------------------------------------------
-# Targets
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Truth sources
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Runs
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Statistics and report
+# Statistics and goals
 # --------------------------------------------------------------------------------------
 
 
@@ -148,16 +136,8 @@ def _pause_getter(field: str, key: str) -> Callable[[Json], float | None]:
     return lambda r: r[field].get(key)
 
 
-def fmt(v: float | None, spec: str = ".2f", unit: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{unit}"
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
-
-
-def goal(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "MISSED")
 
 
 def evaluate(meds: Json, w: Planted) -> Json:
@@ -199,12 +179,13 @@ def evaluate(meds: Json, w: Planted) -> Json:
     return goals
 
 
-def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _print_header(machine: str, w: Planted, a: argparse.Namespace) -> None:
     ideal = w.ideal_pages
-    p = meds.get("procksm", {})
-    k = meds.get("ksmd_max", {})
-    d = meds.get("ksmd_defaults")
-    busy = meds.get("procksm_busy")
     print(f"\nmachine   {machine}")
     print(
         f"workload  {w.targets} targets x ({w.identical / MIB_PAGES:.0f} MiB identical + "
@@ -217,6 +198,11 @@ def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.
     )
     print(f"medians of {a.reps} reps; ksmd with use_zero_pages={a.use_zero_pages}\n")
 
+
+def _print_table(w: Planted, meds: Json, a: argparse.Namespace) -> None:
+    """procksm, ksmd max (and ksmd defaults), with the ratios to procksm."""
+    p, k, d = meds.get("procksm", {}), meds.get("ksmd_max", {}), meds.get("ksmd_defaults")
+    dd: Json = d or {}
     cols = ["procksm", "ksmd max", "ksmd/procksm"]
     if d is not None:
         cols += ["ksmd defaults", "defaults/procksm"]
@@ -228,12 +214,12 @@ def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.
             cells += [fmt(dv, spec), fmt(ratio(dv, pv), ".2f", "x")]
         print(f"{label:34}" + "".join(f"{c:>17}" for c in cells))
 
-    dd: Json = d or {}
     row("time to 95 % (s)", p.get("t95_s"), k.get("t95_s"), dd.get("t95_s"), ".2f")
     row("time to 100 % (s)", p.get("t100_s"), k.get("t100_s"), dd.get("t100_s"), ".2f")
     row("CPU s (rusage / ksmd stat)", p.get("cpu_s"), k.get("cpu_s"), dd.get("cpu_s"), ".2f")
     pr, kr, dr = (
-        None if s.get("t100_s") is None else ideal / MIB_PAGES / s["t100_s"] for s in (p, k, dd)
+        None if s.get("t100_s") is None else w.ideal_pages / MIB_PAGES / s["t100_s"]
+        for s in (p, k, dd)
     )
     row("saving rate to 100 % (MiB/s)", pr, kr, dr, ".0f")
     pf, kf, df = (None if s.get("fraction") is None else 100 * s["fraction"] for s in (p, k, dd))
@@ -248,16 +234,21 @@ def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.
             f"{dd['reps'] - dd.get('converged_in', 0)} of {dd['reps']} reps; reached "
             f"{fmt(100 * (dd.get('fraction') or 0), '.1f')} % (median)"
         )
-    if busy:
-        print(
-            f"\nprocksm with {a.busy_targets} of {w.targets} targets running "
-            f"{a.busy_threads + 1} threads ({a.busy_threads} spinning): wall "
-            f"{fmt(busy.get('wall_s'))} s, CPU {fmt(busy.get('cpu_s'))} s, saving "
-            f"{fmt(100 * (busy.get('fraction') or 0), '.2f')} %;\n  the busy targets' pauses "
-            f"p50/p99/max {fmt(busy.get('p50_ms'), '.3f')}/{fmt(busy.get('p99_ms'), '.3f')}/"
-            f"{fmt(busy.get('max_ms'), '.3f')} ms "
-            f"(worst max of {busy.get('reps')} reps {fmt(busy.get('worst_max_ms'), '.3f')})"
-        )
+
+
+def _print_busy(w: Planted, busy: Json, a: argparse.Namespace) -> None:
+    print(
+        f"\nprocksm with {a.busy_targets} of {w.targets} targets running "
+        f"{a.busy_threads + 1} threads ({a.busy_threads} spinning): wall "
+        f"{fmt(busy.get('wall_s'))} s, CPU {fmt(busy.get('cpu_s'))} s, saving "
+        f"{fmt(100 * (busy.get('fraction') or 0), '.2f')} %;\n  the busy targets' pauses "
+        f"p50/p99/max {fmt(busy.get('p50_ms'), '.3f')}/{fmt(busy.get('p99_ms'), '.3f')}/"
+        f"{fmt(busy.get('max_ms'), '.3f')} ms "
+        f"(worst max of {busy.get('reps')} reps {fmt(busy.get('worst_max_ms'), '.3f')})"
+    )
+
+
+def _print_sources() -> None:
     print("\nsources (procksm | ksmd):")
     print(
         "  time to 100 %   child wall time, if pagemap then shows the ideal | first 50-ms "
@@ -276,6 +267,10 @@ def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.
         "KSM counters"
     )
     print("  pauses          procksm's own JSON | - (ksmd stops no target)")
+
+
+def _print_cross_checks(meds: Json) -> None:
+    p, k = meds.get("procksm", {}), meds.get("ksmd_max", {})
     print("cross-checks:")
     if p:
         print(
@@ -295,9 +290,19 @@ def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.
     failed = {name: s["failed"] for name, s in meds.items() if s.get("failed")}
     if failed:
         print(f"  FAILED runs: {failed} (see the JSON file for the errors)")
+
+
+def print_report(machine: str, w: Planted, meds: Json, goals: Json, a: argparse.Namespace) -> None:
+    _print_header(machine, w, a)
+    _print_table(w, meds, a)
+    busy = meds.get("procksm_busy")
+    if busy:
+        _print_busy(w, busy, a)
+    _print_sources()
+    _print_cross_checks(meds)
     print("\ngoals:")
     for name, g in goals.items():
-        print(f"  {name:12} {goal(g['met']):7} {g['shown']:38} {g['goal']}")
+        print(f"  {name:12} {verdict(g['met']):7} {g['shown']:38} {g['goal']}")
 
 
 # --------------------------------------------------------------------------------------
@@ -330,17 +335,76 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", choices=("all", "procksm", "ksmd"), default="all")
     ap.add_argument(
         "--procksm",
-        default=str(ROOT / ".venv" / "bin" / "procksm"),
+        default=str(PROCKSM),
         help="the procksm executable (extra arguments for merge: --procksm-arg)",
     )
     ap.add_argument("--procksm-arg", action="append", default=[], help="passed to merge")
-    ap.add_argument(
-        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "merge_vs_ksm.json"
-    )
+    ap.add_argument("--output", type=Path, default=RESULTS / "merge_vs_ksm.json")
     a = ap.parse_args(argv)
     if a.reps < 1 or a.targets < 2:
         ap.error("--reps >= 1 and --targets >= 2")
     return a
+
+
+def variants_of(a: argparse.Namespace) -> list[str]:
+    variants: list[str] = []
+    if a.only in ("all", "procksm"):
+        variants.append("procksm")
+    if a.only in ("all", "ksmd"):
+        variants.append("ksmd_max")
+    if a.only in ("all", "procksm") and a.busy_threads > 0:
+        variants.append("procksm_busy")
+    if a.only in ("all", "ksmd") and a.ksm_defaults:
+        variants.append("ksmd_defaults")
+    return variants
+
+
+def run_variant(
+    v: str, w: Planted, exe: Path, ctl: KsmControl | None, a: argparse.Namespace
+) -> Json:
+    """One run on fresh targets; after a ksmd run, what is left is unmerged (stale stable
+    nodes too) and ksmd stopped, so that the next run starts from an empty, idle KSM."""
+    kind = "ksmd" if v.startswith("ksmd") else "procksm"
+    busy = a.busy_targets if v == "procksm_busy" else 0
+    try:
+        start = partial(w.start, exe, busy, a.busy_threads, mergeable=kind == "ksmd")
+        with fresh_targets(start) as targets:
+            if kind == "procksm":
+                return run_procksm([a.procksm, *a.procksm_arg], targets, w.ideal_pages, a.poll)
+            assert ctl is not None
+            fast = v == "ksmd_max"
+            return run_ksm(
+                ctl,
+                targets,
+                w.ideal_pages,
+                w.zero > 0,
+                pages_to_scan=100000 if fast else 100,
+                sleep_ms=0 if fast else 20,
+                use_zero_pages=a.use_zero_pages,
+                timeout_s=a.ksm_timeout if fast else a.ksm_defaults_timeout,
+                poll_s=a.poll,
+            )
+    finally:
+        if ctl and kind == "ksmd":
+            ctl.unmerge_all()
+            ctl.wait_idle()
+
+
+def run_reps(
+    w: Planted, exe: Path, ctl: KsmControl | None, variants: list[str], a: argparse.Namespace
+) -> list[Json]:
+    reps: list[Json] = []
+    with ksm_guarded(ctl):
+        for rep in range(a.reps):
+            # alternate which tool goes first, so neither always gets the cooler machine
+            order = variants if rep % 2 == 0 else swap_pairs(variants)
+            results: Json = {}
+            for v in order:
+                t0 = time.perf_counter()
+                results[v] = r = run_variant(v, w, exe, ctl, a)
+                print(_one_line(rep, v, r, time.perf_counter() - t0), flush=True)
+            reps.append(results)
+    return reps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -351,82 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = Planted(a.targets, a.identical, a.zero, a.unique, a.seed)
     exe = build_planted()
     machine = machine_line()
-    procksm_cmd = [a.procksm, *a.procksm_arg]
-    variants: list[str] = []
-    if a.only in ("all", "procksm"):
-        variants.append("procksm")
-    if a.only in ("all", "ksmd"):
-        variants.append("ksmd_max")
-    if a.only in ("all", "procksm") and a.busy_threads > 0:
-        variants.append("procksm_busy")
-    if a.only in ("all", "ksmd") and a.ksm_defaults:
-        variants.append("ksmd_defaults")
-
-    uses_ksm = any(v.startswith("ksmd") for v in variants)
-    ctl = ksmlib.KsmControl() if uses_ksm else None
-    ksm_found = ctl.found if ctl else None
-    targets: list[Target] = []
-    reps: list[Json] = []
-    touched_ksm = False
-    with interrupts_raise():
-        try:
-            if ctl:
-                ctl.check_unused()
-                touched_ksm = True
-                ctl.stop()
-                ctl.wait_idle()
-            for rep in range(a.reps):
-                # alternate which tool goes first, so neither always gets the cooler machine
-                order = variants if rep % 2 == 0 else swap_pairs(variants)
-                results: Json = {}
-                for v in order:
-                    t0 = time.perf_counter()
-                    kind = "ksmd" if v.startswith("ksmd") else "procksm"
-                    busy = a.busy_targets if v == "procksm_busy" else 0
-                    targets = start_targets(exe, w, busy, a.busy_threads, mergeable=kind == "ksmd")
-                    try:
-                        if v == "procksm" or v == "procksm_busy":
-                            r = run_procksm(procksm_cmd, targets, w.ideal_pages, a.poll)
-                        else:
-                            assert ctl is not None
-                            fast = v == "ksmd_max"
-                            r = run_ksm(
-                                ctl,
-                                targets,
-                                w.ideal_pages,
-                                w.zero > 0,
-                                pages_to_scan=100000 if fast else 100,
-                                sleep_ms=0 if fast else 20,
-                                use_zero_pages=a.use_zero_pages,
-                                timeout_s=a.ksm_timeout if fast else a.ksm_defaults_timeout,
-                                poll_s=a.poll,
-                            )
-                    finally:
-                        stop_targets(targets)
-                        targets = []
-                        if ctl and kind == "ksmd":
-                            # drop what is left (stale stable nodes) and stop, so that the
-                            # next run starts from an empty, idle KSM
-                            ctl.unmerge_all()
-                            ctl.wait_idle()
-                    results[v] = r
-                    print(_one_line(rep, v, r, time.perf_counter() - t0), flush=True)
-                reps.append(results)
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if ChildTracker.pid is not None:
-                with suppress(ProcessLookupError):
-                    os.kill(ChildTracker.pid, signal.SIGKILL)
-            stop_targets(targets)
-            if ctl and touched_ksm:
-                try:
-                    ctl.unmerge_all()
-                finally:
-                    ctl.restore()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
+    variants = variants_of(a)
+    ctl = KsmControl() if any(v.startswith("ksmd") for v in variants) else None
+    reps = run_reps(w, exe, ctl, variants, a)
     meds = {
         v: summarize(
             [r[v] for r in reps],
@@ -443,22 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ideal_saved_pages": w.ideal_pages,
         "ideal_formula": "targets*(identical+zero+unique) - (identical + targets*unique)",
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "ksm_settings_found": ksm_found,
-        "truth_sources": {
-            "saving_reached": "pagemap: planted pages - distinct PFNs over the planted ranges "
-            "(zero page excluded via kpageflags), both tools",
-            "procksm_saving_meminfo": "/proc/meminfo (AnonPages drop - Shmem growth), "
-            "machine-wide: other processes' allocations show in it",
-            "ksmd_saving_counters": "/sys/kernel/mm/ksm pages_sharing + ksm_zero_pages (deltas);"
-            " also general_profit, MemFree, KPF_KSM frames in the census",
-            "ksmd_fraction": "counters (they agree with pagemap when nobody else uses KSM)",
-            "procksm_cpu": "rusage of the child from os.wait4 (ru_utime + ru_stime)",
-            "ksmd_cpu": "utime+stime of ksmd in /proc/PID/stat, at the first sample >= 100 %",
-            "procksm_times": "child wall time (100 %, if pagemap shows the ideal), first "
-            "sample >= 95 % of targets' RssAnon drop - pages of memfds procksm holds",
-            "ksmd_times": "first counter sample >= 95 % / 100 % after run=1 was written",
-            "pauses": "procksm's own JSON 'pauses'",
-        },
+        "ksm_settings_found": ctl.found if ctl else None,
+        "truth_sources": TRUTH_SOURCES,
         "medians": meds,
         "goals": goals,
         "reps": reps,

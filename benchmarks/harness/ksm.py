@@ -1,4 +1,5 @@
 """The kernel's KSM, driven and measured from a benchmark: /sys/kernel/mm/ksm and ksmd.
+The benchmarks talk to it only through this module.
 
 KSM settings are machine-wide. :class:`KsmControl` remembers the values it found before
 writing any, and ``restore()`` puts them back (the caller runs it on every exit path).
@@ -13,8 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.harness.truth import parent_pid, read_thread_cpu
+
 KSM_DIR = Path("/sys/kernel/mm/ksm")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # The settings this benchmark writes, in the order they are restored: tunables first and
 # `run` last, so that a restored run=1 never scans with the benchmark's speed settings.
@@ -88,31 +90,12 @@ def find_ksmd() -> int:
             continue
         try:
             comm = Path(f"/proc/{entry}/comm").read_text().strip()
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = parent_pid(int(entry))
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if comm == "ksmd" and ppid == 2:
             return int(entry)
     raise KsmError("no ksmd kernel thread found (kernel built without CONFIG_KSM?)")
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadCpu:
-    """CPU time of one task: utime+stime of /proc/PID/stat, and schedstat's runtime."""
-
-    stat_s: float  # utime + stime (clock ticks / SC_CLK_TCK): what top and ps show
-    runtime_s: float  # /proc/PID/schedstat field 1, nanoseconds on the CPU: finer grained
-    state: str  # R, S, D, ...
-
-
-def read_thread_cpu(pid: int) -> ThreadCpu:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15 of proc(5)
-    utime, stime = int(fields[11]), int(fields[12])
-    runtime_ns = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
-    return ThreadCpu((utime + stime) / CLOCK_TICKS, runtime_ns / 1e9, fields[0])
 
 
 class KsmControl:

@@ -1,0 +1,1 @@
+"""procksm's benchmarks: the ``harness`` package and the scripts over it (README.md)."""

@@ -1,0 +1,340 @@
+"""Truth sources: what the benchmarks' numbers are read from.
+
+- pagemap and kpageflags: ``census`` (distinct frames behind the targets' regions) and
+  ``content_ideal`` (the ideal saving of real programs, from their memory);
+- /proc/meminfo (machine-wide), the targets' RssAnon and procksm's memfd pages
+  (per process: what other processes on the machine cannot disturb);
+- CPU time and memory of a process tree, copy-on-write faults of a thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness.common import Json
+from benchmarks.harness.targets import Target
+from procksm import PAGE_SIZE
+from procksm.procfs import (
+    KPF_KSM,
+    KPF_ZERO_PAGE,
+    PM_FILE,
+    KPageFiles,
+    PagemapFile,
+    pfns_of,
+)
+
+REGIONS = ("identical", "zero", "unique")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------------
+# Memory counters
+# --------------------------------------------------------------------------------------
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in pages."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            fields = rest.split()
+            if len(fields) == 2 and fields[1] == "kB":
+                out[name] = int(fields[0]) * 1024 // PAGE_SIZE
+    return out
+
+
+def meminfo_saving(before: dict[str, int], now: dict[str, int]) -> int:
+    """Pages procksm saved: anon pages gone, minus the shared (memfd) pages replacing them."""
+    return (before["AnonPages"] - now["AnonPages"]) - (now["Shmem"] - before["Shmem"])
+
+
+def proc_status(pid: int, field_name: str) -> int:
+    """A kB line of /proc/PID/status, in bytes (0 if gone)."""
+    with suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_anon_pages(pid: int) -> int:
+    return proc_status(pid, "RssAnon") // PAGE_SIZE
+
+
+def _add_open_memfds(pid: int, blocks: dict[int, int]) -> None:
+    """st_blocks of each memfd a process holds open, into ``blocks`` by inode (once each)."""
+    with suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            path = f"/proc/{pid}/fd/{fd}"
+            with suppress(OSError):
+                if os.readlink(path).startswith("/memfd:"):
+                    st = os.stat(path)
+                    blocks.setdefault(st.st_ino, st.st_blocks)
+
+
+def memfd_pages(pid: int) -> int:
+    """Pages allocated in the memfds a process holds open (st_blocks of each, once per inode).
+
+    procksm keeps its sealed segments open until it exits; with the targets' RssAnon this
+    gives a per-process saving that other processes on the machine cannot disturb.
+    """
+    blocks: dict[int, int] = {}
+    _add_open_memfds(pid, blocks)
+    return sum(blocks.values()) * 512 // PAGE_SIZE
+
+
+def shared_memfd_pages(targets: Sequence[Target], tool_pids: Sequence[int]) -> int:
+    """Pages of procksm's memfd segments: those mapped in the targets (maps, map_files)
+    and those the tool holds open, each inode once. The daemon does not keep its
+    segments open as `procksm merge` does, so its own fds alone would miss them."""
+    blocks: dict[int, int] = {}
+    for t in targets:
+        with suppress(OSError), open(f"/proc/{t.pid}/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or not parts[5].startswith("/memfd:procksm-seg"):
+                    continue
+                ino = int(parts[4])
+                if ino not in blocks:
+                    with suppress(OSError):
+                        st = os.stat(f"/proc/{t.pid}/map_files/{parts[0]}")
+                        blocks[ino] = st.st_blocks
+    for tool_pid in tool_pids:
+        _add_open_memfds(tool_pid, blocks)
+    return sum(blocks.values()) * 512 // PAGE_SIZE
+
+
+# --------------------------------------------------------------------------------------
+# pagemap
+# --------------------------------------------------------------------------------------
+
+
+def _region_census(kpf: KPageFiles, pfns: np.ndarray) -> tuple[Json, np.ndarray]:
+    """One region's PFNs (all targets): its counts, and the frames it costs (the zero page
+    and non-present pages cost none)."""
+    present = pfns[pfns != 0]
+    flags = kpf.read_flags(present)
+    is_zero = (flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) != 0
+    is_ksm = (flags >> np.uint64(KPF_KSM)) & np.uint64(1) != 0
+    frames = present[~is_zero]
+    counts = {
+        "pages": len(pfns),
+        "not_present": len(pfns) - len(present),
+        "zero_page_ptes": int(np.count_nonzero(is_zero)),
+        "distinct_frames": int(np.unique(frames).size),
+        "ksm_ptes": int(np.count_nonzero(is_ksm)),
+        "ksm_frames": int(np.unique(present[is_ksm]).size),
+    }
+    return counts, frames
+
+
+def census(targets: Sequence[Target]) -> Json:
+    """Frames behind the planted ranges, from pagemap and kpageflags (root only).
+
+    saved_pages = planted pages - distinct frames mapped there, not counting the kernel's
+    zero page: a page that is not present (dropped) or maps the zero page costs no frame.
+    """
+    per_region: Json = {}
+    all_frames = []
+    file_ptes = 0
+    with KPageFiles() as kpf:
+        region_pfns: dict[str, list[np.ndarray]] = {r: [] for r in REGIONS}
+        for t in targets:
+            with PagemapFile(t.pid) as pm:
+                for r, (start, n) in t.regions.items():
+                    entries = pm.read(start, start + n * PAGE_SIZE)
+                    file_ptes += int(np.count_nonzero(entries & PM_FILE))
+                    region_pfns.setdefault(r, []).append(pfns_of(entries))
+        planted = 0
+        for r, chunks in region_pfns.items():
+            if not chunks:
+                continue
+            pfns = np.concatenate(chunks)
+            planted += len(pfns)
+            per_region[r], frames = _region_census(kpf, pfns)
+            all_frames.append(frames)
+    frames = np.unique(np.concatenate(all_frames)) if all_frames else np.zeros(0, np.uint64)
+    ksm_frames = sum(v["ksm_frames"] for v in per_region.values())
+    return {
+        "planted_pages": planted,
+        "distinct_frames": int(frames.size),
+        "saved_pages": planted - int(frames.size),
+        "file_backed_ptes": file_ptes,
+        "ksm_frames": ksm_frames,
+        "regions": per_region,
+    }
+
+
+def region_saved(census: Json, names: Sequence[str]) -> int:
+    """Pages saved in the named regions of a census: pages - distinct frames."""
+    regions = census.get("regions", {})
+    return sum(regions[r]["pages"] - regions[r]["distinct_frames"] for r in names if r in regions)
+
+
+class _ContentTally:
+    """Present pages, their PFNs and content hashes, gathered over the targets' regions."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(20261126)
+        self.mults = rng.integers(1, 2**63, size=(512, 2), dtype=np.uint64) | np.uint64(1)
+        self.pfn_chunks: list[np.ndarray] = []
+        self.key_chunks: list[np.ndarray] = []
+        self.zero_pages = 0
+
+    def add_region(self, pm: PagemapFile, mem_fd: int, start: int, n: int) -> None:
+        """Runs of present pages, read in pieces of at most 4 MiB."""
+        pfns = pfns_of(pm.read(start, start + n * PAGE_SIZE))
+        idx = np.flatnonzero(pfns)
+        if idx.size == 0:
+            return
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, breaks):
+            for lo in range(0, run.size, 1024):
+                part = run[lo : lo + 1024]
+                try:
+                    addr = start + int(part[0]) * PAGE_SIZE
+                    data = os.pread(mem_fd, part.size * PAGE_SIZE, addr)
+                except OSError:
+                    continue
+                if len(data) != part.size * PAGE_SIZE:
+                    continue
+                self._add_pages(pfns[part], data, part.size)
+
+    def _add_pages(self, pfns: np.ndarray, data: bytes, count: int) -> None:
+        words = np.frombuffer(data, dtype=np.uint64).reshape(count, 512)
+        nonzero = words.any(axis=1)
+        self.zero_pages += int(np.count_nonzero(~nonzero))
+        self.key_chunks.append(words[nonzero] @ self.mults)  # wraps mod 2**64: multilinear
+        self.pfn_chunks.append(pfns)
+
+
+def content_ideal(targets: Sequence[Target]) -> Json:
+    """The ideal saving of real programs, measured here from their memory, not by either
+    tool: over the regions (private anonymous VMAs at start) of all targets, distinct
+    frames - distinct non-zero contents. Present pages only (pagemap), read through
+    /proc/PID/mem; contents compared by two independent 64-bit multilinear hashes."""
+    tally = _ContentTally()
+    for t in targets:
+        with PagemapFile(t.pid) as pm, open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
+            for start, n in t.regions.values():
+                tally.add_region(pm, mem.fileno(), start, n)
+    pfn_chunks, key_chunks = tally.pfn_chunks, tally.key_chunks
+    all_pfns = np.concatenate(pfn_chunks) if pfn_chunks else np.zeros(0, np.uint64)
+    with KPageFiles() as kpf:
+        flags = kpf.read_flags(all_pfns) if all_pfns.size else np.zeros(0, np.uint64)
+    not_zero_page = (flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) == 0
+    frames = int(np.unique(all_pfns[not_zero_page]).size)
+    keys = np.concatenate(key_chunks) if key_chunks else np.zeros((0, 2), np.uint64)
+    contents = int(np.unique(keys, axis=0).shape[0])
+    return {
+        "present_pages": int(all_pfns.size),
+        "distinct_frames": frames,
+        "distinct_nonzero_contents": contents,
+        "zero_content_pages": tally.zero_pages,
+        "ideal_pages": max(0, frames - contents),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Processes: CPU time, process trees, faults
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadCpu:
+    """CPU time of one task: utime+stime of /proc/PID/stat, and schedstat's runtime."""
+
+    stat_s: float  # utime + stime (clock ticks / SC_CLK_TCK): what top and ps show
+    runtime_s: float  # /proc/PID/schedstat field 1, nanoseconds on the CPU: finer grained
+    state: str  # R, S, D, ...
+
+
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/.../stat file after the command name: [0] is field 3 (state)."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def read_thread_cpu(pid: int) -> ThreadCpu:
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    # utime and stime are fields 14 and 15 of proc(5)
+    utime, stime = int(fields[11]), int(fields[12])
+    runtime_ns = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    return ThreadCpu((utime + stime) / CLOCK_TICKS, runtime_ns / 1e9, fields[0])
+
+
+def parent_pid(pid: int) -> int:
+    return int(_stat_fields(f"/proc/{pid}/stat")[1])
+
+
+def exited(pid: int) -> bool:
+    """Gone or a zombie; unlike Popen.poll this does not reap it (wait4 then gives rusage)."""
+    try:
+        return _stat_fields(f"/proc/{pid}/stat")[0] == "Z"
+    except OSError:
+        return True
+
+
+def _is_guard(pid: int) -> bool:
+    try:
+        return b"procksm.guardd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (procksm attach forks a worker that does the work), but
+    not the madvise guard processes a merge may start: they serve every procksm and
+    outlive the daemon by design (docs/design.md §9), so they are neither its cost nor
+    something to wait for when it stops (waiting for them cost 120 s per daemon run)."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        p = out[i]
+        i += 1
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with suppress(OSError):
+                    kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+                    out += [int(c) for c in kids if not _is_guard(int(c))]
+    return out
+
+
+def tree_cpu(pids: Sequence[int]) -> float:
+    """utime+stime of the live processes (each /proc/PID/stat covers all its threads)."""
+    total = 0.0
+    for p in pids:
+        with suppress(OSError):
+            total += read_thread_cpu(p).stat_s
+    return total
+
+
+def minflt(pid: int, tid: int) -> int:
+    """Minor faults of one thread (field 10 of proc(5)), 0 if gone."""
+    with suppress(OSError):
+        return int(_stat_fields(f"/proc/{pid}/task/{tid}/stat")[7])
+    return 0
+
+
+def churn_threads(targets: Sequence[Target]) -> list[tuple[int, int]]:
+    """(pid, tid) of each planted target's churn writer: its only thread besides main."""
+    out = []
+    for t in targets:
+        tids = [int(x) for x in os.listdir(f"/proc/{t.pid}/task") if int(x) != t.pid]
+        out += [(t.pid, tid) for tid in tids]
+    return out
+
+
+def ksm_stat(pid: int) -> dict[str, str]:
+    """/proc/PID/ksm_stat as a dict ({} if unreadable)."""
+    with suppress(OSError):
+        return dict(
+            line.split(None, 1) for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+        )
+    return {}
