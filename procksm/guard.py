@@ -76,14 +76,13 @@ from procksm.arch.x86_64 import (
     SYS_seccomp,
 )
 from procksm.errors import NoSuchProcess, ProcksmError
-from procksm.guardd import (
+from procksm.guardd.calls import (
     GUARDED_ADVICE,
     Notification,
-    guard_argv,
-    guard_env,
     guarded_range,
     mremap_may_keep_merged,
 )
+from procksm.guardd.launch import guard_argv, guard_env
 from procksm.locks import lock_dir
 
 if TYPE_CHECKING:
@@ -258,8 +257,8 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     )  # fmt: skip
     # From seccomp() on, the listener is in the target's fd table only: if this process
     # dies before the guard holds a copy, the target's guarded calls wait for ever. The
-    # guard is told first and watches this connection (procksm.guardd: Guard._expect);
-    # a guard of an older procksm (None) gets its copy from merge.py afterwards.
+    # guard is told first and watches this connection (procksm.guardd.intake); a guard
+    # of an older procksm (None) gets its copy from merge.py afterwards.
     client = GuardClient()
     conn = client.expect(st.pid)
     try:
