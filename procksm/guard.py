@@ -106,6 +106,9 @@ class GuardError(ProcksmError):
 # --- the filter (pure) -----------------------------------------------------------------
 
 _LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+# A filter being written: instructions (code, jt, jf, k) whose jumps are offsets or the
+# names of labels, and the labels (strings) themselves
+_Program = list[tuple[int, str | int, str | int, int] | str]
 
 
 def build_filter(exempt_ip: int | None = None) -> bytes:
@@ -114,8 +117,7 @@ def build_filter(exempt_ip: int | None = None) -> bytes:
     ``exempt_ip``: the address right after procksm's injection instruction; calls from
     there are procksm's own and pass without a notification.
     """
-    # (code, jt-label, jf-label, k); labels resolved to relative jumps below
-    prog: list[tuple[int, str | int, str | int, int] | str] = []
+    prog: _Program = []  # labels resolved to relative jumps by _assemble
 
     def ld(off: int) -> None:
         prog.append((_LD_W_ABS, 0, 0, off))
@@ -150,7 +152,11 @@ def build_filter(exempt_ip: int | None = None) -> bytes:
     prog.append((_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     prog.append("notify")
     prog.append((_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
+    return _assemble(prog)
 
+
+def _assemble(prog: _Program) -> bytes:
+    """The struct sock_filter[] of ``prog``, its labels resolved to relative jumps."""
     labels: dict[str, int] = {}
     n = 0
     for item in prog:
