@@ -76,14 +76,13 @@ from procksm.arch.x86_64 import (
     SYS_seccomp,
 )
 from procksm.errors import NoSuchProcess, ProcksmError
-from procksm.guardd import (
+from procksm.guardd.calls import (
     GUARDED_ADVICE,
     Notification,
-    guard_argv,
-    guard_env,
     guarded_range,
     mremap_may_keep_merged,
 )
+from procksm.guardd.launch import guard_argv, guard_env
 from procksm.locks import lock_dir
 
 if TYPE_CHECKING:
@@ -107,6 +106,9 @@ class GuardError(ProcksmError):
 # --- the filter (pure) -----------------------------------------------------------------
 
 _LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+# A filter being written: instructions (code, jt, jf, k) whose jumps are offsets or the
+# names of labels, and the labels (strings) themselves
+_Program = list[tuple[int, str | int, str | int, int] | str]
 
 
 def build_filter(exempt_ip: int | None = None) -> bytes:
@@ -115,8 +117,7 @@ def build_filter(exempt_ip: int | None = None) -> bytes:
     ``exempt_ip``: the address right after procksm's injection instruction; calls from
     there are procksm's own and pass without a notification.
     """
-    # (code, jt-label, jf-label, k); labels resolved to relative jumps below
-    prog: list[tuple[int, str | int, str | int, int] | str] = []
+    prog: _Program = []  # labels resolved to relative jumps by _assemble
 
     def ld(off: int) -> None:
         prog.append((_LD_W_ABS, 0, 0, off))
@@ -151,7 +152,11 @@ def build_filter(exempt_ip: int | None = None) -> bytes:
     prog.append((_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     prog.append("notify")
     prog.append((_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
+    return _assemble(prog)
 
+
+def _assemble(prog: _Program) -> bytes:
+    """The struct sock_filter[] of ``prog``, its labels resolved to relative jumps."""
     labels: dict[str, int] = {}
     n = 0
     for item in prog:
@@ -258,8 +263,8 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     )  # fmt: skip
     # From seccomp() on, the listener is in the target's fd table only: if this process
     # dies before the guard holds a copy, the target's guarded calls wait for ever. The
-    # guard is told first and watches this connection (procksm.guardd: Guard._expect);
-    # a guard of an older procksm (None) gets its copy from merge.py afterwards.
+    # guard is told first and watches this connection (procksm.guardd.intake); a guard
+    # of an older procksm (None) gets its copy from merge.py afterwards.
     client = GuardClient()
     conn = client.expect(st.pid)
     try:

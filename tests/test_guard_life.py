@@ -40,8 +40,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from procksm import PAGE_SIZE, guardd, procfs
+from procksm import PAGE_SIZE, procfs
+from procksm.arch.x86_64 import AUDIT_ARCH_X86_64
 from procksm.guard import GuardClient
+from procksm.guardd import calls, launch, wire
+from procksm.guardd import guard as guardd_guard
+from procksm.guardd import maps as guardd_maps
 from procksm.merge import MergeEngine, MergeOptions
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.slots import SEGMENT_NAME_PREFIX
@@ -137,18 +141,24 @@ def private_kib(pid: int) -> int:
 
 
 def test_the_guard_knows_procksm_segments_and_hands_its_state_over() -> None:
-    assert guardd.SEGMENT_NAME_PREFIX == SEGMENT_NAME_PREFIX
-    g = guardd.Guard("/nonexistent/guard.sock", 10.0)
-    g.srv = __import__("socket").socket()
+    assert SEGMENT_NAME_PREFIX == guardd_maps.SEGMENT_NAME_PREFIX
+    g = guardd_guard.Guard("/nonexistent/guard.sock", 10.0)
+    g.endpoint.srv = __import__("socket").socket()
     try:
-        g.targets = {7: guardd._Target("123-456", 7, 0x7FFF0002)}
-        doc, targets = guardd.parse_state(g._state("standby", 3, 9, 4242, 11))
+        g.targets = {7: guardd_guard.Target("123-456", 7, 0x7FFF0002)}
+        state = g.state("standby", 3, 9, 4242, 11)
+        doc, targets = launch.parse_state(state)
     finally:
-        g.srv.close()
+        g.endpoint.srv.close()
+    # the words guards of other versions read (an older active guard spawns a newer one)
+    assert state.startswith("role=standby gen=3 lock=-1 srv=")
+    assert state.endswith(
+        " link=9 peer_pid=4242 peer_pidfd=11 handled=0 unmerged=0 t=7,123-456,2147418114"
+    )
     assert targets == [(7, "123-456", 0x7FFF0002)]
     assert doc["role"] == 0 and doc["gen"] == 3 and doc["link"] == 9
     assert doc["peer_pid"] == 4242 and doc["peer_pidfd"] == 11
-    assert guardd.to_json({"a": [1, None, 'x"'], "b": True}) == (
+    assert wire.to_json({"a": [1, None, 'x"'], "b": True}) == (
         '{"a": [1, null, "x\\u0022"], "b": true}'
     )
 
@@ -163,15 +173,13 @@ def test_the_guard_answers_procksm_own_injected_calls_at_once() -> None:
     ip = ctypes.addressof(code) + 8  # after the syscall instruction
     args = (0, 0, 4, 0, 0, 0)
     tid = os.getpid()
-    assert guardd.injected_by_procksm(
-        guardd.Notification(1, tid, 28, guardd.AUDIT_ARCH_X86_64, ip, args)
-    )
+    assert calls.injected_by_procksm(calls.Notification(1, tid, 28, AUDIT_ARCH_X86_64, ip, args))
     # the wrapper of the call itself (getpid's wrapper making getpid): the program's own
-    assert not guardd.injected_by_procksm(
-        guardd.Notification(1, tid, 39, guardd.AUDIT_ARCH_X86_64, ip, args)
+    assert not calls.injected_by_procksm(
+        calls.Notification(1, tid, 39, AUDIT_ARCH_X86_64, ip, args)
     )
-    assert not guardd.injected_by_procksm(
-        guardd.Notification(1, tid, 28, guardd.AUDIT_ARCH_X86_64, ip - 1, args)
+    assert not calls.injected_by_procksm(
+        calls.Notification(1, tid, 28, AUDIT_ARCH_X86_64, ip - 1, args)
     )
 
 

@@ -28,8 +28,9 @@ import json
 import os
 import sys
 
-from procksm import guard, guardd
+from procksm import guard
 from procksm.errors import UsageError
+from procksm.guardd.launch import guard_argv, guard_env
 
 
 class GuardCommand:
@@ -94,6 +95,6 @@ class GuardCommand:
                     print(f"  pid {key.split('-')[0]} (started at tick {key.split('-')[1]})")
             return 0
         # In the foreground: become the lean guard (no numpy, no CLI) in place.
-        argv = [*guardd.guard_argv(), "--socket", client.path, "--idle-exit", str(args.idle_exit)]
+        argv = [*guard_argv(), "--socket", client.path, "--idle-exit", str(args.idle_exit)]
         sys.stdout.flush()
-        os.execve(argv[0], argv, guardd.guard_env())
+        os.execve(argv[0], argv, guard_env())
