@@ -138,7 +138,7 @@ class Target:
             stderr=None,
             text=True,
             env=env,
-            **popen,  # type: ignore[arg-type]
+            **popen,  # type: ignore[arg-type,call-overload]
         )
         self.pid = self.proc.pid
         self.info: dict[str, str] = {}
