@@ -212,23 +212,51 @@ def check_attachable(pid: int) -> AttachStatus:
         raise NoSuchProcess(pid)
     if pid == os.getpid():
         raise Unsupported(f"pid {pid} is procksm itself; it cannot attach to itself")
+    status, stat, proc_owner = _read_proc(pid)
+    name = status.get("Name", "?")
+    state = status.get("State", "?")[:1]
+    _refuse_unattachable(pid, name, state, status, stat)
+    other = _other_namespaces(pid)
+    _refuse_unpermitted(pid, name, status, proc_owner, other)
+    nspid = _ids(status.get("NSpid", str(pid)))
+    seccomp = int(status.get("Seccomp", "0"))
+    return AttachStatus(
+        pid=pid,
+        name=name,
+        state=state,
+        uid=_ids(status.get("Uid", "0 0 0 0"))[0],
+        threads=int(status.get("Threads", "1")),
+        nspid=nspid,
+        other_namespaces=tuple(other),
+        seccomp=seccomp,
+        start_time=int(stat[19]),
+        notes=_notes(state, nspid, other, seccomp),
+    )
+
+
+def _read_proc(pid: int) -> tuple[dict[str, str], list[str], int]:
+    """/proc/PID/status fields, /proc/PID/stat fields, and the owner of /proc/PID."""
     try:
-        status = _read_status(pid)
-        stat = read_stat_fields(pid)
-        proc_owner = procfs.owner_uid(pid)
+        return _read_status(pid), read_stat_fields(pid), procfs.owner_uid(pid)
     except NoSuchProcess:
         raise NoSuchProcess(pid) from None
     except AccessDenied:
         raise AccessDenied(
             pid, f"cannot read /proc/{pid} (is /proc mounted with hidepid=?): run as root"
         ) from None
-    name = status.get("Name", "?")
+
+
+def _refuse_unattachable(
+    pid: int, name: str, state: str, status: dict[str, str], stat: list[str]
+) -> None:
+    """Raise if `pid` is no process procksm can attach to, whoever asks: a thread (of
+    procksm's own, or of another process), a process gone, a kernel thread, a zombie,
+    one traced already, one with a user shadow stack."""
     tgid = int(status.get("Tgid", pid))
     if tgid == os.getpid():
         raise Unsupported(f"pid {pid} is a thread of procksm itself; it cannot attach to itself")
     if tgid != pid:
         raise UsageError(f"pid {pid} is a thread of process {tgid} ({name}); give pid {tgid}")
-    state = status.get("State", "?")[:1]
     if state == "X":
         raise NoSuchProcess(pid)
     if int(stat[6]) & PF_KTHREAD:
@@ -246,10 +274,14 @@ def check_attachable(pid: int) -> AttachStatus:
             "procksm's injected calls return with `ret`, which it would refuse"
         )
 
+
+def _refuse_unpermitted(
+    pid: int, name: str, status: dict[str, str], proc_owner: int, other: list[str]
+) -> None:
+    """Raise AccessDenied if Yama or the kernel's ptrace access check would refuse."""
     uids, gids = _ids(status.get("Uid", "0 0 0 0")), _ids(status.get("Gid", "0 0 0 0"))
     my_cap_eff, my_cap_prm = _own_capabilities()
     has_cap = bool(my_cap_eff >> CAP_SYS_PTRACE & 1)
-    other = _other_namespaces(pid)
     yama = yama_denial(_yama_scope(), has_cap, _is_descendant(pid, os.getpid()))
     if yama:
         raise AccessDenied(pid, f"not permitted to trace pid {pid} ({name}): {yama}")
@@ -270,8 +302,10 @@ def check_attachable(pid: int) -> AttachStatus:
     if denial:
         raise AccessDenied(pid, denial)
 
+
+def _notes(state: str, nspid: tuple[int, ...], other: list[str], seccomp: int) -> tuple[str, ...]:
+    """What is worth saying about an attachable target."""
     notes = []
-    nspid = _ids(status.get("NSpid", str(pid)))
     if "pid" in other:
         notes.append(
             f"in another PID namespace (pid {nspid[-1]} there); ptrace and process_vm_readv "
@@ -283,21 +317,9 @@ def check_attachable(pid: int) -> AttachStatus:
         notes.append("in another user namespace")
     if state == "T":
         notes.append("stopped by job control (SIGSTOP/SIGTSTP): procksm keeps it stopped")
-    seccomp = int(status.get("Seccomp", "0"))
     if seccomp:
         notes.append("has a seccomp filter: injected system calls pass through it")
-    return AttachStatus(
-        pid=pid,
-        name=name,
-        state=state,
-        uid=uids[0],
-        threads=int(status.get("Threads", "1")),
-        nspid=nspid,
-        other_namespaces=tuple(other),
-        seccomp=seccomp,
-        start_time=int(stat[19]),
-        notes=tuple(notes),
-    )
+    return tuple(notes)
 
 
 def _traced_message(pid: int, name: str, tracer: int) -> str:

@@ -4,8 +4,9 @@ What is x86_64's (the register structure, system call numbers, instruction patte
 comes from :mod:`procksm.arch.x86_64`.
 
 Everything here is mechanism; the policy (which threads, in which order, what to do
-with each kind of stop) lives in :mod:`procksm.attach`. The functions raise
-:class:`OSError` with the errno; ``attach`` translates them into procksm errors.
+with each kind of stop) lives in :mod:`procksm.attach` and the parts it names. The
+functions raise :class:`OSError` with the errno; those translate them into procksm
+errors.
 
 python-ptrace (``ptrace.binding``) has the same calls, but it raises its own error type
 (the ptrace boundary here decides on ``OSError.errno``), attaches main threads only and

@@ -3,19 +3,21 @@
 A killed procksm leaves the target safe (docs/kill-safety.md), but possibly with its
 scratch area mapped (``/memfd:procksm-scratch``) or an fd of a memfd of its open. Any
 later procksm recognises them by name and removes them before it merges or unmerges
-(``StoppedTarget._remove_leftovers`` does it in the first window of a session).
+(``procksm.scratch.remove_leftovers_in_window`` does it in the first window of a
+session).
 """
 
 from __future__ import annotations
 
 from procksm import procfs
-from procksm.attach import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH, PtraceSession
+from procksm.attach import PtraceSession
 from procksm.errors import ProcksmError
+from procksm.scratch_layout import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH
 
 
 def has_leftovers(pid: int) -> bool:
     """Whether a procksm that died left something in `pid` (see
-    StoppedTarget._remove_leftovers): its scratch area, or a memfd fd of its."""
+    procksm.scratch.remove_leftovers_in_window): its scratch area, or a memfd fd of its."""
     try:
         if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
             return True

@@ -714,7 +714,7 @@ def test_permission_messages() -> None:
 
 
 def test_epoll_rewrite_only_for_infinite_timeouts() -> None:
-    from procksm.attach import _interrupted_infinite_epoll
+    from procksm.thread_stop import _interrupted_infinite_epoll
 
     def regs(nr: int, rax: int, r10: int) -> Registers:
         r = Registers()

@@ -1,0 +1,47 @@
+"""The hidden test switch of tests/test_kill_steps.py: SIGKILL procksm right after the
+N-th step that changes a target (docs/kill-safety.md, "Proof").
+
+Steps are the points where a target's state changes: register, mask and memory writes,
+resumes, detaches. Each module that makes one calls :func:`step` right after it.
+
+* ``PROCKSM_TEST_KILL_AT_STEP=N``: SIGKILL this process after step N;
+* ``PROCKSM_TEST_STEP_LOG=FILE``: append each step's number, kind and thread to FILE;
+* ``PROCKSM_TEST_KILL_FILE=FILE``: the same as the first, N read from FILE at each step,
+  counted from the file's creation, and the file removed at the kill: for processes
+  started by others (the guard's unmerge helper) whose successor must not die too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_KILL_AT_STEP = int(os.environ.get("PROCKSM_TEST_KILL_AT_STEP") or 0)
+_STEP_LOG = os.environ.get("PROCKSM_TEST_STEP_LOG")
+_KILL_FILE = os.environ.get("PROCKSM_TEST_KILL_FILE")
+_steps = 0
+_file_steps: dict[float, int] = {}  # steps since the kill file (by its mtime) appeared
+
+
+def step(kind: str, tid: int = 0) -> None:
+    """A step of kind `kind` (e.g. "load", "detach") just changed thread `tid`."""
+    global _steps
+    if not (_KILL_AT_STEP or _STEP_LOG or _KILL_FILE):
+        return
+    _steps += 1
+    if _STEP_LOG:
+        with open(_STEP_LOG, "a") as log:
+            log.write(f"{_steps} {kind} {tid}\n")
+    if _steps == _KILL_AT_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _KILL_FILE:
+        try:
+            stamp = os.stat(_KILL_FILE).st_mtime
+            with open(_KILL_FILE) as f:
+                at = int(f.read() or 0)
+        except (OSError, ValueError):
+            return
+        _file_steps[stamp] = _file_steps.get(stamp, 0) + 1
+        if _file_steps[stamp] == at:
+            os.unlink(_KILL_FILE)
+            os.kill(os.getpid(), signal.SIGKILL)

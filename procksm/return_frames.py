@@ -1,0 +1,210 @@
+"""The way back of every injected call: frames of a thread's own state on its stack.
+
+Before a thread runs its first injected call of a window, procksm writes below its stack
+pointer, under the red zone (where the kernel puts a signal frame), an rt_sigframe of its
+own state: registers with the restart fix-up applied, XSAVE state, signal mask, rseq
+abort address (layouts: procksm.arch.x86_64). Injected calls run from a `syscall; ret`
+with rsp at that frame, so a thread released at any instant (procksm SIGKILLed) runs at
+most its call, `ret`s into the target's sigreturn trampoline and is back in its own
+state. Frames chain: a frame's registers may be another call (`syscall; ret`) whose
+`ret` leads to the next frame — the futex gate's wake-up and wait, a close() that undoes
+an fd (:meth:`ReturnFrames.undo_on_death`). docs/kill-safety.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Iterator
+
+from procksm import procfs
+from procksm.arch import x86_64
+from procksm.arch.x86_64 import Registers, SYS_futex, SYS_restart_syscall, unsigned
+from procksm.errors import PtraceError, Unsupported
+from procksm.inject import (
+    Gadgets,
+    get_rseq_area,
+    get_sigmask,
+    get_xstate,
+    read_memory,
+    set_regs,
+    set_sigmask,
+    write_memory,
+)
+from procksm.kill_steps import step
+from procksm.scratch_layout import (
+    FUTEX_OP_SET_1,
+    FUTEX_WAIT_PRIVATE,
+    FUTEX_WAKE_OP_PRIVATE,
+    GATE,
+    GATE_TIMEOUT,
+)
+from procksm.tracees import StoppedThreads, Tracee
+
+ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
+ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
+MAX_UNDO = 2  # undo frames a window may stack (ReturnFrames.undo_on_death)
+
+
+def _wake_call(gate: int) -> tuple[int, ...]:
+    """futex(gate, FUTEX_WAKE_OP, all, 0, gate, SET 1): open the gate, wake every waiter."""
+    return (SYS_futex, gate, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, gate, FUTEX_OP_SET_1)
+
+
+def _wait_call(gate: int) -> tuple[int, ...]:
+    """futex(gate, FUTEX_WAIT, 0, its timeout): wait while the gate is closed."""
+    return (SYS_futex, gate, FUTEX_WAIT_PRIVATE, 0, gate + (GATE_TIMEOUT - GATE))
+
+
+class ReturnFrames:
+    """The frames of one window's threads, written as each thread is armed."""
+
+    def __init__(self, threads: StoppedThreads, gadgets: Gadgets) -> None:
+        self._threads = threads
+        self._gadgets = gadgets
+        self._own_masks: dict[int, int] = {}
+        self._undo: list[int] = []  # chain starts under the undo frames pushed
+
+    def own_mask(self, tid: int) -> int:
+        """The thread's own signal mask (PTRACE_GETSIGMASK, read once per window)."""
+        if tid not in self._own_masks:
+            self._own_masks[tid] = get_sigmask(tid)
+        return self._own_masks[tid]
+
+    def ensure_armed(self, tracee: Tracee) -> None:
+        """Arm the thread unless it is already (its first injected call of the window)."""
+        if not tracee.chain:
+            with procfs.MapsQuery(self._threads.memory_tid()) as maps:
+                self.arm(tracee, maps)
+
+    def arm(self, tracee: Tracee, maps: procfs.MapsQuery, *, wake: int = 0, wait: int = 0) -> None:
+        """Write the thread's own-state frame on its stack (and, for the injecting
+        thread of a gated window, a wake-up frame before it); for a gated thread, point
+        its registers at the gate and block its signals."""
+        tid = tracee.tid
+        saved = tracee.saved
+        assert saved is not None
+        gadgets = self._gadgets
+        own_mask = self.own_mask(tid)
+        own_at, blob = self._own_frame(tracee, maps, own_mask)
+        tracee.own_frame = own_at
+        chain = start = own_at
+        if wake:
+            wake_step = saved.copy()
+            x86_64.load_syscall(wake_step, *_wake_call(wake), pc=gadgets.syscall, sp=own_at)
+            chain = start = own_at - x86_64.FRAME_STRIDE
+            first = x86_64.build_frame(start, wake_step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+            blob = first.data.ljust(own_at - start, b"\0") + blob
+        write_memory(self._threads.memory_tid(), start, blob)
+        step("frames", tid)
+        if wake or wait:
+            gate_call = _wake_call(wake) if wake else _wait_call(wait)
+            self._hold_at_gate(tracee, own_at, own_mask, gate_call)
+        tracee.chain = chain
+
+    def _own_frame(
+        self, tracee: Tracee, maps: procfs.MapsQuery, own_mask: int
+    ) -> tuple[int, bytes]:
+        """(address, bytes) of the frame of the thread's own state and its XSAVE image."""
+        tid, saved = tracee.tid, tracee.saved
+        assert saved is not None
+        image = x86_64.signal_xstate(get_xstate(tid))
+        # Below the own frame: the wake-up frame, then room for undo frames (undo_on_death)
+        low, own_at, fpstate = x86_64.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
+        self._check_stack_room(maps, tid, low - ARGUMENT_ROOM, saved.rsp)
+        own = x86_64.build_frame(
+            own_at, self._resume_state(tid, saved), own_mask,
+            pretcode=self._gadgets.sigreturn, fpstate=fpstate,
+        )  # fmt: skip
+        return own_at, own.data.ljust(fpstate - own_at, b"\0") + image
+
+    def _hold_at_gate(
+        self, tracee: Tracee, own_at: int, own_mask: int, call: tuple[int, ...]
+    ) -> None:
+        """Give a thread of a gated window the gate's futex call as its idle registers,
+        returning to its own frame, and block its signals."""
+        assert tracee.saved is not None
+        idle = tracee.saved.copy()
+        idle.orig_rax = unsigned(-1)
+        x86_64.load_syscall(idle, *call, pc=self._gadgets.syscall, sp=own_at)
+        tracee.dirty = True
+        set_regs(tracee.tid, idle)
+        step("arm", tracee.tid)
+        if tracee.sigmask is None:
+            tracee.sigmask = own_mask
+            set_sigmask(tracee.tid, ALL_SIGNALS)
+            step("block", tracee.tid)
+
+    def _resume_state(self, tid: int, saved: Registers) -> Registers:
+        """The registers the thread's own-state frame returns to: the kernel's restart
+        fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of an rseq
+        critical section it was stopped in (:meth:`_rseq_abort`)."""
+        restarted = None
+        if saved.orig_rax == SYS_restart_syscall:
+            code = read_memory(self._threads.memory_tid(), saved.rip - 9, 7)
+            restarted = x86_64.restarted_call(code)
+        try:
+            regs = x86_64.own_state(saved, restarted)
+        except ValueError as e:
+            raise Unsupported(
+                f"pid {self._threads.pid}, thread {tid}: {e}; procksm cannot give it a way "
+                "back that keeps its call going"
+            ) from None
+        self._rseq_abort(tid, regs)
+        return regs
+
+    def _rseq_abort(self, tid: int, regs: Registers) -> None:
+        """Move `regs` to the abort handler of the rseq critical section it is in, as the
+        kernel would on the thread's way back to user space (kernel/rseq.c
+        rseq_ip_fixup): after an injected call the thread returns to user space outside
+        the section, which clears the section's pointer, so the sigreturn into it would
+        go unnoticed."""
+        try:
+            area = get_rseq_area(tid)
+            if area:
+                memory = self._threads.memory_tid()
+                (cs,) = struct.unpack("<Q", read_memory(memory, area + 8, 8))
+                if cs:
+                    _, start, length, abort = struct.unpack("<QQQQ", read_memory(memory, cs, 32))
+                    if start <= regs.rip < start + length:
+                        regs.rip = abort
+        except OSError:
+            pass  # no rseq area readable: nothing the kernel would fix up either
+
+    def _check_stack_room(self, maps: procfs.MapsQuery, tid: int, low: int, rsp: int) -> None:
+        """Frames go below the red zone of the thread's stack, where a signal frame
+        would; process_vm_writev does not grow a stack, so the mapping must reach."""
+        vma = maps.vma_at(rsp - 1)
+        if vma is None or vma.start > low or "w" not in vma.perms:
+            raise PtraceError(
+                f"pid {self._threads.pid}, thread {tid}: no room for its return frame below "
+                f"its stack pointer {rsp:#x}"
+            )
+
+    def dead_stack(self, tracee: Tracee) -> int:
+        """An address below every frame the thread may get: room for ARGUMENT_ROOM bytes
+        of arguments (a string) that no frame overwrites."""
+        return tracee.own_frame - (2 + MAX_UNDO) * x86_64.FRAME_STRIDE - ARGUMENT_ROOM
+
+    @contextlib.contextmanager
+    def undo_on_death(self, nr: int, *args: int) -> Iterator[None]:
+        """While the block runs, the injecting thread's way back first makes system call
+        `nr` (procksm.attach.StoppedTarget.undo_on_death)."""
+        injector = self._threads.injector()
+        self.ensure_armed(injector)
+        if len(self._undo) >= MAX_UNDO:
+            raise PtraceError("undo_on_death blocks nest too deep")
+        gadgets = self._gadgets
+        assert injector.saved is not None
+        at = injector.own_frame - (2 + len(self._undo)) * x86_64.FRAME_STRIDE
+        regs = injector.saved.copy()
+        x86_64.load_syscall(regs, nr, *args, pc=gadgets.syscall, sp=injector.chain)
+        frame = x86_64.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
+        self._threads.write_memory(at, frame.data)
+        step("undo", injector.tid)
+        self._undo.append(injector.chain)
+        injector.chain = at  # the next injected calls return through it
+        try:
+            yield
+        finally:
+            injector.chain = self._undo.pop()

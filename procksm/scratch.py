@@ -1,0 +1,114 @@
+"""The scratch area procksm maps in a target (layout: procksm.scratch_layout), and the
+removal of what a procksm that died in a window left there.
+
+Mapped by the first window of a session that needs it, unmapped when the session ends
+(procksm.attach.PtraceSession), forgotten when the target execs (the mapping went with
+the old address space). Every step of its mapping leaves something with a name: an fd
+``/memfd:procksm-scratch``, then the mapping; its first page holds the owner's pid and
+start time, so that a later procksm can tell a live owner's area from a dead one's.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from procksm import PAGE_SIZE, procfs
+from procksm.arch.x86_64 import (
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_close,
+    SYS_ftruncate,
+    SYS_memfd_create,
+    SYS_mmap,
+    SYS_munmap,
+)
+from procksm.errors import ProcksmError
+from procksm.injected_call import SyscallInjector
+from procksm.kill_steps import step
+from procksm.procfs import read_stat_fields
+from procksm.scratch_layout import (
+    LEFTOVER_MEMFD_PREFIX,
+    OWNER,
+    SCRATCH_BYTES,
+    SCRATCH_NAME,
+    SCRATCH_PATH,
+    STAGING_PAGES,
+)
+
+
+def _own_start_time() -> int:
+    return int(read_stat_fields(os.getpid())[19])
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Process `pid` runs and is the one that started at `start_time` (a zombie does not
+    run: a killed procksm stays one until its parent reaps it)."""
+    try:
+        fields = read_stat_fields(pid)
+        return fields[0] not in ("Z", "X") and int(fields[19]) == start_time
+    except (ProcksmError, OSError, IndexError, ValueError):
+        return False
+
+
+def remove_leftovers_in_window(calls: SyscallInjector) -> int:
+    """Remove what a procksm that died in a window left in the target: fds of its
+    memfds (scratch, segments), and scratch areas whose owner is gone. Each is
+    recognised by a name the target's own code does not use. Returns how many."""
+    threads = calls.threads
+    tid = threads.memory_tid()  # /proc/TID works for any live thread; a leader may be gone
+    try:
+        fds = procfs.list_fd_targets(tid)
+        spans = [v for v in procfs.read_maps(tid) if v.path == SCRATCH_PATH and v.offset == 0]
+    except ProcksmError:
+        return 0  # cannot look (the process is exiting): nothing to remove either
+    removed = 0
+    for head in spans:
+        owner = threads.read_memory(head.start + OWNER, 16)
+        owner_pid, owner_start = struct.unpack("<QQ", owner)
+        if owner_pid and _alive(int(owner_pid), int(owner_start)):
+            continue  # a live procksm's (the daemon between two windows)
+        calls.syscall(SYS_munmap, head.start, SCRATCH_BYTES)
+        removed += 1
+    for fd, target in sorted(fds.items()):
+        if target.startswith(LEFTOVER_MEMFD_PREFIX):
+            calls.syscall(SYS_close, fd)
+            removed += 1
+    return removed
+
+
+class ScratchArea:
+    """A session's scratch area in its target, mapped through a window's injected calls."""
+
+    def __init__(self) -> None:
+        self.base: int | None = None  # page 0, once mapped
+
+    def staging(self) -> tuple[int, int]:
+        """(address, bytes) of the staging range of the mapped area."""
+        assert self.base is not None
+        return self.base + 2 * PAGE_SIZE, STAGING_PAGES * PAGE_SIZE
+
+    def map(self, calls: SyscallInjector) -> None:
+        """Map it: the target creates the memfd (its name written on dead stack below
+        the injecting thread's frames), sizes it, maps it and closes the fd; then the
+        owner is written in page 0."""
+        injector = calls.threads.injector()
+        calls.frames.ensure_armed(injector)
+        name_at = calls.frames.dead_stack(injector)
+        calls.threads.write_memory(name_at, SCRATCH_NAME)
+        step("name")
+        fd = calls.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
+        try:
+            calls.syscall_checked(SYS_ftruncate, fd, 2 * PAGE_SIZE, name="ftruncate")
+            base = calls.syscall_checked(
+                SYS_mmap, 0, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0,
+                name="mmap",
+            )  # fmt: skip
+        finally:
+            calls.syscall(SYS_close, fd)
+        owner = struct.pack("<QQ", os.getpid(), _own_start_time())
+        calls.threads.write_memory(base + OWNER, owner)
+        step("owner")
+        self.base = base

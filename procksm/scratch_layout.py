@@ -1,0 +1,44 @@
+"""Where things lie in the scratch area procksm maps in a target, and the names by which
+a later procksm recognises what a killed one left.
+
+The scratch area is a MAP_PRIVATE mapping of a memfd the target creates itself, so that
+every step of its life leaves something a later procksm can recognise by name and remove
+(an fd, then a mapping named /memfd:procksm-scratch), never an anonymous mapping nobody
+can tell from the target's own (docs/kill-safety.md, "Nothing left behind").
+
+  page 0   control: the futex gate, its timeout, the owner (pid, start time)
+  page 1   arguments of injected calls (procksm.attach.StoppedTarget.scratch)
+  pages 2..2+STAGING_PAGES  staging: an unmerge builds the new anonymous pages here,
+           then moves them over the merged range in one mremap (procksm.unmerge)
+  last     a tail page that keeps the staging range between two pieces of the memfd
+           mapping, so a leftover staging mapping is recognisable as procksm's
+
+Mapped by :class:`procksm.scratch.ScratchArea`; the gate is closed by
+:meth:`procksm.attach.StoppedTarget.hold_others` and waited on / woken through the
+frames of :mod:`procksm.return_frames`.
+"""
+
+from __future__ import annotations
+
+from procksm import PAGE_SIZE
+
+SCRATCH_NAME = b"procksm-scratch\0"
+SCRATCH_PATH = "/memfd:procksm-scratch (deleted)"
+STAGING_PAGES = 512
+SCRATCH_PAGES = 3 + STAGING_PAGES
+SCRATCH_BYTES = SCRATCH_PAGES * PAGE_SIZE
+# What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
+# scratch memfd and of segments. (Unnamed fds it creates are undone on death instead.)
+LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"
+
+# Page 0: the futex gate word, its timeout (a timespec), the owner (pid, start time).
+GATE, GATE_TIMEOUT, OWNER = 0, 16, 32
+# How long a gated thread waits for the injecting thread's wake-up after procksm died.
+# The wake-up comes within microseconds (the injecting thread is released at the same
+# instant); the timeout only bounds a wait if it never came.
+GATE_TIMEOUT_S = 10
+FUTEX_WAIT_PRIVATE = 0 | 128
+FUTEX_WAKE_OP_PRIVATE = 5 | 128
+# FUTEX_OP(FUTEX_OP_SET, 1, FUTEX_OP_CMP_EQ, 0): *gate = 1, atomically with the wake-up,
+# so a thread that reaches its wait only afterwards does not wait (EAGAIN).
+FUTEX_OP_SET_1 = 1 << 12

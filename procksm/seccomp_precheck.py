@@ -1,0 +1,150 @@
+"""Refusing a target whose seccomp filters would kill, trap or fail a call procksm
+injects (a container profile, a sandbox), before anything is injected.
+
+Each thread's filters (PTRACE_SECCOMP_GET_FILTER) are run through the classic-BPF
+interpreter of :mod:`procksm.seccomp_bpf` on every call procksm may inject into it, with
+procksm's instruction pointer and arguments like its own (docs/kill-safety.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+from procksm import PAGE_SIZE, seccomp_bpf
+from procksm.arch.x86_64 import (
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    PROT_READ,
+    PROT_WRITE,
+    SYSCALL_INSN_LEN,
+    SYS_bind,
+    SYS_close,
+    SYS_ftruncate,
+    SYS_futex,
+    SYS_madvise,
+    SYS_memfd_create,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_mremap,
+    SYS_munmap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
+    SYS_prctl,
+    SYS_recvmsg,
+    SYS_rt_sigreturn,
+    SYS_seccomp,
+    SYS_socket,
+)
+from procksm.diagnose import AttachStatus
+from procksm.errors import PtraceError, Unsupported
+from procksm.inject import ptrace
+from procksm.scratch_layout import (
+    FUTEX_OP_SET_1,
+    FUTEX_WAIT_PRIVATE,
+    FUTEX_WAKE_OP_PRIVATE,
+    SCRATCH_BYTES,
+)
+from procksm.tracees import StoppedThreads
+
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+
+# (name, number, arguments like procksm's, essential): what a seccomp filter is asked.
+# Not essential: calls procksm does without when they fail (the pidfd hand-over falls
+# back to SCM_RIGHTS, the guard's refusal is reported); killing or trapping still counts.
+_RW, _PRIV, _FIX, _ANON = PROT_READ | PROT_WRITE, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS
+_INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
+    ("memfd_create", SYS_memfd_create, (0, MFD_CLOEXEC), True),
+    ("ftruncate", SYS_ftruncate, (3, 2 * PAGE_SIZE), True),
+    ("mmap", SYS_mmap, (0, SCRATCH_BYTES, _RW, _PRIV, 3, 0), True),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX, 3, 0), True),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX | _ANON, (1 << 64) - 1, 0), True),
+    ("mprotect", SYS_mprotect, (1 << 30, PAGE_SIZE, PROT_READ), True),
+    ("mremap", SYS_mremap, (1 << 30, PAGE_SIZE, PAGE_SIZE, 7, 1 << 31), True),
+    ("munmap", SYS_munmap, (1 << 30, PAGE_SIZE), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
+    ("close", SYS_close, (3,), True),
+    (
+        "futex",
+        SYS_futex,
+        (1 << 30, FUTEX_WAKE_OP_PRIVATE, 0x7FFFFFFF, 0, 1 << 30, FUTEX_OP_SET_1),
+        True,
+    ),
+    ("rt_sigreturn", SYS_rt_sigreturn, (), True),
+    ("pidfd_open", SYS_pidfd_open, (1, 0), False),
+    ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
+    ("socket", SYS_socket, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
+    ("bind", SYS_bind, (3, 1 << 30, 40), False),
+    ("recvmsg", SYS_recvmsg, (3, 1 << 30, 0), False),
+    ("seccomp", SYS_seccomp, (1, 0, 1 << 30), False),
+    ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
+)
+# What a gated thread runs (procksm.return_frames): the wait, then its way back.
+_GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
+    ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
+    ("rt_sigreturn", SYS_rt_sigreturn, (), True),
+)
+
+
+def _seccomp_filters(tid: int) -> list[bytes]:
+    """The thread's seccomp filters as classic BPF, newest first (root only)."""
+    filters: list[bytes] = []
+    for index in range(512):
+        try:
+            count = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0)
+            buf = ctypes.create_string_buffer(8 * count)
+            ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buf))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return filters  # past the oldest filter
+            raise PtraceError(
+                f"cannot read the seccomp filters of thread {tid} ({e.strerror}): procksm "
+                "checks them before it injects anything (needs CAP_SYS_ADMIN)"
+            ) from None
+        filters.append(buf.raw)
+    return filters
+
+
+class SeccompPrecheck:
+    """The check, made once per session, before its first injected call."""
+
+    def __init__(self, status: AttachStatus) -> None:
+        self.status = status
+        self.done = False
+
+    def ensure(self, threads: StoppedThreads, syscall_insn: int) -> None:
+        """Check the filters of every stopped thread (unless done already): the calls
+        procksm injects in the injecting thread, the gate's wait in the others."""
+        if self.done:
+            return
+        status, pid = self.status, threads.pid
+        if status.seccomp == 1:
+            raise Unsupported(
+                f"pid {pid} ({status.name}) runs in strict seccomp mode: it may make "
+                "no system call procksm needs"
+            )
+        if status.seccomp != 2:
+            self.done = True
+            return
+        ip = syscall_insn + SYSCALL_INSN_LEN
+        injector = threads.injector().tid
+        for tracee in threads.tracees.values():
+            filters = _seccomp_filters(tracee.tid)
+            calls = _INJECTED_CALLS if tracee.tid == injector else _GATED_CALLS
+            for name, nr, args, essential in calls:
+                action = seccomp_bpf.verdict(filters, nr, ip, args)
+                if action in seccomp_bpf.RUNS:
+                    continue
+                if action == seccomp_bpf.SECCOMP_RET_ERRNO and not essential:
+                    continue  # procksm falls back (e.g. SCM_RIGHTS when pidfd_open fails)
+                what = seccomp_bpf.ACTION_NAMES.get(action, f"answers {action:#x} to")
+                raise Unsupported(
+                    f"pid {pid} ({status.name}): its seccomp filter {what} {name}(), "
+                    "which procksm injects; not touched"
+                )
+        self.done = True
