@@ -12,7 +12,7 @@ PAGE_SIZE = 4096
 # numpy's BLAS starts helper threads when it is imported. A process-directed signal
 # (kill -TERM) goes to any thread that does not block it, so a BLAS thread would take
 # SIGTERM and end procksm in the middle of a stop window, whose signal deferral
-# (procksm.deferred_signals) only covers the calling thread. Import numpy here with
+# (procksm.attach.deferred_signals) only covers the calling thread. Import numpy here with
 # those signals blocked: its threads inherit the block and never receive them.
 # The madvise guard (procksm.guardd) is resident and must stay small: it never imports
 # numpy, and says so with PROCKSM_GUARD_LEAN=1.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from procksm.locks import lock_dir, remove_stale_files
+from procksm.attach.locks import lock_dir, remove_stale_files
 from procksm.procfs import parse_coredump_filter as parse_filter
 from procksm.procfs import read_coredump_filter as read_filter
 from procksm.procfs import start_time

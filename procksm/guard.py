@@ -75,6 +75,7 @@ from procksm.arch.x86_64 import (
     SYS_prctl,
     SYS_seccomp,
 )
+from procksm.attach.locks import lock_dir
 from procksm.errors import NoSuchProcess, ProcksmError
 from procksm.guardd.calls import (
     GUARDED_ADVICE,
@@ -83,7 +84,6 @@ from procksm.guardd.calls import (
     mremap_may_keep_merged,
 )
 from procksm.guardd.launch import guard_argv, guard_env
-from procksm.locks import lock_dir
 
 if TYPE_CHECKING:
     from procksm.attach import StoppedTarget
@@ -245,7 +245,7 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     procksm, exempt instruction pointer or 0), or None when the process is guarded
     already through a filter it inherited. All threads get it (TSYNC)."""
     # procksm's calls run through a libc wrapper `mov eax, imm; syscall; ret` whose
-    # immediate is not madvise or mremap (procksm.inject.find_gadgets): the target itself
+    # immediate is not madvise or mremap (procksm.attach.inject.find_gadgets): the target itself
     # reaches that instruction only with its own immediate, so exempting it exempts
     # procksm's calls only (its unmerge's mremap must not wait for the guard, which
     # would wait for procksm's stop window).
@@ -318,7 +318,7 @@ def filter_signature(prog: bytes) -> bytes:
 def has_guard_filter(tid: int) -> bool:
     """Does the (ptrace-stopped, by us) task carry a guard filter? PTRACE_SECCOMP_GET_FILTER
     dumps each classic BPF filter of its chain (root only)."""
-    from procksm.inject import ptrace
+    from procksm.attach.inject import ptrace
 
     ours = {filter_signature(build_filter(None)), filter_signature(build_filter(1 << 40))}
     for index in range(64):

@@ -40,11 +40,11 @@ import numpy as np
 
 from procksm import PAGE_SIZE, guard, procfs
 from procksm.analysis import CONTENT_VOLATILE, CONTENT_ZERO, ScanInput
+from procksm.attach.diagnose import check_attachable
+from procksm.attach.locks import target_locks
 from procksm.closing import Closing
-from procksm.diagnose import check_attachable
 from procksm.errors import AccessDenied, UsageError
 from procksm.index import REF_PAGE_BITS, KsmIndex, Look
-from procksm.locks import target_locks
 from procksm.merge_adopt import adopt_segments, join_existing, match_existing
 from procksm.merge_handover import FdHandOver
 from procksm.merge_records import (

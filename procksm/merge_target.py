@@ -165,7 +165,7 @@ class TargetMerger:
             if ext_ok or zero_ok:
                 # Compared under stop: from here no thread of the target may
                 # run its own code before the replacements are done, even if
-                # procksm dies (the futex gate, procksm.attach).
+                # procksm dies (the futex gate, procksm.attach.session).
                 st.hold_others()
             if ext_ok:
                 self._map_extents(st, ext_ok)

@@ -30,10 +30,10 @@ from procksm.arch.x86_64 import (
     SYS_mremap,
 )
 from procksm.attach import PtraceSession, StoppedTarget
-from procksm.diagnose import check_attachable
+from procksm.attach.diagnose import check_attachable
+from procksm.attach.leftovers import has_leftovers, remove_leftovers
+from procksm.attach.locks import target_locks
 from procksm.errors import ProcksmError
-from procksm.leftovers import has_leftovers, remove_leftovers
-from procksm.locks import target_locks
 from procksm.slots import SEGMENT_NAME_PREFIX
 
 

@@ -29,13 +29,14 @@ from procksm.arch.x86_64 import (
     signed,
 )
 from procksm.attach import PtraceSession
-from procksm.diagnose import (
+from procksm.attach.diagnose import (
     AttachStatus,
     check_attachable,
     parse_status,
     permission_denial,
     yama_denial,
 )
+from procksm.attach.inject import PTRACE_SEIZE, ptrace
 from procksm.errors import (
     NoSuchProcess,
     PtraceTimeout,
@@ -44,7 +45,6 @@ from procksm.errors import (
     UsageError,
     ZombieProcess,
 )
-from procksm.inject import PTRACE_SEIZE, ptrace
 from tests.conftest import ROOT, Target, build_c_target
 
 NOBODY = 65534
@@ -714,7 +714,7 @@ def test_permission_messages() -> None:
 
 
 def test_epoll_rewrite_only_for_infinite_timeouts() -> None:
-    from procksm.thread_stop import _interrupted_infinite_epoll
+    from procksm.attach.thread_stop import _interrupted_infinite_epoll
 
     def regs(nr: int, rax: int, r10: int) -> Registers:
         r = Registers()

@@ -102,7 +102,7 @@ def test_the_architecture_and_the_resident_guard_sit_at_the_bottom() -> None:
     for module in guard_modules:
         assert graph[module] <= {"procksm", "procksm.arch", "procksm.arch.x86_64"} | guard_modules
     below_inject = {"procksm", "procksm.arch", "procksm.arch.x86_64", "procksm.errors"}
-    assert graph["procksm.inject"] <= below_inject | {"procksm.procfs"}
+    assert graph["procksm.attach.inject"] <= below_inject | {"procksm.procfs"}
     assert graph["procksm.procfs"] <= {"procksm", "procksm.closing", "procksm.errors"}
     # attach diagnosis comes before attaching
-    assert "procksm.attach" not in graph["procksm.diagnose"]
+    assert "procksm.attach.session" not in graph["procksm.attach.diagnose"]

@@ -1,6 +1,6 @@
 """SIGKILL of procksm right after every step of every kind of stop window (issue 13).
 
-A hidden switch (``PROCKSM_TEST_KILL_AT_STEP=N``, procksm.kill_steps) makes the process that
+A hidden switch (``PROCKSM_TEST_KILL_AT_STEP=N``, procksm.attach.kill_steps) makes the process that
 injects SIGKILL itself right after the N-th step that changes a target: a register,
 signal-mask or memory write, a resume, a detach. A first run with
 ``PROCKSM_TEST_STEP_LOG`` lists the steps; the test then kills at every step of one
@@ -97,7 +97,8 @@ def start_procksm(args: list[object], *, kill_at: int = 0, step_log: str | None 
             debug = os.environ.get("PROCKSM_KILL_DEBUG")
             if debug:
                 os.dup2(os.open(debug, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
-            from procksm import cli, kill_steps
+            from procksm import cli
+            from procksm.attach import kill_steps
 
             kill_steps._KILL_AT_STEP, kill_steps._STEP_LOG = kill_at, step_log
             kill_steps._steps = 0

@@ -22,8 +22,8 @@ import pytest
 
 from procksm import PAGE_SIZE, merge_handover, procfs
 from procksm import merge as merge_mod
+from procksm.attach.locks import target_locks
 from procksm.fdpass import FdSender, netns_identity, same_netns
-from procksm.locks import target_locks
 from procksm.merge import MergeOptions, MergeResult
 from procksm.merge_slots import RoundSlots
 from procksm.plan import vma_budget
@@ -156,7 +156,6 @@ def test_non_root_targets_without_no_new_privs_are_refused(spawn, planted) -> No
         assert t.command("check") == f"OK pages={N + Z + U}"
 
 
-
 def test_merge_says_on_the_terminal_why_a_non_root_target_was_not_merged(spawn, planted) -> None:  # type: ignore[no-untyped-def]
     """`procksm merge` printed "merged 0 pages ... 0 refused" and exited 0 (issue 15):
     the reason, with its fix, is now a line on stderr per target, the exit code is 1,
@@ -171,6 +170,7 @@ def test_merge_says_on_the_terminal_why_a_non_root_target_was_not_merged(spawn, 
         assert merged_ranges(t.pid) == []
         assert t.command("check") == f"OK pages={N + Z + U}"
     assert "--set-no-new-privs" in proc.stderr
+
 
 def test_non_root_targets_merge_through_scm_rights(spawn, planted, fd_senders) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted, "--blockers"), **AS_NOBODY) for _ in range(2)]
@@ -481,7 +481,7 @@ def test_unmerge_while_another_procksm_works_on_the_target(merged_pair) -> None:
 
 def test_stale_lock_files_are_removed(tmp_path, monkeypatch, spawn, planted) -> None:  # type: ignore[no-untyped-def]
     """Lock files of exited targets do not accumulate; a live target's lock stays."""
-    from procksm import locks
+    from procksm.attach import locks
 
     monkeypatch.setenv("PROCKSM_LOCK_DIR", str(tmp_path))
     t = spawn(planted_argv(planted))

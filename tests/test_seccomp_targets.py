@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from procksm import seccomp_bpf
+from procksm.attach import seccomp_bpf
 from procksm.guard import build_filter, run_filter
 from procksm.unmerge import merged_ranges
 from tests.conftest import require_privileges, run_procksm

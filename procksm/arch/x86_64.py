@@ -25,7 +25,7 @@ points the thread at a ``syscall; ret`` instruction pair with ``rsp`` at the fra
 most the injected system call, then ``ret`` → trampoline → ``rt_sigreturn`` into
 exactly its own registers, FPU/AVX state and signal mask. Frames chain: a frame whose
 registers are another ``syscall; ret`` with ``rsp`` at a second frame runs a second
-system call first (the futex gate's wake-up, procksm.return_frames).
+system call first (the futex gate's wake-up, procksm.attach.return_frames).
 
 Layouts are the kernel's (arch/x86/include/uapi/asm/sigcontext.h, ucontext.h,
 arch/x86/include/asm/sigframe.h); ``rt_sigreturn`` reads the frame at ``rsp - 8``

@@ -116,7 +116,7 @@ class ScanCommand:
 def check_readable(pid: int) -> None:
     """The attach diagnostics, except "already traced": a read-only scan needs ptrace
     access (process_vm_readv), not an attach, so another tracer does not prevent it."""
-    from procksm.diagnose import check_attachable
+    from procksm.attach.diagnose import check_attachable
     from procksm.errors import TargetBusy
 
     with contextlib.suppress(TargetBusy):

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from procksm import PAGE_SIZE, procfs
+from procksm.attach.diagnose import check_attachable
+from procksm.attach.locks import target_locks
 from procksm.daemon.settings import DaemonOptions
-from procksm.diagnose import check_attachable
 from procksm.errors import NoSuchProcess, ProcksmError, UsageError
-from procksm.locks import target_locks
 from procksm.merge import check_targets
 from procksm.scanner import AddressRange
 from procksm.slots import SEGMENT_NAME_PREFIX

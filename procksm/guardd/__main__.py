@@ -16,7 +16,7 @@ from procksm.guardd.syscalls import malloc_trim
 
 def _install_signals(guard: Guard) -> None:
     # procksm may have started us from a stop window, where it blocks signals
-    # (attach._signals_deferred); a blocked mask is inherited across execve.
+    # (procksm.attach.deferred_signals.signals_deferred); a blocked mask is inherited across execve.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # nor keep the CPU pinning and SCHED_FIFO of the window that started it
     try:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"procksm.guardd: unknown argument {opt!r}", file=sys.stderr)
             return 2
     if not path:
-        # (procksm.locks.lock_dir would import numpy through procksm.procfs)
+        # (procksm.attach.locks.lock_dir would import numpy through procksm.procfs)
         print("procksm.guardd: --socket PATH is required", file=sys.stderr)
         return 2
     if TEST_OFF == "lean":

@@ -3,7 +3,7 @@ do next (like memray's attach diagnosis: no such process, another user's, no per
 trace, already traced by PID N, a kernel thread, another namespace).
 
 :func:`check_attachable` runs before procksm touches a target (``procksm merge`` checks
-every target before the first is stopped); :class:`procksm.attach.PtraceSession` runs it
+every target before the first is stopped); :class:`procksm.attach.session.PtraceSession` runs it
 again when it seizes one. The rules are the kernel's ptrace access check
 (``__ptrace_may_access``, ``cap_ptrace_access_check``, Yama), so the message can name the
 one that refuses.

@@ -7,15 +7,15 @@ every step of its life leaves something a later procksm can recognise by name an
 can tell from the target's own (docs/kill-safety.md, "Nothing left behind").
 
   page 0   control: the futex gate, its timeout, the owner (pid, start time)
-  page 1   arguments of injected calls (procksm.attach.StoppedTarget.scratch)
+  page 1   arguments of injected calls (procksm.attach.session.StoppedTarget.scratch)
   pages 2..2+STAGING_PAGES  staging: an unmerge builds the new anonymous pages here,
            then moves them over the merged range in one mremap (procksm.unmerge)
   last     a tail page that keeps the staging range between two pieces of the memfd
            mapping, so a leftover staging mapping is recognisable as procksm's
 
-Mapped by :class:`procksm.scratch.ScratchArea`; the gate is closed by
-:meth:`procksm.attach.StoppedTarget.hold_others` and waited on / woken through the
-frames of :mod:`procksm.return_frames`.
+Mapped by :class:`procksm.attach.scratch.ScratchArea`; the gate is closed by
+:meth:`procksm.attach.session.StoppedTarget.hold_others` and waited on / woken through the
+frames of :mod:`procksm.attach.return_frames`.
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from procksm import procfs
 from procksm.arch import x86_64
 from procksm.arch.x86_64 import Registers, SYS_futex, SYS_restart_syscall, unsigned
-from procksm.errors import PtraceError, Unsupported
-from procksm.inject import (
+from procksm.attach.inject import (
     Gadgets,
     get_rseq_area,
     get_sigmask,
@@ -31,15 +30,16 @@ from procksm.inject import (
     set_sigmask,
     write_memory,
 )
-from procksm.kill_steps import step
-from procksm.scratch_layout import (
+from procksm.attach.kill_steps import step
+from procksm.attach.scratch_layout import (
     FUTEX_OP_SET_1,
     FUTEX_WAIT_PRIVATE,
     FUTEX_WAKE_OP_PRIVATE,
     GATE,
     GATE_TIMEOUT,
 )
-from procksm.tracees import StoppedThreads, Tracee
+from procksm.attach.tracees import StoppedThreads, Tracee
+from procksm.errors import PtraceError, Unsupported
 
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
 ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
@@ -189,7 +189,7 @@ class ReturnFrames:
     @contextlib.contextmanager
     def undo_on_death(self, nr: int, *args: int) -> Iterator[None]:
         """While the block runs, the injecting thread's way back first makes system call
-        `nr` (procksm.attach.StoppedTarget.undo_on_death)."""
+        `nr` (procksm.attach.session.StoppedTarget.undo_on_death)."""
         injector = self._threads.injector()
         self.ensure_armed(injector)
         if len(self._undo) >= MAX_UNDO:

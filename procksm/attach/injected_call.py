@@ -1,12 +1,12 @@
 """One system call injected into a stopped thread, with its way back.
 
-The call runs the target's own `syscall; ret` (procksm.inject.find_gadgets), stepped
+The call runs the target's own `syscall; ret` (procksm.attach.inject.find_gadgets), stepped
 from its syscall-entry-stop to its syscall-exit-stop with PTRACE_SYSCALL, with rsp at
-the thread's frames (procksm.return_frames): if procksm dies at any instant, the thread
+the thread's frames (procksm.attach.return_frames): if procksm dies at any instant, the thread
 runs at most this call and returns to its own state by itself. While a thread holds
 procksm's registers all its signals are blocked (PTRACE_SETSIGMASK) and stay pending
 until its own mask is back; one that still stops it (SIGSTOP) is held and re-sent when
-the window ends (procksm.thread_resume).
+the window ends (procksm.attach.thread_resume).
 
 PTRACE_SINGLESTEP over the instruction would be one round trip instead of two (measured
 ~15 vs ~19-25 us) but ends in a SIGTRAP signal-delivery-stop, and a thread left in a
@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 from procksm.arch import x86_64
 from procksm.arch.x86_64 import ARGUMENT_REGISTERS, Registers, signed, unsigned
-from procksm.deferred_signals import signals_deferred
-from procksm.errors import NoSuchProcess, ProcksmError, PtraceError, PtraceTimeout
-from procksm.inject import (
+from procksm.attach.deferred_signals import signals_deferred
+from procksm.attach.inject import (
     PTRACE_INTERRUPT,
     PTRACE_SYSCALL,
     Gadgets,
@@ -39,11 +38,12 @@ from procksm.inject import (
     set_sigmask,
     wait_stop,
 )
-from procksm.kill_steps import step
+from procksm.attach.kill_steps import step
+from procksm.attach.return_frames import ALL_SIGNALS, ReturnFrames
+from procksm.attach.seccomp_precheck import SeccompPrecheck
+from procksm.attach.tracees import StoppedThreads, Tracee
+from procksm.errors import NoSuchProcess, ProcksmError, PtraceError, PtraceTimeout
 from procksm.procfs import read_stat_fields
-from procksm.return_frames import ALL_SIGNALS, ReturnFrames
-from procksm.seccomp_precheck import SeccompPrecheck
-from procksm.tracees import StoppedThreads, Tracee
 
 
 class InjectedSyscallError(PtraceError):
@@ -92,7 +92,7 @@ class SyscallInjector:
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Run system call `nr` in a stopped thread (default: the injecting thread);
-        the raw rax: the result, or -errno (procksm.attach.StoppedTarget.syscall)."""
+        the raw rax: the result, or -errno (procksm.attach.session.StoppedTarget.syscall)."""
         if self.window_ended:
             raise PtraceError("StoppedTarget used outside its stopped() window")
         if len(args) > 6:
@@ -197,7 +197,7 @@ class SyscallInjector:
         stops, its call is over and the window goes on to its end as usual. If not, the
         call still runs (nothing interrupts an uninterruptible sleep) with procksm's
         registers: the thread is left to its frames, as if procksm had died, and the
-        window ends without injecting anything more (procksm.thread_resume's `as_is`)."""
+        window ends without injecting anything more (procksm.attach.thread_resume's `as_is`)."""
         stop = None
         with contextlib.suppress(OSError):
             ptrace(PTRACE_INTERRUPT, tracee.tid)
@@ -206,7 +206,7 @@ class SyscallInjector:
             del self.threads.tracees[tracee.tid]
             return
         if stop is None:
-            # still in the call: an orphan, detached once it stops (procksm.thread_resume)
+            # still in the call: an orphan, detached once it stops (procksm.attach.thread_resume)
             tracee.stop = None
             self.abandoned = message + "; the thread was left to its way back"
             return

@@ -4,7 +4,7 @@ What is x86_64's (the register structure, system call numbers, instruction patte
 comes from :mod:`procksm.arch.x86_64`.
 
 Everything here is mechanism; the policy (which threads, in which order, what to do
-with each kind of stop) lives in :mod:`procksm.attach` and the parts it names. The
+with each kind of stop) lives in :mod:`procksm.attach.session` and the parts it names. The
 functions raise :class:`OSError` with the errno; those translate them into procksm
 errors.
 

@@ -2,8 +2,8 @@
 
 A filter that kills, traps or fails one of procksm's calls (a container profile, a
 sandbox) would turn an injection into a crash: the target is refused instead, before
-anything is injected (procksm.seccomp_precheck). The filters come from PTRACE_SECCOMP_GET_FILTER
-as classic BPF; this module runs them on a seccomp_data like the kernel
+anything is injected (procksm.attach.seccomp_precheck). The filters come from
+PTRACE_SECCOMP_GET_FILTER as classic BPF; this module runs them on a seccomp_data like the kernel
 (kernel/seccomp.c, net/core/filter.c: the instructions seccomp_check_filter allows).
 """
 

@@ -1,8 +1,8 @@
-"""The scratch area procksm maps in a target (layout: procksm.scratch_layout), and the
+"""The scratch area procksm maps in a target (layout: procksm.attach.scratch_layout), and the
 removal of what a procksm that died in a window left there.
 
 Mapped by the first window of a session that needs it, unmapped when the session ends
-(procksm.attach.PtraceSession), forgotten when the target execs (the mapping went with
+(procksm.attach.session.PtraceSession), forgotten when the target execs (the mapping went with
 the old address space). Every step of its mapping leaves something with a name: an fd
 ``/memfd:procksm-scratch``, then the mapping; its first page holds the owner's pid and
 start time, so that a later procksm can tell a live owner's area from a dead one's.
@@ -25,11 +25,9 @@ from procksm.arch.x86_64 import (
     SYS_mmap,
     SYS_munmap,
 )
-from procksm.errors import ProcksmError
-from procksm.injected_call import SyscallInjector
-from procksm.kill_steps import step
-from procksm.procfs import read_stat_fields
-from procksm.scratch_layout import (
+from procksm.attach.injected_call import SyscallInjector
+from procksm.attach.kill_steps import step
+from procksm.attach.scratch_layout import (
     LEFTOVER_MEMFD_PREFIX,
     OWNER,
     SCRATCH_BYTES,
@@ -37,6 +35,8 @@ from procksm.scratch_layout import (
     SCRATCH_PATH,
     STAGING_PAGES,
 )
+from procksm.errors import ProcksmError
+from procksm.procfs import read_stat_fields
 
 
 def _own_start_time() -> int:

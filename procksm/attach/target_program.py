@@ -1,6 +1,6 @@
 """The program a target runs, as procksm's injected calls need it: its memory, opened
 once per program, and the `syscall; ret` wrapper and sigreturn trampoline of its own code
-that every injected call runs through (procksm.inject.find_gadgets). An exec replaces
+that every injected call runs through (procksm.attach.inject.find_gadgets). An exec replaces
 both; :meth:`TargetProgram.unchanged` notices it at the start of a window.
 """
 
@@ -10,9 +10,9 @@ import os
 
 from procksm import procfs
 from procksm.arch.x86_64 import SYSCALL_RET
-from procksm.diagnose import process_name
+from procksm.attach.diagnose import process_name
+from procksm.attach.inject import Gadgets, find_gadgets
 from procksm.errors import NoSuchProcess, ProcksmError, PtraceError, Unsupported
-from procksm.inject import Gadgets, find_gadgets
 from procksm.procfs import live_threads, thread_state
 
 

@@ -20,8 +20,7 @@ import contextlib
 import errno
 import time
 
-from procksm.errors import PtraceError
-from procksm.inject import (
+from procksm.attach.inject import (
     PTRACE_CONT,
     PTRACE_DETACH,
     Backoff,
@@ -35,8 +34,9 @@ from procksm.inject import (
     tgkill,
     wait_stop,
 )
-from procksm.kill_steps import step
-from procksm.tracees import Tracee
+from procksm.attach.kill_steps import step
+from procksm.attach.tracees import Tracee
+from procksm.errors import PtraceError
 
 
 class ThreadGroupResume:
@@ -61,7 +61,7 @@ class ThreadGroupResume:
         have not stopped become orphans.
 
         `as_is`: an injected call was abandoned still running
-        (procksm.injected_call.SyscallInjector._abandon). Every thread is then detached as
+        (procksm.attach.injected_call.SyscallInjector._abandon). Every thread is then detached as
         procksm's death would leave it: its registers and mask lead through its frames (a
         gated thread waits until the running call and the wake-up after it are done), so
         no thread runs its own code before a replacement in flight has finished (issue

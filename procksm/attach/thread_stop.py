@@ -33,9 +33,8 @@ from procksm.arch.x86_64 import (
     signed,
     unsigned,
 )
-from procksm.diagnose import check_attachable, process_name
-from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, PtraceError, PtraceTimeout
-from procksm.inject import (
+from procksm.attach.diagnose import check_attachable, process_name
+from procksm.attach.inject import (
     PTRACE_CONT,
     PTRACE_INTERRUPT,
     PTRACE_O_TRACECLONE,
@@ -51,8 +50,9 @@ from procksm.inject import (
     ptrace,
     set_regs,
 )
+from procksm.attach.tracees import Tracee
+from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, PtraceError, PtraceTimeout
 from procksm.procfs import read_status_fields, thread_state
-from procksm.tracees import Tracee
 
 SEIZE_OPTIONS = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXEC
 # Never PTRACE_O_EXITKILL: procksm dying must not kill its targets.
@@ -187,7 +187,7 @@ class ThreadGroupStop:
         elif kind is StopKind.EXEC:
             # The process runs a new program; other threads are gone (their exits are
             # reported) and the execing thread now has the leader's tid. The session
-            # then reopens the new program's memory (procksm.target_program).
+            # then reopens the new program's memory (procksm.attach.target_program).
             self.exec_seen = True
             former = get_event_msg(tid)
             if former != tid:

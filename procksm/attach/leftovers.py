@@ -3,21 +3,21 @@
 A killed procksm leaves the target safe (docs/kill-safety.md), but possibly with its
 scratch area mapped (``/memfd:procksm-scratch``) or an fd of a memfd of its open. Any
 later procksm recognises them by name and removes them before it merges or unmerges
-(``procksm.scratch.remove_leftovers_in_window`` does it in the first window of a
+(``procksm.attach.scratch.remove_leftovers_in_window`` does it in the first window of a
 session).
 """
 
 from __future__ import annotations
 
 from procksm import procfs
-from procksm.attach import PtraceSession
+from procksm.attach.scratch_layout import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH
+from procksm.attach.session import PtraceSession
 from procksm.errors import ProcksmError
-from procksm.scratch_layout import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH
 
 
 def has_leftovers(pid: int) -> bool:
     """Whether a procksm that died left something in `pid` (see
-    procksm.scratch.remove_leftovers_in_window): its scratch area, or a memfd fd of its."""
+    procksm.attach.scratch.remove_leftovers_in_window): its scratch area, or a memfd fd of its."""
     try:
         if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
             return True

@@ -2,7 +2,7 @@
 injects (a container profile, a sandbox), before anything is injected.
 
 Each thread's filters (PTRACE_SECCOMP_GET_FILTER) are run through the classic-BPF
-interpreter of :mod:`procksm.seccomp_bpf` on every call procksm may inject into it, with
+interpreter of :mod:`procksm.attach.seccomp_bpf` on every call procksm may inject into it, with
 procksm's instruction pointer and arguments like its own (docs/kill-safety.md).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 
-from procksm import PAGE_SIZE, seccomp_bpf
+from procksm import PAGE_SIZE
 from procksm.arch.x86_64 import (
     MADV_DONTNEED,
     MADV_POPULATE_READ,
@@ -40,16 +40,17 @@ from procksm.arch.x86_64 import (
     SYS_seccomp,
     SYS_socket,
 )
-from procksm.diagnose import AttachStatus
-from procksm.errors import PtraceError, Unsupported
-from procksm.inject import ptrace
-from procksm.scratch_layout import (
+from procksm.attach.diagnose import AttachStatus
+from procksm.attach.inject import ptrace
+from procksm.attach.scratch_layout import (
     FUTEX_OP_SET_1,
     FUTEX_WAIT_PRIVATE,
     FUTEX_WAKE_OP_PRIVATE,
     SCRATCH_BYTES,
 )
-from procksm.tracees import StoppedThreads
+from procksm.attach.seccomp_bpf import ACTION_NAMES, RUNS, SECCOMP_RET_ERRNO, verdict
+from procksm.attach.tracees import StoppedThreads
+from procksm.errors import PtraceError, Unsupported
 
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 
@@ -84,7 +85,7 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("seccomp", SYS_seccomp, (1, 0, 1 << 30), False),
     ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
 )
-# What a gated thread runs (procksm.return_frames): the wait, then its way back.
+# What a gated thread runs (procksm.attach.return_frames): the wait, then its way back.
 _GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
     ("rt_sigreturn", SYS_rt_sigreturn, (), True),
@@ -137,12 +138,12 @@ class SeccompPrecheck:
             filters = _seccomp_filters(tracee.tid)
             calls = _INJECTED_CALLS if tracee.tid == injector else _GATED_CALLS
             for name, nr, args, essential in calls:
-                action = seccomp_bpf.verdict(filters, nr, ip, args)
-                if action in seccomp_bpf.RUNS:
+                action = verdict(filters, nr, ip, args)
+                if action in RUNS:
                     continue
-                if action == seccomp_bpf.SECCOMP_RET_ERRNO and not essential:
+                if action == SECCOMP_RET_ERRNO and not essential:
                     continue  # procksm falls back (e.g. SCM_RIGHTS when pidfd_open fails)
-                what = seccomp_bpf.ACTION_NAMES.get(action, f"answers {action:#x} to")
+                what = ACTION_NAMES.get(action, f"answers {action:#x} to")
                 raise Unsupported(
                     f"pid {pid} ({status.name}): its seccomp filter {what} {name}(), "
                     "which procksm injects; not touched"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from procksm import procfs
 from procksm.arch import x86_64
 from procksm.arch.x86_64 import Registers
+from procksm.attach.inject import Stop, StopKind, read_memory, write_memory
 from procksm.errors import NoSuchProcess, ProcksmError, PtraceError
-from procksm.inject import Stop, StopKind, read_memory, write_memory
 from procksm.procfs import read_status_fields
 from procksm.procfs import thread_state as _thread_state
 
@@ -27,7 +27,7 @@ class Tracee:
     saved: Registers | None = None  # its own registers, read when it stopped
     dirty: bool = False  # registers changed (only true inside an injection)
     held_signals: list[bytes] = field(default_factory=list)  # siginfo, re-sent at resume
-    # Kill safety (procksm.return_frames): once armed, the thread's own state is in a
+    # Kill safety (procksm.attach.return_frames): once armed, the thread's own state is in a
     # frame on its stack, and whatever registers it holds lead back to that frame.
     sigmask: int | None = None  # its own signal mask, while procksm has blocked all
     chain: int = 0  # rsp for an injected call: the frame its `ret` returns through

@@ -5,23 +5,24 @@ session with a target (:class:`PtraceSession`) opens stop windows, and in a wind
 (:class:`StoppedTarget`) system calls are injected through kill-safe frames and the futex
 gate. The parts, each in its module:
 
-* :mod:`procksm.thread_stop` seizes and stops every thread; :mod:`procksm.thread_resume`
-  lets them go (own state back, held signals redelivered, orphans detached later);
-* :mod:`procksm.tracees` is what is known of each stopped thread, and the target's
-  memory reached through them; :mod:`procksm.target_program` the program it runs (its
+* :mod:`procksm.attach.thread_stop` seizes and stops every thread;
+  :mod:`procksm.attach.thread_resume` lets them go (own state back, held signals
+  redelivered, orphans detached later);
+* :mod:`procksm.attach.tracees` is what is known of each stopped thread, and the target's
+  memory reached through them; :mod:`procksm.attach.target_program` the program it runs (its
   memory opened, the gadgets injected calls run through, an exec noticed);
-* :mod:`procksm.injected_call` runs one call in a stopped thread;
-  :mod:`procksm.return_frames` writes its way back; :mod:`procksm.seccomp_precheck`
+* :mod:`procksm.attach.injected_call` runs one call in a stopped thread;
+  :mod:`procksm.attach.return_frames` writes its way back; :mod:`procksm.attach.seccomp_precheck`
   refuses a target whose seccomp filters would stop one;
-* :mod:`procksm.scratch` maps the scratch area (:mod:`procksm.scratch_layout`) and
+* :mod:`procksm.attach.scratch` maps the scratch area (:mod:`procksm.attach.scratch_layout`) and
   removes what a killed procksm left;
-* :mod:`procksm.deferred_signals` holds procksm's own SIGINT & co. back during a window;
-  :mod:`procksm.kill_steps` is the test switch that kills procksm after any step.
+* :mod:`procksm.attach.deferred_signals` holds procksm's own SIGINT & co. back during a window;
+  :mod:`procksm.attach.kill_steps` is the test switch that kills procksm after any step.
 
-Around them: why attaching would fail is :mod:`procksm.diagnose` (run before anything is
-touched), the raw ptrace calls are :mod:`procksm.inject`, what is x86_64's (registers,
+Around them: why attaching would fail is :mod:`procksm.attach.diagnose` (run before anything is
+touched), the raw ptrace calls are :mod:`procksm.attach.inject`, what is x86_64's (registers,
 syscall numbers, the frames' layout) is :mod:`procksm.arch.x86_64`, and what a killed
-procksm left is :mod:`procksm.leftovers`.
+procksm left is :mod:`procksm.attach.leftovers`.
 
 docs/design.md §2.5, §2.7, §2.8, §3.10, §6. The rules these modules keep:
 
@@ -43,8 +44,8 @@ docs/design.md §2.5, §2.7, §2.8, §3.10, §6. The rules these modules keep:
   done. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked in the calling thread for the
   whole window and take effect right after it.
 * Restart of interrupted system calls is left to the kernel: windows end with
-  PTRACE_DETACH (procksm.thread_resume), and an epoll_wait the kernel answered with a
-  plain -EINTR is made restartable at the stop (procksm.thread_stop).
+  PTRACE_DETACH (procksm.attach.thread_resume), and an epoll_wait the kernel answered with a
+  plain -EINTR is made restartable at the stop (procksm.attach.thread_stop).
 * Signals are never swallowed: a signal-delivery-stop met while waiting for a thread to
   stop is resumed at once with its signal; while a thread holds procksm's registers all
   its signals are blocked (PTRACE_SETSIGMASK) and stay pending until its own mask is
@@ -62,22 +63,22 @@ from types import TracebackType
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import Registers, SYS_munmap
-from procksm.deferred_signals import signals_deferred
-from procksm.diagnose import AttachStatus, check_attachable
+from procksm.attach.deferred_signals import signals_deferred
+from procksm.attach.diagnose import AttachStatus, check_attachable
+from procksm.attach.inject import Gadgets, get_regs
+from procksm.attach.injected_call import SyscallInjector
+from procksm.attach.kill_steps import step
+from procksm.attach.locks import WindowLock
+from procksm.attach.return_frames import ReturnFrames
+from procksm.attach.scratch import ScratchArea, remove_leftovers_in_window
+from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES
+from procksm.attach.seccomp_precheck import SeccompPrecheck
+from procksm.attach.target_program import TargetProgram
+from procksm.attach.thread_resume import ThreadGroupResume
+from procksm.attach.thread_stop import ThreadGroupStop
+from procksm.attach.tracees import StoppedThreads, Tracee
 from procksm.errors import NoSuchProcess, ProcksmError, PtraceError
-from procksm.inject import Gadgets, get_regs
-from procksm.injected_call import SyscallInjector
-from procksm.kill_steps import step
-from procksm.locks import WindowLock
 from procksm.procfs import read_stat_fields
-from procksm.return_frames import ReturnFrames
-from procksm.scratch import ScratchArea, remove_leftovers_in_window
-from procksm.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES
-from procksm.seccomp_precheck import SeccompPrecheck
-from procksm.target_program import TargetProgram
-from procksm.thread_resume import ThreadGroupResume
-from procksm.thread_stop import ThreadGroupStop
-from procksm.tracees import StoppedThreads, Tracee
 
 
 class PtraceSession:
@@ -195,7 +196,7 @@ class PtraceSession:
 
     def _close_window(self, target: StoppedTarget | None, tracees: dict[int, Tracee]) -> None:
         """Resume every thread of the window; after an abandoned call, as procksm's death
-        would (procksm.thread_resume)."""
+        would (procksm.attach.thread_resume)."""
         if target is not None:
             target.end()
             self.signals_held += target.signals_held
@@ -273,7 +274,7 @@ class StoppedTarget:
     @property
     def abandoned(self) -> str | None:
         """Why this window ended early with an injected call still running
-        (procksm.injected_call): then nothing more is injected in it."""
+        (procksm.attach.injected_call): then nothing more is injected in it."""
         return self._calls.abandoned
 
     @property
@@ -304,8 +305,8 @@ class StoppedTarget:
         """Run system call `nr` in a stopped thread (default: the injecting thread).
 
         Returns the raw rax: the result, or -errno. Runs the target's own `syscall; ret`
-        with rsp at a signal frame of the thread's own state (procksm.injected_call,
-        procksm.return_frames): if procksm dies at any instant, the thread runs at most
+        with rsp at a signal frame of the thread's own state (procksm.attach.injected_call,
+        procksm.attach.return_frames): if procksm dies at any instant, the thread runs at most
         this call and returns to its own state by itself. The thread keeps those
         registers until the window ends; its own are put back then.
         """
@@ -371,9 +372,9 @@ class StoppedTarget:
     def scratch(self) -> int:
         """Address of a read-write page in the target for syscall arguments.
 
-        Page 1 of the scratch area (procksm.scratch_layout), mapped once per session and
+        Page 1 of the scratch area (procksm.attach.scratch_layout), mapped once per session and
         unmapped when the session ends. The first time, what a procksm killed earlier
-        left in the target is removed first (procksm.scratch.remove_leftovers_in_window).
+        left in the target is removed first (procksm.attach.scratch.remove_leftovers_in_window).
         """
         return self._scratch_base() + PAGE_SIZE
 
