@@ -177,7 +177,9 @@ FUTEX_WAKE_OP_PRIVATE = 5 | 128
 FUTEX_OP_SET_1 = 1 << 12
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
 _ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
-MAX_UNDO = 2  # undo frames a window may stack (StoppedTarget.undo_on_death)
+# undo frames a window may stack (StoppedTarget.undo_on_death): an extent's advice, up to
+# three (procfs.REAPPLIED_VMFLAGS: THP, readahead, dump), or a hand-over's two
+MAX_UNDO = 3
 # What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
 # scratch memfd and of segments. (Unnamed fds it creates are undone on death instead.)
 LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"
