@@ -43,6 +43,8 @@ class MappingRef:
     end: int
     name: str
     perms: str
+    # madvise values that give a replacement of this VMA its VmFlags again (Vma.advice)
+    advice: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -57,6 +57,7 @@ class TargetMerger:
         refused: list[Refusal],
     ) -> None:
         self.pid = tp.pid
+        self.advice_at = tp.advice_at
         self.extents = tp.extents
         self.zero_extents = tp.zero_extents
         self.opts = opts
@@ -180,21 +181,37 @@ class TargetMerger:
         try:
             for e, prot in ext_ok:
                 seg, off = self.slots.piece(e.slot)
-                got = st.syscall_checked(
-                    SYS_mmap, e.addr, e.npages * PAGE_SIZE, prot,
-                    MAP_PRIVATE | MAP_FIXED, fds[seg.id], off, name="mmap",
-                )  # fmt: skip
-                if got != e.addr:
-                    # MAP_FIXED never moves a mapping; anything else is a bug
-                    raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
-                # Read-populate only: all PTEs point at the memfd pages now.
-                st.syscall(SYS_madvise, e.addr, e.npages * PAGE_SIZE, MADV_POPULATE_READ)
+                self._map_extent(st, e, prot, fds[seg.id], off)
                 res.pages_merged += e.npages
                 res.extents += 1
                 self.slots.mark_mapped(e)
         finally:
             for fd in fds.values():
                 st.syscall(SYS_close, fd)
+
+    def _map_extent(self, st: StoppedTarget, e: Extent, prot: int, fd: int, off: int) -> None:
+        """mmap the slots over the extent, give the new mapping the VMA's advice again
+        (hg, nh, sr, rr, dd: procfs.REAPPLIED_VMFLAGS), populate it.
+
+        Each advice is also an undo frame: if procksm dies after the mmap, the target's
+        injecting thread makes the madvise on its way back, before the gated threads
+        run, so the range never runs without its advice. Made before the mmap (procksm
+        died first) it lands on the original VMA, which carries it already: a no-op."""
+        length = e.npages * PAGE_SIZE
+        advice = self.advice_at(e.addr)
+        with contextlib.ExitStack() as undo:
+            for adv in advice:
+                undo.enter_context(st.undo_on_death(SYS_madvise, e.addr, length, adv))
+            got = st.syscall_checked(
+                SYS_mmap, e.addr, length, prot, MAP_PRIVATE | MAP_FIXED, fd, off, name="mmap"
+            )
+            if got != e.addr:
+                # MAP_FIXED never moves a mapping; anything else is a bug
+                raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
+            for adv in advice:
+                st.syscall_checked(SYS_madvise, e.addr, length, adv, name="madvise")
+        # Read-populate only: all PTEs point at the memfd pages now.
+        st.syscall(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
 
     def _drop_zero_pages(self, st: StoppedTarget, zero_ok: list[ZeroExtent]) -> None:
         for z in zero_ok:

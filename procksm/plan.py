@@ -52,6 +52,15 @@ class TargetPlan:
     zero_extents: list[ZeroExtent] = field(default_factory=list)
     pages_refused_budget: int = 0
     extents_refused_budget: int = 0
+    # (start, end, advice) of the target's scanned VMAs that carry advice (MappingRef)
+    advised: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+
+    def advice_at(self, addr: int) -> tuple[int, ...]:
+        """The madvise values a replacement mapping at ``addr`` is given again."""
+        for start, end, advice in self.advised:
+            if start <= addr < end:
+                return advice
+        return ()
 
     @property
     def pages(self) -> int:
@@ -112,6 +121,9 @@ def plan_merge(
     rows, slot_of_row, slot_rows = _number_slots(t, candidates)
     starts = np.array([m.start for m in scan.mappings] or [0], dtype=np.int64)
     targets = {p.pid: TargetPlan(p.pid) for p in scan.processes}
+    for m in scan.mappings:
+        if m.advice:
+            targets[scan.processes[m.proc].pid].advised.append((m.start, m.end, m.advice))
     _add_extents(scan, starts, rows, slot_of_row, segment_pages, targets)
     if zero_pages:
         zrows = np.flatnonzero(mergeable[:n] & (t.content == CONTENT_ZERO))

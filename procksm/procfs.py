@@ -31,6 +31,13 @@ import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE
+from procksm.arch.x86_64 import (
+    MADV_DONTDUMP,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+)
 from procksm.closing import Closing
 from procksm.errors import AccessDenied, NoSuchProcess, ProcksmError, Unsupported, ZombieProcess
 
@@ -151,6 +158,12 @@ class Vma:
     @property
     def npages(self) -> int:
         return (self.end - self.start) // PAGE_SIZE
+
+    @property
+    def advice(self) -> tuple[int, ...]:
+        """The madvise(2) values that give a replacement of this VMA its VmFlags again
+        (REAPPLIED_VMFLAGS); empty when read from maps, not smaps."""
+        return tuple(adv for flag, (_, adv) in REAPPLIED_VMFLAGS.items() if flag in self.vmflags)
 
     @property
     def size(self) -> int:
@@ -312,11 +325,21 @@ ALLOWED_VMFLAGS = frozenset(
         "ac",  # accountable: every private writable mapping
         "nr",  # MAP_NORESERVE: accounting only (heaps of JVMs, Go); merge keeps it on the mmap
         "sd",  # soft-dirty tracking (CRIU): a replaced page is simply dirty
-        "nh",  # MADV_NOHUGEPAGE: 4 KiB pages are what merging produces anyway
-        "sr",  # MADV_SEQUENTIAL / MADV_RANDOM: readahead/reclaim hints only; losing them
-        "rr",  #   on the replaced range changes no data
     }
 )
+
+# VmFlags set by madvise(2) advice that the replacement mapping is given again, in the
+# same stop window, under undo frames (procksm.merge_target; docs/design.md §3.2): the
+# merged range keeps them in smaps, in forks and after an unmerge. madvise sets these on
+# any VMA, a private mapping of a memfd included (mm/madvise.c, madvise_update_vma;
+# hugepage_madvise for hg/nh). Flag -> (advice name, advice value), one advice per group.
+REAPPLIED_VMFLAGS: dict[str, tuple[str, int]] = {
+    "hg": ("MADV_HUGEPAGE", MADV_HUGEPAGE),  # numpy's arrays >= 4 MiB, JVM heaps with THP
+    "nh": ("MADV_NOHUGEPAGE", MADV_NOHUGEPAGE),
+    "sr": ("MADV_SEQUENTIAL", MADV_SEQUENTIAL),  # readahead hints
+    "rr": ("MADV_RANDOM", MADV_RANDOM),
+    "dd": ("MADV_DONTDUMP", MADV_DONTDUMP),  # the range stays out of core dumps
+}
 
 # Each excluded flag with the short reason shown in reports. Ordered: when a VMA carries
 # several, the first one here is reported. Source: show_smap_vma_flags() in
@@ -332,13 +355,16 @@ EXCLUDED_VMFLAGS: dict[str, str] = {
     "pf": "pure PFN mapping (pf)",  # no struct pages behind it
     "mm": "mixed map (mm)",  # driver-inserted pages
     "dw": "deny-write mapping (dw)",  # historic executable mappings
-    "dc": "MADV_DONTFORK (dc)",  # RDMA / DMA buffers: pinned for I/O (§3.4)
+    # RDMA / DMA buffers pinned for I/O (§3.4): a replaced page would leave the device
+    # writing into the old one. (V8's heap carries it too; hashing 3 node processes found
+    # 3 MiB of 518 MiB duplicated there: not worth an exception.)
+    "dc": "MADV_DONTFORK (dc): may be a DMA buffer",
     "de": "do not expand (de)",  # driver / special mapping
-    "wf": "MADV_WIPEONFORK (wf)",  # replacement loses it; MADV_WIPEONFORK then EINVALs (§3.2)
-    "dd": "MADV_DONTDUMP (dd)",  # replacement would drop it (and the page from core dumps)
+    # madvise(MADV_WIPEONFORK) works only on private anonymous memory: the replacement
+    # (a file mapping) cannot be given it again (§3.2)
+    "wf": "MADV_WIPEONFORK (wf)",
     "dp": "droppable (dp)",  # MAP_DROPPABLE (vDSO getrandom state): may vanish any time
     "ht": "hugetlb (ht)",  # hugetlbfs pages are not 4 KiB anon pages
-    "hg": "MADV_HUGEPAGE (hg)",  # the replacement would lose the THP advice
     "mg": "registered with the kernel's KSM (mg)",  # MADV_MERGEABLE: the kernel's KSM owns it
     "um": "userfaultfd missing (um)",  # a uffd handler owns the faults of this range
     "uw": "userfaultfd write-protect (uw)",
@@ -394,7 +420,7 @@ def ineligibility(vma: Vma, *, ours: bool = False) -> str | None:
     for flag, reason in _REQUIRED_VMFLAGS:
         if flag not in vma.vmflags:
             return reason
-    unknown = sorted(vma.vmflags - ALLOWED_VMFLAGS)
+    unknown = sorted(vma.vmflags - ALLOWED_VMFLAGS - REAPPLIED_VMFLAGS.keys())
     if unknown:
         return f"unknown VmFlag {unknown[0]}"
     if vma.protection_key != 0:

@@ -192,7 +192,7 @@ def _select_targets(
                 )
                 continue
             mi = len(mappings)
-            mappings.append(MappingRef(i, vma.start, vma.end, vma.name, vma.perms))
+            mappings.append(MappingRef(i, vma.start, vma.end, vma.name, vma.perms, vma.advice))
             sel.extend((mi, s, e) for s, e in parts)
             rss.append(vma.rss_kb * 1024 // PAGE_SIZE)
         targets.append(_Target(i, ident, sel, rss))

@@ -25,6 +25,7 @@ from procksm.arch.x86_64 import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    SYS_madvise,
     SYS_mmap,
     SYS_mprotect,
     SYS_mremap,
@@ -50,6 +51,11 @@ class UnmergeResult:
 def merged_ranges(pid: int) -> list[procfs.Vma]:
     """procksm's mappings in a target, recognised by the memfd's name."""
     return [v for v in procfs.read_maps(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
+
+
+def merged_vmas(pid: int) -> list[procfs.Vma]:
+    """:func:`merged_ranges` with their VmFlags (smaps: slower, it walks page tables)."""
+    return [v for v in procfs.read_vmas(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
 
 
 def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
@@ -97,6 +103,9 @@ def unmerge_pieces(
     anonymous memory again); returns the pages unmerged. Each window re-checks, under
     stop, which mappings are still procksm's: whatever changed since is left alone."""
     done = 0
+    # The merged ranges' advice (hg, nh, ...: given to them by the merge), read from smaps
+    # once, outside the stops: the anonymous memory that replaces them gets it again.
+    advised = [(v.start, v.end, v.advice) for v in merged_vmas(pid) if v.advice]
     with PtraceSession(pid) as sess:
         for start, end in pieces:
             with procfs.MapsQuery(pid) as maps:
@@ -114,7 +123,8 @@ def unmerge_pieces(
                         if now is None or not now.name.startswith(SEGMENT_NAME_PREFIX):
                             break  # unmapped or remapped meanwhile: not ours to replace
                         n = min(n, now.end - addr)
-                        _unmerge_piece(st, addr, n, now.perms)
+                        advice = next((a for s, e, a in advised if s <= addr < e), ())
+                        _unmerge_piece(st, addr, n, now.perms, advice)
                     done += n // PAGE_SIZE
                     addr += n
         if pauses is not None:
@@ -122,13 +132,17 @@ def unmerge_pieces(
     return done
 
 
-def _unmerge_piece(st: StoppedTarget, addr: int, length: int, perms: str) -> None:
+def _unmerge_piece(
+    st: StoppedTarget, addr: int, length: int, perms: str, advice: tuple[int, ...] = ()
+) -> None:
     """Replace [addr, addr+length) by private anonymous memory with the same bytes, in
     one step: the new pages are built in the scratch area's staging range, then moved
     over the range by one mremap(MREMAP_FIXED | MREMAP_DONTUNMAP). At every instant the
-    range holds either its merged mapping or its complete new content; the staging
-    range stays mapped (DONTUNMAP), so nothing of the target's can come to lie inside
-    procksm's scratch area. Zero pages are not written: they read as zeros."""
+    range holds either its merged mapping or its complete new content, with its advice
+    (``advice``: madvise values, given to the staging range before the move; mremap
+    keeps a VMA's flags); the staging range stays mapped (DONTUNMAP), so nothing of the
+    target's can come to lie inside procksm's scratch area. Zero pages are not written:
+    they read as zeros."""
     st.hold_others()
     stage, room = st.staging()
     if length > room:
@@ -152,6 +166,8 @@ def _unmerge_piece(st: StoppedTarget, addr: int, length: int, perms: str) -> Non
             st.write_memory(stage + a, data[a:b])
     if prot != PROT_READ | PROT_WRITE:
         st.syscall_checked(SYS_mprotect, stage, length, prot, name="mprotect")
+    for adv in advice:
+        st.syscall_checked(SYS_madvise, stage, length, adv, name="madvise")
     flags = MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP
     got = st.syscall_checked(SYS_mremap, stage, length, length, flags, addr, name="mremap")
     if got != addr:

@@ -28,6 +28,7 @@ from procksm.merge import MergeEngine, MergeOptions, MergeResult
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile, parse_smaps
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.unmerge import unmerge
 from tests.conftest import Target, build_c_target, machine_lacks, require_privileges
 from tests.daemon_helpers import Truth
 
@@ -427,16 +428,57 @@ def test_nobody_can_write_the_sealed_memfd(pair) -> None:  # type: ignore[no-unt
 
 
 # --------------------------------------------------------------------------------------
-# 4. Attributes the replacement mapping would lose: never merged
+# 4. Attributes: those madvise can give the replacement again are kept; the others are
+#    never merged
 # --------------------------------------------------------------------------------------
 
 ATTRS = {
     "mlock": ("lo", "mlocked (lo)"),
     "wipeonfork": ("wf", "MADV_WIPEONFORK (wf)"),
-    "dontdump": ("dd", "MADV_DONTDUMP (dd)"),
-    "hugepage": ("hg", "MADV_HUGEPAGE (hg)"),
-    "dontfork": ("dc", "MADV_DONTFORK (dc)"),
+    "dontfork": ("dc", "MADV_DONTFORK (dc): may be a DMA buffer"),
 }
+
+# --attr of planted -> the VmFlags the region then carries (planted gives every region
+# MADV_NOHUGEPAGE first: nh stays unless hugepage replaces it)
+KEPT_ATTRS = {
+    "hugepage": {"hg"},
+    "dontdump": {"dd", "nh"},
+    "sequential": {"sr", "nh"},
+    "random": {"rr", "nh"},
+}
+ADVICE_FLAGS = {"hg", "nh", "sr", "rr", "dd"}
+
+
+def _advice_flags(pid: int, addr: int) -> set[str]:
+    return set(smaps_at(pid, addr).vmflags) & ADVICE_FLAGS
+
+
+@pytest.mark.parametrize("attr", sorted(KEPT_ATTRS))
+def test_advice_is_kept_by_merge_fork_and_unmerge(spawn, attr: str) -> None:  # type: ignore[no-untyped-def]
+    """A region with advice is merged, and its replacement carries the same VmFlags in
+    smaps; a child forked then sees its memory; unmerged, the
+    anonymous memory has them again (numpy's MADV_HUGEPAGE arrays, issue 15)."""
+    want = KEPT_ATTRS[attr]
+    targets = start_pair(spawn, "--attr", attr)
+    for t in targets:
+        assert _advice_flags(t.pid, t.int("identical")) == want
+    res = merge(targets)
+    assert res.pages_merged == 2 * N, res.as_json()["refused"]
+    for t in targets:
+        start, end = region(t, "identical")
+        vmas = memfd_vmas(t.pid, start, end)
+        assert vmas and vmas[0][0] == start, vmas
+        for a, _b, _ino in vmas:
+            assert _advice_flags(t.pid, a) == want, smaps_at(t.pid, a)
+        assert t.command("fork") == f"CHILD exit=0 OK pages={N + U}"
+        assert t.command("check").startswith("OK")
+    assert unmerge(targets[0].pid).pages_unmerged == N
+    t = targets[0]
+    start, end = region(t, "identical")
+    assert memfd_vmas(t.pid, start, end) == []
+    assert _advice_flags(t.pid, start) == want, smaps_at(t.pid, start)
+    assert t.command("check").startswith("OK")
+    assert_all_ok(*targets)
 
 
 def _assert_refused(targets: list[Target], res: MergeResult, reason: str) -> None:

@@ -36,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from procksm import PAGE_SIZE
+from procksm.procfs import parse_smaps
 from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
     Target,
@@ -232,10 +234,26 @@ def _sweep(
         for t in targets:
             try:
                 assert_target_intact(t)
+                _assert_advice_kept(t)
             except AssertionError as e:
                 raise AssertionError(f"killed after step {n}: {e}") from None
         _unmerge_clean(targets, baseline)
+        for t in targets:
+            _assert_advice_kept(t)  # and after the unmerge
         yield n
+
+
+def _assert_advice_kept(t: Target) -> None:
+    """planted gives its regions MADV_NOHUGEPAGE: whatever maps them now (the original
+    anonymous VMA, a segment mapping, a piece of each) has `nh` in smaps (the merge
+    gives it again under an undo frame, docs/kill-safety.md)."""
+    start = t.int("identical")
+    end = start + t.int("identical_pages") * PAGE_SIZE
+    vmas = parse_smaps(Path(f"/proc/{t.pid}/smaps").read_text())
+    inside = [v for v in vmas if v.start < end and start < v.end]
+    assert inside, f"pid {t.pid}: nothing mapped at the identical region"
+    lost = [f"{v.start:#x}-{v.end:#x} {v.path}" for v in inside if "nh" not in v.vmflags]
+    assert not lost, f"pid {t.pid}: MADV_NOHUGEPAGE lost on {lost}"
 
 
 def _kinds_in(kinds: list[str], window: range) -> set[str]:

@@ -136,13 +136,13 @@ EXPECTED_REASONS: dict[str, str | None] = {
     "[anon:flag-pf]": "pure PFN mapping (pf)",
     "[anon:flag-mm]": "mixed map (mm)",
     "[anon:flag-dw]": "deny-write mapping (dw)",
-    "[anon:flag-dc]": "MADV_DONTFORK (dc)",
+    "[anon:flag-dc]": "MADV_DONTFORK (dc): may be a DMA buffer",
     "[anon:flag-de]": "do not expand (de)",
     "[anon:flag-wf]": "MADV_WIPEONFORK (wf)",
-    "[anon:flag-dd]": "MADV_DONTDUMP (dd)",
+    "[anon:flag-dd]": None,  # given again to the replacement (REAPPLIED_VMFLAGS)
     "[anon:flag-dp]": "droppable (dp)",
     "[anon:flag-ht]": "hugetlb (ht)",
-    "[anon:flag-hg]": "MADV_HUGEPAGE (hg)",
+    "[anon:flag-hg]": None,
     "[anon:flag-mg]": "registered with the kernel's KSM (mg)",
     "[anon:flag-um]": "userfaultfd missing (um)",
     "[anon:flag-uw]": "userfaultfd write-protect (uw)",
@@ -196,8 +196,23 @@ def test_every_vmflag_has_its_reason() -> None:
         *("dc", "de", "lf", "ac", "nr", "ht", "sf", "ar", "wf", "dd", "bt", "sd", "mm", "hg"),
         *("nh", "mg", "um", "uw", "mt", "ui", "ss", "dp", "sl", "dw"),
     }
-    assert kernel_mnemonics == set(procfs.ALLOWED_VMFLAGS) | set(procfs.EXCLUDED_VMFLAGS)
-    assert not set(procfs.ALLOWED_VMFLAGS) & set(procfs.EXCLUDED_VMFLAGS)
+    allowed, excluded = set(procfs.ALLOWED_VMFLAGS), set(procfs.EXCLUDED_VMFLAGS)
+    reapplied = set(procfs.REAPPLIED_VMFLAGS)
+    assert kernel_mnemonics == allowed | excluded | reapplied
+    assert not allowed & excluded and not allowed & reapplied and not excluded & reapplied
+
+
+def test_the_advice_a_replacement_gets_again() -> None:
+    """A VMA's advice flags (hg, nh, sr, rr, dd) become the madvise calls that give the
+    replacement mapping the same VmFlags; other flags give none."""
+    vmas = {v.name: v for v in procfs.parse_smaps(fixture("smaps_vmflags.txt"))}
+    assert vmas["[anon:flag-hg]"].advice == (14,)  # MADV_HUGEPAGE
+    assert vmas["[anon:allowed-nh]"].advice == (15,)
+    assert vmas["[anon:allowed-sr]"].advice == (2,)
+    assert vmas["[anon:allowed-rr]"].advice == (1,)
+    assert vmas["[anon:flag-dd]"].advice == (16,)
+    assert vmas["[heap]"].advice == ()
+    assert procfs.Vma(0, 4096, "rw-p", 0, "00:00", 0, "").advice == ()  # from maps: unknown
 
 
 def test_smaps_fields_and_pkey() -> None:
@@ -386,10 +401,10 @@ def test_real_vmflags_give_their_reasons(anon: Callable[..., AnonMapping]) -> No
     cases: list[tuple[AnonMapping, str | None]] = []
     for advice, reason in [
         (MADV_NORMAL, None),
-        (MADV_DONTFORK, "MADV_DONTFORK (dc)"),
+        (MADV_DONTFORK, "MADV_DONTFORK (dc): may be a DMA buffer"),
         (MADV_WIPEONFORK, "MADV_WIPEONFORK (wf)"),
-        (MADV_DONTDUMP, "MADV_DONTDUMP (dd)"),
-        (MADV_HUGEPAGE, "MADV_HUGEPAGE (hg)"),
+        (MADV_DONTDUMP, None),  # given again to the replacement (REAPPLIED_VMFLAGS)
+        (MADV_HUGEPAGE, None),
         (MADV_MERGEABLE, "registered with the kernel's KSM (mg)"),
     ]:
         m = anon(4)

@@ -183,11 +183,12 @@ for line in sys.stdin:
 
 
 def _start_workers(tmp_path: Path, n: int) -> list[subprocess.Popen[str]]:
-    """``n`` numpy workers (WORKER) without hugepage advice, so that procksm may merge
-    their arrays; each prints READY once its data is built."""
+    """``n`` numpy workers (WORKER) with numpy's defaults: arrays of 4 MiB or more are
+    madvise(MADV_HUGEPAGE)d (THP-backed here, THP is "madvise"); each prints READY once
+    its data is built."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {"PATH": "/usr/bin:/bin", "NUMPY_MADVISE_HUGEPAGE": "0", "OPENBLAS_NUM_THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1"}
     return [
         subprocess.Popen(
             [sys.executable, str(script)],

@@ -43,7 +43,9 @@ from procksm.errors import PtraceError, Unsupported
 
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
 ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
-MAX_UNDO = 2  # undo frames a window may stack (ReturnFrames.undo_on_death)
+# undo frames a window may stack (ReturnFrames.undo_on_death): an extent's advice, up to
+# three (procfs.REAPPLIED_VMFLAGS: THP, readahead, dump), or a hand-over's two
+MAX_UNDO = 3
 
 
 def _wake_call(gate: int) -> tuple[int, ...]:

@@ -69,10 +69,6 @@ def demo_workers(
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
-                    # numpy madvise(MADV_HUGEPAGE)s arrays >= 4 MiB; procksm never merges
-                    # such ranges (the replacement mapping would drop the THP advice), so
-                    # the workers, like a service that wants merging, turn it off.
-                    env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"},
                 )
             )
         for p in procs:

@@ -154,7 +154,9 @@ def engine_input(
         cut = np.flatnonzero(np.diff(vstart) != 0) + 1
         for a0, b0 in zip([0, *cut.tolist()], [*cut.tolist(), pos.size], strict=True):
             p = t.parts[int(pi[a0])]
-            mappings.append(MappingRef(len(processes) - 1, p.vma_start, p.vma_end, p.name, p.perms))
+            mappings.append(
+                MappingRef(len(processes) - 1, p.vma_start, p.vma_end, p.name, p.perms, p.advice)
+            )
             bounds.append(n + b0)
         kept.append(pos)
         n += pos.size

@@ -135,6 +135,7 @@ class Part:
     # one of procksm's own segment mappings: only the pages a write copied there (now
     # anonymous) are read, and merged again like any other page (never as zero pages)
     merged: bool = False
+    advice: tuple[int, ...] = ()  # procfs.Vma.advice: given again to a replacement
 
 
 @dataclass
@@ -198,6 +199,7 @@ class Target:
                         vma.perms,
                         vma.rss_kb * 1024 // PAGE_SIZE,
                         merged=ours,
+                        advice=vma.advice,
                     )
                 )
         self.parts = parts

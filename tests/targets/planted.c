@@ -107,7 +107,7 @@
  *   quit           -> exits 0
  *
  * --attr A       apply attribute A to the identical region after filling it: mlock,
- *                wipeonfork, dontdump, hugepage, dontfork, pkey (pkey_alloc + pkey_mprotect;
+ *                wipeonfork, dontdump, hugepage, dontfork, sequential, random, pkey (pkey_alloc + pkey_mprotect;
  *                exits 4 if refused), anonname (PR_SET_VMA_ANON_NAME; exits 4 if refused)
  */
 #define _GNU_SOURCE
@@ -595,6 +595,8 @@ static void apply_attr(const char *attr, unsigned char *p, size_t n) {
     else if (!strcmp(attr, "dontdump")) rc = madvise(p, n * PAGE, MADV_DONTDUMP);
     else if (!strcmp(attr, "hugepage")) rc = madvise(p, n * PAGE, MADV_HUGEPAGE);
     else if (!strcmp(attr, "dontfork")) rc = madvise(p, n * PAGE, MADV_DONTFORK);
+    else if (!strcmp(attr, "sequential")) rc = madvise(p, n * PAGE, MADV_SEQUENTIAL);
+    else if (!strcmp(attr, "random")) rc = madvise(p, n * PAGE, MADV_RANDOM);
     else if (!strcmp(attr, "pkey")) {
         long key = syscall(SYS_pkey_alloc, 0, 0);
         if (key < 0) { fprintf(stderr, "planted: pkey_alloc: %s\n", strerror(errno)); exit(4); }
