@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +223,27 @@ def _unmerge_clean(targets: list[Target], baseline: dict[int, dict[int, str]]) -
         assert_target_intact(t)
 
 
-def _sweep(
-    targets: list[Target], args: list[object], steps: range, *, timeout: float = 30
-) -> Iterator[int]:
-    """Kill procksm after each step in `steps`; check and clean the targets after each."""
-    baseline = {t.pid: _fds(t.pid) for t in targets}
+Setup = Callable[[], tuple[list[Target], list[object]]]
+
+
+def _logged_windows(setup: Setup, tmp: Path, timeout: float = 60) -> tuple[list[str], list[range]]:
+    """Step kinds and stop windows of one run of procksm on fresh targets (``setup``)."""
+    targets, args = setup()
+    kinds = _step_log(args, tmp, timeout)
+    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
+    for t in targets:
+        t.kill()
+    return kinds, _windows(kinds)
+
+
+def _sweep(setup: Setup, steps: range, *, timeout: float = 30) -> Iterator[int]:
+    """Kill procksm after each step in `steps`, each time on fresh targets from `setup`:
+    the run then replays the logged one (targets it merged before are guarded already,
+    and their windows differ: the step numbers would land elsewhere); check the
+    targets, unmerge them, check again."""
     for n in steps:
+        targets, args = setup()
+        baseline = {t.pid: _fds(t.pid) for t in targets}
         _run(args, timeout, kill_at=n)
         time.sleep(0.1)  # released threads finish their frames' calls
         for t in targets:
@@ -240,6 +255,7 @@ def _sweep(
         _unmerge_clean(targets, baseline)
         for t in targets:
             _assert_advice_kept(t)  # and after the unmerge
+            t.kill()
         yield n
 
 
@@ -265,18 +281,25 @@ def privileged() -> None:
     require_privileges()
 
 
+def _merge_of(spawn: Any, n: int = 2, **kw: Any) -> Setup:
+    """Fresh canary targets, and `procksm merge` of them."""
+
+    def setup() -> tuple[list[Target], list[object]]:
+        targets = _spawn_canaries(spawn, n, **kw)
+        return targets, ["merge", *(t.pid for t in targets)]
+
+    return setup
+
+
 def test_kill_after_every_step_of_first_and_merge_windows(
     privileged: None, spawn: Any, tmp_path: Path
 ) -> None:
-    targets = _spawn_canaries(spawn, 2)
-    args: list[object] = ["merge", *(t.pid for t in targets)]
-    kinds = _step_log(args, tmp_path)
-    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
-    windows = _windows(kinds)
+    setup = _merge_of(spawn)
+    kinds, windows = _logged_windows(setup, tmp_path)
     first, merge = windows[0], windows[1]  # the first target's two windows
     assert {"name", "owner"} <= _kinds_in(kinds, first)  # the scratch area is made there
-    assert {"gate", "arm", "frames", "load"} <= _kinds_in(kinds, merge)
-    done = list(_sweep(targets, args, range(first.start, merge.stop)))
+    assert {"gate", "arm", "frames", "load", "undo"} <= _kinds_in(kinds, merge)
+    done = list(_sweep(setup, range(first.start, merge.stop)))
     assert len(done) == merge.stop - first.start
     print(f"\nkilled after each of {len(done)} steps (windows {first}, {merge})")
 
@@ -286,14 +309,16 @@ def test_kill_after_every_step_of_a_scm_rights_merge_window(
 ) -> None:
     # Another mount namespace: /proc/<procksm>/fd is not reachable, the memfds are handed
     # over with SCM_RIGHTS on a socket the target creates (procksm.fdpass).
-    targets = _spawn_canaries(spawn, 2, prefix=["unshare", "--mount"])
-    for t in targets:
-        assert t.int("pid") == t.pid
-    args: list[object] = ["merge", *(t.pid for t in targets)]
-    kinds = _step_log(args, tmp_path)
-    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
-    merge = _windows(kinds)[1]
-    done = list(_sweep(targets, args, merge))
+    merge_of = _merge_of(spawn, prefix=["unshare", "--mount"])
+
+    def setup() -> tuple[list[Target], list[object]]:
+        targets, args = merge_of()
+        assert all(t.int("pid") == t.pid for t in targets)  # our pid namespace
+        return targets, args
+
+    _kinds, windows = _logged_windows(setup, tmp_path)
+    merge = windows[1]
+    done = list(_sweep(setup, merge))
     assert len(done) == len(merge)
 
 
@@ -301,14 +326,15 @@ def test_kill_after_every_step_of_a_zero_page_window(
     privileged: None, spawn: Any, tmp_path: Path
 ) -> None:
     exe = build_c_target("planted")
-    targets = [spawn([exe, "--zero", 32, "--seed", 7, "--canaries", "--counters", 0])]
-    time.sleep(0.3)
-    args: list[object] = ["merge", targets[0].pid]
-    kinds = _step_log(args, tmp_path)
-    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
-    windows = _windows(kinds)
+
+    def setup() -> tuple[list[Target], list[object]]:
+        target = spawn([exe, "--zero", 32, "--seed", 7, "--canaries", "--counters", 0])
+        time.sleep(0.3)
+        return [target], ["merge", target.pid]
+
+    kinds, windows = _logged_windows(setup, tmp_path)
     zero = next(w for w in windows if "gate" in _kinds_in(kinds, w))
-    done = list(_sweep(targets, args, zero))
+    done = list(_sweep(setup, zero))
     assert len(done) == len(zero)
 
 
@@ -339,13 +365,14 @@ def test_kill_after_every_step_of_an_unmerge_window(
 def test_kill_after_every_step_of_a_daemon_batch(
     privileged: None, spawn: Any, tmp_path: Path
 ) -> None:
-    targets = _spawn_canaries(spawn, 2)
-    ctl = tmp_path / "ctl.sock"
-    args: list[object] = ["attach", "--no-bpf", "--control", ctl, *(t.pid for t in targets)]
-    kinds = _step_log(args, tmp_path, timeout=6)
-    _unmerge_clean(targets, {t.pid: _fds(t.pid) for t in targets})
-    batch = next(w for w in _windows(kinds) if "gate" in _kinds_in(kinds, w))
-    done = list(_sweep(targets, args, batch, timeout=6))
+    def setup() -> tuple[list[Target], list[object]]:
+        targets = _spawn_canaries(spawn, 2)
+        ctl = tmp_path / "ctl.sock"
+        return targets, ["attach", "--no-bpf", "--control", ctl, *(t.pid for t in targets)]
+
+    kinds, windows = _logged_windows(setup, tmp_path, timeout=6)
+    batch = next(w for w in windows if "gate" in _kinds_in(kinds, w))
+    done = list(_sweep(setup, batch, timeout=6))
     assert len(done) == len(batch)
 
 
