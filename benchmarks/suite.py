@@ -12,7 +12,7 @@ Workloads, each started as real processes (fresh ones for every run, killed afte
                  second): merging them only buys copy-on-write breaks
   W4 zero-heavy  planted, mostly zero-filled pages (a heap pre-touched like a JVM with
                  AlwaysPreTouch) plus a little shared and unique data
-  W5 numpy       Python interpreters holding the same numpy array (NUMPY_MADVISE_HUGEPAGE=0)
+  W5 numpy       Python interpreters holding the same numpy array (numpy's defaults: THP advice)
   W5 redis       redis-server instances with the same dataset (DEBUG POPULATE)
 
 Each workload runs, in the same run, alternating the order per repetition, under
