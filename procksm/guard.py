@@ -61,6 +61,7 @@ import socket
 import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from procksm import procfs
@@ -71,6 +72,7 @@ from procksm.arch.x86_64 import (
     NR_MREMAP,
     X32_SYSCALL_BIT,
     SYS_close,
+    SYS_kcmp,
     SYS_pidfd_getfd,
     SYS_prctl,
     SYS_seccomp,
@@ -221,6 +223,61 @@ def _pidfd_getfd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
+NOTIFY_FD_LINK = "anon_inode:seccomp notify"  # what /proc/PID/fd/N of a listener reads
+KCMP_FILE = 0
+
+
+def _notify_fds(pid: int) -> list[int]:
+    return [fd for fd, link in procfs.list_fd_targets(pid).items() if link == NOTIFY_FD_LINK]
+
+
+def _same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """kcmp(2): do fd1 of pid1 and fd2 of pid2 refer to one open file?"""
+    return int(_libc.syscall(SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2)) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerCopies:
+    """Copies of a guard's listeners in a target's fd table.
+
+    procksm closes the target's copy of the listener right after seccomp() (install);
+    one that died in between left it there, and the guard, which rescued the listener
+    from the target's fd table (procksm.guardd.intake), cannot close it. A copy of a
+    listener the guard holds is such a leftover: the next procksm session closes it in
+    its first window (found before the window, checked again under stop)."""
+
+    pid: int
+    found: tuple[tuple[int, int, int], ...] = ()  # (target fd, guard pid, guard fd)
+
+    def still_left(self) -> list[int]:
+        """Under stop: the target's fds that are still copies of a guard's listener."""
+        return sorted({fd for fd, gpid, gfd in self.found if _same_file(self.pid, fd, gpid, gfd)})
+
+
+def listener_copies_left_in(pid: int, client: GuardClient | None = None) -> ListenerCopies:
+    """The listener copies a dead procksm left in ``pid`` (see ListenerCopies); starts no
+    guard (none running: nothing can be a copy of its listeners)."""
+    try:
+        ours = _notify_fds(pid)
+        if not ours:
+            return ListenerCopies(pid)
+        client = client or GuardClient()
+        if not client.running():
+            return ListenerCopies(pid)
+        stats = client.stats()
+        guards = [int(g) for g in (stats.get("pid"), stats.get("peer")) if isinstance(g, int)]
+        found = tuple(
+            (fd, gpid, gfd)
+            for gpid in guards
+            for gfd in _notify_fds(gpid)
+            for fd in ours
+            if _same_file(pid, fd, gpid, gfd)
+        )
+    except (ProcksmError, OSError):
+        return ListenerCopies(pid)  # cannot look (gone, another user's guard): leave them
+    return ListenerCopies(pid, found)
+
+
 def why_unguardable(pid: int, *, set_no_new_privs: bool = False) -> str | None:
     """Why a seccomp filter cannot be installed in ``pid`` (None: it can). seccomp(2)
     asks for no_new_privs or CAP_SYS_ADMIN in the task's user namespace."""
@@ -366,11 +423,7 @@ class GuardClient:
         is handed over as before, after seccomp())."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
-        own = [
-            fd
-            for fd, link in procfs.list_fd_targets(pid).items()
-            if link == "anon_inode:seccomp notify"
-        ]
+        own = [fd for fd, link in procfs.list_fd_targets(pid).items() if link == NOTIFY_FD_LINK]
         try:
             s = self.connect()
             s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())

@@ -129,8 +129,11 @@ class TargetMerger:
         guard's filter is installed in it, and its listener handed to the guard
         before anything is merged (procksm.guard). Returns why the target is refused."""
         listener = None
+        left = guard.listener_copies_left_in(self.pid) if self.opts.guard else None
         with sess.stopped() as st:
             st.scratch()
+            for fd in left.still_left() if left is not None and left.found else ():
+                st.syscall(SYS_close, fd)  # a dead procksm's copy of the guard's listener
             if client is not None:
                 try:
                     listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from procksm import PAGE_SIZE, coredump, procfs
+from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.arch.x86_64 import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -71,8 +71,9 @@ def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
     res = UnmergeResult(pid, st0.name)
     with target_locks([pid]):
         # under the lock: a merge in progress elsewhere finishes (or is refused) first
-        if has_leftovers(pid):
-            res.leftovers_removed = remove_leftovers(pid)
+        left = guard.listener_copies_left_in(pid)
+        if has_leftovers(pid) or left.found:
+            res.leftovers_removed = remove_leftovers(pid, left.still_left)
         ranges = merged_ranges(pid)
         if ranges:
             _unmerge_ranges(pid, ranges, res, batch_pages)

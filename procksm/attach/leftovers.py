@@ -9,7 +9,10 @@ session).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from procksm import procfs
+from procksm.arch.x86_64 import SYS_close
 from procksm.attach.scratch_layout import LEFTOVER_MEMFD_PREFIX, SCRATCH_PATH
 from procksm.attach.session import PtraceSession
 from procksm.errors import ProcksmError
@@ -28,8 +31,13 @@ def has_leftovers(pid: int) -> bool:
         return False
 
 
-def remove_leftovers(pid: int) -> int:
-    """Remove what a procksm that died left in `pid`; returns how many things."""
+def remove_leftovers(pid: int, also_close: Callable[[], list[int]] = list) -> int:
+    """Remove what a procksm that died left in `pid`; returns how many things.
+    ``also_close``: fds to close too, found under stop by the caller (copies of the
+    guard's listeners, procksm.guard.ListenerCopies)."""
     with PtraceSession(pid) as session, session.stopped() as target:
         target.scratch()  # removes the leftovers first, then maps its own
-        return target.leftovers_removed
+        fds = also_close()
+        for fd in fds:
+            target.syscall(SYS_close, fd)
+        return target.leftovers_removed + len(fds)

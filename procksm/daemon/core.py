@@ -25,7 +25,7 @@ from procksm.daemon.scanpass import Round, ScanPass
 from procksm.daemon.scheduler import Pacer
 from procksm.daemon.settings import DaemonOptions, Settings, parse_settings
 from procksm.daemon.smartscan import PageAges
-from procksm.daemon.watch import Watcher
+from procksm.daemon.watch import Watcher, ends_idle
 from procksm.errors import NoSuchProcess, ProcksmError, UsageError
 from procksm.index import KsmIndex, page_ref
 from procksm.observe import Lifecycle
@@ -245,8 +245,8 @@ class Daemon:
         munmap/mremap/brk re-read the target's mappings at its next window; a COW break
         teaches the backoff."""
         events = self.watcher.poll(list(self.targets))
-        if events:
-            self.pacer.wake()  # a write, a new mapping, a fork...: look again soon
+        if ends_idle(events):
+            self.pacer.wake()
         now = time.monotonic()
         for ev in events:
             t = self.targets.get(ev.pid)

@@ -16,9 +16,9 @@ ADVISOR_PAGES = (16384, 1 << 17)
 # the longest one batch may run before the loop sleeps and answers the control socket
 BATCH_MAX_S = 0.25
 # Idle back-off: after two full scans in a row that merged nothing (KSM needs two looks
-# at a page), the pause between batches doubles from 50 ms up to 1 s, and anything that
-# may bring new duplicates (an observer event, a control request, a new target) resets
-# it. Measured on two converged 32 MiB targets: the worker used 16.7 % of a CPU at the
+# at a page), the pause between batches doubles from 50 ms up to 1 s, and what brings
+# new address spaces (a fork or exec: watch.ends_idle, a control request, a new target)
+# resets it. Measured on two converged 32 MiB targets: the worker used 16.7 % of a CPU at the
 # default 25 % cap without it (1,198 full scans in 30 s of nothing to do).
 IDLE_FIRST_SLEEP_S = 0.05
 # ... "merged nothing": at most this many pages, or 1/1024 of the pages scanned

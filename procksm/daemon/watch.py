@@ -10,12 +10,23 @@ from collections.abc import Sequence
 from procksm.daemon.registry import LogFn
 from procksm.daemon.settings import DaemonOptions
 from procksm.errors import ProcksmError
-from procksm.observe import CowObserver, Event
+from procksm.observe import CowObserver, Event, Lifecycle
 from procksm.unmerge import merged_ranges
 
 # merged ranges of one target beyond which the observer does not watch it (see _watch)
 OBSERVER_MAX_RANGES = 256
 POLL_INTERVAL_S = 0.2
+
+
+def ends_idle(events: Sequence[Event]) -> bool:
+    """Whether these events end the daemon's idle back-off: a fork or an exec (a new
+    address space, likely to hold what its parent holds). Copy-on-write breaks and
+    memory-map calls do not: on real programs they never stop (a JVM's GC, V8's
+    semispaces, malloc), and waking on each kept the daemon at its CPU cap for ever
+    (issue 15: 26 % of a core on converged JVM, node, Python and redis targets). A write
+    only takes a page out of sharing, and new memory is read by the next full scan at
+    the idle pace, as the kernel's ksmd reads it at its own."""
+    return any(isinstance(ev, Lifecycle) and ev.kind in ("fork", "exec") for ev in events)
 
 
 class Watcher:
