@@ -323,7 +323,7 @@ def install(st: StoppedTarget, *, set_no_new_privs: bool = False) -> tuple[int, 
     # guard is told first and watches this connection (procksm.guardd.intake); a guard
     # of an older procksm (None) gets its copy from merge.py afterwards.
     client = GuardClient()
-    conn = client.expect(st.pid)
+    conn = client.expect(st.pid, st.injector_tid, st.syscall_address())
     try:
         fd = st.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, scratch)
         if os.environ.get("PROCKSM_GUARD_TEST_DIE") == "after-seccomp":
@@ -417,16 +417,20 @@ class GuardClient:
             raise
         return s
 
-    def expect(self, pid: int) -> socket.socket | None:
+    def expect(self, pid: int, tid: int, ip: int) -> socket.socket | None:
         """A connection on which the guard waits for ``take`` (see install); None
         from a guard of an older procksm, which knows no ``expect`` (then the listener
-        is handed over as before, after seccomp())."""
+        is handed over as before, after seccomp()). ``tid`` and ``ip``: the thread the
+        seccomp() is injected into and the address of the `syscall` it runs at (if this
+        procksm dies, the guard waits until that thread has made or can no longer
+        make the call before it looks for the listener: procksm.guardd.settle)."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
         own = [fd for fd, link in procfs.list_fd_targets(pid).items() if link == NOTIFY_FD_LINK]
         try:
             s = self.connect()
-            s.sendall(f"expect {pid} {start} {','.join(map(str, own)) or '-'}\n".encode())
+            own_fds = ",".join(map(str, own)) or "-"
+            s.sendall(f"expect {pid} {start} {own_fds} {tid} {ip}\n".encode())
             reply = s.recv(256)
             if not reply.startswith(b"ok"):
                 s.close()

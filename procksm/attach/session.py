@@ -320,6 +320,11 @@ class StoppedTarget:
         """Where procksm's injected system calls execute (a `syscall` instruction)."""
         return self._calls.gadgets.syscall
 
+    @property
+    def injector_tid(self) -> int:
+        """The thread injected calls run in (by default)."""
+        return self._threads.injector().tid
+
     # kill safety: frames, the gate
 
     def undo_on_death(self, nr: int, *args: int) -> contextlib.AbstractContextManager[None]:

@@ -43,7 +43,7 @@ class ControlServer:
             try:
                 if uid not in (0, os.geteuid()):
                     reply = "error: permission denied"
-                elif line.startswith("expect ") and len(line.split()) == 4 and not fds:
+                elif line.startswith("expect ") and len(line.split()) in (4, 6) and not fds:
                     reply = self.intake.expect(conn, line.split())
                     keep = reply == "ok"
                 else:

@@ -11,6 +11,7 @@ import socket
 
 from procksm.guardd import TEST_OFF, log
 from procksm.guardd.guard import Guard
+from procksm.guardd.settle import settle_seccomp
 from procksm.guardd.syscalls import pidfd_getfd
 
 
@@ -19,7 +20,7 @@ class ListenerIntake:
         self.guard = guard
         # connection fd -> (the connection, pid, its start tick, its fds that were
         # listeners before)
-        self.expecting: dict[int, tuple[socket.socket, int, str, set[int]]] = {}
+        self.expecting: dict[int, tuple[socket.socket, int, str, set[int], int, int]] = {}
 
     def expect(self, conn: socket.socket, words: list[str]) -> str:
         """``expect PID START OWN``: procksm is about to inject seccomp() into PID, whose
@@ -33,13 +34,15 @@ class ListenerIntake:
         nobody reads."""
         pid, start = int(words[1]), words[2]
         own = {int(x) for x in words[3].split(",") if x.isdigit()}
+        # TID IP (procksm since the settle): the thread and address of the seccomp()
+        tid, ip = (int(words[4]), int(words[5])) if len(words) == 6 else (0, 0)
         conn.setblocking(False)
-        self.expecting[conn.fileno()] = (conn, pid, start, own)
+        self.expecting[conn.fileno()] = (conn, pid, start, own, tid, ip)
         self.guard.poll.watch(conn.fileno())
         return "ok"
 
     def on_expect(self, fd: int) -> None:
-        conn, pid, start, own = self.expecting.pop(fd)
+        conn, pid, start, own, tid, ip = self.expecting.pop(fd)
         self.guard.poll.unwatch(fd)
         try:
             conn.setblocking(True)
@@ -58,6 +61,8 @@ class ListenerIntake:
                     pass  # it died after asking: the listener is ours all the same
                 return
             # EOF: procksm died between "expect" and "take"
+            if tid and TEST_OFF != "settle":
+                settle_seccomp(tid, ip)  # the seccomp() it loaded is made, or never will be
             taken = 0 if TEST_OFF == "rescue" else self._rescue(pid, start, own)
             log(f"pid {pid}: procksm died while installing the filter; took {taken} "
                 "listener(s) from the process's fd table (they stay open there)")  # fmt: skip
