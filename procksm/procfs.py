@@ -329,7 +329,7 @@ ALLOWED_VMFLAGS = frozenset(
 )
 
 # VmFlags set by madvise(2) advice that the replacement mapping is given again, in the
-# same stop window, under undo frames (procksm.merge_target; docs/design.md §3.2): the
+# same stop window, under undo frames (procksm.merge.target; docs/design.md §3.2): the
 # merged range keeps them in smaps, in forks and after an unmerge. madvise sets these on
 # any VMA, a private mapping of a memfd included (mm/madvise.c, madvise_update_vma;
 # hugepage_madvise for hg/nh). Flag -> (advice name, advice value), one advice per group.

@@ -19,7 +19,9 @@ from procksm.daemon.scanpass import ScanPass, _over_cap
 from procksm.daemon.scheduler import ADVISOR_PAGES, Pacer, idle_sleep
 from procksm.daemon.settings import DaemonOptions, Settings
 from procksm.daemon.smartscan import PageAges, skips_for_age
+from procksm.daemon.watch import ends_idle
 from procksm.index import KsmIndex, StableTree, page_ref, target_refs
+from procksm.observe import CowBreak, Lifecycle
 
 BASE = 0x10000000  # every fake target's one mapping starts here
 PAGES = 16
@@ -290,6 +292,22 @@ def test_merge_cap_cuts_pages_and_runs() -> None:
     assert not _over_cap(wanted, addr, 100).any()
     scattered = np.arange(1200, dtype=np.int64) * 2 * PAGE_SIZE  # 1,200 runs of one page
     assert int(_over_cap(np.ones(1200, bool), scattered, 10_000).sum()) == 1200 - 512
+
+
+def test_only_forks_and_execs_end_the_idle_back_off() -> None:
+    """Writes and memory-map calls never stop on a real program: they must not keep a
+    converged daemon awake (issue 15)."""
+    churn = [
+        CowBreak(1, 0x1000),
+        Lifecycle("mmap", 1, addr=0x2000, length=1 << 24),
+        Lifecycle("munmap", 1, addr=0x2000, length=1 << 24),
+        Lifecycle("brk", 1),
+        Lifecycle("madvise", 1),
+    ]
+    assert not ends_idle(churn)
+    assert not ends_idle([])
+    assert ends_idle([*churn, Lifecycle("fork", 1, child_pid=2)])
+    assert ends_idle([Lifecycle("exec", 1)])
 
 
 def test_idle_back_off_counts_full_scans_that_merged_nothing() -> None:

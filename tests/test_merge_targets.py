@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from procksm import PAGE_SIZE, merge_handover, procfs
-from procksm import merge as merge_mod
+from procksm import PAGE_SIZE, procfs
 from procksm.attach.locks import target_locks
 from procksm.fdpass import FdSender, netns_identity, same_netns
 from procksm.merge import MergeOptions, MergeResult
-from procksm.merge_slots import RoundSlots
+from procksm.merge import engine as merge_mod
+from procksm.merge import handover as merge_handover
+from procksm.merge.round_slots import RoundSlots
 from procksm.plan import vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions

@@ -32,9 +32,9 @@ from procksm.arch.x86_64 import (
 )
 from procksm.attach import PtraceSession, StoppedTarget
 from procksm.errors import ProcksmError
-from procksm.merge_handover import FdHandOver
-from procksm.merge_records import MergeOptions, Refusal, TargetResult
-from procksm.merge_slots import RoundSlots
+from procksm.merge.handover import FdHandOver
+from procksm.merge.records import MergeOptions, Refusal, TargetResult
+from procksm.merge.round_slots import RoundSlots
 from procksm.plan import Extent, TargetPlan, ZeroExtent, split_batches
 from procksm.reader import PageReader
 from procksm.runs import mask_runs

@@ -16,7 +16,7 @@ from procksm.analysis import ScanInput
 from procksm.errors import ProcksmError
 from procksm.hashing import hash_pages
 from procksm.index import StableTree
-from procksm.merge_slots import WRITE_CHUNK_PAGES
+from procksm.merge.round_slots import WRITE_CHUNK_PAGES
 from procksm.plan import Extent, MergePlan, apply_budget
 from procksm.runs import split_runs
 from procksm.slots import Segment, SlotStore
@@ -112,7 +112,7 @@ def join_existing(
     budgets: dict[int, int],
 ) -> None:
     """Give each target its extents into the adopted segments (``bases``: their first
-    slots, procksm.merge_slots.RoundSlots.add_adopted), verified byte for byte under stop
+    slots, procksm.merge.round_slots.RoundSlots.add_adopted), verified byte for byte under stop
     like any other."""
     by_pid = {tp.pid: tp for tp in plan.targets}
     for pid, runs in joins.items():

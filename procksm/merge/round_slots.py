@@ -3,7 +3,7 @@
 The new slots come first, written from their reference pages into memfd pieces (one
 per :attr:`procksm.plan.MergePlan.piece_starts` entry) and sealed before any target
 can map them; the pages of segments adopted from the stable tree are numbered after
-them (procksm.merge_adopt). A slot number gives its memfd and offset (:meth:`piece`).
+them (procksm.merge.adopt). A slot number gives its memfd and offset (:meth:`piece`).
 """
 
 from __future__ import annotations

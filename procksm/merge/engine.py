@@ -20,10 +20,10 @@ One-shot flow (``procksm merge``):
    (never POPULATE_WRITE: that would copy every page), ``MADV_DONTNEED`` zero runs,
    close the fds, resume.
 
-Its parts: the options and results (procksm.merge_records), a round's slots, written
-and sealed (procksm.merge_slots), the stable tree's segments adopted (procksm.merge_adopt),
-one target's stop windows (procksm.merge_target) and the fd hand-over in them
-(procksm.merge_handover). Undoing a merge is procksm.unmerge.
+Its parts: the options and results (procksm.merge.records), a round's slots, written
+and sealed (procksm.merge.round_slots), the stable tree's segments adopted (procksm.merge.adopt),
+one target's stop windows (procksm.merge.target) and the fd hand-over in them
+(procksm.merge.handover). Undoing a merge is procksm.unmerge.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from procksm.attach.locks import target_locks
 from procksm.closing import Closing
 from procksm.errors import AccessDenied, UsageError
 from procksm.index import REF_PAGE_BITS, KsmIndex, Look
-from procksm.merge_adopt import adopt_segments, join_existing, match_existing
-from procksm.merge_handover import FdHandOver
-from procksm.merge_records import (
+from procksm.merge.adopt import adopt_segments, join_existing, match_existing
+from procksm.merge.handover import FdHandOver
+from procksm.merge.records import (
     MergeOptions,
     MergeOutcome,
     MergeResult,
@@ -55,8 +55,8 @@ from procksm.merge_records import (
     TargetResult,
     pause_stats,
 )
-from procksm.merge_slots import RoundSlots
-from procksm.merge_target import TargetMerger
+from procksm.merge.round_slots import RoundSlots
+from procksm.merge.target import TargetMerger
 from procksm.plan import (
     MergePlan,
     TargetPlan,
