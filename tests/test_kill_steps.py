@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from procksm import PAGE_SIZE
+from procksm.arch.x86_64 import SYS_mmap
 from procksm.procfs import parse_smaps
 from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
@@ -84,7 +85,9 @@ def _procksm_things(pid: int) -> list[str]:
     return maps + fds
 
 
-def start_procksm(args: list[object], *, kill_at: int = 0, step_log: str | None = None) -> int:
+def start_procksm(
+    args: list[object], *, kill_at: int | str = 0, step_log: str | None = None
+) -> int:
     """`procksm ARGS` in a child forked from this process (which has imported procksm
     already: no interpreter start-up per round), in a process group of its own as under
     a supervisor; `kill_at`/`step_log` set the hidden switch. Returns its pid."""
@@ -102,15 +105,17 @@ def start_procksm(args: list[object], *, kill_at: int = 0, step_log: str | None 
             from procksm import cli
             from procksm.attach import kill_steps
 
-            kill_steps._KILL_AT_STEP, kill_steps._STEP_LOG = kill_at, step_log
-            kill_steps._steps = 0
+            kill_steps.arm(str(kill_at))
+            kill_steps._STEP_LOG = step_log
             code = cli.main([str(a) for a in args])
         finally:
             os._exit(code)
     return pid
 
 
-def _run(args: list[object], timeout: float, *, kill_at: int = 0, log: str | None = None) -> None:
+def _run(
+    args: list[object], timeout: float, *, kill_at: int | str = 0, log: str | None = None
+) -> None:
     """Run procksm until it exits (or is killed by the switch), SIGKILLing its whole group
     after `timeout`; then wait until every process of the group is gone."""
     pid = start_procksm(args, kill_at=kill_at, step_log=log)
@@ -302,6 +307,28 @@ def test_kill_after_every_step_of_first_and_merge_windows(
     done = list(_sweep(setup, range(first.start, merge.stop)))
     assert len(done) == merge.stop - first.start
     print(f"\nkilled after each of {len(done)} steps (windows {first}, {merge})")
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_kill_between_an_extents_mmap_and_its_advice(
+    privileged: None, spawn: Any, after: int
+) -> None:
+    """Killed right after the first extent's mmap is loaded (the released thread makes
+    it), after its madvise(MADV_NOHUGEPAGE) is loaded, and after the populate: the
+    merged range has `nh` all the same (the advice's undo frame; the sweeps above may
+    miss this instant, since the canaries' writes change the extents from run to run).
+    The second mmap of the run: the first maps the scratch area."""
+    targets, args = _merge_of(spawn)()
+    baseline = {t.pid: _fds(t.pid) for t in targets}
+    _run(args, 30, kill_at=f"load:{SYS_mmap}#2+{after}")
+    time.sleep(0.1)
+    assert merged_ranges(targets[0].pid), "killed before the mmap was made: the anchor moved"
+    for t in targets:
+        assert_target_intact(t)
+        _assert_advice_kept(t)
+    _unmerge_clean(targets, baseline)
+    for t in targets:
+        _assert_advice_kept(t)
 
 
 def test_kill_after_every_step_of_a_scm_rights_merge_window(

@@ -136,7 +136,7 @@ class SyscallInjector:
             setattr(regs, name, unsigned(value))
         tracee.dirty = True
         set_regs(tracee.tid, regs)
-        step("load", tracee.tid)
+        step("load", tracee.tid, nr)
         if tracee.sigmask is None:
             # After the registers, never before: a thread released with its own
             # registers must also have its own mask. The frame restores it.
