@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from procksm import PAGE_SIZE
-from procksm.arch.x86_64 import SYS_mmap
+from procksm.arch.x86_64 import SYS_madvise
 from procksm.procfs import parse_smaps
 from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
@@ -115,19 +115,22 @@ def start_procksm(
 
 def _run(
     args: list[object], timeout: float, *, kill_at: int | str = 0, log: str | None = None
-) -> None:
+) -> bool:
     """Run procksm until it exits (or is killed by the switch), SIGKILLing its whole group
-    after `timeout`; then wait until every process of the group is gone."""
+    after `timeout`; then wait until every process of the group is gone. Whether it was
+    SIGKILLed (by the switch or the timeout)."""
     pid = start_procksm(args, kill_at=kill_at, step_log=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
             break
         time.sleep(0.005)
     else:
         os.killpg(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
     wait_group_gone(pid)  # a procksm killed by the switch may still be exiting
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 def unmerge_when_free(pid: int, timeout: float = 30) -> None:
@@ -264,17 +267,23 @@ def _sweep(setup: Setup, steps: range, *, timeout: float = 30) -> Iterator[int]:
         yield n
 
 
+PLANTED_REGIONS = ("identical", "zero", "unique", "counters")
+
+
 def _assert_advice_kept(t: Target) -> None:
     """planted gives its regions MADV_NOHUGEPAGE: whatever maps them now (the original
     anonymous VMA, a segment mapping, a piece of each) has `nh` in smaps (the merge
     gives it again under an undo frame, docs/kill-safety.md)."""
-    start = t.int("identical")
-    end = start + t.int("identical_pages") * PAGE_SIZE
     vmas = parse_smaps(Path(f"/proc/{t.pid}/smaps").read_text())
-    inside = [v for v in vmas if v.start < end and start < v.end]
-    assert inside, f"pid {t.pid}: nothing mapped at the identical region"
-    lost = [f"{v.start:#x}-{v.end:#x} {v.path}" for v in inside if "nh" not in v.vmflags]
-    assert not lost, f"pid {t.pid}: MADV_NOHUGEPAGE lost on {lost}"
+    for region in PLANTED_REGIONS:
+        start = int(t.info.get(region, "0"), 16)
+        if not start:
+            continue
+        end = start + t.int(f"{region}_pages") * PAGE_SIZE
+        inside = [v for v in vmas if v.start < end and start < v.end]
+        assert inside, f"pid {t.pid}: nothing mapped at the {region} region"
+        lost = [f"{v.start:#x}-{v.end:#x} {v.path}" for v in inside if "nh" not in v.vmflags]
+        assert not lost, f"pid {t.pid}: MADV_NOHUGEPAGE lost on {region}: {lost}"
 
 
 def _kinds_in(kinds: list[str], window: range) -> set[str]:
@@ -313,16 +322,17 @@ def test_kill_after_every_step_of_first_and_merge_windows(
 def test_kill_between_an_extents_mmap_and_its_advice(
     privileged: None, spawn: Any, after: int
 ) -> None:
-    """Killed right after the first extent's mmap is loaded (the released thread makes
-    it), after its madvise(MADV_NOHUGEPAGE) is loaded, and after the populate: the
-    merged range has `nh` all the same (the advice's undo frame; the sweeps above may
-    miss this instant, since the canaries' writes change the extents from run to run).
-    The second mmap of the run: the first maps the scratch area."""
+    """Killed right after the first advised extent's undo frame is written, its mmap is
+    loaded (the released thread makes it) and its madvise(MADV_NOHUGEPAGE) is loaded:
+    the merged range has `nh` all the same (the advice's undo frame; the sweeps above
+    may miss this instant, since the canaries' writes change the extents from run to
+    run)."""
     targets, args = _merge_of(spawn)()
     baseline = {t.pid: _fds(t.pid) for t in targets}
-    _run(args, 30, kill_at=f"load:{SYS_mmap}#2+{after}")
+    assert _run(args, 30, kill_at=f"undo:{SYS_madvise}#1+{after}"), "no advice undo frame"
     time.sleep(0.1)
-    assert merged_ranges(targets[0].pid), "killed before the mmap was made: the anchor moved"
+    if after:
+        assert merged_ranges(targets[0].pid), "the mmap was not made: the anchor moved"
     for t in targets:
         assert_target_intact(t)
         _assert_advice_kept(t)

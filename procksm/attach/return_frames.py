@@ -203,7 +203,7 @@ class ReturnFrames:
         x86_64.load_syscall(regs, nr, *args, pc=gadgets.syscall, sp=injector.chain)
         frame = x86_64.build_frame(at, regs, ALL_SIGNALS, pretcode=gadgets.sigreturn)
         self._threads.write_memory(at, frame.data)
-        step("undo", injector.tid)
+        step("undo", injector.tid, nr)
         self._undo.append(injector.chain)
         injector.chain = at  # the next injected calls return through it
         try:
