@@ -50,7 +50,7 @@ SCALAR_METRICS: tuple[tuple[type[Family], str, str, Callable[[Snapshot], float]]
      lambda s: s.pages_remerged),
     (GaugeMetricFamily, "ranges_held",
      "64 KiB ranges held back for breaking soon after merging", lambda s: s.ranges_held),
-    (GaugeMetricFamily, "general_profit_bytes", "Bytes saved minus procksm's own metadata",
+    (GaugeMetricFamily, "general_profit_bytes", "Bytes saved minus procksm's own private memory (daemon and guards)",
      lambda s: s.general_profit_bytes),
     (GaugeMetricFamily, "saved_bytes", "Bytes saved (sharing and zero pages)",
      lambda s: s.saved_bytes),

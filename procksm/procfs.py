@@ -1221,6 +1221,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def private_bytes(pid: int) -> int:
+    """Memory only ``pid`` maps (smaps_rollup Private_Clean + Private_Dirty, and its
+    swapped-out pages): what it costs the machine beyond shared libraries."""
+    rollup = read_smaps_rollup(pid)
+    kb = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0) + rollup.get("Swap", 0)
+    return kb * 1024
+
+
 def own_rss_bytes() -> int:
     """procksm's own resident memory (/proc/self/statm); 0 if unreadable."""
     try:

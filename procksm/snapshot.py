@@ -69,7 +69,9 @@ class Snapshot:
     pages_zero: int
     full_scans: int
     cow_breaks: int
-    general_profit_bytes: int  # bytes saved minus procksm's own metadata
+    # bytes saved minus procksm's own private memory (the daemon's and the guards'), as
+    # the kernel's general_profit takes off its rmap_items
+    general_profit_bytes: int
     scan_rate_pages_s: float
     cpu_percent: float  # procksm's own, % of one CPU
     rss_bytes: int  # procksm's own
@@ -81,6 +83,7 @@ class Snapshot:
     pages_remerged: int = 0  # pages a write had copied, merged again (total)
     ranges_held: int = 0  # 64 KiB ranges held back for breaking soon after merging
     zero_pages_dropped: int = 0  # zero pages dropped (total; a page dropped again counts again)
+    private_bytes: int = 0  # procksm's private memory: the daemon's and the guards' (smaps)
     targets: tuple[TargetSnapshot, ...] = ()
     history: tuple[HistoryPoint, ...] = field(default=())
 

@@ -37,6 +37,8 @@ def arm(spec: str) -> None:
         _KILL_AT_ANCHOR = (kind, int(detail), int(nth), int(after))
     elif spec:
         _KILL_AT_STEP = int(spec)
+
+
 _STEP_LOG = os.environ.get("PROCKSM_TEST_STEP_LOG")
 _KILL_FILE = os.environ.get("PROCKSM_TEST_KILL_FILE")
 _steps = 0

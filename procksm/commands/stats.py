@@ -4,7 +4,8 @@ pages_shared: distinct shared pages in use; pages_sharing: further mappings of t
 pages saved); pages_unshared: unique pages in the unstable tree; pages_volatile: pages
 changing too fast to merge; pages_skipped: page scans skipped by smart scan; pages_zero:
 zero pages given back; full_scans; cow_breaks: merged pages made private again by a
-write; general_profit: bytes saved minus procksm's own metadata. Per process: pages
+write; general_profit: bytes saved minus procksm's own private memory (the daemon's
+and the madvise guards', as "procksm private" shows it). Per process: pages
 merged, zero pages, copy-on-write breaks, refusals and the longest stop.
 
 examples:
@@ -63,6 +64,7 @@ def render(s: Snapshot) -> Table:
         ("scan rate", f"{s.scan_rate_pages_s:,.0f} pages/s"),
         ("procksm CPU", f"{s.cpu_percent:.1f} %"),
         ("procksm RSS", fmt_bytes(s.rss_bytes)),
+        ("procksm private", fmt_bytes(s.private_bytes)),
         ("pauses p50/p99/max", f"{s.pause_p50_ms}/{s.pause_p99_ms}/{s.pause_max_ms} ms"),
     ]
     for k, v in rows:

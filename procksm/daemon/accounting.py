@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from procksm import PAGE_SIZE, procfs
+from procksm import PAGE_SIZE, guard, procfs
 from procksm.daemon.merger import BatchOutcome
 from procksm.daemon.registry import LogFn, Target, coalesce, zero_in
 from procksm.daemon.settings import Settings
@@ -26,6 +28,9 @@ from procksm.daemon.window import read_spans
 from procksm.errors import ProcksmError
 from procksm.slots import SEGMENT_NAME_PREFIX
 from procksm.snapshot import HistoryPoint, MappingSnapshot, Snapshot, TargetSnapshot
+
+# how often the guards' pids are asked again (their private memory counts against the saving)
+GUARD_PIDS_TTL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,8 @@ class Accounting:
 
     def __init__(self, history: int, log: LogFn) -> None:
         self.log = log
+        self._guard_pids: list[int] = []
+        self._guards_seen = float("-inf")
         self.pages_scanned = 0
         self.pages_skipped = 0
         self.pages_remerged = 0  # copied pages of segment mappings merged again
@@ -122,6 +129,7 @@ class Accounting:
         pages_zero = sum(t.zero_now for t in targets)
         pauses = np.array(self.pauses) * 1000 if self.pauses else np.zeros(0)
         saved = (pages_sharing + pages_zero) * PAGE_SIZE
+        private = self._own_private_bytes()
         cow_rate = sum(t.cow_rate for t in targets)
         self._history.append(HistoryPoint(time.time(), saved, round(cow_rate, 3)))
         return Snapshot(
@@ -139,7 +147,8 @@ class Accounting:
             pages_remerged=self.pages_remerged,
             ranges_held=index.ranges_held,
             zero_pages_dropped=self.zero_dropped_total,
-            general_profit_bytes=saved - index.metadata_bytes,
+            general_profit_bytes=saved - max(private, index.metadata_bytes),
+            private_bytes=private,
             scan_rate_pages_s=round((self.pages_scanned - scanned_prev) / dt, 1),
             cpu_percent=round(100.0 * (cpu - cpu_prev) / dt, 2),
             rss_bytes=procfs.own_rss_bytes(),
@@ -151,6 +160,25 @@ class Accounting:
             targets=tuple(target_snapshot(t) for t in targets),
             history=tuple(self._history),
         )
+
+    def _own_private_bytes(self) -> int:
+        """The daemon's private memory and the guards' (issue 15: general_profit did
+        not take off procksm's own memory, which cancelled the saving on JVM and numpy
+        workers). The guards' pids come from the guard's stats (none started here)."""
+        now = time.monotonic()
+        if now - self._guards_seen >= GUARD_PIDS_TTL_S:
+            self._guards_seen, self._guard_pids = now, []
+            with contextlib.suppress(ProcksmError, OSError):
+                client = guard.GuardClient()
+                if client.running():
+                    stats = client.stats()
+                    pair = (stats.get("pid"), stats.get("peer"))
+                    self._guard_pids = [int(p) for p in pair if isinstance(p, int)]
+        total = 0
+        for pid in [os.getpid(), *self._guard_pids]:
+            with contextlib.suppress(ProcksmError, OSError):
+                total += procfs.private_bytes(pid)
+        return total
 
     def seconds_since_snapshot(self) -> float:
         return time.monotonic() - self._last[0]
