@@ -211,6 +211,7 @@ def _step_log(args: list[object], tmp: Path, timeout: float = 60) -> list[str]:
     log = tmp / "steps.log"
     log.unlink(missing_ok=True)
     _run(args, timeout, log=str(log))
+    assert log.exists(), f"procksm {args[0]} changed no target in {timeout:g} s"
     out = []
     for line in log.read_text().splitlines():
         _n, kind, _tid, detail = line.split()
@@ -421,8 +422,9 @@ def test_kill_after_every_step_of_a_daemon_batch(
         ctl = tmp_path / "ctl.sock"
         return targets, ["attach", "--no-bpf", "--control", ctl, *(t.pid for t in targets)]
 
-    kinds, windows = _logged_windows(setup, tmp_path, timeout=6)
-    batch = next(w for w in windows if "gate" in _kinds_in(kinds, w))
+    kinds, windows = _logged_windows(setup, tmp_path, timeout=15)
+    # the first window that maps an extent (a batch's first may only drop zero pages)
+    batch = next(w for w in windows if f"undo:{SYS_madvise}" in (kinds[i - 1] for i in w))
     # the daemon's window is the merge engine's: swept whole above; here its start (the
     # daemon's own process holds the engine) through a first extent
     steps = _through_first_advised_extent(kinds, batch)
