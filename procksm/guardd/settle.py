@@ -14,6 +14,7 @@ never comes."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import time
 
@@ -48,12 +49,18 @@ def _registers(tid: int) -> Registers | None:
 def settle_seccomp(tid: int, ip: int) -> None:
     """Return once thread ``tid`` has made the seccomp() loaded at ``ip``, or cannot
     make it any more (its registers are elsewhere)."""
-    try:
-        ptrace(PTRACE_SEIZE, tid)
-    except OSError as e:
-        log(f"thread {tid}: cannot stop it to settle its seccomp(): {e.strerror}")
-        return
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    while True:
+        try:
+            ptrace(PTRACE_SEIZE, tid)
+            break
+        except OSError as e:
+            # EPERM: still traced by the procksm whose death closed the connection (its
+            # fds close before its tracees are released; seen in CI)
+            if e.errno != errno.EPERM or time.monotonic() > deadline:
+                log(f"thread {tid}: cannot stop it to settle its seccomp(): {e.strerror}")
+                return
+            time.sleep(0.001)
     try:
         ptrace(PTRACE_INTERRUPT, tid)
         if not _wait_stop(tid, deadline):
