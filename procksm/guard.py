@@ -426,7 +426,7 @@ class GuardClient:
         make the call before it looks for the listener: procksm.guardd.settle)."""
         start = procfs.start_time(pid)
         # listeners the (stopped) process holds already, of its own: not ours to take
-        own = [fd for fd, link in procfs.list_fd_targets(pid).items() if link == NOTIFY_FD_LINK]
+        own = _notify_fds(pid)
         try:
             s = self.connect()
             own_fds = ",".join(map(str, own)) or "-"

@@ -12,15 +12,13 @@ The merge stage of the data flow (docs/design.md §5, §10). The public API is h
   SCM_RIGHTS)
 """
 
-from procksm.merge.engine import (
-    MergeEngine,
+from procksm.merge.engine import MergeEngine, check_targets, merge
+from procksm.merge.records import (
     MergeOptions,
     MergeOutcome,
     MergeResult,
     Refusal,
     TargetResult,
-    check_targets,
-    merge,
     pause_stats,
 )
 

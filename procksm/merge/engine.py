@@ -53,7 +53,6 @@ from procksm.merge.records import (
     MergeResult,
     Refusal,
     TargetResult,
-    pause_stats,
 )
 from procksm.merge.round_slots import RoundSlots
 from procksm.merge.target import TargetMerger
@@ -443,16 +442,3 @@ def _not_an_oom_victim() -> Iterator[None]:
         yield
     finally:
         procfs.swap_own_oom_score_adj(before)
-
-
-__all__ = [
-    "MergeEngine",
-    "MergeOptions",
-    "MergeOutcome",
-    "MergeResult",
-    "Refusal",
-    "TargetResult",
-    "check_targets",
-    "merge",
-    "pause_stats",
-]
