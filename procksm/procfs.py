@@ -23,6 +23,7 @@ import errno
 import functools
 import mmap
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -208,18 +209,26 @@ class Vma:
 
 def _parse_header(line: str) -> Vma:
     # "55d154b27000-55d154b29000 r--p 00000000 fe:00 260131      /usr/bin/cat"
-    # The path is everything after the inode (it may contain spaces).
+    # The path is everything after the inode (it may contain spaces). perms, dev and path
+    # repeat across VMAs (a merged redis keeps tens of thousands of one-page mappings of
+    # a few segments): interned, each is one string however many VMAs hold it.
     fields = line.split(None, 5)
     lo, _, hi = fields[0].partition("-")
     return Vma(
         start=int(lo, 16),
         end=int(hi, 16),
-        perms=fields[1],
+        perms=sys.intern(fields[1]),
         offset=int(fields[2], 16),
-        dev=fields[3],
+        dev=sys.intern(fields[3]),
         inode=int(fields[4]),
-        path=fields[5].rstrip("\n") if len(fields) > 5 else "",
+        path=sys.intern(fields[5].rstrip("\n")) if len(fields) > 5 else "",
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _vmflags(text: str) -> frozenset[str]:
+    """One frozenset per distinct smaps "VmFlags:" line (a few dozen in a process)."""
+    return frozenset(text.split())
 
 
 def _with_bss_names(vmas: list[Vma]) -> list[Vma]:
@@ -283,7 +292,7 @@ def parse_smaps(text: str) -> list[Vma]:
             header, values = line, {}
             continue
         if key == "VmFlags:":
-            values["vmflags"] = frozenset(rest.split())
+            values["vmflags"] = _vmflags(rest)
         elif key == "ProtectionKey:":
             values["protection_key"] = int(rest)
         else:

@@ -11,6 +11,7 @@ it through :meth:`Daemon.handle`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 import time
@@ -178,6 +179,7 @@ class Daemon:
     # --- the loop -----------------------------------------------------------------------
 
     def run_forever(self) -> None:
+        return_freed_heap()  # what loading the observer's program freed
         while not self.stopping.is_set():
             self._requests.run()
             with self.lock:
@@ -224,6 +226,7 @@ class Daemon:
             except (ProcksmError, OSError):
                 continue
         self.scan.index.stable.keep_only(inodes)
+        return_freed_heap()
 
     def _sleep(self, seconds: float) -> None:
         """Sleep between batches; counters stay fresh during long sleeps (a CPU cap can
@@ -349,3 +352,16 @@ def unmerge_target(t: Target, accounting: Accounting) -> int:
     if not merged_ranges(t.pid):
         coredump.restore_after_unmerge(t.pid)
     return n
+
+
+# glibc keeps the memory a process frees in its heaps (trimmed only at the heap's top):
+# each full scan parses smaps and pagemap into short-lived objects and arrays, and the
+# holes they leave kept 15-25 MiB of the daemon's anonymous memory (measured on four
+# redis-servers, 60 s: 64-69 MiB before malloc_trim(0), 44-50 MiB after; it takes ~1 ms).
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not musl)
+
+
+def return_freed_heap() -> None:
+    """Give the memory the daemon freed back to the kernel (glibc's malloc_trim)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

@@ -149,7 +149,10 @@ class Target:
     reg: Registration = field(default_factory=Registration)
     parent: int | None = None
     parts: list[Part] = field(default_factory=list)
-    merged_vmas: list[procfs.Vma] = field(default_factory=list)
+    # (start, end) of each of procksm's mappings in the target, one row per VMA: a
+    # scattered merge leaves tens of thousands of one-page VMAs, which as Vma objects
+    # cost ~0.5 KiB each (measured: 14 MiB on four redis-servers); 16 bytes here
+    merged_spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
     part_starts: list[int] = field(default_factory=list)
     zero_runs: list[tuple[int, int]] = field(default_factory=list)  # (addr, pages) dropped
     pages_refused: int = 0
@@ -177,11 +180,11 @@ class Target:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
         self.parts_stale = False
         parts: list[Part] = []
-        merged: list[procfs.Vma] = []
+        merged: list[tuple[int, int]] = []
         for vma in procfs.read_vmas(self.pid):
             ours = vma.path.startswith(SEGMENT_NAME_PREFIX)
             if ours:
-                merged.append(vma)
+                merged.append((vma.start, vma.end))
                 c = self.copied_addrs
                 i = int(np.searchsorted(c, vma.start))
                 if i >= c.size or c[i] >= vma.end:
@@ -204,7 +207,7 @@ class Target:
                 )
         self.parts = parts
         self.part_starts = [p.start for p in parts]
-        self.merged_vmas = merged
+        self.merged_spans = np.array(merged, np.int64).reshape(-1, 2)
 
     def part_indices(self, addr: np.ndarray) -> np.ndarray:
         """For each address, the index of the part that holds it, or -1."""
@@ -343,6 +346,22 @@ def in_runs(addr: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
     return (i >= 0) & (addr < ends[np.maximum(i, 0)])
 
 
-def zero_in(runs: list[tuple[int, int]], start: int, end: int) -> int:
-    """Pages of the runs inside [start, end)."""
-    return sum(max(0, min(end, a + k * PAGE_SIZE) - max(start, a)) // PAGE_SIZE for a, k in runs)
+def zero_pages_in(runs: list[tuple[int, int]], starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For each range [starts[i], ends[i]), the pages of the (addr, pages) runs inside it
+    (vectorised: thousands of ranges against thousands of runs)."""
+    if not runs:
+        return np.zeros(len(starts), np.int64)
+    r = np.array(coalesce(runs), np.int64)
+    run_lo = r[:, 0]
+    run_hi = run_lo + r[:, 1] * PAGE_SIZE
+    before = np.concatenate([[0], np.cumsum(run_hi - run_lo)])  # bytes of runs [0, i)
+
+    def below(x: np.ndarray) -> np.ndarray:
+        # runs sorted and disjoint: those before the last one starting at or below x end
+        # below it; that one counts up to x
+        i = np.searchsorted(run_lo, x, side="right")
+        last = np.maximum(i - 1, 0)
+        partial = np.where(i > 0, np.minimum(x, run_hi[last]) - run_lo[last], 0)
+        return before[last] * (i > 0) + partial
+
+    return (below(np.asarray(ends, np.int64)) - below(np.asarray(starts, np.int64))) // PAGE_SIZE
