@@ -16,7 +16,7 @@ from procksm.daemon.accounting import Accounting
 from procksm.daemon.merger import BatchOutcome, MergeBatch, Merger
 from procksm.daemon.registry import Part, Registry, Target, coalesce, zero_pages_in
 from procksm.daemon.scanpass import ScanPass, _over_cap
-from procksm.daemon.scheduler import ADVISOR_PAGES, Pacer, idle_sleep
+from procksm.daemon.scheduler import ADVISOR_PAGES, IDLE_CPU_PERCENT, Pacer, idle_sleep
 from procksm.daemon.settings import DaemonOptions, Settings
 from procksm.daemon.smartscan import PageAges, skips_for_age
 from procksm.daemon.watch import ends_idle
@@ -325,6 +325,27 @@ def test_idle_back_off_counts_full_scans_that_merged_nothing() -> None:
     pacer.end_full_scan(scanned)
     pacer.wake()
     assert pacer.idle_scans == 0
+
+
+def test_churn_merged_again_and_again_is_idle_and_capped_at_the_idle_share() -> None:
+    """Merges that writes undo as fast (a CPython heap's refcounts) gain nothing: the
+    scan idles, and an idle batch sleeps long enough to stay at IDLE_CPU_PERCENT."""
+    pacer = Pacer()
+    s = Settings(cpu_limit=25.0, sleep_ms=20)
+    scanned = 0
+    for _ in range(3):
+        pacer.merged(800)
+        pacer.undone(790)
+        scanned += 100_000
+        pacer.end_full_scan(scanned)
+    assert pacer.idle_scans == 3
+    sleep, _ = pacer.after_batch(s, 16_384, 0, 0.05, 0.06)
+    assert abs(0.05 / (0.06 + sleep) - IDLE_CPU_PERCENT / 100) < 1e-9
+    pacer.merged(800)  # a scan that gains pages is busy again
+    pacer.undone(100)
+    pacer.end_full_scan(scanned + 100_000)
+    assert pacer.idle_scans == 0
+    assert pacer.after_batch(s, 16_384, 0, 0.05, 0.06)[0] < 0.2
 
 
 def test_cpu_cap_sizes_batches_and_sleeps() -> None:

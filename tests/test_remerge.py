@@ -130,14 +130,19 @@ def test_a_copied_zero_page_in_a_merged_mapping_stays_zero(
 # --------------------------------------------------------------------------------------
 
 
-def _rewrite_loop(targets: list[Any], seconds: float) -> int:
+def _rewrite_loop(targets: list[Any], seconds: float, daemon: Any = None) -> int:
     """Store the same byte into page 7 of every target every 0.2 s: the content never
-    changes, so the checksum rule lets the page merge again after every store."""
+    changes, so the checksum rule lets the page merge again after every store. With
+    ``daemon``, a control request each time ends its idle back-off (merges that stores
+    undo gain nothing, which idles the scan): full scans at full speed, so that only the
+    backoff under test differs between the arms."""
     n = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for t in targets:
             assert t.command("set identical 7 85") == "OK"
+        if daemon is not None:
+            daemon.ctl("set sleep_ms=5")
         n += 1
         time.sleep(0.2)
     return n
@@ -148,7 +153,7 @@ def _remerges_under_rewrites(
 ) -> tuple[int, dict[str, Any]]:
     a, b, _base, d = merged_pair(planted, spawn, daemons, sock, 64, 23, *args)
     before = d.fresh_stats()["pages_remerged"]
-    _rewrite_loop([a, b], 10.0)
+    _rewrite_loop([a, b], 10.0, d)
     s = d.fresh_stats()
     for t in (a, b):
         assert t.command("check").startswith("OK"), t.command("check")

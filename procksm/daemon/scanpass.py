@@ -269,6 +269,7 @@ class ScanPass:
         """Rows ``undone`` lost their merge since it was made (copied, or a dropped zero
         page back): the backoff learns it. Returns which of ``refs`` are held back now."""
         self.backoff.broke_many(refs[undone], time.monotonic(), self.full_scans)
+        self.pacer.undone(int(undone.sum()))
         return self.backoff.held(refs, self.full_scans)
 
     def _merge(
