@@ -263,14 +263,17 @@ def split_batches(
     batch_pages: int,
     max_calls: int = MAX_CALLS_PER_BATCH,
     piece_of: Callable[[int], int] | None = None,
+    advice_calls: Callable[[int], int] | None = None,
 ) -> list[tuple[list[Extent], list[ZeroExtent]]]:
     """Cut the work into stop windows of at most ``batch_pages`` pages and ``max_calls``
     injected system calls each.
 
-    An extent costs 2 calls (mmap, MADV_POPULATE_READ), a zero run 1 (MADV_DONTNEED),
-    and each memfd a window uses 2 more (open, close): ``piece_of(slot)`` names the
-    memfd of a slot. Extents longer than a batch are cut; the pieces are adjacent in
-    address and slot, so the kernel merges their VMAs back into one.
+    An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
+    the advice its mapping is given again (one madvise each: numpy's arrays carry
+    MADV_HUGEPAGE), a zero run 1 (MADV_DONTNEED), and each memfd a window uses 2 more
+    (open, close): ``piece_of(slot)`` names the memfd of a slot. Extents longer than a
+    batch are cut; the pieces are adjacent in address and slot, so the kernel merges
+    their VMAs back into one.
     """
     out: list[tuple[list[Extent], list[ZeroExtent]]] = []
     cur_e: list[Extent] = []
@@ -288,11 +291,12 @@ def split_batches(
     for e in extents:
         off = 0
         piece = piece_of(e.slot) if piece_of else -1
+        mapping = 2 + (advice_calls(e.addr) if advice_calls else 0)
         while off < e.npages:
-            cost = 2 + (2 if piece_of and piece not in fds else 0)
+            cost = mapping + (2 if piece_of and piece not in fds else 0)
             if calls + cost > max_calls and (cur_e or cur_z):
                 flush()
-                cost = 2 + (2 if piece_of else 0)
+                cost = mapping + (2 if piece_of else 0)
             if piece_of:
                 fds.add(piece)
             take = min(e.npages - off, batch_pages - used)

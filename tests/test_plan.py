@@ -382,3 +382,17 @@ def test_split_batches_counts_a_memfd_open_and_close_per_window() -> None:
     # the same extents in one memfd: its open and close are paid once per window
     batches = split_batches(exts, [], 256, max_calls=10, piece_of=lambda slot: 0)
     assert [len(b[0]) for b in batches] == [4]
+
+
+def test_split_batches_counts_the_advice_given_again() -> None:
+    # numpy's arrays carry MADV_HUGEPAGE: an extent there costs mmap, madvise, populate
+    exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(6)]
+    batches = split_batches(exts, [], 256, max_calls=9, advice_calls=lambda addr: 1)
+    assert [len(b[0]) for b in batches] == [3, 3]
+    # advice only where the mapping had some
+    batches = split_batches(
+        exts, [], 256, max_calls=9, advice_calls=lambda addr: 1 if addr < 0x6000 else 0
+    )
+    assert [len(b[0]) for b in batches] == [3, 3]
+    batches = split_batches(exts, [], 256, max_calls=9, advice_calls=lambda addr: 0)
+    assert [len(b[0]) for b in batches] == [4, 2]

@@ -88,6 +88,7 @@ class TargetMerger:
             opts.batch_pages,
             max_calls=opts.max_calls,
             piece_of=lambda slot: self.slots.piece(slot)[0].id,
+            advice_calls=lambda addr: len(self.advice_at(addr)),
         )
         # A target merged before whose guard is gone (killed, or another guard's) gets
         # a new one even when nothing new is merged (procksm.guard: the newest filter's
