@@ -1059,6 +1059,40 @@ def max_map_count() -> int:
         return int(f.read())
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """A kernel CPU list (``0-3,8,10-11``) as CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+@functools.cache
+def possible_cpus() -> int:
+    """How many CPUs the kernel may ever bring up: the number of slots of a per-CPU BPF
+    map's value (highest possible CPU + 1, as libbpf's libbpf_num_possible_cpus)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return max(parse_cpu_list(f.read())) + 1
+
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+def tracepoint_id(category: str, name: str) -> int:
+    """The perf event id of tracepoint ``category:name`` (tracefs ``events/.../id``)."""
+    path = f"{TRACEFS}/events/{category}/{name}/id"
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except FileNotFoundError:
+        raise Unsupported(
+            f"no tracepoint {category}:{name} ({path} is missing; tracefs not mounted? "
+            f"mount -t tracefs tracefs {TRACEFS})"
+        ) from None
+
+
 # --------------------------------------------------------------------------------------
 # PROCMAP_QUERY: one VMA by address, without reading the whole maps file
 # --------------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ SYS_kcmp = 312
 SYS_seccomp = 317
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+# and two procksm makes itself: the observer's BPF objects and tracepoint probes
+SYS_perf_event_open = 298
+SYS_bpf = 321
 
 # include/uapi/linux/audit.h: seccomp_data.arch of a 64-bit call and of an int 0x80 one
 AUDIT_ARCH_X86_64 = 0xC000003E

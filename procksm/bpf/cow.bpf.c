@@ -1,4 +1,5 @@
-/* procksm cow observer (loaded with bcc by procksm/observe/bpf_program.py).
+/* procksm cow observer (compiled and loaded with bcc by procksm/observe/bcc_loader.py, a
+ * short-lived child; the daemon attaches and reads it without bcc).
  *
  * COW breaks: a write to a page that procksm merged (a MAP_PRIVATE mapping of a sealed
  * memfd) faults, and the kernel copies the page. Measured on this kernel (6.18, x86_64):
@@ -65,12 +66,10 @@ BPF_PERCPU_ARRAY(totals, u64, C_NR);
  * target at once, so its exec and first syscalls are seen before user space reacts. */
 BPF_ARRAY(config, u32, CFG_NR);
 
-/* bcc rewrites `events.x(...)` calls but refuses them inside macros: hence #ifdef in emit(). */
-#ifdef PROCKSM_PERF_BUFFER
-BPF_PERF_OUTPUT(events);
-#else
+/* A ring buffer (5.8+), read by procksm/observe/ring_buffer.py. Kernels without one get
+ * the pagemap observer: a perf buffer's reader (a ring per CPU) is not worth keeping for
+ * kernels older than 5.8. */
 BPF_RINGBUF_OUTPUT(events, PROCKSM_RING_PAGES);
-#endif
 
 static __always_inline void count(u32 idx) {
     u64 *c = totals.lookup(&idx);
@@ -90,11 +89,8 @@ static __always_inline int is_target(u32 tgid) {
  * mmap and munmap of a loop that maps 64 pages, touches them and unmaps them made each
  * of its faults ~200 ns (14 %) slower. Those events wake the reader every 32nd time per
  * CPU only; otherwise they wait for the next wakeup or for the reader's poll timeout. */
-static __always_inline void emit(void *ctx, struct procksm_event *e, int wake) {
+static __always_inline void emit(struct procksm_event *e, int wake) {
     e->ts_ns = bpf_ktime_get_ns();
-#ifdef PROCKSM_PERF_BUFFER
-    int rc = events.perf_submit(ctx, e, sizeof(*e));
-#else
     u64 flags = 0; /* adaptive: wake only a reader that has caught up */
     if (!wake) {
         u32 idx = C_QUIET;
@@ -103,13 +99,11 @@ static __always_inline void emit(void *ctx, struct procksm_event *e, int wake) {
             flags = BPF_RB_NO_WAKEUP;
     }
     int rc = events.ringbuf_output(e, sizeof(*e), flags);
-#endif
     if (rc < 0)
         count(C_LOST);
 }
 
-static __always_inline int on_fault(void *ctx, unsigned long addr, unsigned long err,
-                                    u32 kind) {
+static __always_inline int on_fault(unsigned long addr, unsigned long err, u32 kind) {
     if (!(err & PF_WRITE))
         return 0;
     u32 h = ((addr >> PROCKSM_BLOOM_SHIFT) * PROCKSM_BLOOM_MULT) >> (64 - PROCKSM_BLOOM_BITS);
@@ -150,7 +144,7 @@ static __always_inline int on_fault(void *ctx, unsigned long addr, unsigned long
     e.tid = (u32)pid_tgid;
     e.aux = (u32)err;
     e.addr = addr & ~4095UL;
-    emit(ctx, &e, 1);
+    emit(&e, 1);
     return 0;
 }
 
@@ -158,11 +152,11 @@ static __always_inline int on_fault(void *ctx, unsigned long addr, unsigned long
  * unsigned long error_code). No record is built for them, unlike perf tracepoints:
  * they are on the path of every page fault of the machine. */
 RAW_TRACEPOINT_PROBE(page_fault_user) {
-    return on_fault(ctx, ctx->args[0], ctx->args[2], EV_COW_USER);
+    return on_fault(ctx->args[0], ctx->args[2], EV_COW_USER);
 }
 
 RAW_TRACEPOINT_PROBE(page_fault_kernel) {
-    return on_fault(ctx, ctx->args[0], ctx->args[2], EV_COW_KERNEL);
+    return on_fault(ctx->args[0], ctx->args[2], EV_COW_KERNEL);
 }
 
 /* --- lifecycle --- */
@@ -171,14 +165,14 @@ static __always_inline u32 current_tgid(void) {
     return bpf_get_current_pid_tgid() >> 32;
 }
 
-static __always_inline void lifecycle(void *ctx, u32 kind, u32 tgid, u32 aux) {
+static __always_inline void lifecycle(u32 kind, u32 tgid, u32 aux) {
     struct procksm_event e = {};
     e.kind = kind;
     e.tgid = tgid;
     e.tid = (u32)bpf_get_current_pid_tgid();
     e.aux = aux;
     count(C_LIFECYCLE);
-    emit(ctx, &e, 1);
+    emit(&e, 1);
 }
 
 TRACEPOINT_PROBE(task, task_newtask) {
@@ -204,7 +198,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         if (word)
             __sync_fetch_and_or(word, 1ULL << (child & 63));
     }
-    lifecycle(args, EV_FORK, current_tgid(), child);
+    lifecycle(EV_FORK, current_tgid(), child);
     return 0;
 }
 
@@ -214,7 +208,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         return 0;
     u32 one = 1;
     stale.update(&tgid, &one);
-    lifecycle(args, EV_EXEC, tgid, args->old_pid);
+    lifecycle(EV_EXEC, tgid, args->old_pid);
     return 0;
 }
 
@@ -227,7 +221,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 *word = target_bits.lookup(&w);
     if (word)
         __sync_fetch_and_and(word, ~(1ULL << (tgid & 63)));
-    lifecycle(args, EV_EXIT, tgid, 0);
+    lifecycle(EV_EXIT, tgid, 0);
     return 0;
 }
 
@@ -247,7 +241,7 @@ static __always_inline void sc_enter(u32 kind, u64 addr, u64 len, u64 arg, u64 a
     inflight.update(&tid, &sc);
 }
 
-static __always_inline void sc_exit(void *ctx, long ret) {
+static __always_inline void sc_exit(long ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return;
@@ -266,7 +260,7 @@ static __always_inline void sc_exit(void *ctx, long ret) {
     e.ret = ret;
     inflight.delete(&tid);
     count(C_LIFECYCLE);
-    emit(ctx, &e, 0);
+    emit(&e, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
@@ -274,7 +268,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_munmap) {
@@ -282,7 +276,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_munmap) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_munmap) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
@@ -290,7 +284,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_mremap) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_madvise) {
@@ -298,7 +292,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_madvise) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_madvise) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_brk) {
@@ -306,7 +300,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_brk) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_brk) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise) {
@@ -314,6 +308,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise) {
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise) {
-    sc_exit(args, args->ret);
+    sc_exit(args->ret);
     return 0;
 }

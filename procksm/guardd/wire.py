@@ -5,13 +5,13 @@ from __future__ import annotations
 import socket
 import struct
 
-_FDS = struct.Struct("=4i")
 
-
-def recv_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
-    """One message and the fds (SCM_RIGHTS, at most 4) that came with it.
-    (socket.recv_fds of Python 3.11 drops its ``flags`` argument.)"""
-    msg, anc, _flags, _addr = sock.recvmsg(4096, socket.CMSG_LEN(_FDS.size), flags)
+def recv_fds(
+    sock: socket.socket, flags: int, size: int = 4096, max_fds: int = 4
+) -> tuple[bytes, list[int]]:
+    """One message (up to ``size`` bytes) and the fds (SCM_RIGHTS, at most ``max_fds``)
+    that came with it. (socket.recv_fds of Python 3.11 drops its ``flags`` argument.)"""
+    msg, anc, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(4 * max_fds), flags)
     fds: list[int] = []
     for level, typ, data in anc:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:

@@ -7,38 +7,38 @@ counts its first write."""
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
-from collections.abc import Iterable
-from typing import Any
+import struct
+from collections.abc import Iterable, Mapping
 
 from procksm.observe.bitmaps import armed_chunks, bloom_index, page_bitmaps
+from procksm.observe.bpf_maps import BpfMap, IntArray
 from procksm.observe.cow_header import PAGE_SHIFT, REGION_PAGES, REGION_SHIFT
 from procksm.procfs import U64Array
+
+_TGID = struct.Struct("=I")  # the key of `stale`
+_REGION_KEY = struct.Struct("=IIQ")  # struct procksm_region_key: tgid, pad, region
 
 
 class ArmedPageMaps:
     """Writes each target's armed pages where they differ from what was written last."""
 
-    def __init__(self, bpf: Any) -> None:
-        self._bpf = bpf
+    def __init__(self, maps: Mapping[str, BpfMap]) -> None:
+        self._target_bits = IntArray(maps["target_bits"])
+        self._bloom = IntArray(maps["chunk_bloom"])
+        self._merged = maps["merged"]
+        self._stale = maps["stale"]
         self._written: dict[int, dict[int, bytes]] = {}  # pid -> region -> bitmap in the map
         self._chunks: dict[int, set[int]] = {}  # pid -> chunks whose Bloom bit it holds
         self._bloom_users: collections.Counter[int] = collections.Counter()
 
     def set_target(self, pid: int, on: bool) -> None:
-        tab = self._bpf[b"target_bits"]
-        key = tab.Key(pid >> 6)
-        word = int(tab[key].value)
+        word = self._target_bits[pid >> 6]
         bit = 1 << (pid & 63)
-        word = word | bit if on else word & ~bit
-        tab[key] = tab.Leaf(word)
+        self._target_bits[pid >> 6] = word | bit if on else word & ~bit
 
     def clear_stale(self, pid: int) -> None:
         """``pid`` exec'd and its regions were dropped: its faults count again."""
-        stale = self._bpf[b"stale"]
-        with contextlib.suppress(KeyError):
-            del stale[stale.Key(pid)]
+        self._stale.delete(_TGID.pack(pid))
 
     def page_cleared(self, pid: int, addr: int) -> None:
         """The kernel cleared the bit of ``addr`` itself (its first write): mirror it in
@@ -57,18 +57,14 @@ class ArmedPageMaps:
         held = self._chunks.pop(pid, set())
         want = page_bitmaps(armed)
         chunks = armed_chunks(armed)
-        tab = self._bpf[b"merged"]
         dropped = written.keys() - want.keys()
         # the filter bits before the pages they let through are armed, and cleared after
         self._bloom_update(chunks - held, +1)
         for region, bits in want.items():
             if written.get(region) != bits:
-                leaf = tab.Leaf()
-                ctypes.memmove(ctypes.addressof(leaf), bits, len(bits))
-                tab[tab.Key(pid, 0, region)] = leaf
+                self._merged.update(_REGION_KEY.pack(pid, 0, region), bits)
         for region in dropped:
-            with contextlib.suppress(KeyError):
-                del tab[tab.Key(pid, 0, region)]
+            self._merged.delete(_REGION_KEY.pack(pid, 0, region))
         self._bloom_update(held - chunks, -1)
         if want or chunks:  # nothing armed: the pid is forgotten
             self._written[pid], self._chunks[pid] = want, chunks
@@ -89,7 +85,5 @@ class ArmedPageMaps:
                 del self._bloom_users[h]
         if not words:
             return
-        tab = self._bpf[b"chunk_bloom"]
         for w, (on, off) in words.items():
-            key = tab.Key(w)
-            tab[key] = tab.Leaf((int(tab[key].value) | on) & ~off)
+            self._bloom[w] = (self._bloom[w] | on) & ~off

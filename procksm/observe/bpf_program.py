@@ -1,24 +1,27 @@
-"""cow.bpf.c loaded with bcc: why it cannot be (cause and fix, before compiling), the
-program as loaded (``--ebpf``), and :class:`BpfProgram`, which owns the loaded program,
-its probes, kernel counters, event buffer and armed-page maps."""
+"""cow.bpf.c: why it cannot be loaded here (cause and fix, before compiling), the program
+as loaded (``--ebpf``), and :class:`BpfProgram`, which owns the loaded program (compiled
+and loaded by a child, :mod:`~procksm.observe.bcc_loader`: this process never imports
+bcc), its probes, kernel counters, event buffer and armed-page maps."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import importlib.util
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from procksm import procfs
 from procksm.closing import Closing
 from procksm.errors import Unsupported
 from procksm.observe.armed_maps import ArmedPageMaps
+from procksm.observe.bpf_maps import BpfMap, IntArray, PerCpuU64Array
+from procksm.observe.bpf_syscall import BpfError, ring_buffer_supported
 from procksm.observe.cow_header import CFG_FOLLOW_CHILDREN, KERNEL_COUNTER_NAMES
 from procksm.observe.event_buffer import EventBuffer
+from procksm.observe.handoff import load_in_child
+from procksm.observe.probes import Probes
+from procksm.observe.ring_buffer import RingBuffer
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
@@ -41,14 +44,8 @@ def bpf_unavailable() -> str | None:
             "no CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run procksm as root, or grant "
             "them (setcap cap_bpf,cap_perfmon+ep, or --cap-add BPF --cap-add PERFMON)"
         )
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
-        return (
-            f"bcc is not importable from {sys.executable} ({e}): install the distro package "
-            "python3-bpfcc (PyPI's 'bcc' is another project) and use a venv made with "
-            "--system-site-packages (`make setup` does both)"
-        )
+    if importlib.util.find_spec("bcc") is None:
+        return bcc_import_failure(ImportError("No module named 'bcc'"))
     release = os.uname().release
     mod = Path("/lib/modules") / release
     if not any((mod / d / "include/linux/kconfig.h").exists() for d in ("source", "build")):
@@ -62,103 +59,75 @@ def bpf_unavailable() -> str | None:
             "tracefs has no exceptions:page_fault_user (not mounted?): "
             "mount -t tracefs tracefs /sys/kernel/tracing"
         )
+    try:
+        ring_buffer = ring_buffer_supported()
+    except BpfError as e:
+        return f"cannot create a BPF map ({e.message}): run procksm as root"
+    if not ring_buffer:
+        return (
+            f"kernel {os.uname().release} has no BPF ring buffer (5.8+): procksm reads COW "
+            "breaks from one; run a newer kernel"
+        )
     return None
 
 
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[Callable[[], str]]:
-    """Collect what C code writes to fd 2 (clang's diagnostics from bcc) instead of
-    letting it reach the terminal; the caller gets it to name the cause in one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lambda: (tmp.seek(0), tmp.read().decode("utf-8", "replace"))[1]
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _first_error(text: str, exc: BaseException) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower():
-            return line.strip()
-    return str(exc)
-
-
-def _load_bpf(cflags: list[str]) -> tuple[Any, bool]:
-    """Compile and load the program: ring buffer first (5.8+), perf buffer otherwise.
-    Returns (bcc.BPF, uses_perf_buffer); raises Unsupported with the compiler's error."""
-    from bcc import BPF
-
-    src = bpf_source()
-    first = ""
-    for perf in (False, True):
-        flags = [*cflags, "-DPROCKSM_PERF_BUFFER"] if perf else cflags
-        with _stderr_captured() as err:
-            try:
-                return BPF(text=src.encode(), cflags=flags), perf
-            except Exception as e:
-                first = first or _first_error(err(), e)
-    raise Unsupported(
-        f"the BPF program did not load ({first}); try `make setup` (kernel headers, bcc) "
-        "or see `python -m procksm.observe --ebpf`"
+def bcc_import_failure(e: ImportError) -> str:
+    """Why bcc cannot be imported, and how to get it (the loader child imports it)."""
+    return (
+        f"bcc is not importable from {sys.executable} ({e}): install the distro package "
+        "python3-bpfcc (PyPI's 'bcc' is another project) and use a venv made with "
+        "--system-site-packages (`make setup` does both)"
     )
 
 
 class BpfProgram(Closing):
-    """The loaded program: its probes (detached and attached again without reloading),
-    its per-CPU counters, and the two ways user space talks to it, :attr:`events` (what
-    the kernel reports) and :attr:`maps` (which pages are armed). Raises
-    :class:`~procksm.errors.Unsupported` with the compiler's error if it does not load."""
+    """The loaded program, in this process without bcc: its probes (detached and attached
+    again without reloading), its per-CPU counters, and the two ways user space talks to
+    it, :attr:`events` (what the kernel reports) and :attr:`maps` (which pages are
+    armed). Loading happens in a child (:func:`~procksm.observe.handoff.load_in_child`);
+    raises :class:`~procksm.errors.Unsupported` with its one-line reason if it fails."""
 
     def __init__(self, follow_children: bool) -> None:
-        self._bpf, perf_buffer = _load_bpf([])
-        # bcc attached every probe at load; these are their names to detach and attach again
-        self._probes: list[tuple[str, bytes, bytes]] = [  # (kind, tracepoint, function)
-            ("raw", tp, b"raw_tracepoint__" + tp) for tp in self._bpf.raw_tracepoint_fds
-        ] + [
-            ("tp", tp, b"tracepoint__" + tp.replace(b":", b"__")) for tp in self._bpf.tracepoint_fds
-        ]
-        if follow_children:
-            cfg = self._bpf[b"config"]
-            cfg[cfg.Key(CFG_FOLLOW_CHILDREN)] = cfg.Leaf(1)
-        self.events = EventBuffer(self._bpf, perf_buffer)
-        self.maps = ArmedPageMaps(self._bpf)
+        with contextlib.ExitStack() as stack:
+            objects = stack.enter_context(load_in_child())
+            maps = {
+                spec.name: BpfMap(objects.map_fds[spec.name], spec)
+                for spec in objects.manifest.maps
+            }
+            self._totals = PerCpuU64Array(maps["totals"])
+            if follow_children:
+                IntArray(maps["config"])[CFG_FOLLOW_CHILDREN] = 1
+            self.maps = ArmedPageMaps(maps)
+            ring = maps["events"]
+            self.events = EventBuffer(
+                stack.enter_context(RingBuffer(ring.fd, ring.spec.max_entries))
+            )
+            probes = zip(objects.manifest.probes, objects.prog_fds, strict=True)
+            self._probes = stack.enter_context(Probes(list(probes)))
+            self._probes.attach()
+            # closed in reverse: the probes (nothing runs any more), the ring's mappings,
+            # the fds; the kernel frees each object with its last reference
+            self._resources = stack.pop_all()
 
     def kernel_counter(self, idx: int) -> int:
         """One of the per-CPU counters (``C_*``), summed."""
-        tab = self._bpf[b"totals"]
-        return int(tab.sum(tab.Key(idx)).value)
+        return self._totals.sum(idx)
 
     def kernel_totals(self) -> dict[str, int]:
         return {name: self.kernel_counter(i) for i, name in enumerate(KERNEL_COUNTER_NAMES)}
 
     @property
     def probes_attached(self) -> bool:
-        return bool(self._bpf.raw_tracepoint_fds or self._bpf.tracepoint_fds)
+        return self._probes.attached
 
     def detach_probes(self) -> None:
-        for kind, tp, _fn in self._probes:
-            with contextlib.suppress(Exception):  # not attached
-                if kind == "raw":
-                    self._bpf.detach_raw_tracepoint(tp)
-                else:
-                    self._bpf.detach_tracepoint(tp)
+        self._probes.detach()
 
     def attach_probes(self) -> None:
-        for kind, tp, fn in self._probes:
-            if kind == "raw":
-                self._bpf.attach_raw_tracepoint(tp=tp, fn_name=fn)
-            else:
-                self._bpf.attach_tracepoint(tp=tp, fn_name=fn)
+        self._probes.attach()
 
     def close(self) -> None:
-        # bcc registers its cleanup at exit, which also keeps the object alive: do it now
-        # and unregister it
-        self._bpf.cleanup()  # detaches every probe and closes the program and map fds
-        atexit.unregister(self._bpf.cleanup)
+        self._resources.close()
 
 
 def load_program(
