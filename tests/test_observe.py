@@ -9,6 +9,7 @@ against what was written; the targets verify their own memory at the end.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from procksm import PAGE_SIZE
+from procksm import PAGE_SIZE, procfs
 from procksm.merge import MergeOptions, merge
 from procksm.observe import (
     CowBreak,
@@ -40,6 +41,8 @@ from procksm.observe import (
 )
 from procksm.observe.bitmaps import bitmap_pages, page_bitmaps
 from procksm.observe.bpf_program import BPF_DIR, bpf_source, bpf_unavailable
+from procksm.observe.manifest import Manifest, MapSpec, decode, encode, probe_of_function
+from procksm.observe.ring_buffer import BUSY_BIT, DISCARD_BIT, take_records
 from procksm.procfs import PM_FILE, PM_PRESENT, PM_SWAPPED
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.unmerge import merged_ranges
@@ -230,6 +233,72 @@ def test_parse_event() -> None:
     assert isinstance(bad, Lifecycle) and not bad.ok
     with pytest.raises(ValueError):
         parse_event(raw(99))
+
+
+def fake_ring(size: int, start: int, records: list[tuple[bytes, int]]) -> memoryview:
+    """A ring buffer's data area as the kernel leaves it: ``records`` (payload, flag bits)
+    written from byte position ``start`` on, each an 8-byte header (length | flags,
+    page offset) and its payload padded to 8 bytes; mapped twice in a row, so a record
+    that wraps around the end reads contiguously (kernel/bpf/ringbuf.c)."""
+    ring = bytearray(size)
+    pos = start
+    for payload, flags in records:
+        rec = struct.pack("=II", len(payload) | flags, 0) + payload
+        rec += bytes(-len(rec) % 8)
+        for i, b in enumerate(rec):
+            ring[(pos + i) % size] = b
+        pos += len(rec)
+    return memoryview(bytes(ring * 2))
+
+
+def take(ring: memoryview, cons: int, prod: int) -> tuple[list[bytes], int]:
+    words = ring.cast("I")
+    return take_records(
+        words, lambda off, n: bytes(ring[off : off + n]), cons, prod, len(ring) // 2 - 1
+    )
+
+
+def test_ring_buffer_records_are_framed_as_the_kernel_writes_them() -> None:
+    size = 256
+    recs = [(b"a" * 5, 0), (b"b" * 64, DISCARD_BIT), (b"c" * 8, 0), (b"d" * 3, BUSY_BIT), (b"e", 0)]
+    ring = fake_ring(size, 0, recs)
+    # 5 + 8 -> 16 bytes, 64 + 8 -> 72, 8 + 8 -> 16: the busy one at 104 stops the batch
+    got, pos = take(ring, 0, 130)
+    assert got == [b"a" * 5, b"c" * 8] and pos == 104
+    assert take(ring, 0, 16) == ([b"a" * 5], 16)  # the producer's position bounds it
+    assert take(ring, 16, 16) == ([], 16)
+    # counters only grow: position 3 * size + 16 is byte 16 of the ring
+    assert take(ring, 3 * size + 16, 3 * size + 104) == ([b"c" * 8], 3 * size + 104)
+
+
+def test_ring_buffer_record_wrapping_around_the_end() -> None:
+    size = 128
+    start = 5 * size - 24  # a 64-byte record from byte 104: its end is in the next lap
+    ring = fake_ring(size, start, [(bytes(range(64)), 0), (b"next", 0)])
+    got, pos = take(ring, start, start + 72 + 16)
+    assert got == [bytes(range(64)), b"next"] and pos == start + 88
+
+
+def test_loader_manifest_roundtrip_and_probe_names() -> None:
+    probes = tuple(
+        p
+        for f in ("raw_tracepoint__page_fault_user", "tracepoint__sched__sched_process_fork",
+                  "count", "tracepoint__nocategory")
+        if (p := probe_of_function(f)) is not None
+    )  # fmt: skip
+    assert [(p.kind, p.target) for p in probes] == [
+        ("raw_tracepoint", "page_fault_user"),
+        ("tracepoint", "sched:sched_process_fork"),
+    ]
+    doc = Manifest(
+        (MapSpec("events", 27, 0, 0, 1 << 18, 0), MapSpec("totals", 6, 4, 8, 6, 0)), probes
+    )
+    assert decode(encode(doc)) == doc and doc.fd_count == 4
+    assert doc.map_named("totals").value_size == 8
+    assert decode(encode("the BPF program did not load (x)")) == "the BPF program did not load (x)"
+    for bad in (b"{}", b"[1]", b"not json", encode(doc).replace(b"tracepoint", b"kprobe")):
+        with pytest.raises(ValueError):
+            decode(bad)
 
 
 # --------------------------------------------------------------------------------------
@@ -648,6 +717,97 @@ def test_without_capabilities_it_falls_back_with_a_one_line_reason(tmp_path: Pat
     assert line.startswith("procksm: warning: no CAP_BPF") and "root" in line
 
 
+def observer_process(code: str = "", env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A process (its own session: the whole group can be killed) that makes a
+    CowObserver, prints its mode and reason as JSON once it is made, and waits."""
+    code = code or textwrap.dedent(
+        """
+        import json, sys
+        from procksm.observe import CowObserver
+        obs = CowObserver()
+        print(json.dumps([obs.mode, obs.fallback_reason, "bcc" in sys.modules]), flush=True)
+        input()
+        """
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+
+
+def is_loader(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return b"procksm.observe.bcc_loader" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
+
+
+def loader_of(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+    """The pid of ``proc``'s loader child (procksm.observe.bcc_loader), once it runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for kid in procfs.children(proc.pid):
+            if is_loader(kid):
+                return kid
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    raise AssertionError("no loader child started")
+
+
+def ended(proc: subprocess.Popen[str]) -> tuple[str, str, str]:
+    """(mode, reason, stderr) of an observer_process that fell back, once it is told to end."""
+    out, err = proc.communicate("\n", timeout=60)
+    mode, reason, _bcc = json.loads(out)
+    return mode, reason, err
+
+
+def test_a_broken_bcc_in_the_loader_gives_the_one_line_reason(tmp_path: Path) -> None:
+    """bcc's module is found but does not import (e.g. libbcc.so missing): the loader
+    child says why, and the observer falls back to pagemap with that one line."""
+    require_bpf()
+    fake = tmp_path / "bcc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise ImportError('libbcc.so.0: cannot open shared object file')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    mode, reason, err = ended(observer_process(env=env))
+    assert mode == "pagemap"
+    assert reason.startswith("bcc is not importable from") and "libbcc.so.0" in reason
+    assert "python3-bpfcc" in reason and "\n" not in reason
+    (line,) = err.strip().splitlines()
+    tail = "; COW breaks are found by pagemap polling every 0.2 s instead of eBPF"
+    assert line == f"procksm: warning: {reason}{tail}"
+
+
+def test_a_killed_loader_gives_the_one_line_reason() -> None:
+    require_bpf()
+    proc = observer_process()
+    os.kill(loader_of(proc), signal.SIGKILL)
+    mode, reason, err = ended(proc)
+    assert mode == "pagemap" and "\n" not in reason
+    assert (
+        reason.startswith("the BPF loader (")
+        and "exited with status -9 before handing over" in reason
+    )
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_daemon_maps_no_bcc_or_llvm(spawn: Any, daemons: Any, tmp_path: Path) -> None:
+    """The daemon's observer runs in bpf mode without bcc or LLVM in its process: the
+    loader child compiled the program and is gone."""
+    require_bpf()
+    exe = build_c_target("planted")
+    a, b = (spawn([exe, "--identical", 64, "--seed", 3]) for _ in range(2))
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], "--cpu-limit", 0, "-q")
+    assert d.stats()["observer"] == "bpf"
+    progs, maps = own_bpf_ids(d.proc.pid)  # the program runs from this process's fds
+    assert len(progs) >= 18 and len(maps) >= 7
+    mapped = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert re.search(r"/libc\.so", mapped)  # the shared libraries it loaded are listed
+    assert not re.findall(r"\S*(?:libbcc|libLLVM|libclang)\S*", mapped)
+    assert not [k for k in procfs.children(d.proc.pid) if is_loader(k)]  # and gone
+
+
 # --------------------------------------------------------------------------------------
 # nothing left behind
 # --------------------------------------------------------------------------------------
@@ -732,3 +892,54 @@ def test_a_killed_observer_leaves_no_probes() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def loader_holding_objects(proc: subprocess.Popen[str]) -> int | None:
+    """``proc``'s loader child once it holds BPF maps it has not handed over yet (it
+    compiles first, then creates the maps and loads the programs one by one); None if
+    it handed them over before it was seen holding one."""
+    loader = loader_of(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if own_bpf_ids(loader)[1]:
+                return loader
+        except FileNotFoundError:
+            return None
+    raise AssertionError("the loader held no BPF map for 60 s")
+
+
+@pytest.mark.parametrize("killed", ["group", "observer"])
+def test_a_kill_while_loading_leaves_nothing(killed: str) -> None:
+    """SIGKILL of the observer's whole process group while its loader child holds maps
+    and programs it has not handed over yet, or of the observer alone (the loader dies
+    with it, PR_SET_PDEATHSIG, and its fds with it): the kernel frees every object."""
+    require_bpf()
+    if shutil.which("bpftool") is None:
+        skip_or_fail("bpftool is not installed (make setup installs it)")
+    for _attempt in range(5):
+        proc = observer_process()
+        try:
+            loader = loader_holding_objects(proc)
+            if loader is None:
+                continue
+            os.killpg(proc.pid, signal.SIGSTOP)  # nothing is made or handed over from now on
+            held = [own_bpf_ids(pid) for pid in (proc.pid, loader)]
+            progs, maps = held[0][0] | held[1][0], held[0][1] | held[1][1]
+            assert maps
+            if killed == "group":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{loader}"):  # reaped once its parent died
+                assert time.monotonic() < deadline, f"loader {loader} outlived the observer"
+                time.sleep(0.01)
+            assert_freed(progs, maps)
+            return
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    raise AssertionError("5 loaders handed their program over before they were seen holding it")

@@ -277,6 +277,13 @@ def test_parse_meminfo() -> None:
     assert len(info) == len(fixture("meminfo.txt").splitlines())
 
 
+def test_parse_cpu_list() -> None:
+    assert procfs.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert procfs.parse_cpu_list("0\n") == [0]
+    # per-CPU map values have a slot per possible CPU, online or not
+    assert procfs.possible_cpus() >= (os.cpu_count() or 1)
+
+
 def test_parse_ksm_stat() -> None:
     assert procfs.parse_ksm_stat(fixture("ksm_stat.txt")) == {
         "ksm_rmap_items": 0,
