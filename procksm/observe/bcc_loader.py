@@ -1,4 +1,4 @@
-"""``python -m procksm.observe.bcc_loader FD``: the short-lived child that compiles
+"""``python -m procksm.observe.bcc_loader FD PARENT_PID``: the short-lived child that compiles
 cow.bpf.c with bcc (clang/LLVM), loads its maps and programs into the kernel without
 attaching them, sends their fds and a :mod:`~procksm.observe.manifest` over the
 SOCK_SEQPACKET socket FD (one message, SCM_RIGHTS), and exits.
@@ -123,8 +123,9 @@ def main(argv: list[str]) -> int:
     try:
         bpf, lib, probes = _compile()
         doc, fds = _loaded(bpf, lib, probes)
-    except RuntimeError as e:
-        sock.sendmsg([encode(str(e))])
+    except Exception as e:  # one line for the daemon's warning, whatever it was
+        reason = str(e) if isinstance(e, RuntimeError) else f"the BPF loader failed: {e!r}"
+        sock.sendmsg([encode(reason)])
         return 1
     socket.send_fds(sock, [encode(doc)], fds)
     return 0

@@ -65,7 +65,7 @@ def bpf_unavailable() -> str | None:
         return f"cannot create a BPF map ({e.message}): run procksm as root"
     if not ring_buffer:
         return (
-            f"kernel {os.uname().release} has no BPF ring buffer (5.8+): procksm reads COW "
+            f"kernel {release} has no BPF ring buffer (5.8+): procksm reads COW "
             "breaks from one; run a newer kernel"
         )
     return None
