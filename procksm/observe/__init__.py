@@ -3,10 +3,12 @@
 A merged page is a MAP_PRIVATE mapping of one of procksm's sealed memfds; the first
 write to it copies the page ("breaks" the merge). Two sources find those breaks:
 
-* **eBPF** (``mode == "bpf"``): ``procksm/bpf/cow.bpf.c``, loaded with bcc, attaches to
-  the raw tracepoints ``page_fault_user`` / ``page_fault_kernel`` and keeps, per target,
-  a map (tgid, 2 MiB region) -> 512-bit bitmap of armed pages, behind a Bloom filter of
-  the 64 KiB chunks that hold armed pages and a bit per target tgid. The first write
+* **eBPF** (``mode == "bpf"``): ``procksm/bpf/cow.bpf.c``, compiled and loaded by a
+  short-lived child with bcc (this process never imports bcc or LLVM: docs/design.md
+  §11, "The observer's program") and attached from here, runs on the raw tracepoints
+  ``page_fault_user`` / ``page_fault_kernel`` and keeps, per target, a map (tgid, 2 MiB
+  region) -> 512-bit bitmap of armed pages, behind a Bloom filter of the 64 KiB chunks
+  that hold armed pages and a bit per target tgid. The first write
   fault on an armed page clears its bit in the kernel and sends one event, so each page
   counts once and fork COWs of pages that were never merged are filtered out in the
   kernel. It also reports fork/exec/exit and the target's mmap, munmap, mremap, madvise,
@@ -45,11 +47,11 @@ exit ends the target (its counters stay until ``remove_target``). With
 ranges. Counters are exact after ``reconcile``: a page is counted once per break, by
 whichever source saw it first.
 
-Without BPF (bcc missing, no kernel headers, no CAP_BPF, the program does not load) a
-one-line warning names the cause and the fix, and the same counters come from pagemap
-polling. :func:`bpf_source` is the program as loaded (``python -m procksm.observe
---ebpf`` prints it, like bcc tools' hidden ``--ebpf``); the daemon's ``--ebpf`` /
-``--no-bpf`` flags map to it and to ``use_bpf=False``.
+Without BPF (bcc missing, no kernel headers, no CAP_BPF, a kernel without BPF ring
+buffers, the program does not load) a one-line warning names the cause and the fix, and
+the same counters come from pagemap polling. :func:`bpf_source` is the program as loaded
+(``python -m procksm.observe --ebpf`` prints it, like bcc tools' hidden ``--ebpf``); the
+daemon's ``--ebpf`` / ``--no-bpf`` flags map to it and to ``use_bpf=False``.
 
 Measured cost (benchmarks/bpf_overhead.py, 2-vCPU VM with retpolines, a fault ~1.5 us):
 ~70 ns per fault in any process while the probes are attached, most of it the
@@ -70,9 +72,15 @@ In parts (the pure ones are tested without privileges):
   :func:`parse_event` (pure);
 - :mod:`~procksm.observe.bitmaps`: the BPF maps' region bitmaps and Bloom bits (pure);
 - :mod:`~procksm.observe.cow_header`: what ``procksm/bpf/cow.h`` defines, mirrored;
-- :mod:`~procksm.observe.bpf_program`: loading the program with bcc (or why it cannot
-  be), its probes and counters; :mod:`~procksm.observe.event_buffer`, what it reports;
-  :mod:`~procksm.observe.armed_maps`, which pages it watches.
+- :mod:`~procksm.observe.bpf_program`: why the program cannot be loaded, and the loaded
+  program: its probes, counters, events and maps;
+- :mod:`~procksm.observe.bcc_loader`: the child that compiles and loads it with bcc;
+  :mod:`~procksm.observe.handoff`, taking its fds; :mod:`~procksm.observe.manifest`, what
+  comes with them (pure);
+- :mod:`~procksm.observe.bpf_syscall`, :mod:`~procksm.observe.bpf_maps`,
+  :mod:`~procksm.observe.probes`, :mod:`~procksm.observe.ring_buffer`: bpf(2), the maps,
+  attaching, the ring buffer, from Python; :mod:`~procksm.observe.event_buffer`, what it
+  reports; :mod:`~procksm.observe.armed_maps`, which pages it watches.
 """
 
 from procksm.observe.bpf_program import bpf_source
