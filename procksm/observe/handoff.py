@@ -18,11 +18,11 @@ from procksm.guardd.launch import procksm_root
 from procksm.guardd.wire import recv_fds
 from procksm.observe.manifest import Manifest, decode
 
-# Measured here: the loader takes ~0.8 s of CPU (~0.5 s of it the compile); a loaded
+# Measured here: the loader takes 0.55-0.65 s of CPU (~0.45 s of it the compile); a loaded
 # 2-CPU machine stretches that several times. A loader still silent after this is stuck.
 LOAD_TIMEOUT_S = 120.0
 _MESSAGE_BYTES = 1 << 16  # the manifest is ~3 KiB
-_MAX_FDS = 253  # SCM_MAX_FD: the program has 9 maps and 20 programs
+_MAX_FDS = 253  # SCM_MAX_FD: the program has 9 maps and 18 programs
 
 
 @dataclass
@@ -67,17 +67,20 @@ def _receive(
     sock: socket.socket, proc: subprocess.Popen[bytes], stderr: IO[bytes]
 ) -> tuple[bytes, list[int]]:
     """The loader's one message and its fds; Unsupported if it ends without sending it."""
+    fds: list[int] = []
     try:
         sock.settimeout(LOAD_TIMEOUT_S)
         # MSG_CMSG_CLOEXEC: the fds never reach a program the daemon starts
         data, fds = recv_fds(sock, socket.MSG_CMSG_CLOEXEC, _MESSAGE_BYTES, _MAX_FDS)
+        code = proc.wait(LOAD_TIMEOUT_S)  # it exits once it has sent
     except BaseException as e:
         proc.kill()
         proc.wait()
-        if isinstance(e, TimeoutError):
-            raise Unsupported(f"the BPF loader did not answer in {LOAD_TIMEOUT_S:g} s") from None
+        for fd in fds:
+            os.close(fd)
+        if isinstance(e, TimeoutError | subprocess.TimeoutExpired):
+            raise Unsupported(f"the BPF loader did not finish in {LOAD_TIMEOUT_S:g} s") from None
         raise
-    code = proc.wait()
     if not data:  # the loader closed its end without a word: it died
         stderr.seek(0)
         lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
