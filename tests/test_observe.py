@@ -1,7 +1,8 @@
 """COW-break and lifecycle observation (procksm.observe, issue 6).
 
 Pure logic (region bitmaps, the per-target ledger, event decoding, the header the BPF
-side shares) is tested without privileges. Everything else runs real planted targets
+side shares, the ring buffer's record framing, the loader's manifest) is tested without
+privileges. Everything else runs real planted targets
 merged by procksm.merge, writes their merged pages the three ways a page can be written
 (user mode, the kernel in read(), get_user_pages), and checks the observer's counters
 against what was written; the targets verify their own memory at the end.
