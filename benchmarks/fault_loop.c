@@ -10,6 +10,8 @@
  *               fault per page), munmap; prints "NS <wall ns> CPU_NS <ns on a CPU> FAULTS <I*P>"
  *               (CPU time: the process's own, so that time other processes take on a
  *               shared machine does not count)
+ *   sys I    -> I getppid() calls (the cheapest system call: what a syscall tracepoint
+ *               adds to every call shows); prints the same line, FAULTS = I (calls)
  *   quit
  */
 #define _GNU_SOURCE
@@ -17,7 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PAGE 4096UL
 
@@ -51,6 +55,11 @@ int main(int argc, char **argv) {
             }
             long long c1 = now_ns(CLOCK_PROCESS_CPUTIME_ID), t1 = now_ns(CLOCK_MONOTONIC);
             printf("NS %lld CPU_NS %lld FAULTS %lu\n", t1 - t0, c1 - c0, iters * pages);
+        } else if (sscanf(line, "sys %lu", &iters) == 1) {
+            long long t0 = now_ns(CLOCK_MONOTONIC), c0 = now_ns(CLOCK_PROCESS_CPUTIME_ID);
+            for (unsigned long k = 0; k < iters; k++) syscall(SYS_getppid);
+            long long c1 = now_ns(CLOCK_PROCESS_CPUTIME_ID), t1 = now_ns(CLOCK_MONOTONIC);
+            printf("NS %lld CPU_NS %lld FAULTS %lu\n", t1 - t0, c1 - c0, iters);
         } else if (!strncmp(line, "quit", 4)) {
             break;
         }
