@@ -173,9 +173,7 @@ def run_reps(
     return runs
 
 
-def observe_reps(
-    target: Loop, loops: Workloads, a: argparse.Namespace
-) -> tuple[Json, list[Json]]:
+def observe_reps(target: Loop, loops: Workloads, a: argparse.Namespace) -> tuple[Json, list[Json]]:
     """The repetitions with a thread polling the observer throughout; returns the
     observer's totals and the runs."""
     obs = watch_target(target)

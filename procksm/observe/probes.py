@@ -35,32 +35,42 @@ PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 # struct perf_event_attr up to wakeup_events (PERF_ATTR_SIZE_VER0 = 64 bytes): type,
 # size, config, sample_period, sample_type, read_format, flag bits, wakeup_events
-_PERF_ATTR = struct.Struct("=IIQQQQQI4x8x")
+PERF_ATTR = struct.Struct("=IIQQQQQI4x8x")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
-def perf_tracepoint_open(category: str, name: str, prog_fd: int) -> int:
-    """Run ``prog_fd`` on tracepoint ``category:name``: the perf event's fd."""
-    tp_id = procfs.tracepoint_id(category, name)
-    # sample_period 1 and wakeup_events 1, as bcc: the program runs on every hit
-    fields = (PERF_TYPE_TRACEPOINT, _PERF_ATTR.size, tp_id, 1, PERF_SAMPLE_RAW, 0, 0, 1)
-    attr = ctypes.create_string_buffer(_PERF_ATTR.pack(*fields), _PERF_ATTR.size)
-    pid, cpu, group = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_int(-1)
+def perf_event_open(fields: tuple[int, ...], pid: int, cpu: int, prog_fd: int | None) -> int:
+    """A perf event (``PERF_ATTR`` ``fields``), given program ``prog_fd`` (None: a
+    counting event, benchmarks/fault_hooks.py) and enabled: its fd."""
+    attr = ctypes.create_string_buffer(PERF_ATTR.pack(*fields), PERF_ATTR.size)
+    c_pid, c_cpu, group = ctypes.c_int(pid), ctypes.c_int(cpu), ctypes.c_int(-1)
     flags = ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)
-    fd = int(_syscall(ctypes.c_long(SYS_perf_event_open), attr, pid, cpu, group, flags))
+    fd = int(_syscall(ctypes.c_long(SYS_perf_event_open), attr, c_pid, c_cpu, group, flags))
     if fd < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"perf_event_open of {category}:{name}: {os.strerror(err)}")
+        raise OSError(err, f"perf_event_open: {os.strerror(err)}")
     try:
-        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+        if prog_fd is not None:
+            fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
         fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def perf_tracepoint_open(category: str, name: str, prog_fd: int) -> int:
+    """Run ``prog_fd`` on tracepoint ``category:name``: the perf event's fd."""
+    tp_id = procfs.tracepoint_id(category, name)
+    # sample_period 1 and wakeup_events 1, as bcc: the program runs on every hit
+    fields = (PERF_TYPE_TRACEPOINT, PERF_ATTR.size, tp_id, 1, PERF_SAMPLE_RAW, 0, 0, 1)
+    try:
+        return perf_event_open(fields, -1, 0, prog_fd)
+    except OSError as e:
+        raise OSError(e.errno, f"perf_event_open of {category}:{name}: {e.strerror}") from None
 
 
 def attach(probe: ProbeSpec, prog_fd: int) -> int:
