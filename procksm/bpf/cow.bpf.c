@@ -17,7 +17,14 @@
  * an empty program on page_fault_user runs in 51 ns per fault including the stats'
  * clock reads, the tgid check (helper call + array) adds 11 ns, the Bloom check 4 ns.
  *
- * Lifecycle: sched fork/exec/exit and the memory syscalls of target tgids.
+ * Lifecycle: sched fork/exec/exit (and task_newtask), which run per process event.
+ * There is no syscalls:* tracepoint here, deliberately: enabling any one sets
+ * TIF_SYSCALL_TRACEPOINT on every task of the machine (kernel/trace/trace_syscalls.c,
+ * syscall_regfunc), so every system call of every process takes the slow entry/exit
+ * path; measured +34 % per getppid (169 -> 226 ns) in a process that is not a target
+ * (benchmarks/bpf_overhead.py). A target's munmap/mremap/madvise/brk are found by user
+ * space instead: it checks each COW break's address against the target's mappings, and
+ * the periodic reconcile re-reads them (procksm/observe/target.py).
  */
 #include <uapi/linux/ptrace.h>
 
@@ -50,20 +57,9 @@ BPF_HASH(stale, u32, u32, 4096);
 /* fork: task_newtask (which sees clone_flags) marks child pids that are processes. */
 BPF_HASH(new_procs, u32, u32, 4096);
 
-struct procksm_sc {
-    u32 kind;
-    u32 pad;
-    u64 addr;
-    u64 len;
-    u64 arg;
-    u64 arg2;
-};
-/* Arguments of a target's memory syscall between sys_enter and sys_exit, by tid. */
-BPF_HASH(inflight, u32, struct procksm_sc, 4096);
-
 BPF_PERCPU_ARRAY(totals, u64, C_NR);
 /* Settings from user space: [CFG_FOLLOW_CHILDREN] = 1 makes a target's forked child a
- * target at once, so its exec and first syscalls are seen before user space reacts. */
+ * target at once, so its exec and first COW breaks are seen before user space reacts. */
 BPF_ARRAY(config, u32, CFG_NR);
 
 /* A ring buffer (5.8+), read by procksm/observe/ring_buffer.py. Kernels without one get
@@ -83,23 +79,11 @@ static __always_inline int is_target(u32 tgid) {
     return word && (*word & (1ULL << (tgid & 63)));
 }
 
-/* Wake the reader for a COW break, fork, exec or exit: rare, and wanted at once. A
- * target's mmap/munmap/... can come by the thousand per second, and each wakeup is an
- * irq_work plus a cross-CPU wakeup (IPIs are VM exits here): measured, waking for every
- * mmap and munmap of a loop that maps 64 pages, touches them and unmaps them made each
- * of its faults ~200 ns (14 %) slower. Those events wake the reader every 32nd time per
- * CPU only; otherwise they wait for the next wakeup or for the reader's poll timeout. */
-static __always_inline void emit(struct procksm_event *e, int wake) {
+/* Every event wakes the reader: COW breaks, fork, exec and exit are rare and wanted at
+ * once (BPF_RB_* flags 0: adaptive, wake only a reader that has caught up). */
+static __always_inline void emit(struct procksm_event *e) {
     e->ts_ns = bpf_ktime_get_ns();
-    u64 flags = 0; /* adaptive: wake only a reader that has caught up */
-    if (!wake) {
-        u32 idx = C_QUIET;
-        u64 *quiet = totals.lookup(&idx);
-        if (quiet && (++*quiet & 31))
-            flags = BPF_RB_NO_WAKEUP;
-    }
-    int rc = events.ringbuf_output(e, sizeof(*e), flags);
-    if (rc < 0)
+    if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
         count(C_LOST);
 }
 
@@ -144,7 +128,7 @@ static __always_inline int on_fault(unsigned long addr, unsigned long err, u32 k
     e.tid = (u32)pid_tgid;
     e.aux = (u32)err;
     e.addr = addr & ~4095UL;
-    emit(&e, 1);
+    emit(&e);
     return 0;
 }
 
@@ -172,7 +156,7 @@ static __always_inline void lifecycle(u32 kind, u32 tgid, u32 aux) {
     e.tid = (u32)bpf_get_current_pid_tgid();
     e.aux = aux;
     count(C_LIFECYCLE);
-    emit(&e, 1);
+    emit(&e);
 }
 
 TRACEPOINT_PROBE(task, task_newtask) {
@@ -222,92 +206,5 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     if (word)
         __sync_fetch_and_and(word, ~(1ULL << (tgid & 63)));
     lifecycle(EV_EXIT, tgid, 0);
-    return 0;
-}
-
-/* --- memory syscalls: arguments at entry, the event with the result at exit --- */
-
-static __always_inline void sc_enter(u32 kind, u64 addr, u64 len, u64 arg, u64 arg2) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return;
-    u32 tid = (u32)pid_tgid;
-    struct procksm_sc sc = {};
-    sc.kind = kind;
-    sc.addr = addr;
-    sc.len = len;
-    sc.arg = arg;
-    sc.arg2 = arg2;
-    inflight.update(&tid, &sc);
-}
-
-static __always_inline void sc_exit(long ret) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return;
-    u32 tid = (u32)pid_tgid;
-    struct procksm_sc *sc = inflight.lookup(&tid);
-    if (!sc)
-        return;
-    struct procksm_event e = {};
-    e.kind = sc->kind;
-    e.tgid = pid_tgid >> 32;
-    e.tid = tid;
-    e.addr = sc->addr;
-    e.len = sc->len;
-    e.arg = sc->arg;
-    e.arg2 = sc->arg2;
-    e.ret = ret;
-    inflight.delete(&tid);
-    count(C_LIFECYCLE);
-    emit(&e, 0);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_mmap) {
-    sc_enter(EV_MMAP, args->addr, args->len, args->flags, args->prot);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_mmap) {
-    sc_exit(args->ret);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_enter_munmap) {
-    sc_enter(EV_MUNMAP, args->addr, args->len, 0, 0);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_munmap) {
-    sc_exit(args->ret);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_enter_mremap) {
-    sc_enter(EV_MREMAP, args->addr, args->old_len, args->new_len, args->flags);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_mremap) {
-    sc_exit(args->ret);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_enter_madvise) {
-    sc_enter(EV_MADVISE, args->start, args->len_in, args->behavior, 0);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_madvise) {
-    sc_exit(args->ret);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_enter_brk) {
-    sc_enter(EV_BRK, args->brk, 0, 0, 0);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_brk) {
-    sc_exit(args->ret);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_enter_process_madvise) {
-    sc_enter(EV_PROCESS_MADVISE, 0, args->vlen, args->behavior, args->pidfd);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_process_madvise) {
-    sc_exit(args->ret);
     return 0;
 }

@@ -26,12 +26,6 @@
 #define EV_FORK 3            /* aux = child pid (a new process, not a thread) */
 #define EV_EXEC 4            /* aux = old pid (tid of the thread that called execve) */
 #define EV_EXIT 5            /* the whole thread group is gone */
-#define EV_MMAP 6            /* addr, len, arg = flags, arg2 = prot, ret = address */
-#define EV_MUNMAP 7          /* addr, len, ret */
-#define EV_MREMAP 8          /* addr, len = old_len, arg = new_len, arg2 = flags, ret = address */
-#define EV_MADVISE 9         /* addr, len, arg = advice, ret */
-#define EV_BRK 10            /* addr = requested break, ret = new break */
-#define EV_PROCESS_MADVISE 11 /* len = vlen, arg = advice, arg2 = pidfd, ret = bytes */
 
 /* Per-CPU counters (index into the `totals` array). */
 #define C_COW_USER 0
@@ -39,25 +33,20 @@
 #define C_LIFECYCLE 2
 #define C_LOST 3   /* events the ring (or perf) buffer had no room for */
 #define C_STALE 4  /* write faults on regions of a target that exec'd, not yet dropped */
-#define C_QUIET 5  /* memory-syscall events sent (their wakeups are batched) */
-#define C_NR 6
+#define C_NR 5
 
 /* Settings (index into the `config` array). */
 #define CFG_FOLLOW_CHILDREN 0
 #define CFG_NR 1
 
-/* 64 bytes, no padding: cow_header.EVENT_FORMAT = "<QIIIIQQQQq". */
+/* 32 bytes, no padding: cow_header.EVENT_FORMAT = "<QIIIIQ". */
 struct procksm_event {
     __u64 ts_ns;
     __u32 kind;
     __u32 tgid;
     __u32 tid;
     __u32 aux;   /* fault: error_code; fork: child pid; exec: old pid */
-    __u64 addr;
-    __u64 len;
-    __u64 arg;
-    __u64 arg2;
-    __s64 ret;
+    __u64 addr;  /* fault: the page's address */
 };
 
 struct procksm_region_key {

@@ -244,9 +244,10 @@ class Daemon:
 
     def _observe(self) -> None:
         """Lifecycle events from the observer: an exit drops the target at once, an
-        exec starts its state over, a fork adds the child (--follow-children),
-        munmap/mremap/brk re-read the target's mappings at its next window; a COW break
-        teaches the backoff."""
+        exec starts its state over, a fork adds the child (--follow-children); a COW
+        break teaches the backoff. A target's munmap/mremap/brk are no events (docs/
+        design.md §11): its mappings are re-read every full scan, and a window over a
+        range unmapped since is refused by the merge, which checks under stop."""
         events = self.watcher.poll(list(self.targets))
         if ends_idle(events):
             self.pacer.wake()
@@ -262,17 +263,18 @@ class Daemon:
             elif ev.kind == "exec" and t is not None:
                 self.scan.renew(t)
                 t.refresh_parts()
-            elif ev.kind == "fork" and self.opts.follow_children and ev.child_pid:
-                if ev.child_pid not in self.targets and t is not None:
-                    try:
-                        self.add_target(ev.child_pid, parent=ev.pid)
-                        self.watcher.changed([ev.child_pid])
-                    except ProcksmError as e:
-                        self.log(f"child {ev.child_pid} of {ev.pid} not followed: {e.message}")
-            elif ev.kind in ("munmap", "mremap", "brk") and t is not None:
-                # re-read at the target's next window, once however many calls (the
-                # merge's own injected mmaps show up here too, hence not "mmap")
-                t.parts_stale = True
+            elif (
+                ev.kind == "fork"
+                and self.opts.follow_children
+                and ev.child_pid
+                and ev.child_pid not in self.targets
+                and t is not None
+            ):
+                try:
+                    self.add_target(ev.child_pid, parent=ev.pid)
+                    self.watcher.changed([ev.child_pid])
+                except ProcksmError as e:
+                    self.log(f"child {ev.child_pid} of {ev.pid} not followed: {e.message}")
 
     # --- unmerging --------------------------------------------------------------------
 

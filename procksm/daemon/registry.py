@@ -169,7 +169,6 @@ class Target:
     rss_bytes: int = 0
     pss_bytes: int = 0
     shared_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    parts_stale: bool = False  # the observer saw munmap/mremap/brk since refresh_parts
     # pages of merged mappings that a write copied (pagemap, with each snapshot): only the
     # merged mappings that hold one are scanned (a scattered merge leaves thousands of
     # one-page mappings; walking them all every full scan tripled the daemon's CPU on
@@ -178,7 +177,6 @@ class Target:
 
     def refresh_parts(self) -> None:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
-        self.parts_stale = False
         parts: list[Part] = []
         merged: list[tuple[int, int]] = []
         for vma in procfs.read_vmas(self.pid):

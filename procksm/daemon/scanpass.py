@@ -155,15 +155,6 @@ class ScanPass:
             if mm_identity(t.pid) != t.mm_id:
                 self.renew(t)
             t.refresh_parts()
-        elif t.parts_stale:
-            # resume at the same address in the re-read parts
-            resume = addr or (t.parts[pi].start if pi < len(t.parts) else None)
-            t.refresh_parts()
-            if resume is None:
-                pi = len(t.parts)
-            else:
-                pi = next((i for i, p in enumerate(t.parts) if resume < p.end), len(t.parts))
-                addr = resume
         window = next_window([(p.start, p.end) for p in t.parts], pi, addr, s.pages_to_scan)
         if window is None:
             reg.cursor = (pos + 1, 0, 0)

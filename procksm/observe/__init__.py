@@ -11,10 +11,10 @@ write to it copies the page ("breaks" the merge). Two sources find those breaks:
   that hold armed pages and a bit per target tgid. The first write
   fault on an armed page clears its bit in the kernel and sends one event, so each page
   counts once and fork COWs of pages that were never merged are filtered out in the
-  kernel. It also reports fork/exec/exit and the target's mmap, munmap, mremap, madvise,
-  brk and process_madvise calls. COW breaks, fork, exec and exit wake ``poll`` at once;
-  the memory calls (which can come by the thousand) only every 32nd per CPU, so they
-  may wait for ``poll``'s timeout: that timeout bounds their latency.
+  kernel. It also reports fork/exec/exit; every event wakes ``poll`` at once. It does
+  not watch the target's memory calls (munmap, mremap, madvise, brk): a syscalls:*
+  tracepoint makes every system call of every process on the machine slower (+34 % per
+  getppid, docs/design.md §11).
 * **pagemap** (always, and alone when BPF is unavailable or ``use_bpf=False``): a page
   of a merged VMA that still maps the memfd is a file page (pagemap bit 61); one that
   was copied is anonymous (present or swapped, bit 61 clear). ``reconcile(pid)`` reads
@@ -39,10 +39,15 @@ API (use from one thread)::
 the merged ranges after a merge) and checks them in pagemap at once. ``poll`` returns
 the new breaks (:class:`CowBreak`) and lifecycle events (:class:`Lifecycle`) and runs
 ``reconcile`` on every target each ``reconcile_interval_s`` (BPF) or on every poll
-(pagemap). The observer keeps its ranges in step with the target's own calls: munmap,
-mmap over a range, brk shrinking the heap and mremap move the watched pages or drop
-them, MADV_DONTNEED re-arms copied pages (they read the memfd again), exec drops all,
-exit ends the target (its counters stay until ``remove_target``). With
+(pagemap). Each reconcile re-reads the target's layout and drops watched pages that are
+no longer in a procksm mapping (munmap, mmap over a range, brk shrinking the heap,
+mremap moving it: moved pages are watched again from the next ``set_ranges``), and
+re-arms copied pages that read the memfd again (MADV_DONTNEED; a write to one before
+that reconcile is not counted). A fault event is counted only if its page is still in a
+procksm mapping and pagemap shows it copied: fresh memory mapped where merged pages were
+unmapped faults on their still-armed bits, and is no break (the layout is re-read at
+once); a page not copied yet is left to the reconcile. Exec drops all, exit ends the
+target (its counters stay until ``remove_target``). With
 ``follow_children=True`` a forked child of a target becomes a target with its parent's
 ranges. Counters are exact after ``reconcile``: a page is counted once per break, by
 whichever source saw it first.
@@ -55,7 +60,7 @@ daemon's ``--ebpf`` / ``--no-bpf`` flags map to it and to ``use_bpf=False``.
 
 Measured cost (benchmarks/bpf_overhead.py, 2-vCPU VM with retpolines, a fault ~1.5 us):
 ~70 ns per fault in any process while the probes are attached, most of it the
-tracepoint's own dispatch to BPF; ~90 ns in a target that also maps and unmaps often.
+tracepoint's own dispatch to BPF; nothing per system call (no syscall tracepoint).
 Known limits: a write fault the kernel answers with SIGSEGV (a merged range made
 read-only) is counted, then re-armed by the next reconcile but not subtracted; events
 of a target whose tgid is reused within milliseconds of its exit could be attributed to

@@ -1,6 +1,6 @@
 """What one target's watched pages are (pure): armed (merged, first write not seen yet) or
-counted (copied, counted once), per watched range, kept in step with the target's own
-memory calls; and the counters read from it."""
+counted (copied, counted once), per watched range, kept to the target's procksm mappings
+by each reconcile; and the counters read from it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from procksm import PAGE_SIZE, procfs
-from procksm.arch.x86_64 import MADV_DONTNEED, MREMAP_DONTUNMAP
 from procksm.observe.cow_header import PAGE_SHIFT
-from procksm.observe.events import Lifecycle
 from procksm.procfs import U64Array
-
-MADV_DONTNEED_LOCKED = 24
 
 BoolArray = npt.NDArray[np.bool_]
 U32Array = npt.NDArray[np.uint32]
@@ -63,8 +59,13 @@ def normalize_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]
     return out
 
 
-def _page_up(n: int) -> int:
-    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+def copied(entries: U64Array) -> BoolArray:
+    """Which pagemap entries are private copies. A private copy is an anonymous page:
+    present or swapped, without the file/shared-anon bit. A memfd page (merged) has bit
+    61 set; a page the target dropped (not present, not swapped) reads the memfd on its
+    next touch."""
+    anon = (entries & (procfs.PM_PRESENT | procfs.PM_SWAPPED)) != 0
+    return anon & ((entries & procfs.PM_FILE) == 0)
 
 
 @dataclass(slots=True)
@@ -80,12 +81,12 @@ class _Range:
         n = (end - start) >> PAGE_SHIFT
         return cls(start, end, np.zeros(n, np.bool_), np.zeros(n, np.bool_), np.zeros(n, np.uint32))
 
-    def piece(self, start: int, end: int, shift: int = 0) -> _Range:
-        """A copy of [start, end) of this range, moved by ``shift`` bytes."""
+    def piece(self, start: int, end: int) -> _Range:
+        """A copy of [start, end) of this range."""
         a, b = (start - self.start) >> PAGE_SHIFT, (end - self.start) >> PAGE_SHIFT
         return _Range(
-            start + shift,
-            end + shift,
+            start,
+            end,
             self.counted[a:b].copy(),
             self.pending[a:b].copy(),
             self.breaks[a:b].copy(),
@@ -102,7 +103,6 @@ class CowLedger:
         self.user = 0
         self.kernel = 0
         self.reconciled = 0
-        self.heap_end = 0  # end of [heap], to see what a brk() shrink unmaps
         self.exited = False
 
     # --- the watched set ---
@@ -138,25 +138,8 @@ class CowLedger:
             return r, (addr - r.start) >> PAGE_SHIFT
         return None
 
-    def overlaps(self, start: int, end: int) -> bool:
-        return bool(self._overlapping(start, end))
-
-    def remove(self, start: int, end: int) -> bool:
-        """[start, end) is no longer the merged mapping (unmapped, or mapped over)."""
-        start, end = start & ~(PAGE_SIZE - 1), _page_up(end)
-        if not self.overlaps(start, end):
-            return False
-        out: list[_Range] = []
-        for r in self.ranges:
-            if r.end <= start or r.start >= end:
-                out.append(r)
-                continue
-            if r.start < start:
-                out.append(r.piece(r.start, start))
-            if end < r.end:
-                out.append(r.piece(end, r.end))
-        self.ranges = out
-        return True
+    def watches(self, addr: int) -> bool:
+        return self._find(addr) is not None
 
     def restrict(self, keep: Sequence[tuple[int, int]]) -> bool:
         """Keep only the parts of the watched ranges inside ``keep`` (sorted ranges)."""
@@ -170,39 +153,6 @@ class CowLedger:
         self.ranges = out
         return changed
 
-    def move(self, old: int, old_len: int, new: int, new_len: int, flags: int = 0) -> bool:
-        """mremap(old, old_len, new_len, flags) returned ``new``: the first
-        min(old_len, new_len) bytes of the old mapping are now at ``new``."""
-        old_len, new_len = _page_up(old_len), _page_up(new_len)
-        keep = min(old_len, new_len)
-        moved = [
-            r.piece(max(r.start, old), min(r.end, old + keep), new - old)
-            for r in self._overlapping(old, old + keep)
-        ]
-        changed = bool(moved) or self.overlaps(new, new + new_len)
-        if flags & MREMAP_DONTUNMAP:
-            # the old range stays mapped without its pages: it reads the memfd again
-            changed |= self.rearm(old, old + old_len)
-        else:
-            changed |= self.remove(old, old + old_len)
-        changed |= self.remove(new, new + new_len)
-        if moved:
-            self.ranges = sorted(self.ranges + moved, key=lambda r: r.start)
-        return changed
-
-    def rearm(self, start: int, end: int) -> bool:
-        """Copied pages of [start, end) were dropped (MADV_DONTNEED): they read the memfd
-        content again, so their next write is a new break."""
-        changed = False
-        for r in self._overlapping(start, end):
-            a = max(0, (start - r.start) >> PAGE_SHIFT)
-            b = min(len(r.counted), (_page_up(end) - r.start) >> PAGE_SHIFT)
-            if r.counted[a:b].any():
-                r.counted[a:b] = False
-                r.pending[a:b] = False
-                changed = True
-        return changed
-
     def child(self, pid: int) -> CowLedger:
         """A forked child's view: the same merged mapping; pages the parent already copied
         are private (anonymous) in the child too, so they are not merged pages there."""
@@ -211,31 +161,7 @@ class CowLedger:
         for r in c.ranges:
             r.pending[:] = False
             r.breaks[:] = 0
-        c.heap_end = self.heap_end
         return c
-
-    def apply_memory_call(self, ev: Lifecycle) -> bool:
-        """The target's own mmap, munmap, mremap, madvise or brk: move, drop or re-arm the
-        watched pages it touched. Returns whether the watched set changed."""
-        if not ev.ok:
-            return False  # a failed call changed nothing
-        kind, ret = ev.kind, ev.ret
-        if kind == "mmap":
-            return self.remove(ret, ret + ev.length)  # MAP_FIXED over a watched range
-        if kind == "munmap":
-            return self.remove(ev.addr, ev.addr + ev.length)
-        if kind == "mremap":
-            return self.move(ev.addr, ev.length, ret, ev.new_length, ev.flags)
-        if kind == "madvise" and ev.advice in (MADV_DONTNEED, MADV_DONTNEED_LOCKED):
-            return self.rearm(ev.addr, ev.addr + ev.length)
-        if kind == "brk":
-            new_end = _page_up(ret)
-            changed = False
-            if self.heap_end and new_end < self.heap_end:
-                changed = self.remove(new_end, self.heap_end)
-            self.heap_end = new_end
-            return changed
-        return False
 
     # --- counting ---
 
@@ -267,11 +193,7 @@ class CowLedger:
         b = a + len(entries)
         if b > len(r.counted):
             raise ValueError("pagemap chunk runs past its range")
-        # A private copy is an anonymous page: present or swapped, without the
-        # file/shared-anon bit. A memfd page (merged) has bit 61 set; a page the target
-        # dropped (not present, not swapped) reads the memfd on its next touch.
-        anon = (entries & (procfs.PM_PRESENT | procfs.PM_SWAPPED)) != 0
-        broken = anon & ((entries & procfs.PM_FILE) == 0)
+        broken = copied(entries)
         counted = r.counted[a:b]
         new = broken & ~counted
         # A page counted from its fault may not be copied yet (the tracepoint fires at

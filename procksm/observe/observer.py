@@ -195,16 +195,13 @@ class CowObserver(Closing):
         self._sync_dirty()
 
     def _apply(self, ev: Event, maps: ArmedPageMaps) -> bool:
-        """Update the targets' state by one event, in the kernel's order: an munmap
-        applies before the fault that follows it. Returns whether to report it."""
+        """Update the targets' state by one event, in the kernel's order. Returns whether
+        to report it."""
         t = self._targets.get(ev.pid)
         if t is None or t.ledger.exited:
             return False
         if isinstance(ev, CowBreak):
-            if not t.ledger.record_fault(ev.addr, ev.kernel):
-                return False
-            maps.page_cleared(ev.pid, ev.addr)
-            return True
+            return self._apply_fault(ev, t, maps)
         if ev.kind == "exit":
             self._exited(ev.pid, t)
         elif ev.kind == "exec":
@@ -216,9 +213,26 @@ class CowObserver(Closing):
             # fork): its pagemap opens on its first reconcile, if it is still there.
             self._targets[ev.child_pid] = WatchedTarget(t.ledger.child(ev.child_pid), None)
             self._set_target_bit(ev.child_pid, True)
-        else:
-            t.dirty |= t.ledger.apply_memory_call(ev)
         return True
+
+    def _apply_fault(self, ev: CowBreak, t: WatchedTarget, maps: ArmedPageMaps) -> bool:
+        """A write fault on an armed page: a break only if the page is still procksm's
+        and copied (:meth:`WatchedTarget.check_break`)."""
+        maps.page_cleared(ev.pid, ev.addr)  # the kernel cleared its bit, whatever it was
+        if not t.ledger.watches(ev.addr):
+            return False  # dropped from the watch after the fault (a reconcile, an exec)
+        try:
+            found = t.check_break(ev.addr)
+            if found == "gone":
+                # unmapped or moved since it was armed: drop every range that went with it
+                t.read_layout()
+        except NoSuchProcess:
+            return False  # its exit event follows
+        if found == "not_copied":
+            t.dirty = True  # armed again; the reconcile counts it once it is a copy
+        elif t.ledger.record_fault(ev.addr, ev.kernel):
+            return True
+        return False
 
     def _exited(self, pid: int, t: WatchedTarget) -> None:
         # Keep the counters of exited targets for counters(pid), but not forever: a

@@ -100,6 +100,8 @@
  *                     to read as zeros, as on anonymous memory: "OK addr=0x.." or "ERR errno=.."
  *   mprotect R I N P -> mprotect N pages from page I of region R to P (none|r|rw): "OK"
  *   munmap R I N   -> munmap N pages from page I of region R; they leave "check": "OK"
+ *   refill R I N   -> mmap fresh anonymous memory (MAP_FIXED) at those N pages, which must
+ *                     be unmapped, and write each: "OK" or "ERR errno=.."
  *   madvise R I N A -> madvise(A) on N pages from page I of region R, A one of
  *                     free|wipeonfork|remove|dontneed|cold|pageout; expectations unchanged:
  *                     "OK" or "ERR errno=.."
@@ -971,6 +973,15 @@ int main(int argc, char **argv) {
             if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
             if (munmap(base[r] + i * PAGE, n * PAGE)) { printf("ERR errno=%d\n", errno); continue; }
             for (size_t p = i; p < i + n; p++) unmapped[r][p] = 1;
+            printf("OK\n");
+        } else if (!strcmp(cmd, "refill") && got >= 4) {
+            int r = region_by_name(reg);
+            if (r < 0 || i + n > npages[r]) { printf("ERR bad region/page\n"); continue; }
+            unsigned char *at = base[r] + i * PAGE;
+            void *m = mmap(at, n * PAGE, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+            if (m == MAP_FAILED) { printf("ERR errno=%d\n", errno); continue; }
+            for (size_t p = 0; p < n; p++) at[p * PAGE] = 0x5a;
             printf("OK\n");
         } else if (!strcmp(cmd, "madvise") && got >= 4) {
             int r = region_by_name(reg);
