@@ -378,6 +378,38 @@ def test_munmap_and_mremap_of_scanned_ranges(
     assert a.command("check") == "OK pages=256"
 
 
+def test_a_scanned_range_unmapped_and_refilled_mid_scan(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """Nothing tells the daemon that a target unmapped memory (no syscall tracepoints:
+    docs/design.md §11): its layout is re-read at each full scan only, so windows of the
+    current scan still cover a range that is gone or holds fresh memory. The merge checks
+    each page under stop and refuses what is not the private anonymous memory it read:
+    the fresh pages keep what the target wrote, the counters follow pagemap."""
+    a, b = (spawn([planted, "--identical", 512, "--seed", 5]) for _ in range(2))
+    slow = ("--cpu-limit", "0", "--pages-to-scan", "32", "--sleep-ms", "50", "-q")
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *slow)
+    wait_for(lambda: d.stats()["full_scans"] >= 1, 60, "a first full scan")
+    # early in the second scan (one takes seconds): pages 300..399 are in its parts
+    scans = d.stats()["full_scans"]
+    assert a.command("munmap identical 300 100") == "OK"
+    assert a.command("refill identical 300 100") == "OK"
+    wait_for(lambda: d.stats()["full_scans"] >= scans + 2, 120, "two more full scans")
+    s = d.pause()
+    start = a.int("identical")
+    with open(f"/proc/{a.pid}/mem", "rb") as mem:
+        mem.seek(start + 300 * PAGE)
+        fresh = mem.read(100 * PAGE)
+    want = (b"\x5a" + bytes(PAGE - 1)) * 100
+    assert fresh == want, "a page of the fresh memory does not hold what the target wrote"
+    truth = Truth([a.pid, b.pid])
+    assert targets_by_pid(s)[a.pid]["pages_merged"] == truth.sites[a.pid]
+    assert s["pages_sharing"] == truth.pages_sharing
+    assert region_merged(b, "identical", "identical_pages") > 0  # the rest was merged
+    for t in (a, b):
+        assert t.command("check").startswith("OK")
+
+
 # --------------------------------------------------------------------------------------
 # signals and the one-daemon rule
 # --------------------------------------------------------------------------------------
