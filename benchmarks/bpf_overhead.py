@@ -6,8 +6,9 @@
 Two copies of benchmarks/fault_loop.c run the same page-fault-heavy loop (mmap P fresh
 pages, write one byte in each, munmap; I times). One is a target of the observer: its
 own duplicate pages are merged by procksm.merge and watched with set_ranges (the fresh
-pages land next to them, in the same 2 MiB region), and its mmap/munmap calls become
-lifecycle events that a polling thread consumes, as the daemon would. The other is not
+pages land next to them, in the same 2 MiB region), and a thread polls the observer, as
+the daemon would (its mmap/munmap calls are no events since the observer has no syscall
+tracepoints: docs/design.md §11). The other is not
 a target: the cost every other process on the machine pays; it also runs a getppid loop
 (the cheapest system call: what the observer adds to every system call of every process).
 One CowObserver is loaded
