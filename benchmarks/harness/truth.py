@@ -332,9 +332,9 @@ def churn_threads(targets: Sequence[Target]) -> list[tuple[int, int]]:
 
 
 def ksm_stat(pid: int) -> dict[str, str]:
-    """/proc/PID/ksm_stat as a dict ({} if unreadable)."""
+    """/proc/PID/ksm_stat as a dict ({} if unreadable). Its lines are "ksm_rmap_items 0"
+    and, on 6.7+, "ksm_merge_any: yes": the keys lose that colon."""
     with suppress(OSError):
-        return dict(
-            line.split(None, 1) for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
-        )
+        lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+        return {k.rstrip(":"): v for k, v in (line.split(None, 1) for line in lines)}
     return {}
