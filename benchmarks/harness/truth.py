@@ -315,6 +315,73 @@ def tree_cpu(pids: Sequence[int]) -> float:
     return total
 
 
+def comm(pid: int) -> str:
+    """A process's command name plus its module for Python (procksm's processes are all
+    "python"), "" if gone."""
+    with suppress(OSError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        module = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv else ""
+        return " ".join(x for x in (Path(f"/proc/{pid}/comm").read_text().strip(), module) if x)
+    return ""
+
+
+def cpu_with_reaped(pids: Sequence[int]) -> float:
+    """utime+stime of the live processes plus cutime+cstime, the CPU of the children
+    each has reaped: over a process tree, the difference of two readings counts a child
+    that ran and exited between them (its time moves into its parent's)."""
+    total = 0
+    for p in pids:
+        with suppress(OSError):
+            # fields 14-17 of proc(5): utime, stime, cutime, cstime
+            total += sum(int(f) for f in _stat_fields(f"/proc/{p}/stat")[11:15])
+    return total / CLOCK_TICKS
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateMemory:
+    """Memory only one process maps (smaps Private_Clean + Private_Dirty), by kind of
+    mapping, in bytes."""
+
+    anonymous: int = 0  # unnamed, [heap], [stack], [anon:NAME]
+    file_backed: int = 0  # mappings of files: libraries (bcc's LLVM), bytecode caches
+    shmem: int = 0  # memfd and /dev/shm mappings (procksm's segments only it maps)
+
+    @property
+    def total(self) -> int:
+        return self.anonymous + self.file_backed + self.shmem
+
+    def plus(self, other: PrivateMemory) -> PrivateMemory:
+        return PrivateMemory(
+            self.anonymous + other.anonymous,
+            self.file_backed + other.file_backed,
+            self.shmem + other.shmem,
+        )
+
+
+def _mapping_kind(path: str) -> str:
+    if path.startswith(("/memfd:", "/dev/shm/", "/SYSV")):
+        return "shmem"
+    if path.startswith("/"):
+        return "file_backed"
+    return "anonymous"  # "", [heap], [stack], [anon:NAME], [vdso] (never private)
+
+
+def private_memory(pid: int) -> PrivateMemory:
+    """/proc/PID/smaps: each mapping's Private_Clean + Private_Dirty, summed by kind
+    (smaps_rollup has the total only). Zero for a process that is gone."""
+    sums = {"anonymous": 0, "file_backed": 0, "shmem": 0}
+    kind = "anonymous"
+    with suppress(OSError), open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):  # a mapping's header: "start-end perms off dev inode path"
+                fields = line.split(None, 5)
+                kind = _mapping_kind(fields[5].strip() if len(fields) > 5 else "")
+            elif key in ("Private_Clean:", "Private_Dirty:"):
+                sums[kind] += int(rest.split()[0]) * 1024
+    return PrivateMemory(**sums)
+
+
 def minflt(pid: int, tid: int) -> int:
     """Minor faults of one thread (field 10 of proc(5)), 0 if gone."""
     with suppress(OSError):
