@@ -5,15 +5,20 @@ Rows: JVMs (OpenJDK 17, G1, 256 MiB pre-touched heaps), node processes, CPython 
 holding the same numpy arrays (numpy's defaults, and NUMPY_MADVISE_HUGEPAGE=0),
 redis-servers with the same dataset. Per row, on fresh processes each time:
 
+  none           no tool for ``run_s``: the frames the programs free or take by themselves
   procksm        `procksm attach PIDS` at its defaults for ``run_s``
   ksmd_defaults  the targets opted in with prctl(PR_SET_MEMORY_MERGE) (a wrapper that sets
                  it and execs the runtime), ksmd at 100 pages / 20 ms, for ``run_s``
   ksmd_max       the same at 100000 pages / 0 ms
 
-All with use_zero_pages=1 for ksmd, as in suite.py. Saved = distinct frames behind the
-targets' private anonymous memory at start minus the same now (pagemap, `truth.census`),
-at ``early_s`` and at the end; procksm's cost: CPU of its whole process tree (the daemon,
-its children, both madvise guards and their unmerge helper) over the last half of the run,
+All with use_zero_pages=1 for ksmd, as in suite.py. Saved, at ``early_s`` and at the end,
+from pagemap over the targets' private anonymous memory of the start (``Baseline``): the
+pages that share a frame (KSM's pages, procksm's segments) plus the zero-filled pages of the
+start that have no frame any more (dropped, or KSM's zero page), whatever the programs
+allocate or free meanwhile (frames freed, which counts that too, is in the JSON: node
+returns 50-85 MiB of its start-up garbage to the kernel at a moment of its choosing, in
+one run and not the next). procksm's cost: CPU of its whole process tree (the daemon, its
+children, both madvise guards and their unmerge helper) over the last half of the run,
 its private memory at the end (smaps, by kind); net = saved - that memory.
 """
 
@@ -27,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.harness.common import MIB_PAGES, Json
 from benchmarks.harness.ksm import KsmControl
 from benchmarks.harness.runners import ChildTracker, run_daemon, run_ksm
@@ -37,24 +44,29 @@ from benchmarks.harness.targets import (
     start_numpy,
     start_redis,
     start_runtime,
+    verify_targets,
 )
 from benchmarks.harness.truth import (
     PrivateMemory,
     census,
     comm,
-    content_ideal,
+    content_census,
     cpu_with_reaped,
     ksm_stat,
     private_memory,
     process_tree,
     read_thread_cpu,
+    shared_ptes,
+    zero_pages_gone,
 )
 from procksm import PAGE_SIZE
 from procksm.attach.locks import lock_dir
 from tests.conftest import guard_pids
 
 ROWS = ("jvm", "node", "numpy", "numpy_nohuge", "redis")
-VARIANTS = ("procksm", "ksmd_defaults", "ksmd_max")
+# "none": the same programs with no tool: what they free by themselves, and a check that
+# the saving measured is the tools' (it is ~0 there)
+VARIANTS = ("none", "procksm", "ksmd_defaults", "ksmd_max")
 # the runners stop at the ideal saving; these runs last their whole time, and what the
 # runners report about reaching it means nothing here
 NEVER_REACHED = 1 << 60
@@ -114,9 +126,28 @@ class RuntimeRun:
     poll_s: float = 0.5
 
 
-def saved_pages(before: Json, now: Json) -> int:
-    """Frames freed over the targets' private anonymous memory of the start (pagemap)."""
-    return int(before["distinct_frames"] - now["distinct_frames"])
+@dataclass(frozen=True)
+class Baseline:
+    """The targets' memory when a run starts: its census (truth.census), the pages that
+    shared a frame then, the zero-filled pages that had a frame of their own."""
+
+    census: Json
+    shared: int
+    zeros: dict[int, np.ndarray]  # pid -> addresses
+
+    @staticmethod
+    def of(targets: Sequence[Target], zeros: dict[int, np.ndarray]) -> Baseline:
+        c = census(targets)
+        return Baseline(c, shared_ptes(c), zeros)
+
+    def measure(self, targets: Sequence[Target]) -> Json:
+        """Now: saved (pages sharing a frame, and zero pages gone, since the start) and
+        frames freed (whatever freed them)."""
+        c = census(targets)
+        shared = shared_ptes(c) - self.shared
+        zero = zero_pages_gone(targets, self.zeros)
+        freed = int(self.census["distinct_frames"] - c["distinct_frames"])
+        return {"saved": shared + zero, "shared": shared, "zero_gone": zero, "frames_freed": freed}
 
 
 def procksm_pids(daemon_pid: int) -> list[int]:
@@ -137,15 +168,13 @@ class Marks:
     targets: Sequence[Target]
     sizes: RuntimeSizes
     cpu: Callable[[], float]  # the CPU seconds of the tool so far
-    start_census: Json | None = None
+    baseline: Baseline
     found: Json = field(default_factory=dict)
     cpu_marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # (wall, CPU s)
 
     def probe(self, t: float) -> None:
-        if "saved_early_pages" not in self.found and t >= self.sizes.early_s:
-            assert self.start_census is not None
-            self.found["saved_early_pages"] = saved_pages(self.start_census, census(self.targets))
-            self.found["early_at_s"] = t
+        if "early" not in self.found and t >= self.sizes.early_s:
+            self.found["early"] = {"at_s": t, **self.baseline.measure(self.targets)}
         for key, at in (("cpu_from", self.sizes.cpu_from_s), ("cpu_to", self.sizes.run_s)):
             if key not in self.cpu_marks and t >= at:
                 self.cpu_marks[key] = (time.perf_counter(), self.cpu())
@@ -159,18 +188,18 @@ class Marks:
         return float(100 * (c1 - c0) / max(t1 - t0, 1e-9))
 
 
-def _procksm_run(rr: RuntimeRun, targets: Sequence[Target]) -> Json:
+def _procksm_run(rr: RuntimeRun, targets: Sequence[Target], base: Baseline) -> Json:
     """`procksm attach` at its defaults for run_s; before it stops: the saving, its CPU
     over the second half, its private memory."""
 
     def tool_cpu() -> float:
         return cpu_with_reaped(procksm_pids(ChildTracker.pid)) if ChildTracker.pid else 0.0
 
-    marks = Marks(targets, rr.sizes, tool_cpu, census(targets))
+    marks = Marks(targets, rr.sizes, tool_cpu, base)
 
     def before_stop(r: Json) -> None:
-        assert marks.start_census is not None and ChildTracker.pid is not None
-        r["saved_end_pages"] = saved_pages(marks.start_census, census(targets))
+        assert ChildTracker.pid is not None
+        r["end"] = base.measure(targets)
         r["cpu_share_pct_second_half"] = marks.cpu_share_pct()
         pids = procksm_pids(ChildTracker.pid)
         mem = PrivateMemory()
@@ -182,7 +211,7 @@ def _procksm_run(rr: RuntimeRun, targets: Sequence[Target]) -> Json:
         r["private_anonymous_bytes"] = mem.anonymous
         r["private_file_backed_bytes"] = mem.file_backed
         r["private_shmem_bytes"] = mem.shmem
-        r["net_pages"] = r["saved_end_pages"] - mem.total // PAGE_SIZE
+        r["private_total_pages"] = mem.total // PAGE_SIZE
 
     r = run_daemon(targets, NEVER_REACHED, rr.procksm, poll_s=rr.poll_s, bound_s=rr.sizes.run_s,
                    before_stop=before_stop, probe=marks.probe)  # fmt: skip
@@ -190,17 +219,28 @@ def _procksm_run(rr: RuntimeRun, targets: Sequence[Target]) -> Json:
     return r
 
 
-def _ksmd_run(rr: RuntimeRun, targets: Sequence[Target], fast: bool) -> Json:
+def _ksmd_run(rr: RuntimeRun, targets: Sequence[Target], base: Baseline, fast: bool) -> Json:
     """ksmd at its defaults or at full speed for run_s (the targets opted in)."""
-    marks = Marks(targets, rr.sizes, lambda: read_thread_cpu(rr.ctl.ksmd_pid).stat_s)
-    marks.start_census = census(targets)
+    marks = Marks(targets, rr.sizes, lambda: read_thread_cpu(rr.ctl.ksmd_pid).stat_s, base)
     r = run_ksm(rr.ctl, targets, NEVER_REACHED, True, pages_to_scan=100000 if fast else 100,
                 sleep_ms=0 if fast else 20, use_zero_pages=1, timeout_s=rr.sizes.run_s,
                 poll_s=rr.poll_s, probe=marks.probe)  # fmt: skip
     r["cpu_share_pct_second_half"] = marks.cpu_share_pct()
     r.update(marks.found)
-    r["saved_end_pages"] = saved_pages(r["census_before"], r["census_after"])
+    r["end"] = base.measure(targets)  # ksmd stopped, its pages still merged
     r["merge_any"] = [ksm_stat(t.pid).get("ksm_merge_any") for t in targets]
+    return r
+
+
+def _control_run(rr: RuntimeRun, targets: Sequence[Target], base: Baseline) -> Json:
+    """No tool for run_s: what the programs free (or take) by themselves."""
+    marks = Marks(targets, rr.sizes, lambda: 0.0, base)
+    t0 = time.perf_counter()
+    while (t := time.perf_counter() - t0) < rr.sizes.run_s:
+        marks.probe(t)
+        time.sleep(rr.poll_s)
+    r: Json = {"end": base.measure(targets), **marks.found}
+    r["memory_check"] = verify_targets(targets)
     return r
 
 
@@ -212,12 +252,17 @@ def run_variant(rr: RuntimeRun, row: Row, variant: str) -> Json:
     try:
         with fresh_targets(lambda: row.start(is_ksm)) as targets:
             time.sleep(1.0)
-            ideal = content_ideal(targets)
+            ideal, zeros = content_census(targets)
+            base = Baseline.of(targets, zeros)
             if is_ksm:
-                r = _ksmd_run(rr, targets, variant == "ksmd_max")
+                r = _ksmd_run(rr, targets, base, variant == "ksmd_max")
+            elif variant == "procksm":
+                r = _procksm_run(rr, targets, base)
             else:
-                r = _procksm_run(rr, targets)
+                r = _control_run(rr, targets, base)
             r["content_ideal"] = ideal
+            if "private_total_pages" in r:
+                r["net_pages"] = r["end"]["saved"] - r["private_total_pages"]
     except RUN_ERRORS as exc:
         r = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -241,9 +286,11 @@ def one_line(row: str, variant: str, r: Json, took: float) -> str:
     if "error" in r:
         return f"{row:13} {variant:14} ERROR {r['error']}"
     cpu = r.get("cpu_share_pct_second_half")
+    early, end = r.get("early", {}), r.get("end", {})
     return (
-        f"{row:13} {variant:14} saved {_mib(r.get('saved_early_pages'))} / "
-        f"{_mib(r.get('saved_end_pages'))} MiB, CPU {'-' if cpu is None else f'{cpu:.1f}'} %, "
+        f"{row:13} {variant:14} saved {_mib(early.get('saved'))} / {_mib(end.get('saved'))} "
+        f"MiB (frames freed {_mib(early.get('frames_freed'))} / "
+        f"{_mib(end.get('frames_freed'))}), CPU {'-' if cpu is None else f'{cpu:.1f}'} %, "
         f"check {r.get('memory_check')} ({took:.0f} s)"
     )
 
