@@ -15,14 +15,16 @@ Rows, each started as real processes that verify their own data (fresh ones per 
   numpy_nohuge  the same with NUMPY_MADVISE_HUGEPAGE=0
   redis         4 redis-server, DEBUG POPULATE 150000 keys x 500 B each
 
-Per row: `procksm attach PIDS` at its defaults for 60 s; the kernel's KSM (targets opted
-in through prctl(PR_SET_MEMORY_MERGE), set by a wrapper that then execs the runtime: the
-flag survives exec and fork, ksm_merge_any is recorded) at its defaults (100 pages /
-20 ms) and at full speed (100000 / 0), 60 s each, use_zero_pages=1.
+Per row: no tool for 60 s (what the programs free by themselves); `procksm attach PIDS` at
+its defaults for 60 s; the kernel's KSM (targets opted in through prctl(PR_SET_MEMORY_MERGE),
+set by a wrapper that then execs the runtime: the flag survives exec and fork,
+ksm_merge_any is recorded) at its defaults (100 pages / 20 ms) and at full speed
+(100000 / 0), 60 s each, use_zero_pages=1.
 
 Truth sources (benchmarks/README.md, "runtimes.py"):
-  saved          pagemap: distinct frames behind the targets' private anonymous memory of
-                 the start, at start minus at 10 s and at 60 s (the zero page costs none)
+  saved          pagemap, over the targets' private anonymous memory of the start, at 10 s
+                 and 60 s: pages sharing a frame (KSM's, procksm's segments) plus the
+                 zero-filled pages of the start without a frame now (dropped; zero page)
   CPU            procksm: utime+stime (and reaped children's) of the daemon, its children,
                  both madvise guards and their unmerge helper, over the last 30 s; ksmd:
                  its thread's utime+stime over the last 30 s

@@ -247,7 +247,7 @@ def _control_run(rr: RuntimeRun, targets: Sequence[Target], base: Baseline) -> J
 def run_variant(rr: RuntimeRun, row: Row, variant: str) -> Json:
     """One run on fresh targets, stopped afterwards; after a ksmd run everything is
     unmerged (run=2) and ksmd idle before the next."""
-    is_ksm = variant != "procksm"
+    is_ksm = variant.startswith("ksmd")
     r: Json
     try:
         with fresh_targets(lambda: row.start(is_ksm)) as targets:
