@@ -1,6 +1,6 @@
 """Real runtimes under `procksm attach` and under the kernel's KSM, in the same run (issue 15).
 
-    .venv/bin/python benchmarks/runtimes.py            # ~20 min; results/runtimes.json
+    .venv/bin/python benchmarks/runtimes.py            # ~22 min; results/runtimes.json
     .venv/bin/python benchmarks/runtimes.py --quick    # 2 processes a row, 20 s runs
     .venv/bin/python benchmarks/runtimes.py --only jvm --only node
     .venv/bin/python benchmarks/suite.py --only runtimes   # the same, inside the suite

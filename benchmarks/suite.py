@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.scaling_targets:
         sizes = sizes.replace(scaling_targets=tuple(a.scaling_targets))
     a.sizes = sizes
-    # the runtimes take ~20 min (6 with --quick): part of `make bench`, not of bench-quick
+    # the runtimes take ~22 min (8 with --quick): part of `make bench`, not of bench-quick
     only = set(a.only or [*WORKLOADS, "scaling", *([] if a.quick else ["runtimes"])])
     if "W5" in only:
         only |= {"W5numpy", "W5redis"}
