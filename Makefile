@@ -21,9 +21,9 @@ test: setup lint
 unit:
 	$(PY) -m pytest -q -m "not root" tests
 
-# procksm against the kernel's KSM: all workloads, scaling, goals (~30-40 min, as root).
-# `make bench-quick` (= benchmarks/suite.py --quick): the same runs at small sizes, one
-# repetition (~3 min). `make bench ARGS="--only W1"` passes options to suite.py. The
+# procksm against the kernel's KSM: all workloads, scaling, goals, runtimes (~55 min, as
+# root). `make bench-quick` (= benchmarks/suite.py --quick): the same runs at small sizes,
+# one repetition, without the runtimes (~3 min; ARGS="--only runtimes" for them alone). `make bench ARGS="--only W1"` passes options to suite.py. The
 # single-purpose scripts (scan_throughput.py, merge_vs_ksm.py, guard_overhead.py, ...)
 # run on their own: benchmarks/README.md.
 bench: setup

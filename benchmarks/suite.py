@@ -30,7 +30,8 @@ prctl(PR_SET_MEMORY_MERGE, 1) and execs them (inherited across exec). procksm's 
 do not opt in.
 
 Then the scaling runs (merge and ksmd_max; W1's shape): 1, 4, 16, 64 targets at a fixed
-total, and 0.25 -> 8 GiB of target memory over 4 targets.
+total, and 0.25 -> 8 GiB of target memory over 4 targets. Then the runtimes (runtimes.py:
+JVMs, node, numpy workers, redis under `procksm attach` and ksmd for a fixed time each).
 
 Truth sources (see benchmarks/README.md, "suite.py"):
   saving reached   pagemap of the targets (planted regions, or the private anonymous VMAs
@@ -78,8 +79,10 @@ from benchmarks.harness.report import (
     markdown,
     print_goals,
     print_table,
+    runtimes_markdown,
 )
 from benchmarks.harness.runners import ksm_guarded
+from benchmarks.harness.runtimes import ROWS, run_runtimes
 from benchmarks.harness.suite_runs import SuiteRun, run_scaling, run_workload
 from benchmarks.harness.svg import svg_path, write_svg
 from benchmarks.harness.targets import build_planted
@@ -95,12 +98,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--only",
         action="append",
-        choices=(*WORKLOADS, "W5", "scaling"),
-        help="run only these parts (repeatable); default: all workloads and scaling",
+        choices=(*WORKLOADS, "W5", "scaling", "runtimes"),
+        help="run only these parts (repeatable); default: all workloads, scaling and (not "
+        "with --quick) runtimes",
     )
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--scaling-reps", type=int, default=1)
     ap.add_argument("--poll", type=float, default=0.05, help="sampling period, s")
+    ap.add_argument(
+        "--poll-runtimes", type=float, default=0.5, help="sampling period of the runtimes, s"
+    )
     ap.add_argument("--bounded", type=float, help="bound on daemon / ksmd defaults runs, s")
     ap.add_argument("--scaling-gib", type=float, nargs="+", help="override the size series")
     ap.add_argument("--scaling-targets", type=int, nargs="+", help="override the target series")
@@ -121,7 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.scaling_targets:
         sizes = sizes.replace(scaling_targets=tuple(a.scaling_targets))
     a.sizes = sizes
-    only = set(a.only or [*WORKLOADS, "scaling"])
+    # the runtimes take ~22 min (8 with --quick): part of `make bench`, not of bench-quick
+    only = set(a.only or [*WORKLOADS, "scaling", *([] if a.quick else ["runtimes"])])
     if "W5" in only:
         only |= {"W5numpy", "W5redis"}
     if a.no_scaling:
@@ -160,6 +168,9 @@ def run_suite(a: argparse.Namespace, machine: str) -> Json:
             if "scaling" in a.parts:
                 print("\nscaling (merge and ksmd max, W1's shape 4:1:1)", flush=True)
                 res["scaling"] = run_scaling(s, exe)
+            if "runtimes" in a.parts:
+                print("\nruntimes (procksm attach and ksmd, fixed time)", flush=True)
+                res["runtimes"] = run_runtimes(ctl, [a.procksm], a.quick, ROWS, a.poll_runtimes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["elapsed_s"] = time.perf_counter() - t_start
@@ -170,6 +181,8 @@ def report_suite(res: Json, a: argparse.Namespace, machine: str) -> None:
     """The table, the goals, the JSON file and the plot."""
     print(f"\nmachine {machine}; medians of {a.sizes.reps} reps\n")
     res["table"] = print_table(res, a.sizes)
+    if "runtimes" in res:
+        print(runtimes_markdown(res["runtimes"]))
     if "scaling" in res:
         sc = res["scaling"]
         print(

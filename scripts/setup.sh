@@ -2,7 +2,7 @@
 # One-time (idempotent) machine and project set-up for procksm, as root on Debian/Ubuntu.
 #   - distro packages: bcc (python3-bpfcc; the PyPI "bcc" is an unrelated project),
 #     kernel headers for bcc, gcc for the C test targets, tmux for TUI tests,
-#     gdb (gcore) and redis for the fidelity tests
+#     gdb (gcore) and redis for the fidelity tests, a JDK and node for the runtime tests
 #   - /lib/modules/$(uname -r)/build -> distro headers when the running kernel's are not
 #     packaged (docs/design.md §4: the 6.1 headers compile tracepoint programs for this kernel)
 #   - tracefs mounted
@@ -22,6 +22,17 @@ missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# The runtimes of the real-program tests and benchmarks/runtimes.py: a JDK (the tests run
+# `java Worker.java`, which needs the jdk.compiler module, not only a JRE) and node; each
+# installed only when missing, so that a JDK or node installed otherwise is kept.
+if ! java --list-modules 2>/dev/null | grep -q '^jdk.compiler@'; then
+    if apt-cache policy openjdk-17-jdk-headless 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        missing="$missing openjdk-17-jdk-headless"
+    else
+        missing="$missing default-jdk-headless"
+    fi
+fi
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
 KVER="$(uname -r)"
 if [ ! -e "/lib/modules/$KVER/build" ]; then
     if apt-cache policy "linux-headers-$KVER" 2>/dev/null | grep -q Candidate: \

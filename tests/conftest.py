@@ -432,19 +432,24 @@ def spawn_canary_targets(
     return [spawn([*argv, *extra]) for _ in range(n)]
 
 
-def assert_target_intact(t: Target) -> None:
-    """Alive, no thread stopped or traced, memory, blockers and canaries all clean."""
-    assert t.alive(), f"target {t.pid} died"
+def assert_not_held(pid: int) -> None:
+    """No thread of ``pid`` stopped or traced (a procksm left behind would hold them)."""
     # A live procksm process's window (the guard's unmerge helper ending its session,
     # a guard's kick) holds threads for milliseconds: wait that out, not more.
     deadline = time.monotonic() + 5
     while True:
-        states = thread_states(t.pid)
+        states = thread_states(pid)
         held = {tid: st for tid, st in states.items() if st[0] in ("t", "T") or st[1] != "0"}
         if not held or time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    assert not held, f"threads stopped or traced for 5 s: {_describe_held(t.pid, held)}"
+    assert not held, f"threads stopped or traced for 5 s: {_describe_held(pid, held)}"
+
+
+def assert_target_intact(t: Target) -> None:
+    """Alive, no thread stopped or traced, memory, blockers and canaries all clean."""
+    assert t.alive(), f"target {t.pid} died"
+    assert_not_held(t.pid)
     verdict = t.command("check")
     assert verdict.startswith("OK"), verdict
     assert t.command("errors") == "ERRORS 0"

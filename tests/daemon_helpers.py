@@ -87,6 +87,27 @@ class Truth:
         self.pages_sharing = int(allp.size) - self.pages_shared
 
 
+def frames_in_use(pids: list[int]) -> int:
+    """Distinct frames behind the private read-write anonymous memory of ``pids`` and
+    procksm's segment mappings in them (present pages; the kernel's zero page costs
+    none): what their private data costs the machine, whoever merged what. Merges and
+    dropped zero pages lower it; the programs' own allocations raise it."""
+    zero = np.uint64(zero_pfn())
+    pfns = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            parts = line.split()
+            path = parts[5] if len(parts) >= 6 else ""
+            ours = path.startswith("/memfd:procksm-seg-")
+            if parts[1][:2] != "rw" or parts[1][3] != "p" or not (ours or path in ("", "[heap]")):
+                continue
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            e = pagemap(pid, a, b)
+            frames = e[(e & np.uint64(PRESENT)) != 0] & np.uint64(PFN)
+            pfns.append(frames[frames != zero])
+    return int(np.unique(np.concatenate(pfns)).size) if pfns else 0
+
+
 def zero_or_absent(pid: int, start: int, end: int) -> int:
     e = pagemap(pid, start, end)
     present = (e & np.uint64(PRESENT)) != 0

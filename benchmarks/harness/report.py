@@ -255,6 +255,8 @@ def markdown(res: Json) -> str:
     out = _markdown_workloads(res, sizes)
     if res.get("scaling"):
         out += _markdown_scaling(res["scaling"]["rows"])
+    if res.get("runtimes"):
+        out += ["", runtimes_markdown(res["runtimes"]).rstrip("\n")]
     out += ["", "| goal | value | verdict |", "| --- | --- | --- |"]
     for g in res.get("goals", {}).values():
         out.append(f"| {g['goal']} | {g['shown']} | {verdict(g['met'], '**MISSED**')} |")
@@ -265,3 +267,76 @@ def print_goals(goals: Json) -> None:
     print("\ngoals:")
     for name, g in goals.items():
         print(f"  {name:16} {verdict(g['met']):7} {g['shown']:44} {g['goal']}")
+
+
+# --------------------------------------------------------------------------------------
+# Runtimes (runtimes.py, suite.py --only runtimes)
+# --------------------------------------------------------------------------------------
+
+
+def _mib(pages: float | None) -> str:
+    return "-" if pages is None else f"{pages / MIB_PAGES:.0f}"
+
+
+def _mib_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def _at_both(r: Json, key: str) -> str:
+    """A measure at the early mark / at the end of a runtimes run."""
+    return f"{_mib(r.get('early', {}).get(key))} / {_mib(r.get('end', {}).get(key))}"
+
+
+def _procksm_runtime_row(name: str, row: Json) -> str:
+    r, none = row["procksm"], row.get("none", {})
+    ideal = _mib(r.get("content_ideal", {}).get("ideal_pages"))
+    alone = _at_both(none, "frames_freed")
+    if "error" in r:
+        return f"| {name} | {ideal} | {alone} | error: {r['error'][:80]} | | | | | |"
+    p = r.get("pauses", {})
+    pauses = " / ".join(fmt(p.get(k), ".1f") for k in ("p50_ms", "p99_ms", "max_ms"))
+    return (
+        f"| {name} | {ideal} | {alone} | {_at_both(r, 'saved')} "
+        f"| {fmt(r.get('cpu_share_pct_second_half'), '.1f')} "
+        f"| {_mib_bytes(r.get('private_anonymous_bytes'))} / "
+        f"{_mib_bytes(r.get('private_file_backed_bytes'))} "
+        f"| {_mib(r.get('net_pages'))} | {pauses} | {r.get('memory_check')} |"
+    )
+
+
+def _ksmd_runtime_cells(r: Json) -> str:
+    if "error" in r:
+        return f"error: {r['error'][:60]} | |"
+    return f"{_at_both(r, 'saved')} | {fmt(r.get('cpu_share_pct_second_half'), '.1f')}"
+
+
+def runtimes_markdown(out: Json) -> str:
+    """The tables of a runtimes run: procksm's, then the kernel's KSM's (harness/runtimes.py
+    says what each number is)."""
+    s = out["sizes"]
+    early, end, half = f"{s['early_s']:.0f} s", f"{s['run_s']:.0f} s", f"{s['run_s'] / 2:.0f} s"
+    lines = [
+        f"| runtime | ideal at start (MiB) | no tool: frames the programs freed at {early} / "
+        f"{end} (MiB) | procksm: saved at {early} / {end} (MiB) | procksm CPU, last {half} "
+        "(% of a CPU) | procksm private anonymous / file-backed (MiB) | net for the machine "
+        "(MiB) | pauses p50 / p99 / max (ms) | targets' own checks |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    rows = out["rows"]
+    lines += [_procksm_runtime_row(name, row) for name, row in rows.items()]
+    lines += [
+        "",
+        f"| runtime | ksmd defaults: saved at {early} / {end} (MiB) | ksmd CPU, last {half} (%) "
+        f"| ksmd max: saved at {early} / {end} (MiB) | ksmd CPU, last {half} (%) "
+        "| opted in (ksm_merge_any) | targets' own checks (these and the run without a tool) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, row in rows.items():
+        d, m = row["ksmd_defaults"], row["ksmd_max"]
+        merge_any = sorted({str(x) for r in (d, m) for x in r.get("merge_any", [])})
+        checks = sorted({str(r.get("memory_check")) for r in (d, m, row.get("none", {}))})
+        lines.append(
+            f"| {name} | {_ksmd_runtime_cells(d)} | {_ksmd_runtime_cells(m)} "
+            f"| {', '.join(merge_any)} | {'; '.join(checks)} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -55,6 +55,10 @@ REPORTED_COUNTERS = (
 )
 
 
+# called with the seconds since a run started, after each of its samples
+Probe = Callable[[float], None]
+
+
 class ChildTracker:
     """The procksm child currently running, so that an interrupt can kill it (by pid)."""
 
@@ -237,11 +241,11 @@ class _Progress:
 
 def _ksmd_until(
     ctl: KsmControl, base: KsmCounters, cpu0: ThreadCpu, t0: float, ideal: int, reachable: int,
-    timeout_s: float, poll_s: float,
+    timeout_s: float, poll_s: float, probe: Probe | None,
 ) -> _Progress:  # fmt: skip
     """Start ksmd and sample its counters (deltas from ``base``, ``cpu0``; times from
     ``t0``) until ``reachable`` pages are saved or timeout; samples [t, saved pages,
-    ksmd CPU s (stat), ksmd runtime s (schedstat)]."""
+    ksmd CPU s (stat), ksmd runtime s (schedstat)]; ``probe(t)`` after each."""
     p = _Progress()
     ctl.start()
     tick = 0
@@ -253,6 +257,8 @@ def _ksmd_until(
         p.samples.append([now, c.saved_pages, cpu_s, cpu.runtime_s - cpu0.runtime_s])
         if p.t95 is None and c.saved_pages >= 0.95 * ideal:
             p.t95, p.cpu95 = now, cpu_s
+        if probe is not None:
+            probe(now)
         if c.saved_pages >= reachable:
             p.t100, p.cpu100 = now, cpu_s
             break
@@ -273,8 +279,10 @@ def run_ksm(
     use_zero_pages: int,
     timeout_s: float,
     poll_s: float,
+    probe: Probe | None = None,
 ) -> Json:
-    """ksmd at the given speed until ``ideal`` pages are saved (KSM counters) or timeout."""
+    """ksmd at the given speed until ``ideal`` pages are saved (KSM counters) or timeout;
+    ``probe(seconds since start)`` after every sample."""
     # Without use_zero_pages the zero pages merge into one KSM page, which stays: one page
     # short of the ideal, whose zero pages cost no frame at all.
     reachable = ideal - (1 if has_zero_pages and not use_zero_pages else 0)
@@ -285,7 +293,7 @@ def run_ksm(
     cpu0 = read_thread_cpu(ctl.ksmd_pid)
     before = meminfo()
     t0 = time.perf_counter()
-    p = _ksmd_until(ctl, base, cpu0, t0, ideal, reachable, timeout_s, poll_s)
+    p = _ksmd_until(ctl, base, cpu0, t0, ideal, reachable, timeout_s, poll_s, probe)
     ctl.stop()  # merged pages stay merged
     stopped = time.perf_counter() - t0
     end = read_counters().minus(base)
@@ -362,6 +370,7 @@ class _DaemonWatch:
     truth: Callable[[Json, Json], int]  # (census at start, census now) -> saved pages
     start_census: Json
     anon_before: int
+    probe: Probe | None = None
 
 
 def _sample_daemon(
@@ -384,6 +393,8 @@ def _sample_daemon(
             p.t_ready, p.cpu_ready = now, cpu
         if p.t95 is None and saved >= 0.95 * w.ideal:
             p.t95, p.cpu95 = now, cpu
+        if w.probe is not None:
+            w.probe(now)
         # 100 %: when pagemap confirms what the counters above suggest
         if saved >= w.ideal and w.truth(w.start_census, census(w.targets)) >= w.ideal:
             p.t100, p.cpu100 = now, cpu
@@ -478,6 +489,7 @@ def run_daemon(
     saved_truth: Callable[[Json, Json], int] | None = None,
     before_stop: Callable[[Json], None] | None = None,
     into: Json | None = None,
+    probe: Probe | None = None,
 ) -> Json:
     """`procksm attach PID...` until the ideal saving or ``bound_s`` seconds.
 
@@ -485,9 +497,9 @@ def run_daemon(
     segments (95 %, and a candidate for 100 % that pagemap must confirm:
     ``saved_truth(census at start, census now)``, by default the census's saved pages),
     the CPU time and summed VmRSS of the daemon's process tree (the supervisor and the
-    worker it forks). At the end: its own `procksm stats --json`; ``before_stop(r)`` runs
-    while it still runs (W3's thrash window); then SIGTERM. The result goes into
-    ``into`` (a new dict by default), which is returned."""
+    worker it forks), then ``probe(seconds since start)``. At the end: its own `procksm
+    stats --json`; ``before_stop(r)`` runs while it still runs (W3's thrash window); then
+    SIGTERM. The result goes into ``into`` (a new dict by default), which is returned."""
     r: Json = {} if into is None else into
     watch = _DaemonWatch(
         targets,
@@ -496,6 +508,7 @@ def run_daemon(
         saved_truth or (lambda before, after: int(after["saved_pages"])),
         census(targets),
         0,
+        probe,
     )
     before = meminfo()
     watch.anon_before = sum(rss_anon_pages(t.pid) for t in targets)

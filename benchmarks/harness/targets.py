@@ -1,7 +1,7 @@
 """The processes a benchmark measures, started fresh for each run and killed afterwards:
 planted processes (tests/targets/planted.c), Python interpreters holding a numpy array,
-redis-server instances. Each is a ``Target``: a pid, its regions, and a ``check`` of its
-own memory after the run."""
+redis-server instances, JVM and node workers (tests/targets/runtimes/). Each is a
+``Target``: a pid, its regions, and a ``check`` of its own memory after the run."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 from benchmarks.harness.common import ROOT
 from procksm import PAGE_SIZE
+from tests.runtime_workers import parse_status, worker_argv
 
 # prctl(PR_SET_MEMORY_MERGE=67, 1), then exec: the flag is inherited across exec (6.7+)
 MERGE_ANY_WRAPPER = (
@@ -175,26 +177,64 @@ def _wrapped(cmd: list[str], mergeable: bool) -> list[str]:
     return [sys.executable, "-c", MERGE_ANY_WRAPPER, *cmd] if mergeable else cmd
 
 
-def start_numpy(workers: int, mib: int, mergeable: bool) -> list[Target]:
-    # numpy's defaults: arrays >= 4 MiB are madvise(MADV_HUGEPAGE)d (procksm keeps the advice)
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    cmd = _wrapped([sys.executable, "-c", NUMPY_WORKER, str(mib), "11"], mergeable)
-    procs = [
-        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        for _ in range(workers)
-    ]
-    targets: list[Target] = []
+def _ready_targets(what: str, procs: Sequence[subprocess.Popen[str]]) -> list[RealTarget]:
+    """Processes started together, each a RealTarget once it printed its READY line."""
+    targets: list[RealTarget] = []
     try:
         for p in procs:
             assert p.stdout is not None
             line = p.stdout.readline()
             if not line.startswith("READY"):
-                raise RuntimeError(f"numpy worker (pid {p.pid}) did not start: {line!r}")
+                raise RuntimeError(f"{what} (pid {p.pid}) did not start: {line!r}")
             targets.append(RealTarget(p, anon_vmas(p.pid)))
     except BaseException:
         stop_targets([Target(p, {}) for p in procs])
         raise
     return targets
+
+
+def start_numpy(
+    workers: int, mib: int, mergeable: bool, hugepage_advice: bool = True
+) -> list[Target]:
+    """NUMPY_WORKERs; numpy's defaults madvise(MADV_HUGEPAGE) arrays >= 4 MiB (procksm
+    keeps the advice), ``hugepage_advice=False`` sets NUMPY_MADVISE_HUGEPAGE=0."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    if not hugepage_advice:
+        env["NUMPY_MADVISE_HUGEPAGE"] = "0"
+    cmd = _wrapped([sys.executable, "-c", NUMPY_WORKER, str(mib), "11"], mergeable)
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(workers)
+    ]
+    return list(_ready_targets("numpy worker", procs))
+
+
+def start_runtime(runtime: str, n: int, data_mib: int, mergeable: bool, cwd: Path) -> list[Target]:
+    """``n`` JVM or node workers of tests/targets/runtimes/ (tests/runtime_workers.py)
+    holding the same ``data_mib``; each one's check is its own verdict: every second it
+    compares its data with the digests it took at start."""
+    cmd = _wrapped(worker_argv(runtime, 15, data_mib), mergeable)
+    # started together (a JVM compiles Worker.java first); a JVM's crash log
+    # (hs_err_pid*.log) would land in cwd
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)
+        for _ in range(n)
+    ]
+    targets = _ready_targets(f"{runtime} worker", procs)
+    for t in targets:
+        t.checker = partial(_self_check, t)
+    return list(targets)
+
+
+def _self_check(t: RealTarget) -> str:
+    """A runtime worker's verdict: "OK" once it checked its data at least once and never
+    found it changed."""
+    if t.proc.poll() is not None:
+        return f"CORRUPT exited {t.proc.returncode}"
+    checks, mismatches = parse_status(t.ask("status"))
+    if mismatches or not checks:
+        return f"CORRUPT {mismatches} of {checks} checks found the data changed"
+    return f"OK {checks} checks"
 
 
 def _redis_cli(sock: str, *args: object) -> str:

@@ -187,6 +187,8 @@ class _ContentTally:
         self.pfn_chunks: list[np.ndarray] = []
         self.key_chunks: list[np.ndarray] = []
         self.zero_pages = 0
+        self.zero_addr_chunks: list[np.ndarray] = []  # addresses of the zero-filled pages
+        self.zero_pfn_chunks: list[np.ndarray] = []  # and their frames
 
     def add_region(self, pm: PagemapFile, mem_fd: int, start: int, n: int) -> None:
         """Runs of present pages, read in pieces of at most 4 MiB."""
@@ -205,14 +207,54 @@ class _ContentTally:
                     continue
                 if len(data) != part.size * PAGE_SIZE:
                     continue
-                self._add_pages(pfns[part], data, part.size)
+                addrs = np.uint64(start) + part.astype(np.uint64) * np.uint64(PAGE_SIZE)
+                self._add_pages(pfns[part], data, addrs)
 
-    def _add_pages(self, pfns: np.ndarray, data: bytes, count: int) -> None:
-        words = np.frombuffer(data, dtype=np.uint64).reshape(count, 512)
+    def _add_pages(self, pfns: np.ndarray, data: bytes, addrs: np.ndarray) -> None:
+        words = np.frombuffer(data, dtype=np.uint64).reshape(addrs.size, 512)
         nonzero = words.any(axis=1)
         self.zero_pages += int(np.count_nonzero(~nonzero))
+        self.zero_addr_chunks.append(addrs[~nonzero])
+        self.zero_pfn_chunks.append(pfns[~nonzero])
         self.key_chunks.append(words[nonzero] @ self.mults)  # wraps mod 2**64: multilinear
         self.pfn_chunks.append(pfns)
+
+
+def _is_zero_page(kpf: KPageFiles, pfns: np.ndarray) -> np.ndarray:
+    flags = kpf.read_flags(pfns) if pfns.size else np.zeros(0, np.uint64)
+    return np.asarray((flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) != 0)
+
+
+def content_census(targets: Sequence[Target]) -> tuple[Json, dict[int, np.ndarray]]:
+    """``content_ideal``'s numbers, and each target's zero-filled pages that have a frame
+    of their own (their addresses): what a merging tool can drop."""
+    tally = _ContentTally()
+    zeros: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for t in targets:
+        first = len(tally.zero_addr_chunks)
+        with PagemapFile(t.pid) as pm, open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
+            for start, n in t.regions.values():
+                tally.add_region(pm, mem.fileno(), start, n)
+        zeros[t.pid] = (
+            np.concatenate([np.zeros(0, np.uint64), *tally.zero_addr_chunks[first:]]),
+            np.concatenate([np.zeros(0, np.uint64), *tally.zero_pfn_chunks[first:]]),
+        )
+    pfn_chunks, key_chunks = tally.pfn_chunks, tally.key_chunks
+    all_pfns = np.concatenate(pfn_chunks) if pfn_chunks else np.zeros(0, np.uint64)
+    with KPageFiles() as kpf:
+        not_zero_page = ~_is_zero_page(kpf, all_pfns)
+        own_frame = {pid: a[~_is_zero_page(kpf, f)] for pid, (a, f) in zeros.items()}
+    frames = int(np.unique(all_pfns[not_zero_page]).size)
+    keys = np.concatenate(key_chunks) if key_chunks else np.zeros((0, 2), np.uint64)
+    contents = int(np.unique(keys, axis=0).shape[0])
+    doc = {
+        "present_pages": int(all_pfns.size),
+        "distinct_frames": frames,
+        "distinct_nonzero_contents": contents,
+        "zero_content_pages": tally.zero_pages,
+        "ideal_pages": max(0, frames - contents),
+    }
+    return doc, own_frame
 
 
 def content_ideal(targets: Sequence[Target]) -> Json:
@@ -220,26 +262,38 @@ def content_ideal(targets: Sequence[Target]) -> Json:
     tool: over the regions (private anonymous VMAs at start) of all targets, distinct
     frames - distinct non-zero contents. Present pages only (pagemap), read through
     /proc/PID/mem; contents compared by two independent 64-bit multilinear hashes."""
-    tally = _ContentTally()
-    for t in targets:
-        with PagemapFile(t.pid) as pm, open(f"/proc/{t.pid}/mem", "rb", buffering=0) as mem:
-            for start, n in t.regions.values():
-                tally.add_region(pm, mem.fileno(), start, n)
-    pfn_chunks, key_chunks = tally.pfn_chunks, tally.key_chunks
-    all_pfns = np.concatenate(pfn_chunks) if pfn_chunks else np.zeros(0, np.uint64)
+    return content_census(targets)[0]
+
+
+def shared_ptes(c: Json) -> int:
+    """From a census (with its regions): present pages, the zero page aside, minus the
+    distinct frames behind them: the pages that share a frame with another one there
+    (KSM pages, procksm's segments, fork)."""
+    regions = c["regions"].values()
+    present = sum(r["pages"] - r["not_present"] - r["zero_page_ptes"] for r in regions)
+    return int(present - c["distinct_frames"])
+
+
+def zero_pages_gone(targets: Sequence[Target], zeros: dict[int, np.ndarray]) -> int:
+    """How many of ``zeros`` (per target: addresses of zero-filled pages that had a frame
+    of their own) have none now: not present, or the kernel's zero page."""
+    gone = 0
     with KPageFiles() as kpf:
-        flags = kpf.read_flags(all_pfns) if all_pfns.size else np.zeros(0, np.uint64)
-    not_zero_page = (flags >> np.uint64(KPF_ZERO_PAGE)) & np.uint64(1) == 0
-    frames = int(np.unique(all_pfns[not_zero_page]).size)
-    keys = np.concatenate(key_chunks) if key_chunks else np.zeros((0, 2), np.uint64)
-    contents = int(np.unique(keys, axis=0).shape[0])
-    return {
-        "present_pages": int(all_pfns.size),
-        "distinct_frames": frames,
-        "distinct_nonzero_contents": contents,
-        "zero_content_pages": tally.zero_pages,
-        "ideal_pages": max(0, frames - contents),
-    }
+        for t in targets:
+            addrs = zeros.get(t.pid)
+            if addrs is None or addrs.size == 0:
+                continue
+            with PagemapFile(t.pid) as pm:
+                for start, n in t.regions.values():
+                    mine = addrs[(addrs >= start) & (addrs < start + n * PAGE_SIZE)]
+                    if mine.size == 0:
+                        continue
+                    pfns = pfns_of(pm.read(start, start + n * PAGE_SIZE))
+                    now = pfns[((mine - np.uint64(start)) // np.uint64(PAGE_SIZE)).astype(int)]
+                    gone += int(np.count_nonzero(now == 0))
+                    present = now[now != 0]
+                    gone += int(np.count_nonzero(_is_zero_page(kpf, present)))
+    return gone
 
 
 # --------------------------------------------------------------------------------------
@@ -315,6 +369,73 @@ def tree_cpu(pids: Sequence[int]) -> float:
     return total
 
 
+def comm(pid: int) -> str:
+    """A process's command name plus its module for Python (procksm's processes are all
+    "python"), "" if gone."""
+    with suppress(OSError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        module = argv[argv.index(b"-m") + 1].decode() if b"-m" in argv else ""
+        return " ".join(x for x in (Path(f"/proc/{pid}/comm").read_text().strip(), module) if x)
+    return ""
+
+
+def cpu_with_reaped(pids: Sequence[int]) -> float:
+    """utime+stime of the live processes plus cutime+cstime, the CPU of the children
+    each has reaped: over a process tree, the difference of two readings counts a child
+    that ran and exited between them (its time moves into its parent's)."""
+    total = 0
+    for p in pids:
+        with suppress(OSError):
+            # fields 14-17 of proc(5): utime, stime, cutime, cstime
+            total += sum(int(f) for f in _stat_fields(f"/proc/{p}/stat")[11:15])
+    return total / CLOCK_TICKS
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateMemory:
+    """Memory only one process maps (smaps Private_Clean + Private_Dirty), by kind of
+    mapping, in bytes."""
+
+    anonymous: int = 0  # unnamed, [heap], [stack], [anon:NAME]
+    file_backed: int = 0  # mappings of files: libraries (bcc's LLVM), bytecode caches
+    shmem: int = 0  # memfd and /dev/shm mappings (procksm's segments only it maps)
+
+    @property
+    def total(self) -> int:
+        return self.anonymous + self.file_backed + self.shmem
+
+    def plus(self, other: PrivateMemory) -> PrivateMemory:
+        return PrivateMemory(
+            self.anonymous + other.anonymous,
+            self.file_backed + other.file_backed,
+            self.shmem + other.shmem,
+        )
+
+
+def _mapping_kind(path: str) -> str:
+    if path.startswith(("/memfd:", "/dev/shm/", "/SYSV")):
+        return "shmem"
+    if path.startswith("/"):
+        return "file_backed"
+    return "anonymous"  # "", [heap], [stack], [anon:NAME], [vdso] (never private)
+
+
+def private_memory(pid: int) -> PrivateMemory:
+    """/proc/PID/smaps: each mapping's Private_Clean + Private_Dirty, summed by kind
+    (smaps_rollup has the total only). Zero for a process that is gone."""
+    sums = {"anonymous": 0, "file_backed": 0, "shmem": 0}
+    kind = "anonymous"
+    with suppress(OSError), open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):  # a mapping's header: "start-end perms off dev inode path"
+                fields = line.split(None, 5)
+                kind = _mapping_kind(fields[5].strip() if len(fields) > 5 else "")
+            elif key in ("Private_Clean:", "Private_Dirty:"):
+                sums[kind] += int(rest.split()[0]) * 1024
+    return PrivateMemory(**sums)
+
+
 def minflt(pid: int, tid: int) -> int:
     """Minor faults of one thread (field 10 of proc(5)), 0 if gone."""
     with suppress(OSError):
@@ -332,9 +453,9 @@ def churn_threads(targets: Sequence[Target]) -> list[tuple[int, int]]:
 
 
 def ksm_stat(pid: int) -> dict[str, str]:
-    """/proc/PID/ksm_stat as a dict ({} if unreadable)."""
+    """/proc/PID/ksm_stat as a dict ({} if unreadable). Its lines are "ksm_rmap_items 0"
+    and, on 6.7+, "ksm_merge_any: yes": the keys lose that colon."""
     with suppress(OSError):
-        return dict(
-            line.split(None, 1) for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
-        )
+        lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+        return {k.rstrip(":"): v for k, v in (line.split(None, 1) for line in lines)}
     return {}
