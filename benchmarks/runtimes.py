@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
 
 from benchmarks.harness.common import PROCKSM, RESULTS, Json
-from benchmarks.harness.ksm import KsmControl, KsmError
+from benchmarks.harness.ksm import KsmControl, run_script
 from benchmarks.harness.report import git_state, machine_line, runtimes_markdown
 from benchmarks.harness.runners import ksm_guarded
 from benchmarks.harness.runtimes import ROWS, run_runtimes
@@ -104,11 +104,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KsmError as exc:
-        print(f"runtimes: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("runtimes: interrupted; targets killed, KSM settings restored", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script("runtimes", main)

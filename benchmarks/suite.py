@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from benchmarks.harness.common import PROCKSM, RESULTS, Json
 from benchmarks.harness.goals import goals_of
-from benchmarks.harness.ksm import KsmControl, KsmError
+from benchmarks.harness.ksm import KsmControl, run_script
 from benchmarks.harness.report import (
     fmt,
     git_state,
@@ -218,11 +218,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KsmError as exc:
-        print(f"suite: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("suite: interrupted; targets killed, KSM settings restored", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script("suite", main)

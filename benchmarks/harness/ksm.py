@@ -10,9 +10,12 @@ kernel had counted before (ksm_zero_pages is never reset) does not leak into a r
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from benchmarks.harness.truth import parent_pid, read_thread_cpu
 
@@ -31,6 +34,19 @@ RUN_UNMERGE = 2  # stop ksmd and unmerge every KSM page of every process
 
 class KsmError(RuntimeError):
     """KSM is missing, busy with someone else's pages, or did not do what it was told."""
+
+
+def run_script(name: str, main: Callable[[], int]) -> NoReturn:
+    """A benchmark script's entry point: KsmError and Ctrl-C end it with one line (its
+    targets are killed and the KSM settings restored by the script's own cleanup)."""
+    try:
+        raise SystemExit(main())
+    except KsmError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; targets killed, KSM settings restored", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def ksm_available() -> bool:
