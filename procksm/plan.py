@@ -249,12 +249,14 @@ def split_at_extent_ends(
     return starts if starts.size else np.zeros(1, np.int64)
 
 
-# Injected system calls per stop window: an extent costs two (mmap, MADV_POPULATE_READ),
-# a zero run one (MADV_DONTNEED), a memfd two (fd open, close); ~25-150 us each. Bounded
-# by pages alone, a window on the worst layout (every other page a duplicate) held 512
-# one-page extents and stopped the target 130-200 ms; 12 keeps windows near 1 ms
-# (measured with 256-page windows: p99 1.2-1.3 ms; 32 gave 2.4 ms).
-MAX_CALLS_PER_BATCH = 12
+# System calls per stop window: an extent costs two (mmap, MADV_POPULATE_READ), a zero
+# run one (MADV_DONTNEED), a memfd five (pidfd_getfd, fstat, its two checks, close).
+# They run in the target in one go (procksm.attach.call_batch), a few microseconds each,
+# from a table of 48 entries (procksm.attach.scratch_layout.TABLE_CAPACITY), two of
+# which the window's pidfd takes (open, close). (One ptrace round trip per call, before,
+# cost 25-150 us each and windows were held to 12 calls.)
+MAX_CALLS_PER_BATCH = 46
+FD_CALLS = 5
 
 
 def split_batches(
@@ -270,10 +272,10 @@ def split_batches(
 
     An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
     the advice its mapping is given again (one madvise each: numpy's arrays carry
-    MADV_HUGEPAGE), a zero run 1 (MADV_DONTNEED), and each memfd a window uses 2 more
-    (open, close): ``piece_of(slot)`` names the memfd of a slot. Extents longer than a
-    batch are cut; the pieces are adjacent in address and slot, so the kernel merges
-    their VMAs back into one.
+    MADV_HUGEPAGE), a zero run 1 (MADV_DONTNEED), and each memfd a window uses
+    FD_CALLS more (taken, checked, closed): ``piece_of(slot)`` names the memfd of a
+    slot. Extents longer than a batch are cut; the pieces are adjacent in address and
+    slot, so the kernel merges their VMAs back into one.
     """
     out: list[tuple[list[Extent], list[ZeroExtent]]] = []
     cur_e: list[Extent] = []
@@ -293,10 +295,10 @@ def split_batches(
         piece = piece_of(e.slot) if piece_of else -1
         mapping = 2 + (advice_calls(e.addr) if advice_calls else 0)
         while off < e.npages:
-            cost = mapping + (2 if piece_of and piece not in fds else 0)
+            cost = mapping + (FD_CALLS if piece_of and piece not in fds else 0)
             if calls + cost > max_calls and (cur_e or cur_z):
                 flush()
-                cost = mapping + (2 if piece_of else 0)
+                cost = mapping + (FD_CALLS if piece_of else 0)
             if piece_of:
                 fds.add(piece)
             take = min(e.npages - off, batch_pages - used)

@@ -1421,6 +1421,23 @@ def fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def write_through_fd_of(pid: int, fd: int, data: bytes, offset: int) -> None:
+    """Write ``data`` at ``offset`` into the file behind fd ``fd`` of ``pid``, through a
+    new open file description of /proc/PID/fd/N (root: PTRACE_MODE_ATTACH)."""
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        own = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _open_failed(pid, path, exc) from exc
+    try:
+        if os.pwrite(own, data, offset) != len(data):
+            raise ProcksmError(f"{path}: short write")
+    except OSError as exc:
+        raise ProcksmError(f"cannot write {path}: {exc.strerror}") from exc
+    finally:
+        os.close(own)
+
+
 def own_fd_path(fd: int) -> str:
     """The path another process opens to get a new open file description of procksm's
     fd ``fd`` (same pid and mount namespaces, PTRACE_MODE_READ of procksm)."""

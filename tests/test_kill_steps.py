@@ -219,12 +219,12 @@ def _step_log(args: list[object], tmp: Path, timeout: float = 60) -> list[str]:
     return out
 
 
-def _through_first_advised_extent(kinds: list[str], window: range) -> range:
-    """The steps of `window` up to its first advised extent's mmap, madvise and populate:
-    its hand-over and a first extent. The steps after (more extents, the threads'
-    restore) are those of the pidfd merge window, swept whole above."""
-    advice = next(i for i in window if kinds[i - 1] == f"undo:{SYS_madvise}")
-    return range(window.start, min(window.stop, advice + 4))
+def _through_first_batch(kinds: list[str], window: range) -> range:
+    """The steps of `window` up to its batch of calls let run (procksm.attach.call_batch):
+    its hand-over and replacements. The steps after (the threads' restore) are those of
+    the pidfd merge window, swept whole above."""
+    run = next(i for i in window if kinds[i - 1] == "batch")
+    return range(window.start, run + 1)
 
 
 def _windows(kinds: list[str]) -> list[range]:
@@ -327,30 +327,32 @@ def test_kill_after_every_step_of_first_and_merge_windows(
     kinds, windows = _logged_windows(setup, tmp_path)
     first, merge = windows[0], windows[1]  # the first target's two windows
     assert {"name", "owner"} <= _kinds_in(kinds, first)  # the scratch area is made there
-    assert {"gate", "arm", "frames", "load", "undo"} <= _kinds_in(kinds, merge)
+    assert {"gate", "arm", "frames", "table", "routine", "batch"} <= _kinds_in(kinds, merge)
     done = list(_sweep(setup, range(first.start, merge.stop)))
     assert len(done) == merge.stop - first.start
     print(f"\nkilled after each of {len(done)} steps (windows {first}, {merge})")
 
 
-@pytest.mark.parametrize("after", [0, 1, 2])
-def test_kill_between_an_extents_mmap_and_its_advice(
-    privileged: None, spawn: Any, after: int
+@pytest.mark.parametrize("delay_ms", [0, 50])
+def test_kill_while_the_routine_runs_the_windows_calls(
+    privileged: None, spawn: Any, delay_ms: int
 ) -> None:
-    """Killed right after the first advised extent's undo frame is written, its mmap is
-    loaded (the released thread makes it) and its madvise(MADV_NOHUGEPAGE) is loaded:
-    the merged range has `nh` all the same (the advice's undo frame; the sweeps above
-    may miss this instant, since the canaries' writes change the extents from run to
-    run)."""
+    """Killed right after the first window's batch of calls is let run (0 ms: the target
+    makes the calls after procksm died; its pidfd_getfd from a dead procksm fails, so
+    every mapping is skipped), or once they are done and the thread parked (50 ms: it
+    waits for the park's timeout, then goes back by itself). Either way the target is
+    intact, the advice kept, and nothing is left open in it even before a new procksm
+    cleans up: the closes always run."""
     targets, args = _merge_of(spawn)()
     baseline = {t.pid: _fds(t.pid) for t in targets}
-    assert _run(args, 30, kill_at=f"undo:{SYS_madvise}#1+{after}"), "no advice undo frame"
-    time.sleep(0.1)
-    if after:
-        assert merged_ranges(targets[0].pid), "the mmap was not made: the anchor moved"
+    assert _run(args, 30, kill_at=f"batch:0#1+0~{delay_ms}"), "no batch ran"
+    time.sleep(0.3)  # the park's timeout (0.2 s), then the way back
+    if delay_ms:
+        assert merged_ranges(targets[0].pid), "the batch's mmaps were not made"
     for t in targets:
         assert_target_intact(t)
         _assert_advice_kept(t)
+        assert _fds(t.pid) == baseline[t.pid]  # before any clean-up
     _unmerge_clean(targets, baseline)
     for t in targets:
         _assert_advice_kept(t)
@@ -369,7 +371,7 @@ def test_kill_after_every_step_of_a_scm_rights_merge_window(
         return targets, args
 
     kinds, windows = _logged_windows(setup, tmp_path)
-    handover = _through_first_advised_extent(kinds, windows[1])
+    handover = _through_first_batch(kinds, windows[1])
     done = list(_sweep(setup, handover))
     assert len(done) == len(handover)
 
@@ -424,10 +426,10 @@ def test_kill_after_every_step_of_a_daemon_batch(
 
     kinds, windows = _logged_windows(setup, tmp_path, timeout=15)
     # the first window that maps an extent (a batch's first may only drop zero pages)
-    batch = next(w for w in windows if f"undo:{SYS_madvise}" in (kinds[i - 1] for i in w))
+    batch = next(w for w in windows if "batch" in _kinds_in(kinds, w))
     # the daemon's window is the merge engine's: swept whole above; here its start (the
     # daemon's own process holds the engine) through a first extent
-    steps = _through_first_advised_extent(kinds, batch)
+    steps = _through_first_batch(kinds, batch)
     done = list(_sweep(setup, steps, timeout=6))
     assert len(done) == len(steps)
 
@@ -495,7 +497,6 @@ def test_an_injected_call_that_outlives_the_timeout_is_left_its_way_back(
         PROT_READ,
         PROT_WRITE,
         SYS_close,
-        SYS_madvise,
         SYS_mmap,
         SYS_munmap,
     )

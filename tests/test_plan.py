@@ -374,14 +374,21 @@ def test_split_batches_bounds_injected_calls_on_one_page_extents() -> None:
     assert split_batches([], [], 512) == []
 
 
-def test_split_batches_counts_a_memfd_open_and_close_per_window() -> None:
-    # four one-page extents, each in its own memfd: 2 (mmap, populate) + 2 (open, close)
+def test_split_batches_counts_a_memfd_hand_over_per_window() -> None:
+    # four one-page extents, each in its own memfd: 2 (mmap, populate) + 5 (taken,
+    # checked twice, fstat, closed)
     exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(4)]
-    batches = split_batches(exts, [], 256, max_calls=8, piece_of=lambda slot: slot)
+    batches = split_batches(exts, [], 256, max_calls=14, piece_of=lambda slot: slot)
     assert [len(b[0]) for b in batches] == [2, 2]
-    # the same extents in one memfd: its open and close are paid once per window
-    batches = split_batches(exts, [], 256, max_calls=10, piece_of=lambda slot: 0)
+    # the same extents in one memfd: its hand-over is paid once per window
+    batches = split_batches(exts, [], 256, max_calls=13, piece_of=lambda slot: 0)
     assert [len(b[0]) for b in batches] == [4]
+
+
+def test_a_window_fits_the_call_routines_table() -> None:
+    from procksm.attach.scratch_layout import TABLE_CAPACITY
+
+    assert MAX_CALLS_PER_BATCH + 2 <= TABLE_CAPACITY  # + the window's pidfd open, close
 
 
 def test_split_batches_counts_the_advice_given_again() -> None:

@@ -64,6 +64,7 @@ MFD_CLOEXEC = 0x1
 
 # x86_64 system call numbers this package injects or recognises in a stopped thread.
 SYS_close = 3
+SYS_fstat = 5
 SYS_mmap = 9
 SYS_mprotect = 10
 SYS_munmap = 11
@@ -72,6 +73,7 @@ SYS_mremap = 25
 SYS_madvise = 28
 SYS_ftruncate = 77
 SYS_futex = 202
+SYS_ppoll = 271
 SYS_memfd_create = 319
 SYS_getpid = 39
 SYS_prctl = 157

@@ -90,6 +90,15 @@ class SyscallInjector:
         # then nothing more is injected, and the window ends as procksm's death would.
         self.abandoned: str | None = None
 
+    def timeout(self) -> float:
+        """How long one injected call (or one batch of them) may take."""
+        return self._timeout()
+
+    def precheck_routine(self, routine: int) -> None:
+        """Check the seccomp filters on the calls procksm's call routine makes, at its
+        instruction pointers (procksm.attach.call_batch), once per session."""
+        self._precheck.ensure_routine(self.threads, routine)
+
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Run system call `nr` in a stopped thread (default: the injecting thread);
         the raw rax: the result, or -errno (procksm.attach.session.StoppedTarget.syscall)."""

@@ -7,7 +7,9 @@ resumes, detaches. Each module that makes one calls :func:`step` right after it.
 * ``PROCKSM_TEST_KILL_AT_STEP=N``: SIGKILL this process after step N;
   ``KIND:DETAIL#I+K``: K steps after the I-th step of that kind and detail (e.g.
   ``load:9#2+0``: right after the second mmap's registers are loaded), for a point that
-  does not move when a run has more or fewer windows or extents than another;
+  does not move when a run has more or fewer windows or extents than another; a suffix
+  ``~MS`` waits MS milliseconds after that step before the kill (an instant while the
+  target runs calls procksm let go: procksm.attach.call_batch);
 * ``PROCKSM_TEST_STEP_LOG=FILE``: append each step's number, kind and thread to FILE;
 * ``PROCKSM_TEST_KILL_FILE=FILE``: the same as the first, N read from FILE at each step,
   counted from the file's creation, and the file removed at the kill: for processes
@@ -18,18 +20,22 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 _KILL_AT_STEP = 0
 # (kind, detail, occurrence, steps after it), from KIND:DETAIL#I+K
 _KILL_AT_ANCHOR: tuple[str, int, int, int] | None = None
 _anchor_seen = 0
+_KILL_DELAY = 0.0
 
 
 def arm(spec: str) -> None:
     """Kill at ``spec``: ``N`` or ``KIND:DETAIL#I+K`` (see above); "" or "0": never.
     Steps are counted from here."""
-    global _KILL_AT_STEP, _KILL_AT_ANCHOR, _anchor_seen, _steps
+    global _KILL_AT_STEP, _KILL_AT_ANCHOR, _anchor_seen, _steps, _KILL_DELAY
     _KILL_AT_STEP, _KILL_AT_ANCHOR, _anchor_seen, _steps = 0, None, 0, 0
+    spec, _, delay = spec.partition("~")
+    _KILL_DELAY = int(delay) / 1000 if delay else 0.0
     if "#" in spec:
         what, where = spec.split("#")
         kind, detail = what.split(":")
@@ -60,6 +66,8 @@ def step(kind: str, tid: int = 0, detail: int = 0) -> None:
         if _anchor_seen == _KILL_AT_ANCHOR[2]:
             _KILL_AT_STEP = _steps + _KILL_AT_ANCHOR[3]
     if _steps == _KILL_AT_STEP:
+        if _KILL_DELAY:
+            time.sleep(_KILL_DELAY)
         os.kill(os.getpid(), signal.SIGKILL)
     if _KILL_FILE:
         try:

@@ -43,9 +43,10 @@ from procksm.errors import PtraceError, Unsupported
 
 ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP deliverable
 ARGUMENT_ROOM = 256  # bytes of dead stack below a thread's frames, for a string
-# undo frames a window may stack (ReturnFrames.undo_on_death): an extent's advice, up to
-# three (procfs.REAPPLIED_VMFLAGS: THP, readahead, dump), or a hand-over's two
-MAX_UNDO = 3
+# undo frames a window may stack (ReturnFrames.undo_on_death): the SCM_RIGHTS hand-over's
+# socket before its bind (procksm.merge.handover). A window's batch of calls needs none:
+# its clean-up calls are in the batch and always run (procksm.attach.call_batch).
+MAX_UNDO = 1
 
 
 def _wake_call(gate: int) -> tuple[int, ...]:

@@ -15,8 +15,10 @@ import struct
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import (
+    MAP_FIXED,
     MAP_PRIVATE,
     MFD_CLOEXEC,
+    PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     SYS_close,
@@ -25,11 +27,15 @@ from procksm.arch.x86_64 import (
     SYS_mmap,
     SYS_munmap,
 )
+from procksm.arch.x86_64_batch import ROUTINE
 from procksm.attach.injected_call import SyscallInjector
 from procksm.attach.kill_steps import step
 from procksm.attach.scratch_layout import (
     LEFTOVER_MEMFD_PREFIX,
+    MEMFD_PAGES,
     OWNER,
+    ROUTINE_OFFSET,
+    ROUTINE_PAGE,
     SCRATCH_BYTES,
     SCRATCH_NAME,
     SCRATCH_PATH,
@@ -85,6 +91,12 @@ class ScratchArea:
     def __init__(self) -> None:
         self.base: int | None = None  # page 0, once mapped
 
+    @property
+    def routine(self) -> int:
+        """Address of procksm's call routine in the mapped area."""
+        assert self.base is not None
+        return self.base + ROUTINE_PAGE * PAGE_SIZE
+
     def staging(self) -> tuple[int, int]:
         """(address, bytes) of the staging range of the mapped area."""
         assert self.base is not None
@@ -92,7 +104,10 @@ class ScratchArea:
 
     def map(self, calls: SyscallInjector) -> None:
         """Map it: the target creates the memfd (its name written on dead stack below
-        the injecting thread's frames), sizes it, maps it and closes the fd; then the
+        the injecting thread's frames) and sizes it; procksm writes the call routine
+        into it (through /proc/PID/fd/N); the target maps it, maps the routine's page
+        read-only and executable over the last page (MAP_FIXED over a piece of the same
+        memfd: either way the area is one named memfd), and closes the fd; then the
         owner is written in page 0."""
         injector = calls.threads.injector()
         calls.frames.ensure_armed(injector)
@@ -101,10 +116,17 @@ class ScratchArea:
         step("name")
         fd = calls.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
         try:
-            calls.syscall_checked(SYS_ftruncate, fd, 2 * PAGE_SIZE, name="ftruncate")
+            size = MEMFD_PAGES * PAGE_SIZE
+            calls.syscall_checked(SYS_ftruncate, fd, size, name="ftruncate")
+            procfs.write_through_fd_of(calls.threads.memory_tid(), fd, ROUTINE, ROUTINE_OFFSET)
             base = calls.syscall_checked(
                 SYS_mmap, 0, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0,
                 name="mmap",
+            )  # fmt: skip
+            routine = base + ROUTINE_PAGE * PAGE_SIZE
+            calls.syscall_checked(
+                SYS_mmap, routine, PAGE_SIZE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_FIXED,
+                fd, ROUTINE_OFFSET, name="mmap",
             )  # fmt: skip
         finally:
             calls.syscall(SYS_close, fd)

@@ -7,11 +7,14 @@ every step of its life leaves something a later procksm can recognise by name an
 can tell from the target's own (docs/kill-safety.md, "Nothing left behind").
 
   page 0   control: the futex gate, its timeout, the owner (pid, start time)
-  page 1   arguments of injected calls (procksm.attach.session.StoppedTarget.scratch)
+  page 1   arguments of injected calls (procksm.attach.session.StoppedTarget.scratch),
+           or a window's table of calls (procksm.attach.call_batch: header, a stat
+           buffer, the entries)
   pages 2..2+STAGING_PAGES  staging: an unmerge builds the new anonymous pages here,
            then moves them over the merged range in one mremap (procksm.unmerge)
-  last     a tail page that keeps the staging range between two pieces of the memfd
-           mapping, so a leftover staging mapping is recognisable as procksm's
+  last     procksm's call routine (procksm.arch.x86_64_batch), read-only and executable:
+           page 2 of the memfd; it also keeps the staging range between two pieces of
+           the memfd mapping, so a leftover staging mapping is recognisable as procksm's
 
 Mapped by :class:`procksm.attach.scratch.ScratchArea`; the gate is closed by
 :meth:`procksm.attach.session.StoppedTarget.hold_others` and waited on / woken through the
@@ -21,12 +24,25 @@ frames of :mod:`procksm.attach.return_frames`.
 from __future__ import annotations
 
 from procksm import PAGE_SIZE
+from procksm.arch.x86_64_batch import ENTRY_SIZE
 
 SCRATCH_NAME = b"procksm-scratch\0"
 SCRATCH_PATH = "/memfd:procksm-scratch (deleted)"
 STAGING_PAGES = 512
 SCRATCH_PAGES = 3 + STAGING_PAGES
 SCRATCH_BYTES = SCRATCH_PAGES * PAGE_SIZE
+# The memfd: pages 0 and 1 (control, arguments), page 2 the call routine.
+MEMFD_PAGES = 3
+ROUTINE_OFFSET = 2 * PAGE_SIZE  # in the memfd
+ROUTINE_PAGE = SCRATCH_PAGES - 1  # in the area
+
+# Page 1 as a table of calls (procksm.attach.call_batch): the routine's header (done
+# word, park timespec), a stat buffer for the hand-over's fd checks, then the entries.
+TABLE_HEADER = 0
+TABLE_STAT = 32  # struct stat is 144 bytes on x86_64
+TABLE_ENTRIES = 192
+TABLE_CAPACITY = (PAGE_SIZE - TABLE_ENTRIES) // ENTRY_SIZE
+
 # What a procksm leaves in a target only while a window runs (procksm.merge): fds of the
 # scratch memfd and of segments. (Unnamed fds it creates are undone on death instead.)
 LEFTOVER_MEMFD_PREFIX = "/memfd:procksm-"

@@ -19,11 +19,13 @@ from procksm.arch.x86_64 import (
     MAP_FIXED,
     MAP_PRIVATE,
     MFD_CLOEXEC,
+    PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     SYSCALL_INSN_LEN,
     SYS_bind,
     SYS_close,
+    SYS_fstat,
     SYS_ftruncate,
     SYS_futex,
     SYS_madvise,
@@ -34,12 +36,14 @@ from procksm.arch.x86_64 import (
     SYS_munmap,
     SYS_pidfd_getfd,
     SYS_pidfd_open,
+    SYS_ppoll,
     SYS_prctl,
     SYS_recvmsg,
     SYS_rt_sigreturn,
     SYS_seccomp,
     SYS_socket,
 )
+from procksm.arch.x86_64_batch import CALL_INSN, PARK_INSN
 from procksm.attach.diagnose import AttachStatus
 from procksm.attach.inject import ptrace
 from procksm.attach.scratch_layout import (
@@ -77,6 +81,7 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
         True,
     ),
     ("rt_sigreturn", SYS_rt_sigreturn, (), True),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, PROT_READ | PROT_EXEC, _PRIV | _FIX, 3, 0), True),
     ("pidfd_open", SYS_pidfd_open, (1, 0), False),
     ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
     ("socket", SYS_socket, (1, 2 | 0o2000000, 0), False),  # AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC
@@ -85,6 +90,18 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("seccomp", SYS_seccomp, (1, 0, 1 << 30), False),
     ("prctl", SYS_prctl, (38, 1, 0, 0, 0), False),  # PR_SET_NO_NEW_PRIVS
 )
+# What procksm's call routine runs in the injecting thread (procksm.attach.call_batch),
+# at its own instruction pointers: a merge window's calls, then the park.
+_ROUTINE_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX, 3, 0), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
+    ("close", SYS_close, (3,), True),
+    ("fstat", SYS_fstat, (3, 1 << 30), True),
+    ("pidfd_open", SYS_pidfd_open, (1, 0), False),
+    ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
+)
+_ROUTINE_PARK = ("ppoll", SYS_ppoll, (0, 0, 1 << 30, 0, 8), True)
 # What a gated thread runs (procksm.attach.return_frames): the wait, then its way back.
 _GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
@@ -117,6 +134,7 @@ class SeccompPrecheck:
     def __init__(self, status: AttachStatus) -> None:
         self.status = status
         self.done = False
+        self.routine_done = False
 
     def ensure(self, threads: StoppedThreads, syscall_insn: int) -> None:
         """Check the filters of every stopped thread (unless done already): the calls
@@ -137,15 +155,34 @@ class SeccompPrecheck:
         for tracee in threads.tracees.values():
             filters = _seccomp_filters(tracee.tid)
             calls = _INJECTED_CALLS if tracee.tid == injector else _GATED_CALLS
-            for name, nr, args, essential in calls:
-                action = verdict(filters, nr, ip, args)
-                if action in RUNS:
-                    continue
-                if action == SECCOMP_RET_ERRNO and not essential:
-                    continue  # procksm falls back (e.g. SCM_RIGHTS when pidfd_open fails)
-                what = ACTION_NAMES.get(action, f"answers {action:#x} to")
-                raise Unsupported(
-                    f"pid {pid} ({status.name}): its seccomp filter {what} {name}(), "
-                    "which procksm injects; not touched"
-                )
+            self._check(filters, [(c, ip) for c in calls])
         self.done = True
+
+    def ensure_routine(self, threads: StoppedThreads, routine: int) -> None:
+        """Check the injecting thread's filters on the calls of procksm's call routine
+        (mapped at `routine`), at the routine's own instruction pointers."""
+        if self.routine_done:
+            return
+        if self.status.seccomp == 2:
+            filters = _seccomp_filters(threads.injector().tid)
+            call_ip = routine + CALL_INSN + SYSCALL_INSN_LEN
+            park_ip = routine + PARK_INSN + SYSCALL_INSN_LEN
+            checks = [(c, call_ip) for c in _ROUTINE_CALLS] + [(_ROUTINE_PARK, park_ip)]
+            self._check(filters, checks)
+        self.routine_done = True
+
+    def _check(
+        self, filters: list[bytes], calls: list[tuple[tuple[str, int, tuple[int, ...], bool], int]]
+    ) -> None:
+        status = self.status
+        for (name, nr, args, essential), ip in calls:
+            action = verdict(filters, nr, ip, args)
+            if action in RUNS:
+                continue
+            if action == SECCOMP_RET_ERRNO and not essential:
+                continue  # procksm falls back (e.g. SCM_RIGHTS when pidfd_open fails)
+            what = ACTION_NAMES.get(action, f"answers {action:#x} to")
+            raise Unsupported(
+                f"pid {status.pid} ({status.name}): its seccomp filter {what} {name}(), "
+                "which procksm injects; not touched"
+            )

@@ -63,6 +63,7 @@ from types import TracebackType
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import Registers, SYS_munmap
+from procksm.attach.call_batch import BatchResults, BatchRunner, CallBatch
 from procksm.attach.deferred_signals import signals_deferred
 from procksm.attach.diagnose import AttachStatus, check_attachable
 from procksm.attach.inject import Gadgets, get_regs
@@ -71,7 +72,7 @@ from procksm.attach.kill_steps import step
 from procksm.attach.locks import WindowLock
 from procksm.attach.return_frames import ReturnFrames
 from procksm.attach.scratch import ScratchArea, remove_leftovers_in_window
-from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES
+from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES, TABLE_STAT
 from procksm.attach.seccomp_precheck import SeccompPrecheck
 from procksm.attach.target_program import TargetProgram
 from procksm.attach.thread_resume import ThreadGroupResume
@@ -371,6 +372,23 @@ class StoppedTarget:
                 raise PtraceError(f"pid {self.pid}: gating its threads: {e}") from None
         self.gate_injector = injector.tid
         self._gated = True
+
+    # one window's calls in one go
+
+    def run_batch(self, batch: CallBatch) -> BatchResults:
+        """Run `batch` in the injecting thread through procksm's call routine, in one
+        round trip (procksm.attach.call_batch). Only after :meth:`hold_others`: the
+        routine returns through the gate's wake-up, and every call in it runs even if
+        procksm dies meanwhile."""
+        if not self._gated:
+            raise PtraceError("a batch of calls runs only in a gated window (hold_others)")
+        base = self._scratch_base()
+        runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
+        return runner.run(batch)
+
+    def stat_buffer(self) -> int:
+        """The table's stat buffer, for :meth:`CallBatch.check_stat`."""
+        return self._scratch_base() + PAGE_SIZE + TABLE_STAT
 
     # the scratch area
 

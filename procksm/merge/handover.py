@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 from procksm.arch.x86_64 import SYS_close, SYS_pidfd_getfd, SYS_pidfd_open
 from procksm.attach import StoppedTarget
+from procksm.attach.call_batch import BatchResults, CallBatch, Ref
 from procksm.closing import Closing
 from procksm.errors import ProcksmError
 from procksm.fdpass import (
@@ -54,25 +56,35 @@ class FdHandOver(Closing):
             fd = self._ro_fds[seg.id] = seg.readonly_fd()
         return fd
 
-    def hand_over(self, st: StoppedTarget, segs: list[Segment]) -> dict[int, int]:
-        """Give the target a read-only fd of each segment; returns segment id -> its fd.
+    def hand_over(self, st: StoppedTarget, batch: CallBatch, segs: list[Segment]) -> HandedFds:
+        """Give the target a read-only fd of each segment, for the calls of `batch`.
 
         Targets that may ptrace procksm (root, our pid namespace) take the fds
-        themselves with pidfd_open + pidfd_getfd; others receive them over an abstract
-        AF_UNIX socket created in their network namespace (SCM_RIGHTS; docs/design.md §2.6).
-        Either way the target holds procksm's read-only open file description, and every
-        fd is checked to be the segment's inode before anything maps it (§3.6).
+        themselves, inside the batch: pidfd_open + pidfd_getfd, each fd checked by fstat
+        to be the segment's inode before anything maps it (§3.6; a check that fails
+        skips every mapping). Others receive them now, over an abstract AF_UNIX socket
+        created in their network namespace (SCM_RIGHTS; docs/design.md §2.6), checked
+        by procksm through /proc. Either way the target holds procksm's read-only open
+        file description; :meth:`HandedFds.close_in` adds the closes.
         """
         ro_fds = {s.id: self.readonly_fd(s) for s in segs}
         # Decided once per target, not in every stop window: a target that may not
-        # ptrace procksm would otherwise pay three failed system calls per window.
+        # ptrace procksm would otherwise pay failed system calls per window.
         if st.pid not in self._pidfd_ok:
             self._pidfd_ok[st.pid] = proc_open_possible(st.pid)
-        if self._pidfd_ok[st.pid]:
-            got = self._take_with_pidfd(st, segs, ro_fds)
-            if got is not None:
-                return got
-            self._pidfd_ok[st.pid] = False
+        if self._pidfd_ok[st.pid] and segs:
+            return self._take_with_pidfd(st, batch, segs, ro_fds)
+        sent = self._send(st, segs, ro_fds)
+        return HandedFds({s.id: fd for s, fd in zip(segs, sent, strict=True)})
+
+    def pidfd_refused(self, pid: int) -> None:
+        """The target may not take fds from procksm: SCM_RIGHTS from now on."""
+        self._pidfd_ok[pid] = False
+
+    def _send(self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int]) -> list[int]:
+        """The SCM_RIGHTS hand-over, one injected call at a time; the received fds."""
+        if not segs:
+            return []
         scratch = st.scratch()
         with FdSender(st.pid) as sender:
             layout = build_recv_layout(scratch, sender.target_address, max_fds=len(segs))
@@ -104,41 +116,49 @@ class FdHandOver(Closing):
                 for fd in msg.fds:
                     st.syscall(SYS_close, fd)
                 raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
-            return {s.id: fd for s, fd in zip(segs, msg.fds, strict=True)}
+            return list(msg.fds)
 
     def _take_with_pidfd(
-        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int]
-    ) -> dict[int, int] | None:
-        """pidfd_open(procksm) + pidfd_getfd per segment + close, in the target. None when
-        the kernel refuses (the target may not ptrace procksm): use SCM_RIGHTS then."""
-        # A pidfd has no name a later procksm could recognise it by: if procksm dies while
-        # it exists, the target closes it itself (its number is the lowest free fd).
-        expected = st.lowest_free_fd()
-        with st.undo_on_death(SYS_close, expected):
-            return self._take_with_pidfd_from(st, segs, ro_fds, expected)
+        self, st: StoppedTarget, batch: CallBatch, segs: list[Segment], ro_fds: dict[int, int]
+    ) -> HandedFds:
+        """pidfd_open(procksm), then pidfd_getfd + its fstat check per segment, then the
+        pidfd's close: the first calls of `batch`. procksm is alive while they run (a
+        killed one never reaches the pid's reuse: it stays a zombie until its parent
+        reaps it, and pidfd_getfd from a zombie fails), and the fstat check holds
+        whatever happens."""
+        pidfd = batch.call(SYS_pidfd_open, os.getpid(), 0)
+        fds: dict[int, int | Ref] = {}
+        checks: list[tuple[Ref, int]] = []
+        for s in segs:
+            fd = batch.call(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
+            checks.extend(batch.check_stat(fd, s.identity, st.stat_buffer()))
+            fds[s.id] = fd
+        batch.call(SYS_close, pidfd, always=True)
+        return HandedFds(fds, pidfd=pidfd, checks=checks)
 
-    def _take_with_pidfd_from(
-        self, st: StoppedTarget, segs: list[Segment], ro_fds: dict[int, int], expected: int
-    ) -> dict[int, int] | None:
-        pidfd = st.syscall(SYS_pidfd_open, os.getpid(), 0)
-        if pidfd < 0:
-            return None
-        got: dict[int, int] = {}
-        try:
-            if pidfd != expected:
-                raise ProcksmError(f"pid {st.pid}: pidfd_open got fd {pidfd}, not {expected}")
-            for s in segs:
-                fd = st.syscall(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
-                if fd < 0:
-                    for f in got.values():
-                        st.syscall(SYS_close, f)
-                    return None
-                if not verify_received_fd(st.pid, fd, s):
-                    st.syscall(SYS_close, fd)
-                    for f in got.values():
-                        st.syscall(SYS_close, f)
-                    raise ProcksmError(f"pid {st.pid}: received fd is not procksm's memfd")
-                got[s.id] = fd
-            return got
-        finally:
-            st.syscall(SYS_close, pidfd)
+
+@dataclass
+class HandedFds:
+    """The segments' fds in the target for one batch: numbers (SCM_RIGHTS, received
+    already) or the results of the batch's own pidfd_getfd calls."""
+
+    fds: dict[int, int | Ref]
+    pidfd: Ref | None = None
+    checks: list[tuple[Ref, int]] = field(default_factory=list)  # (loaded value, expected)
+
+    def close_in(self, batch: CallBatch) -> None:
+        """The closes, last in the batch, made whatever failed before them."""
+        for fd in self.fds.values():
+            batch.call(SYS_close, fd, always=True)
+
+    def refused(self, results: BatchResults) -> bool:
+        """The target may not take fds from procksm (pidfd_open or pidfd_getfd failed)."""
+        if self.pidfd is None:
+            return False
+        return not results.ok(self.pidfd) or not all(
+            results.ok(fd) for fd in self.fds.values() if isinstance(fd, Ref)
+        )
+
+    def verified(self, results: BatchResults) -> bool:
+        """Every fd the batch took is the segment's inode."""
+        return all(results[ref] == want for ref, want in self.checks)

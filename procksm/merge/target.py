@@ -31,11 +31,14 @@ from procksm.arch.x86_64 import (
     SYS_mmap,
 )
 from procksm.attach import PtraceSession, StoppedTarget
+from procksm.attach.call_batch import NOT_RUN, CallBatch, Ref
+from procksm.attach.injected_call import InjectedSyscallError
+from procksm.attach.scratch_layout import TABLE_CAPACITY
 from procksm.errors import ProcksmError
-from procksm.merge.handover import FdHandOver
+from procksm.merge.handover import FdHandOver, HandedFds
 from procksm.merge.records import MergeOptions, Refusal, TargetResult
 from procksm.merge.round_slots import RoundSlots
-from procksm.plan import Extent, TargetPlan, ZeroExtent, split_batches
+from procksm.plan import FD_CALLS, Extent, TargetPlan, ZeroExtent, split_batches
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
 from procksm.slots import SEGMENT_NAME_PREFIX
@@ -172,56 +175,118 @@ class TargetMerger:
                 # run its own code before the replacements are done, even if
                 # procksm dies (the futex gate, procksm.attach.session).
                 st.hold_others()
-            if ext_ok:
-                self._map_extents(st, ext_ok)
-            self._drop_zero_pages(st, zero_ok)
+                self._replace(st, ext_ok, zero_ok)
 
-    def _map_extents(self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]]) -> None:
-        """Under stop, after the comparison: hand over the segments' fds, map each
-        extent over the pages equal to it, populate, close the fds."""
+    def _replace(
+        self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
+    ) -> None:
+        """Under stop, after the comparison: the replacements, in batches of calls run
+        by the target (procksm.attach.call_batch), usually one per window. The window's
+        plan fits one table, but the comparison may cut an extent into several (pages
+        that changed meanwhile), each with its own calls: then more batches, in the same
+        window (the gate stays closed between them)."""
+        failed: InjectedSyscallError | None = None
+        for ext_part, zero_part in self._table_sized(ext_ok, zero_ok):
+            try:
+                self._replace_in_one_batch(st, ext_part, zero_part)
+            except InjectedSyscallError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
+    def _table_sized(
+        self, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
+    ) -> list[tuple[list[tuple[Extent, int]], list[ZeroExtent]]]:
+        """`ext_ok` and `zero_ok` cut into parts whose calls fit one table: each extent
+        costs its mmap, advice and populate, each zero run one call, each segment a part
+        uses its hand-over (FD_CALLS), each part its pidfd's open and close."""
+        parts: list[tuple[list[tuple[Extent, int]], list[ZeroExtent]]] = [([], [])]
+        segs: set[int] = set()
+        calls = 2
+        for e, prot in ext_ok:
+            seg = self.slots.piece(e.slot)[0].id
+            cost = 2 + len(self.advice_at(e.addr)) + (FD_CALLS if seg not in segs else 0)
+            if calls + cost > TABLE_CAPACITY and parts[-1][0]:
+                parts.append(([], []))
+                segs.clear()
+                calls = 2
+                cost = 2 + len(self.advice_at(e.addr)) + FD_CALLS
+            parts[-1][0].append((e, prot))
+            segs.add(seg)
+            calls += cost
+        for z in zero_ok:
+            if calls + 1 > TABLE_CAPACITY:
+                parts.append(([], []))
+                calls = 2
+            parts[-1][1].append(z)
+            calls += 1
+        return parts
+
+    def _replace_in_one_batch(
+        self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
+    ) -> None:
+        """Take the segments' fds, map each extent over the pages equal to it, give it
+        its advice again, populate it, drop the zero runs, close the fds: one batch. A
+        target that may not take fds itself gets them over SCM_RIGHTS and the batch is
+        made again, in the same window (nothing was replaced)."""
+        pieces = (self.slots.piece(e.slot)[0] for e, _ in ext_ok)
+        segs = list({seg.id: seg for seg in pieces}.values())
+        while True:
+            batch = CallBatch()
+            fds = self.handover.hand_over(st, batch, segs)
+            maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in ext_ok]
+            zeros = [
+                (z, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
+                for z in zero_ok
+            ]
+            fds.close_in(batch)
+            results = st.run_batch(batch)
+            if fds.refused(results):
+                self.handover.pidfd_refused(st.pid)
+                continue
+            break
+        if not fds.verified(results):
+            raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
         res = self.res
-        segs = {seg.id: seg for seg in (self.slots.piece(e.slot)[0] for e, _ in ext_ok)}
-        fds = self.handover.hand_over(st, list(segs.values()))
-        try:
-            for e, prot in ext_ok:
-                seg, off = self.slots.piece(e.slot)
-                self._map_extent(st, e, prot, fds[seg.id], off)
+        failed: InjectedSyscallError | None = None
+        for e, mapped in maps:
+            got = results[mapped]
+            if got == e.addr:
                 res.pages_merged += e.npages
                 res.extents += 1
                 self.slots.mark_mapped(e)
-        finally:
-            for fd in fds.values():
-                st.syscall(SYS_close, fd)
-
-    def _map_extent(self, st: StoppedTarget, e: Extent, prot: int, fd: int, off: int) -> None:
-        """mmap the slots over the extent, give the new mapping the VMA's advice again
-        (hg, nh, sr, rr, dd: procfs.REAPPLIED_VMFLAGS), populate it.
-
-        Each advice is also an undo frame: if procksm dies after the mmap, the target's
-        injecting thread makes the madvise on its way back, before the gated threads
-        run, so the range never runs without its advice. Made before the mmap (procksm
-        died first) it lands on the original VMA, which carries it already: a no-op."""
-        length = e.npages * PAGE_SIZE
-        advice = self.advice_at(e.addr)
-        with contextlib.ExitStack() as undo:
-            for adv in advice:
-                undo.enter_context(st.undo_on_death(SYS_madvise, e.addr, length, adv))
-            got = st.syscall_checked(
-                SYS_mmap, e.addr, length, prot, MAP_PRIVATE | MAP_FIXED, fd, off, name="mmap"
-            )
-            if got != e.addr:
+            elif got == NOT_RUN:
+                res.pages_volatile += e.npages  # after a failed mmap: left for later
+            elif -4095 <= got < 0:
+                failed = failed or InjectedSyscallError(st.pid, "mmap", -got)
+            else:
                 # MAP_FIXED never moves a mapping; anything else is a bug
                 raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
-            for adv in advice:
-                st.syscall_checked(SYS_madvise, e.addr, length, adv, name="madvise")
-        # Read-populate only: all PTEs point at the memfd pages now.
-        st.syscall(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
+        for z, dropped in zeros:
+            if results[dropped] == 0:
+                res.pages_zeroed += z.npages
+        if failed is not None:
+            raise failed
 
-    def _drop_zero_pages(self, st: StoppedTarget, zero_ok: list[ZeroExtent]) -> None:
-        for z in zero_ok:
-            r = st.syscall(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED)
-            if r == 0:
-                self.res.pages_zeroed += z.npages
+    def _map_extent(self, batch: CallBatch, e: Extent, prot: int, fds: HandedFds) -> Ref:
+        """mmap the slots over the extent, give the new mapping the VMA's advice again
+        (hg, nh, sr, rr, dd: procfs.REAPPLIED_VMFLAGS), populate it. Returns the mmap.
+
+        The advice is made even when the batch was cut short before (ALWAYS): made
+        after this mmap, it is the new mapping's; without it (procksm's checks failed
+        first, or the mmap did) it lands on the original VMA, which carries it already:
+        a no-op that splits nothing."""
+        seg, off = self.slots.piece(e.slot)
+        length = e.npages * PAGE_SIZE
+        mapped = batch.call(
+            SYS_mmap, e.addr, length, prot, MAP_PRIVATE | MAP_FIXED, fds.fds[seg.id], off,
+            expect=e.addr,
+        )  # fmt: skip
+        for adv in self.advice_at(e.addr):
+            batch.call(SYS_madvise, e.addr, length, adv, always=True)
+        # Read-populate only: all PTEs point at the memfd pages now.
+        batch.call(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
+        return mapped
 
     def _verify_extents(
         self,

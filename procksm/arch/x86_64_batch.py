@@ -1,0 +1,75 @@
+"""procksm's call routine for x86_64: the machine code of x86_64_batch.S and its table.
+
+One stop window's system calls (a merge window's hand-over, mmaps, advice, populates,
+zero-page drops, closes) run in the target in one go: procksm writes a table of calls,
+points a stopped thread at this routine and lets it run, instead of one ptrace round
+trip per call (issue 16; the round trips were ~0.3 ms each, docs/design.md §7). The
+routine is mapped once per session in the scratch area (procksm.attach.scratch), run by
+procksm.attach.call_batch. The source, with the calling convention, is x86_64_batch.S
+next to this file; tests/unit/test_call_batch.py assembles it and compares with
+:data:`ROUTINE`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# as x86_64_batch.S -o b.o && objcopy -O binary -j .text b.o b.bin
+ROUTINE = bytes.fromhex(
+    "4989fc4989f54989d64889fd4531ff4d85ed0f849c000000498b1c244d85ff7408f7c302000000747f"
+    "f7c304000000742689d9c1e90881e1ffff0000486bc950488b440d484885c0785e89d9c1e90483e1"
+    "0f498944cc10f7c308000000740a498b442410488b00eb25498b442408498b7c2410498b74241849"
+    "8b5424204d8b5424284d8b4424304d8b4c24380f054989442448f7c301000000740d493b44244074"
+    "0641bf010000004983c45049ffcde95bffffff49c70601000000498d560831ff31f64531d241b808"
+    "000000b80f0100000f05c3"
+)
+CALL_INSN = 0x8C  # the `syscall` that runs the table's calls (seccomp sees ip + 2)
+PARK_INSN = 0xD1  # the park's `syscall` (ppoll); procksm interrupts the thread there
+
+ENTRY_SIZE = 80  # flags, nr, a0..a5, expect, result
+RESULT = 72  # offset of the result in an entry
+EXPECT, ALWAYS, ARG_FROM, LOAD = 1, 2, 4, 8
+NOT_RUN = -(1 << 63)  # preset result: skipped (after an abort, or its source failed)
+
+# The table's header: the done word, then the park's timespec (ppoll writes the time
+# left back into it when interrupted: rewritten before every run).
+HEADER_DONE, HEADER_PARK = 0, 8
+HEADER_SIZE = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One row of the table: a system call, or with LOAD a quadword read back."""
+
+    nr: int
+    args: tuple[int, ...]
+    flags: int = 0
+    expect: int = 0
+    source: int = -1  # with ARG_FROM: the entry whose result becomes argument `slot`
+    slot: int = 0
+
+    def encode(self) -> bytes:
+        flags = self.flags
+        if flags & ARG_FROM:
+            flags |= (self.slot << 4) | (self.source << 8)
+        args = [a & (1 << 64) - 1 for a in self.args] + [0] * (6 - len(self.args))
+        return struct.pack("<QQ6QQq", flags, self.nr, *args, self.expect & (1 << 64) - 1, NOT_RUN)
+
+
+def encode_table(entries: list[Entry]) -> bytes:
+    for i, e in enumerate(entries):
+        if e.flags & ARG_FROM and not 0 <= e.source < i:
+            raise ValueError(f"entry {i} takes an argument from entry {e.source}, not before it")
+        if e.flags & ARG_FROM and not 0 <= e.slot < 6:
+            raise ValueError(f"entry {i}: argument slot {e.slot}")
+    return b"".join(e.encode() for e in entries)
+
+
+def header(park_ns: int) -> bytes:
+    """The header before a run: not done, the park's timeout."""
+    return struct.pack("<QQQ", 0, park_ns // 1_000_000_000, park_ns % 1_000_000_000)
+
+
+def decode_results(table: bytes, count: int) -> list[int]:
+    return [struct.unpack_from("<q", table, i * ENTRY_SIZE + RESULT)[0] for i in range(count)]

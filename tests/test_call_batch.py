@@ -1,0 +1,154 @@
+"""procksm's call routine (procksm.attach.call_batch, procksm/arch/x86_64_batch.S): its
+bytes are the source's, and in real targets its tables do what they say (results,
+EXPECT, ALWAYS, arguments from earlier results, fstat checks) while the threads see
+nothing (tests/targets/blockers.c counts every anomaly)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from procksm import PAGE_SIZE
+from procksm.arch import x86_64_batch
+from procksm.arch.x86_64 import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
+    SYS_close,
+    SYS_getpid,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_pidfd_getfd,
+    SYS_pidfd_open,
+)
+from procksm.arch.x86_64_batch import NOT_RUN, Entry, encode_table
+from procksm.attach import PtraceSession
+from procksm.attach.call_batch import CallBatch
+from procksm.slots import FileIdentity
+from tests.conftest import ROOT, Target, build_c_target
+from tests.test_attach import assert_no_errors, assert_running_untraced, tid_named, wait_blocked
+
+SOURCE = ROOT / "procksm" / "arch" / "x86_64_batch.S"
+
+
+def test_the_routines_bytes_are_its_source_assembled(tmp_path: Path) -> None:
+    assembler, objcopy = shutil.which("as"), shutil.which("objcopy")
+    assert assembler and objcopy, "binutils (as, objcopy) assemble the routine's source"
+    subprocess.run([assembler, "-o", tmp_path / "b.o", SOURCE], check=True)
+    subprocess.run(
+        [objcopy, "-O", "binary", "-j", ".text", tmp_path / "b.o", tmp_path / "b.bin"],
+        check=True,
+    )
+    code = (tmp_path / "b.bin").read_bytes()
+    assert code == x86_64_batch.ROUTINE
+    assert code[x86_64_batch.CALL_INSN : x86_64_batch.CALL_INSN + 2] == b"\x0f\x05"
+    assert code[x86_64_batch.PARK_INSN : x86_64_batch.PARK_INSN + 3] == b"\x0f\x05\xc3"
+
+
+def test_a_table_refers_only_to_earlier_results() -> None:
+    with pytest.raises(ValueError, match="not before it"):
+        encode_table([Entry(1, (0,), x86_64_batch.ARG_FROM, source=0, slot=0)])
+    batch = CallBatch()
+    first = batch.call(SYS_getpid)
+    batch.call(SYS_close, first, always=True)
+    table = encode_table(batch.entries)
+    assert len(table) == 2 * x86_64_batch.ENTRY_SIZE
+    flags = int.from_bytes(table[x86_64_batch.ENTRY_SIZE :][:8], "little")
+    assert flags == x86_64_batch.ALWAYS | x86_64_batch.ARG_FROM | (0 << 4) | (0 << 8)
+    with pytest.raises(ValueError, match="at most one"):
+        batch.call(SYS_munmap, first, first)
+
+
+@pytest.fixture(scope="module")
+def blockers_exe() -> Path:
+    return build_c_target("blockers")
+
+
+def test_a_batch_runs_its_table_in_one_go(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    memfd = os.memfd_create("procksm-test")
+    try:
+        with PtraceSession(pid) as session, session.stopped() as st:
+            st.hold_others()
+            batch = CallBatch()
+            me = batch.call(SYS_getpid, expect=pid)
+            anon = batch.call(
+                SYS_mmap, 0, 2 * PAGE_SIZE, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
+            )  # fmt: skip
+            unmapped = batch.call(SYS_munmap, anon, 2 * PAGE_SIZE)
+            pidfd = batch.call(SYS_pidfd_open, os.getpid(), 0)
+            fd = batch.call(SYS_pidfd_getfd, pidfd, memfd, 0)
+            ours = FileIdentity.of_fd(memfd)
+            good = batch.check_stat(fd, ours, st.stat_buffer())
+            wrong = batch.check_stat(fd, (ours.dev, ours.ino + 1), st.stat_buffer())
+            skipped = batch.call(SYS_getpid)  # after a failed check: not run
+            always = batch.call(SYS_getpid, always=True)
+            batch.call(SYS_close, fd, always=True)
+            batch.call(SYS_close, pidfd, always=True)
+            failed = batch.call(SYS_munmap, 1, PAGE_SIZE, always=True)
+            after_failed = batch.call(SYS_close, failed, always=True)  # its source failed
+            started = time.perf_counter()
+            results = st.run_batch(batch)
+            took = time.perf_counter() - started
+            assert results[me] == pid
+            assert results[anon] > 0 and results[unmapped] == 0
+            assert results.ok(pidfd) and results.ok(fd)
+            assert [results[r] for r, _ in good] == [want for _, want in good]
+            assert results[wrong[1][0]] == ours.ino  # the mismatch that skips what follows
+            assert results[skipped] == NOT_RUN and not results.ran(skipped)
+            assert results[always] == pid
+            assert results[failed] == -errno.EINVAL
+            assert results[after_failed] == NOT_RUN
+            # the thread sits in the routine's park until the window ends
+            regs = st.registers()
+            assert regs.rip == session._scratch.routine + x86_64_batch.PARK_INSN + 2
+            assert st.registers(tid_named(pid, "b-sleep")) != st.saved_registers(
+                tid_named(pid, "b-sleep")
+            )  # gated
+        fds = os.listdir(f"/proc/{pid}/fd")
+        assert not any("procksm" in os.readlink(f"/proc/{pid}/fd/{n}") for n in fds)
+        print(f"\n{len(batch)} calls in one batch: {took * 1e6:.0f} us")
+    finally:
+        os.close(memfd)
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+    assert target.command("poke") == "OK reads=1"
+
+
+def test_the_park_keeps_a_sleepers_restart_block(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """The batch runs in a thread that sleeps in nanosleep (restarted through its restart
+    block after its first stop): its sleep goes on, neither short nor EINTR (b-nap
+    counts restart codes, b-sleep short sleeps). An rt_sigreturn or a timed futex wait
+    on the way would have replaced the restart block."""
+    target = spawn([blockers_exe, "--bare", "--sleepers", "1"])
+    pid = target.pid
+    wait_blocked(pid, {"b-nap"})
+    nap = tid_named(pid, "b-nap")
+    with PtraceSession(pid) as session:
+        for _ in range(5):
+            with session.stopped() as st:
+                st._threads._injector_tid = nap  # the sleeper runs the batch
+                st.hold_others()
+                batch = CallBatch()
+                me = batch.call(SYS_getpid)
+                assert st.run_batch(batch)[me] == pid
+            time.sleep(0.02)
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
