@@ -233,23 +233,26 @@ def poll_stop(tid: int) -> Stop | None:
 
 
 class Backoff:
-    """Yield-then-sleep pacing for polling loops; see the comment above."""
+    """Yield-then-sleep pacing for polling loops; see the comment above. ``spin``: how
+    long to yield before sleeping (longer when procksm runs on another CPU than the
+    thread it waits for: procksm.attach.call_batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spin: float = _SPIN_SECONDS) -> None:
         self.start = time.monotonic()
         self.sleep = 20e-6
+        self.spin = spin
 
     def pause(self) -> None:
-        if time.monotonic() - self.start < _SPIN_SECONDS:
+        if time.monotonic() - self.start < self.spin:
             os.sched_yield()
             return
         time.sleep(self.sleep)
         self.sleep = min(self.sleep * 2, _MAX_SLEEP)
 
 
-def wait_stop(tid: int, deadline: float) -> Stop | None:
+def wait_stop(tid: int, deadline: float, *, spin: float = _SPIN_SECONDS) -> Stop | None:
     """Wait until `tid` reports a stop or exit; None when `deadline` (monotonic) passes."""
-    backoff = Backoff()
+    backoff = Backoff(spin)
     while True:
         stop = poll_stop(tid)
         if stop is not None:
