@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,15 +25,18 @@ from procksm.arch.x86_64 import (
     PROT_WRITE,
     SYS_close,
     SYS_getpid,
+    SYS_madvise,
     SYS_mmap,
     SYS_munmap,
     SYS_pidfd_getfd,
     SYS_pidfd_open,
 )
 from procksm.arch.x86_64_batch import NOT_RUN, Entry, encode_table
-from procksm.attach import PtraceSession
+from procksm.attach import PtraceSession, call_batch
 from procksm.attach.call_batch import CallBatch
+from procksm.errors import PtraceError, PtraceTimeout
 from procksm.slots import FileIdentity
+from procksm.unmerge import unmerge
 from tests.conftest import ROOT, Target, build_c_target
 from tests.test_attach import assert_no_errors, assert_running_untraced, tid_named, wait_blocked
 
@@ -152,3 +156,127 @@ def test_the_park_keeps_a_sleepers_restart_block(
     time.sleep(0.05)
     assert_running_untraced(pid)
     assert_no_errors(target)
+
+
+def test_a_batch_that_outlives_the_timeout_is_left_to_finish(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """A batch still running after the timeout (a 1 GiB populate): the window ends as
+    procksm's death would end it, nothing more is injected, and the thread finishes the
+    batch (its ALWAYS calls included) and goes back by itself; the next window takes it
+    over. The threads notice nothing."""
+    madv_populate_write, size = 23, 1 << 30  # ~0.3 s of zeroing: far over 2 x 20 ms
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    with PtraceSession(pid) as session:
+        with pytest.raises(PtraceTimeout, match="did not complete"), session.stopped() as st:
+            prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
+            addr = st.syscall_checked(SYS_mmap, 0, size, prot, flags, -1, 0, name="mmap")
+            st.hold_others()
+            session.timeout = 0.02
+            batch = CallBatch()
+            batch.call(SYS_madvise, addr, size, madv_populate_write)
+            batch.call(SYS_munmap, addr, size, always=True)
+            st.run_batch(batch)
+        assert st.abandoned is not None
+        session.timeout = 10
+        deadline = time.monotonic() + 10
+        while True:  # the orphan, once back from the populate, the munmap and the park
+            try:
+                with session.stopped():
+                    break
+            except PtraceError as e:
+                # it still runs the routine: no window may inject, nor unmap its code
+                assert "still runs the calls" in str(e)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    assert mapping_size(pid, addr) == 0  # the ALWAYS munmap ran without procksm
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+
+
+def test_a_thread_that_leaves_its_park_ends_the_window(
+    privileged: None,
+    spawn: Callable[..., Target],
+    blockers_exe: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """procksm not scheduled for longer than the park's timeout: the thread goes back to
+    its own state by itself (through the gate's wake-up); procksm then finds it outside
+    the routine and ends the window as its death would. The results are kept."""
+    monkeypatch.setattr(call_batch, "PARK_NS", 20_000_000)
+    waited = call_batch.BatchRunner._wait_done
+
+    def late(self: call_batch.BatchRunner, tracee: Any) -> None:
+        waited(self, tracee)
+        time.sleep(0.2)  # ten parks' worth
+
+    monkeypatch.setattr(call_batch.BatchRunner, "_wait_done", late)
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    with PtraceSession(pid) as session:
+        with session.stopped() as st:
+            st.hold_others()
+            batch = CallBatch()
+            me = batch.call(SYS_getpid)
+            assert st.run_batch(batch)[me] == pid
+            assert st.abandoned is not None and "left its park" in st.abandoned
+            with pytest.raises(PtraceTimeout):
+                st.run_batch(batch)
+        with session.stopped():  # the next window is an ordinary one
+            pass
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+    assert target.command("poke") == "OK reads=1"
+
+
+def mapping_size(pid: int, addr: int) -> int:
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= addr < end:
+            return end - start
+    return 0
+
+
+def test_a_new_procksm_leaves_a_dead_ones_routine_until_its_thread_is_out(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """procksm SIGKILLed right after it let a long batch run (a 1 GiB populate), and at
+    once a new procksm in the target (unmerge removes what a dead procksm left): the
+    dead one's scratch area holds the code and table the thread is still running, so it
+    is removed only once the thread has left it (before, the thread returned into an
+    unmapped routine: SIGSEGV)."""
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the procksm that dies
+        try:
+            from procksm.attach import kill_steps
+
+            kill_steps.arm("batch:0#1+0")
+            with PtraceSession(pid) as session, session.stopped() as st:
+                prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
+                addr = st.syscall_checked(SYS_mmap, 0, 1 << 30, prot, flags, -1, 0)
+                st.hold_others()
+                batch = CallBatch()
+                batch.call(SYS_madvise, addr, 1 << 30, 23)  # MADV_POPULATE_WRITE
+                batch.call(SYS_munmap, addr, 1 << 30, always=True)
+                st.run_batch(batch)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status), "the switch did not kill the child after the batch"
+    unmerge(pid)  # at once: the thread is still in the populate
+    time.sleep(1.0)  # the populate, the munmap, the park
+    assert "procksm-scratch" in Path(f"/proc/{pid}/maps").read_text()  # left in place
+    unmerge(pid)  # now it goes
+    assert "procksm" not in Path(f"/proc/{pid}/maps").read_text()
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+    assert target.command("poke") == "OK reads=1"

@@ -41,6 +41,7 @@ from procksm.attach.scratch_layout import (
     SCRATCH_PATH,
     STAGING_PAGES,
 )
+from procksm.attach.tracees import StoppedThreads
 from procksm.errors import ProcksmError
 from procksm.procfs import read_stat_fields
 
@@ -76,6 +77,10 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
         owner_pid, owner_start = struct.unpack("<QQ", owner)
         if owner_pid and _alive(int(owner_pid), int(owner_start)):
             continue  # a live procksm's (the daemon between two windows)
+        if threads_inside(calls.threads, head.start):
+            # A thread still runs the dead procksm's call routine (or parks in it): its
+            # code and table must stay until it has left (procksm.attach.call_batch).
+            continue
         calls.syscall(SYS_munmap, head.start, SCRATCH_BYTES)
         removed += 1
     for fd, target in sorted(fds.items()):
@@ -83,6 +88,17 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
             calls.syscall(SYS_close, fd)
             removed += 1
     return removed
+
+
+def threads_inside(threads: StoppedThreads, base: int) -> list[int]:
+    """The stopped threads whose registers are in the scratch area at `base`: still
+    running procksm's call routine, from a window that was abandoned or whose procksm
+    died. Such an area must not be unmapped, nor its table rewritten."""
+    return [
+        t.tid
+        for t in threads.tracees.values()
+        if t.saved is not None and base <= t.saved.rip < base + SCRATCH_BYTES
+    ]
 
 
 class ScratchArea:

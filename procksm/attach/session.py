@@ -71,7 +71,7 @@ from procksm.attach.injected_call import SyscallInjector
 from procksm.attach.kill_steps import step
 from procksm.attach.locks import WindowLock
 from procksm.attach.return_frames import ReturnFrames
-from procksm.attach.scratch import ScratchArea, remove_leftovers_in_window
+from procksm.attach.scratch import ScratchArea, remove_leftovers_in_window, threads_inside
 from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES, TABLE_STAT
 from procksm.attach.seccomp_precheck import SeccompPrecheck
 from procksm.attach.target_program import TargetProgram
@@ -185,6 +185,15 @@ class PtraceSession:
             self.exec_seen = self.exec_seen or stop.exec_seen
         threads = StoppedThreads(self.pid, tracees)
         self._check_program(threads.memory_tid())
+        inside = threads_inside(threads, self._scratch.base) if self._scratch.base else []
+        if inside:
+            # An abandoned window's batch still runs (procksm.attach.call_batch): its
+            # table and code are the scratch area's; nothing may be injected, nor the
+            # area unmapped, until the thread has left. The window only resumes.
+            raise PtraceError(
+                f"pid {self.pid}: thread {inside[0]} still runs the calls procksm gave it "
+                "in an earlier window; try again once it is done"
+            )
         assert self._seccomp is not None  # set with the status, checked above
         target = StoppedTarget(
             threads, self._program.gadgets, self._seccomp, self._scratch,
