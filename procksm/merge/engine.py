@@ -334,7 +334,7 @@ class MergeEngine(Closing):
                         tp.pid,
                         0,
                         0,
-                        f"VMA budget: {tp.extents_refused_budget} extents "
+                        f"vma-budget: {tp.extents_refused_budget} extents "
                         f"({tp.pages_refused_budget} pages) not merged",
                     )
                 )
