@@ -45,6 +45,7 @@ from procksm.attach.inject import (
     ptrace,
     set_regs,
     set_sigmask,
+    set_timer_slack,
     wait_stop,
 )
 from procksm.attach.injected_call import SyscallInjector
@@ -59,12 +60,16 @@ from procksm.errors import NoSuchProcess, PtraceError, PtraceTimeout
 # matters if procksm died (the target's threads then wait this long, once) or was not
 # scheduled for that long (the window then ends as if procksm had died: see _escaped).
 PARK_NS = 200_000_000
-# How long procksm polls without sleeping for the end of a batch and for the stop after
-# it: from another CPU than the thread's, a few ms (a window's calls take ~0.1-0.5 ms);
-# from the same CPU, only briefly (procksm.attach.inject.Backoff), since the thread needs
-# that CPU.
-BESIDE_SPIN = 3e-3
-SAME_CPU_SPIN = 200e-6
+# How procksm waits for the end of a batch and for the stop after it: in sleeps of 20 us
+# (timer slack 1 us) for the first 5 ms, then growing. Not spinning: even from another CPU
+# (move_beside) the thread may be woken on procksm's (wake-affine) and starve behind a
+# spinning procksm; measured with a 3 ms spin: 6 % of windows took 3-10 ms instead of ~1.
+BATCH_POLL_STEADY = 5e-3
+BATCH_TIMER_SLACK_NS = 1000
+
+
+def _pacing() -> Backoff:
+    return Backoff(spin=0.0, steady=BATCH_POLL_STEADY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +152,6 @@ class BatchRunner:
     """Runs batches in the injecting thread of a gated window."""
 
     def __init__(self, calls: SyscallInjector, routine: int, table: int) -> None:
-        self._spin = SAME_CPU_SPIN
         self._calls = calls
         self._routine = routine
         self._table = table
@@ -177,7 +181,8 @@ class BatchRunner:
             try:
                 threads.write_memory(self._table, blob)
                 step("table", tracee.tid)
-                self._spin = BESIDE_SPIN if calls.move_beside(tracee.tid) else SAME_CPU_SPIN
+                calls.move_beside(tracee.tid)
+                set_timer_slack(BATCH_TIMER_SLACK_NS)
                 self._load(tracee, len(batch))
                 ptrace(PTRACE_CONT, tracee.tid, 0, 0)
                 step("batch", tracee.tid)
@@ -213,7 +218,7 @@ class BatchRunner:
         for a single call) or a leftover event stop."""
         calls, threads, tid = self._calls, self._calls.threads, tracee.tid
         deadline = time.monotonic() + calls.timeout()
-        backoff = Backoff(self._spin)
+        backoff = _pacing()
         while True:
             (done,) = struct.unpack("<Q", threads.read_memory(self._table + TABLE_HEADER, 8))
             if done:
@@ -221,7 +226,6 @@ class BatchRunner:
             stop = poll_stop(tid)
             if stop is not None:
                 self._resume_from(tracee, stop)
-                backoff = Backoff(self._spin)
                 continue
             if time.monotonic() >= deadline:
                 late = f"did not complete within {calls.timeout():g} s"
@@ -245,7 +249,7 @@ class BatchRunner:
         ptrace(PTRACE_INTERRUPT, tid)
         deadline = time.monotonic() + calls.timeout()
         while True:
-            stop = wait_stop(tid, deadline, spin=self._spin)
+            stop = wait_stop(tid, deadline, pacing=_pacing())
             if stop is None:
                 self._abandon(tracee, f"thread {tid} of pid {calls.threads.pid} did not stop "
                               "after its calls")  # fmt: skip

@@ -234,25 +234,38 @@ def poll_stop(tid: int) -> Stop | None:
 
 class Backoff:
     """Yield-then-sleep pacing for polling loops; see the comment above. ``spin``: how
-    long to yield before sleeping (longer when procksm runs on another CPU than the
-    thread it waits for: procksm.attach.call_batch)."""
+    long to yield before sleeping; ``steady``: how long the sleeps stay at their first,
+    short length before they grow (procksm.attach.call_batch: waiting for a thread that
+    may share procksm's CPU)."""
 
-    def __init__(self, spin: float = _SPIN_SECONDS) -> None:
+    def __init__(self, spin: float = _SPIN_SECONDS, steady: float = 0.0) -> None:
         self.start = time.monotonic()
         self.sleep = 20e-6
         self.spin = spin
+        self.steady = spin + steady
 
     def pause(self) -> None:
-        if time.monotonic() - self.start < self.spin:
+        waited = time.monotonic() - self.start
+        if waited < self.spin:
             os.sched_yield()
             return
         time.sleep(self.sleep)
-        self.sleep = min(self.sleep * 2, _MAX_SLEEP)
+        if waited >= self.steady:
+            self.sleep = min(self.sleep * 2, _MAX_SLEEP)
 
 
-def wait_stop(tid: int, deadline: float, *, spin: float = _SPIN_SECONDS) -> Stop | None:
+PR_SET_TIMERSLACK = 29
+
+
+def set_timer_slack(ns: int) -> None:
+    """How late the calling thread's sleeps may end (prctl PR_SET_TIMERSLACK; 50 us by
+    default, which would make every short sleep of a polling loop ~70 us)."""
+    _libc.prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0)
+
+
+def wait_stop(tid: int, deadline: float, *, pacing: Backoff | None = None) -> Stop | None:
     """Wait until `tid` reports a stop or exit; None when `deadline` (monotonic) passes."""
-    backoff = Backoff(spin)
+    backoff = pacing or Backoff()
     while True:
         stop = poll_stop(tid)
         if stop is not None:
