@@ -232,6 +232,24 @@ def test_idle_backoff_once_converged(
     assert a.command("check").startswith("OK") and b.command("check").startswith("OK")
 
 
+def test_a_converged_daemon_that_costs_more_than_it_saves_says_so(
+    planted: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """Two small targets (2 MiB in common): once converged, the daemon's own memory
+    (~25 MiB) outweighs the saving, and it says so once, with what to do instead."""
+    argv = [planted, "--identical", 512, "--seed", 5]
+    a, b = spawn(argv), spawn(argv)
+    d = daemons(tmp_path / "n.sock", [a.pid, b.pid], "--no-bpf")
+    wait_for(lambda: d.stats()["pages_sharing"] >= 512, 60, "converged")
+    said = "procksm costs more memory than it saves here"
+    wait_for(lambda: said in d.stderr(), 60, "the net-loss warning")
+    stats = d.stats()
+    assert stats["general_profit_bytes"] < 0 < stats["private_bytes"]
+    time.sleep(3)
+    assert d.stderr().count(said) == 1  # once, not at every snapshot
+    assert a.command("check").startswith("OK") and b.command("check").startswith("OK")
+
+
 @pytest.mark.parametrize("stable_scans", [0, 1])
 def test_stable_scans_first_look(planted: Path, spawn: Any, stable_scans: int) -> None:
     """stable_scans=1 is the kernel's checksum rule: nothing merges in the first full

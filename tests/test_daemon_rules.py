@@ -12,7 +12,7 @@ import numpy as np
 
 from procksm import PAGE_SIZE
 from procksm.analysis import CONTENT_ZERO, PageTable
-from procksm.daemon.accounting import Accounting
+from procksm.daemon.accounting import Accounting, net_loss_warning
 from procksm.daemon.merger import BatchOutcome, MergeBatch, Merger
 from procksm.daemon.registry import Part, Registry, Target, coalesce, zero_pages_in
 from procksm.daemon.scanpass import ScanPass, _over_cap
@@ -373,3 +373,13 @@ def test_zero_pages_in_counts_the_dropped_runs_inside_each_range() -> None:
             for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
         ]
         assert zero_pages_in(runs, starts, ends).tolist() == want
+
+
+def test_a_daemon_that_costs_more_than_it_saves_says_so() -> None:
+    mib = 1 << 20
+    assert net_loss_warning(300 * mib, 60 * mib) is None
+    assert net_loss_warning(60 * mib, 60 * mib) is None
+    said = net_loss_warning(7 * mib, 40 * mib)
+    assert said is not None
+    assert "saves 7.0 MiB" in said and "holds 40.0 MiB" in said and "net -33.0 MiB" in said
+    assert "procksm merge" in said  # and what to do instead

@@ -284,3 +284,18 @@ def _ms(value: float) -> float:
 def cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def net_loss_warning(saved_bytes: int, private_bytes: int) -> str | None:
+    """What to tell the user when, converged, procksm's own private memory (the daemon's
+    and the guards') outweighs what it saves: targets with little in common (redis at a
+    small size saved 7 MiB against the daemon's ~35 MiB, issue 15). None otherwise."""
+    if saved_bytes >= private_bytes:
+        return None
+    mib = 1 << 20
+    return (
+        f"procksm costs more memory than it saves here: it saves {saved_bytes / mib:.1f} MiB "
+        f"and holds {private_bytes / mib:.1f} MiB itself (net "
+        f"{(saved_bytes - private_bytes) / mib:.1f} MiB); run `procksm merge` once instead "
+        "(only the ~5 MiB guards stay), or attach more processes that hold the same data"
+    )

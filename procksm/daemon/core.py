@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from procksm import PAGE_SIZE, control, coredump
-from procksm.daemon.accounting import Accounting, IndexCounters
+from procksm.daemon.accounting import Accounting, IndexCounters, net_loss_warning
 from procksm.daemon.merger import Merger
 from procksm.daemon.registry import LogFn, Registration, Registry, Target, alive, parse_region
 from procksm.daemon.requests import RequestQueue
@@ -69,6 +69,7 @@ class Daemon:
         )  # fmt: skip
         self._snapshot: Snapshot | None = None
         self._snapshot_cost = 0.0  # CPU seconds the last snapshot took
+        self._net_loss_said = False  # the net-loss warning, said once while it holds
 
     @property
     def targets(self) -> dict[int, Target]:
@@ -321,6 +322,13 @@ class Daemon:
         c0 = time.thread_time()
         self._snapshot = snap = self._build_snapshot()
         self._snapshot_cost = time.thread_time() - c0
+        if idle:
+            # converged: say once if procksm's own memory outweighs the saving
+            saved = (snap.pages_sharing + snap.pages_zero) * PAGE_SIZE
+            warning = net_loss_warning(saved, snap.private_bytes)
+            if warning is not None and not self._net_loss_said:
+                self.log(warning)
+            self._net_loss_said = warning is not None
         if self.on_publish is not None:
             self.on_publish(snap)
 
