@@ -24,9 +24,10 @@ import errno
 import functools
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -248,12 +249,14 @@ _SIZE_COLUMN = {k.encode(): i for i, k in enumerate(SMAPS_SIZE_KEYS)}
 _RSS = 0
 
 
-@dataclass(frozen=True, slots=True)
-class VmaTable:
+@dataclass(frozen=True, slots=True, eq=False)
+class VmaTable(Sequence[Vma]):
     """A process's VMAs as columns, one row each, in address order: no Python object
-    per VMA. A scattered merge leaves tens of thousands of one-page VMAs; parsed into
-    :class:`Vma` objects (with the text's lines all held at once) one full scan of four
-    redis-servers left the daemon's heap ~20 MiB larger (docs/design.md §11)."""
+    per VMA. A scattered merge leaves thousands of one-page VMAs; parsed into a list of
+    :class:`Vma` objects (with the text and its lines held whole) each read held ~2 MiB
+    per redis-server, and the daemon reads maps and smaps of each target several times a
+    second. Also a sequence of :class:`Vma` records, made as they are taken (the callers
+    that keep a few of them, ``[v for v in maps if ...]``, hold only those)."""
 
     start: U64Array  # unsigned: [vsyscall] lies above 2**63
     end: U64Array
@@ -269,36 +272,59 @@ class VmaTable:
     def rss_kb(self) -> npt.NDArray[np.int64]:
         return self.sizes_kb[:, _RSS]
 
-    def vmas(self) -> list[Vma]:
-        """The rows as :class:`Vma` records (for callers that hold few VMAs)."""
-        kinds = self.kinds
-        return [
-            Vma(
-                start=s,
-                end=e,
-                perms=k.perms,
-                offset=off,
-                dev=k.dev,
-                inode=k.inode,
-                path=k.path,
-                vmflags=k.vmflags,
-                rss_kb=sz[0],
-                anonymous_kb=sz[1],
-                locked_kb=sz[2],
-                swap_kb=sz[3],
-                anon_huge_kb=sz[4],
-                protection_key=k.protection_key,
-                follows_file=k.follows_file,
-            )
-            for s, e, off, sz, k in zip(
-                self.start.tolist(),
-                self.end.tolist(),
-                self.offset.tolist(),
-                self.sizes_kb.tolist(),
-                (kinds[i] for i in self.kind.tolist()),
+    @overload
+    def __getitem__(self, i: int) -> Vma: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Vma]: ...
+
+    def __getitem__(self, i: int | slice) -> Vma | list[Vma]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = i + len(self) if i < 0 else i
+        if not 0 <= j < len(self):
+            raise IndexError("VMA index out of range")
+        return self._vma(
+            int(self.start[j]),
+            int(self.end[j]),
+            int(self.offset[j]),
+            self.sizes_kb[j].tolist(),
+            self.kinds[int(self.kind[j])],
+        )
+
+    def __iter__(self) -> Iterator[Vma]:
+        # a block of rows at a time: the Python ints of every row are never held at once
+        for lo in range(0, len(self), 4096):
+            hi = lo + 4096
+            for s, e, off, sizes, k in zip(
+                self.start[lo:hi].tolist(),
+                self.end[lo:hi].tolist(),
+                self.offset[lo:hi].tolist(),
+                self.sizes_kb[lo:hi].tolist(),
+                self.kind[lo:hi].tolist(),
                 strict=True,
-            )
-        ]
+            ):
+                yield self._vma(s, e, off, sizes, self.kinds[k])
+
+    @staticmethod
+    def _vma(start: int, end: int, offset: int, sizes: list[int], k: VmaKind) -> Vma:
+        return Vma(
+            start=start,
+            end=end,
+            perms=k.perms,
+            offset=offset,
+            dev=k.dev,
+            inode=k.inode,
+            path=k.path,
+            vmflags=k.vmflags,
+            rss_kb=sizes[0],
+            anonymous_kb=sizes[1],
+            locked_kb=sizes[2],
+            swap_kb=sizes[3],
+            anon_huge_kb=sizes[4],
+            protection_key=k.protection_key,
+            follows_file=k.follows_file,
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -408,14 +434,14 @@ def parse_vma_lines(lines: Iterable[bytes]) -> VmaTable:
     )
 
 
-def parse_smaps(text: str) -> list[Vma]:
+def parse_smaps(text: str) -> VmaTable:
     """Parse /proc/PID/smaps: one :class:`Vma` per mapping, with VmFlags and sizes."""
-    return parse_vma_lines(text.encode().splitlines()).vmas()
+    return parse_vma_lines(text.encode().splitlines())
 
 
-def parse_maps(text: str) -> list[Vma]:
+def parse_maps(text: str) -> VmaTable:
     """Parse /proc/PID/maps. ``vmflags`` stay empty (maps does not show them)."""
-    return parse_vma_lines(text.encode().splitlines()).vmas()
+    return parse_vma_lines(text.encode().splitlines())
 
 
 # the read size for smaps and maps: seq_file fills each read with whole entries
@@ -443,15 +469,9 @@ def _read_vma_table(pid: int, name: str) -> VmaTable:
     return table
 
 
-def read_vma_table(pid: int) -> VmaTable:
-    """The target's VMAs from /proc/PID/smaps, as columns (walks page tables: slower
-    than maps)."""
-    return _read_vma_table(pid, "smaps")
-
-
-def read_vmas(pid: int) -> list[Vma]:
+def read_vmas(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/smaps (walks page tables: slower than maps)."""
-    return read_vma_table(pid).vmas()
+    return _read_vma_table(pid, "smaps")
 
 
 def count_vmas(pid: int) -> int:
@@ -459,9 +479,9 @@ def count_vmas(pid: int) -> int:
     return _read_memory_map_file(pid, "maps").count("\n")
 
 
-def read_maps(pid: int) -> list[Vma]:
+def read_maps(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
-    return _read_vma_table(pid, "maps").vmas()
+    return _read_vma_table(pid, "maps")
 
 
 # --------------------------------------------------------------------------------------
@@ -1280,7 +1300,7 @@ class MapsQuery(Closing):
             self._fd: int | None = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _open_failed(pid, "maps", exc) from exc
-        self._fallback: list[Vma] | None = None
+        self._fallback: VmaTable | None = None
         self._name = bytearray(256)
 
     def vma_at(self, addr: int, *, or_next: bool = False) -> QueriedVma | None:
@@ -1591,9 +1611,9 @@ def open_mem(pid: int, tid: int) -> int:
         raise _open_failed(pid, path, exc) from exc
 
 
-def read_thread_maps(pid: int, tid: int) -> list[Vma]:
+def read_thread_maps(pid: int, tid: int) -> VmaTable:
     """/proc/PID/task/TID/maps: the maps of a live thread (an exited leader has none)."""
-    return _read_vma_table(pid, f"task/{tid}/maps").vmas()
+    return _read_vma_table(pid, f"task/{tid}/maps")
 
 
 def open_mapped_file(pid: int, start: int, end: int, path: str = "") -> int | None:

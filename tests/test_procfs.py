@@ -95,12 +95,14 @@ def test_vma_table_holds_kinds_once_and_reads_as_the_records() -> None:
     # many one-page anonymous VMAs (a scattered merge's heap): one kind
     many = "".join(
         f"{a:x}-{a + PAGE_SIZE:x} rw-p 00000000 00:00 0 \nRss: 4 kB\nVmFlags: rd wr mr mw me ac\n"
-        for a in range(0x10000000, 0x10000000 + 1000 * 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        for a in range(0x10000000, 0x10000000 + 5000 * 2 * PAGE_SIZE, 2 * PAGE_SIZE)
     )
     t = procfs.parse_vma_lines(("Rss: 9 kB\n" + many).encode().splitlines())  # no VMA yet
-    assert len(t) == 1000 and len(t.kinds) == 1 and set(t.rss_kb.tolist()) == {4}
+    assert len(t) == 5000 and len(t.kinds) == 1 and set(t.rss_kb.tolist()) == {4}
     assert t.kinds[0].name == "[anon]" and procfs.ineligibility(t.kinds[0]) is None
-    assert t.vmas()[999].start == 0x10000000 + 999 * 2 * PAGE_SIZE
+    assert t[4999].start == t[-1].start == 0x10000000 + 4999 * 2 * PAGE_SIZE
+    # taken in blocks of rows: the same records as one by one
+    assert [v.start for v in t] == [t[i].start for i in range(len(t))] == t.start.tolist()
 
 
 def test_read_vma_table_of_a_live_process() -> None:
@@ -113,14 +115,14 @@ def test_read_vma_table_of_a_live_process() -> None:
         assert [(v.start, v.end, v.path, v.name) for v in got] == [
             (v.start, v.end, v.path, v.name) for v in want
         ]
-        table = procfs.read_vma_table(proc.pid)
+        table = procfs.read_vmas(proc.pid)
         assert table.start.tolist() == [v.start for v in want]
         assert any(k.vmflags for k in table.kinds)
     finally:
         proc.kill()
         proc.wait()
     with pytest.raises(NoSuchProcess):
-        procfs.read_vma_table(proc.pid)
+        procfs.read_vmas(proc.pid)
 
 
 def test_parse_smaps_rollup_skips_its_header() -> None:

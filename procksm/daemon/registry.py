@@ -257,7 +257,7 @@ class Target:
     def refresh_parts(self) -> None:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
         self.parts, self.merged_spans = scanned_parts(
-            procfs.read_vma_table(self.pid), self.reg, self.copied_addrs
+            procfs.read_vmas(self.pid), self.reg, self.copied_addrs
         )
 
 
