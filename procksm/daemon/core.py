@@ -320,6 +320,10 @@ class Daemon:
             return
         c0 = time.thread_time()
         self._snapshot = snap = self._build_snapshot()
+        # the batches, merges and truth passes since the last snapshot left holes in
+        # glibc's heap: on four redis-servers each call here returned 4.8 MiB (median of
+        # 27; up to 10 MiB) that waited for the end of the full scan before (~1 ms a call)
+        return_freed_heap()
         self._snapshot_cost = time.thread_time() - c0
         if self.on_publish is not None:
             self.on_publish(snap)
