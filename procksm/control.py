@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from procksm.errors import ProcksmError, UsageError
-from procksm.report import stats_text
 from procksm.snapshot import Snapshot
+from procksm.text import stats_text
 
 DEFAULT_CONTROL = "/run/procksm/control.sock"
 MAX_LINE = 4096  # bytes of one request; longer is refused

@@ -17,16 +17,17 @@ with ``os.preadv``: one entry per page or frame, never a Python object per page.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import dataclasses
 import errno
 import functools
 import mmap
 import os
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -136,6 +137,23 @@ def is_anonymous_path(path: str) -> bool:
     return path == "" or path == "[heap]" or path.startswith(("[stack", "[anon:"))
 
 
+def _display_name(path: str, follows_file: str) -> str:
+    """A display name: "libc.so.6", "[heap]", "[anon]", "[anon:NAME]", "libc.so.6 (bss)"."""
+    if path == "":
+        if follows_file:
+            return f"{os.path.basename(follows_file)} (bss)"
+        return "[anon]"
+    if path.startswith("["):
+        return path
+    return os.path.basename(path) or path
+
+
+def _advice(vmflags: frozenset[str]) -> tuple[int, ...]:
+    """The madvise(2) values that give a replacement VMA these VmFlags again
+    (REAPPLIED_VMFLAGS)."""
+    return tuple(adv for flag, (_, adv) in REAPPLIED_VMFLAGS.items() if flag in vmflags)
+
+
 @dataclass(frozen=True, slots=True)
 class Vma:
     """One line of /proc/PID/maps, plus the per-VMA fields of smaps when read from there."""
@@ -164,7 +182,7 @@ class Vma:
     def advice(self) -> tuple[int, ...]:
         """The madvise(2) values that give a replacement of this VMA its VmFlags again
         (REAPPLIED_VMFLAGS); empty when read from maps, not smaps."""
-        return tuple(adv for flag, (_, adv) in REAPPLIED_VMFLAGS.items() if flag in self.vmflags)
+        return _advice(self.vmflags)
 
     @property
     def size(self) -> int:
@@ -198,114 +216,262 @@ class Vma:
     @property
     def name(self) -> str:
         """A display name: "libc.so.6", "[heap]", "[anon]", "[anon:NAME]", "libc.so.6 (bss)"."""
-        if self.path == "":
-            if self.follows_file:
-                return f"{os.path.basename(self.follows_file)} (bss)"
-            return "[anon]"
-        if self.path.startswith("["):
-            return self.path
-        return os.path.basename(self.path) or self.path
+        return _display_name(self.path, self.follows_file)
 
 
-def _parse_header(line: str) -> Vma:
-    # "55d154b27000-55d154b29000 r--p 00000000 fe:00 260131      /usr/bin/cat"
-    # The path is everything after the inode (it may contain spaces). perms, dev and path
-    # repeat across VMAs (a merged redis keeps tens of thousands of one-page mappings of
-    # a few segments): interned, each is one string however many VMAs hold it.
-    fields = line.split(None, 5)
-    lo, _, hi = fields[0].partition("-")
-    return Vma(
-        start=int(lo, 16),
-        end=int(hi, 16),
-        perms=sys.intern(fields[1]),
-        offset=int(fields[2], 16),
-        dev=sys.intern(fields[3]),
-        inode=int(fields[4]),
-        path=sys.intern(fields[5].rstrip("\n")) if len(fields) > 5 else "",
-    )
+@dataclass(frozen=True, slots=True)
+class VmaKind:
+    """What VMAs have in common beyond their place and sizes: all that eligibility, a
+    display name and the advice to give again depend on. A merged redis-server has
+    thousands of VMAs of a few kinds (heap fragments between procksm's one-page
+    mappings of a few segments)."""
+
+    perms: str
+    dev: str
+    inode: int
+    path: str
+    vmflags: frozenset[str] = frozenset()
+    protection_key: int = 0
+    follows_file: str = ""
+
+    @property
+    def name(self) -> str:
+        return _display_name(self.path, self.follows_file)
+
+    @property
+    def advice(self) -> tuple[int, ...]:
+        return _advice(self.vmflags)
+
+
+# smaps "Key: N kB" lines that procksm keeps: their columns in VmaTable.sizes_kb
+SMAPS_SIZE_KEYS = ("Rss:", "Anonymous:", "Locked:", "Swap:", "AnonHugePages:")
+_SIZE_COLUMN = {k.encode(): i for i, k in enumerate(SMAPS_SIZE_KEYS)}
+_RSS = 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class VmaTable(Sequence[Vma]):
+    """A process's VMAs as columns, one row each, in address order: no Python object
+    per VMA. A scattered merge leaves thousands of one-page VMAs; parsed into a list of
+    :class:`Vma` objects (with the text and its lines held whole) each read held ~2 MiB
+    per redis-server, and the daemon reads maps and smaps of each target several times a
+    second. Also a sequence of :class:`Vma` records, made as they are taken (the callers
+    that keep a few of them, ``[v for v in maps if ...]``, hold only those)."""
+
+    start: U64Array  # unsigned: [vsyscall] lies above 2**63
+    end: U64Array
+    offset: U64Array
+    sizes_kb: npt.NDArray[np.int64]  # (rows, len(SMAPS_SIZE_KEYS)); zeros from maps
+    kind: npt.NDArray[np.int32]  # row -> kinds[kind]
+    kinds: tuple[VmaKind, ...]
+
+    def __len__(self) -> int:
+        return int(self.start.size)
+
+    @property
+    def rss_kb(self) -> npt.NDArray[np.int64]:
+        return self.sizes_kb[:, _RSS]
+
+    @overload
+    def __getitem__(self, i: int) -> Vma: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Vma]: ...
+
+    def __getitem__(self, i: int | slice) -> Vma | list[Vma]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = i + len(self) if i < 0 else i
+        if not 0 <= j < len(self):
+            raise IndexError("VMA index out of range")
+        return self._vma(
+            int(self.start[j]),
+            int(self.end[j]),
+            int(self.offset[j]),
+            self.sizes_kb[j].tolist(),
+            self.kinds[int(self.kind[j])],
+        )
+
+    def __iter__(self) -> Iterator[Vma]:
+        # a block of rows at a time: the Python ints of every row are never held at once
+        for lo in range(0, len(self), 4096):
+            hi = lo + 4096
+            for s, e, off, sizes, k in zip(
+                self.start[lo:hi].tolist(),
+                self.end[lo:hi].tolist(),
+                self.offset[lo:hi].tolist(),
+                self.sizes_kb[lo:hi].tolist(),
+                self.kind[lo:hi].tolist(),
+                strict=True,
+            ):
+                yield self._vma(s, e, off, sizes, self.kinds[k])
+
+    @staticmethod
+    def _vma(start: int, end: int, offset: int, sizes: list[int], k: VmaKind) -> Vma:
+        return Vma(
+            start=start,
+            end=end,
+            perms=k.perms,
+            offset=offset,
+            dev=k.dev,
+            inode=k.inode,
+            path=k.path,
+            vmflags=k.vmflags,
+            rss_kb=sizes[0],
+            anonymous_kb=sizes[1],
+            locked_kb=sizes[2],
+            swap_kb=sizes[3],
+            anon_huge_kb=sizes[4],
+            protection_key=k.protection_key,
+            follows_file=k.follows_file,
+        )
 
 
 @functools.lru_cache(maxsize=256)
-def _vmflags(text: str) -> frozenset[str]:
+def _vmflags(text: bytes) -> frozenset[str]:
     """One frozenset per distinct smaps "VmFlags:" line (a few dozen in a process)."""
-    return frozenset(text.split())
+    return frozenset(text.decode().split())
 
 
-def _with_bss_names(vmas: list[Vma]) -> list[Vma]:
-    # The loader maps the zero-initialised data (.bss) of a binary that does not fit in the
-    # file's last page as anonymous memory right after the file's writable data mapping.
-    out: list[Vma] = []
-    prev: Vma | None = None
-    for v in vmas:
-        if (
-            v.path == ""
-            and prev is not None
-            and prev.end == v.start
-            and prev.path.startswith("/")
-            and not prev.path.startswith("/memfd:")  # procksm's segments, other memfds
-            and prev.perms[1] == "w"
-            and prev.private
-        ):
-            v = _replace(v, follows_file=prev.path)
-        out.append(v)
-        prev = v
-    return out
+def _text(b: bytes) -> str:
+    # paths may hold any bytes: the ones that are not UTF-8 are shown backslash-escaped
+    return b.decode("utf-8", "backslashreplace")
 
 
-def _replace(v: Vma, **changes: object) -> Vma:
-    return dataclasses.replace(v, **changes)  # type: ignore[arg-type]
+def parse_vma_lines(lines: Iterable[bytes]) -> VmaTable:
+    """Parse /proc/PID/smaps or /proc/PID/maps, line by line (a file read as it comes,
+    never held whole): a :class:`VmaTable`. ``vmflags`` stay empty from maps.
 
+    The loader maps the zero-initialised data (.bss) of a binary that does not fit in
+    the file's last page as anonymous memory right after the file's writable data
+    mapping: such a VMA gets that file as ``follows_file``."""
+    bounds = array.array("Q")  # start, end per row ([vsyscall] is above 2**63)
+    offsets = array.array("Q")
+    sizes = array.array("q")
+    kind_col = array.array("i")
+    kind_ids: dict[tuple[bytes, bytes, int, bytes, bytes, int, bytes], int] = {}
+    kinds: list[VmaKind] = []
+    nsizes = len(SMAPS_SIZE_KEYS)
+    no_sizes = array.array("q", bytes(8 * nsizes))
+    # the current row's header (perms, dev, inode, path) and smaps fields
+    head: tuple[bytes, bytes, int, bytes] | None = None
+    flags = b""
+    pkey = 0
+    follows = b""
+    prev_end, prev_perms, prev_path = -1, b"", b""
 
-def parse_maps(text: str) -> list[Vma]:
-    """Parse /proc/PID/maps. ``vmflags`` stay empty (maps does not show them)."""
-    return _with_bss_names([_parse_header(line) for line in text.splitlines() if line])
+    def finish() -> None:
+        assert head is not None
+        key = (*head, flags, pkey, follows)
+        i = kind_ids.get(key)
+        if i is None:
+            perms, dev, inode, path = head
+            i = kind_ids[key] = len(kinds)
+            kinds.append(
+                VmaKind(
+                    perms.decode(),
+                    dev.decode(),
+                    inode,
+                    _text(path),
+                    _vmflags(flags) if flags else frozenset(),
+                    pkey,
+                    _text(follows),
+                )
+            )
+        kind_col.append(i)
 
-
-# smaps "Key: N kB" lines that procksm keeps, and the Vma field each goes to.
-_SMAPS_FIELDS = {
-    "Rss:": "rss_kb",
-    "Anonymous:": "anonymous_kb",
-    "Locked:": "locked_kb",
-    "Swap:": "swap_kb",
-    "AnonHugePages:": "anon_huge_kb",
-}
-
-
-def parse_smaps(text: str) -> list[Vma]:
-    """Parse /proc/PID/smaps: one :class:`Vma` per mapping, with VmFlags and sizes."""
-    vmas: list[Vma] = []
-    header: str | None = None
-    values: dict[str, object] = {}
-
-    def flush() -> None:
-        if header is not None:
-            v = _parse_header(header)
-            vmas.append(_replace(v, **values) if values else v)
-
-    for line in text.splitlines():
-        if not line:
-            continue
-        key, _, rest = line.partition(" ")
-        if not key.endswith(":"):
-            # A maps-style header line starts a new VMA (its first token is "start-end").
-            flush()
-            header, values = line, {}
-            continue
-        if key == "VmFlags:":
-            values["vmflags"] = _vmflags(rest)
-        elif key == "ProtectionKey:":
-            values["protection_key"] = int(rest)
+    for line in lines:
+        key, _, rest = line.partition(b" ")
+        if not key.endswith(b":"):
+            # "55d154b27000-55d154b29000 r--p 00000000 fe:00 260131      /usr/bin/cat":
+            # a maps-style header starts a new VMA; the path is everything after the
+            # inode (it may contain spaces)
+            if not line.strip():
+                continue
+            if head is not None:
+                finish()
+            fields = line.split(None, 5)
+            lo, _, hi = fields[0].partition(b"-")
+            start, end = int(lo, 16), int(hi, 16)
+            path = fields[5].rstrip(b"\r\n") if len(fields) > 5 else b""
+            follows = (
+                prev_path
+                if path == b""
+                and prev_end == start
+                and prev_path.startswith(b"/")
+                and not prev_path.startswith(b"/memfd:")  # procksm's segments, other memfds
+                and prev_perms[1:2] == b"w"
+                and prev_perms[3:4] == b"p"
+                else b""
+            )
+            head = (fields[1], fields[3], int(fields[4]), path)
+            bounds.append(start)
+            bounds.append(end)
+            offsets.append(int(fields[2], 16))
+            sizes.extend(no_sizes)
+            flags, pkey = b"", 0
+            prev_end, prev_perms, prev_path = end, fields[1], path
+        elif head is None:
+            continue  # no VMA yet (an smaps fragment)
+        elif key == b"VmFlags:":
+            flags = rest.strip()
+        elif key == b"ProtectionKey:":
+            pkey = int(rest)
         else:
-            field_name = _SMAPS_FIELDS.get(key)
-            if field_name is not None:
-                values[field_name] = int(rest.split()[0])
-    flush()
-    return _with_bss_names(vmas)
+            col = _SIZE_COLUMN.get(key)
+            if col is not None:
+                sizes[len(sizes) - nsizes + col] = int(rest.split()[0])
+    if head is not None:
+        finish()
+    n = len(offsets)
+    return VmaTable(
+        start=np.frombuffer(bounds, np.uint64)[0::2].copy(),
+        end=np.frombuffer(bounds, np.uint64)[1::2].copy(),
+        offset=np.frombuffer(offsets, np.uint64).copy(),
+        sizes_kb=np.frombuffer(sizes, np.int64).reshape(n, nsizes).copy(),
+        kind=np.frombuffer(kind_col, np.int32).copy(),
+        kinds=tuple(kinds),
+    )
 
 
-def read_vmas(pid: int) -> list[Vma]:
+def parse_smaps(text: str) -> VmaTable:
+    """Parse /proc/PID/smaps: one :class:`Vma` per mapping, with VmFlags and sizes."""
+    return parse_vma_lines(text.encode().splitlines())
+
+
+def parse_maps(text: str) -> VmaTable:
+    """Parse /proc/PID/maps. ``vmflags`` stay empty (maps does not show them)."""
+    return parse_vma_lines(text.encode().splitlines())
+
+
+# the read size for smaps and maps: seq_file fills each read with whole entries
+_MAPS_READ_BYTES = 256 << 10
+
+
+def _read_vma_table(pid: int, name: str) -> VmaTable:
+    """smaps/maps of ``pid`` (or task/TID/maps) parsed as read; the empty answer of a
+    zombie or a kernel thread (the kernel shows nothing when the task has no mm)
+    explained as :func:`_read_memory_map_file` does."""
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path, "rb", buffering=_MAPS_READ_BYTES) as f:
+            table = parse_vma_lines(f)
+    except OSError as exc:
+        err = _open_failed(pid, path, exc)
+        if type(err) is NoSuchProcess:
+            _raise_if_kernel_thread(pid)
+        raise err from exc
+    if not len(table):
+        err = no_such_process(pid)
+        if isinstance(err, ZombieProcess):
+            raise err
+        _raise_if_kernel_thread(pid)
+    return table
+
+
+def read_vmas(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/smaps (walks page tables: slower than maps)."""
-    return parse_smaps(_read_memory_map_file(pid, "smaps"))
+    return _read_vma_table(pid, "smaps")
 
 
 def count_vmas(pid: int) -> int:
@@ -313,9 +479,9 @@ def count_vmas(pid: int) -> int:
     return _read_memory_map_file(pid, "maps").count("\n")
 
 
-def read_maps(pid: int) -> list[Vma]:
+def read_maps(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
-    return parse_maps(_read_memory_map_file(pid, "maps"))
+    return _read_vma_table(pid, "maps")
 
 
 # --------------------------------------------------------------------------------------
@@ -395,7 +561,7 @@ _REQUIRED_VMFLAGS = (
 )
 
 
-def ineligibility(vma: Vma, *, ours: bool = False) -> str | None:
+def ineligibility(vma: Vma | VmaKind, *, ours: bool = False) -> str | None:
     """None if procksm may merge pages of this VMA; else a short reason for reports.
 
     ``ours``: the VMA maps one of procksm's own sealed segments (the caller knows them by
@@ -407,18 +573,18 @@ def ineligibility(vma: Vma, *, ours: bool = False) -> str | None:
         return "stack"
     if path in _KERNEL_MAPPINGS:
         return f"kernel mapping {path}"
-    if vma.shared:
+    if vma.perms[3] == "s":
         return "shared mapping"
-    if not vma.is_anonymous and not ours:
+    if not is_anonymous_path(path) and not ours:
         return "file-backed"
     if path.startswith("[anon:"):
         # prctl(PR_SET_VMA_ANON_NAME): the replacement mapping would drop the name.
         return f"named anonymous mapping {path}"
     if vma.perms[:3] == "---":
         return "PROT_NONE"
-    if not vma.readable:
+    if vma.perms[0] != "r":
         return "not readable"
-    if not vma.writable:
+    if vma.perms[1] != "w":
         return "not writable"
     if not vma.vmflags:
         # An allowlist cannot be checked without VmFlags (maps instead of smaps).
@@ -1134,7 +1300,7 @@ class MapsQuery(Closing):
             self._fd: int | None = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _open_failed(pid, "maps", exc) from exc
-        self._fallback: list[Vma] | None = None
+        self._fallback: VmaTable | None = None
         self._name = bytearray(256)
 
     def vma_at(self, addr: int, *, or_next: bool = False) -> QueriedVma | None:
@@ -1462,9 +1628,9 @@ def open_mem(pid: int, tid: int) -> int:
         raise _open_failed(pid, path, exc) from exc
 
 
-def read_thread_maps(pid: int, tid: int) -> list[Vma]:
+def read_thread_maps(pid: int, tid: int) -> VmaTable:
     """/proc/PID/task/TID/maps: the maps of a live thread (an exited leader has none)."""
-    return parse_maps(_read_memory_map_file(pid, f"task/{tid}/maps"))
+    return _read_vma_table(pid, f"task/{tid}/maps")
 
 
 def open_mapped_file(pid: int, start: int, end: int, path: str = "") -> int | None:

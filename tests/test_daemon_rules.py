@@ -10,11 +10,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from procksm import PAGE_SIZE
+from procksm import PAGE_SIZE, procfs
 from procksm.analysis import CONTENT_ZERO, PageTable
-from procksm.daemon.accounting import Accounting, net_loss_warning
+from procksm.daemon.accounting import Accounting, _part_rows, net_loss_warning
 from procksm.daemon.merger import BatchOutcome, MergeBatch, Merger
-from procksm.daemon.registry import Part, Registry, Target, coalesce, zero_pages_in
+from procksm.daemon.registry import (
+    Parts,
+    Registration,
+    Registry,
+    Target,
+    coalesce,
+    scanned_parts,
+    zero_pages_in,
+)
 from procksm.daemon.scanpass import ScanPass, _over_cap
 from procksm.daemon.scheduler import ADVISOR_PAGES, IDLE_CPU_PERCENT, Pacer, idle_sleep
 from procksm.daemon.settings import DaemonOptions, Settings
@@ -22,9 +30,30 @@ from procksm.daemon.smartscan import PageAges, skips_for_age
 from procksm.daemon.watch import ends_idle
 from procksm.index import KsmIndex, StableTree, page_ref, target_refs
 from procksm.observe import CowBreak, Event, Lifecycle
+from procksm.scanner import AddressRange
+from procksm.slots import SEGMENT_NAME_PREFIX
 
 BASE = 0x10000000  # every fake target's one mapping starts here
 PAGES = 16
+
+
+def one_part(start: int, end: int) -> Parts:
+    """One scanned anonymous VMA [start, end)."""
+    table = procfs.parse_vma_lines(smaps_text([(start, end, "")]).encode().splitlines())
+    parts, _ = scanned_parts(table, Registration(), np.zeros(0, np.int64))
+    return parts
+
+
+ANON_FLAGS = "rd wr mr mw me ac"
+
+
+def smaps_text(vmas: list[tuple[int, int, str]], flags: str = ANON_FLAGS) -> str:
+    """smaps of (start, end, path) private rw VMAs, each fully resident."""
+    return "".join(
+        f"{s:x}-{e:x} rw-p 00000000 00:00 0 {path}\n"
+        f"Size: {(e - s) // 1024} kB\nRss: {(e - s) // 1024} kB\nVmFlags: {flags}\n"
+        for s, e, path in vmas
+    )
 
 
 @dataclass
@@ -112,8 +141,8 @@ class Harness:
         if self.scans:
             self.scan.end_full_scan()
         for t in self.targets:
-            part = t.parts[0]
-            self.scan.scan_window(t, part, part.start, part.end, self.settings)
+            start, end = int(t.parts.start[0]), int(t.parts.end[0])
+            self.scan.scan_window(t, False, start, end, self.settings)
         self.scans += 1
 
     def is_merged(self, target: int, page: int) -> bool:
@@ -133,7 +162,7 @@ def harness(contents: list[dict[int, int]], stable_scans: int = 0) -> Harness:
     for i in range(len(contents)):
         t = Target(1000 + i, registry.new_index(), f"t{i}", 0, (), contextlib.ExitStack())
         end = BASE + PAGES * PAGE_SIZE
-        t.parts = [Part(BASE, end, BASE, end, "[anon]", "rw-p", PAGES)]
+        t.parts = one_part(BASE, end)
         registry.targets[t.pid] = t
         registry.order.append(t.pid)
         targets.append(t)
@@ -383,3 +412,85 @@ def test_a_daemon_that_costs_more_than_it_saves_says_so() -> None:
     assert said is not None
     assert "saves 7.0 MiB" in said and "holds 40.0 MiB" in said and "net -33.0 MiB" in said
     assert "procksm merge" in said  # and what to do instead
+
+
+SEG = SEGMENT_NAME_PREFIX + "7 (deleted)"
+
+
+def scattered_layout() -> list[tuple[int, int, str]]:
+    """A heap cut by procksm's one-page mappings, as a scattered merge leaves it, and a
+    stack (never eligible)."""
+    out = []
+    for i in range(6):
+        a = BASE + i * 4 * PAGE_SIZE
+        out.append((a, a + 3 * PAGE_SIZE, "[heap]" if i == 0 else ""))
+        out.append((a + 3 * PAGE_SIZE, a + 4 * PAGE_SIZE, SEG))
+    out.append((0x7FFF0000000, 0x7FFF0021000, "[stack]"))
+    return out
+
+
+def test_scanned_parts_of_a_scattered_layout() -> None:
+    """The parts of a target's smaps: eligible anonymous VMAs whole, procksm's mappings
+    only where a page was copied (merged=True), the stack never; procksm's mappings all
+    in merged_spans."""
+    table = procfs.parse_vma_lines(smaps_text(scattered_layout()).encode().splitlines())
+    seg_starts = [BASE + i * 4 * PAGE_SIZE + 3 * PAGE_SIZE for i in range(6)]
+    copied = np.array([seg_starts[2], seg_starts[5]], np.int64)
+    parts, spans = scanned_parts(table, Registration(), copied)
+    heap = [BASE + i * 4 * PAGE_SIZE for i in range(6)]
+    want = sorted([(a, a + 3 * PAGE_SIZE, False) for a in heap]
+                  + [(a, a + PAGE_SIZE, True) for a in (seg_starts[2], seg_starts[5])])  # fmt: skip
+    got = list(zip(parts.start.tolist(), parts.end.tolist(), parts.merged.tolist(), strict=True))
+    assert got == want
+    assert parts.vma_start.tolist() == parts.start.tolist()
+    assert parts.rss_pages.tolist() == [(e - s) // PAGE_SIZE for s, e, _ in want]
+    assert [parts.kind_of(i).name for i in range(2)] == ["[heap]", "[anon]"]
+    assert spans.tolist() == [[a, a + PAGE_SIZE] for a in seg_starts]
+    # nothing copied: procksm's mappings are not scanned
+    parts, _ = scanned_parts(table, Registration(), np.zeros(0, np.int64))
+    assert not parts.merged.any() and len(parts) == 6
+    addr = np.array([BASE, BASE + 3 * PAGE_SIZE, BASE + 4 * PAGE_SIZE + 5], np.int64)
+    assert parts.indices(addr).tolist() == [0, -1, 1]
+
+
+def test_scanned_parts_follow_the_registration() -> None:
+    """Registered ranges cut VMAs (the VMA's bounds kept for the engine); excluded
+    names and ranges leave them out, as Registration.select says for each VMA."""
+    table = procfs.parse_vma_lines(smaps_text(scattered_layout()).encode().splitlines())
+    reg = Registration(everything=False)
+    reg.register(AddressRange(BASE + PAGE_SIZE, BASE + 6 * PAGE_SIZE))
+    parts, _ = scanned_parts(table, reg, np.zeros(0, np.int64))
+    assert list(zip(parts.start.tolist(), parts.end.tolist(), strict=True)) == [
+        (BASE + PAGE_SIZE, BASE + 3 * PAGE_SIZE),
+        (BASE + 4 * PAGE_SIZE, BASE + 6 * PAGE_SIZE),
+    ]
+    assert parts.vma_start.tolist() == [BASE, BASE + 4 * PAGE_SIZE]
+    assert parts.vma_end.tolist() == [BASE + 3 * PAGE_SIZE, BASE + 7 * PAGE_SIZE]
+    reg = Registration()
+    reg.unregister("*heap*")  # a glob: "[heap]" is a character class to fnmatch
+    reg.unregister(AddressRange(BASE + 4 * PAGE_SIZE, BASE + 5 * PAGE_SIZE))
+    parts, _ = scanned_parts(table, reg, np.zeros(0, np.int64))
+    assert parts.start.tolist()[:2] == [BASE + 5 * PAGE_SIZE, BASE + 8 * PAGE_SIZE]
+    assert len(parts) == 5
+
+
+def test_ineligible_kinds_give_no_parts() -> None:
+    """Eligibility is decided per kind of VMA: an mlocked heap is not scanned."""
+    text = smaps_text(scattered_layout(), flags=ANON_FLAGS + " lo")
+    parts, spans = scanned_parts(
+        procfs.parse_vma_lines(text.encode().splitlines()), Registration(), np.zeros(0, np.int64)
+    )
+    assert len(parts) == 0 and len(spans) == 6
+
+
+def test_snapshot_rows_group_the_parts_by_name() -> None:
+    """One row per name in order of first appearance, procksm's copied parts left out."""
+    table = procfs.parse_vma_lines(smaps_text(scattered_layout()).encode().splitlines())
+    t = Target(1, 0, "t", 0, (), contextlib.ExitStack())
+    t.parts, _ = scanned_parts(table, Registration(), np.array([BASE + 3 * PAGE_SIZE], np.int64))
+    t.zero_runs = [(BASE + 4 * PAGE_SIZE, 2)]
+    rows = _part_rows(t)
+    assert [(r.name, r.start, r.end, r.rss_pages, r.zero_pages) for r in rows] == [
+        ("[heap]", BASE, BASE + 3 * PAGE_SIZE, 3, 0),
+        ("[anon] ×5", BASE + 4 * PAGE_SIZE, BASE + 23 * PAGE_SIZE, 15, 2),
+    ]

@@ -107,3 +107,35 @@ def test_the_architecture_and_the_resident_guard_sit_at_the_bottom() -> None:
     assert graph["procksm.procfs"] <= below_inject | {"procksm.closing"}
     # attach diagnosis comes before attaching
     assert "procksm.attach.session" not in graph["procksm.attach.diagnose"]
+
+
+def test_the_command_table_names_each_command_and_its_first_help_line() -> None:
+    """cli.COMMANDS (what lets ``procksm X`` import only X) says what each class does."""
+    from procksm.cli import COMMANDS, build_parser, load_command
+
+    for name, (_, _, summary) in COMMANDS.items():
+        doc = (type(load_command(name)).__doc__ or "").strip()
+        assert doc.splitlines()[0] == summary, name
+    assert build_parser().parse_args(["stats", "--json"]).command == "stats"
+
+
+def test_the_daemon_imports_no_rich_nor_another_command() -> None:
+    """``procksm attach`` imports its command and the daemon, not rich (~2.4 MiB for the
+    daemon's life) nor the other commands; ``procksm --help`` imports no command."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from procksm import cli\n"
+        "cli.build_parser('').parse_args([])\n"
+        "before = sorted(m for m in sys.modules if m.startswith('procksm.commands.'))\n"
+        "cli.build_parser('attach').parse_args(['attach', '1'])\n"
+        "import procksm.daemon, procksm.control, procksm.observe\n"
+        "print(before, sorted(m for m in sys.modules if m.split('.')[0] == 'rich' "
+        "or m.startswith(('procksm.commands.', 'procksm.report', 'procksm.tui'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == "[] ['procksm.commands.attach', 'procksm.commands.pids']"

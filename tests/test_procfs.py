@@ -82,6 +82,49 @@ def test_parse_smaps_of_a_real_process() -> None:
     assert sum(v.anonymous_kb for v in vmas) == rollup["Anonymous"]
 
 
+def test_vma_table_holds_kinds_once_and_reads_as_the_records() -> None:
+    """The columns parser (the one parser of smaps and maps): one VmaKind per distinct
+    kind of VMA however many VMAs share it, addresses above 2**63 ([vsyscall]) kept."""
+    text = fixture("smaps_planted.txt")
+    table = procfs.parse_vma_lines(text.encode().splitlines())
+    vmas = procfs.parse_smaps(text)
+    assert len(table) == len(vmas) == 27
+    assert table.start.tolist() == [v.start for v in vmas]
+    assert table.rss_kb.tolist() == [v.rss_kb for v in vmas]
+    assert table.start[-1] == 0xFFFFFFFFFF600000
+    # many one-page anonymous VMAs (a scattered merge's heap): one kind
+    many = "".join(
+        f"{a:x}-{a + PAGE_SIZE:x} rw-p 00000000 00:00 0 \nRss: 4 kB\nVmFlags: rd wr mr mw me ac\n"
+        for a in range(0x10000000, 0x10000000 + 5000 * 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+    )
+    t = procfs.parse_vma_lines(("Rss: 9 kB\n" + many).encode().splitlines())  # no VMA yet
+    assert len(t) == 5000 and len(t.kinds) == 1 and set(t.rss_kb.tolist()) == {4}
+    assert t.kinds[0].name == "[anon]" and procfs.ineligibility(t.kinds[0]) is None
+    assert t[4999].start == t[-1].start == 0x10000000 + 4999 * 2 * PAGE_SIZE
+    # taken in blocks of rows: the same records as one by one
+    assert [v.start for v in t] == [t[i].start for i in range(len(t))] == t.start.tolist()
+
+
+def test_read_vma_table_of_a_live_process() -> None:
+    """Read as it comes (never the whole text): the same VMAs as the text parsed at once."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)
+        want = procfs.parse_maps(Path(f"/proc/{proc.pid}/maps").read_text())
+        got = procfs.read_maps(proc.pid)
+        assert [(v.start, v.end, v.path, v.name) for v in got] == [
+            (v.start, v.end, v.path, v.name) for v in want
+        ]
+        table = procfs.read_vmas(proc.pid)
+        assert table.start.tolist() == [v.start for v in want]
+        assert any(k.vmflags for k in table.kinds)
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(NoSuchProcess):
+        procfs.read_vmas(proc.pid)
+
+
 def test_parse_smaps_rollup_skips_its_header() -> None:
     rollup = procfs.parse_smaps_rollup(fixture("smaps_rollup_planted.txt"))
     assert rollup["Rss"] == 1500 and rollup["Pss_Anon"] == 144 and rollup["Pss_Shmem"] == 0

@@ -30,12 +30,12 @@ import sys
 import time
 from types import FrameType
 
-from procksm.commands.scan import parse_pids
+from procksm.commands.pids import parse_pids
 from procksm.control import ControlServer, default_control_path
 from procksm.daemon import Daemon, DaemonOptions, Settings, parse_settings
 from procksm.errors import UsageError
 from procksm.merge import MergeOptions
-from procksm.report import fmt_bytes
+from procksm.text import fmt_bytes
 
 
 class AttachCommand:

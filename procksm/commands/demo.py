@@ -34,8 +34,9 @@ from rich.table import Table
 from procksm import procfs
 from procksm.errors import ProcksmError, UsageError
 from procksm.merge import MergeOptions, merge
-from procksm.report import fmt_bytes, scan_json, scan_view
+from procksm.report import scan_json, scan_view
 from procksm.scanner import ScanOptions
+from procksm.text import fmt_bytes
 
 
 @contextmanager

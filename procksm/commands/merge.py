@@ -22,10 +22,11 @@ from typing import Any
 
 from rich.console import Console
 
-from procksm.commands.scan import add_selection_args, parse_pids, selection_from_args
+from procksm.commands.pids import parse_pids
+from procksm.commands.scan import add_selection_args, selection_from_args
 from procksm.errors import UsageError
 from procksm.merge import MergeOptions, merge
-from procksm.report import fmt_bytes
+from procksm.text import fmt_bytes
 
 
 class MergeCommand:

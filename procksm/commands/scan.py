@@ -24,32 +24,9 @@ import time
 from rich.console import Console
 
 from procksm.analysis import ScanReport, analyse
-from procksm.errors import UsageError
+from procksm.commands.pids import parse_pids
 from procksm.report import scan_json, scan_view
 from procksm.scanner import AddressRange, ScanOptions, collect, read_preview
-
-# PID_MAX_LIMIT in include/linux/threads.h (64-bit): no pid_max setting goes higher
-PID_MAX_LIMIT = 1 << 22
-
-
-def parse_pids(values: list[str]) -> list[int]:
-    pids: list[int] = []
-    for v in values:
-        for part in v.replace(",", " ").split():
-            shown = repr(part if len(part) <= 24 else part[:20] + "...")
-            try:
-                pid = int(part)
-            except ValueError:
-                raise UsageError(f"bad PID {shown}: PIDs are positive integers") from None
-            if pid <= 0:
-                raise UsageError(f"bad PID {shown}: PIDs are positive integers")
-            if pid > PID_MAX_LIMIT:
-                raise UsageError(f"bad PID {shown}: PIDs are at most {PID_MAX_LIMIT}")
-            if pid not in pids:
-                pids.append(pid)
-    if not pids:
-        raise UsageError("no PID given: pass one or more process IDs")
-    return pids
 
 
 def add_selection_args(parser: argparse.ArgumentParser) -> None:

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from procksm.control import default_control_path, stats_json
-from procksm.report import fmt_bytes
 from procksm.snapshot import Snapshot
+from procksm.text import fmt_bytes
 
 
 class StatsCommand:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from procksm import procfs
 from procksm.attach.diagnose import check_attachable
-from procksm.commands.scan import parse_pids
+from procksm.commands.pids import parse_pids
 from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
 from procksm.merge import pause_stats
 from procksm.slots import SEGMENT_NAME_PREFIX

@@ -206,24 +206,35 @@ def _part_rows(t: Target) -> list[MappingSnapshot]:
     """The target's eligible mappings not procksm's, one row per name: after a scattered
     merge the heap is thousands of VMAs between procksm's (11,000 rows on four merged
     redis-servers, measured), which a reader can neither use nor afford."""
-    parts = [p for p in t.parts if not p.merged]
-    zero = zero_pages_in(
-        t.zero_runs,
-        np.array([p.start for p in parts], np.int64),
-        np.array([p.end for p in parts], np.int64),
-    )
-    groups: dict[str, list[int]] = {}  # name -> [start, end, rss, zero, VMAs]
-    for p, z in zip(parts, zero.tolist(), strict=True):
-        g = groups.get(p.name)
-        if g is None:
-            groups[p.name] = [p.start, p.end, p.rss_pages, z, 1]
-        else:
-            g[0], g[1] = min(g[0], p.start), max(g[1], p.end)
-            g[2], g[3], g[4] = g[2] + p.rss_pages, g[3] + z, g[4] + 1
-    return [
-        MappingSnapshot(name if n == 1 else f"{name} ×{n}", s, e, rss, 0, z)
-        for name, (s, e, rss, z, n) in groups.items()
-    ]
+    p = t.parts
+    rows = np.flatnonzero(~p.merged)
+    if rows.size == 0:
+        return []
+    start, end = p.start[rows], p.end[rows]
+    zero = zero_pages_in(t.zero_runs, start, end)
+    # one row per display name (kinds that differ elsewhere may share one), in the
+    # order of their first part
+    names = [k.name for k in p.kinds]
+    group_names = list(dict.fromkeys(names))
+    group_of_kind = np.array([group_names.index(n) for n in names], np.int64).reshape(-1)
+    group = group_of_kind[p.kind[rows]]
+    groups, first = np.unique(group, return_index=True)
+    rss = p.rss_pages[rows]
+    out = []
+    for g in groups[np.argsort(first)].tolist():
+        sel = group == g
+        n = int(sel.sum())
+        out.append(
+            MappingSnapshot(
+                group_names[g] if n == 1 else f"{group_names[g]} ×{n}",
+                int(start[sel].min()),
+                int(end[sel].max()),
+                int(rss[sel].sum()),
+                0,
+                int(zero[sel].sum()),
+            )
+        )
+    return out
 
 
 def _merged_rows(spans: np.ndarray) -> list[MappingSnapshot]:

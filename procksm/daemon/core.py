@@ -321,6 +321,10 @@ class Daemon:
             return
         c0 = time.thread_time()
         self._snapshot = snap = self._build_snapshot()
+        # the batches, merges and truth passes since the last snapshot left holes in
+        # glibc's heap: on four redis-servers each call here returned 4.8 MiB (median of
+        # 27; up to 10 MiB) that waited for the end of the full scan before (~1 ms a call)
+        return_freed_heap()
         self._snapshot_cost = time.thread_time() - c0
         if idle:
             # converged: say once if procksm's own memory outweighs the saving

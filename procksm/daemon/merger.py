@@ -140,22 +140,31 @@ def engine_input(
     for t in sorted(targets, key=lambda t: t.index):
         lo, hi = target_refs(t.index)
         pos = first_pos[(refs[first_pos] >= lo) & (refs[first_pos] < hi)]
-        if pos.size == 0 or not t.parts:
+        parts = t.parts
+        if pos.size == 0 or not len(parts):
             continue
         pos = pos[np.argsort(refs[pos], kind="stable")]
         addr = ((refs[pos] - lo) * PAGE_SIZE).astype(np.int64)
-        pi = t.part_indices(addr)
+        pi = parts.indices(addr)
         ok = pi >= 0
         pos, pi = pos[ok], pi[ok]
         if pos.size == 0:
             continue
         processes.append(ProcessIdentity(t.pid, t.name, t.uid))
-        vstart = np.array([p.vma_start for p in t.parts], np.int64)[pi]
+        vstart = parts.vma_start[pi]
         cut = np.flatnonzero(np.diff(vstart) != 0) + 1
         for a0, b0 in zip([0, *cut.tolist()], [*cut.tolist(), pos.size], strict=True):
-            p = t.parts[int(pi[a0])]
+            j = int(pi[a0])
+            kind = parts.kind_of(j)
             mappings.append(
-                MappingRef(len(processes) - 1, p.vma_start, p.vma_end, p.name, p.perms, p.advice)
+                MappingRef(
+                    len(processes) - 1,
+                    int(parts.vma_start[j]),
+                    int(parts.vma_end[j]),
+                    kind.name,
+                    kind.perms,
+                    kind.advice,
+                )
             )
             bounds.append(n + b0)
         kept.append(pos)

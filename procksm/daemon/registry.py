@@ -3,7 +3,6 @@ exec, exit, children), and the scan cursor that walks them."""
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import fnmatch
@@ -70,17 +69,23 @@ class Registration:
             excl.append(item)
         return f"{_item_text(item)} excluded"
 
-    def select(self, vma: procfs.Vma) -> list[tuple[int, int]]:
-        """The parts of an eligible VMA to scan."""
-        if any(fnmatch.fnmatchcase(vma.name, p) for p in self.excluded_names):
+    @property
+    def whole_vmas(self) -> bool:
+        """Every eligible VMA is scanned whole (the default: nothing named, nothing
+        excluded)."""
+        return self.everything and not self.excluded_ranges and not self.excluded_names
+
+    def select(self, name: str, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of an eligible VMA (its display name and bounds) to scan."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.excluded_names):
             return []
-        if self.everything or any(fnmatch.fnmatchcase(vma.name, p) for p in self.names):
-            parts = [(vma.start, vma.end)]
+        if self.everything or any(fnmatch.fnmatchcase(name, p) for p in self.names):
+            parts = [(start, end)]
         else:
             parts = [
-                (max(r.start, vma.start), min(r.end, vma.end))
+                (max(r.start, start), min(r.end, end))
                 for r in self.ranges
-                if r.start < vma.end and vma.start < r.end
+                if r.start < end and start < r.end
             ]
         for r in self.excluded_ranges:
             parts = [p for s, e in parts for p in _subtract(s, e, r.start, r.end)]
@@ -121,21 +126,96 @@ def parse_region(text: str) -> AddressRange | str:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Part:
-    """A scanned piece of an eligible VMA (the VMA's bounds kept for the engine)."""
+def _int64s(n: int = 0) -> np.ndarray:
+    return np.zeros(n, np.int64)
 
-    vma_start: int
-    vma_end: int
-    start: int
-    end: int
-    name: str
-    perms: str
-    rss_pages: int
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The scanned pieces of a target's eligible VMAs, in address order, as columns. A
+    scattered merge leaves thousands of heap fragments between procksm's one-page
+    mappings; an object each (with its VMA's smaps parsed into objects every full scan)
+    grew the daemon to ~60 MiB on four redis-servers, ~45 bytes a row here."""
+
+    start: np.ndarray = field(default_factory=_int64s)  # int64, as every column
+    end: np.ndarray = field(default_factory=_int64s)
+    vma_start: np.ndarray = field(default_factory=_int64s)  # the VMA's bounds, for the engine
+    vma_end: np.ndarray = field(default_factory=_int64s)
+    rss_pages: np.ndarray = field(default_factory=_int64s)  # the VMA's smaps Rss
     # one of procksm's own segment mappings: only the pages a write copied there (now
     # anonymous) are read, and merged again like any other page (never as zero pages)
-    merged: bool = False
-    advice: tuple[int, ...] = ()  # procfs.Vma.advice: given again to a replacement
+    merged: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    kind: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # -> kinds
+    # name, perms, and the advice given again to a replacement (procfs.VmaKind)
+    kinds: tuple[procfs.VmaKind, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.start.size)
+
+    def kind_of(self, i: int) -> procfs.VmaKind:
+        return self.kinds[int(self.kind[i])]
+
+    def indices(self, addr: np.ndarray) -> np.ndarray:
+        """For each address, the index of the part that holds it, or -1."""
+        if self.start.size == 0:
+            return np.full(addr.size, -1, np.int64)
+        i = np.searchsorted(self.start, addr, side="right") - 1
+        return np.where((i >= 0) & (addr < self.end[np.maximum(i, 0)]), i, -1)
+
+
+def scanned_parts(
+    table: procfs.VmaTable, reg: Registration, copied: np.ndarray
+) -> tuple[Parts, np.ndarray]:
+    """The parts of ``table`` (a target's smaps) to scan under ``reg``, and the (start,
+    end) rows of procksm's own mappings. Of those, only the ones that hold a page a
+    write copied (``copied``: sorted addresses, as of the latest snapshot) are scanned.
+    Eligibility is decided once per kind of VMA (procfs.ineligibility)."""
+    # user space ends below 2**47: every row that can be eligible fits in an int64
+    # ([vsyscall], above 2**63, never is)
+    start = table.start.astype(np.int64)
+    end = table.end.astype(np.int64)
+    ours_kind = np.array(
+        [k.path.startswith(SEGMENT_NAME_PREFIX) for k in table.kinds], bool
+    ).reshape(-1)
+    ok_kind = np.array(
+        [
+            procfs.ineligibility(k, ours=bool(o)) is None
+            for k, o in zip(table.kinds, ours_kind, strict=True)
+        ],
+        bool,
+    ).reshape(-1)
+    ours = ours_kind[table.kind] if len(table) else np.zeros(0, bool)
+    keep = ok_kind[table.kind] if len(table) else np.zeros(0, bool)
+    if copied.size:
+        i = np.searchsorted(copied, start)
+        holds_copy = (i < copied.size) & (copied[np.minimum(i, copied.size - 1)] < end)
+    else:
+        holds_copy = np.zeros(len(table), bool)
+    keep &= ~ours | holds_copy
+    rows = np.flatnonzero(keep)
+    if reg.whole_vmas:
+        pieces = rows
+        p_start, p_end = start[rows], end[rows]
+    else:
+        sel = [
+            (r, s, e)
+            for r in rows.tolist()
+            for s, e in reg.select(table.kinds[table.kind[r]].name, int(start[r]), int(end[r]))
+        ]
+        pieces = np.array([r for r, _, _ in sel], np.int64)
+        p_start = np.array([s for _, s, _ in sel], np.int64)
+        p_end = np.array([e for _, _, e in sel], np.int64)
+    parts = Parts(
+        start=p_start,
+        end=p_end,
+        vma_start=start[pieces],
+        vma_end=end[pieces],
+        rss_pages=table.rss_kb[pieces] * 1024 // PAGE_SIZE,
+        merged=ours[pieces],
+        kind=table.kind[pieces],
+        kinds=table.kinds,
+    )
+    return parts, np.stack([start[ours], end[ours]], axis=1)
 
 
 @dataclass
@@ -148,12 +228,11 @@ class Target:
     lock: contextlib.ExitStack
     reg: Registration = field(default_factory=Registration)
     parent: int | None = None
-    parts: list[Part] = field(default_factory=list)
+    parts: Parts = field(default_factory=Parts)
     # (start, end) of each of procksm's mappings in the target, one row per VMA: a
     # scattered merge leaves tens of thousands of one-page VMAs, which as Vma objects
     # cost ~0.5 KiB each (measured: 14 MiB on four redis-servers); 16 bytes here
     merged_spans: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
-    part_starts: list[int] = field(default_factory=list)
     zero_runs: list[tuple[int, int]] = field(default_factory=list)  # (addr, pages) dropped
     pages_refused: int = 0
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -177,50 +256,9 @@ class Target:
 
     def refresh_parts(self) -> None:
         """Re-read smaps: the VMAs and their eligibility (one read per full scan)."""
-        parts: list[Part] = []
-        merged: list[tuple[int, int]] = []
-        for vma in procfs.read_vmas(self.pid):
-            ours = vma.path.startswith(SEGMENT_NAME_PREFIX)
-            if ours:
-                merged.append((vma.start, vma.end))
-                c = self.copied_addrs
-                i = int(np.searchsorted(c, vma.start))
-                if i >= c.size or c[i] >= vma.end:
-                    continue  # nothing copied there (as of the latest snapshot)
-            if procfs.ineligibility(vma, ours=ours) is not None:
-                continue
-            for s, e in self.reg.select(vma):
-                parts.append(
-                    Part(
-                        vma.start,
-                        vma.end,
-                        s,
-                        e,
-                        vma.name,
-                        vma.perms,
-                        vma.rss_kb * 1024 // PAGE_SIZE,
-                        merged=ours,
-                        advice=vma.advice,
-                    )
-                )
-        self.parts = parts
-        self.part_starts = [p.start for p in parts]
-        self.merged_spans = np.array(merged, np.int64).reshape(-1, 2)
-
-    def part_indices(self, addr: np.ndarray) -> np.ndarray:
-        """For each address, the index of the part that holds it, or -1."""
-        starts = np.array([p.start for p in self.parts], np.int64)
-        ends = np.array([p.end for p in self.parts], np.int64)
-        if starts.size == 0:
-            return np.full(addr.size, -1, np.int64)
-        i = np.searchsorted(starts, addr, side="right") - 1
-        return np.where((i >= 0) & (addr < ends[np.maximum(i, 0)]), i, -1)
-
-    def part_at(self, addr: int) -> Part | None:
-        i = bisect.bisect_right(self.part_starts, addr) - 1
-        if i >= 0 and addr < self.parts[i].end:
-            return self.parts[i]
-        return None
+        self.parts, self.merged_spans = scanned_parts(
+            procfs.read_vmas(self.pid), self.reg, self.copied_addrs
+        )
 
 
 def mm_identity(pid: int) -> tuple[str, ...]:

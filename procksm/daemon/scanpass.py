@@ -28,7 +28,6 @@ from procksm.daemon.accounting import Accounting
 from procksm.daemon.merger import MergeBatch, Merger
 from procksm.daemon.registry import (
     LogFn,
-    Part,
     Registry,
     Target,
     alive,
@@ -155,15 +154,14 @@ class ScanPass:
             if mm_identity(t.pid) != t.mm_id:
                 self.renew(t)
             t.refresh_parts()
-        window = next_window([(p.start, p.end) for p in t.parts], pi, addr, s.pages_to_scan)
+        window = next_window(t.parts.start, t.parts.end, pi, addr, s.pages_to_scan)
         if window is None:
             reg.cursor = (pos + 1, 0, 0)
             return Round(end_of_scan=pos + 1 >= len(reg.order))
         pi2, start, end = window
-        part = t.parts[pi2]
-        r = self.scan_window(t, part, start, end, s)
+        r = self.scan_window(t, bool(t.parts.merged[pi2]), start, end, s)
         r.covered = (end - start) // PAGE_SIZE
-        reg.cursor = (pos, pi2 + 1, 0) if end >= part.end else (pos, pi2, end)
+        reg.cursor = (pos, pi2 + 1, 0) if end >= int(t.parts.end[pi2]) else (pos, pi2, end)
         return r
 
     def renew(self, t: Target) -> None:
@@ -182,8 +180,9 @@ class ScanPass:
         self.stable_dirty = True
         self.after_full_scan()
 
-    def scan_window(self, t: Target, part: Part, start: int, end: int, s: Settings) -> Round:
-        """Read the window's pages that smart scan does not skip, look them up, merge."""
+    def scan_window(self, t: Target, merged: bool, start: int, end: int, s: Settings) -> Round:
+        """Read the window's pages that smart scan does not skip, look them up, merge.
+        ``merged``: the window lies in one of procksm's segment mappings."""
         r = Round()
         skip = self.ages.take_skips(t.index, start, end)  # skipped pages are not read
         r.skipped = int(skip.sum())
@@ -191,21 +190,21 @@ class ScanPass:
         ranges = unskipped_ranges(start, skip)
         if not ranges:
             return r
-        tab, addr = self.reader.read(t.pid, ranges, copied_only=part.merged)
+        tab, addr = self.reader.read(t.pid, ranges, copied_only=merged)
         r.scanned = len(tab)
         self.accounting.pages_scanned += r.scanned
         if r.scanned:
-            self._look_and_merge(t, part, tab, addr, s)
+            self._look_and_merge(t, merged, tab, addr, s)
         return r
 
     def _look_and_merge(
-        self, t: Target, part: Part, tab: PageTable, addr: np.ndarray, s: Settings
+        self, t: Target, merged_part: bool, tab: PageTable, addr: np.ndarray, s: Settings
     ) -> None:
         n = len(tab)
         refs = page_refs(t.index, addr // PAGE_SIZE)
         readable = tab.content != CONTENT_VOLATILE  # vanished while read
         held = np.zeros(n, bool)
-        if part.merged and self.opts.remerge_backoff:
+        if merged_part and self.opts.remerge_backoff:
             # Every page read here was copied since its merge. The observer reports
             # breaks as they happen; this catches the ones it does not watch (a target
             # with more merged ranges than the observer takes, lost events). Ranges that
@@ -227,7 +226,7 @@ class ScanPass:
         # In a segment mapping MADV_DONTNEED brings back the segment's bytes, not zeros:
         # a copied page that is all zeros there stays as it is (merge_target._verify_zero
         # refuses it as well)
-        zero = np.zeros(n, bool) if part.merged else look.stable & zero_content
+        zero = np.zeros(n, bool) if merged_part else look.stable & zero_content
         if zero.any() and t.zero_runs and self.opts.remerge_backoff:
             # A zero page procksm dropped that is back (present, zeros again: calloc's
             # memset on reused memory) broke its "merge" like a copy-on-write: the same
@@ -311,10 +310,10 @@ class ScanPass:
         for t in self.registry.targets.values():
             lo, hi = target_refs(t.index)
             sel = np.flatnonzero((refs >= lo) & (refs < hi))
-            if sel.size == 0 or not any(p.merged for p in t.parts):
+            if sel.size == 0 or not t.parts.merged.any():
                 continue
-            pi = t.part_indices(((refs[sel] - lo) * PAGE_SIZE).astype(np.int64))
-            ours = np.array([p.merged for p in t.parts] + [False], bool)  # [-1]: no part
+            pi = t.parts.indices(((refs[sel] - lo) * PAGE_SIZE).astype(np.int64))
+            ours = np.append(t.parts.merged, False)  # [-1]: no part
             out[sel] = ours[pi]
         return out
 

@@ -7,7 +7,7 @@ nothing is faulted in).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,13 +31,13 @@ GRANULE_PAGES = 2048
 
 
 def next_window(
-    parts: Sequence[tuple[int, int]], pi: int, addr: int, pages: int
+    starts: np.ndarray, ends: np.ndarray, pi: int, addr: int, pages: int
 ) -> tuple[int, int, int] | None:
-    """(part index, start, end) of the window at or after ``addr`` in part ``pi`` of
-    ``parts`` ((start, end) each), ``pages`` long rounded up to whole granules and cut at
+    """(part index, start, end) of the window at or after ``addr`` in part ``pi`` of the
+    parts [starts[i], ends[i]), ``pages`` long rounded up to whole granules and cut at
     the part's end; None past the last part."""
-    while pi < len(parts):
-        p_start, p_end = parts[pi]
+    while pi < len(starts):
+        p_start, p_end = int(starts[pi]), int(ends[pi])
         start = max(addr, p_start)
         if start < p_end:
             granules = max(1, -(-pages // GRANULE_PAGES))

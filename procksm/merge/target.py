@@ -121,6 +121,12 @@ class TargetMerger:
                 coredump.keep_merged_in_cores(pid)
             for ext_batch, zero_batch in batches:
                 self._window(sess, reader, ext_batch, zero_batch)
+                # no thread of the target is stopped between windows: collect the cyclic
+                # garbage a window leaves (~100 objects; measured: 412,853 in 4,220
+                # windows on four redis-servers). Paused for the whole of a target, a
+                # scattered merge of thousands of windows held them all: the daemon grew
+                # from 37 to 46 MiB within one target's merge
+                gc.collect(0)
             self.res.pauses.extend(sess.pauses)
 
     def _refuse(self, reason: str) -> None:
@@ -343,8 +349,9 @@ def _cpus_saturated() -> bool:
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while targets are being stopped: a collection
-    inside a stop window would lengthen the target's pause (measured: a few ms)."""
+    """No automatic cyclic garbage collection while a target is merged: a collection
+    inside a stop window would lengthen the target's pause (measured: a few ms); the
+    merge collects the young generation between windows itself."""
     was = gc.isenabled()
     gc.disable()
     try:

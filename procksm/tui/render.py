@@ -31,8 +31,8 @@ from rich.table import Table
 from rich.text import Text
 
 from procksm import PAGE_SIZE
-from procksm.report import fmt_bytes
 from procksm.snapshot import MappingSnapshot, Snapshot, TargetSnapshot
+from procksm.text import fmt_bytes
 
 # -- view state ---------------------------------------------------------------------------
 
