@@ -308,11 +308,6 @@ def read_vmas(pid: int) -> list[Vma]:
     return parse_smaps(_read_memory_map_file(pid, "smaps"))
 
 
-def count_vmas(pid: int) -> int:
-    """How many VMAs the target has (lines of /proc/PID/maps, not parsed)."""
-    return _read_memory_map_file(pid, "maps").count("\n")
-
-
 def read_maps(pid: int) -> list[Vma]:
     """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
     return parse_maps(_read_memory_map_file(pid, "maps"))

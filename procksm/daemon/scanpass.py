@@ -97,10 +97,12 @@ class ScanPass:
         self.index.forget(lo, hi)
         self.ages.forget_target(t.index)
         self.backoff.forget(lo, hi)
+        self.merger.forget([t.pid])
 
     def clear(self) -> None:
         """Everything starts over, as after the kernel's run=2."""
         self.index.clear()
+        self.merger.forget(list(self.registry.targets))
         self.ages = PageAges()
         self.backoff.clear()
         self.registry.cursor = (0, 0, 0)
@@ -155,7 +157,7 @@ class ScanPass:
             if mm_identity(t.pid) != t.mm_id:
                 self.renew(t)
             t.refresh_parts()
-        window = next_window([(p.start, p.end) for p in t.parts], pi, addr, s.pages_to_scan)
+        window = next_window(t.part_spans(), pi, addr, s.pages_to_scan)
         if window is None:
             reg.cursor = (pos + 1, 0, 0)
             return Round(end_of_scan=pos + 1 >= len(reg.order))
