@@ -313,23 +313,32 @@ def read_maps(pid: int) -> list[Vma]:
     return parse_maps(_read_memory_map_file(pid, "maps"))
 
 
-def parse_maps_with_path(text: str, prefix: str) -> list[Vma]:
+def parse_maps_with_path(text: str, prefix: str, *, one_per_inode: bool = False) -> list[Vma]:
     """The lines of /proc/PID/maps whose path starts with ``prefix``, parsed; the others
     are only searched. A merged-then-unmerged CPython worker has ~3,700 VMAs of which a
     handful are procksm's: parsing every line into a Vma took ~17 ms a read, searching
-    them ~0.3 ms (measured, benchmarks/many_vmas.py). ``follows_file`` stays empty (it
-    names unnamed VMAs only)."""
+    them ~0.3 ms (measured, benchmarks/many_vmas.py). ``one_per_inode``: only the first
+    VMA of each file (a scattered merge maps one segment in thousands of VMAs, and
+    adopting it needs one). ``follows_file`` stays empty (it names unnamed VMAs only)."""
     out: list[Vma] = []
+    seen: set[str] = set()
     at = text.find(prefix)
     while at >= 0:
         line_start = text.rfind("\n", 0, at) + 1
         line_end = text.find("\n", at)
         if line_end < 0:
             line_end = len(text)
-        v = _parse_header(text[line_start:line_end])
+        line = text[line_start:line_end]
+        at = text.find(prefix, line_end)
+        if one_per_inode:
+            inode = line.split(None, 5)[4]
+            if inode in seen:
+                continue
+        v = _parse_header(line)
         if v.path.startswith(prefix):
             out.append(v)
-        at = text.find(prefix, line_end)
+            if one_per_inode:
+                seen.add(inode)
     return out
 
 
@@ -349,18 +358,22 @@ class MapsSnapshot:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._text = _read_memory_map_file(pid, "maps")
-        self._with_path: dict[str, list[Vma]] = {}
+        self._with_path: dict[tuple[str, bool], list[Vma]] = {}
         self.stale = False  # set by a user that found a mapping gone: read it again
 
     @property
     def vma_count(self) -> int:
         return self._text.count("\n")
 
-    def with_path(self, prefix: str) -> list[Vma]:
-        """The VMAs whose path starts with ``prefix`` (parsed once per prefix)."""
-        found = self._with_path.get(prefix)
+    def with_path(self, prefix: str, *, one_per_inode: bool = False) -> list[Vma]:
+        """The VMAs whose path starts with ``prefix`` (:func:`parse_maps_with_path`,
+        parsed once per question)."""
+        key = (prefix, one_per_inode)
+        found = self._with_path.get(key)
         if found is None:
-            found = self._with_path[prefix] = parse_maps_with_path(self._text, prefix)
+            found = self._with_path[key] = parse_maps_with_path(
+                self._text, prefix, one_per_inode=one_per_inode
+            )
         return found
 
 

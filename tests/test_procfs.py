@@ -105,6 +105,10 @@ def test_parse_maps_with_path_parses_only_the_lines_asked_for() -> None:
         (0x7F1C0F000000, 0x7F1C0F004000, 0x3000, 502),
     ]
     assert procfs.parse_maps_with_path(text, "[heap]")[0].start == 0x01C4A000
+    # one per file: a second mapping of inode 501 is left out, inode 502 kept
+    again = "7f1c10000000-7f1c10001000 rw-p 00000000 00:01 501    /memfd:procksm-seg-1 (deleted)\n"
+    firsts = procfs.parse_maps_with_path(again + text, prefix, one_per_inode=True)
+    assert [(v.start, v.inode) for v in firsts] == [(0x7F1C10000000, 501), (0x7F1C0F000000, 502)]
     assert procfs.parse_maps_with_path(fixture("maps_handwritten.txt"), prefix) == []
 
 

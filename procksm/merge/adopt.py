@@ -32,7 +32,7 @@ def adopt_segments(
     seen: set[int] = set()
     for layout in layouts:
         pid = layout.pid
-        for v in layout.with_path(SEGMENT_NAME_PREFIX):
+        for v in layout.with_path(SEGMENT_NAME_PREFIX, one_per_inode=True):
             if v.inode in seen:
                 continue
             fd = procfs.open_mapped_file(pid, v.start, v.end)

@@ -461,7 +461,7 @@ class MergeEngine(Closing):
     def _merge_target_safely(
         self, tp: TargetPlan, res: TargetResult, refused: list[Refusal], maps: MapsCache
     ) -> None:
-        merged_before = bool(maps.of(tp.pid).with_path(SEGMENT_NAME_PREFIX))
+        merged_before = bool(maps.of(tp.pid).with_path(SEGMENT_NAME_PREFIX, one_per_inode=True))
         merger = TargetMerger(
             tp, self.opts, self.slots, self.handover, self._guard, res, refused, merged_before
         )
