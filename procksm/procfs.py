@@ -24,6 +24,7 @@ import errno
 import functools
 import mmap
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -474,14 +475,91 @@ def read_vmas(pid: int) -> VmaTable:
     return _read_vma_table(pid, "smaps")
 
 
-def count_vmas(pid: int) -> int:
-    """How many VMAs the target has (lines of /proc/PID/maps, not parsed)."""
-    return _read_memory_map_file(pid, "maps").count("\n")
-
-
 def read_maps(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
     return _read_vma_table(pid, "maps")
+
+
+def _parse_header(line: str) -> Vma:
+    """One header line of maps/smaps as a Vma, for the few lines a filtered parse keeps
+    (:func:`parse_maps_with_path`); whole files go through :func:`parse_vma_lines`.
+    "55d154b27000-55d154b29000 r--p 00000000 fe:00 260131      /usr/bin/cat": the path is
+    everything after the inode (it may contain spaces)."""
+    fields = line.split(None, 5)
+    lo, _, hi = fields[0].partition("-")
+    return Vma(
+        start=int(lo, 16),
+        end=int(hi, 16),
+        perms=sys.intern(fields[1]),
+        offset=int(fields[2], 16),
+        dev=sys.intern(fields[3]),
+        inode=int(fields[4]),
+        path=sys.intern(fields[5].rstrip("\n")) if len(fields) > 5 else "",
+    )
+
+
+def parse_maps_with_path(text: str, prefix: str, *, one_per_inode: bool = False) -> list[Vma]:
+    """The lines of /proc/PID/maps whose path starts with ``prefix``, parsed; the others
+    are only searched. A merged-then-unmerged CPython worker has ~3,700 VMAs of which a
+    handful are procksm's: parsing every line into a Vma took ~17 ms a read, searching
+    them ~0.3 ms (measured, benchmarks/many_vmas.py). ``one_per_inode``: only the first
+    VMA of each file (a scattered merge maps one segment in thousands of VMAs, and
+    adopting it needs one). ``follows_file`` stays empty (it names unnamed VMAs only)."""
+    out: list[Vma] = []
+    seen: set[str] = set()
+    at = text.find(prefix)
+    while at >= 0:
+        line_start = text.rfind("\n", 0, at) + 1
+        line_end = text.find("\n", at)
+        if line_end < 0:
+            line_end = len(text)
+        line = text[line_start:line_end]
+        at = text.find(prefix, line_end)
+        if one_per_inode:
+            inode = line.split(None, 5)[4]
+            if inode in seen:
+                continue
+        v = _parse_header(line)
+        if v.path.startswith(prefix):
+            out.append(v)
+            if one_per_inode:
+                seen.add(inode)
+    return out
+
+
+def read_maps_with_path(pid: int, prefix: str) -> list[Vma]:
+    """The VMAs of ``pid`` whose path starts with ``prefix`` (procksm's segments, its
+    scratch area), from one read of /proc/PID/maps (:func:`parse_maps_with_path`). A
+    thread id reads that thread's view (an exited leader has none)."""
+    return parse_maps_with_path(_read_memory_map_file(pid, "maps"), prefix)
+
+
+class MapsSnapshot:
+    """One read of /proc/PID/maps, for the several questions a merge round asks of a
+    target outside its stop windows (how many VMAs, which are procksm's): read once per
+    round instead of once per question, and parsed only as far as asked. What it says is
+    as of the read: anything decided under stop is asked again there (MapsQuery)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._text = _read_memory_map_file(pid, "maps")
+        self._with_path: dict[tuple[str, bool], list[Vma]] = {}
+        self.stale = False  # set by a user that found a mapping gone: read it again
+
+    @property
+    def vma_count(self) -> int:
+        return self._text.count("\n")
+
+    def with_path(self, prefix: str, *, one_per_inode: bool = False) -> list[Vma]:
+        """The VMAs whose path starts with ``prefix`` (:func:`parse_maps_with_path`,
+        parsed once per question)."""
+        key = (prefix, one_per_inode)
+        found = self._with_path.get(key)
+        if found is None:
+            found = self._with_path[key] = parse_maps_with_path(
+                self._text, prefix, one_per_inode=one_per_inode
+            )
+        return found
 
 
 # --------------------------------------------------------------------------------------
@@ -1267,8 +1345,13 @@ def tracepoint_id(category: str, name: str) -> int:
 _PROCMAP_QUERY = 0xC0686611
 _PROCMAP_QUERY_STRUCT = "=QQQQQQQQQIIIIQQ"
 PROCMAP_VMA_READABLE, PROCMAP_VMA_WRITABLE, PROCMAP_VMA_EXECUTABLE, PROCMAP_VMA_SHARED = 1, 2, 4, 8
-# query_flags: else the first VMA above the address (include/uapi/linux/fs.h)
+# query_flags (include/uapi/linux/fs.h): else the first VMA above the address; only a
+# VMA with these permissions, only a VMA that maps a file (the kernel walks past the
+# others itself)
 PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
+PROCMAP_QUERY_FILE_BACKED_VMA = 0x20
+# the name buffer: a file's path, PATH_MAX at most (d_path)
+_QUERY_NAME_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -1278,6 +1361,7 @@ class QueriedVma:
     perms: str  # "rw-p" like /proc/PID/maps
     inode: int
     name: str
+    offset: int = 0  # in the mapped file, bytes
 
     @property
     def is_anonymous(self) -> bool:
@@ -1301,22 +1385,24 @@ class MapsQuery(Closing):
         except OSError as exc:
             raise _open_failed(pid, "maps", exc) from exc
         self._fallback: VmaTable | None = None
-        self._name = bytearray(256)
+        self._name = bytearray(_QUERY_NAME_BYTES)
 
-    def vma_at(self, addr: int, *, or_next: bool = False) -> QueriedVma | None:
-        """The VMA covering ``addr``; with ``or_next``, else the first one above it."""
+    def vma_at(self, addr: int, *, or_next: bool = False, only: int = 0) -> QueriedVma | None:
+        """The VMA covering ``addr``; with ``or_next``, else the first one above it.
+        ``only``: PROCMAP_VMA_* permissions and PROCMAP_QUERY_FILE_BACKED_VMA the VMA
+        must have (others are skipped, with ``or_next``, or answer None)."""
         import ctypes
         import fcntl
         import struct
 
+        flags = (PROCMAP_QUERY_COVERING_OR_NEXT_VMA if or_next else 0) | only
         if self._fallback is None and self._fd is not None:
-            namebuf = (ctypes.c_char * 256).from_buffer(self._name)
+            namebuf = (ctypes.c_char * _QUERY_NAME_BYTES).from_buffer(self._name)
             req = bytearray(
                 struct.pack(
-                    _PROCMAP_QUERY_STRUCT, 104,
-                    PROCMAP_QUERY_COVERING_OR_NEXT_VMA if or_next else 0,
+                    _PROCMAP_QUERY_STRUCT, 104, flags,
                     addr, 0, 0, 0, 0, 0, 0, 0, 0,
-                    256, 0, ctypes.addressof(namebuf), 0,
+                    _QUERY_NAME_BYTES, 0, ctypes.addressof(namebuf), 0,
                 )
             )  # fmt: skip
             try:
@@ -1326,29 +1412,30 @@ class MapsQuery(Closing):
                     return None
                 if exc.errno in (errno.ENOTTY, errno.EINVAL):
                     self._fallback = read_maps(self.pid)
-                    return self.vma_at(addr, or_next=or_next)
+                    return self.vma_at(addr, or_next=or_next, only=only)
                 raise _open_failed(self.pid, "maps", exc) from exc
             f = struct.unpack(_PROCMAP_QUERY_STRUCT, req)
-            start, end, flags, inode, name_size = f[3], f[4], f[5], f[8], f[11]
+            start, end, vm_flags, offset, inode, name_size = f[3], f[4], f[5], f[7], f[8], f[11]
             name = bytes(self._name[: max(0, name_size - 1)]).decode(errors="replace")
             del namebuf
             perms = (
-                ("r" if flags & PROCMAP_VMA_READABLE else "-")
-                + ("w" if flags & PROCMAP_VMA_WRITABLE else "-")
-                + ("x" if flags & PROCMAP_VMA_EXECUTABLE else "-")
-                + ("s" if flags & PROCMAP_VMA_SHARED else "p")
+                ("r" if vm_flags & PROCMAP_VMA_READABLE else "-")
+                + ("w" if vm_flags & PROCMAP_VMA_WRITABLE else "-")
+                + ("x" if vm_flags & PROCMAP_VMA_EXECUTABLE else "-")
+                + ("s" if vm_flags & PROCMAP_VMA_SHARED else "p")
             )
-            return QueriedVma(start, end, perms, inode, name)
+            return QueriedVma(start, end, perms, inode, name, offset)
         for v in self._fallback or []:
-            if v.start <= addr < v.end or (or_next and addr < v.start):
-                return QueriedVma(v.start, v.end, v.perms, v.inode, v.path)
+            if (v.start <= addr < v.end or (or_next and addr < v.start)) and _matches(v, only):
+                return QueriedVma(v.start, v.end, v.perms, v.inode, v.path, v.offset)
         return None
 
-    def vmas_in(self, start: int, end: int) -> Iterator[QueriedVma]:
-        """The VMAs that intersect [start, end), in address order."""
+    def vmas_in(self, start: int, end: int, *, only: int = 0) -> Iterator[QueriedVma]:
+        """The VMAs that intersect [start, end), in address order (``only``: as in
+        :meth:`vma_at`)."""
         addr = start
         while addr < end:
-            v = self.vma_at(addr, or_next=True)
+            v = self.vma_at(addr, or_next=True, only=only)
             if v is None or v.start >= end:
                 return
             yield v
@@ -1358,6 +1445,33 @@ class MapsQuery(Closing):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _matches(v: Vma, only: int) -> bool:
+    """``v`` has what PROCMAP_QUERY's ``only`` flags ask for (the fallback's filter)."""
+    wanted = (
+        (PROCMAP_VMA_READABLE, v.readable),
+        (PROCMAP_VMA_WRITABLE, v.writable),
+        (PROCMAP_VMA_EXECUTABLE, v.executable),
+        (PROCMAP_VMA_SHARED, v.shared),
+        (PROCMAP_QUERY_FILE_BACKED_VMA, v.inode != 0 or v.path.startswith("/")),
+    )
+    return all(has for flag, has in wanted if only & flag)
+
+
+# the end of the address space, for a walk over every VMA
+_ADDRESS_SPACE_END = 1 << 64
+
+
+def executable_file_vmas(pid: int) -> list[QueriedVma]:
+    """The readable, executable VMAs of ``pid`` that map a file (a thread id: that
+    thread's view), found by PROCMAP_QUERY, which walks past the others in the kernel:
+    a merged-then-unmerged CPython worker has ~3,700 VMAs and ~60 of these, and
+    parsing its maps for them took ~17 ms per stop window session (measured,
+    benchmarks/many_vmas.py)."""
+    only = PROCMAP_VMA_READABLE | PROCMAP_VMA_EXECUTABLE | PROCMAP_QUERY_FILE_BACKED_VMA
+    with MapsQuery(pid) as maps:
+        return list(maps.vmas_in(0, _ADDRESS_SPACE_END, only=only))
 
 
 # --------------------------------------------------------------------------------------
@@ -1626,11 +1740,6 @@ def open_mem(pid: int, tid: int) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise _open_failed(pid, path, exc) from exc
-
-
-def read_thread_maps(pid: int, tid: int) -> VmaTable:
-    """/proc/PID/task/TID/maps: the maps of a live thread (an exited leader has none)."""
-    return _read_vma_table(pid, f"task/{tid}/maps")
 
 
 def open_mapped_file(pid: int, start: int, end: int, path: str = "") -> int | None:

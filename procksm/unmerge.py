@@ -49,8 +49,9 @@ class UnmergeResult:
 
 
 def merged_ranges(pid: int) -> list[procfs.Vma]:
-    """procksm's mappings in a target, recognised by the memfd's name."""
-    return [v for v in procfs.read_maps(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
+    """procksm's mappings in a target, recognised by the memfd's name (only their lines
+    of /proc/PID/maps are parsed)."""
+    return procfs.read_maps_with_path(pid, SEGMENT_NAME_PREFIX)
 
 
 def merged_vmas(pid: int) -> list[procfs.Vma]:

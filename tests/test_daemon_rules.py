@@ -109,6 +109,9 @@ class FakeMerger:
     def refresh_stable(self, pids: list[int]) -> None:
         pass
 
+    def forget(self, pids: list[int]) -> None:
+        pass
+
     def merge(self, batch: MergeBatch, targets: dict, order: list) -> BatchOutcome:
         self.rounds.append(batch)
         hashes = batch.hashes

@@ -125,6 +125,78 @@ def test_read_vma_table_of_a_live_process() -> None:
         procfs.read_vmas(proc.pid)
 
 
+_SEGMENT_LINES = (
+    "7f1c0d000000-7f1c0d001000 rw-p 00000000 00:01 501"
+    "                        /memfd:procksm-seg-1 (deleted)\n"
+    "7f1c0d001000-7f1c0d003000 rw-p 00000000 00:00 0 \n"
+    # the prefix inside another path: searched, parsed, not taken
+    "7f1c0e000000-7f1c0e001000 r--p 00000000 fe:00 3003"
+    "                       /tmp/x/memfd:procksm-seg-2\n"
+    # the last line without its newline
+    "7f1c0f000000-7f1c0f004000 rw-p 00003000 00:01 502"
+    "                        /memfd:procksm-seg-2 (deleted)"
+)
+
+
+def test_parse_maps_with_path_parses_only_the_lines_asked_for() -> None:
+    text = fixture("maps_handwritten.txt") + _SEGMENT_LINES
+    prefix = "/memfd:procksm-seg-"
+    found = procfs.parse_maps_with_path(text, prefix)
+    assert found == [v for v in procfs.parse_maps(text) if v.path.startswith(prefix)]
+    assert [(v.start, v.end, v.offset, v.inode) for v in found] == [
+        (0x7F1C0D000000, 0x7F1C0D001000, 0, 501),
+        (0x7F1C0F000000, 0x7F1C0F004000, 0x3000, 502),
+    ]
+    assert procfs.parse_maps_with_path(text, "[heap]")[0].start == 0x01C4A000
+    # one per file: a second mapping of inode 501 is left out, inode 502 kept
+    again = "7f1c10000000-7f1c10001000 rw-p 00000000 00:01 501    /memfd:procksm-seg-1 (deleted)\n"
+    firsts = procfs.parse_maps_with_path(again + text, prefix, one_per_inode=True)
+    assert [(v.start, v.inode) for v in firsts] == [(0x7F1C10000000, 501), (0x7F1C0F000000, 502)]
+    assert procfs.parse_maps_with_path(fixture("maps_handwritten.txt"), prefix) == []
+
+
+def test_maps_snapshot_reads_once_and_answers_from_that_read() -> None:
+    code = (
+        "import mmap, os, sys; fd = os.memfd_create('procksm-seg-test'); "
+        "os.ftruncate(fd, 8192); m = mmap.mmap(fd, 8192); print('ok', flush=True); "
+        "sys.stdin.readline(); m.close(); print('unmapped', flush=True); sys.stdin.readline()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ok\n"
+        snap = procfs.MapsSnapshot(child.pid)
+        ours = snap.with_path("/memfd:procksm-seg-")
+        assert len(ours) == 1 and ours[0].size == 8192
+        assert snap.vma_count == len(procfs.read_maps(child.pid))
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "unmapped\n"
+        # the snapshot is as of its read; a new read sees the change
+        assert snap.with_path("/memfd:procksm-seg-") == ours
+        assert procfs.read_maps_with_path(child.pid, "/memfd:procksm-seg-") == []
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_maps_query_filters_on_kernels_without_procmap_query() -> None:
+    # the fallback (a parse of maps, before 6.11) answers the kernel's query flags alike
+    with procfs.MapsQuery(os.getpid()) as q:
+        q._fallback = procfs.parse_maps(fixture("maps_handwritten.txt"))
+        code = procfs.PROCMAP_VMA_READABLE | procfs.PROCMAP_VMA_EXECUTABLE
+        only = code | procfs.PROCMAP_QUERY_FILE_BACKED_VMA
+        found = list(q.vmas_in(0, 1 << 64, only=only))
+        assert [(v.start, v.offset, v.name) for v in found] == [
+            (0x401000, 0x1000, "/opt/my app/bin/server")
+        ]
+        shared = list(q.vmas_in(0, 1 << 64, only=procfs.PROCMAP_VMA_SHARED))
+        assert [v.name for v in shared] == ["/memfd:shared buf (deleted)", "/[aio] (deleted)"]
+        assert q.vma_at(0x400000, only=procfs.PROCMAP_VMA_EXECUTABLE) is None
+
+
 def test_parse_smaps_rollup_skips_its_header() -> None:
     rollup = procfs.parse_smaps_rollup(fixture("smaps_rollup_planted.txt"))
     assert rollup["Rss"] == 1500 and rollup["Pss_Anon"] == 144 and rollup["Pss_Shmem"] == 0
@@ -811,13 +883,24 @@ def test_process_readers_translate_a_gone_process() -> None:
     assert procfs.open_mapped_file(pid, 0, PAGE_SIZE, "/bin/sh") is None
 
 
-def test_thread_maps_and_mapped_files_of_procksm_itself() -> None:
+def test_executable_file_vmas_and_mapped_files_of_procksm_itself() -> None:
     me = os.getpid()
-    libc = next(v for v in procfs.read_thread_maps(me, me) if "libc" in v.path and v.offset == 0)
-    fd = procfs.open_mapped_file(me, libc.start, libc.end, libc.path)
+    found = procfs.executable_file_vmas(me)
+    # what PROCMAP_QUERY's filters let through is what maps shows: r-x and a file
+    expected = [
+        (v.start, v.end, v.offset, v.path)
+        for v in procfs.read_maps(me)
+        if v.readable and v.executable and v.path.startswith("/")
+    ]
+    assert [(v.start, v.end, v.offset, v.name) for v in found] == expected
+    libc = next(v for v in found if "libc" in v.name)
+    fd = procfs.open_mapped_file(me, libc.start, libc.end, libc.name)
     assert fd is not None
     try:
-        assert os.pread(fd, 4, 0) == b"\x7fELF"
+        # the file at the mapping's offset holds the bytes mapped at its start
+        with open(f"/proc/{me}/mem", "rb") as mem:
+            mem.seek(libc.start)
+            assert os.pread(fd, 4096, libc.offset) == mem.read(4096)
     finally:
         os.close(fd)
 

@@ -333,12 +333,10 @@ def find_gadgets(pid: int, tid: int, mem_fd: int) -> Gadgets | None:
     code (a JIT) could change under us.
     """
     mappings = []
-    for v in procfs.read_thread_maps(pid, tid):
-        if v.perms[0] != "r" or v.perms[1:3] != "-x":
-            continue
-        if not v.path.startswith("/"):
-            continue  # anonymous, [vdso] (no `syscall; ret`, kernel-specific), [vsyscall]
-        mappings.append((v.start, v.end, v.offset, v.path))
+    for v in procfs.executable_file_vmas(tid):
+        if v.perms[1] == "w" or not v.name.startswith("/"):
+            continue  # writable code; [vdso] (no `syscall; ret`, kernel-specific)
+        mappings.append((v.start, v.end, v.offset, v.name))
     # libc and the loader first: they have both, and the choice stays the same run after
     # run (the madvise guard's filter exempts the address procksm found the first time)
     mappings.sort(key=lambda m: not any(n in m[3] for n in ("/libc.", "/libc-", "/ld-")))

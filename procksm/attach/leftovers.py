@@ -22,7 +22,7 @@ def has_leftovers(pid: int) -> bool:
     """Whether a procksm that died left something in `pid` (see
     procksm.attach.scratch.remove_leftovers_in_window): its scratch area, or a memfd fd of its."""
     try:
-        if any(v.path == SCRATCH_PATH for v in procfs.read_maps(pid)):
+        if any(v.path == SCRATCH_PATH for v in procfs.read_maps_with_path(pid, SCRATCH_PATH)):
             return True
         return any(
             t.startswith(LEFTOVER_MEMFD_PREFIX) for t in procfs.list_fd_targets(pid).values()

@@ -68,7 +68,11 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
     tid = threads.memory_tid()  # /proc/TID works for any live thread; a leader may be gone
     try:
         fds = procfs.list_fd_targets(tid)
-        spans = [v for v in procfs.read_maps(tid) if v.path == SCRATCH_PATH and v.offset == 0]
+        spans = [
+            v
+            for v in procfs.read_maps_with_path(tid, SCRATCH_PATH)
+            if v.path == SCRATCH_PATH and v.offset == 0
+        ]
     except ProcksmError:
         return 0  # cannot look (the process is exiting): nothing to remove either
     removed = 0

@@ -96,10 +96,12 @@ class ScanPass:
         self.index.forget(lo, hi)
         self.ages.forget_target(t.index)
         self.backoff.forget(lo, hi)
+        self.merger.forget([t.pid])
 
     def clear(self) -> None:
         """Everything starts over, as after the kernel's run=2."""
         self.index.clear()
+        self.merger.forget(list(self.registry.targets))
         self.ages = PageAges()
         self.backoff.clear()
         self.registry.cursor = (0, 0, 0)

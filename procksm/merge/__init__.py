@@ -12,7 +12,7 @@ The merge stage of the data flow (docs/design.md §5, §10). The public API is h
   SCM_RIGHTS)
 """
 
-from procksm.merge.engine import MergeEngine, check_targets, merge
+from procksm.merge.engine import MapsCache, MergeEngine, check_targets, merge
 from procksm.merge.records import (
     MergeOptions,
     MergeOutcome,
@@ -23,6 +23,7 @@ from procksm.merge.records import (
 )
 
 __all__ = [
+    "MapsCache",
     "MergeEngine",
     "MergeOptions",
     "MergeOutcome",

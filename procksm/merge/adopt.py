@@ -19,25 +19,33 @@ from procksm.index import StableTree
 from procksm.merge.round_slots import WRITE_CHUNK_PAGES
 from procksm.plan import Extent, MergePlan, apply_budget
 from procksm.runs import split_runs
-from procksm.slots import Segment, SlotStore
-from procksm.unmerge import merged_ranges
+from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
 
 
 def adopt_segments(
-    store: SlotStore, pids: Sequence[int], segment_hashes: dict[int, np.ndarray]
+    store: SlotStore, layouts: Sequence[procfs.MapsSnapshot], segment_hashes: dict[int, np.ndarray]
 ) -> list[tuple[Segment, np.ndarray]]:
-    """Open (read-only) each procksm segment mapped in the targets, once per inode,
-    and hash its data pages. Needs /proc/PID/map_files (root); skipped otherwise."""
+    """Open (read-only) each procksm segment mapped in the targets (``layouts``: their
+    maps, read once for the round), once per inode, and hash its data pages. Needs
+    /proc/PID/map_files (root); skipped otherwise."""
     out: list[tuple[Segment, np.ndarray]] = []
     seen: set[int] = set()
-    for pid in pids:
-        for v in merged_ranges(pid):
+    for layout in layouts:
+        pid = layout.pid
+        for v in layout.with_path(SEGMENT_NAME_PREFIX, one_per_inode=True):
             if v.inode in seen:
                 continue
-            seen.add(v.inode)
             fd = procfs.open_mapped_file(pid, v.start, v.end)
+            if fd is not None and os.fstat(fd).st_ino != v.inode:
+                os.close(fd)
+                fd = None
             if fd is None:
+                # not root (no map_files), or the target unmapped or remapped the range
+                # since the layout was read (the daemon keeps layouts across rounds):
+                # read it again next time
+                layout.stale = True
                 continue
+            seen.add(v.inode)
             # Sealed, so a segment's hashes never change: a daemon that merges batch
             # after batch hashes each segment once (see MergeEngine.segment_hashes).
             hashes = segment_hashes.get(v.inode)

@@ -33,7 +33,7 @@ import dataclasses
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -188,6 +188,30 @@ def mergeable_rows(scan: ScanInput, look: Look) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+class MapsCache:
+    """Each target's /proc/PID/maps (procfs.MapsSnapshot), read when first asked and
+    kept until forgotten or found stale. A merge round reads the targets it merges
+    afresh and forgets them after (it changed them); the others' snapshots serve only
+    the stable tree's adoption, which checks the file it opens (merge.adopt), so the
+    daemon keeps one cache across its rounds and clears it every full scan."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, procfs.MapsSnapshot] = {}
+
+    def of(self, pid: int) -> procfs.MapsSnapshot:
+        snap = self._of.get(pid)
+        if snap is None or snap.stale:
+            snap = self._of[pid] = procfs.MapsSnapshot(pid)
+        return snap
+
+    def forget(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            self._of.pop(pid, None)
+
+    def clear(self) -> None:
+        self._of.clear()
+
+
 class MergeEngine(Closing):
     """The one-shot merge (:meth:`run`: steps 1-5) and the merge rounds it and
     ``procksm attach`` are made of (:meth:`merge_scanned`: steps 3-5)."""
@@ -283,6 +307,7 @@ class MergeEngine(Closing):
         *,
         adopt_from: Sequence[int] | None = None,
         existing: list[tuple[Segment, np.ndarray]] | None = None,
+        maps: MapsCache | None = None,
     ) -> MergeOutcome:
         """One round of steps 3-5 for pages already scanned (rows where ``mergeable``;
         content ids group them): plan, write and seal slots, merge every target (each
@@ -290,12 +315,16 @@ class MergeEngine(Closing):
         long-lived: ``procksm attach`` calls it for every batch its scan loop found
         ready, and procksm's fds of a round's segments are closed when it ends (the
         targets keep their mappings). ``existing``: the stable tree's segments, adopted
-        already; else those mapped in ``adopt_from`` (default: the scanned processes)."""
+        already; else those mapped in ``adopt_from`` (default: the scanned processes).
+        ``maps``: the targets' maps kept across rounds (a new cache by default)."""
+        maps = maps if maps is not None else MapsCache()
         try:
             return self._merge_round(
-                scan, mergeable, say or (lambda _m: None), adopt_from, existing
+                scan, mergeable, say or (lambda _m: None), adopt_from, existing, maps
             )
         finally:
+            # the round changed the maps of the targets it merged
+            maps.forget(p.pid for p in scan.processes)
             self.release()
 
     def release(self) -> None:
@@ -311,17 +340,24 @@ class MergeEngine(Closing):
         say: ProgressFn,
         adopt_from: Sequence[int] | None,
         existing: list[tuple[Segment, np.ndarray]] | None,
+        maps: MapsCache,
     ) -> MergeOutcome:
         self.slots = self._new_round_slots()
         pids = [p.pid for p in scan.processes]
         results = {p.pid: TargetResult(p.pid, p.name) for p in scan.processes}
         refused = exclusion_refusals(scan)
+        # Each target's maps, read once for the round's questions asked outside its
+        # stop windows (its segments, its VMA count, whether it is merged already):
+        # ~17 ms a parse on a target with 3,700 VMAs, asked several times per round
+        # (benchmarks/many_vmas.py). The round's own targets are read afresh; whatever
+        # decides a replacement is read again under stop (procksm.merge.target).
+        maps.forget(pids)
         # The stable tree across runs: segments an earlier procksm mapped into these
         # targets. Pages equal to their content map them again (a restarted worker
         # joins the merge) instead of getting new slots.
         if existing is None:
-            existing = self.stable_segments(adopt_from if adopt_from is not None else pids)
-        plan, joins, budgets = self._plan(scan, mergeable, pids, existing)
+            existing = self._adopt(adopt_from if adopt_from is not None else pids, maps)
+        plan, joins, budgets = self._plan(scan, mergeable, pids, existing, maps)
         say(f"writing {plan.nslots:,} slots")
         self.slots.write(scan, plan)
         join_existing(plan, joins, self.slots.add_adopted(existing), budgets)
@@ -339,7 +375,7 @@ class MergeEngine(Closing):
                     )
                 )
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")
-        self._merge_targets(plan, results, refused)
+        self._merge_targets(plan, results, refused, maps)
         return MergeOutcome(results, refused)
 
     def _plan(
@@ -348,6 +384,7 @@ class MergeEngine(Closing):
         mergeable: np.ndarray,
         pids: list[int],
         existing: list[tuple[Segment, np.ndarray]],
+        maps: MapsCache,
     ) -> tuple[MergePlan, dict[int, list[tuple[int, int, int, int]]], dict[int, int]]:
         """The round's plan, the runs that join adopted segments (their rows taken out
         of ``mergeable`` first), and each target's VMA budget."""
@@ -357,7 +394,7 @@ class MergeEngine(Closing):
         joins = match_existing(scan, mergeable, existing, tail_only) if existing else {}
         budgets = {
             pid: vma_budget(
-                procfs.max_map_count(), procfs.count_vmas(pid), self.opts.vma_budget_cap
+                procfs.max_map_count(), maps.of(pid).vma_count, self.opts.vma_budget_cap
             )
             for pid in pids
         }
@@ -372,7 +409,11 @@ class MergeEngine(Closing):
         return plan, joins, budgets
 
     def _merge_targets(
-        self, plan: MergePlan, results: dict[int, TargetResult], refused: list[Refusal]
+        self,
+        plan: MergePlan,
+        results: dict[int, TargetResult],
+        refused: list[Refusal],
+        maps: MapsCache,
     ) -> None:
         # Targets are merged in parallel, one thread each (ptrace is per tracer
         # thread; ctypes releases the GIL in ptrace/wait/process_vm_readv), so the
@@ -382,11 +423,11 @@ class MergeEngine(Closing):
             # In the calling thread: its stop windows defer SIGINT/SIGTERM, and no
             # other procksm thread is left to take them mid-window.
             for tp in plan.targets:
-                self._merge_target_safely(tp, results[tp.pid], refused)
+                self._merge_target_safely(tp, results[tp.pid], refused, maps)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futures = [
-                    pool.submit(self._merge_target_safely, tp, results[tp.pid], refused)
+                    pool.submit(self._merge_target_safely, tp, results[tp.pid], refused, maps)
                     for tp in plan.targets
                 ]
                 for f in futures:
@@ -403,19 +444,27 @@ class MergeEngine(Closing):
             [np.arange(scan.mapping_rows[i], scan.mapping_rows[i + 1]) for i in ms]
         )
 
-    def stable_segments(self, pids: Sequence[int]) -> list[tuple[Segment, np.ndarray]]:
+    def stable_segments(
+        self, pids: Sequence[int], maps: MapsCache | None = None
+    ) -> list[tuple[Segment, np.ndarray]]:
         """The stable tree's segments: procksm's segments mapped in ``pids``, adopted
         into this round's slot store, with their page hashes (cached in
         :attr:`segment_hashes`)."""
-        return adopt_segments(self.store, pids, self.segment_hashes)
+        return self._adopt(pids, maps if maps is not None else MapsCache())
+
+    def _adopt(self, pids: Sequence[int], maps: MapsCache) -> list[tuple[Segment, np.ndarray]]:
+        return adopt_segments(self.store, [maps.of(pid) for pid in pids], self.segment_hashes)
 
     def _new_round_slots(self) -> RoundSlots:
         return RoundSlots(self.store, self.segment_hashes, self.opts.tail_gap_pages)
 
     def _merge_target_safely(
-        self, tp: TargetPlan, res: TargetResult, refused: list[Refusal]
+        self, tp: TargetPlan, res: TargetResult, refused: list[Refusal], maps: MapsCache
     ) -> None:
-        merger = TargetMerger(tp, self.opts, self.slots, self.handover, self._guard, res, refused)
+        merged_before = bool(maps.of(tp.pid).with_path(SEGMENT_NAME_PREFIX, one_per_inode=True))
+        merger = TargetMerger(
+            tp, self.opts, self.slots, self.handover, self._guard, res, refused, merged_before
+        )
         merger.merge_safely()
 
     def _guard(self) -> guard.GuardClient:

@@ -42,12 +42,12 @@ from procksm.plan import FD_CALLS, Extent, TargetPlan, ZeroExtent, split_batches
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
 from procksm.slots import SEGMENT_NAME_PREFIX
-from procksm.unmerge import merged_ranges
 
 
 class TargetMerger:
     """The merge of one target's planned extents and zero runs, window by window; what
-    it did goes into ``res`` and ``refused`` (shared by the round's targets)."""
+    it did goes into ``res`` and ``refused`` (shared by the round's targets).
+    ``merged_before``: the target mapped procksm's segments when the round read its maps."""
 
     def __init__(
         self,
@@ -58,6 +58,7 @@ class TargetMerger:
         guard_client: Callable[[], guard.GuardClient],
         res: TargetResult,
         refused: list[Refusal],
+        merged_before: bool,
     ) -> None:
         self.pid = tp.pid
         self.advice_at = tp.advice_at
@@ -69,6 +70,7 @@ class TargetMerger:
         self.guard_client = guard_client  # the engine's, started on first use
         self.res = res
         self.refused = refused
+        self.merged_before = merged_before
 
     def merge_safely(self) -> None:
         """:meth:`merge`, at real-time priority when asked for (or when the CPUs are
@@ -96,7 +98,7 @@ class TargetMerger:
         # A target merged before whose guard is gone (killed, or another guard's) gets
         # a new one even when nothing new is merged (procksm.guard: the newest filter's
         # listener takes the notifications).
-        reguard = opts.guard and not extents and bool(merged_ranges(pid))
+        reguard = opts.guard and not extents and self.merged_before
         if not batches and not reguard:
             return
         reader = PageReader(pid, chunk_bytes=opts.batch_pages * PAGE_SIZE)

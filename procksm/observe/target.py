@@ -31,8 +31,7 @@ class WatchedTarget:
         pid = self.ledger.pid
         if self.pagemap is None:
             self.pagemap = procfs.PagemapFile(pid)
-        maps = procfs.read_maps(pid)
-        merged = [(v.start, v.end) for v in maps if v.path.startswith(SEGMENT_NAME_PREFIX)]
+        merged = [(v.start, v.end) for v in procfs.read_maps_with_path(pid, SEGMENT_NAME_PREFIX)]
         self.dirty |= self.ledger.restrict(merged)
 
     def check_break(self, addr: int) -> Literal["break", "gone", "not_copied"]:
