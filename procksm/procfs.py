@@ -21,6 +21,7 @@ import array
 import ctypes
 import dataclasses
 import errno
+import fnmatch
 import functools
 import mmap
 import os
@@ -478,6 +479,14 @@ def read_vmas(pid: int) -> VmaTable:
 def read_maps(pid: int) -> VmaTable:
     """The target's VMAs from /proc/PID/maps (cheap; no VmFlags, so none is eligible)."""
     return _read_vma_table(pid, "maps")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """A mapping's display name against a user's pattern (`scan --mapping`, the daemon's
+    register/unregister): the name itself, or a shell-style pattern. Names like "[heap]"
+    are patterns that never match themselves ("one of h, e, a, p"): the README's
+    `--mapping '[heap]'` matched nothing before the exact comparison."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
 def _parse_header(line: str) -> Vma:

@@ -11,7 +11,6 @@ Never writes to a target and never ptrace-stops it: ``process_vm_readv`` needs o
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -98,7 +97,7 @@ def _select(vma: procfs.Vma, opts: ScanOptions) -> list[tuple[int, int]]:
     if not opts.ranges and not opts.mappings:
         return [(vma.start, vma.end)]
     out: list[tuple[int, int]] = []
-    if opts.mappings and any(fnmatch.fnmatchcase(vma.name, pat) for pat in opts.mappings):
+    if opts.mappings and any(procfs.name_matches(vma.name, pat) for pat in opts.mappings):
         return [(vma.start, vma.end)]
     for r in opts.ranges:
         s, e = max(r.start, vma.start), min(r.end, vma.end)

@@ -942,3 +942,11 @@ def test_the_syscall_a_blocked_thread_is_in() -> None:
         child.kill()
         child.wait()
     assert procfs.read_thread_syscall(child.pid, child.pid) is None  # gone
+
+
+def test_a_mapping_name_matches_itself_and_shell_patterns() -> None:
+    assert procfs.name_matches("[heap]", "[heap]")  # as a pattern it means "h, e, a or p"
+    assert procfs.name_matches("[heap]", "*heap*")
+    assert procfs.name_matches("/usr/lib/libc.so.6", "*/libc.so*")
+    assert not procfs.name_matches("[stack]", "[heap]")
+    assert not procfs.name_matches("h", "[heap]x")

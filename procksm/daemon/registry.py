@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fnmatch
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,9 +76,9 @@ class Registration:
 
     def select(self, name: str, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of an eligible VMA (its display name and bounds) to scan."""
-        if any(fnmatch.fnmatchcase(name, p) for p in self.excluded_names):
+        if any(procfs.name_matches(name, p) for p in self.excluded_names):
             return []
-        if self.everything or any(fnmatch.fnmatchcase(name, p) for p in self.names):
+        if self.everything or any(procfs.name_matches(name, p) for p in self.names):
             parts = [(start, end)]
         else:
             parts = [
