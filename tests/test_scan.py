@@ -127,6 +127,7 @@ FORKER = textwrap.dedent(
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     pid = os.fork()
     if pid == 0:
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: gone with its parent
         time.sleep(3600)
     print(f"READY child={pid} addr={addr:#x}", flush=True)
     sys.stdin.readline()
