@@ -676,7 +676,11 @@ def test_merge_never_raises_a_limited_targets_memory_charge(spawn, planted, tmp_
         assert after < usage - N * PAGE_SIZE, (usage, after)  # the targets' charge fell
         if v1:
             peak = int((cg / "memory.max_usage_in_bytes").read_text())
-            assert peak <= usage + (256 << 10), (usage, peak)  # page tables at most
+            # page tables at most, plus what the memcg charges ahead per CPU: charges are
+            # taken in batches of 64 pages (mm/memcontrol.c MEMCG_CHARGE_BATCH) and the
+            # stock left on a CPU counts in the usage (seen: exactly 128 pages over, once)
+            ahead = 64 * PAGE_SIZE * (os.cpu_count() or 1)
+            assert peak <= usage + (256 << 10) + ahead, (usage, peak)
             assert int((cg / "memory.failcnt").read_text()) == 0
         for t in pair:
             assert t.command("check") == f"OK pages={N + Z + U}"
