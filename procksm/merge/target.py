@@ -2,10 +2,12 @@
 
 In stop windows of at most ``batch_pages`` pages: with every thread stopped, re-read
 each extent and compare it byte for byte with its slots (pages that changed are skipped,
-counted volatile), hold the other threads, hand over read-only fds of the segments,
-``mmap(MAP_PRIVATE|MAP_FIXED)`` with the VMA's protection, ``MADV_POPULATE_READ``,
-``MADV_DONTNEED`` the zero runs, close the fds, resume. The first, short window installs
-the madvise guard (procksm.guard).
+counted volatile), hold the other threads, then in one batch run by the target
+(procksm.attach.call_batch) take read-only fds of the segments,
+``mmap(MAP_PRIVATE|MAP_FIXED)`` with the VMA's protection, give the advice again,
+``MADV_POPULATE_READ``, ``MADV_DONTNEED`` the zero runs, close the fds; resume. Two short
+windows come first: the scratch area (with the call routine), then the madvise guard
+(procksm.guard).
 """
 
 from __future__ import annotations
@@ -136,21 +138,27 @@ class TargetMerger:
         self.res.pages_refused += sum(x.npages for x in self.extents)
 
     def _first_window(self, sess: PtraceSession, client: guard.GuardClient | None) -> str | None:
-        """The scratch page (arguments of the hand-over) gets a short window of its
-        own, so the first merge window is no longer than the others; the madvise
-        guard's filter is installed in it, and its listener handed to the guard
-        before anything is merged (procksm.guard). Returns why the target is refused."""
+        """The scratch area (the call routine, arguments of the hand-over) gets a short
+        window of its own, so the first merge window is no longer than the others; the
+        madvise guard's filter is installed in a second one (each ~2 ms on a quiet
+        machine: together they were the p99 of a merge's stops), and its listener
+        handed to the guard before anything is merged (procksm.guard). Returns why the
+        target is refused."""
         listener = None
         left = guard.listener_copies_left_in(self.pid) if self.opts.guard else None
         with sess.stopped() as st:
             st.scratch()
-            for fd in left.still_left() if left is not None and left.found else ():
-                st.syscall(SYS_close, fd)  # a dead procksm's copy of the guard's listener
-            if client is not None:
-                try:
-                    listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
-                except guard.GuardError as err:
-                    return err.message
+        copies = left is not None and left.found
+        if copies or client is not None:
+            with sess.stopped() as st:
+                # under stop: the fd numbers cannot change meanwhile
+                for fd in left.still_left() if left is not None and copies else ():
+                    st.syscall(SYS_close, fd)  # a dead procksm's copy of the guard's listener
+                if client is not None:
+                    try:
+                        listener = guard.install(st, set_no_new_privs=self.opts.set_no_new_privs)
+                    except guard.GuardError as err:
+                        return err.message
         # None: guarded already, through a filter inherited from a guarded parent
         if client is not None and listener is not None:
             try:
