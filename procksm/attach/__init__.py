@@ -12,6 +12,7 @@ window), in ``session``; the parts they delegate to each have one job:
   redeliver and detach them; the window's threads
 * ``injected_call``, ``return_frames``: one injected call; the frames that lead each
   thread back to its own state whatever instant procksm dies at (docs/kill-safety.md)
+* ``call_batch``: a window's calls run in the target in one go by procksm's call routine
 * ``scratch``, ``scratch_layout``: the scratch area in the target and its layout
 * ``seccomp_bpf``, ``seccomp_precheck``: what a target's seccomp filters would answer
 * ``deferred_signals``, ``kill_steps``: signals deferred in a window; the kill-test switch

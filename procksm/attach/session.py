@@ -11,7 +11,9 @@ gate. The parts, each in its module:
 * :mod:`procksm.attach.tracees` is what is known of each stopped thread, and the target's
   memory reached through them; :mod:`procksm.attach.target_program` the program it runs (its
   memory opened, the gadgets injected calls run through, an exec noticed);
-* :mod:`procksm.attach.injected_call` runs one call in a stopped thread;
+* :mod:`procksm.attach.call_batch` runs a window's calls in one go (procksm's call
+  routine in the scratch area); :mod:`procksm.attach.injected_call` runs one call in a
+  stopped thread;
   :mod:`procksm.attach.return_frames` writes its way back; :mod:`procksm.attach.seccomp_precheck`
   refuses a target whose seccomp filters would stop one;
 * :mod:`procksm.attach.scratch` maps the scratch area (:mod:`procksm.attach.scratch_layout`) and
