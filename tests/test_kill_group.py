@@ -33,6 +33,7 @@ from tests.conftest import (
     require_privileges,
 )
 from tests.test_kill_steps import (
+    AFTER_KILL_S,
     _fds,
     _procksm_things,
     exited,
@@ -111,7 +112,7 @@ def test_sigkill_of_the_whole_process_group(spawn: Any, tmp_path: Path) -> None:
             mid[kind] += any(merged_ranges(p) for p in pids)
 
         kill_procksm(pid)
-        time.sleep(0.1)  # released threads finish their frames' calls
+        time.sleep(AFTER_KILL_S)
         for t in targets:
             try:
                 _intact(t, threads == 32)

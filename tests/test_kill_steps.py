@@ -38,6 +38,7 @@ import pytest
 
 from procksm import PAGE_SIZE
 from procksm.arch.x86_64 import SYS_madvise
+from procksm.attach.call_batch import PARK_NS
 from procksm.procfs import parse_smaps
 from procksm.unmerge import merged_ranges, unmerge
 from tests.conftest import (
@@ -49,6 +50,10 @@ from tests.conftest import (
 )
 
 PROCKSM = [sys.executable, "-m", "procksm"]
+# After a kill, before a new procksm cleans up: released threads finish their frames'
+# calls, and a thread parked in the call routine waits out its park (procksm.attach.
+# call_batch); until then a new procksm leaves the dead one's scratch area in place.
+AFTER_KILL_S = PARK_NS / 1e9 + 0.1
 IDENTICAL, ZERO = 48, 16
 
 
@@ -268,7 +273,7 @@ def _sweep(setup: Setup, steps: range, *, timeout: float = 30) -> Iterator[int]:
         targets, args = setup()
         baseline = {t.pid: _fds(t.pid) for t in targets}
         _run(args, timeout, kill_at=n)
-        time.sleep(0.1)  # released threads finish their frames' calls
+        time.sleep(AFTER_KILL_S)
         for t in targets:
             try:
                 assert_target_intact(t)
@@ -412,7 +417,7 @@ def test_kill_after_every_step_of_an_unmerge_window(
         _run(["merge", *pids], 60)
         assert all(merged_ranges(p) for p in pids)
         _run(["unmerge", *pids], 30, kill_at=n)
-        time.sleep(0.1)
+        time.sleep(AFTER_KILL_S)
         for t in targets:
             assert_target_intact(t)
         _unmerge_clean(targets, baseline)
@@ -472,7 +477,7 @@ def test_kill_after_every_step_of_the_guards_unmerge(
         assert a.command(f"dontneed identical {page} 1", timeout=60) == "OK", n
         survived = kill_file.exists()  # past the last step: nobody died this round
         kill_file.unlink(missing_ok=True)
-        time.sleep(0.1)
+        time.sleep(AFTER_KILL_S)
         for t in targets:
             try:
                 assert_target_intact(t)
@@ -525,7 +530,7 @@ def test_an_injected_call_that_outlives_the_timeout_is_left_its_way_back(
         session.timeout = 10
         with session.stopped() as st:  # the orphan, once its call is over
             assert st.syscall(SYS_munmap, addr, size) == 0
-    time.sleep(0.1)
+    time.sleep(AFTER_KILL_S)
     assert_target_intact(t)
     _unmerge_clean([t], {t.pid: baseline})
 

@@ -503,7 +503,12 @@ KILL_ROUNDS = 9  # 3 each of merge, unmerge, the daemon
 def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None:
     """Kill procksm's process group at a random moment of a merge, an unmerge or the
     daemon; after each kill `check()` (the programs' own answer) and a clean unmerge."""
-    from tests.test_kill_steps import kill_procksm, start_procksm, unmerge_when_free
+    from tests.test_kill_steps import (
+        AFTER_KILL_S,
+        kill_procksm,
+        start_procksm,
+        unmerge_when_free,
+    )
 
     rng = random.Random(seed)
     for r in range(KILL_ROUNDS):
@@ -520,7 +525,7 @@ def _kill_rounds(pids: list[int], tmp_path: Path, check: Any, seed: int) -> None
             pid = start_procksm(["attach", "--no-bpf", "--control", tmp_path / f"k{r}.sock", *pids])
             time.sleep(rng.uniform(0.3, 2.0))
         kill_procksm(pid)
-        time.sleep(0.1)
+        time.sleep(AFTER_KILL_S)
         check(f"round {r} ({kind}) after the kill")
         for pid in pids:
             unmerge_when_free(pid)
