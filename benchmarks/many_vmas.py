@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.common import RESULTS
 from benchmarks.harness.truth import cpu_with_reaped, process_tree
+from tests.runtime_workers import NUMPY_WORKER_DATA
 
 Json = dict[str, Any]
 PAGE = 4096
@@ -52,17 +53,9 @@ PRESENT, FILE = 1 << 63, 1 << 61
 
 # tests/test_real_programs.py's WORKER, with a self-check instead of a computation step:
 # it keeps digests of its data and compares them on `check`
-WORKER = r"""
-import hashlib, sys
-import numpy as np
-
-rng = np.random.default_rng(1234)
-table = rng.standard_normal((2048, 2048))            # 32 MiB, the same in every worker
-ints = np.arange(4_000_000, dtype=np.int64) * 7       # 30 MiB
-objects = {f"k{i}": ("v" * (i % 50), i, float(i)) for i in range(200_000)}
-zeros = np.zeros(8 << 20, dtype=np.uint8)             # 8 MiB of zeros
-zeros[::4096] = 0                                     # touched: present zero pages
-
+WORKER = (
+    NUMPY_WORKER_DATA
+    + r"""
 def digest():
     h = hashlib.sha256()
     h.update(table.tobytes()); h.update(ints.tobytes()); h.update(zeros.tobytes())
@@ -75,6 +68,7 @@ for line in sys.stdin:
     if line.strip() == "check":
         print("OK" if digest() == want and len(objects) == 200_000 else "CORRUPT", flush=True)
 """
+)
 
 
 class Checkout:

@@ -41,3 +41,18 @@ def parse_status(line: str) -> tuple[int, int]:
         raise ValueError(f"not a worker's status line: {line!r}")
     values = dict(f.split("=", 1) for f in fields[1:])
     return int(values["checks"]), int(values["mismatches"])
+
+
+# The data a CPython + numpy worker holds (tests/test_real_programs.py's WORKER,
+# benchmarks/many_vmas.py's): the same in every worker but the dict's layout.
+NUMPY_WORKER_DATA = r"""
+import hashlib, sys
+import numpy as np
+
+rng = np.random.default_rng(1234)
+table = rng.standard_normal((2048, 2048))            # 32 MiB, the same in every worker
+ints = np.arange(4_000_000, dtype=np.int64) * 7       # 30 MiB
+objects = {f"k{i}": ("v" * (i % 50), i, float(i)) for i in range(200_000)}
+zeros = np.zeros(8 << 20, dtype=np.uint8)             # 8 MiB of zeros
+zeros[::4096] = 0                                     # touched: present zero pages
+"""

@@ -44,7 +44,13 @@ from tests.conftest import (
     skip_or_fail,
 )
 from tests.daemon_helpers import PAGE, Truth, frames_in_use, merged_vmas, wait_for
-from tests.runtime_workers import RUNTIMES, parse_status, runtime_exe, worker_argv
+from tests.runtime_workers import (
+    NUMPY_WORKER_DATA,
+    RUNTIMES,
+    parse_status,
+    runtime_exe,
+    worker_argv,
+)
 
 Check = Callable[[str], None]  # the programs' own verdict, asserted; the argument says when
 
@@ -342,17 +348,9 @@ def test_the_daemons_memory_stays_in_its_budget_on_scattered_redis(tmp_path, dae
 # Python workers
 # --------------------------------------------------------------------------------------
 
-WORKER = r"""
-import hashlib, sys
-import numpy as np
-
-rng = np.random.default_rng(1234)
-table = rng.standard_normal((2048, 2048))            # 32 MiB, the same in every worker
-ints = np.arange(4_000_000, dtype=np.int64) * 7       # 30 MiB
-objects = {f"k{i}": ("v" * (i % 50), i, float(i)) for i in range(200_000)}
-zeros = np.zeros(8 << 20, dtype=np.uint8)             # 8 MiB of zeros
-zeros[::4096] = 0                                     # touched: present zero pages
-print("READY", flush=True)
+WORKER = (
+    NUMPY_WORKER_DATA
+    + r"""print("READY", flush=True)
 for line in sys.stdin:
     step = int(line)
     # compute on everything, write some of it: COW after the merge
@@ -366,6 +364,7 @@ for line in sys.stdin:
     h.update(repr(sorted(objects.items())[::1000]).encode())
     print(h.hexdigest(), float(table.sum()), flush=True)
 """
+)
 
 
 def _start_workers(tmp_path: Path, n: int) -> list[subprocess.Popen[str]]:
