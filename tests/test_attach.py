@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 
 from procksm.arch.x86_64 import (
+    ERESTART_RESTARTBLOCK,
     Registers,
     SYS_getpid,
     SYS_gettid,
     SYS_mmap,
     SYS_munmap,
+    SYS_restart_syscall,
     signed,
 )
-from procksm.attach import PtraceSession
+from procksm.attach import PtraceSession, StoppedTarget
 from procksm.attach.diagnose import (
     AttachStatus,
     check_attachable,
@@ -36,7 +38,7 @@ from procksm.attach.diagnose import (
     permission_denial,
     yama_denial,
 )
-from procksm.attach.inject import PTRACE_SEIZE, ptrace
+from procksm.attach.inject import PTRACE_SEIZE, ptrace, set_regs
 from procksm.errors import (
     NoSuchProcess,
     PtraceTimeout,
@@ -45,6 +47,7 @@ from procksm.errors import (
     UsageError,
     ZombieProcess,
 )
+from procksm.unmerge import unmerge
 from tests.conftest import ROOT, Target, build_c_target
 
 NOBODY = 65534
@@ -512,6 +515,62 @@ def test_sigkill_of_the_tool_leaves_target_running(
     time.sleep(0.05)
     assert counts(target)["spins"] > spins
     assert target.command("poke") == "OK reads=1"
+    assert_no_errors(target)
+
+
+def _as_caught_after_the_fixup(st: StoppedTarget, tid: int) -> None:
+    """Put thread `tid`, stopped in a call restarted through its restart block (rax =
+    -ERESTART_RESTARTBLOCK), in the state the kernel leaves it in when the stop comes
+    after its restart fix-up: rax = restart_syscall, rip back at the `syscall`, orig_rax
+    as it was. procksm then reads these as the thread's own registers."""
+    tracee = st._threads.tracees[tid]
+    assert tracee.saved is not None
+    assert -signed(tracee.saved.rax) == ERESTART_RESTARTBLOCK, tracee.saved
+    regs = tracee.saved.copy()
+    regs.rax, regs.rip = SYS_restart_syscall, regs.rip - 2
+    assert st.read_memory(regs.rip, 2) == b"\x0f\x05"
+    set_regs(tid, regs)
+    tracee.saved = regs
+
+
+def test_killed_with_sleepers_caught_on_their_way_into_restart_syscall(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """A thread let go by one window can meet the next window's PTRACE_INTERRUPT on its
+    way back to user space after the kernel's restart fix-up: rip at its `syscall`, rax
+    = restart_syscall (measured: 28 % of a lone thread's back-to-back stops in poll;
+    the kill sweep met it in CI between the guard's window and the first merge window:
+    `blocker poll returned -1 errno=4`). The race is narrow in a whole window, so the
+    test gives the sleepers that state itself, then procksm dies once every thread is
+    gated. Each thread returns through its own frame, whose rt_sigreturn clears the
+    restart block: the frame must re-issue poll and nanosleep, not restart_syscall
+    (which returns EINTR; b-poll and b-nap count it)."""
+    target = start_blockers(spawn, blockers_exe, "--sleepers", "1")
+    pid = target.pid
+    wait_blocked(pid, {"b-poll", "b-nap", "b-sleep"})
+    sleepers = [tid_named(pid, name) for name in ("b-poll", "b-nap")]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the procksm that dies
+        try:
+            with PtraceSession(pid) as session:
+                with session.stopped() as st:
+                    st.scratch()  # the gate's page; the sleepers now sleep in restart_syscall
+                time.sleep(0.05)
+                with session.stopped() as st:
+                    for tid in sleepers:
+                        assert st.saved_registers(tid).orig_rax == SYS_restart_syscall
+                        _as_caught_after_the_fixup(st, tid)
+                    st.hold_others()
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status), "the child failed before it was gated"
+    time.sleep(0.3)  # the gate opens at once: the injecting thread held no call
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+    assert target.command("poke") == "OK reads=1"
+    unmerge(pid)  # the dead session's scratch area
     assert_no_errors(target)
 
 

@@ -35,11 +35,43 @@ def test_a_restarted_call_is_reissued_by_its_own_number() -> None:
     code = bytes.fromhex("89c08b74240c8b3c24b8e60000000f05")[-9:-2]  # ... mov eax, 230
     assert x86_64.restarted_call(code) == 230
     assert x86_64.restarted_call(bytes.fromhex("8b7c240831c0")[-7:] + b"") == 0  # xor eax,eax
-    out = x86_64.own_state(regs(rax=-516, orig_rax=219, rip=0x3002), 7)
+    assert x86_64.restarted_call(bytes(7)) is None
+    # stopped inside restart_syscall: the code ends 2 bytes after rip
+    around = bytes.fromhex("41b807000000") + bytes.fromhex("b8070000000f05") + b"\x48\x3d"
+    assert len(around) == x86_64.CODE_BEFORE_RIP + x86_64.CODE_AFTER_RIP + 4
+    inside = around[4:]  # [rip - 9, rip + 2) with rip right after the syscall
+    r = regs(rax=-516, orig_rax=219, rip=0x3002)
+    assert x86_64.needs_code(r)
+    out = x86_64.own_state(r, inside)
     assert (out.rax, out.rip) == (7, 0x3000)
     with pytest.raises(ValueError, match="restart_syscall"):
-        x86_64.own_state(regs(rax=-516, orig_rax=219, rip=0x3002), None)
-    assert x86_64.restarted_call(bytes(7)) is None
+        x86_64.own_state(r)
+    with pytest.raises(ValueError, match="restart_syscall"):
+        x86_64.own_state(r, bytes(11))
+
+
+def test_a_thread_stopped_after_the_kernels_fixup_reissues_the_call_not_restart_syscall() -> None:
+    """Released by one window and stopped by the next on the same way back to user
+    space: rip at the `syscall`, rax = restart_syscall (orig_rax either the call or
+    restart_syscall). rt_sigreturn clears the restart block, so the frame re-issues poll."""
+    before = bytes.fromhex("8b7c24") + bytes.fromhex("b807000000")  # ..., mov eax, 7
+    at_syscall = before[-7:] + bytes.fromhex("0f05")
+    for orig in (7, 219):
+        r = regs(rax=219, orig_rax=orig, rip=0x4000)
+        assert x86_64.needs_code(r)
+        code = bytes(2) + at_syscall  # [rip - 9, rip + 2)
+        out = x86_64.own_state(r, code)
+        assert (out.rax, out.rip, out.orig_rax) == (7, 0x4000, orig)
+    # orig_rax says which call the fix-up restarts; if that is restart_syscall itself,
+    # only the code before the syscall can tell
+    r = regs(rax=219, orig_rax=7, rip=0x4000)
+    assert x86_64.own_state(r, bytes(9) + bytes.fromhex("0f05")).rax == 7
+    r = regs(rax=219, orig_rax=219, rip=0x4000)
+    with pytest.raises(ValueError, match="restart_syscall"):
+        x86_64.own_state(r, bytes(9) + bytes.fromhex("0f05"))
+    # rax holds 219 but the thread is not at a syscall: a value like any other
+    r = regs(rax=219, orig_rax=-1, rip=0x4000)
+    assert x86_64.own_state(r, bytes(11)) == r
 
 
 def test_frame_layout_matches_the_kernels() -> None:

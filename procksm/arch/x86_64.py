@@ -331,8 +331,22 @@ def restarted_call(code_before: bytes) -> int | None:
     return None
 
 
-def own_state(regs: Registers, restarted_nr: int | None = None) -> Registers:
-    """The registers a thread stopped inside a system call resumes with.
+SYSCALL_INSN = b"\x0f\x05"
+# own_state's view of the code: from 9 bytes before rip (a `mov eax, imm32` and the
+# `syscall` a thread stopped inside a call has just run) to 2 bytes after (the `syscall`
+# a thread stopped after the kernel's restart fix-up is about to run).
+CODE_BEFORE_RIP, CODE_AFTER_RIP = 9, 2
+
+
+def needs_code(regs: Registers) -> bool:
+    """own_state needs the code around rip (:data:`CODE_BEFORE_RIP`..:data:`CODE_AFTER_RIP`):
+    the thread may be on its way into restart_syscall."""
+    return SYS_restart_syscall in (regs.orig_rax, regs.rax)
+
+
+def own_state(regs: Registers, code: bytes = b"") -> Registers:
+    """The registers a thread stopped in or around a system call resumes with through an
+    rt_sigframe (``code``: the bytes around rip when :func:`needs_code`).
 
     A blocking call interrupted by PTRACE_INTERRUPT shows rax = -ERESTART*; with no
     signal to deliver the kernel would restart it (rax = orig_rax, rip -= 2). The frame
@@ -341,18 +355,33 @@ def own_state(regs: Registers, restarted_nr: int | None = None) -> Registers:
     with its original arguments, not through restart_syscall, whose restart block
     ``rt_sigreturn`` clears: the call sleeps its whole timeout again instead of
     returning EINTR (a longer sleep, which those calls allow).
+
+    A thread can also stop after the kernel applied that fix-up and before the
+    ``syscall`` runs: released by one window, it met the next window's PTRACE_INTERRUPT
+    in the same pass of its way back to user space (measured here: 28 % of back-to-back
+    stops of a thread in poll). Its rip is then at the ``syscall`` with rax =
+    restart_syscall, which after an rt_sigreturn would return EINTR: the call it
+    restarts is re-issued instead, as above.
     """
     out = regs.copy()
-    if signed(regs.orig_rax) >= 0 and -signed(regs.rax) in RESTART_CODES:
+    in_call = signed(regs.orig_rax) >= 0 and -signed(regs.rax) in RESTART_CODES
+    if in_call:
+        out.rax = regs.orig_rax
+        out.rip = regs.rip - 2
+        before_syscall = code[: CODE_BEFORE_RIP - 2]
+    elif regs.rax == SYS_restart_syscall and code[CODE_BEFORE_RIP:] == SYSCALL_INSN:
+        if signed(regs.orig_rax) >= 0:
+            out.rax = regs.orig_rax  # the call the kernel was returning from: restarted
+        before_syscall = code[2:CODE_BEFORE_RIP]
+    else:
+        return out
+    if out.rax == SYS_restart_syscall:
         # A call the kernel restarted once already sleeps in restart_syscall, whose
         # restart block rt_sigreturn clears: re-issue the call it restarted instead.
-        nr = regs.orig_rax
-        if nr == SYS_restart_syscall:
-            if restarted_nr is None:
-                raise ValueError("sleeps in restart_syscall and its first call is unknown")
-            nr = restarted_nr
+        nr = restarted_call(before_syscall)
+        if nr is None:
+            raise ValueError("sleeps in restart_syscall and its first call is unknown")
         out.rax = nr
-        out.rip = regs.rip - 2
     return out
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from procksm import procfs
 from procksm.arch import x86_64
-from procksm.arch.x86_64 import Registers, SYS_futex, SYS_restart_syscall, unsigned
+from procksm.arch.x86_64 import Registers, SYS_futex, unsigned
 from procksm.attach.inject import (
     Gadgets,
     get_rseq_area,
@@ -142,12 +142,12 @@ class ReturnFrames:
         """The registers the thread's own-state frame returns to: the kernel's restart
         fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of an rseq
         critical section it was stopped in (:meth:`_rseq_abort`)."""
-        restarted = None
-        if saved.orig_rax == SYS_restart_syscall:
-            code = read_memory(self._threads.memory_tid(), saved.rip - 9, 7)
-            restarted = x86_64.restarted_call(code)
+        code = b""
+        if x86_64.needs_code(saved):
+            before, after = x86_64.CODE_BEFORE_RIP, x86_64.CODE_AFTER_RIP
+            code = read_memory(self._threads.memory_tid(), saved.rip - before, before + after)
         try:
-            regs = x86_64.own_state(saved, restarted)
+            regs = x86_64.own_state(saved, code)
         except ValueError as e:
             raise Unsupported(
                 f"pid {self._threads.pid}, thread {tid}: {e}; procksm cannot give it a way "
