@@ -611,23 +611,36 @@ def test_kpage_batched_lookup_equals_one_by_one(anon: Callable[..., AnonMapping]
     pfns = np.concatenate(
         [own, own[::-3], rng.integers(1, max_pfn, 500).astype(np.uint64), [1 << 40]]
     ).astype(np.uint64)
-    fd = os.open("/proc/kpageflags", os.O_RDONLY)
-    try:
-        naive = []
-        for p in pfns.tolist():
-            raw = os.pread(fd, 8, p * 8)
-            naive.append(int.from_bytes(raw, "little") if raw else 0)
-    finally:
-        os.close(fd)
+
+    def one_by_one() -> list[int]:
+        fd = os.open("/proc/kpageflags", os.O_RDONLY)
+        try:
+            out = []
+            for p in pfns.tolist():
+                raw = os.pread(fd, 8, p * 8)
+                out.append(int.from_bytes(raw, "little") if raw else 0)
+            return out
+        finally:
+            os.close(fd)
+
+    before = one_by_one()
     with KPageFiles() as kp:
         got = kp.read_flags(pfns)
         counts = kp.read_counts(pfns)
-    # Frames of other processes may change between the two reads; ours and the
-    # out-of-range one may not.
+    after = one_by_one()
+    # Frames may change between the reads: compare those that read the same before and
+    # after, but for their LRU state, which moves even for our own pages (a new page
+    # sits in a per-CPU batch until it drains onto the LRU, KPF_LRU; aging moves ACTIVE,
+    # REFERENCED, IDLE): under load that happened between two reads (CI).
+    lru_state = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 25)
+    steady = ~lru_state & ((1 << 64) - 1)
+    stable = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a == b]
     n = len(own) + len(own[::-3])
-    assert got[:n].tolist() == naive[:n] and got[-1] == 0 == naive[-1]
+    assert len(stable) > len(pfns) // 2
+    assert [int(got[i]) & steady for i in stable] == [before[i] & steady for i in stable]
+    assert all((int(got[i]) ^ before[i]) & steady == 0 for i in range(n))  # ours: always
+    assert got[-1] == 0 == before[-1]
     assert (counts[:n] == 1).all()
-    assert np.mean(got[n:-1] == np.array(naive[n:-1], dtype=np.uint64)) > 0.9
     assert len(got) == len(pfns) and kp.read_flags([]).size == 0
 
 
