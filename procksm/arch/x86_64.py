@@ -291,6 +291,7 @@ def xfeature_end(feature: int) -> int:
     return offset + size if size else 0
 
 
+@functools.lru_cache(maxsize=64)  # a process's threads use a handful of feature sets
 def xstate_size_for(xfeatures: int) -> int:
     """Bytes of a standard-format XSAVE image that holds `xfeatures`."""
     end = FXSAVE_SIZE + XSAVE_HEADER_SIZE
@@ -430,7 +431,7 @@ def build_frame(
     struct.pack_into("<Q", buf, 8, flags)
     # uc_link 0; uc_stack all zero: restore_altstack() then fails with ENOMEM (size 0 <
     # MINSIGSTKSZ) or EPERM (on the altstack) and leaves the thread's altstack as it is.
-    values = [unsigned(getattr(regs, name)) for name in _SIGCONTEXT_REGS]
+    values = [getattr(regs, name) for name in _SIGCONTEXT_REGS]  # c_uint64 fields
     struct.pack_into("<18Q", buf, UC_MCONTEXT, *values)
     # cs, gs, fs, ss (the kernel forces CPL 3); err, trapno, oldmask, cr2; fpstate
     struct.pack_into(

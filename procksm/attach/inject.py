@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from procksm import procfs
@@ -111,9 +112,9 @@ def set_regs(tid: int, regs: Registers) -> None:
 def get_xstate(tid: int) -> bytes:
     """The thread's XSAVE image (PTRACE_GETREGSET NT_X86_XSTATE, standard format)."""
     buf = ctypes.create_string_buffer(XSTATE_MAX)
-    iov = _IOVec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_MAX)
+    iov = _IOVec(ctypes.addressof(buf), XSTATE_MAX)
     ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
-    return buf.raw[: iov.iov_len]
+    return ctypes.string_at(buf, iov.iov_len)  # only the image's bytes, copied once
 
 
 def get_sigmask(tid: int) -> int:
@@ -291,6 +292,50 @@ def read_memory(pid: int, addr: int, size: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv(pid {pid}, {addr:#x}, {size}): {os.strerror(err)}")
     return buf.raw[:n]
+
+
+def read_memories(pid: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Several (address, size) ranges in one process_vm_readv (one system call instead
+    of one each: frames of a gated window, ~8 us per thread saved on a JVM). The kernel
+    stops at the first range it cannot read: that range and the ones after come back
+    short (b"")."""
+    if not ranges:
+        return []
+    total = sum(size for _, size in ranges)
+    buf = ctypes.create_string_buffer(total)
+    base = ctypes.addressof(buf)
+    local = (_IOVec * 1)(_IOVec(base, total))
+    remote = (_IOVec * len(ranges))(*(_IOVec(addr, size) for addr, size in ranges))
+    n = _libc.process_vm_readv(pid, local, 1, remote, len(ranges), 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv(pid {pid}, {len(ranges)} ranges): {os.strerror(err)}")
+    out, at = [], 0
+    for _, size in ranges:
+        got = min(size, max(0, n - at))
+        out.append(ctypes.string_at(base + at, got) if got == size else b"")
+        at += size
+    return out
+
+
+def write_memories(pid: int, pieces: Sequence[tuple[int, bytes]]) -> None:
+    """Several (address, data) pieces in one process_vm_writev, all of each or OSError
+    (naming the first piece not written whole; the ones before it are written)."""
+    if not pieces:
+        return
+    data = b"".join(d for _, d in pieces)
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = (_IOVec * 1)(_IOVec(ctypes.addressof(buf), len(data)))
+    remote = (_IOVec * len(pieces))(*(_IOVec(addr, len(d)) for addr, d in pieces))
+    n = _libc.process_vm_writev(pid, local, 1, remote, len(pieces), 0)
+    if n == len(data):
+        return
+    err = ctypes.get_errno() if n < 0 else errno.EFAULT
+    at = 0
+    for addr, d in pieces:
+        if at + len(d) > max(n, 0):
+            raise OSError(err, f"process_vm_writev(pid {pid}, {addr:#x}): {os.strerror(err)}")
+        at += len(d)
 
 
 def write_memory(pid: int, addr: int, data: bytes) -> None:

@@ -25,10 +25,11 @@ from procksm.attach.inject import (
     get_rseq_area,
     get_sigmask,
     get_xstate,
+    read_memories,
     read_memory,
     set_regs,
     set_sigmask,
-    write_memory,
+    write_memories,
 )
 from procksm.attach.kill_steps import step
 from procksm.attach.scratch_layout import (
@@ -84,29 +85,48 @@ class ReturnFrames:
         """Write the thread's own-state frame on its stack (and, for the injecting
         thread of a gated window, a wake-up frame before it); for a gated thread, point
         its registers at the gate and block its signals."""
-        tid = tracee.tid
-        saved = tracee.saved
-        assert saved is not None
+        self.arm_all([(tracee, wake, wait)], maps)
+
+    def arm_all(self, plan: list[tuple[Tracee, int, int]], maps: procfs.MapsQuery) -> None:
+        """:meth:`arm` for each (thread, wake, wait) of `plan`: every thread's frames in
+        one process_vm_writev (and their rseq sections read in one process_vm_readv),
+        then, thread by thread, the registers and signal mask that lead into them.
+        Frames sit below stack pointers, in dead stack: written before any register
+        points there, they change nothing if procksm dies meanwhile."""
         gadgets = self._gadgets
-        own_mask = self.own_mask(tid)
-        own_at, blob = self._own_frame(tracee, maps, own_mask)
-        tracee.own_frame = own_at
-        chain = start = own_at
-        if wake:
-            wake_step = saved.copy()
-            x86_64.load_syscall(wake_step, *_wake_call(wake), pc=gadgets.syscall, sp=own_at)
-            chain = start = own_at - x86_64.FRAME_STRIDE
-            first = x86_64.build_frame(start, wake_step, ALL_SIGNALS, pretcode=gadgets.sigreturn)
-            blob = first.data.ljust(own_at - start, b"\0") + blob
-        write_memory(self._threads.memory_tid(), start, blob)
-        step("frames", tid)
-        if wake or wait:
-            gate_call = _wake_call(wake) if wake else _wait_call(wait)
-            self._hold_at_gate(tracee, own_at, own_mask, gate_call)
-        tracee.chain = chain
+        sections = self._rseq_sections([tracee for tracee, _, _ in plan])
+        pieces, gates = [], []
+        for tracee, wake, wait in plan:
+            saved = tracee.saved
+            assert saved is not None
+            own_mask = self.own_mask(tracee.tid)
+            own_at, blob = self._own_frame(tracee, maps, own_mask, sections.get(tracee.tid))
+            start = own_at
+            if wake:
+                wake_step = saved.copy()
+                x86_64.load_syscall(wake_step, *_wake_call(wake), pc=gadgets.syscall, sp=own_at)
+                start = own_at - x86_64.FRAME_STRIDE
+                first = x86_64.build_frame(
+                    start, wake_step, ALL_SIGNALS, pretcode=gadgets.sigreturn
+                )
+                blob = first.data.ljust(own_at - start, b"\0") + blob
+            pieces.append((start, blob))
+            gate_call = _wake_call(wake) if wake else _wait_call(wait) if wait else ()
+            gates.append((tracee, own_at, start, own_mask, gate_call))
+        write_memories(self._threads.memory_tid(), pieces)
+        step("frames", plan[0][0].tid)
+        for tracee, own_at, start, own_mask, gate_call in gates:
+            tracee.own_frame = own_at
+            if gate_call:
+                self._hold_at_gate(tracee, own_at, own_mask, gate_call)
+            tracee.chain = start
 
     def _own_frame(
-        self, tracee: Tracee, maps: procfs.MapsQuery, own_mask: int
+        self,
+        tracee: Tracee,
+        maps: procfs.MapsQuery,
+        own_mask: int,
+        rseq_section: tuple[int, int, int] | None,
     ) -> tuple[int, bytes]:
         """(address, bytes) of the frame of the thread's own state and its XSAVE image."""
         tid, saved = tracee.tid, tracee.saved
@@ -116,7 +136,7 @@ class ReturnFrames:
         low, own_at, fpstate = x86_64.frame_below(saved.rsp, len(image), 1 + MAX_UNDO)
         self._check_stack_room(maps, tid, low - ARGUMENT_ROOM, saved.rsp)
         own = x86_64.build_frame(
-            own_at, self._resume_state(tid, saved), own_mask,
+            own_at, self._resume_state(tid, saved, rseq_section), own_mask,
             pretcode=self._gadgets.sigreturn, fpstate=fpstate,
         )  # fmt: skip
         return own_at, own.data.ljust(fpstate - own_at, b"\0") + image
@@ -138,10 +158,12 @@ class ReturnFrames:
             set_sigmask(tracee.tid, ALL_SIGNALS)
             step("block", tracee.tid)
 
-    def _resume_state(self, tid: int, saved: Registers) -> Registers:
+    def _resume_state(
+        self, tid: int, saved: Registers, rseq_section: tuple[int, int, int] | None
+    ) -> Registers:
         """The registers the thread's own-state frame returns to: the kernel's restart
-        fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of an rseq
-        critical section it was stopped in (:meth:`_rseq_abort`)."""
+        fix-up applied (procksm.arch.x86_64.own_state), and the abort handler of the rseq
+        critical section it was stopped in, if any (:meth:`_rseq_sections`)."""
         code = b""
         if x86_64.needs_code(saved):
             before, after = x86_64.CODE_BEFORE_RIP, x86_64.CODE_AFTER_RIP
@@ -153,26 +175,42 @@ class ReturnFrames:
                 f"pid {self._threads.pid}, thread {tid}: {e}; procksm cannot give it a way "
                 "back that keeps its call going"
             ) from None
-        self._rseq_abort(tid, regs)
+        if rseq_section is not None:
+            start, length, abort = rseq_section
+            if start <= regs.rip < start + length:
+                regs.rip = abort
         return regs
 
-    def _rseq_abort(self, tid: int, regs: Registers) -> None:
-        """Move `regs` to the abort handler of the rseq critical section it is in, as the
-        kernel would on the thread's way back to user space (kernel/rseq.c
-        rseq_ip_fixup): after an injected call the thread returns to user space outside
-        the section, which clears the section's pointer, so the sigreturn into it would
-        go unnoticed."""
-        try:
-            area = get_rseq_area(tid)
+    def _rseq_sections(self, tracees: list[Tracee]) -> dict[int, tuple[int, int, int]]:
+        """(start, length, abort) of the rseq critical section each thread has armed, for
+        the threads that have one: a thread stopped inside it resumes at its abort
+        handler, as the kernel would move it on its way back to user space
+        (kernel/rseq.c rseq_ip_fixup). After an injected call the thread returns to user
+        space outside the section, which clears the section's pointer, so the
+        sigreturn into it would go unnoticed. The sections' pointers (struct rseq's
+        rseq_cs) of all threads come in one read."""
+        areas = []
+        for tracee in tracees:
+            try:
+                area = get_rseq_area(tracee.tid)
+            except OSError:
+                continue  # no rseq configuration readable: nothing the kernel fixes up
             if area:
-                memory = self._threads.memory_tid()
-                (cs,) = struct.unpack("<Q", read_memory(memory, area + 8, 8))
-                if cs:
+                areas.append((tracee.tid, area))
+        if not areas:
+            return {}
+        memory = self._threads.memory_tid()
+        out = {}
+        try:
+            pointers = read_memories(memory, [(area + 8, 8) for _, area in areas])
+            for (tid, _), raw in zip(areas, pointers, strict=True):
+                cs = struct.unpack("<Q", raw)[0] if raw else 0
+                if cs:  # rare: a thread stopped while a section is armed
                     _, start, length, abort = struct.unpack("<QQQQ", read_memory(memory, cs, 32))
-                    if start <= regs.rip < start + length:
-                        regs.rip = abort
-        except OSError:
-            pass  # no rseq area readable: nothing the kernel would fix up either
+                    out[tid] = (start, length, abort)
+        except (OSError, struct.error):
+            pass  # an rseq area not readable: nothing the kernel would fix up either
+        return out
 
     def _check_stack_room(self, maps: procfs.MapsQuery, tid: int, low: int, rsp: int) -> None:
         """Frames go below the red zone of the thread's stack, where a signal frame
