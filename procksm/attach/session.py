@@ -141,9 +141,15 @@ class PtraceSession:
     def __enter__(self) -> PtraceSession:
         self.status = check_attachable(self.pid)
         self._pidfd = _open_pidfd(self.pid, self.status.start_time)
-        self._seccomp = SeccompPrecheck(self.status)
-        self._program.open(self.pid)
-        self._window_lock = WindowLock(self.pid)
+        try:
+            self._seccomp = SeccompPrecheck(self.status)
+            self._program.open(self.pid)
+            self._window_lock = WindowLock(self.pid)
+        except BaseException:
+            self._program.close()  # __exit__ does not run when __enter__ raises
+            os.close(self._pidfd)
+            self._pidfd = None
+            raise
         return self
 
     def __exit__(
