@@ -280,3 +280,35 @@ def test_a_new_procksm_leaves_a_dead_ones_routine_until_its_thread_is_out(
     assert_running_untraced(pid)
     assert_no_errors(target)
     assert target.command("poke") == "OK reads=1"
+
+
+def test_a_fault_in_the_routine_gives_the_thread_back_its_own_state(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """A load from an unmapped address faults in the routine (SIGSEGV in the injecting
+    thread: procksm's own error). The window ends at once with an error, the signal
+    dropped: held and resumed it would fault again until the timeout, and once let go
+    the target would die of it (a CI run of the kill-group test lost a target after
+    `the calls ... did not complete within 2 s`). The calls before the fault were made,
+    those after were not, and the target runs on untouched."""
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    with PtraceSession(pid) as session:
+        started = time.monotonic()
+        with pytest.raises(PtraceError, match="call routine faulted"), session.stopped() as st:
+            st.hold_others()
+            batch = CallBatch()
+            me = batch.call(SYS_getpid)
+            batch.entries.append(Entry(0, (8, 0), x86_64_batch.LOAD, 0))  # reads address 8
+            batch.call(SYS_getpid)
+            st.run_batch(batch)
+        assert time.monotonic() - started < 1.0  # not the 2 s timeout
+        assert me.index == 0
+        with session.stopped():  # the next window is an ordinary one
+            pass
+    time.sleep(0.05)
+    assert target.alive()
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+    assert target.command("poke") == "OK reads=1"

@@ -23,6 +23,7 @@ EINTR), and the park is a ppoll, whose interruption leaves the restart block alo
 
 from __future__ import annotations
 
+import signal
 import struct
 import time
 from collections.abc import Sequence
@@ -148,6 +149,16 @@ class BatchResults:
         return value != NOT_RUN and not -4095 <= value < 0
 
 
+_FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
+
+
+def _is_fault(sig: int, info: bytes) -> bool:
+    """A fault of the thread's own instructions: a fault signal the kernel raised (si_code
+    > 0; one sent with kill or tgkill has SI_USER 0 or a negative code)."""
+    (code,) = struct.unpack_from("<i", info, 8)
+    return sig in _FAULT_SIGNALS and code > 0
+
+
 class BatchRunner:
     """Runs batches in the injecting thread of a gated window."""
 
@@ -237,9 +248,28 @@ class BatchRunner:
             del self._calls.threads.tracees[tracee.tid]
             raise NoSuchProcess(self._calls.threads.pid, f"thread {tracee.tid} exited")
         if stop.kind is StopKind.SIGNAL:
-            tracee.held_signals.append(get_siginfo(tracee.tid))
+            info = get_siginfo(tracee.tid)
+            if _is_fault(stop.sig, info):
+                self._faulted(tracee, stop, info)
+            tracee.held_signals.append(info)
             self._calls.signals_held += 1
         ptrace(PTRACE_CONT, tracee.tid, 0, 0)
+
+    def _faulted(self, tracee: Tracee, stop: Stop, info: bytes) -> NoReturn:
+        """The thread faulted in the routine: procksm's own error. Held and resumed like
+        another signal, it would fault again at every resume until the timeout, and once
+        let go it would die of it. The signal is dropped instead (not held: the window's
+        end detaches the thread from this stop with its own registers and no signal), and
+        the window ends with an error; the calls made before the fault stay made (each is
+        whole: a replacement of a compared range, an fd the target then keeps)."""
+        (addr,) = struct.unpack_from("<Q", info, 16)
+        rip = get_regs(tracee.tid).rip
+        tracee.stop = stop
+        raise PtraceError(
+            f"pid {self._calls.threads.pid}: procksm's call routine faulted in thread "
+            f"{tracee.tid} (signal {stop.sig} at {addr:#x}, rip {rip:#x}); the thread was "
+            "given its own state back and the window's other calls were not made"
+        )
 
     def _interrupt_at_park(self, tracee: Tracee) -> None:
         """Stop the thread in its park. If the park timed out first (procksm was not
