@@ -82,7 +82,6 @@ from procksm.attach.thread_resume import ThreadGroupResume
 from procksm.attach.thread_stop import ThreadGroupStop
 from procksm.attach.tracees import StoppedThreads, Tracee
 from procksm.errors import NoSuchProcess, ProcksmError, PtraceError
-from procksm.procfs import read_stat_fields
 
 
 def _open_pidfd(pid: int, start_time: int) -> int:
@@ -93,7 +92,7 @@ def _open_pidfd(pid: int, start_time: int) -> int:
     except ProcessLookupError:
         raise NoSuchProcess(pid, f"process {pid} has exited") from None
     try:
-        now = int(read_stat_fields(pid)[19])
+        now = int(procfs.start_time(pid))
     except (ProcksmError, OSError, IndexError):
         now = -1
     if now != start_time:
