@@ -340,7 +340,15 @@ def write_memories(pid: int, pieces: Sequence[tuple[int, bytes]]) -> None:
 
 def write_memory(pid: int, addr: int, data: bytes) -> None:
     """process_vm_writev of all of `data` (the target range must be mapped writable)."""
-    write_memories(pid, [(addr, data)])
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+    remote = _IOVec(addr, len(data))
+    n = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_writev(pid {pid}, {addr:#x}): {os.strerror(err)}")
+    if n != len(data):
+        raise OSError(errno.EFAULT, f"process_vm_writev(pid {pid}, {addr:#x}): short write {n}")
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ from procksm.attach.thread_resume import ThreadGroupResume
 from procksm.attach.thread_stop import ThreadGroupStop
 from procksm.attach.tracees import StoppedThreads, Tracee
 from procksm.errors import NoSuchProcess, ProcksmError, PtraceError
+from procksm.procfs import read_stat_fields
 
 
 def _open_pidfd(pid: int, start_time: int) -> int:
@@ -92,7 +93,7 @@ def _open_pidfd(pid: int, start_time: int) -> int:
     except ProcessLookupError:
         raise NoSuchProcess(pid, f"process {pid} has exited") from None
     try:
-        now = int(procfs.start_time(pid))
+        now = int(read_stat_fields(pid)[19])
     except (ProcksmError, OSError, IndexError):
         now = -1
     if now != start_time:
