@@ -17,7 +17,7 @@ the largest are kept and the refused pages are counted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -262,13 +262,14 @@ FD_CALLS = 5
 def split_batches(
     extents: list[Extent],
     zero_extents: list[ZeroExtent],
-    batch_pages: int,
+    batch_pages: Callable[[], int],
     max_calls: int = MAX_CALLS_PER_BATCH,
     piece_of: Callable[[int], int] | None = None,
     advice_calls: Callable[[int], int] | None = None,
-) -> list[tuple[list[Extent], list[ZeroExtent]]]:
-    """Cut the work into stop windows of at most ``batch_pages`` pages and ``max_calls``
-    injected system calls each.
+) -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
+    """Cut the work into stop windows of at most ``batch_pages()`` pages and ``max_calls``
+    injected system calls each, one window at a time: ``batch_pages`` is asked again
+    for each window, after the one before was made (procksm.merge.window_sizer).
 
     An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
     the advice its mapping is given again (one madvise each: numpy's arrays carry
@@ -277,16 +278,17 @@ def split_batches(
     slot. Extents longer than a batch are cut; the pieces are adjacent in address and
     slot, so the kernel merges their VMAs back into one.
     """
-    out: list[tuple[list[Extent], list[ZeroExtent]]] = []
     cur_e: list[Extent] = []
     cur_z: list[ZeroExtent] = []
     fds: set[int] = set()
     used = calls = 0
+    cap = max(1, batch_pages())
 
-    def flush() -> None:
-        nonlocal cur_e, cur_z, used, calls
+    def flush() -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
+        nonlocal cur_e, cur_z, used, calls, cap
         if cur_e or cur_z:
-            out.append((cur_e, cur_z))
+            yield cur_e, cur_z
+            cap = max(1, batch_pages())
         cur_e, cur_z, used, calls = [], [], 0, 0
         fds.clear()
 
@@ -297,29 +299,28 @@ def split_batches(
         while off < e.npages:
             cost = mapping + (FD_CALLS if piece_of and piece not in fds else 0)
             if calls + cost > max_calls and (cur_e or cur_z):
-                flush()
+                yield from flush()
                 cost = mapping + (FD_CALLS if piece_of else 0)
             if piece_of:
                 fds.add(piece)
-            take = min(e.npages - off, batch_pages - used)
+            take = min(e.npages - off, cap - used)
             cur_e.append(Extent(e.addr + off * PAGE_SIZE, take, e.slot + off, e.prot_write))
             off += take
             used += take
             calls += cost
-            if used >= batch_pages:
-                flush()
+            if used >= cap:
+                yield from flush()
     for z in zero_extents:
         off = 0
         # zeroing costs no memfd page and one madvise: a cheaper page than a mapping
         while off < z.npages:
             if calls + 1 > max_calls:
-                flush()
-            take = min(z.npages - off, max(1, (batch_pages - used)))
+                yield from flush()
+            take = min(z.npages - off, max(1, (cap - used)))
             cur_z.append(ZeroExtent(z.addr + off * PAGE_SIZE, take))
             off += take
             used += take
             calls += 1
-            if used >= batch_pages:
-                flush()
-    flush()
-    return out
+            if used >= cap:
+                yield from flush()
+    yield from flush()

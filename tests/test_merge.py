@@ -165,6 +165,33 @@ def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignor
     assert unmerge(trio[0].pid).pages_unmerged == 0
 
 
+def test_stop_windows_are_sized_to_the_pause_budget(trio) -> None:  # type: ignore[no-untyped-def]
+    """Each target's windows are sized from its measured ones (procksm.merge.window_sizer):
+    under a budget no window can meet, every window after the first holds the floor of
+    16 pages; under a generous one they grow to --batch-pages."""
+
+    def stops(*extra: str) -> int:
+        args = ["merge", "--json", *extra, *(str(t.pid) for t in trio)]
+        for t in trio:
+            s, e = region(t, "identical")
+            args += ["--range", f"{s:#x}-{e:#x}"]
+        res = run_procksm(*args)
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["totals"]["pages_merged"] == 3 * N
+        assert run_procksm("unmerge", *(str(t.pid) for t in trio)).returncode == 0
+        return int(doc["pauses"]["count"])
+
+    first_windows = 2  # the scratch area, then the madvise guard
+    tiny = stops("--pause-budget-ms", "0.001")
+    # the first merge window is 64 pages, the others 16
+    assert tiny == 3 * (first_windows + 1 + (N - 64) // 16), tiny
+    roomy = stops("--pause-budget-ms", "1000", "--batch-pages", "256")
+    assert roomy <= 3 * (first_windows + 1 + -(-(N - 64) // 256)), roomy
+    for t in trio:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
 def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     args = ["merge", "--json", *(str(t.pid) for t in trio)]
     for t in trio:

@@ -328,7 +328,7 @@ def test_split_batches_bounds_and_covers_every_page_once(
     w: tuple[list[Extent], list[ZeroExtent]], batch_pages: int, max_calls: int
 ) -> None:
     exts, zeros = w
-    batches = split_batches(exts, zeros, batch_pages, max_calls)
+    batches = list(split_batches(exts, zeros, lambda: batch_pages, max_calls))
     want_ext = {e.addr + k * PAGE_SIZE: e.slot + k for e in exts for k in range(e.npages)}
     want_zero = {z.addr + k * PAGE_SIZE for z in zeros for k in range(z.npages)}
     got_ext: dict[int, int] = {}
@@ -348,7 +348,7 @@ def test_split_batches_bounds_and_covers_every_page_once(
 
 
 def test_split_batches_cuts_long_extents_into_adjacent_pieces() -> None:
-    batches = split_batches([Extent(at(0), 10, 5)], [ZeroExtent(at(20), 3)], 4)
+    batches = list(split_batches([Extent(at(0), 10, 5)], [ZeroExtent(at(20), 3)], lambda: 4))
     assert [[(e.addr, e.npages, e.slot) for e in be] for be, _ in batches] == [
         [(at(0), 4, 5)],
         [(at(4), 4, 9)],
@@ -368,21 +368,40 @@ def test_split_batches_bounds_injected_calls_on_one_page_extents() -> None:
     """The worst layout: every extent one page. Pages alone would put 512 extents (1024
     injected calls, ~130-200 ms stopped, measured) in one window."""
     exts = [Extent(at(2 * i), 1, i) for i in range(1000)]
-    batches = split_batches(exts, [], 512)
+    batches = list(split_batches(exts, [], lambda: 512))
     assert all(2 * len(be) <= MAX_CALLS_PER_BATCH for be, _ in batches)
     assert len(batches) == -(-1000 // (MAX_CALLS_PER_BATCH // 2))
-    assert split_batches([], [], 512) == []
+    assert list(split_batches([], [], lambda: 512)) == []
 
 
 def test_split_batches_counts_a_memfd_hand_over_per_window() -> None:
     # four one-page extents, each in its own memfd: 2 (mmap, populate) + 5 (taken,
     # checked twice, fstat, closed)
     exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(4)]
-    batches = split_batches(exts, [], 256, max_calls=14, piece_of=lambda slot: slot)
+    batches = list(split_batches(exts, [], lambda: 256, max_calls=14, piece_of=lambda slot: slot))
     assert [len(b[0]) for b in batches] == [2, 2]
     # the same extents in one memfd: its hand-over is paid once per window
-    batches = split_batches(exts, [], 256, max_calls=13, piece_of=lambda slot: 0)
+    batches = list(split_batches(exts, [], lambda: 256, max_calls=13, piece_of=lambda slot: 0))
     assert [len(b[0]) for b in batches] == [4]
+
+
+def test_split_batches_asks_each_windows_pages_after_the_window_before() -> None:
+    # a sizer that learns from each window (procksm.merge.window_sizer): window k may
+    # hold k + 1 pages, and is asked for only once window k - 1 was taken
+    asked: list[int] = []
+    taken = 0
+
+    def pages() -> int:
+        asked.append(taken)
+        return len(asked)
+
+    batches = split_batches([Extent(at(0), 10, 0)], [ZeroExtent(at(20), 5)], pages)
+    sizes = []
+    for be, bz in batches:
+        taken += 1
+        sizes.append(sum(e.npages for e in be) + sum(z.npages for z in bz))
+    assert sizes == [1, 2, 3, 4, 5]
+    assert asked[: len(sizes)] == [0, 1, 2, 3, 4]
 
 
 def test_a_window_fits_the_call_routines_table() -> None:
@@ -394,12 +413,14 @@ def test_a_window_fits_the_call_routines_table() -> None:
 def test_split_batches_counts_the_advice_given_again() -> None:
     # numpy's arrays carry MADV_HUGEPAGE: an extent there costs mmap, madvise, populate
     exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(6)]
-    batches = split_batches(exts, [], 256, max_calls=9, advice_calls=lambda addr: 1)
+    batches = list(split_batches(exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 1))
     assert [len(b[0]) for b in batches] == [3, 3]
     # advice only where the mapping had some
-    batches = split_batches(
-        exts, [], 256, max_calls=9, advice_calls=lambda addr: 1 if addr < 0x6000 else 0
+    batches = list(
+        split_batches(
+            exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 1 if addr < 0x6000 else 0
+        )
     )
     assert [len(b[0]) for b in batches] == [3, 3]
-    batches = split_batches(exts, [], 256, max_calls=9, advice_calls=lambda addr: 0)
+    batches = list(split_batches(exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 0))
     assert [len(b[0]) for b in batches] == [4, 2]

@@ -31,6 +31,7 @@ import time
 from types import FrameType
 
 from procksm.commands.pids import parse_pids
+from procksm.commands.stops import add_pause_budget_arg, pause_budget_from_args
 from procksm.control import ControlServer, default_control_path
 from procksm.daemon import Daemon, DaemonOptions, Settings, parse_settings
 from procksm.errors import UsageError
@@ -128,8 +129,8 @@ def _options_from_args(args: argparse.Namespace) -> DaemonOptions:
             cross_uid=args.cross_uid,
             allow_async_io=args.allow_async_io,
             zero_pages=not args.no_zero,
+            pause_budget_ms=pause_budget_from_args(args),
         ),
-        pause_budget_ms=args.pause_budget_ms,
         use_bpf=False if args.no_bpf else None,
         remerge_backoff=args.remerge_soon_s > 0,
         remerge_soon_s=args.remerge_soon_s,
@@ -209,12 +210,7 @@ def _add_knob_args(parser: argparse.ArgumentParser) -> None:
         "kernel's checksum rule, 0 (default) merges at once, the byte comparison "
         "under stop being its second look",
     )
-    parser.add_argument(
-        "--pause-budget-ms",
-        type=float,
-        default=DaemonOptions().pause_budget_ms,
-        help="longest stop of a target; longer stops shrink the work per stop",
-    )
+    add_pause_budget_arg(parser)
     parser.add_argument(
         "--remerge-soon-s",
         type=float,

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from procksm.commands.pids import parse_pids
 from procksm.commands.scan import add_selection_args, selection_from_args
+from procksm.commands.stops import add_pause_budget_arg, pause_budget_from_args
 from procksm.errors import UsageError
 from procksm.merge import MergeOptions, merge
 from procksm.text import fmt_bytes
@@ -56,9 +57,11 @@ class MergeCommand:
         parser.add_argument(
             "--batch-pages",
             type=int,
-            default=256,
-            help="pages handled per stop of a target (256 = 1 MiB: stops of about 1 ms)",
+            default=MergeOptions().batch_pages,
+            help="pages handled per stop of a target at most (default %(default)d); "
+            "within it, stops are sized to --pause-budget-ms",
         )
+        add_pause_budget_arg(parser)
         rt = parser.add_mutually_exclusive_group()
         rt.add_argument(
             "--realtime",
@@ -141,6 +144,7 @@ def _options_from_args(args: argparse.Namespace) -> MergeOptions:
         allow_zero_after_dontneed=args.allow_dontneed_reuse,
         zero_pages=not args.no_zero,
         batch_pages=args.batch_pages,
+        pause_budget_ms=pause_budget_from_args(args),
         realtime=args.realtime,
     )
 

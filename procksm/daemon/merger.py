@@ -58,17 +58,20 @@ class BatchOutcome:
 
 
 class Merger:
-    """The merge engine of ``procksm attach``, for the daemon's life; it also sizes the
-    stop windows to the pause budget."""
+    """The merge engine of ``procksm attach``, for the daemon's life. Its windows are
+    sized to the pause budget per target (procksm.merge.window_sizer), at most
+    ``stop_pages`` pages."""
 
     def __init__(self, opts: DaemonOptions, stable: StableTree, log: LogFn) -> None:
         self.opts = opts
         self.log = log
-        self.batch_pages = opts.stop_pages  # pages per stop window, see pause budget
-        self.pauses_over_budget = 0
         # the engine cuts its memfds on the windows' grid (see GRANULE_PAGES)
-        self._merge_opts = dataclasses.replace(opts.merge, segment_pages=GRANULE_PAGES)
-        self.engine = MergeEngine([], self._merge_opts)
+        merge_opts = dataclasses.replace(
+            opts.merge,
+            segment_pages=GRANULE_PAGES,
+            batch_pages=opts.stop_pages,
+        )
+        self.engine = MergeEngine([], merge_opts)
         # the stable tree's cache: the engine adds the segments it creates and adopts
         self.engine.segment_hashes = stable.segments
         # the targets' maps across rounds: a round adopts the segments of every target,
@@ -76,6 +79,7 @@ class Merger:
         # merged-then-unmerged CPython workers (~3,700 VMAs each; many_vmas.py). A round
         # reads its own targets afresh; the cache is cleared every full scan.
         self.maps = MapsCache()
+        self._said_over_budget: set[int] = set()
 
     def close(self) -> None:
         self.engine.close()
@@ -91,7 +95,10 @@ class Merger:
     def forget(self, pids: Iterable[int]) -> None:
         """These targets are gone, exec'd or unmerged: their maps are read again when
         asked."""
+        pids = list(pids)
         self.maps.forget(pids)
+        self.engine.forget_sizers(pids)
+        self._said_over_budget.difference_update(pids)
 
     def merge(
         self, batch: MergeBatch, targets: collections.abc.Mapping[int, Target], order: Sequence[int]
@@ -101,7 +108,6 @@ class Merger:
         scan, kept = engine_input(batch, list(targets.values()))
         if scan is None:
             return BatchOutcome.nothing(len(batch))
-        self.engine.opts = dataclasses.replace(self._merge_opts, batch_pages=self.batch_pages)
         out = self.engine.merge_scanned(
             scan,
             np.ones(len(scan.pages), bool),
@@ -109,30 +115,25 @@ class Merger:
             adopt_from=list(order) if batch.joins else [],
             maps=self.maps,
         )
-        for res in out.results.values():
-            self._enforce_pause_budget(res.pauses)
+        for pid in out.results:
+            self._say_if_over_budget(pid)
         merged = merged_now(batch.refs, kept, list(targets.values()))
         return BatchOutcome(merged, out.results, out.refused)
 
-    def _enforce_pause_budget(self, pauses: Sequence[float]) -> None:
-        """A round whose median stop is over the budget halves the pages per stop (down
-        to 32); a round whose stops are all well within it doubles them back. The
-        median, not the worst: on a busy machine single stops are long because procksm
-        waits for a CPU, whatever their size, and shrinking the stops then only
-        multiplies them (measured: 18 000 stops of 16 pages instead of 1 300)."""
-        if not pauses:
+    def _say_if_over_budget(self, pid: int) -> None:
+        """Once per target: its shortest windows are over the pause budget."""
+        sizer = self.engine.window_sizers.get(pid)
+        if sizer is None or pid in self._said_over_budget:
             return
-        budget = self.opts.pause_budget_ms / 1000.0
-        self.pauses_over_budget += sum(1 for p in pauses if p > budget)
-        median = sorted(pauses)[len(pauses) // 2]
-        if median > budget and self.batch_pages > 32:
-            self.batch_pages = max(32, self.batch_pages // 2)
-            self.log(
-                f"stops over the {self.opts.pause_budget_ms:g} ms budget: "
-                f"{self.batch_pages} pages per stop from now on"
-            )
-        elif max(pauses) < budget / 2 and self.batch_pages < self.opts.stop_pages:
-            self.batch_pages = min(self.opts.stop_pages, self.batch_pages * 2)
+        shortest = sizer.over_budget_at_floor()
+        if shortest is None:
+            return
+        self._said_over_budget.add(pid)
+        self.log(
+            f"pid {pid}: stops over the {self.opts.merge.pause_budget_ms:g} ms budget even at "
+            f"{sizer.min_pages} pages per stop (~{shortest * 1e3:.2f} ms: stopping, gating "
+            "and resuming each thread, or a busy machine); its windows stay that short"
+        )
 
 
 def engine_input(

@@ -75,13 +75,11 @@ class DaemonOptions:
     follow_children: bool = False
     unmerge_on_exit: bool = False
     merge: MergeOptions = field(default_factory=MergeOptions)
-    # The longest a target may be stopped (ms): a window over it halves the pages per
-    # window (down to 16) for what follows; windows well under it grow them back.
-    pause_budget_ms: float = 5.0
     # Pages per stop window at most: twice the one-shot merge's 256, so a window's fixed
-    # cost (stop, resume, fd hand-over) is paid half as often. Measured on the standard
-    # workload (4 x 384 MiB, 2 CPUs shared with other jobs): 1024 pages p99 8.4 ms,
-    # 512 pages p99 5.4 ms and 6 % more CPU. The pause budget shrinks it if needed.
+    # cost (stop, resume, fd hand-over) is paid half as often where the pause budget
+    # (merge.pause_budget_ms) allows it. Measured on the standard workload (4 x 384 MiB,
+    # 2 CPUs shared with other jobs): 1024 pages p99 8.4 ms, 512 pages p99 5.4 ms and
+    # 6 % more CPU.
     stop_pages: int = 512
     # Copy-on-write breaks and lifecycle events (procksm.observe): None = eBPF when it
     # works, else pagemap polling; False = pagemap polling (--no-bpf).

@@ -56,6 +56,7 @@ from procksm.merge.records import (
 )
 from procksm.merge.round_slots import RoundSlots
 from procksm.merge.target import TargetMerger
+from procksm.merge.window_sizer import WindowSizer
 from procksm.plan import (
     MergePlan,
     TargetPlan,
@@ -228,6 +229,9 @@ class MergeEngine(Closing):
         self.segment_hashes: dict[int, np.ndarray] = {}
         self.slots = self._new_round_slots()  # the round's slots; its counters stay after it
         self._guard_client: guard.GuardClient | None = None
+        # each target's window sizes, learnt from its own windows; the daemon's engine
+        # keeps them across rounds (forget_sizers when a target goes)
+        self.window_sizers: dict[int, WindowSizer] = {}
 
     def close(self) -> None:
         # procksm's fds only: targets keep their mappings (the kernel frees a segment
@@ -463,9 +467,22 @@ class MergeEngine(Closing):
     ) -> None:
         merged_before = bool(maps.of(tp.pid).with_path(SEGMENT_NAME_PREFIX, one_per_inode=True))
         merger = TargetMerger(
-            tp, self.opts, self.slots, self.handover, self._guard, res, refused, merged_before
-        )
+            tp, self.opts, self.slots, self.handover, self._guard, res, refused, merged_before,
+            self.window_sizer(tp.pid),
+        )  # fmt: skip
         merger.merge_safely()
+
+    def window_sizer(self, pid: int) -> WindowSizer:
+        """The target's window sizer, new when the budget or the cap changed."""
+        budget_s, cap = self.opts.pause_budget_ms / 1000.0, self.opts.batch_pages
+        sizer = self.window_sizers.get(pid)
+        if sizer is None or (sizer.budget_s, sizer.max_pages) != (budget_s, cap):
+            sizer = self.window_sizers[pid] = WindowSizer(budget_s, cap)
+        return sizer
+
+    def forget_sizers(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            self.window_sizers.pop(pid, None)
 
     def _guard(self) -> guard.GuardClient:
         """The guard's client, one for the engine's life (started on first use)."""

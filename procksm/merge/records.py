@@ -32,11 +32,15 @@ class MergeOptions:
     set_no_new_privs: bool = False  # let the guard set no_new_privs in non-root targets
     allow_zero_after_dontneed: bool = False
     zero_pages: bool = True
-    # Pages per stop window. A window costs ~0.45 ms of fixed work (stop and resume,
-    # fd hand-over and close) plus ~1.1 us per page (byte comparison, mmap,
-    # POPULATE_READ); measured on 4 x 384 MiB: 512 pages p50/p99 1.15/2.7 ms, 256 pages
-    # with at most 12 injected calls 0.8/1.1 ms, 12 % more total time.
+    # Pages per stop window at most. A window costs ~0.55 ms of fixed work on a
+    # single-threaded target (stop, gate, the batch's round trip, resume) plus ~2 us per
+    # page (byte comparison, mmap, POPULATE_READ); within this cap the windows are sized
+    # to the pause budget from the target's own measured windows
+    # (procksm.merge.window_sizer).
     batch_pages: int = 256
+    # The pause a window is sized for (ms): each target's windows are cut so that their
+    # predicted pause, with a margin for its spread, stays within it.
+    pause_budget_ms: float = 1.0
     max_calls: int = MAX_CALLS_PER_BATCH  # injected syscalls per stop window
     # Targets merged at once. Measured on 2 CPUs, 4 x 384 MiB: 2 workers were slower than
     # 1 and doubled the p99 pause (the GIL, and the targets' injected mmaps compete for

@@ -1,6 +1,7 @@
 """One target's merge under stop (the engine's step 5, docs/design.md §2.3-2.7, §3).
 
-In stop windows of at most ``batch_pages`` pages: with every thread stopped, re-read
+In stop windows sized to the pause budget (procksm.merge.window_sizer, at most
+``batch_pages`` pages): with every thread stopped, re-read
 each extent and compare it byte for byte with its slots (pages that changed are skipped,
 counted volatile), hold the other threads, then in one batch run by the target
 (procksm.attach.call_batch) take read-only fds of the segments,
@@ -40,6 +41,7 @@ from procksm.errors import ProcksmError
 from procksm.merge.handover import FdHandOver, HandedFds
 from procksm.merge.records import MergeOptions, Refusal, TargetResult
 from procksm.merge.round_slots import RoundSlots
+from procksm.merge.window_sizer import WindowSizer
 from procksm.plan import FD_CALLS, Extent, TargetPlan, ZeroExtent, split_batches
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
@@ -49,7 +51,8 @@ from procksm.slots import SEGMENT_NAME_PREFIX
 class TargetMerger:
     """The merge of one target's planned extents and zero runs, window by window; what
     it did goes into ``res`` and ``refused`` (shared by the round's targets).
-    ``merged_before``: the target mapped procksm's segments when the round read its maps."""
+    ``merged_before``: the target mapped procksm's segments when the round read its maps;
+    ``sizer``: the target's window sizes, learnt from its windows (kept across rounds)."""
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class TargetMerger:
         res: TargetResult,
         refused: list[Refusal],
         merged_before: bool,
+        sizer: WindowSizer,
     ) -> None:
         self.pid = tp.pid
         self.advice_at = tp.advice_at
@@ -73,6 +77,7 @@ class TargetMerger:
         self.res = res
         self.refused = refused
         self.merged_before = merged_before
+        self.sizer = sizer
 
     def merge_safely(self) -> None:
         """:meth:`merge`, at real-time priority when asked for (or when the CPUs are
@@ -92,7 +97,7 @@ class TargetMerger:
         batches = split_batches(
             extents,
             self.zero_extents,
-            opts.batch_pages,
+            self.sizer.next_pages,
             max_calls=opts.max_calls,
             piece_of=lambda slot: self.slots.piece(slot)[0].id,
             advice_calls=lambda addr: len(self.advice_at(addr)),
@@ -101,7 +106,7 @@ class TargetMerger:
         # a new one even when nothing new is merged (procksm.guard: the newest filter's
         # listener takes the notifications).
         reguard = opts.guard and not extents and self.merged_before
-        if not batches and not reguard:
+        if not extents and not self.zero_extents and not reguard:
             return
         reader = PageReader(pid, chunk_bytes=opts.batch_pages * PAGE_SIZE)
         client: guard.GuardClient | None = None
@@ -124,7 +129,11 @@ class TargetMerger:
                 # cores (procksm.coredump).
                 coredump.keep_merged_in_cores(pid)
             for ext_batch, zero_batch in batches:
+                stops = len(sess.pauses)
                 self._window(sess, reader, ext_batch, zero_batch)
+                if len(sess.pauses) > stops:
+                    pages = sum(e.npages for e in ext_batch) + sum(z.npages for z in zero_batch)
+                    self.sizer.observe(pages, sess.pauses[-1])
                 # no thread of the target is stopped between windows: collect the cyclic
                 # garbage a window leaves (~100 objects; measured: 412,853 in 4,220
                 # windows on four redis-servers). Paused for the whole of a target, a
