@@ -269,7 +269,7 @@ def split_batches(
 ) -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
     """Cut the work into stop windows of at most ``batch_pages()`` pages and ``max_calls``
     injected system calls each, one window at a time: ``batch_pages`` is asked again
-    for each window, after the one before was made (procksm.merge.window_sizer).
+    for each window, after the one before was made (procksm.window_sizer).
 
     An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
     the advice its mapping is given again (one madvise each: numpy's arrays carry

@@ -36,6 +36,7 @@ from procksm.attach.leftovers import has_leftovers, remove_leftovers
 from procksm.attach.locks import target_locks
 from procksm.errors import ProcksmError
 from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.window_sizer import DEFAULT_PAUSE_BUDGET_MS, WindowSizer
 
 
 @dataclass(slots=True)
@@ -59,11 +60,14 @@ def merged_vmas(pid: int) -> list[procfs.Vma]:
     return [v for v in procfs.read_vmas(pid) if v.path.startswith(SEGMENT_NAME_PREFIX)]
 
 
-def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
+def unmerge(
+    pid: int, *, batch_pages: int = 512, pause_budget_ms: float = DEFAULT_PAUSE_BUDGET_MS
+) -> UnmergeResult:
     """Make every procksm-merged range of ``pid`` private anonymous memory again, with
     exactly the bytes the process sees now (its own copied-on-write pages included).
 
-    Stopped, per piece of at most ``batch_pages``: read the range, map fresh anonymous
+    Stopped, per piece of at most ``batch_pages``, sized to ``pause_budget_ms`` from the
+    windows before (procksm.window_sizer): read the range, map fresh anonymous
     memory over it (same protection), write the non-zero pages back through
     /proc/PID/mem (works whatever the protection). Zero pages stay untouched: they read
     as zeros, like the never-written anonymous memory they now are.
@@ -77,21 +81,18 @@ def unmerge(pid: int, *, batch_pages: int = 512) -> UnmergeResult:
             res.leftovers_removed = remove_leftovers(pid, left.still_left)
         ranges = merged_ranges(pid)
         if ranges:
-            _unmerge_ranges(pid, ranges, res, batch_pages)
+            res.ranges += len(ranges)
+            res.pages_unmerged += unmerge_pieces(
+                pid,
+                [(v.start, v.end) for v in ranges],
+                batch_pages=batch_pages,
+                pause_budget_ms=pause_budget_ms,
+                pauses=res.pauses,
+            )
         if not merged_ranges(pid):
             # procksm's last range is gone: give back the coredump_filter it changed
             coredump.restore_after_unmerge(pid)
         return res
-
-
-def _unmerge_ranges(
-    pid: int, ranges: list[procfs.Vma], res: UnmergeResult, batch_pages: int
-) -> UnmergeResult:
-    res.ranges += len(ranges)
-    res.pages_unmerged += unmerge_pieces(
-        pid, [(v.start, v.end) for v in ranges], batch_pages=batch_pages, pauses=res.pauses
-    )
-    return res
 
 
 def unmerge_pieces(
@@ -99,6 +100,7 @@ def unmerge_pieces(
     pieces: Sequence[tuple[int, int]],
     *,
     batch_pages: int = 512,
+    pause_budget_ms: float = DEFAULT_PAUSE_BUDGET_MS,
     pauses: list[float] | None = None,
 ) -> int:
     """Unmerge procksm's pages in each [start, end) of ``pid`` (exact bytes, private
@@ -108,6 +110,9 @@ def unmerge_pieces(
     # The merged ranges' advice (hg, nh, ...: given to them by the merge), read from smaps
     # once, outside the stops: the anonymous memory that replaces them gets it again.
     advised = [(v.start, v.end, v.advice) for v in merged_vmas(pid) if v.advice]
+    # A window's pages cost more here than in a merge (~6-8 us each: the read, then the
+    # write into fresh pages, measured) and 512 of them took 4-12 ms: sized per window.
+    sizer = WindowSizer(pause_budget_ms / 1000.0, batch_pages)
     with PtraceSession(pid) as sess:
         for start, end in pieces:
             with procfs.MapsQuery(pid) as maps:
@@ -119,7 +124,7 @@ def unmerge_pieces(
             for a, b in ours:
                 addr = a
                 while addr < b:
-                    n = min(batch_pages * PAGE_SIZE, b - addr)
+                    n = min(sizer.next_pages() * PAGE_SIZE, b - addr)
                     with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
                         now = maps.vma_at(addr)
                         if now is None or not now.name.startswith(SEGMENT_NAME_PREFIX):
@@ -127,6 +132,7 @@ def unmerge_pieces(
                         n = min(n, now.end - addr)
                         advice = next((a for s, e, a in advised if s <= addr < e), ())
                         _unmerge_piece(st, addr, n, now.perms, advice)
+                    sizer.observe(n // PAGE_SIZE, sess.pauses[-1])
                     done += n // PAGE_SIZE
                     addr += n
         if pauses is not None:

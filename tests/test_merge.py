@@ -166,7 +166,7 @@ def test_unmerge_restores_private_anonymous_memory(trio) -> None:  # type: ignor
 
 
 def test_stop_windows_are_sized_to_the_pause_budget(trio) -> None:  # type: ignore[no-untyped-def]
-    """Each target's windows are sized from its measured ones (procksm.merge.window_sizer):
+    """Each target's windows are sized from its measured ones (procksm.window_sizer):
     under a budget no window can meet, every window after the first holds the floor of
     16 pages; under a generous one they grow to --batch-pages."""
 

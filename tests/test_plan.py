@@ -386,7 +386,7 @@ def test_split_batches_counts_a_memfd_hand_over_per_window() -> None:
 
 
 def test_split_batches_asks_each_windows_pages_after_the_window_before() -> None:
-    # a sizer that learns from each window (procksm.merge.window_sizer): window k may
+    # a sizer that learns from each window (procksm.window_sizer): window k may
     # hold k + 1 pages, and is asked for only once window k - 1 was taken
     asked: list[int] = []
     taken = 0

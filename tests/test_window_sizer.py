@@ -1,4 +1,4 @@
-"""procksm.merge.window_sizer: pages per stop window from measured pauses (pure logic).
+"""procksm.window_sizer: pages per stop window from measured pauses (pure logic).
 
 The pauses here are made up from a linear cost with noise, as measured windows are
 (docs/design.md §7); the real windows are in tests/test_merge.py and test_daemon.py."""
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from procksm.merge.window_sizer import FIRST_PAGES, WindowSizer
+from procksm.window_sizer import FIRST_PAGES, WindowSizer
 
 
 def run(sizer: WindowSizer, fixed: float, per_page: float, windows: int, noise: float = 0.0,

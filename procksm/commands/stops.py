@@ -1,19 +1,19 @@
-"""The stop-window argument `merge` and `attach` share (no rich here: 'procksm attach'
-imports it)."""
+"""The stop-window argument `merge`, `unmerge` and `attach` share (no rich here:
+'procksm attach' imports it)."""
 
 from __future__ import annotations
 
 import argparse
 
 from procksm.errors import UsageError
-from procksm.merge.records import MergeOptions
+from procksm.window_sizer import DEFAULT_PAUSE_BUDGET_MS
 
 
 def add_pause_budget_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pause-budget-ms",
         type=float,
-        default=MergeOptions().pause_budget_ms,
+        default=DEFAULT_PAUSE_BUDGET_MS,
         metavar="MS",
         help="the pause each stop of a target is sized for, from that target's measured "
         "stops (default %(default)g ms); a target whose shortest stops are over it "

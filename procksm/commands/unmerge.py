@@ -24,6 +24,7 @@ from rich.console import Console
 from procksm import procfs
 from procksm.attach.diagnose import check_attachable
 from procksm.commands.pids import parse_pids
+from procksm.commands.stops import add_pause_budget_arg, pause_budget_from_args
 from procksm.errors import EXIT_BUSY, NoSuchProcess, TargetBusy, UsageError
 from procksm.merge import pause_stats
 from procksm.slots import SEGMENT_NAME_PREFIX
@@ -44,8 +45,10 @@ class UnmergeCommand:
             "--all", action="store_true", help="every process with procksm-merged memory"
         )
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+        add_pause_budget_arg(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        budget = pause_budget_from_args(args)
         if args.all and args.pids:
             raise UsageError("give PIDs or --all, not both")
         if args.all:
@@ -64,7 +67,7 @@ class UnmergeCommand:
                 check_attachable(pid)
         for pid in pids:
             try:
-                results.append(unmerge(pid))
+                results.append(unmerge(pid, pause_budget_ms=budget))
             except (NoSuchProcess, TargetBusy) as e:
                 if not args.all:
                     raise

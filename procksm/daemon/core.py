@@ -284,7 +284,7 @@ class Daemon:
         t = self.targets.get(pid)
         if t is None:
             raise UsageError(f"pid {pid} is not a target")
-        n = unmerge_target(t, self.accounting)
+        n = unmerge_target(t, self.accounting, self.opts.merge.pause_budget_ms)
         t.reg = Registration(everything=False)
         self.scan.forget(t)
         t.zero_runs.clear()
@@ -295,7 +295,7 @@ class Daemon:
         total = 0
         for t in list(self.targets.values()):
             try:
-                total += unmerge_target(t, self.accounting)
+                total += unmerge_target(t, self.accounting, self.opts.merge.pause_budget_ms)
             except NoSuchProcess:
                 self._drop(t, "exited")
             except ProcksmError as e:
@@ -361,11 +361,13 @@ class Daemon:
         return self.accounting.snapshot(targets, s, self.watcher.mode, counters)
 
 
-def unmerge_target(t: Target, accounting: Accounting) -> int:
+def unmerge_target(t: Target, accounting: Accounting, pause_budget_ms: float) -> int:
     """Make every merged page of ``t`` private again; its pauses are counted."""
     pauses: list[float] = []
     ranges = merged_ranges(t.pid)
-    n = unmerge_pieces(t.pid, [(v.start, v.end) for v in ranges], pauses=pauses)
+    n = unmerge_pieces(
+        t.pid, [(v.start, v.end) for v in ranges], pause_budget_ms=pause_budget_ms, pauses=pauses
+    )
     accounting.pauses.extend(pauses)
     if not merged_ranges(t.pid):
         coredump.restore_after_unmerge(t.pid)

@@ -59,7 +59,7 @@ class BatchOutcome:
 
 class Merger:
     """The merge engine of ``procksm attach``, for the daemon's life. Its windows are
-    sized to the pause budget per target (procksm.merge.window_sizer), at most
+    sized to the pause budget per target (procksm.window_sizer), at most
     ``stop_pages`` pages."""
 
     def __init__(self, opts: DaemonOptions, stable: StableTree, log: LogFn) -> None:

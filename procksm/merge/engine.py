@@ -56,7 +56,6 @@ from procksm.merge.records import (
 )
 from procksm.merge.round_slots import RoundSlots
 from procksm.merge.target import TargetMerger
-from procksm.merge.window_sizer import WindowSizer
 from procksm.plan import (
     MergePlan,
     TargetPlan,
@@ -65,6 +64,7 @@ from procksm.plan import (
 )
 from procksm.scanner import collect
 from procksm.slots import SEGMENT_NAME_PREFIX, Segment, SlotStore
+from procksm.window_sizer import WindowSizer
 
 ProgressFn = Callable[[str], None]
 

@@ -15,6 +15,7 @@ import numpy as np
 from procksm import PAGE_SIZE, procfs
 from procksm.plan import MAX_CALLS_PER_BATCH
 from procksm.scanner import ScanOptions
+from procksm.window_sizer import DEFAULT_PAUSE_BUDGET_MS
 
 
 @dataclass(slots=True)
@@ -36,11 +37,11 @@ class MergeOptions:
     # single-threaded target (stop, gate, the batch's round trip, resume) plus ~2 us per
     # page (byte comparison, mmap, POPULATE_READ); within this cap the windows are sized
     # to the pause budget from the target's own measured windows
-    # (procksm.merge.window_sizer).
+    # (procksm.window_sizer).
     batch_pages: int = 256
     # The pause a window is sized for (ms): each target's windows are cut so that their
     # predicted pause, with a margin for its spread, stays within it.
-    pause_budget_ms: float = 1.0
+    pause_budget_ms: float = DEFAULT_PAUSE_BUDGET_MS
     max_calls: int = MAX_CALLS_PER_BATCH  # injected syscalls per stop window
     # Targets merged at once. Measured on 2 CPUs, 4 x 384 MiB: 2 workers were slower than
     # 1 and doubled the p99 pause (the GIL, and the targets' injected mmaps compete for

@@ -1,6 +1,6 @@
 """One target's merge under stop (the engine's step 5, docs/design.md §2.3-2.7, §3).
 
-In stop windows sized to the pause budget (procksm.merge.window_sizer, at most
+In stop windows sized to the pause budget (procksm.window_sizer, at most
 ``batch_pages`` pages): with every thread stopped, re-read
 each extent and compare it byte for byte with its slots (pages that changed are skipped,
 counted volatile), hold the other threads, then in one batch run by the target
@@ -41,11 +41,11 @@ from procksm.errors import ProcksmError
 from procksm.merge.handover import FdHandOver, HandedFds
 from procksm.merge.records import MergeOptions, Refusal, TargetResult
 from procksm.merge.round_slots import RoundSlots
-from procksm.merge.window_sizer import WindowSizer
 from procksm.plan import FD_CALLS, Extent, TargetPlan, ZeroExtent, split_batches
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
 from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.window_sizer import WindowSizer
 
 
 class TargetMerger:

@@ -27,6 +27,8 @@ DECAY = 0.85  # each window's weight against the one before: ~7 windows' memory
 SPREAD_MARGIN = 3.0  # mean absolute misprediction counted against the budget...
 MAX_MARGIN_SHARE = 0.5  # ...up to half of it
 FIRST_PAGES = 64  # before any window is measured: short, then grown
+# The pause windows are sized for unless told otherwise (ms): issue 15's goal for p99.
+DEFAULT_PAUSE_BUDGET_MS = 1.0
 
 
 @dataclass(slots=True)
