@@ -17,7 +17,7 @@ the largest are kept and the refused pages are counted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,18 +258,39 @@ def split_at_extent_ends(
 MAX_CALLS_PER_BATCH = 46
 FD_CALLS = 5
 
+# What a stop window costs, in pages' worth: each page, plus for each extent (its read
+# and comparison, mmap, populate, the advice again) and each zero run (its read, one
+# madvise) a fixed share. Measured on single-threaded targets (2026-12-07): a page ~2.5
+# us, an extent ~60 us more than its pages, a zero run about half that. The window
+# sizer (procksm.window_sizer) learns the cost of a unit per target; without the share a
+# window of 40 scattered one-page extents would count as 40 pages and take ~2.5 ms.
+EXTENT_UNITS = 24
+ZERO_RUN_UNITS = 12
+# The shortest window the sizer may ask for: one extent of 16 pages.
+MIN_WINDOW_UNITS = EXTENT_UNITS + 16
+
+
+def window_units(extents: Sequence[Extent], zero_extents: Sequence[ZeroExtent]) -> int:
+    """The cost of a window's work, in pages' worth (see EXTENT_UNITS)."""
+    return sum(e.npages + EXTENT_UNITS for e in extents) + sum(
+        z.npages + ZERO_RUN_UNITS for z in zero_extents
+    )
+
 
 def split_batches(
     extents: list[Extent],
     zero_extents: list[ZeroExtent],
-    batch_pages: Callable[[], int],
+    window_units_cap: Callable[[], int],
+    max_pages: int,
     max_calls: int = MAX_CALLS_PER_BATCH,
     piece_of: Callable[[int], int] | None = None,
     advice_calls: Callable[[int], int] | None = None,
 ) -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
-    """Cut the work into stop windows of at most ``batch_pages()`` pages and ``max_calls``
-    injected system calls each, one window at a time: ``batch_pages`` is asked again
-    for each window, after the one before was made (procksm.window_sizer).
+    """Cut the work into stop windows of at most ``window_units_cap()`` units of cost
+    (:func:`window_units`), ``max_pages`` pages and ``max_calls`` injected system calls
+    each, one window at a time: ``window_units_cap`` is asked again for each window,
+    after the one before was made (procksm.window_sizer). A window holds at least one
+    page whatever its cap.
 
     An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
     the advice its mapping is given again (one madvise each: numpy's arrays carry
@@ -281,16 +302,20 @@ def split_batches(
     cur_e: list[Extent] = []
     cur_z: list[ZeroExtent] = []
     fds: set[int] = set()
-    used = calls = 0
-    cap = max(1, batch_pages())
+    units = pages = calls = 0
+    cap = window_units_cap()
 
     def flush() -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
-        nonlocal cur_e, cur_z, used, calls, cap
+        nonlocal cur_e, cur_z, units, pages, calls, cap
         if cur_e or cur_z:
             yield cur_e, cur_z
-            cap = max(1, batch_pages())
-        cur_e, cur_z, used, calls = [], [], 0, 0
+            cap = window_units_cap()
+        cur_e, cur_z, units, pages, calls = [], [], 0, 0, 0
         fds.clear()
+
+    def room(share: int) -> int:
+        """Pages the current window still takes in a run costing ``share`` more."""
+        return min(max_pages - pages, cap - units - share)
 
     for e in extents:
         off = 0
@@ -298,29 +323,30 @@ def split_batches(
         mapping = 2 + (advice_calls(e.addr) if advice_calls else 0)
         while off < e.npages:
             cost = mapping + (FD_CALLS if piece_of and piece not in fds else 0)
-            if calls + cost > max_calls and (cur_e or cur_z):
+            if (calls + cost > max_calls or room(EXTENT_UNITS) < 1) and (cur_e or cur_z):
                 yield from flush()
                 cost = mapping + (FD_CALLS if piece_of else 0)
             if piece_of:
                 fds.add(piece)
-            take = min(e.npages - off, cap - used)
+            take = min(e.npages - off, max(1, room(EXTENT_UNITS)))
             cur_e.append(Extent(e.addr + off * PAGE_SIZE, take, e.slot + off, e.prot_write))
             off += take
-            used += take
+            pages += take
+            units += take + EXTENT_UNITS
             calls += cost
-            if used >= cap:
+            if room(EXTENT_UNITS) < 1:
                 yield from flush()
     for z in zero_extents:
         off = 0
-        # zeroing costs no memfd page and one madvise: a cheaper page than a mapping
         while off < z.npages:
-            if calls + 1 > max_calls:
+            if (calls + 1 > max_calls or room(ZERO_RUN_UNITS) < 1) and (cur_e or cur_z):
                 yield from flush()
-            take = min(z.npages - off, max(1, (cap - used)))
+            take = min(z.npages - off, max(1, room(ZERO_RUN_UNITS)))
             cur_z.append(ZeroExtent(z.addr + off * PAGE_SIZE, take))
             off += take
-            used += take
+            pages += take
+            units += take + ZERO_RUN_UNITS
             calls += 1
-            if used >= cap:
+            if room(ZERO_RUN_UNITS) < 1:
                 yield from flush()
     yield from flush()

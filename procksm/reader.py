@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -98,6 +98,12 @@ class PageReader:
         self.calls = 0
         self.unreadable_pages = 0  # pages skipped by read_runs because they could not be read
 
+    def prefault(self) -> None:
+        """Touch every page of the buffer now: a first read into fresh pages faults each
+        one in, and under stop that cost a merge's first window 0.4 ms (64 pages,
+        measured: its comparison 0.47-0.53 ms against ~0.09 ms in the windows after)."""
+        self._buf[::PAGE_SIZE] = 0
+
     def _alloc(self, nbytes: int) -> None:
         self._buf = np.empty(nbytes, dtype=np.uint8)
         self._view = self._buf.data.cast("B")
@@ -150,6 +156,22 @@ class PageReader:
         self._into_buffer(0, length)
         got = self._readv(1, 1)
         return self._view[:got]
+
+    def read_gather(self, runs: Sequence[tuple[int, int]]) -> memoryview:
+        """(address, pages) runs back to back, in one process_vm_readv (at most IOV_MAX
+        runs): the bytes up to the first page that cannot be read."""
+        if len(runs) > IOV_MAX:
+            raise ValueError(f"{len(runs)} runs in one read; at most {IOV_MAX}")
+        total = sum(n for _, n in runs) * PAGE_SIZE
+        if total > len(self._buf):
+            self._alloc(total)
+        if not total:
+            return self._view[:0]
+        count = len(runs)
+        self._remote[:count, 0] = [a for a, _ in runs]
+        self._remote[:count, 1] = [n * PAGE_SIZE for _, n in runs]
+        self._into_buffer(0, total)
+        return self._view[: self._readv(count, 1)]
 
     def read_page(self, addr: int) -> bytes:
         """One page, copied out of the buffer; :class:`PartialRead` if it is not readable."""

@@ -1,5 +1,8 @@
 """Pages per stop window, sized to a pause budget from the target's own measured windows.
 
+"Pages" are whatever the caller counts a window's work in: pages for an unmerge, units
+of cost for a merge (procksm.plan.window_units: pages plus a share per extent).
+
 A window's pause is about ``fixed + per_page * pages``. ``fixed`` grows with the
 target's threads (stopping, gating and resuming each costs ~50-100 us, docs/design.md
 §7) and with the machine's load; ``per_page`` is the byte comparison, the mmap and its

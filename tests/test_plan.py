@@ -17,19 +17,28 @@ from procksm.analysis import (
     ScanInput,
 )
 from procksm.plan import (
+    EXTENT_UNITS,
     MAX_CALLS_PER_BATCH,
+    ZERO_RUN_UNITS,
     Extent,
     MergePlan,
     ZeroExtent,
     plan_merge,
     split_batches,
     vma_budget,
+    window_units,
 )
 
 Z, V = CONTENT_ZERO, CONTENT_VOLATILE
 PID0 = 100
 BASE = 0x7F00_0000_0000
 BIG_BUDGET = 1 << 20
+
+
+def UNLIMITED() -> int:  # a window cost cap that never binds
+    return 1 << 30
+
+
 # contents of one mapping's pages by page offset; None: page absent (not scanned)
 Pages = list[int | None]
 
@@ -323,12 +332,12 @@ def work(draw: st.DrawFn) -> tuple[list[Extent], list[ZeroExtent]]:
     return exts, zeros
 
 
-@given(work(), st.integers(1, 64), st.integers(2, 40))
+@given(work(), st.integers(1, 200), st.integers(1, 64), st.integers(2, 40))
 def test_split_batches_bounds_and_covers_every_page_once(
-    w: tuple[list[Extent], list[ZeroExtent]], batch_pages: int, max_calls: int
+    w: tuple[list[Extent], list[ZeroExtent]], units: int, batch_pages: int, max_calls: int
 ) -> None:
     exts, zeros = w
-    batches = list(split_batches(exts, zeros, lambda: batch_pages, max_calls))
+    batches = list(split_batches(exts, zeros, lambda: units, batch_pages, max_calls))
     want_ext = {e.addr + k * PAGE_SIZE: e.slot + k for e in exts for k in range(e.npages)}
     want_zero = {z.addr + k * PAGE_SIZE for z in zeros for k in range(z.npages)}
     got_ext: dict[int, int] = {}
@@ -336,6 +345,8 @@ def test_split_batches_bounds_and_covers_every_page_once(
     for be, bz in batches:
         assert be or bz  # no empty window
         assert sum(e.npages for e in be) + sum(z.npages for z in bz) <= batch_pages
+        # within its cost, unless a single piece is over it alone
+        assert window_units(be, bz) <= units or len(be) + len(bz) == 1
         assert 2 * len(be) + len(bz) <= max_calls
         for e in be:
             assert e.npages >= 1
@@ -348,7 +359,7 @@ def test_split_batches_bounds_and_covers_every_page_once(
 
 
 def test_split_batches_cuts_long_extents_into_adjacent_pieces() -> None:
-    batches = list(split_batches([Extent(at(0), 10, 5)], [ZeroExtent(at(20), 3)], lambda: 4))
+    batches = list(split_batches([Extent(at(0), 10, 5)], [ZeroExtent(at(20), 3)], lambda: 10**6, 4))
     assert [[(e.addr, e.npages, e.slot) for e in be] for be, _ in batches] == [
         [(at(0), 4, 5)],
         [(at(4), 4, 9)],
@@ -368,20 +379,22 @@ def test_split_batches_bounds_injected_calls_on_one_page_extents() -> None:
     """The worst layout: every extent one page. Pages alone would put 512 extents (1024
     injected calls, ~130-200 ms stopped, measured) in one window."""
     exts = [Extent(at(2 * i), 1, i) for i in range(1000)]
-    batches = list(split_batches(exts, [], lambda: 512))
+    batches = list(split_batches(exts, [], lambda: 10**6, 512))
     assert all(2 * len(be) <= MAX_CALLS_PER_BATCH for be, _ in batches)
     assert len(batches) == -(-1000 // (MAX_CALLS_PER_BATCH // 2))
-    assert list(split_batches([], [], lambda: 512)) == []
+    assert list(split_batches([], [], lambda: 10**6, 512)) == []
 
 
 def test_split_batches_counts_a_memfd_hand_over_per_window() -> None:
     # four one-page extents, each in its own memfd: 2 (mmap, populate) + 5 (taken,
     # checked twice, fstat, closed)
     exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(4)]
-    batches = list(split_batches(exts, [], lambda: 256, max_calls=14, piece_of=lambda slot: slot))
+    batches = list(
+        split_batches(exts, [], UNLIMITED, 256, max_calls=14, piece_of=lambda slot: slot)
+    )
     assert [len(b[0]) for b in batches] == [2, 2]
     # the same extents in one memfd: its hand-over is paid once per window
-    batches = list(split_batches(exts, [], lambda: 256, max_calls=13, piece_of=lambda slot: 0))
+    batches = list(split_batches(exts, [], UNLIMITED, 256, max_calls=13, piece_of=lambda slot: 0))
     assert [len(b[0]) for b in batches] == [4]
 
 
@@ -395,13 +408,27 @@ def test_split_batches_asks_each_windows_pages_after_the_window_before() -> None
         asked.append(taken)
         return len(asked)
 
-    batches = split_batches([Extent(at(0), 10, 0)], [ZeroExtent(at(20), 5)], pages)
+    batches = split_batches([Extent(at(0), 15, 0)], [], lambda: EXTENT_UNITS + pages(), 256)
     sizes = []
-    for be, bz in batches:
+    for be, _ in batches:
         taken += 1
-        sizes.append(sum(e.npages for e in be) + sum(z.npages for z in bz))
+        sizes.append(sum(e.npages for e in be))
     assert sizes == [1, 2, 3, 4, 5]
     assert asked[: len(sizes)] == [0, 1, 2, 3, 4]
+
+
+def test_split_batches_counts_a_share_of_cost_per_extent() -> None:
+    """Scattered one-page extents cost more than their pages (a read, a comparison, an
+    mmap and a populate each): a window of 256 units holds 9 of them, not the 20 its
+    calls would allow."""
+    exts = [Extent(at(2 * i), 1, i) for i in range(100)]
+    batches = list(split_batches(exts, [], lambda: 256, 256))
+    assert {len(be) for be, _ in batches[:-1]} == {256 // (1 + EXTENT_UNITS)}
+    assert all(window_units(be, bz) <= 256 for be, bz in batches)
+    # a zero run's share is smaller
+    zeros = [ZeroExtent(at(2 * i), 1) for i in range(100)]
+    batches = list(split_batches([], zeros, lambda: 256, 256))
+    assert len(batches[0][1]) == 256 // (1 + ZERO_RUN_UNITS)
 
 
 def test_a_window_fits_the_call_routines_table() -> None:
@@ -413,14 +440,23 @@ def test_a_window_fits_the_call_routines_table() -> None:
 def test_split_batches_counts_the_advice_given_again() -> None:
     # numpy's arrays carry MADV_HUGEPAGE: an extent there costs mmap, madvise, populate
     exts = [Extent(0x1000 * (2 * i + 1), 1, i) for i in range(6)]
-    batches = list(split_batches(exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 1))
+    batches = list(
+        split_batches(exts, [], UNLIMITED, 256, max_calls=9, advice_calls=lambda addr: 1)
+    )
     assert [len(b[0]) for b in batches] == [3, 3]
     # advice only where the mapping had some
     batches = list(
         split_batches(
-            exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 1 if addr < 0x6000 else 0
+            exts,
+            [],
+            lambda: 10**6,
+            256,
+            max_calls=9,
+            advice_calls=lambda addr: 1 if addr < 0x6000 else 0,
         )
     )
     assert [len(b[0]) for b in batches] == [3, 3]
-    batches = list(split_batches(exts, [], lambda: 256, max_calls=9, advice_calls=lambda addr: 0))
+    batches = list(
+        split_batches(exts, [], UNLIMITED, 256, max_calls=9, advice_calls=lambda addr: 0)
+    )
     assert [len(b[0]) for b in batches] == [4, 2]

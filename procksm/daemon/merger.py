@@ -130,9 +130,9 @@ class Merger:
             return
         self._said_over_budget.add(pid)
         self.log(
-            f"pid {pid}: stops over the {self.opts.merge.pause_budget_ms:g} ms budget even at "
-            f"{sizer.min_pages} pages per stop (~{shortest * 1e3:.2f} ms: stopping, gating "
-            "and resuming each thread, or a busy machine); its windows stay that short"
+            f"pid {pid}: stops over the {self.opts.merge.pause_budget_ms:g} ms budget even "
+            f"at their shortest (~{shortest * 1e3:.2f} ms for 16 pages: stopping, gating "
+            "and resuming each thread, or a busy machine); its stops stay that short"
         )
 
 

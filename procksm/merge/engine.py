@@ -57,6 +57,8 @@ from procksm.merge.records import (
 from procksm.merge.round_slots import RoundSlots
 from procksm.merge.target import TargetMerger
 from procksm.plan import (
+    EXTENT_UNITS,
+    MIN_WINDOW_UNITS,
     MergePlan,
     TargetPlan,
     plan_merge,
@@ -473,11 +475,15 @@ class MergeEngine(Closing):
         merger.merge_safely()
 
     def window_sizer(self, pid: int) -> WindowSizer:
-        """The target's window sizer, new when the budget or the cap changed."""
-        budget_s, cap = self.opts.pause_budget_ms / 1000.0, self.opts.batch_pages
+        """The target's window sizer, new when the budget or the cap changed. It sizes
+        windows in units of cost (procksm.plan.window_units): at most one extent of
+        ``batch_pages``, at least one of 16 pages."""
+        budget_s = self.opts.pause_budget_ms / 1000.0
+        cap = self.opts.batch_pages + EXTENT_UNITS
         sizer = self.window_sizers.get(pid)
         if sizer is None or (sizer.budget_s, sizer.max_pages) != (budget_s, cap):
-            sizer = self.window_sizers[pid] = WindowSizer(budget_s, cap)
+            sizer = WindowSizer(budget_s, cap, min_pages=MIN_WINDOW_UNITS)
+            self.window_sizers[pid] = sizer
         return sizer
 
     def forget_sizers(self, pids: Iterable[int]) -> None:

@@ -41,7 +41,14 @@ from procksm.errors import ProcksmError
 from procksm.merge.handover import FdHandOver, HandedFds
 from procksm.merge.records import MergeOptions, Refusal, TargetResult
 from procksm.merge.round_slots import RoundSlots
-from procksm.plan import FD_CALLS, Extent, TargetPlan, ZeroExtent, split_batches
+from procksm.plan import (
+    FD_CALLS,
+    Extent,
+    TargetPlan,
+    ZeroExtent,
+    split_batches,
+    window_units,
+)
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
 from procksm.slots import SEGMENT_NAME_PREFIX
@@ -98,6 +105,7 @@ class TargetMerger:
             extents,
             self.zero_extents,
             self.sizer.next_pages,
+            opts.batch_pages,
             max_calls=opts.max_calls,
             piece_of=lambda slot: self.slots.piece(slot)[0].id,
             advice_calls=lambda addr: len(self.advice_at(addr)),
@@ -109,6 +117,7 @@ class TargetMerger:
         if not extents and not self.zero_extents and not reguard:
             return
         reader = PageReader(pid, chunk_bytes=opts.batch_pages * PAGE_SIZE)
+        reader.prefault()  # outside the windows
         client: guard.GuardClient | None = None
         if opts.guard and (extents or reguard):
             client = self.guard_client()
@@ -132,8 +141,7 @@ class TargetMerger:
                 stops = len(sess.pauses)
                 self._window(sess, reader, ext_batch, zero_batch)
                 if len(sess.pauses) > stops:
-                    pages = sum(e.npages for e in ext_batch) + sum(z.npages for z in zero_batch)
-                    self.sizer.observe(pages, sess.pauses[-1])
+                    self.sizer.observe(window_units(ext_batch, zero_batch), sess.pauses[-1])
                 # no thread of the target is stopped between windows: collect the cyclic
                 # garbage a window leaves (~100 objects; measured: 412,853 in 4,220
                 # windows on four redis-servers). Paused for the whole of a target, a
@@ -190,10 +198,10 @@ class TargetMerger:
     ) -> None:
         """One stop window: compare, hold the other threads, map, drop zero pages."""
         # Slots are sealed, immutable: read their bytes before stopping the target.
-        slot_bytes = [self.slots.bytes_of(e) for e in ext_batch]
+        want = b"".join(self.slots.bytes_of(e) for e in ext_batch)
         with sess.stopped() as st, procfs.MapsQuery(self.pid) as maps:
             stacks = _thread_stack_ranges(st, maps)
-            ext_ok = self._verify_extents(st, reader, maps, ext_batch, slot_bytes, stacks)
+            ext_ok = self._verify_extents(st, reader, maps, ext_batch, want, stacks)
             zero_ok = _verify_zero(reader, maps, zero_batch, stacks, self.res)
             if ext_ok or zero_ok:
                 # Compared under stop: from here no thread of the target may
@@ -319,13 +327,20 @@ class TargetMerger:
         reader: PageReader,
         maps: procfs.MapsQuery,
         extents: list[Extent],
-        slot_bytes: list[bytes],
+        want: bytes,
         stacks: list[tuple[int, int]],
     ) -> list[tuple[Extent, int]]:
         """Under stop: keep the pages that still equal their slot, byte for byte, in a
-        mapping that is still private anonymous memory; with its protection now."""
-        out: list[tuple[Extent, int]] = []
-        for e, want in zip(extents, slot_bytes, strict=True):
+        mapping that is still private anonymous memory; with its protection now.
+        ``want``: the slots' bytes, extent after extent.
+
+        The extents are read in one process_vm_readv and compared in one vectorised
+        step: one read and one comparison each cost ~60-80 us an extent in Python
+        (measured on a first window of 7 extents: 0.4-0.6 ms against 0.09 for one)."""
+        checked: list[tuple[Extent, int, int]] = []  # (extent, protection, first row)
+        row = 0
+        for e in extents:
+            first, row = row, row + e.npages
             if _overlaps(stacks, e.addr, e.end):
                 self.refused.append(Refusal(st.pid, e.addr, e.end, "thread stack"))
                 self.res.pages_refused += e.npages
@@ -335,27 +350,45 @@ class TargetMerger:
                 # unmapped, remapped or changed since the scan: never map over it
                 self.res.pages_volatile += e.npages
                 continue
-            data = reader.read(e.addr, e.npages * PAGE_SIZE)
-            ok = self.slots.ok[e.slot : e.slot + e.npages].copy()
-            # one vectorised comparison of the whole extent first (memoryview == bytes
-            # compares element by element in Python: 1.5 ms per 2 MiB, measured)
-            if len(data) == len(want) and np.array_equal(
-                np.frombuffer(data, np.uint64), np.frombuffer(want, np.uint64)
-            ):
-                equal = ok
-            else:
-                n = min(len(data), len(want)) // PAGE_SIZE
-                equal = np.zeros(e.npages, bool)
-                if n:
-                    a = np.frombuffer(data, np.uint64, count=n * 512).reshape(n, -1)
-                    b = np.frombuffer(want, np.uint64, count=n * 512).reshape(n, -1)
-                    equal[:n] = (a == b).all(axis=1)
-                equal &= ok
-            self.res.pages_volatile += int(e.npages - equal.sum())
-            prot = _prot(vma.perms)
-            for i0, n in mask_runs(equal):
+            checked.append((e, _prot(vma.perms), first))
+        if not checked:
+            return []
+        equal = _equal_pages(reader, [(e.addr, e.npages, first) for e, _, first in checked], want)
+        out: list[tuple[Extent, int]] = []
+        for e, prot, first in checked:
+            same = equal[first : first + e.npages] & self.slots.ok[e.slot : e.slot + e.npages]
+            if same.all():
+                out.append((e, prot))
+                continue
+            self.res.pages_volatile += int(e.npages - same.sum())
+            for i0, n in mask_runs(same):
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
+
+
+def _equal_pages(reader: PageReader, runs: list[tuple[int, int, int]], want: bytes) -> np.ndarray:
+    """Per row of ``want`` (pages back to back): whether the target's page equals it now.
+    ``runs``: (address, pages, first row) of the ranges to compare, in row order; rows of
+    no run, and pages from the first one that cannot be read on, are False."""
+    want_pages = np.frombuffer(want, np.uint64).reshape(-1, PAGE_SIZE // 8)
+    equal = np.zeros(len(want_pages), bool)
+    data = reader.read_gather([(a, n) for a, n, _ in runs])
+    n = len(data) // PAGE_SIZE
+    got = np.frombuffer(data, np.uint64, count=n * (PAGE_SIZE // 8)).reshape(n, -1)
+    at, every_row = 0, True
+    for _, pages, first in runs:
+        every_row = every_row and first == at
+        at += pages
+    if every_row and at == len(want_pages):
+        # the usual case: every page compared, in row order; one flat comparison first
+        if n == len(want_pages) and np.array_equal(got.ravel(), want_pages.ravel()):
+            equal[:] = True
+        else:
+            equal[:n] = (got == want_pages[:n]).all(axis=1)
+        return equal
+    rows = np.concatenate([np.arange(first, first + pages) for _, pages, first in runs])[:n]
+    equal[rows] = (got == want_pages[rows]).all(axis=1)
+    return equal
 
 
 def _cpus_saturated() -> bool:
