@@ -83,3 +83,23 @@ def test_suite_quick_w1_writes_its_json(tmp_path: Path) -> None:
     assert any("time to 100 %" in line for line in doc["table"])
     assert out.with_suffix(".svg").read_text().startswith("<svg")
     print(f"suite --quick --only W1: {took:.0f} s")
+
+
+def test_speed_at_equal_cpu_is_met_only_at_equal_cpu() -> None:
+    """Pure logic: the goal's condition is the CPU actually spent, not the share asked."""
+    from benchmarks.harness.goals import goals_of
+    from benchmarks.harness.workloads import QUICK
+
+    def judged(daemon_cpu: float) -> dict[str, object]:
+        w1 = {
+            "ksmd_defaults": {"reps": 1, "t95_s": 4.4, "cpu_s": 0.07},
+            "daemon_eqcpu": {"reps": 1, "t95_s": 0.97, "cpu_s": daemon_cpu},
+        }
+        goal: dict[str, object] = goals_of({"workloads": {"W1": {"medians": w1}}}, QUICK)[
+            "speed_equal_cpu"
+        ]
+        return goal
+
+    assert judged(0.53)["met"] is False  # 4.5x as fast, with 7.6x ksmd's CPU
+    assert judged(0.06)["met"] is True
+    assert "0.53 vs 0.07" in str(judged(0.53)["shown"])
