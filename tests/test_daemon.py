@@ -7,6 +7,7 @@ own memory; the daemon runs as `python -m procksm attach` with a private control
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -317,6 +318,43 @@ def test_pause_budget_measured_and_enforced(
     for t in (a, b):
         assert err.count(f"pid {t.pid}: stops over the 0.001 ms budget even at their") == 1
     assert a.command("check") == "OK pages=2048"
+
+
+def scratch_areas(pid: int) -> list[str]:
+    """The address ranges of procksm's scratch areas in ``pid`` (one line per VMA)."""
+    return [
+        line.split()[0]
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if "/memfd:procksm-scratch" in line
+    ]
+
+
+def test_a_target_keeps_one_scratch_area_for_the_daemons_life(
+    lifecycle: Path, spawn: Any, daemons: Any, tmp_path: Path
+) -> None:
+    """The daemon keeps each target's session from round to round (before, every round
+    mapped a scratch area in a stop of its own and unmapped it in another, ~1-2 ms
+    each): the same area through rounds of merging; a child the target forks does not
+    inherit it (MADV_DONTFORK: its owner, the daemon, lives, so no procksm would remove
+    it); the daemon's exit removes it."""
+    a, b = lc(spawn, lifecycle), lc(spawn, lifecycle)
+    d = daemons(tmp_path / "c.sock", [a.pid, b.pid], *FAST)
+    wait_for(lambda: region_merged(a) == 256, 30, "merge")
+    area = scratch_areas(a.pid)
+    assert area, "no scratch area while the daemon lives"
+    for round_ in range(3):
+        # a write breaks a merged page; a later round merges it again
+        assert a.command(f"write {round_}") == "OK" and b.command(f"write {round_}") == "OK"
+        wait_for(lambda: region_merged(a) == 256, 30, f"merged again ({round_})")
+        assert scratch_areas(a.pid) == area
+    child = int(a.command("fork").split("=")[1])
+    assert scratch_areas(child) == []
+    os.kill(child, signal.SIGTERM)  # the child checks its memory and exits
+    assert a.command("reap") == "CHILD exit=0"
+    d.stop(signal.SIGTERM)
+    for t in (a, b):
+        assert scratch_areas(t.pid) == []
+        assert t.command("check") == "OK pages=256"
 
 
 # --------------------------------------------------------------------------------------

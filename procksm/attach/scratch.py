@@ -15,6 +15,7 @@ import struct
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import (
+    MADV_DONTFORK,
     MAP_FIXED,
     MAP_PRIVATE,
     MFD_CLOEXEC,
@@ -23,6 +24,7 @@ from procksm.arch.x86_64 import (
     PROT_WRITE,
     SYS_close,
     SYS_ftruncate,
+    SYS_madvise,
     SYS_memfd_create,
     SYS_mmap,
     SYS_munmap,
@@ -127,8 +129,8 @@ class ScratchArea:
         the injecting thread's frames) and sizes it; procksm writes the call routine
         into it (through /proc/PID/fd/N); the target maps it, maps the routine's page
         read-only and executable over the last page (MAP_FIXED over a piece of the same
-        memfd: either way the area is one named memfd), and closes the fd; then the
-        owner is written in page 0."""
+        memfd: either way the area is one named memfd), marks it MADV_DONTFORK, and closes
+        the fd; then the owner is written in page 0."""
         injector = calls.threads.injector()
         calls.frames.ensure_armed(injector)
         name_at = calls.frames.dead_stack(injector)
@@ -148,6 +150,12 @@ class ScratchArea:
                 SYS_mmap, routine, PAGE_SIZE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_FIXED,
                 fd, ROUTINE_OFFSET, name="mmap",
             )  # fmt: skip
+            # Not inherited by a child the target forks: the daemon keeps the area for
+            # the target's life, and in a child its owner would stay alive, so no
+            # procksm would ever remove it (remove_leftovers_in_window).
+            calls.syscall_checked(
+                SYS_madvise, base, SCRATCH_BYTES, MADV_DONTFORK, name="madvise"
+            )
         finally:
             calls.syscall(SYS_close, fd)
         owner = struct.pack("<QQ", os.getpid(), _own_start_time())

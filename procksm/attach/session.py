@@ -152,6 +152,18 @@ class PtraceSession:
             raise
         return self
 
+    def renew(self) -> None:
+        """For a session kept across rounds (procksm attach): the same process still,
+        its status read again, and its seccomp filters checked again before the next
+        injected call (it may have installed some since). The pauses start over."""
+        self._check_same_process()
+        status = check_attachable(self.pid)
+        if self.status is not None and status.start_time != self.status.start_time:
+            raise NoSuchProcess(self.pid, f"process {self.pid} has exited")
+        self.status = status
+        self._seccomp = SeccompPrecheck(status)
+        self.pauses.clear()
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

@@ -72,6 +72,7 @@ class Merger:
             batch_pages=opts.stop_pages,
         )
         self.engine = MergeEngine([], merge_opts)
+        self.engine.keep_sessions = True  # a target's scratch area stays between rounds
         # the stable tree's cache: the engine adds the segments it creates and adopts
         self.engine.segment_hashes = stable.segments
         # the targets' maps across rounds: a round adopts the segments of every target,
@@ -82,6 +83,7 @@ class Merger:
         self._said_over_budget: set[int] = set()
 
     def close(self) -> None:
+        self.engine.end_sessions()
         self.engine.close()
 
     def refresh_stable(self, pids: Sequence[int]) -> None:
@@ -94,10 +96,11 @@ class Merger:
 
     def forget(self, pids: Iterable[int]) -> None:
         """These targets are gone, exec'd or unmerged: their maps are read again when
-        asked."""
+        asked, their sessions end (their scratch areas are unmapped)."""
         pids = list(pids)
         self.maps.forget(pids)
         self.engine.forget_sizers(pids)
+        self.engine.end_sessions(pids)
         self._said_over_budget.difference_update(pids)
 
     def merge(

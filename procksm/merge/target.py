@@ -72,6 +72,7 @@ class TargetMerger:
         refused: list[Refusal],
         merged_before: bool,
         sizer: WindowSizer,
+        session: Callable[[], contextlib.AbstractContextManager[PtraceSession]],
     ) -> None:
         self.pid = tp.pid
         self.advice_at = tp.advice_at
@@ -85,6 +86,7 @@ class TargetMerger:
         self.refused = refused
         self.merged_before = merged_before
         self.sizer = sizer
+        self.session = session  # a new session, or the target's kept one (the daemon's)
 
     def merge_safely(self) -> None:
         """:meth:`merge`, at real-time priority when asked for (or when the CPUs are
@@ -127,7 +129,8 @@ class TargetMerger:
                     client = None
             except guard.GuardError as err:
                 return self._refuse(err.message)
-        with PtraceSession(pid) as sess, _gc_paused():
+        with self.session() as sess, _gc_paused():
+            first_pause = len(sess.pauses)
             why = self._first_window(sess, client)
             if why is not None:
                 return self._refuse(why)
@@ -148,7 +151,7 @@ class TargetMerger:
                 # scattered merge of thousands of windows held them all: the daemon grew
                 # from 37 to 46 MiB within one target's merge
                 gc.collect(0)
-            self.res.pauses.extend(sess.pauses)
+            self.res.pauses.extend(sess.pauses[first_pause:])
 
     def _refuse(self, reason: str) -> None:
         self.refused.append(Refusal(self.pid, 0, 0, reason))
@@ -163,8 +166,9 @@ class TargetMerger:
         target is refused."""
         listener = None
         left = guard.listener_copies_left_in(self.pid) if self.opts.guard else None
-        with sess.stopped() as st:
-            st.scratch()
+        if sess.scratch_address is None:  # a kept session has its area from a round before
+            with sess.stopped() as st:
+                st.scratch()
         copies = left is not None and left.found
         if copies or client is not None:
             with sess.stopped() as st:
