@@ -699,3 +699,38 @@ def test_merge_never_raises_a_limited_targets_memory_charge(spawn, planted, tmp_
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def test_equal_pages_compares_each_run_with_its_rows() -> None:
+    """Pure logic of the window's one-read comparison (procksm.merge.target._equal_pages):
+    rows follow the runs in any order, rows of no run stay False, and a read that stops
+    early leaves the pages after it False."""
+    from procksm.merge.target import _equal_pages
+
+    page = lambda b: bytes([b]) * PAGE_SIZE  # noqa: E731
+    memory = {0x10000 + i * PAGE_SIZE: page(i) for i in range(8)}
+
+    class Reader:  # the target's memory: 8 pages, the 6th changed since the scan
+        def __init__(self, readable: int) -> None:
+            self.readable = readable  # pages readable in all
+
+        def read_gather(self, runs: list[tuple[int, int]]) -> memoryview:
+            out = b""
+            for addr, n in runs:
+                for k in range(n):
+                    if len(out) // PAGE_SIZE == self.readable:
+                        return memoryview(out)
+                    a = addr + k * PAGE_SIZE
+                    out += page(99) if a == 0x10000 + 5 * PAGE_SIZE else memory[a]
+            return memoryview(out)
+
+    want = b"".join(page(i) for i in range(8))  # rows 0..7 = the slots of pages 0..7
+    every = [(0x10000, 8, 0)]
+    assert _equal_pages(Reader(8), every, want).tolist() == [True] * 5 + [False] + [True] * 2
+    # two runs, rows 4-7 first, rows 0-1 after; rows 2-3 in no run
+    runs = [(0x10000 + 4 * PAGE_SIZE, 4, 4), (0x10000, 2, 0)]
+    got = _equal_pages(Reader(8), runs, want).tolist()
+    assert got == [True, True, False, False, True, False, True, True]
+    # the read stops after 5 pages: the rest of the second run is not equal
+    got = _equal_pages(Reader(5), runs, want).tolist()
+    assert got == [True, False, False, False, True, False, True, True]

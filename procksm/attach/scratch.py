@@ -153,9 +153,7 @@ class ScratchArea:
             # Not inherited by a child the target forks: the daemon keeps the area for
             # the target's life, and in a child its owner would stay alive, so no
             # procksm would ever remove it (remove_leftovers_in_window).
-            calls.syscall_checked(
-                SYS_madvise, base, SCRATCH_BYTES, MADV_DONTFORK, name="madvise"
-            )
+            calls.syscall_checked(SYS_madvise, base, SCRATCH_BYTES, MADV_DONTFORK, name="madvise")
         finally:
             calls.syscall(SYS_close, fd)
         owner = struct.pack("<QQ", os.getpid(), _own_start_time())

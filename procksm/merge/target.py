@@ -372,8 +372,8 @@ class TargetMerger:
 
 def _equal_pages(reader: PageReader, runs: list[tuple[int, int, int]], want: bytes) -> np.ndarray:
     """Per row of ``want`` (pages back to back): whether the target's page equals it now.
-    ``runs``: (address, pages, first row) of the ranges to compare, in row order; rows of
-    no run, and pages from the first one that cannot be read on, are False."""
+    ``runs``: (address, pages, first row) of the ranges to compare, read in this order;
+    rows of no run, and pages from the first one that cannot be read on, are False."""
     want_pages = np.frombuffer(want, np.uint64).reshape(-1, PAGE_SIZE // 8)
     equal = np.zeros(len(want_pages), bool)
     data = reader.read_gather([(a, n) for a, n, _ in runs])
