@@ -124,18 +124,19 @@ class Merger:
         return BatchOutcome(merged, out.results, out.refused)
 
     def _say_if_over_budget(self, pid: int) -> None:
-        """Once per target: its shortest windows are over the pause budget."""
+        """Once per target: its windows are over the pause budget."""
         sizer = self.engine.window_sizers.get(pid)
         if sizer is None or pid in self._said_over_budget:
             return
-        shortest = sizer.over_budget_at_floor()
-        if shortest is None:
+        pause = sizer.over_budget()
+        if pause is None:
             return
         self._said_over_budget.add(pid)
         self.log(
-            f"pid {pid}: stops over the {self.opts.merge.pause_budget_ms:g} ms budget even "
-            f"at their shortest (~{shortest * 1e3:.2f} ms for 16 pages: stopping, gating "
-            "and resuming each thread, or a busy machine); its stops stay that short"
+            f"pid {pid}: stops over the {self.opts.merge.pause_budget_ms:g} ms budget "
+            f"(~{pause * 1e3:.2f} ms): stopping, gating and resuming each of its threads "
+            "takes the budget (or the machine is busy); each stop does a quarter of a "
+            "budget's work"
         )
 
 
