@@ -838,3 +838,48 @@ def test_stop_windows_and_injected_calls_leave_every_kind_of_target_intact(
         assert_running_untraced(target.pid)
         assert_no_errors(target)
         target.kill()
+
+
+EXEC_THEN_MAP = r"""
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+c = ctypes
+libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
+MAP_FIXED_NOREPLACE = 0x100000
+print(f"READY pid={os.getpid()}", flush=True)
+for line in sys.stdin:
+    cmd, *arg = line.split()
+    if cmd == "exec":
+        os.execv(sys.executable, [sys.executable, "-c", sys.argv[1], sys.argv[1]])
+    elif cmd == "map":
+        addr = int(arg[0], 0)
+        got = libc.mmap(addr, 3 * mmap.PAGESIZE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                        | MAP_FIXED_NOREPLACE, -1, 0)
+        if got == addr:
+            ctypes.memset(addr, 0x5A, 3 * mmap.PAGESIZE)
+        print("OK" if got == addr else f"FAILED {got} errno {ctypes.get_errno()}", flush=True)
+    elif cmd == "check":
+        addr = int(arg[0], 0)
+        with open("/proc/self/maps") as f:
+            spans = [[int(x, 16) for x in l.split()[0].split("-")] for l in f]
+        mapped = any(a <= addr < b for a, b in spans)
+        ok = mapped and ctypes.string_at(addr, 3 * mmap.PAGESIZE) == b"\x5a" * (3 * mmap.PAGESIZE)
+        print("OK" if ok else "GONE", flush=True)
+"""
+
+
+def test_a_session_never_unmaps_what_an_exec_put_at_its_scratch_address(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A session remembers its scratch area's address between windows (the daemon keeps
+    a target's session for the target's life). If the target execs meanwhile, the area
+    went with the old address space and the address may now hold the new program's
+    memory: ending the session must leave it alone (it unmapped it before)."""
+    t = spawn([sys.executable, "-c", EXEC_THEN_MAP, EXEC_THEN_MAP])
+    with PtraceSession(t.pid) as sess:
+        with sess.stopped() as st:
+            base = st.scratch() - PAGE  # the area's first page
+        t.proc.stdin.write("exec\n")
+        t.proc.stdin.flush()
+        assert t.proc.stdout.readline().startswith("READY")  # the new program
+        assert t.command(f"map {base:#x}") == "OK"  # its memory where the area was
+    assert t.command(f"check {base:#x}") == "OK"

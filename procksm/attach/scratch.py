@@ -96,6 +96,20 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
     return removed
 
 
+def is_own_area(threads: StoppedThreads, base: int) -> bool:
+    """Is the area at ``base`` still this procksm's scratch area? A session remembers its
+    address across windows, and between two windows the target may exec: the address
+    space is then new, and the address may hold the new program's memory."""
+    try:
+        heads = procfs.read_maps_with_path(threads.memory_tid(), SCRATCH_PATH)
+        if not any(v.start == base and v.offset == 0 for v in heads):
+            return False
+        owner = threads.read_memory(base + OWNER, 16)
+    except (ProcksmError, OSError):
+        return False
+    return len(owner) == 16 and struct.unpack("<QQ", owner) == (os.getpid(), _own_start_time())
+
+
 def threads_inside(threads: StoppedThreads, base: int) -> list[int]:
     """The stopped threads whose registers are in the scratch area at `base`: still
     running procksm's call routine, from a window that was abandoned or whose procksm

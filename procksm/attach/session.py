@@ -74,7 +74,12 @@ from procksm.attach.injected_call import SyscallInjector
 from procksm.attach.kill_steps import step
 from procksm.attach.locks import WindowLock
 from procksm.attach.return_frames import ReturnFrames
-from procksm.attach.scratch import ScratchArea, remove_leftovers_in_window, threads_inside
+from procksm.attach.scratch import (
+    ScratchArea,
+    is_own_area,
+    remove_leftovers_in_window,
+    threads_inside,
+)
 from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES, TABLE_STAT
 from procksm.attach.seccomp_precheck import SeccompPrecheck
 from procksm.attach.target_program import TargetProgram
@@ -280,7 +285,10 @@ class PtraceSession:
         scratch, self._scratch.base = self._scratch.base, None
         try:
             with self.stopped() as target:
-                target.syscall(SYS_munmap, scratch or 0, SCRATCH_BYTES)
+                # only if the area is still ours: after an exec since the last window
+                # the address may be the new program's (a kept session's, the daemon's)
+                if scratch is not None and target.owns_scratch_at(scratch):
+                    target.syscall(SYS_munmap, scratch, SCRATCH_BYTES)
         except NoSuchProcess:
             pass
         except ProcksmError:
@@ -315,6 +323,10 @@ class StoppedTarget:
     @property
     def threads(self) -> list[int]:
         return self._threads.tids
+
+    def owns_scratch_at(self, base: int) -> bool:
+        """The scratch area at ``base`` is still this procksm's (procksm.attach.scratch)."""
+        return is_own_area(self._threads, base)
 
     @property
     def group_stopped(self) -> bool:
