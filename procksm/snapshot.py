@@ -78,6 +78,9 @@ class Snapshot:
     pause_p50_ms: float = 0.0
     pause_p99_ms: float = 0.0
     pause_max_ms: float = 0.0
+    # the longest stop since the daemon started, and where its time went (ms): every
+    # thread stopped, gated, the calls the target ran, let go, procksm's own work
+    pause_longest: dict[str, float | int] | None = None
     sleep_ms: int = 0
     pages_to_scan: int = 0
     pages_remerged: int = 0  # pages a write had copied, merged again (total)

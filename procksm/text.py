@@ -5,6 +5,8 @@ other way round."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from procksm.snapshot import Snapshot
 
 
@@ -43,10 +45,21 @@ STATS_KEYS = (
 )
 
 
+def longest_stop_text(p: Mapping[str, float | int]) -> str:
+    """One line for a stop's parts (procksm.attach.session.StopParts.as_json)."""
+    return (
+        f"{p['ms']} ms, pid {p['pid']} ({p['threads']} threads): stop {p['stop_ms']}, "
+        f"gate {p['gate_ms']}, calls {p['calls_ms']}, resume {p['resume_ms']}, "
+        f"procksm {p['other_ms']} ms"
+    )
+
+
 def stats_text(snap: Snapshot) -> str:
     """``name value`` lines (``procksm ctl stats``), then one line per target."""
     doc = snap.as_json()
     lines = [f"{k} {doc[k]}" for k in STATS_KEYS]
+    if snap.pause_longest is not None:
+        lines.append(f"pause_longest {longest_stop_text(snap.pause_longest)}")
     for t in snap.targets:
         lines.append(
             f"pid {t.pid} {t.name} pages_merged={t.pages_merged} pages_zero={t.pages_zero} "

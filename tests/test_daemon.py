@@ -131,10 +131,12 @@ def test_stats_text_and_json_commands(
     txt = subprocess.run([sys.executable, "-m", "procksm", "stats", "--control", d.sock],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert txt.returncode == 0 and "pages_sharing" in txt.stdout
+    assert "longest stop" in txt.stdout
     # the raw protocol: the JSON document, then EOF (what the live view reads)
     raw = d.request("stats --json")
     assert raw.count("\n") == 1 and json.loads(raw)["pages_to_scan"] > 0
     assert "pages_shared " in d.request("stats")
+    assert "pause_longest " in d.request("stats")
 
 
 # --------------------------------------------------------------------------------------
@@ -312,6 +314,10 @@ def test_pause_budget_measured_and_enforced(
     assert s["pause_p50_ms"] > 0 and s["pause_max_ms"] >= s["pause_p99_ms"] >= s["pause_p50_ms"]
     per = targets_by_pid(s)
     assert per[a.pid]["max_pause_ms"] > 0 and per[a.pid]["last_pause_ms"] > 0
+    # the longest stop of the daemon's life, with its parts (stop, gate, calls, ...)
+    longest = s["pause_longest"]
+    assert longest["pid"] in (a.pid, b.pid) and 0 < longest["ms"] <= s["pause_max_ms"]
+    assert longest["stop_ms"] > 0 and longest["calls_ms"] > 0
     # every stop is over a 1 us budget: the stops shrink to the minimum of 16 pages,
     # and the daemon says so once per target
     err = d.stderr()

@@ -120,8 +120,9 @@ def test_the_command_table_names_each_command_and_its_first_help_line() -> None:
 
 
 def test_the_daemon_imports_no_rich_nor_another_command() -> None:
-    """``procksm attach`` imports its command and the daemon, not rich (~2.4 MiB for the
-    daemon's life) nor the other commands; ``procksm --help`` imports no command."""
+    """``procksm attach`` imports its command, the argument helpers it shares with other
+    commands (pids, stops) and the daemon, not rich (~2.4 MiB for the daemon's life) nor
+    the other commands; ``procksm --help`` imports no command."""
     import subprocess
     import sys
 
@@ -138,4 +139,5 @@ def test_the_daemon_imports_no_rich_nor_another_command() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.strip()
-    assert out == "[] ['procksm.commands.attach', 'procksm.commands.pids']"
+    allowed = ["procksm.commands.attach", "procksm.commands.pids", "procksm.commands.stops"]
+    assert out == f"[] {allowed}"

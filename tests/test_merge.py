@@ -208,7 +208,14 @@ def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     t = doc["totals"]
     assert t["pages_merged"] == 3 * N and t["pages_zeroed"] == 3 * Z and t["slots"] == N
     assert t["saved_bytes"] == (3 * N - N + 3 * Z) * PAGE_SIZE
-    assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms"}
+    assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms", "longest"}
+    # the longest stop and where its time went: its parts add up to it
+    longest = doc["pauses"]["longest"]
+    assert longest["ms"] == doc["pauses"]["max_ms"]
+    assert longest["pid"] in {t.pid for t in trio} and longest["threads"] >= 1
+    parts = ("stop_ms", "gate_ms", "calls_ms", "resume_ms", "other_ms")
+    assert all(longest[k] >= 0 for k in parts) and longest["stop_ms"] > 0
+    assert abs(sum(longest[k] for k in parts) - longest["ms"]) < 0.01
     # the memfd pages are charged to procksm's own cgroup: reported (docs/design.md §3.7)
     assert doc["procksm"]["memfd_bytes"] == N * PAGE_SIZE
     assert doc["procksm"]["cgroup"].startswith("/")

@@ -62,6 +62,7 @@ import select
 import struct
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 
 from procksm import PAGE_SIZE, procfs
@@ -107,6 +108,36 @@ def _open_pidfd(pid: int, start_time: int) -> int:
     return fd
 
 
+@dataclass(frozen=True, slots=True)
+class StopParts:
+    """Where the time of one stop window went (seconds): every thread stopped, gated
+    (its own-state frames), the calls the target ran for procksm (injected one by one
+    or in a batch), every thread let go; the rest is procksm's own work in the window
+    (comparisons, planning the calls). Reported for a session's longest window."""
+
+    pid: int
+    threads: int
+    total: float
+    stop: float
+    gate: float
+    calls: float
+    resume: float
+
+    def as_json(self) -> dict[str, float | int]:
+        ms = {
+            "stop_ms": self.stop, "gate_ms": self.gate, "calls_ms": self.calls,
+            "resume_ms": self.resume,
+        }  # fmt: skip
+        other = self.total - sum(ms.values())
+        return {
+            "pid": self.pid,
+            "threads": self.threads,
+            "ms": round(self.total * 1e3, 3),
+            **{k: round(v * 1e3, 3) for k, v in ms.items()},
+            "other_ms": round(max(other, 0.0) * 1e3, 3),
+        }
+
+
 class PtraceSession:
     """A target process, attached to inside :meth:`stopped` windows.
 
@@ -130,6 +161,7 @@ class PtraceSession:
         self.pin_cpu = pin_cpu
         self.threads: list[int] = []
         self.pauses: list[float] = []
+        self.longest: StopParts | None = None  # the longest window's parts
         self.status: AttachStatus | None = None
         self.exec_seen = False  # the target ran execve() while we were attached
         self.signals_held = 0  # signals that arrived during an injection and were re-sent
@@ -168,6 +200,7 @@ class PtraceSession:
         self.status = status
         self._seccomp = SeccompPrecheck(status)
         self.pauses.clear()
+        self.longest = None
 
     def __exit__(
         self,
@@ -208,17 +241,28 @@ class PtraceSession:
                 # one tracer at a time: the madvise guard may be in a window of its own
                 lock.acquire(self.timeout)
             started = time.perf_counter()
+            stopped_at = closing_at = started
             target: StoppedTarget | None = None
             try:
                 self._check_same_process()
                 target = self._open_window(tracees)
+                stopped_at = time.perf_counter()
                 yield target
             finally:
                 self._window = None
+                closing_at = time.perf_counter()
                 try:
                     self._close_window(target, tracees)
                 finally:
-                    self.pauses.append(time.perf_counter() - started)
+                    ended = time.perf_counter()
+                    self.pauses.append(ended - started)
+                    if self.longest is None or ended - started > self.longest.total:
+                        self.longest = StopParts(
+                            self.pid, len(tracees), ended - started, stopped_at - started,
+                            target.gate_s if target is not None else 0.0,
+                            target.calls_s if target is not None else 0.0,
+                            ended - closing_at,
+                        )  # fmt: skip
                     if lock is not None:
                         lock.release()
                     if os.sched_getaffinity(0) != saved_affinity:
@@ -318,6 +362,8 @@ class StoppedTarget:
         self._scratch = scratch  # the session's
         self._gated = False
         self.gate_injector: int | None = None  # the thread whose frames wake the gate
+        self.gate_s = 0.0  # time spent gating, and in the calls the target ran (StopParts)
+        self.calls_s = 0.0
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
 
     @property
@@ -372,11 +418,19 @@ class StoppedTarget:
         this call and returns to its own state by itself. The thread keeps those
         registers until the window ends; its own are put back then.
         """
-        return self._calls.syscall(nr, *args, tid=tid)
+        started = time.perf_counter()
+        try:
+            return self._calls.syscall(nr, *args, tid=tid)
+        finally:
+            self.calls_s += time.perf_counter() - started
 
     def syscall_checked(self, nr: int, *args: int, name: str = "", tid: int | None = None) -> int:
         """Like syscall(), but raise InjectedSyscallError on a -errno result."""
-        return self._calls.syscall_checked(nr, *args, name=name, tid=tid)
+        started = time.perf_counter()
+        try:
+            return self._calls.syscall_checked(nr, *args, name=name, tid=tid)
+        finally:
+            self.calls_s += time.perf_counter() - started
 
     def syscall_address(self) -> int:
         """Where procksm's injected system calls execute (a `syscall` instruction)."""
@@ -415,6 +469,13 @@ class StoppedTarget:
         """
         if self._gated:
             return
+        started = time.perf_counter()
+        try:
+            self._gate()
+        finally:
+            self.gate_s += time.perf_counter() - started
+
+    def _gate(self) -> None:
         base = self._scratch_base()
         threads = self._threads
         injector = threads.injector()
@@ -444,7 +505,11 @@ class StoppedTarget:
             raise PtraceError("a batch of calls runs only in a gated window (hold_others)")
         base = self._scratch_base()
         runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
-        return runner.run(batch)
+        started = time.perf_counter()
+        try:
+            return runner.run(batch)
+        finally:
+            self.calls_s += time.perf_counter() - started
 
     def stat_buffer(self) -> int:
         """The table's stat buffer, for :meth:`CallBatch.check_stat`."""

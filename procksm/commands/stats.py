@@ -24,7 +24,7 @@ from rich.table import Table
 
 from procksm.control import default_control_path, stats_json
 from procksm.snapshot import Snapshot
-from procksm.text import fmt_bytes
+from procksm.text import fmt_bytes, longest_stop_text
 
 
 class StatsCommand:
@@ -67,6 +67,8 @@ def render(s: Snapshot) -> Table:
         ("procksm private", fmt_bytes(s.private_bytes)),
         ("pauses p50/p99/max", f"{s.pause_p50_ms}/{s.pause_p99_ms}/{s.pause_max_ms} ms"),
     ]
+    if s.pause_longest is not None:
+        rows.append(("longest stop", longest_stop_text(s.pause_longest)))
     for k, v in rows:
         t.add_row(k, v)
     for p in s.targets:

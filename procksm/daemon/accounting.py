@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from procksm import PAGE_SIZE, guard, procfs
+from procksm.attach.session import StopParts
 from procksm.daemon.merger import BatchOutcome
 from procksm.daemon.registry import LogFn, Target, coalesce, zero_pages_in
 from procksm.daemon.settings import Settings
@@ -55,6 +56,7 @@ class Accounting:
         self.pages_remerged = 0  # copied pages of segment mappings merged again
         self.zero_dropped_total = 0
         self.pauses: collections.deque[float] = collections.deque(maxlen=8192)
+        self.longest: StopParts | None = None  # the longest stop of the daemon's life
         self._history: collections.deque[HistoryPoint] = collections.deque(maxlen=history)
         self._last = (time.monotonic(), cpu_seconds(), 0)  # (time, CPU, pages scanned)
 
@@ -69,6 +71,10 @@ class Accounting:
             self.pauses.extend(res.pauses)
             if res.pauses:
                 t.max_pause = max(t.max_pause, max(res.pauses))
+            if res.longest is not None and (
+                self.longest is None or res.longest.total > self.longest.total
+            ):
+                self.longest = res.longest
             t.pages_merged_total += res.pages_merged
             done += res.pages_merged + res.pages_zeroed
             t.pages_refused += res.pages_refused
@@ -154,6 +160,7 @@ class Accounting:
             pause_p50_ms=_ms(np.percentile(pauses, 50)) if pauses.size else 0.0,
             pause_p99_ms=_ms(np.percentile(pauses, 99)) if pauses.size else 0.0,
             pause_max_ms=_ms(pauses.max()) if pauses.size else 0.0,
+            pause_longest=self.longest.as_json() if self.longest is not None else None,
             sleep_ms=s.sleep_ms,
             pages_to_scan=s.pages_to_scan,
             targets=tuple(target_snapshot(t) for t in targets),

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from procksm import PAGE_SIZE, procfs
+from procksm.attach.session import StopParts
 from procksm.plan import MAX_CALLS_PER_BATCH
 from procksm.scanner import ScanOptions
 from procksm.window_sizer import DEFAULT_PAUSE_BUDGET_MS
@@ -87,6 +88,7 @@ class TargetResult:
     pages_refused: int = 0
     extents: int = 0
     pauses: list[float] = field(default_factory=list)
+    longest: StopParts | None = None  # the longest stop, and where its time went
     error: str | None = None
     guard_installed: bool = False  # the madvise guard was installed by this run
 
@@ -158,12 +160,12 @@ class MergeResult:
                     "pages_refused": t.pages_refused,
                     "extents": t.extents,
                     "guard_installed": t.guard_installed,
-                    "pauses": pause_stats(t.pauses),
+                    "pauses": pause_stats(t.pauses, t.longest),
                     **({"error": t.error} if t.error else {}),
                 }
                 for t in self.targets
             ],
-            "pauses": pause_stats(pauses),
+            "pauses": pause_stats(pauses, longest_of(self.targets)),
             "refused": [r.as_dict() for r in self.refused],
             # Where the shared pages are charged (docs/design.md §3.7): to procksm's cgroup.
             "procksm": {
@@ -177,13 +179,22 @@ class MergeResult:
         }
 
 
-def pause_stats(pauses: Sequence[float]) -> dict[str, float | int]:
-    if not pauses:
-        return {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
-    ms = np.array(pauses) * 1000.0
-    return {
-        "count": int(ms.size),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "max_ms": round(float(ms.max()), 3),
-    }
+def pause_stats(pauses: Sequence[float], longest: StopParts | None = None) -> dict[str, Any]:
+    """Percentiles of the stops; with ``longest``, where the longest one's time went."""
+    out: dict[str, Any] = {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    if pauses:
+        ms = np.array(pauses) * 1000.0
+        out = {
+            "count": int(ms.size),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "max_ms": round(float(ms.max()), 3),
+        }
+    if longest is not None:
+        out["longest"] = longest.as_json()
+    return out
+
+
+def longest_of(targets: Sequence[TargetResult]) -> StopParts | None:
+    parts = [t.longest for t in targets if t.longest is not None]
+    return max(parts, key=lambda p: p.total) if parts else None

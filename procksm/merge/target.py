@@ -152,6 +152,7 @@ class TargetMerger:
                 # from 37 to 46 MiB within one target's merge
                 gc.collect(0)
             self.res.pauses.extend(sess.pauses[first_pause:])
+            self.res.longest = sess.longest
 
     def _refuse(self, reason: str) -> None:
         self.refused.append(Refusal(self.pid, 0, 0, reason))
