@@ -392,16 +392,22 @@ def _rss_kb(pid: int) -> int:
     return total
 
 
-def _fds(pid: int) -> tuple[int, int]:
-    """(open fds, of which BPF maps and programs) of a process."""
-    n = bpf = 0
+def _fds(pid: int) -> tuple[int, int, int]:
+    """(open fds but those of the daemon's kept sessions, of which BPF maps and
+    programs, the kept sessions' fds) of a process. A session kept for a target's life
+    holds 3: a pidfd, the target's /proc/PID/task/TID/mem, its window lock."""
+    n = bpf = sessions = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        n += 1
         try:
-            bpf += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(("anon_inode:bpf", "bpf"))
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-    return n, bpf
+        if link == "anon_inode:[pidfd]" or link.endswith(("/mem", ".window")):
+            sessions += 1
+            continue
+        n += 1
+        bpf += link.startswith(("anon_inode:bpf", "bpf"))
+    return n, bpf, sessions
 
 
 @pytest.mark.slow
@@ -422,11 +428,11 @@ def test_load_many_targets_under_the_daemon(spawn, tmp_path) -> None:  # type: i
     ]  # fmt: skip
     d = DaemonProc(tmp_path / "load.sock", [t.pid for t in targets])
     try:
-        samples: list[tuple[float, int, int, int]] = []
+        samples: list[tuple[float, int, int, int, int]] = []
         t0 = time.monotonic()
         while time.monotonic() - t0 < duration:
-            nfd, nbpf = _fds(d.proc.pid)
-            samples.append((time.monotonic() - t0, _rss_kb(d.proc.pid), nfd, nbpf))
+            nfd, nbpf, nsess = _fds(d.proc.pid)
+            samples.append((time.monotonic() - t0, _rss_kb(d.proc.pid), nfd, nbpf, nsess))
             time.sleep(duration / 30)
         s = d.pause()
         assert s["pages_sharing"] >= (n - 1) * ident * 0.95, s["pages_sharing"]
@@ -441,6 +447,8 @@ def test_load_many_targets_under_the_daemon(spawn, tmp_path) -> None:  # type: i
         assert max(rss) <= rss[0] * 1.05 + 8192, rss
         assert max(fds) - min(fds) <= 2, fds
         assert len(bpf) == 1, bpf
+        # the kept sessions: one per target at most, whenever each was started
+        assert max(x[4] for x in samples) <= 3 * n, [x[4] for x in samples]
         print(f"\nload: {n} targets x {mib} MiB for {duration:.0f} s: pages_sharing "
               f"{s['pages_sharing']:,} = pagemap, {s['full_scans']} full scans, RSS "
               f"{rss[0] / 1024:.0f}->{max(rss) / 1024:.0f} MiB, fds {sorted(fds)}, "
