@@ -119,7 +119,6 @@ class TargetMerger:
         if not extents and not self.zero_extents and not reguard:
             return
         reader = PageReader(pid, chunk_bytes=opts.batch_pages * PAGE_SIZE)
-        reader.prefault()  # outside the windows
         client: guard.GuardClient | None = None
         if opts.guard and (extents or reguard):
             client = self.guard_client()
@@ -141,10 +140,8 @@ class TargetMerger:
                 # cores (procksm.coredump).
                 coredump.keep_merged_in_cores(pid)
             for ext_batch, zero_batch in batches:
-                stops = len(sess.pauses)
-                self._window(sess, reader, ext_batch, zero_batch)
-                if len(sess.pauses) > stops:
-                    self.sizer.observe(window_units(ext_batch, zero_batch), sess.pauses[-1])
+                self._window(sess, reader, ext_batch, zero_batch)  # one stop, always
+                self.sizer.observe(window_units(ext_batch, zero_batch), sess.pauses[-1])
                 # no thread of the target is stopped between windows: collect the cyclic
                 # garbage a window leaves (~100 objects; measured: 412,853 in 4,220
                 # windows on four redis-servers). Paused for the whole of a target, a
