@@ -39,6 +39,7 @@ from procksm.attach.diagnose import (
     yama_denial,
 )
 from procksm.attach.inject import PTRACE_SEIZE, ptrace, set_regs
+from procksm.attach.scratch_layout import SCRATCH_BYTES
 from procksm.errors import (
     NoSuchProcess,
     PtraceTimeout,
@@ -866,7 +867,35 @@ for line in sys.stdin:
         mapped = any(a <= addr < b for a, b in spans)
         ok = mapped and ctypes.string_at(addr, 3 * mmap.PAGESIZE) == b"\x5a" * (3 * mmap.PAGESIZE)
         print("OK" if ok else "GONE", flush=True)
+    elif cmd == "replace":  # unmap what is at addr, then map our own memory there
+        addr, length = int(arg[0], 0), int(arg[1], 0)
+        libc.munmap.argtypes = [c.c_void_p, c.c_size_t]
+        if libc.munmap(addr, length) != 0:
+            print(f"FAILED munmap errno {ctypes.get_errno()}", flush=True)
+            continue
+        got = libc.mmap(addr, 3 * mmap.PAGESIZE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                        | MAP_FIXED_NOREPLACE, -1, 0)
+        if got == addr:
+            ctypes.memset(addr, 0x5A, 3 * mmap.PAGESIZE)
+        print("OK" if got == addr else f"FAILED {got} errno {ctypes.get_errno()}", flush=True)
 """
+
+
+def test_a_renewed_session_never_writes_where_the_target_remapped_its_scratch_area(spawn) -> None:  # type: ignore[no-untyped-def]
+    """The daemon keeps a target's session from round to round. If the target unmaps the
+    scratch area meanwhile and maps its own memory at that address, the renewed
+    session's next window must see the area is gone: a gate written there, or the area
+    unmapped at the session's end, would destroy the target's memory."""
+    t = spawn([sys.executable, "-c", EXEC_THEN_MAP, EXEC_THEN_MAP])
+    with PtraceSession(t.pid) as sess:
+        with sess.stopped() as st:
+            base = st.scratch() - PAGE  # the area's first page
+        assert t.command(f"replace {base:#x} {SCRATCH_BYTES:#x}") == "OK"
+        sess.renew()  # the next round
+        with sess.stopped() as st:
+            st.hold_others()  # writes the gate in the scratch area's first page
+            assert st.scratch() - PAGE != base  # a new area, elsewhere
+    assert t.command(f"check {base:#x}") == "OK"
 
 
 def test_a_session_never_unmaps_what_an_exec_put_at_its_scratch_address(spawn) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ start time, so that a later procksm can tell a live owner's area from a dead one
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 
@@ -97,15 +98,28 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
 
 
 def is_own_area(threads: StoppedThreads, base: int) -> bool:
-    """Is the area at ``base`` still this procksm's scratch area? A session remembers its
-    address across windows, and between two windows the target may exec: the address
-    space is then new, and the address may hold the new program's memory."""
+    """Is the area at ``base`` still this procksm's whole scratch area? A session remembers
+    its address across windows (the daemon's, for a target's life), and between two
+    windows the target may exec (a new address space, where the address may hold the new
+    program's memory) or unmap the area and map something else there: the area must then
+    be forgotten, never written to nor unmapped. Checked: the span is covered without a
+    gap, its first VMA is the scratch memfd from offset 0 with our owner in page 0, its
+    last is the routine's page (the memfd at ROUTINE_OFFSET, executable)."""
+    end = base + SCRATCH_BYTES
     try:
         # PROCMAP_QUERY, not /proc/PID/maps: reading a merged-then-unmerged target's
         # maps costs ~17 ms (3,700 VMAs), and this runs under stop
         with procfs.MapsQuery(threads.memory_tid()) as maps:
-            head = maps.vma_at(base)
-        if head is None or (head.name, head.start, head.offset) != (SCRATCH_PATH, base, 0):
+            vmas = list(maps.vmas_in(base, end))
+        if not vmas or vmas[0].start != base or vmas[-1].end != end:
+            return False
+        if any(a.end != b.start for a, b in itertools.pairwise(vmas)):
+            return False
+        head, tail = vmas[0], vmas[-1]
+        if (head.name, head.offset) != (SCRATCH_PATH, 0):
+            return False
+        routine = (SCRATCH_PATH, end - PAGE_SIZE, ROUTINE_OFFSET, "r-xp")
+        if (tail.name, tail.start, tail.offset, tail.perms) != routine:
             return False
         owner = threads.read_memory(base + OWNER, 16)
     except (ProcksmError, OSError):

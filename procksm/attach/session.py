@@ -172,6 +172,7 @@ class PtraceSession:
         self._seccomp: SeccompPrecheck | None = None  # once the status is known
         self._window_lock: WindowLock | None = None
         self._pidfd: int | None = None  # the target's, from the session's start
+        self._recheck_scratch = False  # renewed: is the remembered area still ours?
 
     # context manager
 
@@ -199,6 +200,9 @@ class PtraceSession:
             raise NoSuchProcess(self.pid, f"process {self.pid} has exited")
         self.status = status
         self._seccomp = SeccompPrecheck(status)
+        # Between two rounds the target may have unmapped the area and mapped its own
+        # memory at that address: the next window looks before it writes there.
+        self._recheck_scratch = True
         self.pauses.clear()
         self.longest = None
 
@@ -277,6 +281,10 @@ class PtraceSession:
             self.exec_seen = self.exec_seen or stop.exec_seen
         threads = StoppedThreads(self.pid, tracees)
         self._check_program(threads.memory_tid())
+        base = self._scratch.base
+        if self._recheck_scratch and base is not None and not is_own_area(threads, base):
+            self._scratch.base = None  # not ours any more: a new one when needed
+        self._recheck_scratch = False
         inside = threads_inside(threads, self._scratch.base) if self._scratch.base else []
         if inside:
             # An abandoned window's batch still runs (procksm.attach.call_batch): its
