@@ -109,6 +109,7 @@ def summarize(runs: Sequence[Json], kind: str, pauses: str = "pauses") -> Json:
     s["t100_s"] = med(ok, lambda r: r["t100_s"])
     s["reached_100_in"] = sum(r["t100_s"] is not None for r in ok)
     s["cpu_s"] = med(ok, lambda r: r["cpu_s"])
+    s["targets_cpu_s"] = med(ok, lambda r: r.get("targets_cpu_s"))
     s["fraction"] = med(ok, lambda r: r["fraction"])
     s["wall_s"] = med(ok, lambda r: r.get("wall_s"))
     s["checks"] = sorted({r["memory_check"] for r in ok})
@@ -116,6 +117,7 @@ def summarize(runs: Sequence[Json], kind: str, pauses: str = "pauses") -> Json:
         s["saved_pages_meminfo"] = med(ok, lambda r: r["saved_pages_meminfo"])
         s["saved_pages_pagemap"] = med(ok, lambda r: r["saved_pages_pagemap"])
         s["cpu_s_procksm_json"] = med(ok, lambda r: r["cpu_s_procksm_json"])
+        s["target_cpu_s_procksm_json"] = med(ok, lambda r: r.get("target_cpu_s_procksm_json"))
         for k in ("p50_ms", "p99_ms", "max_ms"):
             s[k] = med(ok, _pause_getter(pauses, k))
         s["worst_max_ms"] = max(r[pauses].get("max_ms", 0.0) for r in ok)
@@ -130,6 +132,13 @@ def summarize(runs: Sequence[Json], kind: str, pauses: str = "pauses") -> Json:
         s["cpu_s_until_stopped"] = med(ok, lambda r: r["cpu_s_until_stopped"])
         s["converged_in"] = sum(r["converged"] for r in ok)
     return s
+
+
+def _with_targets(s: Json) -> float | None:
+    """procksm's CPU time and what its targets spent while it ran."""
+    if s.get("cpu_s") is None:
+        return None
+    return float(s["cpu_s"]) + float(s.get("targets_cpu_s") or 0.0)
 
 
 def _pause_getter(field: str, key: str) -> Callable[[Json], float | None]:
@@ -152,9 +161,11 @@ def evaluate(meds: Json, w: Planted) -> Json:
         "shown": fmt(speedup, ".2f", "x"),
         "met": None if speedup is None else speedup >= GOAL_SPEEDUP,
     }
-    cpu = ratio(p.get("cpu_s"), k.get("cpu_s"))
+    # procksm's calls run in the targets' threads (the mmaps and populates ksmd makes
+    # in its own time): their CPU time during the run counts with procksm's
+    cpu = ratio(_with_targets(p), k.get("cpu_s"))
     goals["cpu"] = {
-        "goal": "procksm CPU s / ksmd CPU s (to 100 %) <= 1",
+        "goal": "(procksm CPU s + its targets' during it) / ksmd CPU s (to 100 %) <= 1",
         "value": cpu,
         "shown": fmt(cpu, ".2f", "x"),
         "met": None if cpu is None else cpu <= 1.0,
@@ -217,6 +228,8 @@ def _print_table(w: Planted, meds: Json, a: argparse.Namespace) -> None:
     row("time to 95 % (s)", p.get("t95_s"), k.get("t95_s"), dd.get("t95_s"), ".2f")
     row("time to 100 % (s)", p.get("t100_s"), k.get("t100_s"), dd.get("t100_s"), ".2f")
     row("CPU s (rusage / ksmd stat)", p.get("cpu_s"), k.get("cpu_s"), dd.get("cpu_s"), ".2f")
+    tp, tk, td = (s.get("targets_cpu_s") for s in (p, k, dd))
+    row("targets' CPU s during the run", tp, tk, td, ".2f")
     pr, kr, dr = (
         None if s.get("t100_s") is None else w.ideal_pages / MIB_PAGES / s["t100_s"]
         for s in (p, k, dd)
@@ -277,7 +290,9 @@ def _print_cross_checks(meds: Json) -> None:
             f"  procksm  saving: pagemap {fmt(p.get('saved_pages_pagemap'), ',.0f')}, "
             f"/proc/meminfo {fmt(p.get('saved_pages_meminfo'), ',.0f')} (machine-wide) "
             f"pages; CPU: rusage {fmt(p.get('cpu_s'))} s, its JSON cpu_s "
-            f"{fmt(p.get('cpu_s_procksm_json'))} s; max RSS {fmt(p.get('max_rss_mib'), '.0f')} MiB"
+            f"{fmt(p.get('cpu_s_procksm_json'))} s, in the targets (its JSON) "
+            f"{fmt(p.get('target_cpu_s_procksm_json'))} s; "
+            f"max RSS {fmt(p.get('max_rss_mib'), '.0f')} MiB"
         )
     if k:
         print(

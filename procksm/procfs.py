@@ -1820,3 +1820,39 @@ def kernel_zero_pfn() -> int:
     finally:
         with suppress(BufferError):
             m.close()
+
+
+# --------------------------------------------------------------------------------------
+# A thread's CPU time, to the nanosecond
+# --------------------------------------------------------------------------------------
+
+
+class ThreadCpuClock(Closing):
+    """The CPU time of one thread of a process, from /proc/PID/task/TID/schedstat (its
+    first field: the scheduler's sum_exec_runtime, in ns; stat's utime and stime count
+    10 ms ticks). The fd of the last thread asked for is kept open and read with pread:
+    read under stop, twice a window (a batch's calls, run by the target's injecting
+    thread, are procksm's cost too), and a window's injecting thread is usually the
+    one of the window before."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._tid = 0
+        self._fd: int | None = None
+
+    def ns(self, tid: int) -> int | None:
+        """Thread ``tid``'s CPU time so far, or None when it cannot be read (gone)."""
+        try:
+            if self._fd is None or tid != self._tid:
+                self.close()
+                path = f"/proc/{self.pid}/task/{tid}/schedstat"
+                self._fd, self._tid = os.open(path, os.O_RDONLY | os.O_CLOEXEC), tid
+            return int(os.pread(self._fd, 64, 0).split(maxsplit=1)[0])
+        except (OSError, ValueError, IndexError):
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -87,6 +87,10 @@ class Snapshot:
     ranges_held: int = 0  # 64 KiB ranges held back for breaking soon after merging
     zero_pages_dropped: int = 0  # zero pages dropped (total; a page dropped again counts again)
     private_bytes: int = 0  # procksm's private memory: the daemon's and the guards' (smaps)
+    # the CPU its calls took in the targets' threads (mmaps, populates, zero drops; ksmd
+    # does that work in its own time), % of one CPU since the last snapshot
+    target_cpu_percent: float = 0.0
+    target_cpu_s: float = 0.0  # the same, in CPU seconds since the daemon started
     targets: tuple[TargetSnapshot, ...] = ()
     history: tuple[HistoryPoint, ...] = field(default=())
 

@@ -38,6 +38,7 @@ STATS_KEYS = (
     "saved_bytes",
     "scan_rate_pages_s",
     "cpu_percent",
+    "target_cpu_percent",
     "rss_bytes",
     "pause_p50_ms",
     "pause_p99_ms",

@@ -316,11 +316,14 @@ def test_pause_budget_measured_and_enforced(
     longest = s["pause_longest"]
     assert longest["pid"] in (a.pid, b.pid) and 0 < longest["ms"] <= s["pause_max_ms"]
     assert longest["stop_ms"] > 0 and longest["calls_ms"] > 0
+    # what its calls cost the targets' threads, counted with procksm's own CPU
+    assert s["target_cpu_s"] > 0 and s["target_cpu_percent"] >= 0
     # the same in the text answers (after fresh_stats: the snapshot has had a round)
     assert "pause_longest " in d.request("stats")
     txt = subprocess.run([sys.executable, "-m", "procksm", "stats", "--control", d.sock],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert txt.returncode == 0 and "longest stop" in txt.stdout, txt.stdout
+    assert "its calls in the targets" in txt.stdout, txt.stdout
     # every stop is over a 1 us budget: the stops shrink to the minimum of 16 pages,
     # and the daemon says so once per target
     err = d.stderr()

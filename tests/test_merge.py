@@ -4,6 +4,7 @@ the targets' own self-checks, not procksm's counters."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -196,17 +197,36 @@ def test_stop_windows_are_sized_to_the_pause_budget(trio) -> None:  # type: igno
         assert t.command("check") == f"OK pages={N + Z + U}"
 
 
+def _cpu_ns(pid: int) -> int:
+    """The process's CPU time over its threads, from schedstat (not procksm's reader)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
 def test_merge_cli_json(trio) -> None:  # type: ignore[no-untyped-def]
     args = ["merge", "--json", *(str(t.pid) for t in trio)]
     for t in trio:
         for r in ("identical", "zero", "unique"):
             s, e = region(t, r)
             args += ["--range", f"{s:#x}-{e:#x}"]
+    cpu_before = {x.pid: _cpu_ns(x.pid) for x in trio}  # idle targets: blocked on a read
     res = run_procksm(*args)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     t = doc["totals"]
     assert t["pages_merged"] == 3 * N and t["pages_zeroed"] == 3 * Z and t["slots"] == N
+    # the CPU time procksm's calls took in the targets: reported, and within what the
+    # targets spent meanwhile (they spent nothing else: the rest is the first windows'
+    # single calls and being stopped and resumed)
+    for p in doc["processes"]:
+        spent = (_cpu_ns(p["pid"]) - cpu_before[p["pid"]]) / 1e9
+        assert 0 < p["target_cpu_s"] <= spent, (p["target_cpu_s"], spent)
+    assert doc["target_cpu_s"] == pytest.approx(
+        sum(p["target_cpu_s"] for p in doc["processes"]), abs=1e-3
+    )
     assert t["saved_bytes"] == (3 * N - N + 3 * Z) * PAGE_SIZE
     assert set(doc["pauses"]) == {"count", "p50_ms", "p99_ms", "max_ms", "longest"}
     # the longest stop and where its time went: its parts add up to it

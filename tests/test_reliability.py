@@ -395,14 +395,15 @@ def _rss_kb(pid: int) -> int:
 def _fds(pid: int) -> tuple[int, int, int]:
     """(open fds but those of the daemon's kept sessions, of which BPF maps and
     programs, the kept sessions' fds) of a process. A session kept for a target's life
-    holds 3: a pidfd, the target's /proc/PID/task/TID/mem, its window lock."""
+    holds 4: a pidfd, the target's /proc/PID/task/TID/mem, its window lock, and the
+    schedstat of its last injecting thread (the CPU time its calls take there)."""
     n = bpf = sessions = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if link == "anon_inode:[pidfd]" or link.endswith(("/mem", ".window")):
+        if link == "anon_inode:[pidfd]" or link.endswith(("/mem", ".window", "/schedstat")):
             sessions += 1
             continue
         n += 1
@@ -448,7 +449,7 @@ def test_load_many_targets_under_the_daemon(spawn, tmp_path) -> None:  # type: i
         assert max(fds) - min(fds) <= 2, fds
         assert len(bpf) == 1, bpf
         # the kept sessions: one per target at most, whenever each was started
-        assert max(x[4] for x in samples) <= 3 * n, [x[4] for x in samples]
+        assert max(x[4] for x in samples) <= 4 * n, [x[4] for x in samples]
         print(f"\nload: {n} targets x {mib} MiB for {duration:.0f} s: pages_sharing "
               f"{s['pages_sharing']:,} = pagemap, {s['full_scans']} full scans, RSS "
               f"{rss[0] / 1024:.0f}->{max(rss) / 1024:.0f} MiB, fds {sorted(fds)}, "

@@ -39,6 +39,7 @@ from benchmarks.harness.truth import (
     read_thread_cpu,
     rss_anon_pages,
     shared_memfd_pages,
+    targets_cpu_s,
     tree_cpu,
 )
 from procksm import PAGE_SIZE
@@ -158,8 +159,12 @@ def run_procksm(
     start_census = census(targets)
     before = meminfo()
     cmd = [*procksm, "merge", *map(str, (t.pid for t in targets)), "--json"]
+    targets_cpu0 = targets_cpu_s(targets)
     ex = _merge_to_exit(cmd, targets, before, poll_s)
-    run: Json = {"wall_s": ex.wall, "exit_code": ex.exit_code, "cmd": " ".join(cmd)}
+    run: Json = {
+        "wall_s": ex.wall, "exit_code": ex.exit_code, "cmd": " ".join(cmd),
+        "targets_cpu_s": targets_cpu_s(targets) - targets_cpu0,
+    }  # fmt: skip
     try:
         doc = json.loads(ex.stdout)
     except ValueError:
@@ -191,6 +196,7 @@ def _merge_result(
         "t100_s": ex.wall if saving_pagemap >= ideal else None,
         "cpu_s": ex.usage.ru_utime + ex.usage.ru_stime,
         "cpu_s_procksm_json": doc.get("cpu_s"),
+        "target_cpu_s_procksm_json": doc.get("target_cpu_s"),
         "elapsed_s_procksm_json": doc.get("elapsed_s"),
         "max_rss_mib": ex.usage.ru_maxrss / 1024,
         "saved_pages_meminfo": meminfo_saving(before, ex.after),
@@ -291,11 +297,13 @@ def run_ksm(
     ctl.wait_idle()
     base = read_counters()
     cpu0 = read_thread_cpu(ctl.ksmd_pid)
+    targets_cpu0 = targets_cpu_s(targets)
     before = meminfo()
     t0 = time.perf_counter()
     p = _ksmd_until(ctl, base, cpu0, t0, ideal, reachable, timeout_s, poll_s, probe)
     ctl.stop()  # merged pages stay merged
     stopped = time.perf_counter() - t0
+    targets_cpu = targets_cpu_s(targets) - targets_cpu0
     end = read_counters().minus(base)
     cpu_end = read_thread_cpu(ctl.ksmd_pid)
     after = meminfo()
@@ -313,6 +321,7 @@ def run_ksm(
         "cpu_s_t95": p.cpu95,
         "cpu_s_schedstat": last[3],
         "cpu_s_until_stopped": cpu_end.stat_s - cpu0.stat_s,
+        "targets_cpu_s": targets_cpu,
         "stopped_at_s": stopped,
         "saved_pages_counters": end.saved_pages,
         "saved_pages_pagemap": end_census["saved_pages"],

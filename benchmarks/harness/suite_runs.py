@@ -278,6 +278,7 @@ KEYS = {
     "t95_s": "t95_s",
     "t100_s": "t100_s",
     "cpu_s": "cpu_s",
+    "targets_cpu_s": "targets_cpu_s",  # the targets' own CPU during the run
     "fraction": "fraction_pagemap",
     "saved_pages_meminfo": "saved_pages_meminfo",
     "p50_ms": "pauses.p50_ms",

@@ -173,6 +173,11 @@ class PtraceSession:
         self._window_lock: WindowLock | None = None
         self._pidfd: int | None = None  # the target's, from the session's start
         self._recheck_scratch = False  # renewed: is the remembered area still ours?
+        # CPU time the target's threads spent running procksm's batches of calls (the
+        # mmaps, populates, zero drops of a merge): procksm's cost, paid on the target's
+        # CPU time (ksmd pays its own replace_page in its own)
+        self.target_cpu_s = 0.0
+        self._cpu_clock = procfs.ThreadCpuClock(pid)
 
     # context manager
 
@@ -220,6 +225,7 @@ class PtraceSession:
                 self._resume.release_orphans(time.monotonic() + self.timeout)
             finally:
                 self._program.close()
+                self._cpu_clock.close()
                 if self._pidfd is not None:
                     os.close(self._pidfd)
                     self._pidfd = None
@@ -297,7 +303,7 @@ class PtraceSession:
         assert self._seccomp is not None  # set with the status, checked above
         target = StoppedTarget(
             threads, self._program.gadgets, self._seccomp, self._scratch,
-            timeout=lambda: self.timeout, pin_cpu=self.pin_cpu,
+            timeout=lambda: self.timeout, pin_cpu=self.pin_cpu, cpu_clock=self._cpu_clock,
         )  # fmt: skip
         self._window = target
         self.threads = sorted(tracees)
@@ -310,6 +316,7 @@ class PtraceSession:
         if target is not None:
             target.end()
             self.signals_held += target.signals_held
+            self.target_cpu_s += target.target_cpu_s
         self._resume.resume_all(
             tracees,
             injector=target.gate_injector if target is not None else None,
@@ -360,6 +367,7 @@ class StoppedTarget:
         *,
         timeout: Callable[[], float],
         pin_cpu: bool,
+        cpu_clock: procfs.ThreadCpuClock | None = None,
     ) -> None:
         self.pid = threads.pid
         self._threads = threads
@@ -372,6 +380,8 @@ class StoppedTarget:
         self.gate_injector: int | None = None  # the thread whose frames wake the gate
         self.gate_s = 0.0  # time spent gating, and in the calls the target ran (StopParts)
         self.calls_s = 0.0
+        self.target_cpu_s = 0.0  # the injecting thread's CPU time in this window's batches
+        self._cpu_clock = cpu_clock
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
 
     @property
@@ -513,11 +523,19 @@ class StoppedTarget:
             raise PtraceError("a batch of calls runs only in a gated window (hold_others)")
         base = self._scratch_base()
         runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
+        tid = self._threads.injector().tid
+        clock = self._cpu_clock
+        cpu_before = clock.ns(tid) if clock is not None else None
         started = time.perf_counter()
         try:
             return runner.run(batch)
         finally:
             self.calls_s += time.perf_counter() - started
+            # the thread is stopped again (at its park, or let go as is: then its own
+            # code ran too, and the figure is an upper bound)
+            cpu_after = clock.ns(tid) if clock is not None else None
+            if cpu_before is not None and cpu_after is not None:
+                self.target_cpu_s += (cpu_after - cpu_before) / 1e9
 
     def stat_buffer(self) -> int:
         """The table's stat buffer, for :meth:`CallBatch.check_stat`."""

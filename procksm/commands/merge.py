@@ -158,5 +158,6 @@ def _summary(doc: dict[str, Any]) -> str:
         f"[b green]{fmt_bytes(t['saved_bytes'])}[/b green] "
         f"({t['pages_volatile']:,} changed, {t['pages_refused']:,} refused); "
         f"pauses: {p['count']} stops, p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, "
-        f"max {p['max_ms']} ms; {doc['elapsed_s']:.2f} s"
+        f"max {p['max_ms']} ms; {doc['elapsed_s']:.2f} s, CPU {doc['cpu_s']:.2f} s "
+        f"+ {doc['target_cpu_s']:.2f} s in the targets running procksm's calls"
     )

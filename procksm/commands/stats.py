@@ -63,6 +63,7 @@ def render(s: Snapshot) -> Table:
         ("general_profit", fmt_bytes(s.general_profit_bytes)),
         ("scan rate", f"{s.scan_rate_pages_s:,.0f} pages/s"),
         ("procksm CPU", f"{s.cpu_percent:.1f} %"),
+        ("its calls in the targets", f"{s.target_cpu_percent:.1f} % CPU"),
         ("procksm RSS", fmt_bytes(s.rss_bytes)),
         ("procksm private", fmt_bytes(s.private_bytes)),
         ("pauses p50/p99/max", f"{s.pause_p50_ms}/{s.pause_p99_ms}/{s.pause_max_ms} ms"),

@@ -57,6 +57,8 @@ class Accounting:
         self.zero_dropped_total = 0
         self.pauses: collections.deque[float] = collections.deque(maxlen=8192)
         self.longest: StopParts | None = None  # the longest stop of the daemon's life
+        self.target_cpu_s = 0.0  # CPU time procksm's calls took in the targets' threads
+        self._target_cpu_prev = 0.0
         self._history: collections.deque[HistoryPoint] = collections.deque(maxlen=history)
         self._last = (time.monotonic(), cpu_seconds(), 0)  # (time, CPU, pages scanned)
 
@@ -76,6 +78,7 @@ class Accounting:
             ):
                 self.longest = res.longest
             t.pages_merged_total += res.pages_merged
+            self.target_cpu_s += res.target_cpu_s
             done += res.pages_merged + res.pages_zeroed
             t.pages_refused += res.pages_refused
             self.zero_dropped_total += res.pages_zeroed
@@ -128,6 +131,10 @@ class Accounting:
         cpu = cpu_seconds()
         dt = max(now - t_prev, 1e-6)
         self._last = (now, cpu, self.pages_scanned)
+        target_cpu, self._target_cpu_prev = (
+            self.target_cpu_s - self._target_cpu_prev,
+            self.target_cpu_s,
+        )
         allp = np.concatenate([t.shared_pfns for t in targets]) if targets else np.zeros(0)
         pages_shared = int(np.unique(allp).size)
         pages_sharing = int(allp.size) - pages_shared
@@ -156,6 +163,8 @@ class Accounting:
             private_bytes=private,
             scan_rate_pages_s=round((self.pages_scanned - scanned_prev) / dt, 1),
             cpu_percent=round(100.0 * (cpu - cpu_prev) / dt, 2),
+            target_cpu_percent=round(100.0 * target_cpu / dt, 2),
+            target_cpu_s=round(self.target_cpu_s, 4),
             rss_bytes=procfs.own_rss_bytes(),
             pause_p50_ms=_ms(np.percentile(pauses, 50)) if pauses.size else 0.0,
             pause_p99_ms=_ms(np.percentile(pauses, 99)) if pauses.size else 0.0,

@@ -89,6 +89,8 @@ class TargetResult:
     extents: int = 0
     pauses: list[float] = field(default_factory=list)
     longest: StopParts | None = None  # the longest stop, and where its time went
+    # CPU time its threads spent running procksm's calls (procksm's cost, on its CPU time)
+    target_cpu_s: float = 0.0
     error: str | None = None
     guard_installed: bool = False  # the madvise guard was installed by this run
 
@@ -130,6 +132,10 @@ class MergeResult:
         zero pages dropped. /proc/meminfo is the truth the tests compare it with."""
         return self.pages_merged - self.slots_mapped + self.pages_zeroed
 
+    @property
+    def target_cpu_s(self) -> float:
+        return sum(t.target_cpu_s for t in self.targets)
+
     def refused_processes(self) -> list[Refusal]:
         """The targets refused as a whole (their refusal covers no range): nothing was
         done in them, and the reason names the fix."""
@@ -161,6 +167,7 @@ class MergeResult:
                     "extents": t.extents,
                     "guard_installed": t.guard_installed,
                     "pauses": pause_stats(t.pauses, t.longest),
+                    "target_cpu_s": round(t.target_cpu_s, 4),
                     **({"error": t.error} if t.error else {}),
                 }
                 for t in self.targets
@@ -176,6 +183,9 @@ class MergeResult:
             },
             "elapsed_s": round(self.elapsed_s, 4),
             "cpu_s": round(self.cpu_s, 4),
+            # what procksm's calls cost the targets' threads (mmap, populate, zero
+            # drops): with cpu_s, procksm's whole cost (ksmd does that work itself)
+            "target_cpu_s": round(self.target_cpu_s, 4),
         }
 
 

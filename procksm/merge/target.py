@@ -129,7 +129,7 @@ class TargetMerger:
             except guard.GuardError as err:
                 return self._refuse(err.message)
         with self.session() as sess, _gc_paused():
-            first_pause = len(sess.pauses)
+            first_pause, cpu_before = len(sess.pauses), sess.target_cpu_s
             why = self._first_window(sess, client)
             if why is not None:
                 return self._refuse(why)
@@ -150,6 +150,7 @@ class TargetMerger:
                 gc.collect(0)
             self.res.pauses.extend(sess.pauses[first_pause:])
             self.res.longest = sess.longest
+            self.res.target_cpu_s += sess.target_cpu_s - cpu_before
 
     def _refuse(self, reason: str) -> None:
         self.refused.append(Refusal(self.pid, 0, 0, reason))
