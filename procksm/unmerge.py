@@ -125,8 +125,8 @@ def unmerge_pieces(
                 addr = a
                 while addr < b:
                     n = min(sizer.next_pages() * PAGE_SIZE, b - addr)
-                    with sess.stopped() as st, procfs.MapsQuery(pid) as maps:
-                        now = maps.vma_at(addr)
+                    with sess.stopped() as st:
+                        now = st.maps().vma_at(addr)
                         if now is None or not now.name.startswith(SEGMENT_NAME_PREFIX):
                             break  # unmapped or remapped meanwhile: not ours to replace
                         n = min(n, now.end - addr)

@@ -963,3 +963,40 @@ def test_a_mapping_name_matches_itself_and_shell_patterns() -> None:
     assert procfs.name_matches("/usr/lib/libc.so.6", "*/libc.so*")
     assert not procfs.name_matches("[stack]", "[heap]")
     assert not procfs.name_matches("h", "[heap]x")
+
+
+def test_thread_sched_reads_cpu_time_and_last_cpu_of_a_thread() -> None:
+    """procfs.ThreadSched, on this process's own main thread: its CPU time grows with
+    work, the CPU it last ran on is one it may run on, a gone thread answers None."""
+    pid = os.getpid()
+    with procfs.ThreadSched(pid) as sched:
+        before = sched.cpu_ns(pid)
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+        after = sched.cpu_ns(pid)
+        assert before is not None and after is not None
+        assert after - before >= 10_000_000  # 20 ms of CPU spent, 10 ms at least seen
+        assert sched.last_cpu(pid) in os.sched_getaffinity(0)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        assert sched.cpu_ns(gone.pid) is None and sched.last_cpu(gone.pid) is None
+        assert sched.cpu_ns(pid) is not None  # and back to a live thread
+
+
+def test_maps_query_fallback_sees_mappings_made_after_changed() -> None:
+    """On kernels without PROCMAP_QUERY a window's MapsQuery answers from a table read
+    once: after procksm's injected calls change the VMAs, changed() reads it again."""
+    import mmap
+
+    with procfs.MapsQuery(os.getpid()) as q:
+        q._fallback = procfs.read_maps(os.getpid())  # as on a kernel without the ioctl
+        m = mmap.mmap(-1, 4 * mmap.PAGESIZE)
+        try:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the view is let go
+            assert q.vma_at(addr) is None  # the stale table
+            q.changed()
+            v = q.vma_at(addr)
+            assert v is not None and v.start <= addr < v.end
+        finally:
+            m.close()

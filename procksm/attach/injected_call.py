@@ -33,6 +33,7 @@ from procksm.attach.inject import (
     StopKind,
     get_regs,
     get_siginfo,
+    own_cpu,
     ptrace,
     set_regs,
     set_sigmask,
@@ -42,8 +43,8 @@ from procksm.attach.kill_steps import step
 from procksm.attach.return_frames import ALL_SIGNALS, ReturnFrames
 from procksm.attach.seccomp_precheck import SeccompPrecheck
 from procksm.attach.tracees import StoppedThreads, Tracee
-from procksm.errors import NoSuchProcess, ProcksmError, PtraceError, PtraceTimeout
-from procksm.procfs import read_stat_fields
+from procksm.errors import NoSuchProcess, PtraceError, PtraceTimeout
+from procksm.procfs import ThreadSched
 
 
 class InjectedSyscallError(PtraceError):
@@ -76,6 +77,7 @@ class SyscallInjector:
         *,
         timeout: Callable[[], float],
         pin_cpu: bool,
+        sched: ThreadSched | None = None,
     ) -> None:
         self.threads = threads
         self.frames = frames
@@ -84,6 +86,7 @@ class SyscallInjector:
         self._timeout = timeout
         self._pin_cpu = pin_cpu
         self._pinned = False
+        self._sched = sched if sched is not None else ThreadSched(threads.pid)
         self.window_ended = False  # set by the session: nothing is injected any more
         self.signals_held = 0  # signals that arrived during an injection, re-sent at resume
         # Why this window ended early with an injected call still running (_abandon):
@@ -160,23 +163,29 @@ class SyscallInjector:
         (measured: every batch's end and stop seen ~0.2-0.8 ms late, procksm yielding and
         sleeping in turn). False when there is no other CPU."""
         self._pinned = True
+        cpu = self._sched.last_cpu(tid)
+        if cpu is None:
+            return False  # an optimisation only
         try:
-            cpu = int(read_stat_fields(self.threads.pid, tid)[36])
+            if own_cpu() != cpu:
+                # on another CPU already: no affinity set (setting it and putting it back
+                # cost ~8 us a window, a forced migration ~40 us, measured)
+                return True
             others = os.sched_getaffinity(0) - {cpu}
             if others:
                 os.sched_setaffinity(0, others)
                 return True
-        except (ProcksmError, OSError, IndexError, ValueError):
+        except OSError:
             pass  # an optimisation only
         return False
 
     def _pin_to(self, tid: int) -> None:
         self._pinned = True
+        cpu = self._sched.last_cpu(tid)
         try:
-            cpu = int(read_stat_fields(self.threads.pid, tid)[36])
-            if cpu in os.sched_getaffinity(0):
+            if cpu is not None and cpu in os.sched_getaffinity(0):
                 os.sched_setaffinity(0, {cpu})
-        except (ProcksmError, OSError, IndexError, ValueError):
+        except OSError:
             pass  # pinning is an optimisation only
 
     def _run_syscall(self, tracee: Tracee, insn: int, nr: int) -> Registers:

@@ -177,7 +177,7 @@ class PtraceSession:
         # mmaps, populates, zero drops of a merge): procksm's cost, paid on the target's
         # CPU time (ksmd pays its own replace_page in its own)
         self.target_cpu_s = 0.0
-        self._cpu_clock = procfs.ThreadCpuClock(pid)
+        self._sched = procfs.ThreadSched(pid)
 
     # context manager
 
@@ -225,7 +225,7 @@ class PtraceSession:
                 self._resume.release_orphans(time.monotonic() + self.timeout)
             finally:
                 self._program.close()
-                self._cpu_clock.close()
+                self._sched.close()
                 if self._pidfd is not None:
                     os.close(self._pidfd)
                     self._pidfd = None
@@ -303,7 +303,7 @@ class PtraceSession:
         assert self._seccomp is not None  # set with the status, checked above
         target = StoppedTarget(
             threads, self._program.gadgets, self._seccomp, self._scratch,
-            timeout=lambda: self.timeout, pin_cpu=self.pin_cpu, cpu_clock=self._cpu_clock,
+            timeout=lambda: self.timeout, pin_cpu=self.pin_cpu, sched=self._sched,
         )  # fmt: skip
         self._window = target
         self.threads = sorted(tracees)
@@ -367,21 +367,23 @@ class StoppedTarget:
         *,
         timeout: Callable[[], float],
         pin_cpu: bool,
-        cpu_clock: procfs.ThreadCpuClock | None = None,
+        sched: procfs.ThreadSched | None = None,
     ) -> None:
         self.pid = threads.pid
         self._threads = threads
         self._frames = ReturnFrames(threads, gadgets)
         self._calls = SyscallInjector(
-            threads, self._frames, gadgets, seccomp, timeout=timeout, pin_cpu=pin_cpu
-        )
+            threads, self._frames, gadgets, seccomp, timeout=timeout, pin_cpu=pin_cpu,
+            sched=sched,
+        )  # fmt: skip
         self._scratch = scratch  # the session's
         self._gated = False
         self.gate_injector: int | None = None  # the thread whose frames wake the gate
         self.gate_s = 0.0  # time spent gating, and in the calls the target ran (StopParts)
         self.calls_s = 0.0
         self.target_cpu_s = 0.0  # the injecting thread's CPU time in this window's batches
-        self._cpu_clock = cpu_clock
+        self._sched = sched
+        self._maps: procfs.MapsQuery | None = None  # the window's (maps())
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
 
     @property
@@ -411,6 +413,20 @@ class StoppedTarget:
     def end(self) -> None:
         """The window is over: nothing more may be injected through this object."""
         self._calls.window_ended = True
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
+
+    def maps(self) -> procfs.MapsQuery:
+        """The target's VMAs by address, for this window: one /proc/PID/maps fd for all
+        its queries (two opens and closes a window saved, ~10-30 us of the stop)."""
+        if self._maps is None:
+            self._maps = procfs.MapsQuery(self._threads.memory_tid())
+        return self._maps
+
+    def _vmas_changed(self) -> None:
+        if self._maps is not None:
+            self._maps.changed()
 
     def saved_registers(self, tid: int | None = None) -> Registers:
         """The registers the thread had when it stopped (what it gets back at resume)."""
@@ -441,6 +457,7 @@ class StoppedTarget:
             return self._calls.syscall(nr, *args, tid=tid)
         finally:
             self.calls_s += time.perf_counter() - started
+            self._vmas_changed()
 
     def syscall_checked(self, nr: int, *args: int, name: str = "", tid: int | None = None) -> int:
         """Like syscall(), but raise InjectedSyscallError on a -errno result."""
@@ -449,6 +466,7 @@ class StoppedTarget:
             return self._calls.syscall_checked(nr, *args, name=name, tid=tid)
         finally:
             self.calls_s += time.perf_counter() - started
+            self._vmas_changed()
 
     def syscall_address(self) -> int:
         """Where procksm's injected system calls execute (a `syscall` instruction)."""
@@ -505,8 +523,7 @@ class StoppedTarget:
             try:
                 plan = [(injector, base + GATE, 0)]
                 plan += [(t, 0, base + GATE) for t in threads.tracees.values() if t is not injector]
-                with procfs.MapsQuery(threads.memory_tid()) as maps:
-                    self._frames.arm_all(plan, maps)
+                self._frames.arm_all(plan, self.maps())
             except OSError as e:
                 raise PtraceError(f"pid {self.pid}: gating its threads: {e}") from None
         self.gate_injector = injector.tid
@@ -524,16 +541,17 @@ class StoppedTarget:
         base = self._scratch_base()
         runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
         tid = self._threads.injector().tid
-        clock = self._cpu_clock
-        cpu_before = clock.ns(tid) if clock is not None else None
+        sched = self._sched
+        cpu_before = sched.cpu_ns(tid) if sched is not None else None
         started = time.perf_counter()
         try:
             return runner.run(batch)
         finally:
             self.calls_s += time.perf_counter() - started
+            self._vmas_changed()
             # the thread is stopped again (at its park, or let go as is: then its own
             # code ran too, and the figure is an upper bound)
-            cpu_after = clock.ns(tid) if clock is not None else None
+            cpu_after = sched.cpu_ns(tid) if sched is not None else None
             if cpu_before is not None and cpu_after is not None:
                 self.target_cpu_s += (cpu_after - cpu_before) / 1e9
 
@@ -563,6 +581,7 @@ class StoppedTarget:
         if self._scratch.base is None:
             self.leftovers_removed += remove_leftovers_in_window(self._calls)
             self._scratch.map(self._calls)
+            self._vmas_changed()
         assert self._scratch.base is not None
         return self._scratch.base
 

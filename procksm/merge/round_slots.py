@@ -15,6 +15,7 @@ import numpy as np
 
 from procksm import PAGE_SIZE
 from procksm.analysis import ScanInput
+from procksm.errors import ProcksmError
 from procksm.hashing import hash_pages
 from procksm.plan import Extent, MergePlan
 from procksm.reader import PageReader
@@ -101,10 +102,20 @@ class RoundSlots:
         i = int(np.searchsorted(self.piece_starts, slot, side="right")) - 1
         return self.segments[i], (slot - int(self.piece_starts[i])) * PAGE_SIZE
 
-    def bytes_of(self, e: Extent) -> bytes:
-        """The slots' content of ``e``, read from procksm's fd of the memfd."""
-        seg, off = self.piece(e.slot)
-        return os.pread(seg.fd, e.npages * PAGE_SIZE, off)
+    def content_of(self, extents: list[Extent]) -> bytearray:
+        """The slots' content of ``extents``, one after the other, read from procksm's
+        fds of the memfds straight into one buffer (a read each and a join copied every
+        page twice: ~0.05 s of the first row's 0.07)."""
+        out = bytearray(sum(e.npages for e in extents) * PAGE_SIZE)
+        view, at = memoryview(out), 0
+        for e in extents:
+            seg, off = self.piece(e.slot)
+            length = e.npages * PAGE_SIZE
+            got = os.preadv(seg.fd, [view[at : at + length]], off)
+            if got != length:  # a sealed memfd holds every slot it was written with
+                raise ProcksmError(f"memfd {seg.name}: read {got} of {length} bytes at {off}")
+            at += length
+        return out
 
     def mark_mapped(self, e: Extent) -> None:
         # only new slots cost memory; adopted ones exist already

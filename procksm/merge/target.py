@@ -201,8 +201,9 @@ class TargetMerger:
     ) -> None:
         """One stop window: compare, hold the other threads, map, drop zero pages."""
         # Slots are sealed, immutable: read their bytes before stopping the target.
-        want = b"".join(self.slots.bytes_of(e) for e in ext_batch)
-        with sess.stopped() as st, procfs.MapsQuery(self.pid) as maps:
+        want = self.slots.content_of(ext_batch)
+        with sess.stopped() as st:
+            maps = st.maps()
             stacks = _thread_stack_ranges(st, maps)
             ext_ok = self._verify_extents(st, reader, maps, ext_batch, want, stacks)
             zero_ok = _verify_zero(reader, maps, zero_batch, stacks, self.res)
@@ -330,7 +331,7 @@ class TargetMerger:
         reader: PageReader,
         maps: procfs.MapsQuery,
         extents: list[Extent],
-        want: bytes,
+        want: bytes | bytearray,
         stacks: list[tuple[int, int]],
     ) -> list[tuple[Extent, int]]:
         """Under stop: keep the pages that still equal their slot, byte for byte, in a
@@ -369,7 +370,9 @@ class TargetMerger:
         return out
 
 
-def _equal_pages(reader: PageReader, runs: list[tuple[int, int, int]], want: bytes) -> np.ndarray:
+def _equal_pages(
+    reader: PageReader, runs: list[tuple[int, int, int]], want: bytes | bytearray
+) -> np.ndarray:
     """Per row of ``want`` (pages back to back): whether the target's page equals it now.
     ``runs``: (address, pages, first row) of the ranges to compare, read in this order;
     rows of no run, and pages from the first one that cannot be read on, are False."""
