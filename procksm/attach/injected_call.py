@@ -77,7 +77,7 @@ class SyscallInjector:
         *,
         timeout: Callable[[], float],
         pin_cpu: bool,
-        sched: ThreadSched | None = None,
+        sched: ThreadSched,
     ) -> None:
         self.threads = threads
         self.frames = frames
@@ -86,7 +86,7 @@ class SyscallInjector:
         self._timeout = timeout
         self._pin_cpu = pin_cpu
         self._pinned = False
-        self._sched = sched if sched is not None else ThreadSched(threads.pid)
+        self._sched = sched  # the session's: the thread's CPU, from a kept fd
         self.window_ended = False  # set by the session: nothing is injected any more
         self.signals_held = 0  # signals that arrived during an injection, re-sent at resume
         # Why this window ended early with an injected call still running (_abandon):

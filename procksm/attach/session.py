@@ -367,7 +367,7 @@ class StoppedTarget:
         *,
         timeout: Callable[[], float],
         pin_cpu: bool,
-        sched: procfs.ThreadSched | None = None,
+        sched: procfs.ThreadSched,
     ) -> None:
         self.pid = threads.pid
         self._threads = threads
@@ -541,8 +541,7 @@ class StoppedTarget:
         base = self._scratch_base()
         runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
         tid = self._threads.injector().tid
-        sched = self._sched
-        cpu_before = sched.cpu_ns(tid) if sched is not None else None
+        cpu_before = self._sched.cpu_ns(tid)
         started = time.perf_counter()
         try:
             return runner.run(batch)
@@ -551,7 +550,7 @@ class StoppedTarget:
             self._vmas_changed()
             # the thread is stopped again (at its park, or let go as is: then its own
             # code ran too, and the figure is an upper bound)
-            cpu_after = sched.cpu_ns(tid) if sched is not None else None
+            cpu_after = self._sched.cpu_ns(tid)
             if cpu_before is not None and cpu_after is not None:
                 self.target_cpu_s += (cpu_after - cpu_before) / 1e9
 
