@@ -1859,8 +1859,7 @@ class ThreadSched(Closing):
         """The CPU thread ``tid`` last ran on, or None."""
         raw = self._read(tid, "stat")
         try:
-            # after the command name, which may hold spaces and parentheses
-            return int(raw.rsplit(b")", 1)[1].split()[36]) if raw else None
+            return int(parse_stat_fields(raw.decode())[36]) if raw else None
         except (ValueError, IndexError):
             return None
 
