@@ -14,7 +14,7 @@ lint: setup
 	.venv/bin/mypy
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # The unit tier alone: no root, no setup, seconds (tests not marked `root`, see
 # tests/conftest.py). Needs only a venv with the project: pip install -e '.[test]'.
