@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -39,7 +40,14 @@ from procksm.attach.diagnose import (
     yama_denial,
 )
 from procksm.attach.inject import PTRACE_SEIZE, ptrace, set_regs
-from procksm.attach.scratch_layout import SCRATCH_BYTES
+from procksm.attach.scratch import dead_area_pieces
+from procksm.attach.scratch_layout import (
+    OWNER,
+    ROUTINE_OFFSET,
+    ROUTINE_PAGE,
+    SCRATCH_BYTES,
+    SCRATCH_PATH,
+)
 from procksm.errors import (
     NoSuchProcess,
     PtraceTimeout,
@@ -48,6 +56,7 @@ from procksm.errors import (
     UsageError,
     ZombieProcess,
 )
+from procksm.procfs import QueriedVma
 from procksm.unmerge import unmerge
 from tests.conftest import ROOT, Target, build_c_target
 
@@ -912,3 +921,58 @@ def test_a_session_never_unmaps_what_an_exec_put_at_its_scratch_address(spawn) -
         assert t.proc.stdout.readline().startswith("READY")  # the new program
         assert t.command(f"map {base:#x}") == "OK"  # its memory where the area was
     assert t.command(f"check {base:#x}") == "OK"
+
+
+def test_a_dead_procksms_area_is_removed_without_what_the_target_mapped_in_its_span(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A procksm killed in a window leaves its scratch area; the next one removes it
+    (procksm.attach.scratch.remove_leftovers_in_window). If the target meanwhile unmapped
+    the area's end and mapped its own memory there, only the area's own pieces may go:
+    one munmap of the whole span would destroy the target's memory."""
+    t = spawn([sys.executable, "-c", EXEC_THEN_MAP, EXEC_THEN_MAP])
+    with PtraceSession(t.pid) as sess:
+        with sess.stopped() as st:
+            base = st.scratch() - PAGE
+            # as if its owner had died: a pid that is no process's
+            st.write_memory(base + OWNER, struct.pack("<QQ", 2**22 + 1, 1))
+        tail = base + SCRATCH_BYTES - 3 * PAGE
+        assert t.command(f"replace {tail:#x} {3 * PAGE:#x}") == "OK"
+    # the ended session saw the area was not its own any more, and left it
+    assert f"{base:x}-" in Path(f"/proc/{t.pid}/maps").read_text()
+    with PtraceSession(t.pid) as sess, sess.stopped() as st:
+        st.scratch()  # the first window removes leftovers, then maps its own area
+        assert st.leftovers_removed >= 1
+    maps = Path(f"/proc/{t.pid}/maps").read_text()
+    assert not any(
+        line.startswith(f"{base:x}-") and SCRATCH_PATH in line for line in maps.splitlines()
+    )
+    assert t.command(f"check {tail:#x}") == "OK"
+
+
+def _vma(start: int, end: int, name: str = "", inode: int = 0, offset: int = 0) -> QueriedVma:
+    return QueriedVma(start, end, "rw-p", inode, name, offset)
+
+
+def test_dead_area_pieces_are_the_areas_memfd_at_its_place_and_staging_between() -> None:
+    base, end, routine = 0x10000, 0x10000 + SCRATCH_BYTES, 0x10000 + ROUTINE_PAGE * PAGE
+    head = _vma(base, base + 2 * PAGE, SCRATCH_PATH, 7)
+    staging = _vma(base + 2 * PAGE, base + 10 * PAGE)
+    rest = _vma(base + 10 * PAGE, routine, SCRATCH_PATH, 7, 10 * PAGE)
+    code = _vma(routine, end, SCRATCH_PATH, 7, ROUTINE_OFFSET)
+    # whole: one run
+    assert dead_area_pieces(base, [head, staging, rest, code]) == [(base, end)]
+    # died before the routine's page was mapped: the one mapping
+    assert dead_area_pieces(base, [_vma(base, end, SCRATCH_PATH, 7)]) == [(base, end)]
+    # the target's memory where the routine was: left alone
+    theirs = _vma(routine - PAGE, end)
+    rest_cut = _vma(base + 10 * PAGE, routine - PAGE, SCRATCH_PATH, 7, 10 * PAGE)
+    got = dead_area_pieces(base, [head, staging, rest_cut, theirs])
+    assert got == [(base, routine - PAGE)]
+    # anonymous memory after the last piece, or across a gap, is not staging
+    assert dead_area_pieces(base, [head, _vma(base + 3 * PAGE, end)]) == [(base, base + 2 * PAGE)]
+    assert dead_area_pieces(base, [head, staging]) == [(base, base + 2 * PAGE)]
+    # another memfd of that name (other inode) or a piece off its place is not the area's
+    other = _vma(base + 10 * PAGE, routine, SCRATCH_PATH, 8, 10 * PAGE)
+    moved = _vma(routine, end, SCRATCH_PATH, 7, 0)
+    assert dead_area_pieces(base, [head, staging, other, moved]) == [(base, base + 2 * PAGE)]
+    # not a head at base: nothing
+    assert dead_area_pieces(base, [_vma(base, end, SCRATCH_PATH, 7, PAGE)]) == []

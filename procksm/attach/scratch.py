@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from collections.abc import Sequence
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import (
@@ -88,13 +89,54 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
             # A thread still runs the dead procksm's call routine (or parks in it): its
             # code and table must stay until it has left (procksm.attach.call_batch).
             continue
-        calls.syscall(SYS_munmap, head.start, SCRATCH_BYTES)
+        try:
+            with procfs.MapsQuery(tid) as maps:
+                vmas = list(maps.vmas_in(head.start, head.start + SCRATCH_BYTES))
+        except ProcksmError:
+            return removed
+        for start, end in dead_area_pieces(head.start, vmas):
+            calls.syscall(SYS_munmap, start, end - start)
         removed += 1
     for fd, target in sorted(fds.items()):
         if target.startswith(LEFTOVER_MEMFD_PREFIX):
             calls.syscall(SYS_close, fd)
             removed += 1
     return removed
+
+
+def dead_area_pieces(base: int, vmas: Sequence[procfs.QueriedVma]) -> list[tuple[int, int]]:
+    """The address ranges of a dead procksm's scratch area at ``base`` that are still its
+    own, to unmap: of the VMAs in [base, base + SCRATCH_BYTES) (address order), the
+    pieces of the area's memfd at their place (same inode as the head, offset = address
+    - base; the routine's page at ROUTINE_OFFSET), and the anonymous VMAs lying between
+    two such pieces (an unmerge's staging, which stays mapped: procksm.unmerge). The
+    target may have unmapped part of the area since and mapped its own memory there;
+    that is never in the result (a munmap of the whole span would destroy it)."""
+    if not vmas or (vmas[0].start, vmas[0].name, vmas[0].offset) != (base, SCRATCH_PATH, 0):
+        return []
+    inode, routine = vmas[0].inode, base + ROUTINE_PAGE * PAGE_SIZE
+
+    def own(v: procfs.QueriedVma) -> bool:
+        place = ROUTINE_OFFSET if v.start == routine else v.start - base
+        return v.name == SCRATCH_PATH and v.inode == inode and v.offset == place
+
+    # Contiguous chains of the area's pieces and anonymous VMAs, each trimmed to run from
+    # a piece to a piece: an anonymous VMA counts only when no gap separates it from a
+    # piece on either side.
+    chains: list[list[procfs.QueriedVma]] = []
+    for v in vmas:
+        if not (own(v) or v.is_anonymous) or v.end > base + SCRATCH_BYTES:
+            chains.append([])
+        elif chains and chains[-1] and chains[-1][-1].end == v.start:
+            chains[-1].append(v)
+        else:
+            chains.append([v])
+    runs = []
+    for chain in chains:
+        pieces = [i for i, v in enumerate(chain) if own(v)]
+        if pieces:
+            runs.append((chain[pieces[0]].start, chain[pieces[-1]].end))
+    return runs
 
 
 def is_own_area(threads: StoppedThreads, base: int) -> bool:
