@@ -258,6 +258,36 @@ def split_at_extent_ends(
 MAX_CALLS_PER_BATCH = 46
 FD_CALLS = 5
 
+# A run of at least this many pages is compared by the target itself, not read again by
+# procksm (issue 16, "verification that costs less than a second read"): the call
+# routine compares its bytes with the slots, mapped for it in the scratch area's staging
+# range, and the mapping is moved over the run only if they are equal (EQUAL, then
+# mremap; a zero run: ZERO, then MADV_DONTNEED). That costs two calls more per extent
+# (the staging mmap, the mremap; ~10 us) and two per window (the staging range given
+# back), one more per zero run; procksm's read and comparison cost ~1.2 us a page
+# (docs/design.md §7). Shorter runs (scattered duplicates) are read and compared by
+# procksm in one process_vm_readv.
+IN_TARGET_PAGES = 16
+STAGING_CALLS = 2
+
+
+def compared_in_target(npages: int) -> bool:
+    """Whether a run of ``npages`` pages is compared by the target (IN_TARGET_PAGES)."""
+    return npages >= IN_TARGET_PAGES
+
+
+def extent_calls(in_target: bool, advice: int) -> int:
+    """The calls of an extent's mapping: mmap, MADV_POPULATE_READ and ``advice`` madvise
+    calls; compared in the target, also its staging mmap and its mremap (the staging
+    range's own calls are STAGING_CALLS per window)."""
+    return (4 if in_target else 2) + advice
+
+
+def zero_run_calls(in_target: bool) -> int:
+    """MADV_DONTNEED; compared in the target, also its ZERO check."""
+    return 2 if in_target else 1
+
+
 # What a stop window costs, in pages' worth: each page, plus for each extent (its read
 # and comparison, mmap, populate, the advice again) and each zero run (its read, one
 # madvise) a fixed share. Measured on single-threaded targets (2026-12-07): a page ~2.5
@@ -292,44 +322,55 @@ def split_batches(
     after the one before was made (procksm.window_sizer). A window holds at least one
     page whatever its cap.
 
-    An extent costs 2 calls (mmap, MADV_POPULATE_READ), plus ``advice_calls(addr)`` for
-    the advice its mapping is given again (one madvise each: numpy's arrays carry
-    MADV_HUGEPAGE), a zero run 1 (MADV_DONTNEED), and each memfd a window uses
-    FD_CALLS more (taken, checked, closed): ``piece_of(slot)`` names the memfd of a
-    slot. Extents longer than a batch are cut; the pieces are adjacent in address and
-    slot, so the kernel merges their VMAs back into one.
+    An extent costs :func:`extent_calls` (mmap, MADV_POPULATE_READ; compared in the
+    target, its staging mmap and mremap too, and the window STAGING_CALLS once), plus
+    ``advice_calls(addr)`` for the advice its mapping is given again (one madvise each:
+    numpy's arrays carry MADV_HUGEPAGE), a zero run :func:`zero_run_calls`, and each
+    memfd a window uses FD_CALLS more (taken, checked, closed): ``piece_of(slot)``
+    names the memfd of a slot. Extents longer than a batch are cut; the pieces are
+    adjacent in address and slot, so the kernel merges their VMAs back into one.
     """
     cur_e: list[Extent] = []
     cur_z: list[ZeroExtent] = []
     fds: set[int] = set()
     units = pages = calls = 0
+    staged = False  # the window has an extent compared in the target (STAGING_CALLS)
     cap = window_units_cap()
 
     def flush() -> Iterator[tuple[list[Extent], list[ZeroExtent]]]:
-        nonlocal cur_e, cur_z, units, pages, calls, cap
+        nonlocal cur_e, cur_z, units, pages, calls, cap, staged
         if cur_e or cur_z:
             yield cur_e, cur_z
             cap = window_units_cap()
-        cur_e, cur_z, units, pages, calls = [], [], 0, 0, 0
+        cur_e, cur_z, units, pages, calls, staged = [], [], 0, 0, 0, False
         fds.clear()
 
     def room(share: int) -> int:
         """Pages the current window still takes in a run costing ``share`` more."""
         return min(max_pages - pages, cap - units - share)
 
+    def extent_cost(take: int, piece: int, advice: int) -> int:
+        return (
+            extent_calls(compared_in_target(take), advice)
+            + (FD_CALLS if piece_of and piece not in fds else 0)
+            + (STAGING_CALLS if compared_in_target(take) and not staged else 0)
+        )
+
     for e in extents:
         off = 0
         piece = piece_of(e.slot) if piece_of else -1
-        mapping = 2 + (advice_calls(e.addr) if advice_calls else 0)
+        advice = advice_calls(e.addr) if advice_calls else 0
         while off < e.npages:
-            cost = mapping + (FD_CALLS if piece_of and piece not in fds else 0)
+            take = min(e.npages - off, max(1, room(EXTENT_UNITS)))
+            cost = extent_cost(take, piece, advice)
             if (calls + cost > max_calls or room(EXTENT_UNITS) < 1) and (cur_e or cur_z):
                 yield from flush()
-                cost = mapping + (FD_CALLS if piece_of else 0)
+                take = min(e.npages - off, max(1, room(EXTENT_UNITS)))
+                cost = extent_cost(take, piece, advice)
             if piece_of:
                 fds.add(piece)
-            take = min(e.npages - off, max(1, room(EXTENT_UNITS)))
             cur_e.append(Extent(e.addr + off * PAGE_SIZE, take, e.slot + off, e.prot_write))
+            staged = staged or compared_in_target(take)
             off += take
             pages += take
             units += take + EXTENT_UNITS
@@ -339,14 +380,18 @@ def split_batches(
     for z in zero_extents:
         off = 0
         while off < z.npages:
-            if (calls + 1 > max_calls or room(ZERO_RUN_UNITS) < 1) and (cur_e or cur_z):
-                yield from flush()
             take = min(z.npages - off, max(1, room(ZERO_RUN_UNITS)))
+            if (
+                calls + zero_run_calls(compared_in_target(take)) > max_calls
+                or room(ZERO_RUN_UNITS) < 1
+            ) and (cur_e or cur_z):
+                yield from flush()
+                take = min(z.npages - off, max(1, room(ZERO_RUN_UNITS)))
             cur_z.append(ZeroExtent(z.addr + off * PAGE_SIZE, take))
             off += take
             pages += take
             units += take + ZERO_RUN_UNITS
-            calls += 1
+            calls += zero_run_calls(compared_in_target(take))
             if room(ZERO_RUN_UNITS) < 1:
                 yield from flush()
     yield from flush()

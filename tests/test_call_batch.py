@@ -133,6 +133,47 @@ def test_a_batch_runs_its_table_in_one_go(
     assert target.command("poke") == "OK reads=1"
 
 
+def test_the_routine_compares_the_targets_bytes(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """EQUAL and ZERO compare bytes in the target (a merge window's comparison, made by
+    the routine): equal ranges give their length, which a later call takes as an
+    argument; a range that differs in its last byte, or in its first, gives UNEQUAL and
+    the call that depends on it is skipped."""
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    size = 4 * PAGE_SIZE
+    with PtraceSession(pid) as session, session.stopped() as st:
+        prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
+        base = st.syscall_checked(SYS_mmap, 0, 4 * size, prot, flags, -1, 0, name="mmap")
+        a, b, c, zeros = base, base + size, base + 2 * size, base + 3 * size
+        pattern = os.urandom(size)
+        st.write_memory(a, pattern)
+        st.write_memory(b, pattern)
+        st.write_memory(c, pattern[:-1] + bytes([pattern[-1] ^ 1]))
+        st.hold_others()
+        batch = CallBatch()
+        same = batch.equal(a, b, size)
+        last = batch.equal(a, c, size)
+        first = batch.equal(c + PAGE_SIZE, b + PAGE_SIZE, PAGE_SIZE)  # equal pages
+        empty = batch.zero(zeros, size)
+        not_empty = batch.zero(a, size)
+        kept = batch.call(SYS_madvise, a, same, 0)  # MADV_NORMAL, length from `same`
+        skipped = batch.call(SYS_madvise, a, last, 0)
+        results = st.run_batch(batch)
+        assert results[same] == size and results[first] == PAGE_SIZE
+        assert results[last] == x86_64_batch.UNEQUAL
+        assert results[empty] == size and results[not_empty] == x86_64_batch.UNEQUAL
+        assert results[kept] == 0 and results[skipped] == NOT_RUN
+        st.syscall_checked(SYS_munmap, base, 4 * size, name="munmap")
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        CallBatch().equal(a, b, 40)
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
+
+
 def test_the_park_keeps_a_sleepers_restart_block(
     privileged: None, spawn: Callable[..., Target], blockers_exe: Path
 ) -> None:

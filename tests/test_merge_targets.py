@@ -26,8 +26,9 @@ from procksm.fdpass import FdSender, netns_identity, same_netns
 from procksm.merge import MergeOptions, MergeResult
 from procksm.merge import engine as merge_mod
 from procksm.merge import handover as merge_handover
+from procksm.merge import target as merge_target
 from procksm.merge.round_slots import RoundSlots
-from procksm.plan import vma_budget
+from procksm.plan import IN_TARGET_PAGES, vma_budget
 from procksm.procfs import PM_PFN_MASK, PM_PRESENT, PagemapFile
 from procksm.scanner import AddressRange, ScanOptions
 from procksm.unmerge import merged_ranges, unmerge
@@ -563,9 +564,56 @@ def test_real_redis_server_is_refused_without_the_guard(spawn, tmp_path) -> None
 # --------------------------------------------------------------------------------------
 
 
+def _compared_here(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(address, pages) of every run procksm reads and compares itself under stop; the
+    long runs are compared by the target (procksm.plan.IN_TARGET_PAGES)."""
+    seen: list[tuple[int, int]] = []
+    equal_pages, zero_here = merge_target._equal_pages, merge_target._zero_here
+
+    def spy_equal(reader, runs, want):  # type: ignore[no-untyped-def]
+        seen.extend((a, n) for a, n, _ in runs)
+        return equal_pages(reader, runs, want)
+
+    def spy_zero(reader, zero, res):  # type: ignore[no-untyped-def]
+        seen.extend((z.addr, z.npages) for z in zero)
+        return zero_here(reader, zero, res)
+
+    monkeypatch.setattr(merge_target, "_equal_pages", spy_equal)
+    monkeypatch.setattr(merge_target, "_zero_here", spy_zero)
+    return seen
+
+
+def test_long_runs_are_compared_by_the_target_not_read_again(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16, "verification that costs less than a second read": the identical and
+    zero regions (runs of >= IN_TARGET_PAGES) are compared by the target's call routine
+    against the slots mapped in its staging range; procksm reads none of those runs'
+    bytes under stop, and nothing of a segment's stays in the staging range."""
+    assert N >= IN_TARGET_PAGES and Z >= IN_TARGET_PAGES
+    pair = [spawn(planted_argv(planted)) for _ in range(2)]
+    seen = _compared_here(monkeypatch)
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    totals = res.as_json()["totals"]
+    assert (totals["pages_merged"], totals["pages_zeroed"], totals["pages_volatile"]) == (
+        2 * N,
+        2 * Z,
+        0,
+    )
+    # only a window's short pieces (an extent cut where a window ends) are read here
+    assert all(n < IN_TARGET_PAGES for _, n in seen), seen
+    assert sum(n for _, n in seen) < (N + Z) // 4, seen
+    fa, fb = (pfns(t.pid, *region(t, "identical")) for t in pair)
+    assert (fa == fb).all()
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+        # nothing of a segment's is left outside the merged region (the staging range)
+        identical = region(t, "identical")
+        assert all(identical[0] <= v.start and v.end <= identical[1] for v in merged_ranges(t.pid))
+
+
 def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted)) for _ in range(2)]
     a, b = pair
+    seen = _compared_here(monkeypatch)
     write_slots = RoundSlots.write
 
     def write_then_change(self, scan, plan):  # type: ignore[no-untyped-def]
@@ -581,6 +629,9 @@ def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch
     assert by_pid[b.pid]["pages_merged"] == N
     fa, fb = (pfns(t.pid, *region(t, "identical")) for t in pair)
     assert fa[3] != fb[3] and (np.delete(fa, 3) == np.delete(fb, 3)).all()
+    # the target found the run changed; procksm compared that run, page by page, only
+    page3 = region(a, "identical")[0] + 3 * PAGE_SIZE
+    assert seen and all(addr <= page3 < addr + n * PAGE_SIZE for addr, n in seen)
     for t in pair:
         assert t.command("check") == f"OK pages={N + Z + U}"
 

@@ -18,6 +18,7 @@ from procksm.analysis import (
 )
 from procksm.plan import (
     EXTENT_UNITS,
+    IN_TARGET_PAGES,
     MAX_CALLS_PER_BATCH,
     ZERO_RUN_UNITS,
     Extent,
@@ -383,6 +384,21 @@ def test_split_batches_bounds_injected_calls_on_one_page_extents() -> None:
     assert all(2 * len(be) <= MAX_CALLS_PER_BATCH for be, _ in batches)
     assert len(batches) == -(-1000 // (MAX_CALLS_PER_BATCH // 2))
     assert list(split_batches([], [], lambda: 10**6, 512)) == []
+
+
+def test_split_batches_counts_the_calls_of_runs_the_target_compares() -> None:
+    """A run of IN_TARGET_PAGES or more costs 4 calls (staging mmap, populate, mremap;
+    the comparison is an entry too) and the window 2 more once (the staging range given
+    back); a zero run that long 2 (its check, MADV_DONTNEED)."""
+    n = IN_TARGET_PAGES
+    exts = [Extent(at(2 * n * i), n, n * i) for i in range(4)]
+    # 2 + 4 + 4 = 10: two long extents a window, and the staging range's calls once
+    assert [len(b[0]) for b in split_batches(exts, [], UNLIMITED, 4096, max_calls=10)] == [2, 2]
+    assert [len(b[0]) for b in split_batches(exts, [], UNLIMITED, 4096, max_calls=9)] == [1] * 4
+    zeros = [ZeroExtent(at(2 * n * i), n) for i in range(4)]
+    assert [len(b[1]) for b in split_batches([], zeros, UNLIMITED, 4096, max_calls=4)] == [2, 2]
+    short = [ZeroExtent(at(2 * i), 1) for i in range(4)]
+    assert [len(b[1]) for b in split_batches([], short, UNLIMITED, 4096, max_calls=4)] == [4]
 
 
 def test_split_batches_counts_a_memfd_hand_over_per_window() -> None:

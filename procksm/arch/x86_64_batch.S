@@ -10,7 +10,10 @@
  * Flags: 1 EXPECT (abort the rest unless result == expect), 2 ALWAYS (run after an
  *      abort too), 4 ARG_FROM (argument slot bits 4-7 := result of entry bits 8-23;
  *      skipped when that result is negative: failed or not run), 8 LOAD (no system
- *      call: result := the quadword at a0).
+ *      call: result := the quadword at a0), 1<<24 EQUAL (no system call: result := a2
+ *      if the a2 bytes at a0 and at a1 are equal, else -EBADMSG), 1<<25 ZERO (no system
+ *      call: result := a1 if the a1 bytes at a0 are all zero, else -EBADMSG). EQUAL
+ *      and ZERO lengths are a positive multiple of 32.
  * Out: every entry's result; header.done = 1; then ppoll(NULL, 0, &park, NULL, 8)
  *      parks the thread where procksm interrupts it. If procksm is dead, the park times
  *      out and `ret` leads through the thread's frames back to its own state. No
@@ -48,6 +51,8 @@ procksm_batch:
 	and	ecx, 15
 	mov	[r12 + rcx*8 + 16], rax
 .Largs:
+	test	ebx, 0x3000000
+	jnz	.Lcompare
 	test	ebx, 8
 	jz	.Lsyscall
 	mov	rax, [r12 + 16]
@@ -84,5 +89,47 @@ procksm_batch:
 .Lpark:
 	syscall
 	ret
+/* EQUAL, ZERO: the bytes are read in 32-byte steps, four quadwords xor-ed and or-ed */
+.Lcompare:
+	mov	rsi, [r12 + 16]
+	test	ebx, 0x1000000
+	jz	.Lzero
+	mov	rdi, [r12 + 24]
+	mov	rcx, [r12 + 32]
+.Lequal_loop:
+	mov	rax, [rsi]
+	xor	rax, [rdi]
+	mov	rdx, [rsi + 8]
+	xor	rdx, [rdi + 8]
+	or	rax, rdx
+	mov	rdx, [rsi + 16]
+	xor	rdx, [rdi + 16]
+	or	rax, rdx
+	mov	rdx, [rsi + 24]
+	xor	rdx, [rdi + 24]
+	or	rax, rdx
+	jnz	.Lunequal
+	add	rsi, 32
+	add	rdi, 32
+	sub	rcx, 32
+	ja	.Lequal_loop
+	mov	rax, [r12 + 32]
+	jmp	.Lgot
+.Lzero:
+	mov	rcx, [r12 + 24]
+.Lzero_loop:
+	mov	rax, [rsi]
+	or	rax, [rsi + 8]
+	or	rax, [rsi + 16]
+	or	rax, [rsi + 24]
+	jnz	.Lunequal
+	add	rsi, 32
+	sub	rcx, 32
+	ja	.Lzero_loop
+	mov	rax, [r12 + 24]
+	jmp	.Lgot
+.Lunequal:
+	mov	rax, -74		/* -EBADMSG */
+	jmp	.Lgot
 	.globl	procksm_batch_park
 	.set	procksm_batch_park, .Lpark - procksm_batch

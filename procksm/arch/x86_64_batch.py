@@ -17,19 +17,26 @@ from dataclasses import dataclass
 
 # as x86_64_batch.S -o b.o && objcopy -O binary -j .text b.o b.bin
 ROUTINE = bytes.fromhex(
-    "4989fc4989f54989d64889fd4531ff4d85ed0f849c000000498b1c244d85ff7408f7c302000000747f"
-    "f7c304000000742689d9c1e90881e1ffff0000486bc950488b440d484885c0785e89d9c1e90483e1"
-    "0f498944cc10f7c308000000740a498b442410488b00eb25498b442408498b7c2410498b74241849"
-    "8b5424204d8b5424284d8b4424304d8b4c24380f054989442448f7c301000000740d493b44244074"
-    "0641bf010000004983c45049ffcde95bffffff49c70601000000498d560831ff31f64531d241b808"
-    "000000b80f0100000f05c3"
+    "4989fc4989f54989d64889fd4531ff4d85ed0f84a8000000498b1c244d85ff740cf7c3020000000f"
+    "8487000000f7c304000000742689d9c1e90881e1ffff0000486bc950488b440d484885c0786689d9"
+    "c1e90483e10f498944cc10f7c300000003757df7c308000000740a498b442410488b00eb25498b44"
+    "2408498b7c2410498b742418498b5424204d8b5424284d8b4424304d8b4c24380f054989442448f7"
+    "c301000000740d493b442440740641bf010000004983c45049ffcde94fffffff49c7060100000049"
+    "8d560831ff31f64531d241b808000000b80f0100000f05c3498b742410f7c300000001744b498b7c"
+    "2418498b4c2420488b06483307488b5608483357084809d0488b5610483357104809d0488b561848"
+    "3357184809d075424883c6204883c7204883e92077c9498b442420e962ffffff498b4c2418488b06"
+    "480b4608480b4610480b461875144883c6204883e92077e5498b442418e938ffffff48c7c0b6ffff"
+    "ffe92cffffff"
 )
-CALL_INSN = 0x8C  # the `syscall` that runs the table's calls (seccomp sees ip + 2)
-PARK_INSN = 0xD1  # the park's `syscall` (ppoll); procksm interrupts the thread there
+CALL_INSN = 0x98  # the `syscall` that runs the table's calls (seccomp sees ip + 2)
+PARK_INSN = 0xDD  # the park's `syscall` (ppoll); procksm interrupts the thread there
 
 ENTRY_SIZE = 80  # flags, nr, a0..a5, expect, result
 RESULT = 72  # offset of the result in an entry
 EXPECT, ALWAYS, ARG_FROM, LOAD = 1, 2, 4, 8
+EQUAL, ZERO = 1 << 24, 1 << 25  # above ARG_FROM's slot (bits 4-7) and source (8-23)
+COMPARE_STEP = 32  # EQUAL and ZERO lengths are multiples of it
+UNEQUAL = -74  # -EBADMSG: EQUAL's or ZERO's result when the bytes differ
 NOT_RUN = -(1 << 63)  # preset result: skipped (after an abort, or its source failed)
 
 # The table's header: the done word, then the park's timespec (ppoll writes the time
@@ -40,7 +47,8 @@ HEADER_SIZE = 24
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One row of the table: a system call, or with LOAD a quadword read back."""
+    """One row of the table: a system call, or with LOAD a quadword read back, or with
+    EQUAL or ZERO a comparison of the target's bytes."""
 
     nr: int
     args: tuple[int, ...]

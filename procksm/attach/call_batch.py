@@ -32,7 +32,17 @@ from typing import NoReturn
 
 from procksm.arch import x86_64_batch as routine_abi
 from procksm.arch.x86_64 import SYS_fstat, unsigned
-from procksm.arch.x86_64_batch import ALWAYS, ARG_FROM, EXPECT, LOAD, NOT_RUN, Entry
+from procksm.arch.x86_64_batch import (
+    ALWAYS,
+    ARG_FROM,
+    COMPARE_STEP,
+    EQUAL,
+    EXPECT,
+    LOAD,
+    NOT_RUN,
+    ZERO,
+    Entry,
+)
 from procksm.attach.deferred_signals import signals_deferred
 from procksm.attach.inject import (
     PTRACE_CONT,
@@ -116,6 +126,25 @@ class CallBatch:
         plain = tuple(0 if isinstance(a, Ref) else a for a in args)
         self.entries.append(Entry(nr, plain, flags, expect or 0, source=source, slot=max(slot, 0)))
         return Ref(len(self.entries) - 1)
+
+    def equal(self, at: int, source: int, length: int) -> Ref:
+        """Whether the ``length`` bytes at ``at`` equal those at ``source``, compared by
+        the routine in the target: the result is ``length`` if so (an argument for a
+        later call, which is skipped otherwise), else UNEQUAL."""
+        self._check_length(length)
+        self.entries.append(Entry(0, (at, source, length), EQUAL))
+        return Ref(len(self.entries) - 1)
+
+    def zero(self, at: int, length: int) -> Ref:
+        """Whether the ``length`` bytes at ``at`` are all zero (as :meth:`equal`)."""
+        self._check_length(length)
+        self.entries.append(Entry(0, (at, length), ZERO))
+        return Ref(len(self.entries) - 1)
+
+    @staticmethod
+    def _check_length(length: int) -> None:
+        if length <= 0 or length % COMPARE_STEP:
+            raise ValueError(f"a comparison of {length} bytes: not a multiple of {COMPARE_STEP}")
 
     def check_stat(
         self, fd: Ref, identity: tuple[int, int], stat_buffer: int

@@ -13,12 +13,15 @@ import errno
 
 from procksm import PAGE_SIZE
 from procksm.arch.x86_64 import (
+    MADV_DONTFORK,
     MADV_DONTNEED,
     MADV_POPULATE_READ,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
     MFD_CLOEXEC,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -73,6 +76,7 @@ _INJECTED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("munmap", SYS_munmap, (1 << 30, PAGE_SIZE), True),
     ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
     ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
+    ("madvise", SYS_madvise, (1 << 30, SCRATCH_BYTES, MADV_DONTFORK), True),
     ("close", SYS_close, (3,), True),
     (
         "futex",
@@ -96,6 +100,16 @@ _ROUTINE_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX, 3, 0), True),
     ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTNEED), True),
     ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_POPULATE_READ), True),
+    # a long run compared by the target: moved from the staging range, which is then
+    # given back as anonymous memory (procksm.merge.target)
+    (
+        "mremap",
+        SYS_mremap,
+        (1 << 30, PAGE_SIZE, PAGE_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, 1 << 31),
+        True,
+    ),
+    ("mmap", SYS_mmap, (1 << 30, PAGE_SIZE, _RW, _PRIV | _FIX | _ANON, (1 << 64) - 1, 0), True),
+    ("madvise", SYS_madvise, (1 << 30, PAGE_SIZE, MADV_DONTFORK), True),
     ("close", SYS_close, (3,), True),
     ("fstat", SYS_fstat, (3, 1 << 30), True),
     ("pidfd_open", SYS_pidfd_open, (1, 0), False),

@@ -1,53 +1,68 @@
 """One target's merge under stop (the engine's step 5, docs/design.md §2.3-2.7, §3).
 
 In stop windows sized to the pause budget (procksm.window_sizer, at most
-``batch_pages`` pages): with every thread stopped, re-read
-each extent and compare it byte for byte with its slots (pages that changed are skipped,
-counted volatile), hold the other threads, then in one batch run by the target
-(procksm.attach.call_batch) take read-only fds of the segments,
-``mmap(MAP_PRIVATE|MAP_FIXED)`` with the VMA's protection, give the advice again,
-``MADV_POPULATE_READ``, ``MADV_DONTNEED`` the zero runs, close the fds; resume. Two short
-windows come first: the scratch area (with the call routine), then the madvise guard
-(procksm.guard).
+``batch_pages`` pages): with every thread stopped, check that each extent is still in
+private anonymous memory; read the short ones again and compare them byte for byte with
+their slots (pages that changed are skipped, counted volatile); hold the other threads;
+then in one batch run by the target (procksm.attach.call_batch) take read-only fds of
+the segments, ``mmap(MAP_PRIVATE|MAP_FIXED)`` the compared extents with the VMA's
+protection; for the long ones (procksm.plan.IN_TARGET_PAGES) map the slots in the
+staging range, let the target compare, and move them over the extent if equal
+(``mremap``); give the advice again, ``MADV_POPULATE_READ``, ``MADV_DONTNEED`` the zero
+runs (the long ones checked by the target first), give the staging range back, close
+the fds; resume. Two short windows come first: the scratch area (with the call routine),
+then the madvise guard (procksm.guard).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from procksm import PAGE_SIZE, coredump, guard, procfs
 from procksm.arch.x86_64 import (
+    MADV_DONTFORK,
     MADV_DONTNEED,
     MADV_POPULATE_READ,
+    MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     SYS_close,
     SYS_madvise,
     SYS_mmap,
+    SYS_mremap,
 )
+from procksm.arch.x86_64_batch import UNEQUAL
 from procksm.attach import PtraceSession, StoppedTarget
-from procksm.attach.call_batch import NOT_RUN, CallBatch, Ref
+from procksm.attach.call_batch import NOT_RUN, BatchResults, CallBatch, Ref
 from procksm.attach.injected_call import InjectedSyscallError
-from procksm.attach.scratch_layout import TABLE_CAPACITY
+from procksm.attach.scratch_layout import STAGING_PAGES, TABLE_CAPACITY
 from procksm.errors import ProcksmError
 from procksm.merge.handover import FdHandOver, HandedFds
 from procksm.merge.records import MergeOptions, Refusal, TargetResult
 from procksm.merge.round_slots import RoundSlots
 from procksm.plan import (
     FD_CALLS,
+    STAGING_CALLS,
     Extent,
     TargetPlan,
     ZeroExtent,
+    compared_in_target,
+    extent_calls,
     split_batches,
     window_units,
+    zero_run_calls,
 )
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
@@ -199,83 +214,193 @@ class TargetMerger:
         ext_batch: list[Extent],
         zero_batch: list[ZeroExtent],
     ) -> None:
-        """One stop window: compare, hold the other threads, map, drop zero pages."""
-        # Slots are sealed, immutable: read their bytes before stopping the target.
-        want = self.slots.content_of(ext_batch)
+        """One stop window: check the ranges, compare the short ones here, hold the
+        other threads, then one batch maps and drops (the long runs compared by the
+        target itself in the same batch, procksm.plan.IN_TARGET_PAGES). A long run
+        the target found changed since the scan is compared here page by page, and
+        its equal pages are replaced in a second batch of the same window."""
+        pieces = [(e, self._ok_pieces(e)) for e in ext_batch]
+        here = [p for _, ps in pieces for p in ps if not compared_in_target(p.npages)]
+        # Slots are sealed, immutable: read the bytes procksm compares before stopping.
+        want = self.slots.content_of(here)
+        rows = dict(
+            zip(
+                (p.addr for p in here),
+                itertools.accumulate((p.npages for p in here), initial=0),
+                strict=False,
+            )
+        )
         with sess.stopped() as st:
             maps = st.maps()
             stacks = _thread_stack_ranges(st, maps)
-            ext_ok = self._verify_extents(st, reader, maps, ext_batch, want, stacks)
-            zero_ok = _verify_zero(reader, maps, zero_batch, stacks, self.res)
-            if ext_ok or zero_ok:
-                # Compared under stop: from here no thread of the target may
-                # run its own code before the replacements are done, even if
-                # procksm dies (the futex gate, procksm.attach.session).
+            usable = self._usable_extents(st, maps, pieces, stacks)
+            ext_here = [(e, prot) for e, prot in usable if not compared_in_target(e.npages)]
+            ext_there = [(e, prot) for e, prot in usable if compared_in_target(e.npages)]
+            ext_ok = self._compare_here(reader, [(e, p, rows[e.addr]) for e, p in ext_here], want)
+            zero_usable = _usable_zero(maps, zero_batch, stacks, self.res)
+            zero_ok = _zero_here(
+                reader, [z for z in zero_usable if not compared_in_target(z.npages)], self.res
+            )
+            zero_there = [z for z in zero_usable if compared_in_target(z.npages)]
+            if ext_ok or zero_ok or ext_there or zero_there:
+                # Compared under stop, or compared by the target in the batch, once
+                # gated: from here no thread of the target may run its own code before
+                # the replacements are done, even if procksm dies (the futex gate,
+                # procksm.attach.session).
                 st.hold_others()
-                self._replace(st, ext_ok, zero_ok)
+                changed, zero_changed = self._replace(st, ext_ok, zero_ok, ext_there, zero_there)
+                if changed or zero_changed:
+                    again = self.slots.content_of([e for e, _ in changed])
+                    rows_again = list(
+                        itertools.accumulate((e.npages for e, _ in changed), initial=0)
+                    )
+                    ext_ok = self._compare_here(
+                        reader,
+                        [(e, p, r) for (e, p), r in zip(changed, rows_again, strict=False)],
+                        again,
+                    )
+                    zero_ok = _zero_here(reader, zero_changed, self.res)
+                    self._replace(st, ext_ok, zero_ok, [], [])
+
+    def _ok_pieces(self, e: Extent) -> list[Extent]:
+        """The runs of ``e`` whose slots may be mapped (RoundSlots.ok: the reference page
+        still held what the scan hashed when its slot was written)."""
+        ok = self.slots.ok[e.slot : e.slot + e.npages]
+        if ok.all():
+            return [e]
+        return [
+            Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0, e.prot_write) for i0, n in mask_runs(ok)
+        ]
 
     def _replace(
-        self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
-    ) -> None:
-        """Under stop, after the comparison: the replacements, in batches of calls run
-        by the target (procksm.attach.call_batch), usually one per window. The window's
-        plan fits one table, but the comparison may cut an extent into several (pages
-        that changed meanwhile), each with its own calls: then more batches, in the same
-        window (the gate stays closed between them)."""
+        self,
+        st: StoppedTarget,
+        ext_ok: list[tuple[Extent, int]],
+        zero_ok: list[ZeroExtent],
+        ext_there: list[tuple[Extent, int]],
+        zero_there: list[ZeroExtent],
+    ) -> tuple[list[tuple[Extent, int]], list[ZeroExtent]]:
+        """Under stop, gated: the replacements, in batches of calls run by the target
+        (procksm.attach.call_batch), usually one per window; the window's plan fits one
+        table and the staging range, but pieces of an extent (slots not ok) each have
+        their own calls: then more batches, in the same window (the gate stays closed
+        between them). ``ext_there``, ``zero_there``: compared by the target. Returns
+        the runs the target found changed."""
         failed: InjectedSyscallError | None = None
-        for ext_part, zero_part in self._table_sized(ext_ok, zero_ok):
+        changed: list[tuple[Extent, int]] = []
+        zero_changed: list[ZeroExtent] = []
+        for part in self._table_sized(ext_ok, zero_ok, ext_there, zero_there):
             try:
-                self._replace_in_one_batch(st, ext_part, zero_part)
+                more, more_zero = self._replace_in_one_batch(st, part)
             except InjectedSyscallError as e:
                 failed = failed or e
+                continue
+            changed += more
+            zero_changed += more_zero
         if failed is not None:
             raise failed
+        return changed, zero_changed
 
     def _table_sized(
-        self, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
-    ) -> list[tuple[list[tuple[Extent, int]], list[ZeroExtent]]]:
-        """`ext_ok` and `zero_ok` cut into parts whose calls fit one table: each extent
-        costs its mmap, advice and populate, each zero run one call, each segment a part
-        uses its hand-over (FD_CALLS), each part its pidfd's open and close."""
-        parts: list[tuple[list[tuple[Extent, int]], list[ZeroExtent]]] = [([], [])]
+        self,
+        ext_ok: list[tuple[Extent, int]],
+        zero_ok: list[ZeroExtent],
+        ext_there: list[tuple[Extent, int]],
+        zero_there: list[ZeroExtent],
+    ) -> list[_BatchPart]:
+        """The window's work cut into parts whose calls fit one table (each extent its
+        :func:`procksm.plan.extent_calls`, each zero run its zero_run_calls, each
+        segment a part uses its hand-over (FD_CALLS), each part its pidfd's open and
+        close, and the staging range's STAGING_CALLS once) and whose runs compared by
+        the target fit the staging range (longer ones are cut)."""
+        parts: list[_BatchPart] = [_BatchPart()]
         segs: set[int] = set()
+        calls = staged = 0
+        there = [
+            (
+                Extent(
+                    e.addr + i * PAGE_SIZE,
+                    min(STAGING_PAGES, e.npages - i),
+                    e.slot + i,
+                    e.prot_write,
+                ),
+                prot,
+            )
+            for e, prot in ext_there
+            for i in range(0, e.npages, STAGING_PAGES)
+        ]
+
+        def new_part() -> None:
+            nonlocal calls, staged
+            parts.append(_BatchPart())
+            segs.clear()
+            calls, staged = 2, 0
+
         calls = 2
-        for e, prot in ext_ok:
+        work = [*((e, p, False) for e, p in ext_ok), *((e, p, True) for e, p in there)]
+        for e, prot, on_target in work:
             seg = self.slots.piece(e.slot)[0].id
-            cost = 2 + len(self.advice_at(e.addr)) + (FD_CALLS if seg not in segs else 0)
-            if calls + cost > TABLE_CAPACITY and parts[-1][0]:
-                parts.append(([], []))
-                segs.clear()
-                calls = 2
-                cost = 2 + len(self.advice_at(e.addr)) + FD_CALLS
-            parts[-1][0].append((e, prot))
+            advice = len(self.advice_at(e.addr))
+            full = calls + self._calls_of(e, on_target, advice, staged, segs) > TABLE_CAPACITY
+            if (full or (on_target and staged + e.npages > STAGING_PAGES)) and parts[-1].work:
+                new_part()
+            calls += self._calls_of(e, on_target, advice, staged, segs)
             segs.add(seg)
-            calls += cost
-        for z in zero_ok:
-            if calls + 1 > TABLE_CAPACITY:
-                parts.append(([], []))
-                calls = 2
-            parts[-1][1].append(z)
-            calls += 1
+            if on_target:
+                parts[-1].ext_there.append((e, prot))
+                staged += e.npages
+            else:
+                parts[-1].ext_ok.append((e, prot))
+        for z, on_target in [*((z, False) for z in zero_ok), *((z, True) for z in zero_there)]:
+            need = zero_run_calls(on_target)
+            if calls + need > TABLE_CAPACITY and parts[-1].work:
+                new_part()
+            calls += need
+            (parts[-1].zero_there if on_target else parts[-1].zero_ok).append(z)
         return parts
 
+    def _calls_of(
+        self, e: Extent, on_target: bool, advice: int, staged: int, segs: set[int]
+    ) -> int:
+        """An extent's calls in a batch part: its mapping's, the staging range's once,
+        its segment's hand-over once."""
+        seg = self.slots.piece(e.slot)[0].id
+        return (
+            extent_calls(on_target, advice)
+            + (STAGING_CALLS if on_target and not staged else 0)
+            + (FD_CALLS if seg not in segs else 0)
+        )
+
     def _replace_in_one_batch(
-        self, st: StoppedTarget, ext_ok: list[tuple[Extent, int]], zero_ok: list[ZeroExtent]
-    ) -> None:
-        """Take the segments' fds, map each extent over the pages equal to it, give it
-        its advice again, populate it, drop the zero runs, close the fds: one batch. A
-        target that may not take fds itself gets them over SCM_RIGHTS and the batch is
-        made again, in the same window (nothing was replaced)."""
-        pieces = (self.slots.piece(e.slot)[0] for e, _ in ext_ok)
+        self, st: StoppedTarget, part: _BatchPart
+    ) -> tuple[list[tuple[Extent, int]], list[ZeroExtent]]:
+        """Take the segments' fds, map each extent over the pages equal to it (for the
+        runs the target compares: map the slots in the staging range, compare, move
+        them over the run if equal), give it its advice again, populate it, drop the
+        zero runs (checked by the target first, for long ones), give the staging range
+        back, close the fds: one batch. A target that may not take fds itself gets them
+        over SCM_RIGHTS and the batch is made again, in the same window (nothing was
+        replaced). Returns the runs the target found changed."""
+        every = [*part.ext_ok, *part.ext_there]
+        pieces = (self.slots.piece(e.slot)[0] for e, _ in every)
         segs = list({seg.id: seg for seg in pieces}.values())
         while True:
             batch = CallBatch()
             fds = self.handover.hand_over(st, batch, segs)
-            maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in ext_ok]
-            zeros = [
-                (z, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
-                for z in zero_ok
+            maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in part.ext_ok]
+            moves, staged = [], 0
+            stage = st.staging()[0] if part.ext_there else 0
+            for e, prot in part.ext_there:
+                moves.append((e, prot, *self._move_extent(batch, e, prot, fds, stage + staged)))
+                staged += e.npages * PAGE_SIZE
+            zeros: list[tuple[ZeroExtent, Ref | None, Ref]] = [
+                (z, None, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
+                for z in part.zero_ok
             ]
+            for z in part.zero_there:
+                checked = batch.zero(z.addr, z.npages * PAGE_SIZE)
+                zeros.append((z, checked, batch.call(SYS_madvise, z.addr, checked, MADV_DONTNEED)))
+            given_back = _give_staging_back(batch, stage, staged) if staged else []
             fds.close_in(batch)
             results = st.run_batch(batch)
             if fds.refused(results):
@@ -284,26 +409,44 @@ class TargetMerger:
             break
         if not fds.verified(results):
             raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
-        res = self.res
         failed: InjectedSyscallError | None = None
         for e, mapped in maps:
-            got = results[mapped]
-            if got == e.addr:
-                res.pages_merged += e.npages
-                res.extents += 1
-                self.slots.mark_mapped(e)
-            elif got == NOT_RUN:
-                res.pages_volatile += e.npages  # after a failed mmap: left for later
-            elif -4095 <= got < 0:
-                failed = failed or InjectedSyscallError(st.pid, "mmap", -got)
+            err = self._count_mapping(st, e, results[mapped], "mmap")
+            failed = failed or err
+        changed: list[tuple[Extent, int]] = []
+        for e, prot, same, moved in moves:
+            if results[same] == UNEQUAL:
+                changed.append((e, prot))
             else:
-                # MAP_FIXED never moves a mapping; anything else is a bug
-                raise ProcksmError(f"mmap returned {got:#x}, not {e.addr:#x}")
-        for z, dropped in zeros:
-            if results[dropped] == 0:
-                res.pages_zeroed += z.npages
+                err = self._count_mapping(st, e, results[moved], "mremap")
+                failed = failed or err
+        zero_changed = []
+        for z, zero_check, dropped in zeros:
+            if zero_check is not None and results[zero_check] == UNEQUAL:
+                zero_changed.append(z)
+            elif results[dropped] == 0:
+                self.res.pages_zeroed += z.npages
+        _check_given_back(st, results, given_back)
         if failed is not None:
             raise failed
+        return changed, zero_changed
+
+    def _count_mapping(
+        self, st: StoppedTarget, e: Extent, got: int, call: str
+    ) -> InjectedSyscallError | None:
+        """Count what the mmap or mremap of ``e`` did; its error, if it failed."""
+        if got == e.addr:
+            self.res.pages_merged += e.npages
+            self.res.extents += 1
+            self.slots.mark_mapped(e)
+        elif got == NOT_RUN:
+            self.res.pages_volatile += e.npages  # after a failed call: left for later
+        elif -4095 <= got < 0:
+            return InjectedSyscallError(st.pid, call, -got)
+        else:
+            # MAP_FIXED and MREMAP_FIXED never move a mapping elsewhere: a bug
+            raise ProcksmError(f"{call} returned {got:#x}, not {e.addr:#x}")
+        return None
 
     def _map_extent(self, batch: CallBatch, e: Extent, prot: int, fds: HandedFds) -> Ref:
         """mmap the slots over the extent, give the new mapping the VMA's advice again
@@ -325,26 +468,42 @@ class TargetMerger:
         batch.call(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
         return mapped
 
-    def _verify_extents(
+    def _move_extent(
+        self, batch: CallBatch, e: Extent, prot: int, fds: HandedFds, stage: int
+    ) -> tuple[Ref, Ref]:
+        """The slots mmapped at ``stage`` (in the scratch area's staging range) with the
+        VMA's protection and populated there; the target compares the extent with them
+        (EQUAL); if equal, one mremap moves the mapping over the extent (its PTEs with
+        it), in place of the pages it compared; then the advice again (ALWAYS, as in
+        :meth:`_map_extent`). Returns (the comparison, the mremap)."""
+        seg, off = self.slots.piece(e.slot)
+        length = e.npages * PAGE_SIZE
+        batch.call(
+            SYS_mmap, stage, length, prot, MAP_PRIVATE | MAP_FIXED, fds.fds[seg.id], off,
+            expect=stage,
+        )  # fmt: skip
+        batch.call(SYS_madvise, stage, length, MADV_POPULATE_READ)
+        same = batch.equal(e.addr, stage, length)
+        moved = batch.call(
+            SYS_mremap, stage, length, same, MREMAP_MAYMOVE | MREMAP_FIXED, e.addr,
+            expect=e.addr,
+        )  # fmt: skip
+        for adv in self.advice_at(e.addr):
+            batch.call(SYS_madvise, e.addr, length, adv, always=True)
+        return same, moved
+
+    def _usable_extents(
         self,
         st: StoppedTarget,
-        reader: PageReader,
         maps: procfs.MapsQuery,
-        extents: list[Extent],
-        want: bytes | bytearray,
+        pieces: list[tuple[Extent, list[Extent]]],
         stacks: list[tuple[int, int]],
     ) -> list[tuple[Extent, int]]:
-        """Under stop: keep the pages that still equal their slot, byte for byte, in a
-        mapping that is still private anonymous memory; with its protection now.
-        ``want``: the slots' bytes, extent after extent.
-
-        The extents are read in one process_vm_readv and compared in one vectorised
-        step: one read and one comparison each cost ~60-80 us an extent in Python
-        (measured on a first window of 7 extents: 0.4-0.6 ms against 0.09 for one)."""
-        checked: list[tuple[Extent, int, int]] = []  # (extent, protection, first row)
-        row = 0
-        for e in extents:
-            first, row = row, row + e.npages
+        """Under stop: the pieces (runs of an extent whose slots are ok) of extents in a
+        mapping that is still private anonymous memory (or procksm's), not a thread's
+        stack; with its protection now."""
+        out: list[tuple[Extent, int]] = []
+        for e, ok_pieces in pieces:
             if _overlaps(stacks, e.addr, e.end):
                 self.refused.append(Refusal(st.pid, e.addr, e.end, "thread stack"))
                 self.res.pages_refused += e.npages
@@ -354,13 +513,29 @@ class TargetMerger:
                 # unmapped, remapped or changed since the scan: never map over it
                 self.res.pages_volatile += e.npages
                 continue
-            checked.append((e, _prot(vma.perms), first))
+            prot = _prot(vma.perms)
+            self.res.pages_volatile += e.npages - sum(p.npages for p in ok_pieces)
+            out.extend((p, prot) for p in ok_pieces)
+        return out
+
+    def _compare_here(
+        self,
+        reader: PageReader,
+        checked: list[tuple[Extent, int, int]],
+        want: bytes | bytearray,
+    ) -> list[tuple[Extent, int]]:
+        """Under stop: of ``checked`` (extent, protection, its first row in ``want``), the
+        runs of pages that still equal their slot, byte for byte. ``want``: slots' bytes.
+
+        The extents are read in one process_vm_readv and compared in one vectorised
+        step: one read and one comparison each cost ~60-80 us an extent in Python
+        (measured on a first window of 7 extents: 0.4-0.6 ms against 0.09 for one)."""
         if not checked:
             return []
         equal = _equal_pages(reader, [(e.addr, e.npages, first) for e, _, first in checked], want)
         out: list[tuple[Extent, int]] = []
         for e, prot, first in checked:
-            same = equal[first : first + e.npages] & self.slots.ok[e.slot : e.slot + e.npages]
+            same = equal[first : first + e.npages]
             if same.all():
                 out.append((e, prot))
                 continue
@@ -368,6 +543,53 @@ class TargetMerger:
             for i0, n in mask_runs(same):
                 out.append((Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0), prot))
         return out
+
+
+@dataclass
+class _BatchPart:
+    """The work of one batch of a window: extents and zero runs compared by procksm
+    (``ext_ok``, ``zero_ok``), and compared by the target (``ext_there``, ``zero_there``)."""
+
+    ext_ok: list[tuple[Extent, int]] = field(default_factory=list)
+    zero_ok: list[ZeroExtent] = field(default_factory=list)
+    ext_there: list[tuple[Extent, int]] = field(default_factory=list)
+    zero_there: list[ZeroExtent] = field(default_factory=list)
+
+    @property
+    def work(self) -> bool:
+        return bool(self.ext_ok or self.zero_ok or self.ext_there or self.zero_there)
+
+
+def _piece(e: Extent, first: int, npages: int) -> Extent:
+    """Pages [first, first + npages) of ``e``."""
+    return Extent(e.addr + first * PAGE_SIZE, npages, e.slot + first, e.prot_write)
+
+
+def _give_staging_back(batch: CallBatch, stage: int, length: int) -> list[Ref]:
+    """The staging range as it was, whatever the batch did there (ALWAYS: after an abort
+    too, and procksm need not be alive): anonymous memory again, over the slots still
+    mapped where the target found them changed and over the holes the mremaps left,
+    not inherited by a fork like the rest of the scratch area. Nothing of a segment's
+    stays in the area (procksm.unmerge.merged_ranges would take it for merged memory)."""
+    return [
+        batch.call(
+            SYS_mmap,
+            stage,
+            length,
+            PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS,
+            -1,
+            0,
+            always=True,
+        ),
+        batch.call(SYS_madvise, stage, length, MADV_DONTFORK, always=True),
+    ]
+
+
+def _check_given_back(st: StoppedTarget, results: BatchResults, given_back: list[Ref]) -> None:
+    for ref, name in zip(given_back, ("mmap", "madvise"), strict=False):
+        if not results.ok(ref):
+            raise InjectedSyscallError(st.pid, name, -results[ref])
 
 
 def _equal_pages(
@@ -497,13 +719,14 @@ def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
     return any(s < end and start < e for s, e in ranges)
 
 
-def _verify_zero(
-    reader: PageReader,
+def _usable_zero(
     maps: procfs.MapsQuery,
     zero: list[ZeroExtent],
     stacks: list[tuple[int, int]],
     res: TargetResult,
 ) -> list[ZeroExtent]:
+    """Under stop: the zero runs still in private anonymous memory, not a thread's stack
+    (MADV_DONTNEED elsewhere would not give zeros back)."""
     out: list[ZeroExtent] = []
     for z in zero:
         end = z.addr + z.npages * PAGE_SIZE
@@ -511,6 +734,14 @@ def _verify_zero(
         if _overlaps(stacks, z.addr, end) or vma is None or not _still_anonymous(vma):
             res.pages_volatile += z.npages
             continue
+        out.append(z)
+    return out
+
+
+def _zero_here(reader: PageReader, zero: list[ZeroExtent], res: TargetResult) -> list[ZeroExtent]:
+    """Under stop: the runs of pages of ``zero`` that are still all zero, read by procksm."""
+    out: list[ZeroExtent] = []
+    for z in zero:
         data = reader.read(z.addr, z.npages * PAGE_SIZE)
         n = len(data) // PAGE_SIZE
         zero_mask = np.zeros(z.npages, bool)
