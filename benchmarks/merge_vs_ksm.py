@@ -110,6 +110,7 @@ def summarize(runs: Sequence[Json], kind: str, pauses: str = "pauses") -> Json:
     s["reached_100_in"] = sum(r["t100_s"] is not None for r in ok)
     s["cpu_s"] = med(ok, lambda r: r["cpu_s"])
     s["targets_cpu_s"] = med(ok, lambda r: r.get("targets_cpu_s"))
+    s["guards_cpu_s"] = med(ok, lambda r: r.get("guards_cpu_s"))
     s["fraction"] = med(ok, lambda r: r["fraction"])
     s["wall_s"] = med(ok, lambda r: r.get("wall_s"))
     s["checks"] = sorted({r["memory_check"] for r in ok})
@@ -135,10 +136,12 @@ def summarize(runs: Sequence[Json], kind: str, pauses: str = "pauses") -> Json:
 
 
 def _with_targets(s: Json) -> float | None:
-    """procksm's CPU time and what its targets spent while it ran."""
+    """procksm's CPU time, what its targets spent while it ran and what the madvise
+    guards spent answering the guarded calls of its batches."""
     if s.get("cpu_s") is None:
         return None
-    return float(s["cpu_s"]) + float(s.get("targets_cpu_s") or 0.0)
+    extra = float(s.get("targets_cpu_s") or 0.0) + float(s.get("guards_cpu_s") or 0.0)
+    return float(s["cpu_s"]) + extra
 
 
 def _pause_getter(field: str, key: str) -> Callable[[Json], float | None]:
@@ -230,6 +233,8 @@ def _print_table(w: Planted, meds: Json, a: argparse.Namespace) -> None:
     row("CPU s (rusage / ksmd stat)", p.get("cpu_s"), k.get("cpu_s"), dd.get("cpu_s"), ".2f")
     tp, tk, td = (s.get("targets_cpu_s") for s in (p, k, dd))
     row("targets' CPU s during the run", tp, tk, td, ".2f")
+    gp, gk, gd = (s.get("guards_cpu_s") for s in (p, k, dd))
+    row("madvise guards' CPU s during it", gp, gk, gd, ".2f")
     pr, kr, dr = (
         None if s.get("t100_s") is None else w.ideal_pages / MIB_PAGES / s["t100_s"]
         for s in (p, k, dd)

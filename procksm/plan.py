@@ -261,10 +261,10 @@ FD_CALLS = 5
 # A run of at least this many pages is compared by the target itself, not read again by
 # procksm (issue 16, "verification that costs less than a second read"): the call
 # routine compares its bytes with the slots, mapped for it in the scratch area's staging
-# range, and the mapping is moved over the run only if they are equal (EQUAL, then
-# mremap; a zero run: ZERO, then MADV_DONTNEED). That costs two calls more per extent
-# (the staging mmap, the mremap; ~10 us) and two per window (the staging range given
-# back), one more per zero run; procksm's read and comparison cost ~1.2 us a page
+# range, and the slots are mapped over the run only if they are equal (EQUAL gives the
+# mmap its fd; a zero run: ZERO, then MADV_DONTNEED). That costs two entries more per
+# extent (the staging mmap, the comparison; ~5 us) and two calls per window (the staging
+# range given back), one more per zero run; procksm's read and comparison cost ~1.2 us a page
 # (docs/design.md §7). Shorter runs (scattered duplicates) are read and compared by
 # procksm in one process_vm_readv.
 IN_TARGET_PAGES = 16
@@ -278,8 +278,8 @@ def compared_in_target(npages: int) -> bool:
 
 def extent_calls(in_target: bool, advice: int) -> int:
     """The calls of an extent's mapping: mmap, MADV_POPULATE_READ and ``advice`` madvise
-    calls; compared in the target, also its staging mmap and its mremap (the staging
-    range's own calls are STAGING_CALLS per window)."""
+    calls; compared in the target, also its staging mmap and its comparison (the
+    staging range's own calls are STAGING_CALLS per window)."""
     return (4 if in_target else 2) + advice
 
 
@@ -323,7 +323,7 @@ def split_batches(
     page whatever its cap.
 
     An extent costs :func:`extent_calls` (mmap, MADV_POPULATE_READ; compared in the
-    target, its staging mmap and mremap too, and the window STAGING_CALLS once), plus
+    target, its staging mmap and comparison too, and the window STAGING_CALLS once), plus
     ``advice_calls(addr)`` for the advice its mapping is given again (one madvise each:
     numpy's arrays carry MADV_HUGEPAGE), a zero run :func:`zero_run_calls`, and each
     memfd a window uses FD_CALLS more (taken, checked, closed): ``piece_of(slot)``

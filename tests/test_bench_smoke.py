@@ -109,13 +109,21 @@ def test_speed_at_equal_cpu_is_met_only_at_equal_cpu() -> None:
 
 def test_merge_cpu_goal_counts_what_its_targets_spent() -> None:
     """Pure logic: procksm's calls run in its targets' threads (the mmaps and populates
-    ksmd makes in its own time), so their CPU during the merge counts with procksm's."""
+    ksmd makes in its own time), so their CPU during the merge counts with procksm's,
+    and so does the madvise guards' (they answer the guarded calls of its batches)."""
     from benchmarks.harness.goals import goals_of
     from benchmarks.harness.workloads import QUICK
 
-    def judged(own: float, in_targets: float | None) -> dict[str, object]:
+    def judged(
+        own: float, in_targets: float | None, guards: float | None = None
+    ) -> dict[str, object]:
         w1 = {
-            "merge": {"reps": 1, "cpu_s": own, "targets_cpu_s": in_targets},
+            "merge": {
+                "reps": 1,
+                "cpu_s": own,
+                "targets_cpu_s": in_targets,
+                "guards_cpu_s": guards,
+            },
             "ksmd_max": {"reps": 1, "cpu_s": 1.0},
         }
         goal: dict[str, object] = goals_of({"workloads": {"W1": {"medians": w1}}}, QUICK)["cpu_max"]
@@ -125,4 +133,7 @@ def test_merge_cpu_goal_counts_what_its_targets_spent() -> None:
     assert judged(0.9, 0.2)["met"] is False  # 1.1 s in all against ksmd's 1.0
     assert judged(0.9, 0.2)["value"] == pytest.approx(1.1)
     assert judged(0.9, None)["met"] is True  # no figure: procksm's own only
-    assert "targets 0.20" in str(judged(0.9, 0.2)["shown"])
+    assert "targets and guards 0.20" in str(judged(0.9, 0.2)["shown"])
+    # and the madvise guards' CPU answering the calls of its batches
+    assert judged(0.9, 0.05, 0.1)["met"] is False
+    assert judged(0.9, 0.05, 0.1)["value"] == pytest.approx(1.05)

@@ -138,8 +138,8 @@ def test_the_routine_compares_the_targets_bytes(
 ) -> None:
     """EQUAL and ZERO compare bytes in the target (a merge window's comparison, made by
     the routine): equal ranges give their length, which a later call takes as an
-    argument; a range that differs in its last byte, or in its first, gives UNEQUAL and
-    the call that depends on it is skipped."""
+    argument (EQUAL: the value it was given, ZERO: the length); a range that differs in
+    its last byte gives UNEQUAL and the call that depends on it is skipped."""
     target = spawn([blockers_exe])
     pid = target.pid
     wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
@@ -154,21 +154,21 @@ def test_the_routine_compares_the_targets_bytes(
         st.write_memory(c, pattern[:-1] + bytes([pattern[-1] ^ 1]))
         st.hold_others()
         batch = CallBatch()
-        same = batch.equal(a, b, size)
-        last = batch.equal(a, c, size)
-        first = batch.equal(c + PAGE_SIZE, b + PAGE_SIZE, PAGE_SIZE)  # equal pages
+        same = batch.equal(a, b, size, size)
+        last = batch.equal(a, c, size, size)
+        first = batch.equal(c + PAGE_SIZE, b + PAGE_SIZE, PAGE_SIZE, 7)  # equal pages
         empty = batch.zero(zeros, size)
         not_empty = batch.zero(a, size)
         kept = batch.call(SYS_madvise, a, same, 0)  # MADV_NORMAL, length from `same`
         skipped = batch.call(SYS_madvise, a, last, 0)
         results = st.run_batch(batch)
-        assert results[same] == size and results[first] == PAGE_SIZE
+        assert results[same] == size and results[first] == 7
         assert results[last] == x86_64_batch.UNEQUAL
         assert results[empty] == size and results[not_empty] == x86_64_batch.UNEQUAL
         assert results[kept] == 0 and results[skipped] == NOT_RUN
         st.syscall_checked(SYS_munmap, base, 4 * size, name="munmap")
     with pytest.raises(ValueError, match="not a multiple of 32"):
-        CallBatch().equal(a, b, 40)
+        CallBatch().equal(a, b, 40, 0)
     time.sleep(0.05)
     assert_running_untraced(pid)
     assert_no_errors(target)

@@ -31,6 +31,7 @@ from benchmarks.harness.truth import (
     ThreadCpu,
     census,
     exited,
+    guards_cpu_s,
     memfd_pages,
     meminfo,
     meminfo_saving,
@@ -159,11 +160,12 @@ def run_procksm(
     start_census = census(targets)
     before = meminfo()
     cmd = [*procksm, "merge", *map(str, (t.pid for t in targets)), "--json"]
-    targets_cpu0 = targets_cpu_s(targets)
+    targets_cpu0, guards_cpu0 = targets_cpu_s(targets), guards_cpu_s()
     ex = _merge_to_exit(cmd, targets, before, poll_s)
     run: Json = {
         "wall_s": ex.wall, "exit_code": ex.exit_code, "cmd": " ".join(cmd),
         "targets_cpu_s": targets_cpu_s(targets) - targets_cpu0,
+        "guards_cpu_s": max(0.0, guards_cpu_s() - guards_cpu0),
     }  # fmt: skip
     try:
         doc = json.loads(ex.stdout)

@@ -279,6 +279,7 @@ KEYS = {
     "t100_s": "t100_s",
     "cpu_s": "cpu_s",
     "targets_cpu_s": "targets_cpu_s",  # the targets' own CPU during the run
+    "guards_cpu_s": "guards_cpu_s",  # the madvise guards' CPU during a merge
     "fraction": "fraction_pagemap",
     "saved_pages_meminfo": "saved_pages_meminfo",
     "p50_ms": "pauses.p50_ms",

@@ -10,7 +10,7 @@
  * Flags: 1 EXPECT (abort the rest unless result == expect), 2 ALWAYS (run after an
  *      abort too), 4 ARG_FROM (argument slot bits 4-7 := result of entry bits 8-23;
  *      skipped when that result is negative: failed or not run), 8 LOAD (no system
- *      call: result := the quadword at a0), 1<<24 EQUAL (no system call: result := a2
+ *      call: result := the quadword at a0), 1<<24 EQUAL (no system call: result := a3
  *      if the a2 bytes at a0 and at a1 are equal, else -EBADMSG), 1<<25 ZERO (no system
  *      call: result := a1 if the a1 bytes at a0 are all zero, else -EBADMSG). EQUAL
  *      and ZERO lengths are a positive multiple of 32.
@@ -113,7 +113,7 @@ procksm_batch:
 	add	rdi, 32
 	sub	rcx, 32
 	ja	.Lequal_loop
-	mov	rax, [r12 + 32]
+	mov	rax, [r12 + 40]
 	jmp	.Lgot
 .Lzero:
 	mov	rcx, [r12 + 24]

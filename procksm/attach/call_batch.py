@@ -114,10 +114,15 @@ class CallBatch:
     def call(
         self, nr: int, *args: int | Ref, expect: int | None = None, always: bool = False
     ) -> Ref:
+        flags = (EXPECT if expect is not None else 0) | (ALWAYS if always else 0)
+        return self._entry(nr, args, flags, expect)
+
+    def _entry(
+        self, nr: int, args: tuple[int | Ref, ...], flags: int, expect: int | None = None
+    ) -> Ref:
         refs = [(slot, a) for slot, a in enumerate(args) if isinstance(a, Ref)]
         if len(refs) > 1:
             raise ValueError("a call takes at most one earlier result as argument")
-        flags = (EXPECT if expect is not None else 0) | (ALWAYS if always else 0)
         source = slot = -1
         if refs:
             slot, ref = refs[0]
@@ -127,19 +132,18 @@ class CallBatch:
         self.entries.append(Entry(nr, plain, flags, expect or 0, source=source, slot=max(slot, 0)))
         return Ref(len(self.entries) - 1)
 
-    def equal(self, at: int, source: int, length: int) -> Ref:
+    def equal(self, at: int, source: int, length: int, value: int | Ref) -> Ref:
         """Whether the ``length`` bytes at ``at`` equal those at ``source``, compared by
-        the routine in the target: the result is ``length`` if so (an argument for a
-        later call, which is skipped otherwise), else UNEQUAL."""
+        the routine in the target: the result is ``value`` (an earlier call's result, or
+        a plain number) if so, an argument for a later call, which is skipped otherwise
+        (the result is then UNEQUAL)."""
         self._check_length(length)
-        self.entries.append(Entry(0, (at, source, length), EQUAL))
-        return Ref(len(self.entries) - 1)
+        return self._entry(0, (at, source, length, value), EQUAL)
 
     def zero(self, at: int, length: int) -> Ref:
         """Whether the ``length`` bytes at ``at`` are all zero (as :meth:`equal`)."""
         self._check_length(length)
-        self.entries.append(Entry(0, (at, length), ZERO))
-        return Ref(len(self.entries) - 1)
+        return self._entry(0, (at, length), ZERO)
 
     @staticmethod
     def _check_length(length: int) -> None:

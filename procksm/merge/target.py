@@ -7,10 +7,10 @@ their slots (pages that changed are skipped, counted volatile); hold the other t
 then in one batch run by the target (procksm.attach.call_batch) take read-only fds of
 the segments, ``mmap(MAP_PRIVATE|MAP_FIXED)`` the compared extents with the VMA's
 protection; for the long ones (procksm.plan.IN_TARGET_PAGES) map the slots in the
-staging range, let the target compare, and move them over the extent if equal
-(``mremap``); give the advice again, ``MADV_POPULATE_READ``, ``MADV_DONTNEED`` the zero
-runs (the long ones checked by the target first), give the staging range back, close
-the fds; resume. Two short windows come first: the scratch area (with the call routine),
+staging range, let the target compare, and map them over the extent only if equal;
+give the advice again, ``MADV_POPULATE_READ``, ``MADV_DONTNEED`` the zero runs (the
+long ones checked by the target first), give the staging range back, close the fds;
+resume. Two short windows come first: the scratch area (with the call routine),
 then the madvise guard (procksm.guard).
 """
 
@@ -33,15 +33,12 @@ from procksm.arch.x86_64 import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
-    MREMAP_FIXED,
-    MREMAP_MAYMOVE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     SYS_close,
     SYS_madvise,
     SYS_mmap,
-    SYS_mremap,
 )
 from procksm.arch.x86_64_batch import UNEQUAL
 from procksm.attach import PtraceSession, StoppedTarget
@@ -391,7 +388,9 @@ class TargetMerger:
             moves, staged = [], 0
             stage = st.staging()[0] if part.ext_there else 0
             for e, prot in part.ext_there:
-                moves.append((e, prot, *self._move_extent(batch, e, prot, fds, stage + staged)))
+                moves.append(
+                    (e, prot, *self._map_compared_extent(batch, e, prot, fds, stage + staged))
+                )
                 staged += e.npages * PAGE_SIZE
             zeros: list[tuple[ZeroExtent, Ref | None, Ref]] = [
                 (z, None, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
@@ -414,11 +413,11 @@ class TargetMerger:
             err = self._count_mapping(st, e, results[mapped], "mmap")
             failed = failed or err
         changed: list[tuple[Extent, int]] = []
-        for e, prot, same, moved in moves:
+        for e, prot, same, mapped in moves:
             if results[same] == UNEQUAL:
                 changed.append((e, prot))
             else:
-                err = self._count_mapping(st, e, results[moved], "mremap")
+                err = self._count_mapping(st, e, results[mapped], "mmap")
                 failed = failed or err
         zero_changed = []
         for z, zero_check, dropped in zeros:
@@ -434,7 +433,7 @@ class TargetMerger:
     def _count_mapping(
         self, st: StoppedTarget, e: Extent, got: int, call: str
     ) -> InjectedSyscallError | None:
-        """Count what the mmap or mremap of ``e`` did; its error, if it failed."""
+        """Count what the mmap of ``e`` did; its error, if it failed."""
         if got == e.addr:
             self.res.pages_merged += e.npages
             self.res.extents += 1
@@ -444,7 +443,7 @@ class TargetMerger:
         elif -4095 <= got < 0:
             return InjectedSyscallError(st.pid, call, -got)
         else:
-            # MAP_FIXED and MREMAP_FIXED never move a mapping elsewhere: a bug
+            # MAP_FIXED never moves a mapping elsewhere: a bug
             raise ProcksmError(f"{call} returned {got:#x}, not {e.addr:#x}")
         return None
 
@@ -468,29 +467,28 @@ class TargetMerger:
         batch.call(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
         return mapped
 
-    def _move_extent(
+    def _map_compared_extent(
         self, batch: CallBatch, e: Extent, prot: int, fds: HandedFds, stage: int
     ) -> tuple[Ref, Ref]:
-        """The slots mmapped at ``stage`` (in the scratch area's staging range) with the
-        VMA's protection and populated there; the target compares the extent with them
-        (EQUAL); if equal, one mremap moves the mapping over the extent (its PTEs with
-        it), in place of the pages it compared; then the advice again (ALWAYS, as in
-        :meth:`_map_extent`). Returns (the comparison, the mremap)."""
+        """The slots mapped at ``stage`` (in the scratch area's staging range), read-only;
+        the target compares the extent with them (EQUAL, which gives the segment's fd
+        only if they are equal); the mmap of the slots over the extent takes that fd, so
+        a difference skips it; then as :meth:`_map_extent`: the advice again (ALWAYS),
+        the populate. Returns (the comparison, the mmap over the extent).
+
+        Not mremap from the staging range: the madvise guard's filter sends every
+        mremap to the guard (procksm.guard), a round trip per extent, and none when
+        the guard is gone (the call fails ENOSYS); mmap and MADV_POPULATE_READ pass."""
         seg, off = self.slots.piece(e.slot)
         length = e.npages * PAGE_SIZE
-        batch.call(
-            SYS_mmap, stage, length, prot, MAP_PRIVATE | MAP_FIXED, fds.fds[seg.id], off,
-            expect=stage,
-        )  # fmt: skip
-        batch.call(SYS_madvise, stage, length, MADV_POPULATE_READ)
-        same = batch.equal(e.addr, stage, length)
-        moved = batch.call(
-            SYS_mremap, stage, length, same, MREMAP_MAYMOVE | MREMAP_FIXED, e.addr,
-            expect=e.addr,
-        )  # fmt: skip
+        fd, private = fds.fds[seg.id], MAP_PRIVATE | MAP_FIXED
+        batch.call(SYS_mmap, stage, length, PROT_READ, private, fd, off, expect=stage)
+        same = batch.equal(e.addr, stage, length, fd)
+        mapped = batch.call(SYS_mmap, e.addr, length, prot, private, same, off, expect=e.addr)
         for adv in self.advice_at(e.addr):
             batch.call(SYS_madvise, e.addr, length, adv, always=True)
-        return same, moved
+        batch.call(SYS_madvise, e.addr, length, MADV_POPULATE_READ)
+        return same, mapped
 
     def _usable_extents(
         self,
@@ -568,7 +566,7 @@ def _piece(e: Extent, first: int, npages: int) -> Extent:
 def _give_staging_back(batch: CallBatch, stage: int, length: int) -> list[Ref]:
     """The staging range as it was, whatever the batch did there (ALWAYS: after an abort
     too, and procksm need not be alive): anonymous memory again, over the slots still
-    mapped where the target found them changed and over the holes the mremaps left,
+    mapped there for the comparisons,
     not inherited by a fork like the rest of the scratch area. Nothing of a segment's
     stays in the area (procksm.unmerge.merged_ranges would take it for merged memory)."""
     return [
