@@ -168,7 +168,7 @@ def evaluate(meds: Json, w: Planted) -> Json:
     # in its own time): their CPU time during the run counts with procksm's
     cpu = ratio(_with_targets(p), k.get("cpu_s"))
     goals["cpu"] = {
-        "goal": "(procksm CPU s + its targets' during it) / ksmd CPU s (to 100 %) <= 1",
+        "goal": "(procksm CPU s + its targets' and guards' during it) / ksmd CPU s (to 100 %) <= 1",
         "value": cpu,
         "shown": fmt(cpu, ".2f", "x"),
         "met": None if cpu is None else cpu <= 1.0,

@@ -47,7 +47,8 @@ def _cpu_max(w1: Json) -> Json:
     whole = {**m, "cpu_s": None if own is None else own + in_targets}
     cpu = ratio(whole, km, "cpu_s", None) if m and km else (None, "")
     return _goal(
-        "W1: procksm merge CPU s, its targets' during it included, <= ksmd max CPU s (to 100 %)",
+        "W1: procksm merge CPU s, its targets' and the madvise guards' during it included, "
+        "<= ksmd max CPU s (to 100 %)",
         cpu[0],
         fmt_ratio(cpu) + f" (procksm {fmt(own)} + targets and guards {fmt(in_targets)} s / ksmd "
         f"{fmt(km.get('cpu_s'))} s)",
