@@ -220,13 +220,7 @@ class TargetMerger:
         here = [p for _, ps in pieces for p in ps if not compared_in_target(p.npages)]
         # Slots are sealed, immutable: read the bytes procksm compares before stopping.
         want = self.slots.content_of(here)
-        rows = dict(
-            zip(
-                (p.addr for p in here),
-                itertools.accumulate((p.npages for p in here), initial=0),
-                strict=False,
-            )
-        )
+        rows = dict(zip((p.addr for p in here), _first_rows(here), strict=True))
         with sess.stopped() as st:
             maps = st.maps()
             stacks = _thread_stack_ranges(st, maps)
@@ -248,14 +242,9 @@ class TargetMerger:
                 changed, zero_changed = self._replace(st, ext_ok, zero_ok, ext_there, zero_there)
                 if changed or zero_changed:
                     again = self.slots.content_of([e for e, _ in changed])
-                    rows_again = list(
-                        itertools.accumulate((e.npages for e, _ in changed), initial=0)
-                    )
-                    ext_ok = self._compare_here(
-                        reader,
-                        [(e, p, r) for (e, p), r in zip(changed, rows_again, strict=False)],
-                        again,
-                    )
+                    again_rows = _first_rows([e for e, _ in changed])
+                    rerun = [(e, p, r) for (e, p), r in zip(changed, again_rows, strict=True)]
+                    ext_ok = self._compare_here(reader, rerun, again)
                     zero_ok = _zero_here(reader, zero_changed, self.res)
                     self._replace(st, ext_ok, zero_ok, [], [])
 
@@ -265,9 +254,7 @@ class TargetMerger:
         ok = self.slots.ok[e.slot : e.slot + e.npages]
         if ok.all():
             return [e]
-        return [
-            Extent(e.addr + i0 * PAGE_SIZE, n, e.slot + i0, e.prot_write) for i0, n in mask_runs(ok)
-        ]
+        return [_piece(e, i0, n) for i0, n in mask_runs(ok)]
 
     def _replace(
         self,
@@ -314,15 +301,7 @@ class TargetMerger:
         segs: set[int] = set()
         calls = staged = 0
         there = [
-            (
-                Extent(
-                    e.addr + i * PAGE_SIZE,
-                    min(STAGING_PAGES, e.npages - i),
-                    e.slot + i,
-                    e.prot_write,
-                ),
-                prot,
-            )
+            (_piece(e, i, min(STAGING_PAGES, e.npages - i)), prot)
             for e, prot in ext_there
             for i in range(0, e.npages, STAGING_PAGES)
         ]
@@ -338,10 +317,13 @@ class TargetMerger:
         for e, prot, on_target in work:
             seg = self.slots.piece(e.slot)[0].id
             advice = len(self.advice_at(e.addr))
-            full = calls + self._calls_of(e, on_target, advice, staged, segs) > TABLE_CAPACITY
-            if (full or (on_target and staged + e.npages > STAGING_PAGES)) and parts[-1].work:
+            cost = self._calls_of(e, on_target, advice, staged, segs)
+            if (
+                calls + cost > TABLE_CAPACITY or (on_target and staged + e.npages > STAGING_PAGES)
+            ) and parts[-1].work:
                 new_part()
-            calls += self._calls_of(e, on_target, advice, staged, segs)
+                cost = self._calls_of(e, on_target, advice, staged, segs)
+            calls += cost
             segs.add(seg)
             if on_target:
                 parts[-1].ext_there.append((e, prot))
@@ -372,8 +354,8 @@ class TargetMerger:
         self, st: StoppedTarget, part: _BatchPart
     ) -> tuple[list[tuple[Extent, int]], list[ZeroExtent]]:
         """Take the segments' fds, map each extent over the pages equal to it (for the
-        runs the target compares: map the slots in the staging range, compare, move
-        them over the run if equal), give it its advice again, populate it, drop the
+        runs the target compares: map the slots in the staging range, compare, map them
+        over the run only if equal), give it its advice again, populate it, drop the
         zero runs (checked by the target first, for long ones), give the staging range
         back, close the fds: one batch. A target that may not take fds itself gets them
         over SCM_RIGHTS and the batch is made again, in the same window (nothing was
@@ -385,10 +367,10 @@ class TargetMerger:
             batch = CallBatch()
             fds = self.handover.hand_over(st, batch, segs)
             maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in part.ext_ok]
-            moves, staged = [], 0
+            compared, staged = [], 0
             stage = st.staging()[0] if part.ext_there else 0
             for e, prot in part.ext_there:
-                moves.append(
+                compared.append(
                     (e, prot, *self._map_compared_extent(batch, e, prot, fds, stage + staged))
                 )
                 staged += e.npages * PAGE_SIZE
@@ -413,7 +395,7 @@ class TargetMerger:
             err = self._count_mapping(st, e, results[mapped], "mmap")
             failed = failed or err
         changed: list[tuple[Extent, int]] = []
-        for e, prot, same, mapped in moves:
+        for e, prot, same, mapped in compared:
             if results[same] == UNEQUAL:
                 changed.append((e, prot))
             else:
@@ -556,6 +538,11 @@ class _BatchPart:
     @property
     def work(self) -> bool:
         return bool(self.ext_ok or self.zero_ok or self.ext_there or self.zero_there)
+
+
+def _first_rows(extents: list[Extent]) -> list[int]:
+    """Each extent's first row in a buffer holding their pages back to back."""
+    return list(itertools.accumulate((e.npages for e in extents), initial=0))[: len(extents)]
 
 
 def _piece(e: Extent, first: int, npages: int) -> Extent:
