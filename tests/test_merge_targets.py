@@ -629,9 +629,13 @@ def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch
     assert by_pid[b.pid]["pages_merged"] == N
     fa, fb = (pfns(t.pid, *region(t, "identical")) for t in pair)
     assert fa[3] != fb[3] and (np.delete(fa, 3) == np.delete(fb, 3)).all()
-    # the target found the run changed; procksm compared that run, page by page, only
+    # the target found the run changed; procksm compared that run, page by page, and
+    # no other long run (short pieces where a window cut an extent are read here: how
+    # windows cut depends on the pauses measured)
     page3 = region(a, "identical")[0] + 3 * PAGE_SIZE
-    assert seen and all(addr <= page3 < addr + n * PAGE_SIZE for addr, n in seen)
+    holds_page3 = [addr <= page3 < addr + n * PAGE_SIZE for addr, n in seen]
+    assert any(n >= IN_TARGET_PAGES for (_, n), has in zip(seen, holds_page3) if has), seen
+    assert all(n < IN_TARGET_PAGES for (_, n), has in zip(seen, holds_page3) if not has), seen
     for t in pair:
         assert t.command("check") == f"OK pages={N + Z + U}"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 DEFERRED_SIGNALS = {
@@ -25,11 +26,32 @@ DEFERRED_SIGNALS = {
 }
 
 
+class _Depth(threading.local):
+    blocked = 0
+
+
+_depth = _Depth()
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Block SIGINT/SIGTERM/... in this thread; pending ones arrive when unblocked."""
+    """Block SIGINT/SIGTERM/... in this thread; pending ones arrive when unblocked.
+
+    Nested uses (a window's gate and batch inside the window) change nothing: only the
+    outermost one sets and restores the mask. signal.pthread_sigmask returns the old mask
+    as a set of Signals enums, ~12 us a call under cProfile: six calls per stop window
+    were ~7 % of a merge's CPU."""
+    if _depth.blocked:
+        _depth.blocked += 1
+        try:
+            yield
+        finally:
+            _depth.blocked -= 1
+        return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    _depth.blocked = 1
     try:
         yield
     finally:
+        _depth.blocked = 0
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
