@@ -1000,3 +1000,20 @@ def test_maps_query_fallback_sees_mappings_made_after_changed() -> None:
             assert v is not None and v.start <= addr < v.end
         finally:
             m.close()
+
+
+def test_maps_query_keeps_an_answer_until_changed() -> None:
+    """A window asks for the same address more than once (a thread's stack); the answer
+    is kept until procksm's injected calls change the VMAs (changed())."""
+    import mmap
+
+    m = mmap.mmap(-1, 4 * mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the view is let go
+    with procfs.MapsQuery(os.getpid()) as q:
+        first = q.vma_at(addr)
+        assert first is not None and first.start <= addr < first.end
+        m.close()  # unmapped: a fresh query would find nothing here
+        assert q.vma_at(addr) == first
+        q.changed()
+        after = q.vma_at(addr)
+        assert after is None or not (after.start <= addr < after.end and after == first)

@@ -134,3 +134,18 @@ def test_load_syscall_puts_the_number_and_arguments_in_the_convention_registers(
     assert (r.rip, r.rsp, r.rax) == (0x4000, 0x7000, x86_64.SYS_futex)
     assert (r.rdi, r.rsi, r.rdx, r.r10) == (0x1000, 128, 0, (1 << 64) - 1)
     assert (r.rbx, r.orig_rax, r.r8, r.r9) == (7, 3, 0, 0)  # the others left alone
+
+
+def test_signals_are_deferred_until_the_outermost_window_ends() -> None:
+    """A window's gate and batch defer signals inside the window's own deferral: the
+    mask is set once and restored only when the window ends."""
+    import signal
+
+    from procksm.attach.deferred_signals import DEFERRED_SIGNALS, signals_deferred
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with signals_deferred():
+        with signals_deferred():
+            assert signal.pthread_sigmask(signal.SIG_BLOCK, []) >= DEFERRED_SIGNALS
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) >= DEFERRED_SIGNALS
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
