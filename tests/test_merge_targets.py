@@ -610,6 +610,32 @@ def test_long_runs_are_compared_by_the_target_not_read_again(spawn, planted, mon
         assert all(identical[0] <= v.start and v.end <= identical[1] for v in merged_ranges(t.pid))
 
 
+
+def test_a_windows_tables_are_built_before_its_stop(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16, fewer round trips' Python in the stop: a window whose checks find the
+    work it was planned with runs the tables built before its stop; the first windows
+    (before the scratch area and the hand-over's way are known) build theirs under stop.
+    The merge is whole either way."""
+    pair = [spawn(planted_argv(planted)) for _ in range(2)]
+    used: list[bool] = []
+    holds = merge_target._Prepared.holds
+
+    def spy(self, st, work):  # type: ignore[no-untyped-def]
+        used.append(holds(self, st, work))
+        return used[-1]
+
+    monkeypatch.setattr(merge_target._Prepared, "holds", spy)
+    res = run_engine([t.pid for t in pair], MergeOptions(selection=selection(pair)))
+    totals = res.as_json()["totals"]
+    assert (totals["pages_merged"], totals["pages_zeroed"]) == (2 * N, 2 * Z)
+    windows = sum(len(t.pauses) for t in res.targets)
+    assert used and all(used), used
+    # all but each target's first windows (scratch area, guard, the first merge window)
+    assert len(used) >= windows - 3 * len(pair), (len(used), windows)
+    for t in pair:
+        assert t.command("check") == f"OK pages={N + Z + U}"
+
+
 def test_a_page_written_after_the_scan_is_not_merged(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pair = [spawn(planted_argv(planted)) for _ in range(2)]
     a, b = pair

@@ -107,9 +107,18 @@ class CallBatch:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.stat_buffer = 0  # the table's stat buffer; set by the runner's layout
+        self._table: tuple[int, bytes] | None = None  # (entries, their encoding)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def table(self) -> bytes:
+        """The table procksm writes for the routine: header and entries, encoded once
+        (a table built before its window's stop is encoded there, not in the stop)."""
+        if self._table is None or self._table[0] != len(self.entries):
+            blob = routine_abi.header(PARK_NS).ljust(TABLE_ENTRIES - TABLE_HEADER, b"\0")
+            self._table = (len(self.entries), blob + routine_abi.encode_table(self.entries))
+        return self._table[1]
 
     def call(
         self, nr: int, *args: int | Ref, expect: int | None = None, always: bool = False
@@ -223,8 +232,7 @@ class BatchRunner:
         if tracee.saved is None or not tracee.chain:
             raise PtraceError("a batch runs in the injecting thread of a gated window")
         calls.precheck_routine(self._routine)
-        blob = routine_abi.header(PARK_NS).ljust(TABLE_ENTRIES - TABLE_HEADER, b"\0")
-        blob += routine_abi.encode_table(batch.entries)
+        blob = batch.table()
         with signals_deferred():
             try:
                 threads.write_memory(self._table, blob)

@@ -44,6 +44,7 @@ from procksm.attach.scratch_layout import (
     SCRATCH_NAME,
     SCRATCH_PATH,
     STAGING_PAGES,
+    TABLE_STAT,
 )
 from procksm.attach.tracees import StoppedThreads
 from procksm.errors import ProcksmError
@@ -196,6 +197,11 @@ class ScratchArea:
         """(address, bytes) of the staging range of the mapped area."""
         assert self.base is not None
         return self.base + 2 * PAGE_SIZE, STAGING_PAGES * PAGE_SIZE
+
+    def stat_buffer(self) -> int:
+        """The table's stat buffer in the mapped area (CallBatch.check_stat)."""
+        assert self.base is not None
+        return self.base + PAGE_SIZE + TABLE_STAT
 
     def map(self, calls: SyscallInjector) -> None:
         """Map it: the target creates the memfd (its name written on dead stack below

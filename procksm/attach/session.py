@@ -81,7 +81,7 @@ from procksm.attach.scratch import (
     remove_leftovers_in_window,
     threads_inside,
 )
-from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES, TABLE_STAT
+from procksm.attach.scratch_layout import GATE, GATE_TIMEOUT_S, SCRATCH_BYTES
 from procksm.attach.seccomp_precheck import SeccompPrecheck
 from procksm.attach.target_program import TargetProgram
 from procksm.attach.thread_resume import ThreadGroupResume
@@ -237,6 +237,14 @@ class PtraceSession:
     def scratch_address(self) -> int | None:
         """The scratch page mapped in the target (exclude it from scans), if any."""
         return self._scratch.base
+
+    def scratch_places(self) -> tuple[int, int, int] | None:
+        """(base, staging address, stat buffer) of the scratch area mapped in an earlier
+        window, for a table built before the next window's stop (procksm.merge.target);
+        the window checks that its area is still at that base."""
+        if self._scratch.base is None:
+            return None
+        return self._scratch.base, self._scratch.staging()[0], self._scratch.stat_buffer()
 
     @contextlib.contextmanager
     def stopped(self) -> Iterator[StoppedTarget]:
@@ -556,7 +564,8 @@ class StoppedTarget:
 
     def stat_buffer(self) -> int:
         """The table's stat buffer, for :meth:`CallBatch.check_stat`."""
-        return self._scratch_base() + PAGE_SIZE + TABLE_STAT
+        self._scratch_base()
+        return self._scratch.stat_buffer()
 
     # the scratch area
 

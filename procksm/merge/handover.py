@@ -73,9 +73,22 @@ class FdHandOver(Closing):
         if st.pid not in self._pidfd_ok:
             self._pidfd_ok[st.pid] = proc_open_possible(st.pid)
         if self._pidfd_ok[st.pid] and segs:
-            return self._take_with_pidfd(st, batch, segs, ro_fds)
+            return self._take_with_pidfd(batch, segs, ro_fds, st.stat_buffer())
         sent = self._send(st, segs, ro_fds)
         return HandedFds({s.id: fd for s, fd in zip(segs, sent, strict=True)})
+
+    def takes_itself(self, pid: int) -> bool:
+        """Whether target ``pid`` is known to take fds itself (pidfd_getfd in its batch,
+        no injected call before it): its tables can be built before its windows' stops."""
+        return bool(self._pidfd_ok.get(pid))
+
+    def take_in_batch(self, batch: CallBatch, segs: list[Segment], stat_buffer: int) -> HandedFds:
+        """The hand-over's calls in `batch` for a target that :meth:`takes_itself`, for a
+        table built before its window's stop (procksm.merge.target)."""
+        if not segs:
+            return HandedFds({})  # as hand_over: no pidfd without a segment
+        ro_fds = {s.id: self.readonly_fd(s) for s in segs}
+        return self._take_with_pidfd(batch, segs, ro_fds, stat_buffer)
 
     def pidfd_refused(self, pid: int) -> None:
         """The target may not take fds from procksm: SCM_RIGHTS from now on."""
@@ -119,7 +132,7 @@ class FdHandOver(Closing):
             return list(msg.fds)
 
     def _take_with_pidfd(
-        self, st: StoppedTarget, batch: CallBatch, segs: list[Segment], ro_fds: dict[int, int]
+        self, batch: CallBatch, segs: list[Segment], ro_fds: dict[int, int], stat_buffer: int
     ) -> HandedFds:
         """pidfd_open(procksm), then pidfd_getfd + its fstat check per segment, then the
         pidfd's close: the first calls of `batch`. procksm is alive while they run (a
@@ -131,7 +144,7 @@ class FdHandOver(Closing):
         checks: list[tuple[Ref, int]] = []
         for s in segs:
             fd = batch.call(SYS_pidfd_getfd, pidfd, ro_fds[s.id], 0)
-            checks.extend(batch.check_stat(fd, s.identity, st.stat_buffer()))
+            checks.extend(batch.check_stat(fd, s.identity, stat_buffer))
             fds[s.id] = fd
         batch.call(SYS_close, pidfd, always=True)
         return HandedFds(fds, pidfd=pidfd, checks=checks)

@@ -63,7 +63,7 @@ from procksm.plan import (
 )
 from procksm.reader import PageReader
 from procksm.runs import mask_runs
-from procksm.slots import SEGMENT_NAME_PREFIX
+from procksm.slots import SEGMENT_NAME_PREFIX, Segment
 from procksm.window_sizer import WindowSizer
 
 
@@ -221,6 +221,7 @@ class TargetMerger:
         # Slots are sealed, immutable: read the bytes procksm compares before stopping.
         want = self.slots.content_of(here)
         rows = dict(zip((p.addr for p in here), _first_rows(here), strict=True))
+        prepared = self._prepare(sess, pieces, zero_batch)
         with sess.stopped() as st:
             maps = st.maps()
             stacks = _thread_stack_ranges(st, maps)
@@ -239,7 +240,8 @@ class TargetMerger:
                 # the replacements are done, even if procksm dies (the futex gate,
                 # procksm.attach.session).
                 st.hold_others()
-                changed, zero_changed = self._replace(st, ext_ok, zero_ok, ext_there, zero_there)
+                work = (ext_ok, zero_ok, ext_there, zero_there)
+                changed, zero_changed = self._replace(st, *work, prepared=prepared)
                 if changed or zero_changed:
                     again = self.slots.content_of([e for e, _ in changed])
                     again_rows = _first_rows([e for e, _ in changed])
@@ -263,19 +265,28 @@ class TargetMerger:
         zero_ok: list[ZeroExtent],
         ext_there: list[tuple[Extent, int]],
         zero_there: list[ZeroExtent],
+        *,
+        prepared: _Prepared | None = None,
     ) -> tuple[list[tuple[Extent, int]], list[ZeroExtent]]:
         """Under stop, gated: the replacements, in batches of calls run by the target
         (procksm.attach.call_batch), usually one per window; the window's plan fits one
         table and the staging range, but pieces of an extent (slots not ok) each have
         their own calls: then more batches, in the same window (the gate stays closed
         between them). ``ext_there``, ``zero_there``: compared by the target. Returns
-        the runs the target found changed."""
+        the runs the target found changed. ``prepared``: the tables built before the
+        stop, used if the window's checks found exactly the work they were built for."""
         failed: InjectedSyscallError | None = None
         changed: list[tuple[Extent, int]] = []
         zero_changed: list[ZeroExtent] = []
-        for part in self._table_sized(ext_ok, zero_ok, ext_there, zero_there):
+        work = (ext_ok, zero_ok, ext_there, zero_there)
+        parts: list[tuple[_BatchPart, _BuiltBatch | None]]
+        if prepared is not None and prepared.holds(st, work):
+            parts = [(part, built) for part, built in prepared.parts]
+        else:
+            parts = [(part, None) for part in self._table_sized(*work)]
+        for part, built in parts:
             try:
-                more, more_zero = self._replace_in_one_batch(st, part)
+                more, more_zero = self._replace_in_one_batch(st, part, built)
             except InjectedSyscallError as e:
                 failed = failed or e
                 continue
@@ -351,43 +362,31 @@ class TargetMerger:
         )
 
     def _replace_in_one_batch(
-        self, st: StoppedTarget, part: _BatchPart
+        self, st: StoppedTarget, part: _BatchPart, built: _BuiltBatch | None = None
     ) -> tuple[list[tuple[Extent, int]], list[ZeroExtent]]:
         """Take the segments' fds, map each extent over the pages equal to it (for the
         runs the target compares: map the slots in the staging range, compare, map them
         over the run only if equal), give it its advice again, populate it, drop the
         zero runs (checked by the target first, for long ones), give the staging range
-        back, close the fds: one batch. A target that may not take fds itself gets them
-        over SCM_RIGHTS and the batch is made again, in the same window (nothing was
-        replaced). Returns the runs the target found changed."""
-        every = [*part.ext_ok, *part.ext_there]
-        pieces = (self.slots.piece(e.slot)[0] for e, _ in every)
-        segs = list({seg.id: seg for seg in pieces}.values())
+        back, close the fds: one batch (``built`` before the stop, or built here). A
+        target that may not take fds itself gets them over SCM_RIGHTS and the batch is
+        made again, in the same window (nothing was replaced). Returns the runs the
+        target found changed."""
         while True:
-            batch = CallBatch()
-            fds = self.handover.hand_over(st, batch, segs)
-            maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in part.ext_ok]
-            compared, staged = [], 0
-            stage = st.staging()[0] if part.ext_there else 0
-            for e, prot in part.ext_there:
-                compared.append(
-                    (e, prot, *self._map_compared_extent(batch, e, prot, fds, stage + staged))
+            if built is None:
+                stage = st.staging()[0] if part.ext_there else 0
+                built = self._build_batch(
+                    part, lambda batch, segs: self.handover.hand_over(st, batch, segs), stage
                 )
-                staged += e.npages * PAGE_SIZE
-            zeros: list[tuple[ZeroExtent, Ref | None, Ref]] = [
-                (z, None, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
-                for z in part.zero_ok
-            ]
-            for z in part.zero_there:
-                checked = batch.zero(z.addr, z.npages * PAGE_SIZE)
-                zeros.append((z, checked, batch.call(SYS_madvise, z.addr, checked, MADV_DONTNEED)))
-            given_back = _give_staging_back(batch, stage, staged) if staged else []
-            fds.close_in(batch)
-            results = st.run_batch(batch)
-            if fds.refused(results):
+            results = st.run_batch(built.batch)
+            if built.fds.refused(results):
                 self.handover.pidfd_refused(st.pid)
+                built = None
                 continue
             break
+        fds, maps, compared, zeros, given_back = (
+            built.fds, built.maps, built.compared, built.zeros, built.given_back
+        )  # fmt: skip
         if not fds.verified(results):
             raise ProcksmError(f"pid {st.pid}: fd hand-over failed verification")
         failed: InjectedSyscallError | None = None
@@ -411,6 +410,72 @@ class TargetMerger:
         if failed is not None:
             raise failed
         return changed, zero_changed
+
+    def _build_batch(
+        self,
+        part: _BatchPart,
+        take_fds: Callable[[CallBatch, list[Segment]], HandedFds],
+        stage: int,
+    ) -> _BuiltBatch:
+        """The calls of :meth:`_replace_in_one_batch`'s batch, and where each result
+        will be. ``take_fds``: the hand-over's calls; ``stage``: the staging range."""
+        every = [*part.ext_ok, *part.ext_there]
+        pieces = (self.slots.piece(e.slot)[0] for e, _ in every)
+        segs = list({seg.id: seg for seg in pieces}.values())
+        batch = CallBatch()
+        fds = take_fds(batch, segs)
+        maps = [(e, self._map_extent(batch, e, prot, fds)) for e, prot in part.ext_ok]
+        compared, staged = [], 0
+        for e, prot in part.ext_there:
+            same, mapped = self._map_compared_extent(batch, e, prot, fds, stage + staged)
+            compared.append((e, prot, same, mapped))
+            staged += e.npages * PAGE_SIZE
+        zeros: list[tuple[ZeroExtent, Ref | None, Ref]] = [
+            (z, None, batch.call(SYS_madvise, z.addr, z.npages * PAGE_SIZE, MADV_DONTNEED))
+            for z in part.zero_ok
+        ]
+        for z in part.zero_there:
+            checked = batch.zero(z.addr, z.npages * PAGE_SIZE)
+            zeros.append((z, checked, batch.call(SYS_madvise, z.addr, checked, MADV_DONTNEED)))
+        given_back = _give_staging_back(batch, stage, staged) if staged else []
+        fds.close_in(batch)
+        return _BuiltBatch(batch, fds, maps, compared, zeros, given_back)
+
+    def _prepare(
+        self,
+        sess: PtraceSession,
+        pieces: list[tuple[Extent, list[Extent]]],
+        zero_batch: list[ZeroExtent],
+    ) -> _Prepared | None:
+        """The window's tables built before its stop, for the work it has if nothing
+        changed since the scan (every range still private anonymous read-write memory,
+        every page still equal to its slot or still zero): ~0.1 ms of Python taken out
+        of each stop (docs/design.md §7). None where the window's calls need the target
+        first (the scratch area not mapped yet, fds sent over SCM_RIGHTS)."""
+        places = sess.scratch_places()
+        if places is None:
+            return None
+        base, stage, stat_buffer = places
+        rw = PROT_READ | PROT_WRITE
+        ext = [p for _, ps in pieces for p in ps]
+        work = (
+            [(p, rw) for p in ext if not compared_in_target(p.npages)],
+            [z for z in zero_batch if not compared_in_target(z.npages)],
+            [(p, rw) for p in ext if compared_in_target(p.npages)],
+            [z for z in zero_batch if compared_in_target(z.npages)],
+        )
+        if not self.handover.takes_itself(self.pid):
+            return None
+
+        def take(batch: CallBatch, segs: list[Segment]) -> HandedFds:
+            return self.handover.take_in_batch(batch, segs, stat_buffer)
+
+        parts = []
+        for part in self._table_sized(*work):
+            built = self._build_batch(part, take, stage if part.ext_there else 0)
+            built.batch.table()  # encoded now, not in the stop
+            parts.append((part, built))
+        return _Prepared(base, work, parts)
 
     def _count_mapping(
         self, st: StoppedTarget, e: Extent, got: int, call: str
@@ -538,6 +603,40 @@ class _BatchPart:
     @property
     def work(self) -> bool:
         return bool(self.ext_ok or self.zero_ok or self.ext_there or self.zero_there)
+
+
+@dataclass
+class _BuiltBatch:
+    """A batch's calls, and the results to read: each extent's mmap, each compared
+    extent's comparison and mmap, each zero run's check and drop, the staging range's
+    give-back."""
+
+    batch: CallBatch
+    fds: HandedFds
+    maps: list[tuple[Extent, Ref]]
+    compared: list[tuple[Extent, int, Ref, Ref]]
+    zeros: list[tuple[ZeroExtent, Ref | None, Ref]]
+    given_back: list[Ref]
+
+
+_Work = tuple[
+    list[tuple[Extent, int]], list[ZeroExtent], list[tuple[Extent, int]], list[ZeroExtent]
+]
+
+
+@dataclass
+class _Prepared:
+    """A window's tables built before its stop (TargetMerger._prepare), for ``work``
+    (ext_ok, zero_ok, ext_there, zero_there) and the scratch area at ``base``."""
+
+    base: int
+    work: _Work
+    parts: list[tuple[_BatchPart, _BuiltBatch]]
+
+    def holds(self, st: StoppedTarget, work: _Work) -> bool:
+        """Under stop: the window found the work these tables were built for, and its
+        scratch area is still the one they point into."""
+        return work == self.work and st.scratch() == self.base + PAGE_SIZE
 
 
 def _first_rows(extents: list[Extent]) -> list[int]:
