@@ -1382,12 +1382,13 @@ class MapsQuery(Closing):
 
     Uses the PROCMAP_QUERY ioctl on /proc/PID/maps (kernel 6.11+): measured ~10 us per
     lookup, against ~0.6 ms to read and parse the maps of a Python process with 200
-    VMAs. Falls back to parsing /proc/PID/maps on older kernels. An address asked for
-    again gets the first answer until :meth:`changed`: a query is for a stopped target,
-    or a short look at a running one.
+    VMAs. Falls back to parsing /proc/PID/maps on older kernels. With ``remember`` (a
+    stop window's queries), an address asked for again gets the first answer until
+    :meth:`changed`; not by default: a look at many places once (the daemon's accounting
+    asks for every zero run of a target) would hold an answer for each.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, remember: bool = False) -> None:
         import fcntl  # noqa: F401  (fcntl.ioctl below)
 
         self.pid = pid
@@ -1399,19 +1400,23 @@ class MapsQuery(Closing):
         self._name = bytearray(_QUERY_NAME_BYTES)
         # Answers until the VMAs change (changed()): a window asks for the VMA of each
         # thread's stack pointer twice (stack ranges, room for its frames).
-        self._answers: dict[tuple[int, bool, int], QueriedVma | None] = {}
+        self._answers: dict[tuple[int, bool, int], QueriedVma | None] | None = (
+            {} if remember else None
+        )
 
     def vma_at(self, addr: int, *, or_next: bool = False, only: int = 0) -> QueriedVma | None:
         """The VMA covering ``addr``; with ``or_next``, else the first one above it.
         ``only``: PROCMAP_VMA_* permissions and PROCMAP_QUERY_FILE_BACKED_VMA the VMA
         must have (others are skipped, with ``or_next``, or answer None)."""
+        answers = self._answers
+        if answers is None:
+            return self._query(addr, or_next, only)
         key = (addr, or_next, only)
         try:
-            return self._answers[key]
+            return answers[key]
         except KeyError:
             pass
-        answer = self._query(addr, or_next, only)
-        self._answers[key] = answer
+        answer = answers[key] = self._query(addr, or_next, only)
         return answer
 
     def _query(self, addr: int, or_next: bool, only: int) -> QueriedVma | None:
@@ -1457,7 +1462,8 @@ class MapsQuery(Closing):
     def changed(self) -> None:
         """The VMAs may have changed since the last query (an injected call ran): the
         fallback's table is read again (PROCMAP_QUERY always answers from the VMAs)."""
-        self._answers.clear()
+        if self._answers is not None:
+            self._answers.clear()
         if self._fallback is not None:
             self._fallback = read_maps(self.pid)
 

@@ -1009,7 +1009,7 @@ def test_maps_query_keeps_an_answer_until_changed() -> None:
 
     m = mmap.mmap(-1, 4 * mmap.PAGESIZE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the view is let go
-    with procfs.MapsQuery(os.getpid()) as q:
+    with procfs.MapsQuery(os.getpid(), remember=True) as q:
         first = q.vma_at(addr)
         assert first is not None and first.start <= addr < first.end
         m.close()  # unmapped: a fresh query would find nothing here

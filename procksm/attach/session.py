@@ -429,7 +429,7 @@ class StoppedTarget:
         """The target's VMAs by address, for this window: one /proc/PID/maps fd for all
         its queries (two opens and closes a window saved, ~10-30 us of the stop)."""
         if self._maps is None:
-            self._maps = procfs.MapsQuery(self._threads.memory_tid())
+            self._maps = procfs.MapsQuery(self._threads.memory_tid(), remember=True)
         return self._maps
 
     def _vmas_changed(self) -> None:

@@ -470,8 +470,14 @@ class TargetMerger:
         def take(batch: CallBatch, segs: list[Segment]) -> HandedFds:
             return self.handover.take_in_batch(batch, segs, stat_buffer)
 
+        sized = self._table_sized(*work)
+        if len(sized) > 1:
+            # Scattered pages (many extents a window, several tables): built under stop,
+            # one table at a time. Held all at once here, they raised the daemon's peak
+            # memory on four scattered redis-servers past its budget (issue 15).
+            return None
         parts = []
-        for part in self._table_sized(*work):
+        for part in sized:
             built = self._build_batch(part, take, stage if part.ext_there else 0)
             built.batch.table()  # encoded now, not in the stop
             parts.append((part, built))
