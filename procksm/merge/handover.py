@@ -67,14 +67,13 @@ class FdHandOver(Closing):
         by procksm through /proc. Either way the target holds procksm's read-only open
         file description; :meth:`HandedFds.close_in` adds the closes.
         """
-        ro_fds = {s.id: self.readonly_fd(s) for s in segs}
         # Decided once per target, not in every stop window: a target that may not
         # ptrace procksm would otherwise pay failed system calls per window.
         if st.pid not in self._pidfd_ok:
             self._pidfd_ok[st.pid] = proc_open_possible(st.pid)
-        if self._pidfd_ok[st.pid] and segs:
-            return self._take_with_pidfd(batch, segs, ro_fds, st.stat_buffer())
-        sent = self._send(st, segs, ro_fds)
+        if self._pidfd_ok[st.pid]:
+            return self.take_in_batch(batch, segs, st.stat_buffer())
+        sent = self._send(st, segs, {s.id: self.readonly_fd(s) for s in segs})
         return HandedFds({s.id: fd for s, fd in zip(segs, sent, strict=True)})
 
     def takes_itself(self, pid: int) -> bool:
@@ -86,7 +85,7 @@ class FdHandOver(Closing):
         """The hand-over's calls in `batch` for a target that :meth:`takes_itself`, for a
         table built before its window's stop (procksm.merge.target)."""
         if not segs:
-            return HandedFds({})  # as hand_over: no pidfd without a segment
+            return HandedFds({})  # no pidfd without a segment
         ro_fds = {s.id: self.readonly_fd(s) for s in segs}
         return self._take_with_pidfd(batch, segs, ro_fds, stat_buffer)
 

@@ -273,15 +273,15 @@ class TargetMerger:
         table and the staging range, but pieces of an extent (slots not ok) each have
         their own calls: then more batches, in the same window (the gate stays closed
         between them). ``ext_there``, ``zero_there``: compared by the target. Returns
-        the runs the target found changed. ``prepared``: the tables built before the
-        stop, used if the window's checks found exactly the work they were built for."""
+        the runs the target found changed. ``prepared``: the table built before the
+        stop, used if the window's checks found exactly the work it was built for."""
         failed: InjectedSyscallError | None = None
         changed: list[tuple[Extent, int]] = []
         zero_changed: list[ZeroExtent] = []
         work = (ext_ok, zero_ok, ext_there, zero_there)
         parts: list[tuple[_BatchPart, _BuiltBatch | None]]
         if prepared is not None and prepared.holds(st, work):
-            parts = [(part, built) for part, built in prepared.parts]
+            parts = [(prepared.part, prepared.built)]
         else:
             parts = [(part, None) for part in self._table_sized(*work)]
         for part, built in parts:
@@ -447,13 +447,16 @@ class TargetMerger:
         pieces: list[tuple[Extent, list[Extent]]],
         zero_batch: list[ZeroExtent],
     ) -> _Prepared | None:
-        """The window's tables built before its stop, for the work it has if nothing
+        """The window's table built before its stop, for the work it has if nothing
         changed since the scan (every range still private anonymous read-write memory,
         every page still equal to its slot or still zero): ~0.1 ms of Python taken out
         of each stop (docs/design.md §7). None where the window's calls need the target
-        first (the scratch area not mapped yet, fds sent over SCM_RIGHTS)."""
+        first (the scratch area not mapped yet, fds sent over SCM_RIGHTS) or more than
+        one table (scattered pages: built under stop, one at a time; held all at once
+        here, they raised the daemon's peak memory on four scattered redis-servers past
+        its budget, issue 15)."""
         places = sess.scratch_places()
-        if places is None:
+        if places is None or not self.handover.takes_itself(self.pid):
             return None
         base, stage, stat_buffer = places
         rw = PROT_READ | PROT_WRITE
@@ -464,24 +467,17 @@ class TargetMerger:
             [(p, rw) for p in ext if compared_in_target(p.npages)],
             [z for z in zero_batch if compared_in_target(z.npages)],
         )
-        if not self.handover.takes_itself(self.pid):
-            return None
-
-        def take(batch: CallBatch, segs: list[Segment]) -> HandedFds:
-            return self.handover.take_in_batch(batch, segs, stat_buffer)
-
         sized = self._table_sized(*work)
         if len(sized) > 1:
-            # Scattered pages (many extents a window, several tables): built under stop,
-            # one table at a time. Held all at once here, they raised the daemon's peak
-            # memory on four scattered redis-servers past its budget (issue 15).
             return None
-        parts = []
-        for part in sized:
-            built = self._build_batch(part, take, stage if part.ext_there else 0)
-            built.batch.table()  # encoded now, not in the stop
-            parts.append((part, built))
-        return _Prepared(base, work, parts)
+        (part,) = sized
+        built = self._build_batch(
+            part,
+            lambda batch, segs: self.handover.take_in_batch(batch, segs, stat_buffer),
+            stage if part.ext_there else 0,
+        )
+        built.batch.table()  # encoded now, not in the stop
+        return _Prepared(base, work, part, built)
 
     def _count_mapping(
         self, st: StoppedTarget, e: Extent, got: int, call: str
@@ -632,16 +628,17 @@ _Work = tuple[
 
 @dataclass
 class _Prepared:
-    """A window's tables built before its stop (TargetMerger._prepare), for ``work``
+    """A window's table built before its stop (TargetMerger._prepare), for ``work``
     (ext_ok, zero_ok, ext_there, zero_there) and the scratch area at ``base``."""
 
     base: int
     work: _Work
-    parts: list[tuple[_BatchPart, _BuiltBatch]]
+    part: _BatchPart
+    built: _BuiltBatch
 
     def holds(self, st: StoppedTarget, work: _Work) -> bool:
-        """Under stop: the window found the work these tables were built for, and its
-        scratch area is still the one they point into."""
+        """Under stop: the window found the work this table was built for, and its
+        scratch area is still the one it points into."""
         return work == self.work and st.scratch() == self.base + PAGE_SIZE
 
 
