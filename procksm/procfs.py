@@ -1399,10 +1399,13 @@ class MapsQuery(Closing):
         self._fallback: VmaTable | None = None
         self._name = bytearray(_QUERY_NAME_BYTES)
         # Answers until the VMAs change (changed()): a window asks for the VMA of each
-        # thread's stack pointer twice (stack ranges, room for its frames).
+        # thread's stack pointer twice (stack ranges, room for its frames), and for the
+        # VMA of each of its extents, most of them in the same VMA (scattered duplicates:
+        # ~20 one-page extents a window in one anonymous VMA, ~10 us a query).
         self._answers: dict[tuple[int, bool, int], QueriedVma | None] | None = (
             {} if remember else None
         )
+        self._covering: list[QueriedVma] = []  # plain answers (no or_next, no only)
 
     def vma_at(self, addr: int, *, or_next: bool = False, only: int = 0) -> QueriedVma | None:
         """The VMA covering ``addr``; with ``or_next``, else the first one above it.
@@ -1416,7 +1419,15 @@ class MapsQuery(Closing):
             return answers[key]
         except KeyError:
             pass
+        plain = not or_next and not only
+        if plain:
+            # a VMA found before covers it: the same answer (the VMAs have not changed)
+            for v in reversed(self._covering):
+                if v.start <= addr < v.end:
+                    return v
         answer = answers[key] = self._query(addr, or_next, only)
+        if plain and answer is not None:
+            self._covering.append(answer)
         return answer
 
     def _query(self, addr: int, or_next: bool, only: int) -> QueriedVma | None:
@@ -1464,6 +1475,7 @@ class MapsQuery(Closing):
         fallback's table is read again (PROCMAP_QUERY always answers from the VMAs)."""
         if self._answers is not None:
             self._answers.clear()
+            self._covering.clear()
         if self._fallback is not None:
             self._fallback = read_maps(self.pid)
 

@@ -1003,8 +1003,9 @@ def test_maps_query_fallback_sees_mappings_made_after_changed() -> None:
 
 
 def test_maps_query_keeps_an_answer_until_changed() -> None:
-    """A window asks for the same address more than once (a thread's stack); the answer
-    is kept until procksm's injected calls change the VMAs (changed())."""
+    """A window asks for the same address more than once (a thread's stack), and for
+    many addresses of one VMA (its extents); the answer is kept for every address of the
+    VMA until procksm's injected calls change the VMAs (changed())."""
     import mmap
 
     m = mmap.mmap(-1, 4 * mmap.PAGESIZE)
@@ -1014,6 +1015,8 @@ def test_maps_query_keeps_an_answer_until_changed() -> None:
         assert first is not None and first.start <= addr < first.end
         m.close()  # unmapped: a fresh query would find nothing here
         assert q.vma_at(addr) == first
+        # another address of the VMA found: the same answer, not asked again
+        assert q.vma_at(addr + 3 * mmap.PAGESIZE) == first
         q.changed()
         after = q.vma_at(addr)
         assert after is None or not (after.start <= addr < after.end and after == first)

@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from procksm.arch import x86_64_batch as routine_abi
 from procksm.arch.x86_64 import SYS_fstat, unsigned
@@ -129,16 +129,16 @@ class CallBatch:
     def _entry(
         self, nr: int, args: tuple[int | Ref, ...], flags: int, expect: int | None = None
     ) -> Ref:
-        refs = [(slot, a) for slot, a in enumerate(args) if isinstance(a, Ref)]
-        if len(refs) > 1:
-            raise ValueError("a call takes at most one earlier result as argument")
-        source = slot = -1
-        if refs:
-            slot, ref = refs[0]
-            source = ref.index
+        source, slot, plain = -1, 0, cast("tuple[int, ...]", args)
+        for i, a in enumerate(args):
+            if isinstance(a, Ref):
+                if source >= 0:
+                    raise ValueError("a call takes at most one earlier result as argument")
+                source, slot = a.index, i
+        if source >= 0:
             flags |= ARG_FROM
-        plain = tuple(0 if isinstance(a, Ref) else a for a in args)
-        self.entries.append(Entry(nr, plain, flags, expect or 0, source=source, slot=max(slot, 0)))
+            plain = tuple(0 if isinstance(a, Ref) else a for a in args)
+        self.entries.append(Entry(nr, plain, flags, expect or 0, source, slot))
         return Ref(len(self.entries) - 1)
 
     def equal(self, at: int, source: int, length: int, value: int | Ref) -> Ref:

@@ -8,6 +8,7 @@ them (procksm.merge.adopt). A slot number gives its memfd and offset (:meth:`pie
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 
@@ -38,7 +39,7 @@ class RoundSlots:
         self.mapped: set[int] = set()  # new slots some target maps now
         self.new = 0  # slots written this round
         self.adopted = 0  # segments adopted this round (numbered after the new slots)
-        self.piece_starts = np.zeros(0, np.int64)
+        self._starts: list[int] = []  # the first slot of each memfd piece
         self.ok = np.zeros(0, bool)
 
     def write(self, scan: ScanInput, plan: MergePlan) -> None:
@@ -47,7 +48,7 @@ class RoundSlots:
         chunk = WRITE_CHUNK_PAGES
         rows = plan.slot_rows
         self.ok = np.ones(rows.size, bool)
-        self.piece_starts = plan.piece_starts if rows.size else np.zeros(0, np.int64)
+        self._starts = plan.piece_starts.tolist() if rows.size else []
         self.new = int(rows.size)
         if rows.size == 0:
             return
@@ -85,7 +86,7 @@ class RoundSlots:
         """Number the adopted segments' slots after the new ones (after :meth:`write`);
         returns each segment's first slot."""
         base = self.new
-        starts = list(self.piece_starts.tolist())
+        starts = list(self._starts)
         bases = []
         for seg, _h in existing:
             bases.append(base)
@@ -93,14 +94,16 @@ class RoundSlots:
             self.segments.append(seg)
             base += seg.npages
         self.adopted = len(existing)
-        self.piece_starts = np.array(starts, dtype=np.int64)
+        self._starts = starts
         self.ok = np.concatenate((self.ok, np.ones(base - self.new, bool)))
         return bases
 
     def piece(self, slot: int) -> tuple[Segment, int]:
         """The memfd holding ``slot`` and the slot's byte offset in it."""
-        i = int(np.searchsorted(self.piece_starts, slot, side="right")) - 1
-        return self.segments[i], (slot - int(self.piece_starts[i])) * PAGE_SIZE
+        # bisect on a list: ~0.3 us, against ~2 us for np.searchsorted on a scalar (asked
+        # for ~6 times per extent: planning, the table, the content)
+        i = bisect.bisect_right(self._starts, slot) - 1
+        return self.segments[i], (slot - self._starts[i]) * PAGE_SIZE
 
     def content_of(self, extents: list[Extent]) -> bytearray:
         """The slots' content of ``extents``, one after the other, read from procksm's
