@@ -384,6 +384,7 @@ class MergeEngine(Closing):
                         0,
                         f"vma-budget: {tp.extents_refused_budget} extents "
                         f"({tp.pages_refused_budget} pages) not merged",
+                        partial=True,
                     )
                 )
             say(f"merging pid {tp.pid}: {tp.pages:,} pages, {tp.zero_pages:,} zero pages")

@@ -64,10 +64,14 @@ class MergeOptions:
 
 @dataclass(slots=True)
 class Refusal:
+    """What was not merged, and why: a range [start, end) of ``pid``, or (0, 0) the whole
+    process, or with ``partial`` some of its pages that no range names (the VMA budget)."""
+
     pid: int
     start: int
     end: int
     reason: str
+    partial: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,7 +143,7 @@ class MergeResult:
     def refused_processes(self) -> list[Refusal]:
         """The targets refused as a whole (their refusal covers no range): nothing was
         done in them, and the reason names the fix."""
-        return [r for r in self.refused if r.start == r.end == 0]
+        return [r for r in self.refused if r.start == r.end == 0 and not r.partial]
 
     def as_json(self) -> dict[str, Any]:
         pauses = [p for t in self.targets for p in t.pauses]
