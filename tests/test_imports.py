@@ -141,3 +141,20 @@ def test_the_daemon_imports_no_rich_nor_another_command() -> None:
     ).stdout.strip()
     allowed = ["procksm.commands.attach", "procksm.commands.pids", "procksm.commands.stops"]
     assert out == f"[] {allowed}"
+
+
+def test_importing_procksm_starts_no_blas_threads() -> None:
+    """procksm never calls BLAS: numpy's OpenBLAS gets no threads of its own (starting one
+    per CPU cost each procksm process ~0.07 CPU s), and the environment procksm's own
+    children get is left as it was."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os; os.environ.pop('OPENBLAS_NUM_THREADS', None); import procksm.cli; "
+        "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["1", "None"], out
