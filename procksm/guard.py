@@ -406,6 +406,7 @@ class GuardClient:
     def __init__(self, path: str | None = None, *, start_timeout: float = 10.0) -> None:
         self.path = path or socket_path()
         self.start_timeout = start_timeout
+        self._started_until = 0.0  # a guard this client started is on its way until then
 
     def _connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -472,10 +473,39 @@ class GuardClient:
             return False
         return True
 
+    def start(self) -> None:
+        """Start a guard if none runs, without waiting for it: a procksm about to merge
+        calls this before its scan, so that the guard and its standby start meanwhile
+        (~0.06 CPU s each), not in the first target's stop windows. Best effort: a
+        guard that did not start is started, or reported, by :meth:`connect`."""
+        with contextlib.suppress(OSError):
+            self._connect().close()
+            return
+        with contextlib.suppress(OSError):
+            self._spawn()
+            self._started_until = time.monotonic() + self.start_timeout
+
     def connect(self) -> socket.socket:
-        """A connection to the guard; starts one if none runs."""
+        """A connection to the guard; starts one if none runs (or waits for the one
+        :meth:`start` started)."""
         with contextlib.suppress(OSError):
             return self._connect()
+        if time.monotonic() >= self._started_until:
+            self._spawn()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                return self._connect()
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise GuardError(
+                        f"the madvise guard did not start ({e.strerror}); see "
+                        f"{os.path.dirname(self.path)}/guard.log"
+                    ) from None
+                time.sleep(0.02)
+
+    def _spawn(self) -> None:
+        """Start a guard process (it claims the socket, or exits if a guard has it)."""
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         log = os.open(os.path.join(os.path.dirname(self.path), "guard.log"),
                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)  # fmt: skip
@@ -490,17 +520,6 @@ class GuardClient:
             )  # fmt: skip
         finally:
             os.close(log)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            try:
-                return self._connect()
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise GuardError(
-                        f"the madvise guard did not start ({e.strerror}); see "
-                        f"{os.path.dirname(self.path)}/guard.log"
-                    ) from None
-                time.sleep(0.02)
 
     def _request(self, line: str, fds: list[int] | None = None, timeout: float = 10.0) -> str:
         try:

@@ -28,6 +28,7 @@ class Pairing:
         self.ping_at = 0.0
         self.respawn_at = 0.0
         self.respawn_delay = 0.0
+        self.pair_at_start = False  # a fresh guard: a standby before any target (once)
 
     def greet(self) -> None:
         """An inherited guard says hello to its peer, or takes over if it is dead."""
@@ -131,15 +132,18 @@ class Pairing:
             g.kicker.kick(waiting_tasks())
 
     def may_spawn(self, now: float) -> bool:
-        """Guarded processes, no peer, and not too soon after one that died at start."""
+        """Guarded processes (or a fresh guard's first standby), no peer, and not too
+        soon after one that died at start."""
         g = self.guard
-        return bool(g.targets) and g.peer.sock is None and now >= self.respawn_at
+        wanted = bool(g.targets) or self.pair_at_start
+        return wanted and g.peer.sock is None and now >= self.respawn_at
 
     def spawn_peer(self) -> None:
         """A new standby that inherits every fd; a child of this guard, hence in its
         cgroup. Its pidfd is opened before anyone could reap it (pid reuse impossible);
         it gets ours inherited."""
         g = self.guard
+        self.pair_at_start = False
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         me = os.pidfd_open(os.getpid())
         state = g.state("standby", g.gen, theirs.fileno(), os.getpid(), me)

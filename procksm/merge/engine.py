@@ -264,6 +264,9 @@ class MergeEngine(Closing):
         results = {p: TargetResult(p, names[p]) for p in self.pids}
         scans = 0
         if pids:
+            if self.opts.guard:
+                # the guard pair starts while this scans (procksm.guard.GuardClient.start)
+                self._guard().start()
             say("scanning")
             # Hash groups are enough here: every page is compared byte for byte with its
             # slot under stop before it is replaced (a hash collision is then skipped).
