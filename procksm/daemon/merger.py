@@ -73,6 +73,7 @@ class Merger:
         )
         self.engine = MergeEngine([], merge_opts)
         self.engine.keep_sessions = True  # a target's scratch area stays between rounds
+        self.engine.start_guard()  # while the daemon starts and makes its first scan
         # the stable tree's cache: the engine adds the segments it creates and adopts
         self.engine.segment_hashes = stable.segments
         # the targets' maps across rounds: a round adopts the segments of every target,

@@ -264,9 +264,7 @@ class MergeEngine(Closing):
         results = {p: TargetResult(p, names[p]) for p in self.pids}
         scans = 0
         if pids:
-            if self.opts.guard:
-                # the guard pair starts while this scans (procksm.guard.GuardClient.start)
-                self._guard().start()
+            self.start_guard()
             say("scanning")
             # Hash groups are enough here: every page is compared byte for byte with its
             # slot under stop before it is replaced (a hash collision is then skipped).
@@ -533,6 +531,13 @@ class MergeEngine(Closing):
     def forget_sizers(self, pids: Iterable[int]) -> None:
         for pid in pids:
             self.window_sizers.pop(pid, None)
+
+    def start_guard(self) -> None:
+        """Start the madvise guard pair now, without waiting for it, when merges will
+        need it: it then starts while procksm scans (or the daemon starts), not in the
+        first target's stop windows (procksm.guard.GuardClient.start)."""
+        if self.opts.guard:
+            self._guard().start()
 
     def _guard(self) -> guard.GuardClient:
         """The guard's client, one for the engine's life (started on first use)."""
