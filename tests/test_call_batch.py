@@ -71,6 +71,20 @@ def test_a_table_refers_only_to_earlier_results() -> None:
         batch.call(SYS_munmap, first, first)
 
 
+def test_results_are_read_from_a_whole_table() -> None:
+    """Each entry's result (preset NOT_RUN when encoded); a table read back short is an
+    error, never fewer results."""
+    batch = CallBatch()
+    batch.call(SYS_getpid)
+    batch.call(SYS_getpid, expect=1)
+    table = bytearray(encode_table(batch.entries))
+    assert x86_64_batch.decode_results(table, 2) == [NOT_RUN, NOT_RUN]
+    table[x86_64_batch.RESULT : x86_64_batch.RESULT + 8] = (-9).to_bytes(8, "little", signed=True)
+    assert x86_64_batch.decode_results(bytes(table), 2) == [-9, NOT_RUN]
+    with pytest.raises(ValueError, match="short"):
+        x86_64_batch.decode_results(table[:-8], 2)
+
+
 @pytest.fixture(scope="module")
 def blockers_exe() -> Path:
     return build_c_target("blockers")

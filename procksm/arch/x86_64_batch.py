@@ -92,6 +92,8 @@ def header(park_ns: int) -> bytes:
 
 
 def decode_results(table: bytes | bytearray, count: int) -> list[int]:
-    """Each entry's result, from the table the routine ran."""
+    """Each entry's result, from the table the routine ran (read back whole)."""
+    if len(table) < count * ENTRY_SIZE:
+        raise ValueError(f"a table of {count} entries read back short: {len(table)} bytes")
     results = memoryview(table)[RESULT : count * ENTRY_SIZE].cast("q")
     return list(results[:: ENTRY_SIZE // 8])
