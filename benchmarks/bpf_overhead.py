@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
 
 from benchmarks.harness.common import RESULTS, ROOT, Json
+from benchmarks.harness.targets import build_c
 from procksm import PAGE_SIZE
 from procksm.merge import MergeOptions, merge
 from procksm.observe import CowObserver
@@ -47,12 +48,7 @@ GOAL_PCT = 3.0
 
 
 def build_loop() -> Path:
-    src = ROOT / "benchmarks" / "fault_loop.c"
-    out = ROOT / "build" / "bench" / "fault_loop"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
+    return build_c(ROOT / "benchmarks" / "fault_loop.c", ROOT / "build" / "bench" / "fault_loop")
 
 
 class Loop:

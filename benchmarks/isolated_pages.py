@@ -25,17 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's procksm
 
 from benchmarks.harness.common import RESULTS, ROOT, Json
+from benchmarks.harness.targets import build_c
 
 VARIANTS = {"mmap+advice+populate": (1, 1), "mmap+populate": (0, 1), "mmap": (0, 0)}
-
-
-def build() -> Path:
-    src = ROOT / "benchmarks" / "isolated_pages.c"
-    out = ROOT / "build" / "bench" / "isolated_pages"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 def run_once(exe: Path, pages: int, advice: int, populate: int) -> float:
@@ -54,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--output", type=Path, default=RESULTS / "isolated_pages.json")
     a = ap.parse_args(argv)
-    exe = build()
+    exe = build_c(
+        ROOT / "benchmarks" / "isolated_pages.c", ROOT / "build" / "bench" / "isolated_pages"
+    )
     runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(a.reps):  # interleaved: the VM's speed drifts
         for name, (advice, populate) in VARIANTS.items():

@@ -478,8 +478,7 @@ class GuardClient:
         calls this before its scan, so that the guard and its standby start meanwhile
         (~0.06 CPU s each), not in the first target's stop windows. Best effort: a
         guard that did not start is started, or reported, by :meth:`connect`."""
-        with contextlib.suppress(OSError):
-            self._connect().close()
+        if self.running():
             return
         with contextlib.suppress(OSError):
             self._spawn()

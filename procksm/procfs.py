@@ -1405,7 +1405,7 @@ class MapsQuery(Closing):
         self._answers: dict[tuple[int, bool, int], QueriedVma | None] | None = (
             {} if remember else None
         )
-        self._covering: list[QueriedVma] = []  # plain answers (no or_next, no only)
+        self._covering: list[QueriedVma] = []  # VMAs found by plain queries (no or_next, only)
 
     def vma_at(self, addr: int, *, or_next: bool = False, only: int = 0) -> QueriedVma | None:
         """The VMA covering ``addr``; with ``or_next``, else the first one above it.
@@ -1414,21 +1414,21 @@ class MapsQuery(Closing):
         answers = self._answers
         if answers is None:
             return self._query(addr, or_next, only)
-        key = (addr, or_next, only)
-        try:
-            return answers[key]
-        except KeyError:
-            pass
-        plain = not or_next and not only
-        if plain:
+        if not or_next and not only:
             # a VMA found before covers it: the same answer (the VMAs have not changed)
             for v in reversed(self._covering):
                 if v.start <= addr < v.end:
                     return v
-        answer = answers[key] = self._query(addr, or_next, only)
-        if plain and answer is not None:
-            self._covering.append(answer)
-        return answer
+            answer = self._query(addr, False, 0)
+            if answer is not None:
+                self._covering.append(answer)
+            return answer
+        key = (addr, or_next, only)
+        try:
+            return answers[key]
+        except KeyError:
+            answer = answers[key] = self._query(addr, or_next, only)
+            return answer
 
     def _query(self, addr: int, or_next: bool, only: int) -> QueriedVma | None:
         import ctypes

@@ -46,17 +46,20 @@ NUMPY_WORKER = (
 )
 
 
-def build_planted() -> Path:
-    """Compile tests/targets/planted.c like tests/conftest.py's build_c_target."""
-    src = ROOT / "tests" / "targets" / "planted.c"
-    out = ROOT / "build" / "targets" / "planted"
+def build_c(src: Path, out: Path, *flags: str) -> Path:
+    """``src`` compiled to ``out`` (gcc -O2 -Wall ``flags``) unless ``out`` is newer."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         tmp = out.with_suffix(f".tmp{os.getpid()}")
-        cmd = ["gcc", "-O2", "-g", "-Wall", "-pthread", "-o", str(tmp), str(src)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(["gcc", "-O2", *flags, "-Wall", "-o", str(tmp), str(src)], check=True)
         os.replace(tmp, out)
     return out
+
+
+def build_planted() -> Path:
+    """Compile tests/targets/planted.c like tests/conftest.py's build_c_target."""
+    src = ROOT / "tests" / "targets" / "planted.c"
+    return build_c(src, ROOT / "build" / "targets" / "planted", "-g", "-pthread")
 
 
 @dataclass

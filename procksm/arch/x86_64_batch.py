@@ -78,8 +78,9 @@ def encode_table(entries: list[Entry]) -> bytes:
     for i, e in enumerate(entries):
         if e.flags & ARG_FROM:
             if not 0 <= e.source < i:
-                source = e.source
-                raise ValueError(f"entry {i} takes an argument from entry {source}, not before it")
+                raise ValueError(
+                    f"entry {i} takes an argument from entry {e.source}, not before it"
+                )
             if not 0 <= e.slot < 6:
                 raise ValueError(f"entry {i}: argument slot {e.slot}")
         e.encode_into(table, i * ENTRY_SIZE)

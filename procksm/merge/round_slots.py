@@ -86,15 +86,13 @@ class RoundSlots:
         """Number the adopted segments' slots after the new ones (after :meth:`write`);
         returns each segment's first slot."""
         base = self.new
-        starts = list(self._starts)
         bases = []
         for seg, _h in existing:
             bases.append(base)
-            starts.append(base)
+            self._starts.append(base)
             self.segments.append(seg)
             base += seg.npages
         self.adopted = len(existing)
-        self._starts = starts
         self.ok = np.concatenate((self.ok, np.ones(base - self.new, bool)))
         return bases
 
