@@ -46,6 +46,7 @@ class UnmergeResult:
     pages_unmerged: int = 0
     ranges: int = 0
     leftovers_removed: int = 0  # fds and mappings a killed procksm had left
+    leftovers_in_use: int = 0  # its scratch areas left: a thread stays in their routine
     pauses: list[float] = field(default_factory=list)
 
 
@@ -78,7 +79,8 @@ def unmerge(
         # under the lock: a merge in progress elsewhere finishes (or is refused) first
         left = guard.listener_copies_left_in(pid)
         if has_leftovers(pid) or left.found:
-            res.leftovers_removed = remove_leftovers(pid, left.still_left)
+            removal = remove_leftovers(pid, left.still_left)
+            res.leftovers_removed, res.leftovers_in_use = removal.removed, removal.in_use
         ranges = merged_ranges(pid)
         if ranges:
             res.ranges += len(ranges)

@@ -52,7 +52,8 @@ from tests.conftest import (
 PROCKSM = [sys.executable, "-m", "procksm"]
 # After a kill, before a new procksm cleans up: released threads finish their frames'
 # calls, and a thread parked in the call routine waits out its park (procksm.attach.
-# call_batch); until then a new procksm leaves the dead one's scratch area in place.
+# call_batch); until then a new procksm leaves the dead one's scratch area in place
+# (an unmerge comes back for it: procksm.attach.leftovers).
 AFTER_KILL_S = PARK_NS / 1e9 + 0.1
 IDENTICAL, ZERO = 48, 16
 
@@ -280,7 +281,10 @@ def _sweep(setup: Setup, steps: range, *, timeout: float = 30) -> Iterator[int]:
                 _assert_advice_kept(t)
             except AssertionError as e:
                 raise AssertionError(f"killed after step {n}: {e}") from None
-        _unmerge_clean(targets, baseline)
+        try:
+            _unmerge_clean(targets, baseline)
+        except AssertionError as e:
+            raise AssertionError(f"killed after step {n}, then unmerged: {e}") from None
         for t in targets:
             _assert_advice_kept(t)  # and after the unmerge
             t.kill()
@@ -361,6 +365,22 @@ def test_kill_while_the_routine_runs_the_windows_calls(
         _assert_advice_kept(t)
         assert _fds(t.pid) == baseline[t.pid]  # before any clean-up
     _unmerge_clean(targets, baseline)
+    for t in targets:
+        _assert_advice_kept(t)
+
+
+def test_an_unmerge_right_after_the_kill_waits_for_a_parked_thread(
+    privileged: None, spawn: Any
+) -> None:
+    """Killed once the first window's calls are done and its thread parked in the call
+    routine (it goes back by itself at the park's timeout, 0.2 s): an unmerge started at
+    once finds the dead procksm's scratch area in use, comes back for it once the thread
+    has left, and leaves nothing of procksm's (it left the area for good before)."""
+    targets, args = _merge_of(spawn)()
+    baseline = {t.pid: _fds(t.pid) for t in targets}
+    assert _run(args, 30, kill_at="batch:0#1+0~20"), "no batch ran"
+    assert merged_ranges(targets[0].pid), "the batch's mmaps were not made"
+    _unmerge_clean(targets, baseline)  # no wait for the park: the unmerge's own
     for t in targets:
         _assert_advice_kept(t)
 

@@ -613,7 +613,6 @@ def test_long_runs_are_compared_by_the_target_not_read_again(spawn, planted, mon
         assert all(identical[0] <= v.start and v.end <= identical[1] for v in merged_ranges(t.pid))
 
 
-
 def test_a_windows_tables_are_built_before_its_stop(spawn, planted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Issue 16, fewer round trips' Python in the stop: a window whose checks find the
     work it was planned with runs the tables built before its stop; the first windows

@@ -14,6 +14,7 @@ import itertools
 import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from procksm import PAGE_SIZE, procfs
 from procksm.arch.x86_64 import (
@@ -65,10 +66,19 @@ def _alive(pid: int, start_time: int) -> bool:
         return False
 
 
-def remove_leftovers_in_window(calls: SyscallInjector) -> int:
+@dataclass(frozen=True)
+class LeftoversRemoved:
+    """What remove_leftovers_in_window did: things removed, and dead procksms' scratch
+    areas left because a thread still runs (or parks in) their call routine."""
+
+    removed: int = 0
+    in_use: int = 0
+
+
+def remove_leftovers_in_window(calls: SyscallInjector) -> LeftoversRemoved:
     """Remove what a procksm that died in a window left in the target: fds of its
     memfds (scratch, segments), and scratch areas whose owner is gone. Each is
-    recognised by a name the target's own code does not use. Returns how many."""
+    recognised by a name the target's own code does not use."""
     threads = calls.threads
     tid = threads.memory_tid()  # /proc/TID works for any live thread; a leader may be gone
     try:
@@ -79,8 +89,8 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
             if v.path == SCRATCH_PATH and v.offset == 0
         ]
     except ProcksmError:
-        return 0  # cannot look (the process is exiting): nothing to remove either
-    removed = 0
+        return LeftoversRemoved()  # cannot look (the process is exiting): nothing to remove either
+    removed = in_use = 0
     for head in spans:
         owner = threads.read_memory(head.start + OWNER, 16)
         owner_pid, owner_start = struct.unpack("<QQ", owner)
@@ -89,12 +99,13 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
         if threads_inside(calls.threads, head.start):
             # A thread still runs the dead procksm's call routine (or parks in it): its
             # code and table must stay until it has left (procksm.attach.call_batch).
+            in_use += 1
             continue
         try:
             with procfs.MapsQuery(tid) as maps:
                 vmas = list(maps.vmas_in(head.start, head.start + SCRATCH_BYTES))
         except ProcksmError:
-            return removed
+            return LeftoversRemoved(removed, in_use)
         for start, end in dead_area_pieces(head.start, vmas):
             calls.syscall(SYS_munmap, start, end - start)
         removed += 1
@@ -102,7 +113,7 @@ def remove_leftovers_in_window(calls: SyscallInjector) -> int:
         if target.startswith(LEFTOVER_MEMFD_PREFIX):
             calls.syscall(SYS_close, fd)
             removed += 1
-    return removed
+    return LeftoversRemoved(removed, in_use)
 
 
 def dead_area_pieces(base: int, vmas: Sequence[procfs.QueriedVma]) -> list[tuple[int, int]]:

@@ -393,6 +393,7 @@ class StoppedTarget:
         self._sched = sched
         self._maps: procfs.MapsQuery | None = None  # the window's (maps())
         self.leftovers_removed = 0  # fds and mappings of a killed procksm, removed
+        self.leftovers_in_use = 0  # its scratch areas left: a thread still in their routine
 
     @property
     def threads(self) -> list[int]:
@@ -587,7 +588,9 @@ class StoppedTarget:
     def _scratch_base(self) -> int:
         """Page 0 of the scratch area, mapped first if need be."""
         if self._scratch.base is None:
-            self.leftovers_removed += remove_leftovers_in_window(self._calls)
+            left = remove_leftovers_in_window(self._calls)
+            self.leftovers_removed += left.removed
+            self.leftovers_in_use += left.in_use
             self._scratch.map(self._calls)
             self._vmas_changed()
         assert self._scratch.base is not None

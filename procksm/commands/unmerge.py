@@ -79,6 +79,7 @@ class UnmergeCommand:
                 "pages_unmerged": sum(r.pages_unmerged for r in results),
                 "ranges": sum(r.ranges for r in results),
                 "leftovers_removed": sum(r.leftovers_removed for r in results),
+                "leftovers_in_use": sum(r.leftovers_in_use for r in results),
             },
             "processes": [
                 {
@@ -87,6 +88,7 @@ class UnmergeCommand:
                     "pages_unmerged": r.pages_unmerged,
                     "ranges": r.ranges,
                     "leftovers_removed": r.leftovers_removed,
+                    "leftovers_in_use": r.leftovers_in_use,
                 }
                 for r in results
             ],
@@ -106,4 +108,11 @@ class UnmergeCommand:
                     f"removed {doc['totals']['leftovers_removed']} fds/mappings that a "
                     "killed procksm had left in its targets"
                 )
+            for r in results:
+                if r.leftovers_in_use:
+                    Console().print(
+                        f"pid {r.pid}: a thread stays in a killed procksm's call routine "
+                        "(stopped, or traced by another tool?): its scratch area is left "
+                        "in place; run `procksm unmerge` again once the thread runs"
+                    )
         return EXIT_BUSY if skipped else 0
