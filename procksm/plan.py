@@ -149,8 +149,7 @@ def _number_slots(t: PageTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     share; each one's slot, and each slot's reference row."""
     # contents shared by >= 2 distinct frames
     c = t.content[rows].astype(np.int64)
-    key = np.unique(np.stack([c, t.pfn[rows].astype(np.int64)], axis=1), axis=0)
-    uc, nframes = np.unique(key[:, 0], return_counts=True)
+    uc, nframes = np.unique(_distinct_pairs(c, t.pfn[rows].astype(np.int64)), return_counts=True)
     shared = uc[nframes > 1]
     rows = rows[np.isin(c, shared)]
     c = t.content[rows].astype(np.int64)
@@ -162,6 +161,23 @@ def _number_slots(t: PageTable, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     slot_of_row = rank[inv]
     slot_rows = rows[first[order]]
     return rows, slot_of_row, slot_rows
+
+
+def _distinct_pairs(c: np.ndarray, pfn: np.ndarray) -> np.ndarray:
+    """The content of each distinct (content, frame) pair, in content order. One key per
+    pair when both fit in 63 bits: np.unique(axis=0) on the two columns sorted rows as
+    opaque records, 0.15 s of the first row's 0.17 s of planning (196 K rows)."""
+    if c.size == 0:
+        return c
+    bits = max(int(pfn.max()), 1).bit_length()
+    if int(c.min()) >= 0 and int(pfn.min()) >= 0 and int(c.max()).bit_length() + bits <= 63:
+        key = np.unique((c << bits) | pfn)
+        return key >> bits
+    order = np.lexsort((pfn, c))
+    c, pfn = c[order], pfn[order]
+    first = np.ones(c.size, bool)
+    first[1:] = (c[1:] != c[:-1]) | (pfn[1:] != pfn[:-1])
+    return c[first]
 
 
 def _add_extents(

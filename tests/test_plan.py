@@ -24,6 +24,7 @@ from procksm.plan import (
     Extent,
     MergePlan,
     ZeroExtent,
+    _distinct_pairs,
     plan_merge,
     split_batches,
     vma_budget,
@@ -476,3 +477,16 @@ def test_split_batches_counts_the_advice_given_again() -> None:
         split_batches(exts, [], UNLIMITED, 256, max_calls=9, advice_calls=lambda addr: 0)
     )
     assert [len(b[0]) for b in batches] == [4, 2]
+
+
+@given(
+    st.lists(st.tuples(st.integers(-2, 1 << 40), st.integers(0, 1 << 40)), max_size=200),
+    st.sampled_from([1, 7, 1 << 20, 1 << 62]),
+)
+def test_distinct_pairs_are_those_of_unique_rows(pairs: list[tuple[int, int]], fold: int) -> None:
+    """The planner's distinct (content, frame) pairs, one key per pair or lexsorted when
+    they do not fit in 63 bits, are np.unique(axis=0)'s (``fold`` makes repeats)."""
+    arr = np.array([(c % fold if c >= 0 else c, f % fold) for c, f in pairs], np.int64)
+    arr = arr.reshape(-1, 2)
+    want = np.unique(arr, axis=0)[:, 0] if len(arr) else arr[:, 0]
+    assert np.array_equal(_distinct_pairs(arr[:, 0].copy(), arr[:, 1].copy()), want)
