@@ -99,20 +99,20 @@ class ThreadGroupStop:
             raise NoSuchProcess(self.pid, f"process {self.pid} exited while being stopped")
 
     def _attach_new(self) -> bool:
-        """Seize the threads not seized yet; whether there were any.
+        """Seize the threads of one listing not seized yet; whether there were any.
 
-        Re-lists until stable: threads cloned by a thread before we seized it show up
-        only in the next listing. Clones made after the seize are auto-attached
-        (PTRACE_O_TRACECLONE) and reported by their parent's CLONE event."""
-        found = False
+        Threads cloned by a thread before we seized it show up only in a later listing;
+        :meth:`run` lists again once every seized thread is stopped, and ends only when
+        that listing finds nothing new: then no thread is left that could have cloned
+        one unseen (a stopped thread clones nothing; clones made after the seize are
+        auto-attached, PTRACE_O_TRACECLONE, and reported by their parent's CLONE event).
+        A listing right after each seize as well cost a third /proc/PID/task read per
+        window (open, two getdents64, close) and found nothing the last one would not."""
         tracees, ignored = self.tracees, self._ignored
-        while True:
-            new = [t for t in self._list_tasks() if t not in tracees and t not in ignored]
-            if not new:
-                return found
-            found = True
-            for tid in new:
-                self._seize(tid)
+        new = [t for t in self._list_tasks() if t not in tracees and t not in ignored]
+        for tid in new:
+            self._seize(tid)
+        return bool(new)
 
     def _list_tasks(self) -> list[int]:
         try:
