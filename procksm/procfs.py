@@ -1750,21 +1750,23 @@ def fd_identity(pid: int, fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def write_through_fd_of(pid: int, fd: int, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset`` into the file behind fd ``fd`` of ``pid``, through a
-    new open file description of /proc/PID/fd/N (root: PTRACE_MODE_ATTACH)."""
+def open_fd_of(pid: int, fd: int, flags: int) -> int:
+    """procksm's own fd of the file behind fd ``fd`` of ``pid``: a new open file
+    description of /proc/PID/fd/N (root: PTRACE_MODE_ATTACH)."""
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        own = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_CLOEXEC)
     except OSError as exc:
         raise _open_failed(pid, path, exc) from exc
+
+
+def write_through(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` through procksm's fd ``fd`` (open_fd_of)."""
     try:
-        if os.pwrite(own, data, offset) != len(data):
-            raise ProcksmError(f"{path}: short write")
+        if os.pwrite(fd, data, offset) != len(data):
+            raise ProcksmError(f"fd {fd}: short write")
     except OSError as exc:
-        raise ProcksmError(f"cannot write {path}: {exc.strerror}") from exc
-    finally:
-        os.close(own)
+        raise ProcksmError(f"cannot write fd {fd}: {exc.strerror}") from exc
 
 
 def own_fd_path(fd: int) -> str:

@@ -301,7 +301,7 @@ def test_injected_syscalls_and_registers(
             with pytest.raises(Exception, match="EINVAL"):
                 stopped.syscall_checked(SYS_munmap, 1, PAGE, name="munmap")
             first = {tid: stopped.saved_registers(tid) for tid in stopped.threads}
-        assert mapping_of(pid, addr) == "rw-p"
+        assert mapping_of(pid, addr) == "rw-s"
         assert mapping_of(pid, extra) is None
         # Threads blocked in restartable calls went back into the very same call: the
         # next window finds them with identical registers.
@@ -454,7 +454,7 @@ def test_exec_between_windows_is_noticed(
             assert session.exec_seen
             assert stopped.syscall(SYS_getpid) == pid  # a syscall insn of the new program
             new_scratch = stopped.scratch()
-            assert mapping_of(pid, new_scratch) == "rw-p"
+            assert mapping_of(pid, new_scratch) == "rw-s"
     assert mapping_of(pid, new_scratch) is None
     assert_running_untraced(pid)
     assert target.command("errors") == "ERRORS 0"

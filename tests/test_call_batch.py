@@ -54,6 +54,9 @@ def test_the_routines_bytes_are_its_source_assembled(tmp_path: Path) -> None:
     code = (tmp_path / "b.bin").read_bytes()
     assert code == x86_64_batch.ROUTINE
     assert code[x86_64_batch.CALL_INSN : x86_64_batch.CALL_INSN + 2] == b"\x0f\x05"
+    assert code[x86_64_batch.WAKE_INSN - 5 : x86_64_batch.WAKE_INSN + 2] == (
+        b"\xb8" + (202).to_bytes(4, "little") + b"\x0f\x05"  # mov eax, SYS_futex; syscall
+    )
     assert code[x86_64_batch.PARK_INSN : x86_64_batch.PARK_INSN + 3] == b"\x0f\x05\xc3"
 
 
@@ -130,9 +133,11 @@ def test_a_batch_runs_its_table_in_one_go(
             assert results[always] == pid
             assert results[failed] == -errno.EINVAL
             assert results[after_failed] == NOT_RUN
-            # the thread sits in the routine's park until the window ends
+            # the thread sits in the routine's park until the window ends (or, stopped
+            # before it, right after its wake-up of procksm)
             regs = st.registers()
-            assert regs.rip == session._scratch.routine + x86_64_batch.PARK_INSN + 2
+            after = (x86_64_batch.PARK_INSN + 2, x86_64_batch.WAKE_INSN + 2)
+            assert regs.rip - session._scratch.routine in after
             assert st.registers(tid_named(pid, "b-sleep")) != st.saved_registers(
                 tid_named(pid, "b-sleep")
             )  # gated
@@ -145,6 +150,45 @@ def test_a_batch_runs_its_table_in_one_go(
     assert_running_untraced(pid)
     assert_no_errors(target)
     assert target.command("poke") == "OK reads=1"
+
+
+def test_the_end_of_a_batch_wakes_procksm(
+    privileged: None,
+    spawn: Callable[..., Target],
+    blockers_exe: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """procksm sleeps on the table's done word in its own MAP_SHARED view of the table's
+    page, and the routine's FUTEX_WAKE ends that sleep: with the sleep's bound set to 20 s,
+    each batch still ends within milliseconds (before, procksm polled the target's
+    memory, ~170 us of its CPU a window). The results are read from the same view."""
+    monkeypatch.setattr(call_batch, "WAKE_WAIT_S", 20.0)
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    with PtraceSession(pid) as session:
+        for _ in range(3):
+            with session.stopped() as st:
+                st.hold_others()
+                batch = CallBatch()
+                me = batch.call(SYS_getpid)
+                # long enough (a 64 MiB populate: ~10 ms) that procksm sleeps before the end
+                size, prot = 64 << 20, PROT_READ | PROT_WRITE
+                anon = batch.call(SYS_mmap, 0, size, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                filled = batch.call(SYS_madvise, anon, size, 23)  # MADV_POPULATE_WRITE
+                batch.call(SYS_munmap, anon, size, always=True)
+                started = time.perf_counter()
+                results = st.run_batch(batch)
+                assert time.perf_counter() - started < 5.0, "the routine did not wake procksm"
+                assert results[me] == pid and results[filled] == 0
+        shared = session._scratch.shared
+        assert shared is not None
+        assert shared.word(PAGE_SIZE) == 1  # the done word, seen through procksm's view
+    assert session._scratch.shared is None  # procksm's view goes with the area
+    assert "procksm" not in Path(f"/proc/{pid}/maps").read_text()
+    time.sleep(0.05)
+    assert_running_untraced(pid)
+    assert_no_errors(target)
 
 
 def test_the_routine_compares_the_targets_bytes(
@@ -264,8 +308,8 @@ def test_a_thread_that_leaves_its_park_ends_the_window(
     monkeypatch.setattr(call_batch, "PARK_NS", 20_000_000)
     waited = call_batch.BatchRunner._wait_done
 
-    def late(self: call_batch.BatchRunner, tracee: Any) -> None:
-        waited(self, tracee)
+    def late(self: call_batch.BatchRunner, tracee: Any, shared: Any) -> None:
+        waited(self, tracee, shared)
         time.sleep(0.2)  # ten parks' worth
 
     monkeypatch.setattr(call_batch.BatchRunner, "_wait_done", late)

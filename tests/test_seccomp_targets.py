@@ -10,8 +10,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from procksm.attach import seccomp_bpf
+import pytest
+
+from procksm.attach import call_batch, seccomp_bpf
 from procksm.guard import build_filter, run_filter
+from procksm.merge.engine import merge
+from procksm.merge.records import MergeOptions
 from procksm.unmerge import merged_ranges
 from tests.conftest import require_privileges, run_procksm
 
@@ -108,6 +112,56 @@ def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> 
             assert p.poll() is None, "the target died"
             assert merged_ranges(p.pid) == []
             assert Path(f"/proc/{p.pid}/maps").read_text() == before  # nothing injected
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write("x\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "ALIVE True"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def refuse_shared_futex_wake() -> bytes:
+    """futex(..., FUTEX_WAKE, ...) (not private) fails with EPERM; all else runs."""
+    return prog(
+        LD_NR,
+        (0x15, 0, 3, 202),  # JEQ futex, else ALLOW
+        (0x20, 0, 0, 24),  # A = args[1] (low word): the op
+        (0x15, 0, 1, 1),  # JEQ FUTEX_WAKE, else ALLOW
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ERRNO | 1),
+        (0x06, 0, 0, seccomp_bpf.SECCOMP_RET_ALLOW),
+    )
+
+
+def test_a_target_whose_filter_refuses_the_routines_wake_up_is_merged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The call routine wakes procksm with a FUTEX_WAKE at the end of a window's table
+    (procksm.attach.call_batch). A filter that refuses that call with an errno only makes
+    procksm poll for the end instead: the targets are merged and intact. With procksm's
+    sleep bounded at 20 s here, sleeping on a wake-up that never comes would take that
+    long per window."""
+    require_privileges()
+    monkeypatch.setattr(call_batch, "WAKE_WAIT_S", 20.0)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TARGET, refuse_shared_futex_wake().hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "READY"
+        res = merge([p.pid for p in procs], MergeOptions())
+        assert res.refused_processes() == []
+        assert res.elapsed_s < 10.0, "procksm slept on a wake-up the filter refused"
+        assert all(t.pages_merged > 0 and t.error is None for t in res.targets)
+        for p in procs:
+            assert merged_ranges(p.pid) != []
             assert p.stdin is not None and p.stdout is not None
             p.stdin.write("x\n")
             p.stdin.flush()

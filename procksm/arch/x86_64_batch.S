@@ -14,10 +14,13 @@
  *      if the a2 bytes at a0 and at a1 are equal, else -EBADMSG), 1<<25 ZERO (no system
  *      call: result := a1 if the a1 bytes at a0 are all zero, else -EBADMSG). EQUAL
  *      and ZERO lengths are a positive multiple of 32.
- * Out: every entry's result; header.done = 1; then ppoll(NULL, 0, &park, NULL, 8)
- *      parks the thread where procksm interrupts it. If procksm is dead, the park times
- *      out and `ret` leads through the thread's frames back to its own state. No
- *      rt_sigreturn runs before the park: it would reset the thread's restart block.
+ * Out: every entry's result; header.done = 1, and a FUTEX_WAKE on it (not private:
+ *      procksm waits on the same word in its own MAP_SHARED mapping of the page; with
+ *      nobody waiting, e.g. procksm dead, it wakes nobody and its result is ignored);
+ *      then ppoll(NULL, 0, &park, NULL, 8) parks the thread where procksm interrupts it.
+ *      If procksm is dead, the park times out and `ret` leads through the thread's
+ *      frames back to its own state. No rt_sigreturn runs before the park: it would
+ *      reset the thread's restart block.
  */
 	.intel_syntax noprefix
 	.text
@@ -80,6 +83,12 @@ procksm_batch:
 	jmp	.Lnext
 .Lfinish:
 	mov	qword ptr [r14], 1
+	mov	rdi, r14
+	mov	esi, 1			/* FUTEX_WAKE */
+	mov	edx, 1
+	mov	eax, 202		/* futex */
+.Lwake:
+	syscall
 	lea	rdx, [r14 + 8]
 	xor	edi, edi
 	xor	esi, esi
@@ -133,3 +142,5 @@ procksm_batch:
 	jmp	.Lgot
 	.globl	procksm_batch_park
 	.set	procksm_batch_park, .Lpark - procksm_batch
+	.globl	procksm_batch_wake
+	.set	procksm_batch_wake, .Lwake - procksm_batch

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn, cast
 
+from procksm import PAGE_SIZE
 from procksm.arch import x86_64_batch as routine_abi
 from procksm.arch.x86_64 import SYS_fstat, unsigned
 from procksm.arch.x86_64_batch import (
@@ -50,6 +51,7 @@ from procksm.attach.inject import (
     Backoff,
     Stop,
     StopKind,
+    futex_wait,
     get_regs,
     get_siginfo,
     poll_stop,
@@ -62,6 +64,7 @@ from procksm.attach.inject import (
 from procksm.attach.injected_call import SyscallInjector
 from procksm.attach.kill_steps import step
 from procksm.attach.return_frames import ALL_SIGNALS
+from procksm.attach.scratch import SharedPages
 from procksm.attach.scratch_layout import TABLE_CAPACITY, TABLE_ENTRIES, TABLE_HEADER, TABLE_STAT
 from procksm.attach.tracees import Tracee
 from procksm.errors import NoSuchProcess, PtraceError, PtraceTimeout
@@ -81,6 +84,10 @@ BATCH_POLL_STEADY = 5e-3
 # sleeping (a sleep of 20 us ends ~60 us later here). Measured per window: 74 -> 30-35 us.
 PARK_STOP_SPIN = 200e-6
 BATCH_TIMER_SLACK_NS = 1000
+# The longest procksm sleeps on the done word before it looks for a stop of the thread
+# (a signal that cannot be blocked, a fault): a batch ends with a wake-up, so this only
+# bounds how late such a stop is seen.
+WAKE_WAIT_S = 2e-3
 
 
 def _pacing() -> Backoff:
@@ -208,10 +215,15 @@ def _is_fault(sig: int, info: bytes) -> bool:
 class BatchRunner:
     """Runs batches in the injecting thread of a gated window."""
 
-    def __init__(self, calls: SyscallInjector, routine: int, table: int) -> None:
+    def __init__(
+        self, calls: SyscallInjector, routine: int, table: int, shared: SharedPages | None = None
+    ) -> None:
         self._calls = calls
         self._routine = routine
         self._table = table
+        # procksm's own mapping of the table's page (procksm.attach.scratch.SharedPages):
+        # the table written and read there, and the end waited for on its done word
+        self._shared = shared
 
     @property
     def stat_buffer(self) -> int:
@@ -231,20 +243,28 @@ class BatchRunner:
         tracee = threads.injector()
         if tracee.saved is None or not tracee.chain:
             raise PtraceError("a batch runs in the injecting thread of a gated window")
-        calls.precheck_routine(self._routine)
+        wakes = calls.precheck_routine(self._routine)
+        shared = self._shared
         blob = batch.table()
         with signals_deferred():
             try:
-                threads.write_memory(self._table, blob)
+                if shared is not None:
+                    shared.write(PAGE_SIZE, blob)  # page 1 of the memfd: the table's page
+                else:
+                    threads.write_memory(self._table, blob)
                 step("table", tracee.tid)
                 calls.move_beside(tracee.tid)
                 set_timer_slack(BATCH_TIMER_SLACK_NS)
                 self._load(tracee, len(batch))
                 ptrace(PTRACE_CONT, tracee.tid, 0, 0)
                 step("batch", tracee.tid)
-                self._wait_done(tracee)
+                self._wait_done(tracee, shared if wakes else None)
                 self._interrupt_at_park(tracee)
-                table = threads.read_memory(self._table + TABLE_ENTRIES, len(blob) - TABLE_ENTRIES)
+                size = len(blob) - TABLE_ENTRIES
+                if shared is not None:
+                    table = shared.read(PAGE_SIZE + TABLE_ENTRIES, size)
+                else:
+                    table = threads.read_memory(self._table + TABLE_ENTRIES, size)
             except OSError as e:
                 raise threads.lost(tracee.tid, e) from None
         return BatchResults(routine_abi.decode_results(table, len(batch)))
@@ -268,15 +288,21 @@ class BatchRunner:
             set_sigmask(tracee.tid, ALL_SIGNALS)
             step("block", tracee.tid)
 
-    def _wait_done(self, tracee: Tracee) -> None:
+    def _wait_done(self, tracee: Tracee, shared: SharedPages | None) -> None:
         """Until the routine has set the done word. A stop met meanwhile is a signal
         that cannot be blocked (SIGSTOP: held and re-sent at the end of the window, as
-        for a single call) or a leftover event stop."""
+        for a single call) or a leftover event stop. With ``shared``, procksm sleeps on
+        the done word until the routine's FUTEX_WAKE (or WAKE_WAIT_S, to look for such
+        stops); otherwise it polls the target's memory."""
         calls, threads, tid = self._calls, self._calls.threads, tracee.tid
         deadline = time.monotonic() + calls.timeout()
         backoff = _pacing()
+        done_at = PAGE_SIZE + TABLE_HEADER  # in the shared pages
         while True:
-            (done,) = struct.unpack("<Q", threads.read_memory(self._table + TABLE_HEADER, 8))
+            if shared is not None:
+                done = shared.word(done_at)
+            else:
+                (done,) = struct.unpack("<Q", threads.read_memory(self._table + TABLE_HEADER, 8))
             if done:
                 return
             stop = poll_stop(tid)
@@ -286,7 +312,10 @@ class BatchRunner:
             if time.monotonic() >= deadline:
                 late = f"did not complete within {calls.timeout():g} s"
                 self._abandon(tracee, f"the calls of thread {tid} of pid {threads.pid} {late}")
-            backoff.pause()
+            if shared is not None:
+                futex_wait(shared.address + done_at, 0, WAKE_WAIT_S)
+            else:
+                backoff.pause()
 
     def _resume_from(self, tracee: Tracee, stop: Stop) -> None:
         if stop.kind is StopKind.EXITED:

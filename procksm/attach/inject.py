@@ -37,6 +37,7 @@ from procksm.arch.x86_64 import (
     WRAPPER_SYSCALL_OFFSET,
     XSTATE_MAX,
     Registers,
+    SYS_futex,
     SYS_madvise,
     SYS_mremap,
     SYS_tgkill,
@@ -166,6 +167,24 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
     if _libc.syscall(SYS_tgkill, tgid, tid, sig) == -1:
         err = ctypes.get_errno()
         raise OSError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_FUTEX_WAIT = 0  # not private: the word is in memory procksm shares with a target
+
+
+def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
+    """Sleep until the 32-bit word at ``addr`` (in a MAP_SHARED mapping of procksm's) is
+    woken by anyone mapping the same memory, no longer holds ``expected``, a signal
+    comes, or ``timeout_s`` passes; which of them, the caller reads from the word."""
+    ts = _Timespec(int(timeout_s), int(timeout_s % 1 * 1e9))
+    _libc.syscall(
+        ctypes.c_long(SYS_futex), ctypes.c_void_p(addr), ctypes.c_int(_FUTEX_WAIT),
+        ctypes.c_uint(expected), ctypes.byref(ts), None, ctypes.c_uint(0),
+    )  # fmt: skip
 
 
 class StopKind(enum.Enum):

@@ -97,10 +97,12 @@ class SyscallInjector:
         """How long one injected call (or one batch of them) may take."""
         return self._timeout()
 
-    def precheck_routine(self, routine: int) -> None:
+    def precheck_routine(self, routine: int) -> bool:
         """Check the seccomp filters on the calls procksm's call routine makes, at its
-        instruction pointers (procksm.attach.call_batch), once per session."""
+        instruction pointers (procksm.attach.call_batch), once per session. Whether the
+        routine's wake-up at its table's end runs."""
         self._precheck.ensure_routine(self.threads, routine)
+        return self._precheck.routine_wakes
 
     def syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Run system call `nr` in a stopped thread (default: the injecting thread);

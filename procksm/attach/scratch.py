@@ -10,7 +10,9 @@ start time, so that a later procksm can tell a live owner's area from a dead one
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from procksm.arch.x86_64 import (
     MADV_DONTFORK,
     MAP_FIXED,
     MAP_PRIVATE,
+    MAP_SHARED,
     MFD_CLOEXEC,
     PROT_EXEC,
     PROT_READ,
@@ -157,7 +160,8 @@ def is_own_area(threads: StoppedThreads, base: int) -> bool:
     windows the target may exec (a new address space, where the address may hold the new
     program's memory) or unmap the area and map something else there: the area must then
     be forgotten, never written to nor unmapped. Checked: the span is covered without a
-    gap, its first VMA is the scratch memfd from offset 0 with our owner in page 0, its
+    gap, its first VMA is the scratch memfd from offset 0 with our owner in page 0 and
+    covers the table's page too (procksm writes tables into the memfd: SharedPages), its
     last is the routine's page (the memfd at ROUTINE_OFFSET, executable)."""
     end = base + SCRATCH_BYTES
     try:
@@ -172,6 +176,8 @@ def is_own_area(threads: StoppedThreads, base: int) -> bool:
         head, tail = vmas[0], vmas[-1]
         if (head.name, head.offset) != (SCRATCH_PATH, 0):
             return False
+        if head.end < base + SharedPages.PAGES * PAGE_SIZE:
+            return False  # its table's page is not the memfd's any more: not procksm's view
         routine = (SCRATCH_PATH, end - PAGE_SIZE, ROUTINE_OFFSET, "r-xp")
         if (tail.name, tail.start, tail.offset, tail.perms) != routine:
             return False
@@ -192,11 +198,50 @@ def threads_inside(threads: StoppedThreads, base: int) -> list[int]:
     ]
 
 
+class SharedPages:
+    """procksm's own MAP_SHARED mapping of the scratch memfd's first pages (control, and
+    the table of calls): the same memory as the target's area. procksm writes a window's
+    table and reads its results here, and waits for the table's end on its done word
+    with a futex, which the routine wakes (procksm.attach.call_batch): a poll of the
+    target's memory cost a process_vm_readv, a waitpid and a sleep (~25 us of CPU on
+    this VM, timer and idle exits) every ~50 us, ~170 us of procksm's CPU a window."""
+
+    PAGES = 2
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(
+            fd, self.PAGES * PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._anchor = (ctypes.c_char * len(self._map)).from_buffer(self._map)
+        self.address = ctypes.addressof(self._anchor)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._map[offset : offset + len(data)] = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._map[offset : offset + size]
+
+    def word(self, offset: int) -> int:
+        return int(struct.unpack_from("<Q", self._map, offset)[0])
+
+    def close(self) -> None:
+        del self._anchor  # the buffer export, which would keep the mapping open
+        self._map.close()
+
+
 class ScratchArea:
     """A session's scratch area in its target, mapped through a window's injected calls."""
 
     def __init__(self) -> None:
         self.base: int | None = None  # page 0, once mapped
+        self.shared: SharedPages | None = None  # procksm's view of its first pages
+
+    def forget(self) -> None:
+        """The area is gone, or no longer this session's: procksm's view of it goes too."""
+        self.base = None
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     @property
     def routine(self) -> int:
@@ -227,12 +272,18 @@ class ScratchArea:
         calls.threads.write_memory(name_at, SCRATCH_NAME)
         step("name")
         fd = calls.syscall_checked(SYS_memfd_create, name_at, MFD_CLOEXEC, name="memfd_create")
+        shared = None
         try:
             size = MEMFD_PAGES * PAGE_SIZE
             calls.syscall_checked(SYS_ftruncate, fd, size, name="ftruncate")
-            procfs.write_through_fd_of(calls.threads.memory_tid(), fd, ROUTINE, ROUTINE_OFFSET)
+            own = procfs.open_fd_of(calls.threads.memory_tid(), fd, os.O_RDWR)
+            try:
+                procfs.write_through(own, ROUTINE, ROUTINE_OFFSET)
+                shared = SharedPages(own)
+            finally:
+                os.close(own)
             base = calls.syscall_checked(
-                SYS_mmap, 0, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0,
+                SYS_mmap, 0, SCRATCH_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0,
                 name="mmap",
             )  # fmt: skip
             routine = base + ROUTINE_PAGE * PAGE_SIZE
@@ -244,9 +295,13 @@ class ScratchArea:
             # the target's life, and in a child its owner would stay alive, so no
             # procksm would ever remove it (remove_leftovers_in_window).
             calls.syscall_checked(SYS_madvise, base, SCRATCH_BYTES, MADV_DONTFORK, name="madvise")
+        except BaseException:
+            if shared is not None:
+                shared.close()
+            raise
         finally:
             calls.syscall(SYS_close, fd)
         owner = struct.pack("<QQ", os.getpid(), _own_start_time())
         calls.threads.write_memory(base + OWNER, owner)
         step("owner")
-        self.base = base
+        self.base, self.shared = base, shared

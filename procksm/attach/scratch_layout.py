@@ -1,10 +1,13 @@
 """Where things lie in the scratch area procksm maps in a target, and the names by which
 a later procksm recognises what a killed one left.
 
-The scratch area is a MAP_PRIVATE mapping of a memfd the target creates itself, so that
+The scratch area is a MAP_SHARED mapping of a memfd the target creates itself, so that
 every step of its life leaves something a later procksm can recognise by name and remove
 (an fd, then a mapping named /memfd:procksm-scratch), never an anonymous mapping nobody
-can tell from the target's own (docs/kill-safety.md, "Nothing left behind").
+can tell from the target's own (docs/kill-safety.md, "Nothing left behind"). Shared, so
+that procksm maps the memfd's pages 0 and 1 too (procksm.attach.scratch.SharedPages):
+it writes a window's table and reads its results there, and sleeps on the table's done
+word until the routine's FUTEX_WAKE, instead of polling the target's memory.
 
   page 0   control: the futex gate, its timeout, the owner (pid, start time)
   page 1   arguments of injected calls (procksm.attach.session.StoppedTarget.scratch),
@@ -53,6 +56,7 @@ GATE, GATE_TIMEOUT, OWNER = 0, 16, 32
 # The wake-up comes within microseconds (the injecting thread is released at the same
 # instant); the timeout only bounds a wait if it never came.
 GATE_TIMEOUT_S = 10
+FUTEX_WAIT, FUTEX_WAKE = 0, 1  # not private: between procksm and the target (the done word)
 FUTEX_WAIT_PRIVATE = 0 | 128
 FUTEX_WAKE_OP_PRIVATE = 5 | 128
 # FUTEX_OP(FUTEX_OP_SET, 1, FUTEX_OP_CMP_EQ, 0): *gate = 1, atomically with the wake-up,

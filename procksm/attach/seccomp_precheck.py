@@ -44,12 +44,13 @@ from procksm.arch.x86_64 import (
     SYS_seccomp,
     SYS_socket,
 )
-from procksm.arch.x86_64_batch import CALL_INSN, PARK_INSN
+from procksm.arch.x86_64_batch import CALL_INSN, PARK_INSN, WAKE_INSN
 from procksm.attach.diagnose import AttachStatus
 from procksm.attach.inject import ptrace
 from procksm.attach.scratch_layout import (
     FUTEX_OP_SET_1,
     FUTEX_WAIT_PRIVATE,
+    FUTEX_WAKE,
     FUTEX_WAKE_OP_PRIVATE,
     SCRATCH_BYTES,
 )
@@ -109,6 +110,9 @@ _ROUTINE_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("pidfd_getfd", SYS_pidfd_getfd, (3, 3, 0), False),
 )
 _ROUTINE_PARK = ("ppoll", SYS_ppoll, (0, 0, 1 << 30, 0, 8), True)
+# the routine's wake-up of procksm at the table's end: a refusal (ERRNO) only makes
+# procksm notice the end by polling (procksm.attach.call_batch)
+_ROUTINE_WAKE = ("futex", SYS_futex, (1 << 30, FUTEX_WAKE, 1), False)
 # What a gated thread runs (procksm.attach.return_frames): the wait, then its way back.
 _GATED_CALLS: tuple[tuple[str, int, tuple[int, ...], bool], ...] = (
     ("futex", SYS_futex, (1 << 30, FUTEX_WAIT_PRIVATE, 0, 1 << 30), True),
@@ -142,6 +146,9 @@ class SeccompPrecheck:
         self.status = status
         self.done = False
         self.routine_done = False
+        # the routine's FUTEX_WAKE at its table's end runs (a filter may refuse it with
+        # an errno: procksm then polls for the end instead, procksm.attach.call_batch)
+        self.routine_wakes = True
 
     def ensure(self, threads: StoppedThreads, syscall_insn: int) -> None:
         """Check the filters of every stopped thread (unless done already): the calls
@@ -174,8 +181,12 @@ class SeccompPrecheck:
             filters = _seccomp_filters(threads.injector().tid)
             call_ip = routine + CALL_INSN + SYSCALL_INSN_LEN
             park_ip = routine + PARK_INSN + SYSCALL_INSN_LEN
-            checks = [(c, call_ip) for c in _ROUTINE_CALLS] + [(_ROUTINE_PARK, park_ip)]
+            wake_ip = routine + WAKE_INSN + SYSCALL_INSN_LEN
+            checks = [(c, call_ip) for c in _ROUTINE_CALLS]
+            checks += [(_ROUTINE_WAKE, wake_ip), (_ROUTINE_PARK, park_ip)]
             self._check(filters, checks)
+            _name, nr, args, _essential = _ROUTINE_WAKE
+            self.routine_wakes = verdict(filters, nr, wake_ip, args) in RUNS
         self.routine_done = True
 
     def _check(

@@ -224,6 +224,7 @@ class PtraceSession:
             try:
                 self._resume.release_orphans(time.monotonic() + self.timeout)
             finally:
+                self._scratch.forget()  # procksm's view of it (the area stays if in use)
                 self._program.close()
                 self._sched.close()
                 if self._pidfd is not None:
@@ -297,7 +298,7 @@ class PtraceSession:
         self._check_program(threads.memory_tid())
         base = self._scratch.base
         if self._recheck_scratch and base is not None and not is_own_area(threads, base):
-            self._scratch.base = None  # not ours any more: a new one when needed
+            self._scratch.forget()  # not ours any more: a new one when needed
         self._recheck_scratch = False
         inside = threads_inside(threads, self._scratch.base) if self._scratch.base else []
         if inside:
@@ -345,11 +346,12 @@ class PtraceSession:
         """Notice an exec since the last window: then start over with the new program."""
         if not self._program.unchanged():
             self.exec_seen = True
-            self._scratch.base = None  # it vanished with the old address space
+            self._scratch.forget()  # it vanished with the old address space
             self._program.open(tid)
 
     def _unmap_scratch(self, *, raise_errors: bool) -> None:
-        scratch, self._scratch.base = self._scratch.base, None
+        scratch = self._scratch.base
+        self._scratch.forget()
         try:
             with self.stopped() as target:
                 # only if the area is still ours: after an exec since the last window
@@ -548,7 +550,9 @@ class StoppedTarget:
         if not self._gated:
             raise PtraceError("a batch of calls runs only in a gated window (hold_others)")
         base = self._scratch_base()
-        runner = BatchRunner(self._calls, self._scratch.routine, base + PAGE_SIZE)
+        runner = BatchRunner(
+            self._calls, self._scratch.routine, base + PAGE_SIZE, self._scratch.shared
+        )
         tid = self._threads.injector().tid
         cpu_before = self._sched.cpu_ns(tid)
         started = time.perf_counter()
