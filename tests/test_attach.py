@@ -50,6 +50,7 @@ from procksm.attach.scratch_layout import (
 )
 from procksm.errors import (
     NoSuchProcess,
+    ProcksmError,
     PtraceTimeout,
     TargetBusy,
     Unsupported,
@@ -976,3 +977,45 @@ def test_dead_area_pieces_are_the_areas_memfd_at_its_place_and_staging_between()
     assert dead_area_pieces(base, [head, staging, other, moved]) == [(base, base + 2 * PAGE)]
     # not a head at base: nothing
     assert dead_area_pieces(base, [_vma(base, end, SCRATCH_PATH, 7, PAGE)]) == []
+
+
+def test_a_target_killed_in_a_window_is_left_for_its_parent_to_reap(
+    privileged: None, spawn: Callable[..., Target], blockers_exe: Path
+) -> None:
+    """SIGKILL of a multi-threaded target while procksm holds its threads stopped (a
+    supervisor stopping a service during one of the daemon's windows): procksm collects
+    every thread's exit, the leader's last (the kernel reports a traced leader's exit
+    only once the other threads are collected), so the target's parent can reap it while
+    procksm lives on. Before, procksm gave up on the leader after 0.2 s, before its other
+    threads were collected, and the leader stayed a zombie traced by procksm: the
+    parent's wait hung until procksm exited (a CI run: a redis-server's)."""
+    target = spawn([blockers_exe])
+    pid = target.pid
+    wait_blocked(pid, {"b-read", "b-futex", "b-sleep", "b-poll"})
+    ready_r, ready_w = os.pipe()
+    tracer = os.fork()
+    if tracer == 0:  # pragma: no cover - the procksm that lives on
+        try:
+            session = PtraceSession(pid)
+            with session, contextlib.suppress(ProcksmError), session.stopped():
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(0.1)  # every thread killed while stopped
+            os.write(ready_w, b"x")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"  # the session has ended; its process lives on
+        status = Path(f"/proc/{pid}/status")
+        tracer_line = (
+            next((ln for ln in status.read_text().splitlines() if ln.startswith("TracerPid:")), "")
+            if status.exists()
+            else ""
+        )
+        assert tracer_line.split()[-1:] != [str(tracer)], "the zombie is still procksm's"
+        assert target.proc.wait(timeout=5) == -signal.SIGKILL  # reaped by its parent
+    finally:
+        os.kill(tracer, signal.SIGKILL)
+        os.waitpid(tracer, 0)
+        os.close(ready_r)
+        os.close(ready_w)

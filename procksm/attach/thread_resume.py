@@ -38,6 +38,10 @@ from procksm.attach.kill_steps import step
 from procksm.attach.tracees import Tracee
 from procksm.errors import PtraceError
 
+# How long a window's end waits for the exits of threads killed while stopped (the rest
+# is collected when the session ends: release_orphans)
+REAP_S = 1.0
+
 
 class ThreadGroupResume:
     """The end of every window of a session with process `pid`, and the threads a
@@ -68,6 +72,7 @@ class ThreadGroupResume:
         13's "no lost write").
         """
         failures = []
+        killed = []  # killed while stopped: their exits are procksm's to collect
         # The injecting thread last: while any other thread may still wait at the gate,
         # the injecting thread's frames still hold the gate's wake-up.
         for tracee in sorted(tracees.values(), key=lambda t: t.tid == injector):
@@ -79,9 +84,11 @@ class ThreadGroupResume:
                 self._let_go(tracee, as_is=as_is, timeout=timeout)
             except OSError as e:
                 if e.errno == errno.ESRCH:
-                    self._reap(tracee.tid)  # killed while stopped: collect its exit
+                    killed.append(tracee.tid)
                 else:
                     failures.append(f"thread {tracee.tid}: {e}")
+        if killed:
+            self._reap(killed, time.monotonic() + min(timeout, REAP_S))
         if failures:
             raise PtraceError(f"could not resume pid {self.pid}: {'; '.join(failures)}")
 
@@ -140,8 +147,31 @@ class ThreadGroupResume:
                 return
             ptrace(PTRACE_CONT, tid, 0, sig)
 
-    def _reap(self, tid: int) -> None:
-        wait_stop(tid, time.monotonic() + 0.2)
+    def _reap(self, tids: list[int], deadline: float) -> None:
+        """Collect the exits of threads killed while stopped, all together: a traced
+        thread-group leader's exit is reported only once every other thread of the group
+        has been collected, so waiting for each thread in turn could give up on the
+        leader first, and the leader then stayed a zombie traced by procksm that its
+        parent could not reap (a CI run: a redis-server SIGKILLed during one of the
+        daemon's windows; its parent's wait hung until the daemon exited). What is not
+        collected by ``deadline`` is left to :meth:`release_orphans`."""
+        pending = set(tids)
+        backoff = Backoff()
+        while pending and time.monotonic() < deadline:
+            progressed = False
+            for tid in sorted(pending):
+                stop = poll_stop(tid)
+                if stop is None:
+                    continue
+                progressed = True
+                pending.discard(tid)
+                if stop.kind is not StopKind.EXITED:
+                    self.orphans.add(tid)  # a stop after all: detached once handled there
+            if progressed:
+                backoff = Backoff()
+            else:
+                backoff.pause()
+        self.orphans.update(pending)
 
     def release_orphans(self, deadline: float) -> None:
         """Detach threads left seized by a timed-out window, once they stop.
