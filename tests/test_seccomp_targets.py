@@ -86,20 +86,41 @@ TARGET = textwrap.dedent(
 )
 
 
-def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> None:
-    require_privileges()
+def start_filtered(program: bytes, n: int = 2) -> list[subprocess.Popen[str]]:
+    """``n`` TARGETs under seccomp filter ``program``, each once it printed READY."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", TARGET, kill_on(319).hex()],  # memfd_create
+            [sys.executable, "-c", TARGET, program.hex()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for _ in range(n)
     ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "READY"
+    return procs
+
+
+def assert_alive(p: subprocess.Popen[str]) -> None:
+    """The target runs and its region holds what it wrote."""
+    assert p.poll() is None, "the target died"
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write("x\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ALIVE True"
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> None:
+    require_privileges()
+    procs = start_filtered(kill_on(319))  # memfd_create
     try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "READY"
         maps_before = [Path(f"/proc/{p.pid}/maps").read_text() for p in procs]
         cores_before = [Path(f"/proc/{p.pid}/coredump_filter").read_text() for p in procs]
         res = run_procksm("merge", *(p.pid for p in procs))
@@ -112,14 +133,9 @@ def test_a_target_whose_filter_kills_an_injected_call_is_refused(spawn: Any) -> 
             assert p.poll() is None, "the target died"
             assert merged_ranges(p.pid) == []
             assert Path(f"/proc/{p.pid}/maps").read_text() == before  # nothing injected
-            assert p.stdin is not None and p.stdout is not None
-            p.stdin.write("x\n")
-            p.stdin.flush()
-            assert p.stdout.readline().strip() == "ALIVE True"
+            assert_alive(p)
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        stop_all(procs)
 
 
 def refuse_shared_futex_wake() -> bytes:
@@ -144,29 +160,14 @@ def test_a_target_whose_filter_refuses_the_routines_wake_up_is_merged(
     long per window."""
     require_privileges()
     monkeypatch.setattr(call_batch, "WAKE_WAIT_S", 20.0)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TARGET, refuse_shared_futex_wake().hex()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = start_filtered(refuse_shared_futex_wake())
     try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "READY"
         res = merge([p.pid for p in procs], MergeOptions())
         assert res.refused_processes() == []
         assert res.elapsed_s < 10.0, "procksm slept on a wake-up the filter refused"
         assert all(t.pages_merged > 0 and t.error is None for t in res.targets)
         for p in procs:
             assert merged_ranges(p.pid) != []
-            assert p.stdin is not None and p.stdout is not None
-            p.stdin.write("x\n")
-            p.stdin.flush()
-            assert p.stdout.readline().strip() == "ALIVE True"
+            assert_alive(p)
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        stop_all(procs)

@@ -88,7 +88,14 @@ class ThreadGroupResume:
                 else:
                     failures.append(f"thread {tracee.tid}: {e}")
         if killed:
-            self._reap(killed, time.monotonic() + min(timeout, REAP_S))
+            # Their exits are collected all together (release_orphans polls every pending
+            # thread in turn): a traced thread-group leader's exit is reported only once
+            # every other thread of the group has been collected. Waiting 0.2 s for each
+            # thread in turn gave up on the leader first, and it stayed a zombie traced by
+            # procksm that its parent could not reap (a CI run: a redis-server SIGKILLed
+            # during a daemon window; its parent's wait hung until the daemon exited).
+            self.orphans.update(killed)
+            self.release_orphans(time.monotonic() + min(timeout, REAP_S))
         if failures:
             raise PtraceError(f"could not resume pid {self.pid}: {'; '.join(failures)}")
 
@@ -146,32 +153,6 @@ class ThreadGroupResume:
                 ptrace(PTRACE_DETACH, tid, 0, sig)
                 return
             ptrace(PTRACE_CONT, tid, 0, sig)
-
-    def _reap(self, tids: list[int], deadline: float) -> None:
-        """Collect the exits of threads killed while stopped, all together: a traced
-        thread-group leader's exit is reported only once every other thread of the group
-        has been collected, so waiting for each thread in turn could give up on the
-        leader first, and the leader then stayed a zombie traced by procksm that its
-        parent could not reap (a CI run: a redis-server SIGKILLed during one of the
-        daemon's windows; its parent's wait hung until the daemon exited). What is not
-        collected by ``deadline`` is left to :meth:`release_orphans`."""
-        pending = set(tids)
-        backoff = Backoff()
-        while pending and time.monotonic() < deadline:
-            progressed = False
-            for tid in sorted(pending):
-                stop = poll_stop(tid)
-                if stop is None:
-                    continue
-                progressed = True
-                pending.discard(tid)
-                if stop.kind is not StopKind.EXITED:
-                    self.orphans.add(tid)  # a stop after all: detached once handled there
-            if progressed:
-                backoff = Backoff()
-            else:
-                backoff.pause()
-        self.orphans.update(pending)
 
     def release_orphans(self, deadline: float) -> None:
         """Detach threads left seized by a timed-out window, once they stop.
